@@ -1,0 +1,3 @@
+from gpt2lab.cli.main import main
+
+main()

@@ -1,0 +1,16 @@
+"""Finding, loading and saving GPT-2 checkpoints in Hugging Face layout."""
+
+from .io import CheckpointError, load_model, save_model, write_atomic_dir
+from .resolve import (
+                      BUNDLED_DEFAULT,
+                      BUNDLED_MODELS,
+                      DEFAULT_MODEL,
+                      ModelNotFoundError,
+                      ResolvedModel,
+                      bundled_model_dir,
+                      resolve_model,
+)
+
+__all__ = ["CheckpointError", "ModelNotFoundError", "ResolvedModel", "load_model", "save_model",
+           "write_atomic_dir", "resolve_model", "bundled_model_dir", "DEFAULT_MODEL", "BUNDLED_DEFAULT",
+           "BUNDLED_MODELS"]

@@ -1,0 +1,107 @@
+"""Turn a model reference into a checkpoint directory.
+
+Order: a local directory; a model bundled inside gpt2lab (by its registered name); a Hugging Face Hub
+id (its cache first, ``HF_HUB_OFFLINE`` honoured, only the files GPT-2 needs, safetensors preferred).
+When the default model (``gpt2``) cannot be had, the bundled default stands in and one line on stderr
+says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .io import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, TOKENIZER_FILES, CheckpointError
+
+DEFAULT_MODEL = "gpt2"
+# name -> folder under gpt2lab/assets; the first entry is the offline stand-in for DEFAULT_MODEL
+BUNDLED_MODELS: dict[str, str] = {"shakespeare-gpt2": "shakespeare-gpt2"}
+BUNDLED_DEFAULT = "shakespeare-gpt2"
+_BUNDLED_PREFIX = "gpt2lab/"  # "gpt2lab/shakespeare-gpt2" is accepted as well
+
+
+class ModelNotFoundError(CheckpointError):
+    """The reference is neither a local checkpoint, a bundled model, nor reachable on the Hub."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what to show and record: the reference as given, or the bundled name
+    path: Path
+    source: str  # "local", "bundled" or "hub"
+
+
+def bundled_model_dir(name: str) -> Path | None:
+    """The folder of a bundled model, or None when ``name`` is not one (or it is not installed)."""
+    folder = BUNDLED_MODELS.get(name.removeprefix(_BUNDLED_PREFIX))
+    if folder is None:
+        return None
+    path = Path(str(resources.files("gpt2lab") / "assets" / folder))
+    return path if (path / CONFIG_FILE).is_file() else None
+
+
+def _hub_download(repo_id: str, offline: bool) -> Path:
+    """Config, weights (safetensors, else .bin) and tokenizer files of a Hub repo; the snapshot folder."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    patterns = [CONFIG_FILE, *TOKENIZER_FILES, SAFETENSORS_FILE, BIN_FILE]
+    try:  # the cache first: no network needed for a model used before
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if (path / CONFIG_FILE).is_file() and any((path / w).is_file() for w in (SAFETENSORS_FILE, BIN_FILE)):
+            return path
+    except Exception:  # noqa: BLE001 - not cached
+        if offline:
+            raise
+    # model_info makes one request without retries, so no network fails within a second or two
+    files = {s.rfilename for s in (HfApi().model_info(repo_id).siblings or [])}
+    if CONFIG_FILE not in files:
+        raise FileNotFoundError(f"{repo_id} has no {CONFIG_FILE}")
+    weights = SAFETENSORS_FILE if SAFETENSORS_FILE in files else BIN_FILE
+    wanted = [CONFIG_FILE, weights, *(f for f in TOKENIZER_FILES if f in files)]
+    return Path(snapshot_download(repo_id, allow_patterns=wanted))
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub.errors import HFValidationError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    try:
+        return _hub_download(repo_id, offline)
+    except HFValidationError as exc:
+        raise ModelNotFoundError(f"model {repo_id!r}: not a local directory, a bundled model "
+                                 f"({', '.join(BUNDLED_MODELS)}) or a valid Hub id") from exc
+    except Exception as exc:  # noqa: BLE001 - network, auth and cache errors all mean "not available"
+        why = "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache" if offline else \
+            f"not in the local cache and the Hugging Face Hub is unreachable ({type(exc).__name__})"
+        raise ModelNotFoundError(
+            f"model {repo_id!r}: {why}. Pass a local checkpoint directory, a bundled model "
+            f"({', '.join(BUNDLED_MODELS)}), or download it while online.") from exc
+
+
+def resolve_model(ref: str | os.PathLike[str] | None = None, *, quiet: bool = False) -> ResolvedModel:
+    """Find the checkpoint directory for ``ref`` (default: ``gpt2``, or the bundled model offline)."""
+    ref = DEFAULT_MODEL if ref is None else ref
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return ResolvedModel(name=str(ref), path=path, source="local")
+    name = str(ref)
+    if isinstance(ref, os.PathLike) or name.startswith((".", "/", "~")) or path.suffix:
+        raise ModelNotFoundError(f"model {name!r}: no such directory")
+    bundled = bundled_model_dir(name)
+    if bundled is not None:
+        return ResolvedModel(name=name.removeprefix(_BUNDLED_PREFIX), path=bundled, source="bundled")
+    if name.removeprefix(_BUNDLED_PREFIX) in BUNDLED_MODELS:
+        raise ModelNotFoundError(f"bundled model {name!r} is not installed with this copy of gpt2lab")
+    try:
+        return ResolvedModel(name=name, path=_from_hub(name), source="hub")
+    except ModelNotFoundError as exc:
+        fallback = bundled_model_dir(BUNDLED_DEFAULT)
+        if name != DEFAULT_MODEL or fallback is None:
+            raise
+        if not quiet:
+            print(f"gpt2lab: using the bundled model '{BUNDLED_DEFAULT}' because {exc}; "
+                  f"choose another with --model (a local directory or a Hub id).", file=sys.stderr)
+        return ResolvedModel(name=BUNDLED_DEFAULT, path=fallback, source="bundled")

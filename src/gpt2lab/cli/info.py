@@ -1,0 +1,26 @@
+"""``gpt2lab info``: where a model reference resolves and what it is."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from .common import load_generator
+
+
+def info(
+    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show which checkpoint a model reference loads and its shape."""
+    gen = load_generator(model)
+    c = gen.config
+    record = {"model": gen.name, "path": str(gen.path), "n_layer": c.n_layer, "n_head": c.n_head,
+              "n_embd": c.n_embd, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
+              "parameters": gen.model.num_parameters()}
+    if as_json:
+        print(json.dumps(record))
+    else:
+        for key, value in record.items():
+            print(f"{key:12} {value}")

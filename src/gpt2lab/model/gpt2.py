@@ -1,0 +1,317 @@
+"""GPT-2 in one file, nanoGPT/gpt-fast style.
+
+Parameter names follow Hugging Face's ``GPT2LMHeadModel`` without the ``transformer.`` prefix
+(``wte``, ``h.0.attn.c_attn``, ...), so checkpoints map by name. Unlike HF's Conv1D, every
+projection is a plain ``nn.Linear`` (weight ``[out, in]``); the checkpoint loader transposes.
+
+Two ways to run it:
+- ``model(idx)``: a plain causal forward over whole sequences (training, scoring, parity tests);
+- ``model(idx, input_pos=..., kv_cache=...)``: cached inference. Every row of the batch carries its
+  own positions, so rows of different lengths share one batch without left padding: a row's
+  position ``p`` is also its slot ``p`` in the static cache, and a query attends to slots ``<= p``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# activation names accepted in config.json -> our implementation. GPT-2 checkpoints use "gelu_new"
+# (the tanh approximation); the others appear in community fine-tunes of the same architecture.
+_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+class ConfigError(ValueError):
+    """A config.json that describes something this GPT-2 implementation does not support."""
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    # dropout only matters for training; inference runs the model in eval mode
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ConfigError(
+                f"activation_function {self.activation_function!r} is not supported; "
+                f"expected one of {sorted(_ACTIVATIONS)}"
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GPT2Config:
+        """Read a Hugging Face GPT-2 ``config.json`` dict, rejecting settings we cannot honour."""
+        model_type = raw.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ConfigError(f"model_type is {model_type!r}; gpt2lab runs GPT-2 checkpoints (model_type 'gpt2')")
+        if raw.get("add_cross_attention"):
+            raise ConfigError("add_cross_attention=true (encoder-decoder GPT-2) is not supported")
+        # HF aliases
+        aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                   "max_position_embeddings": "n_positions"}
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            key = aliases.get(key, key)
+            if key in known and value is not None or key == "n_inner":
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GPT2Config:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        try:
+            return cls.from_dict(raw)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json that ``transformers.GPT2LMHeadModel`` reads back."""
+        d = asdict(self)
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions)
+        return d
+
+
+class KVCache(nn.Module):
+    """Static, preallocated key/value cache for one layer (gpt-fast's ``KVCache``).
+
+    Shape ``[max_batch, n_head, max_seq, head_dim]``. Rows are independent sequences; a row's
+    token at position ``p`` lives in slot ``p``.
+    """
+
+    def __init__(self, max_batch: int, n_head: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (max_batch, n_head, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, rows: slice, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v ``[B, H, T, D]`` at ``input_pos [B, T]`` of cache ``rows``; return slots ``[:kv_len]``."""
+        k_rows, v_rows = self.k[rows], self.v[rows]
+        B, T = input_pos.shape
+        if T > 1 and bool((input_pos == input_pos[:1]).all()) and \
+                bool((input_pos[0] == torch.arange(int(input_pos[0, 0]), int(input_pos[0, 0]) + T,
+                                                   device=input_pos.device)).all()):
+            start = int(input_pos[0, 0])  # prefill: same contiguous span for every row
+            k_rows[:, :, start:start + T] = k
+            v_rows[:, :, start:start + T] = v
+        else:  # decode (or ragged): scatter per row
+            b_idx = torch.arange(B, device=input_pos.device)[:, None].expand(B, T)
+            k_rows[b_idx, :, input_pos] = k.transpose(1, 2)
+            v_rows[b_idx, :, input_pos] = v.transpose(1, 2)
+        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Move one sequence to another row (used to keep active rows contiguous)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
+    def reorder(self, index: torch.Tensor, length: int) -> None:
+        """Row ``i`` becomes old row ``index[i]`` (beam search)."""
+        n = index.numel()
+        self.k[:n, :, :length] = self.k[index, :, :length]
+        self.v[:n, :, :length] = self.v[index, :, :length]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        scale = 1.0
+        if config.scale_attn_weights:
+            scale = self.head_dim ** -0.5
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+                rows: slice, kv_len: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each [B, T, C]
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        dropout = self.attn_dropout if self.training else 0.0
+        if input_pos is None:  # plain causal forward over whole sequences
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale)
+        else:
+            assert self.kv_cache is not None, "call model.setup_cache() before cached inference"
+            k, v = self.kv_cache.update(rows, input_pos, k, v, kv_len)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.act = _ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+                rows: slice, kv_len: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, input_pos, rows, kv_len)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        # The LM head reads the embedding matrix directly when tied (GPT-2's default), so there is
+        # exactly one [vocab, n_embd] parameter; untied checkpoints get their own.
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.max_batch = self.max_seq = 0
+
+    # -- construction -------------------------------------------------------------------------
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2's initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 * n_layer))."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "ln_" in name:
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    # -- KV cache ------------------------------------------------------------------------------
+    def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
+        """Preallocate the static KV cache (no-op when the current one is big enough)."""
+        max_seq = max_seq or self.config.n_positions
+        if max_seq > self.config.n_positions:
+            raise ValueError(f"max_seq {max_seq} exceeds the model's context n_positions={self.config.n_positions}")
+        if max_batch <= self.max_batch and max_seq <= self.max_seq:
+            return
+        param = self.wte.weight
+        for block in self.h:
+            block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_seq, self.config.head_dim,
+                                          dtype=param.dtype, device=param.device)
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+    def caches(self) -> list[KVCache]:
+        return [block.attn.kv_cache for block in self.h]  # type: ignore[misc]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, rows: slice | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for token ids ``idx [B, T]``.
+
+        ``input_pos [B, T]``: positions (= cache slots) of each token; enables the KV cache.
+        ``rows``: which cache rows the batch occupies (default: the first B).
+        ``logits_index [B]``: compute logits only at this position of each row -> ``[B, V]``
+        (generation needs just the next-token logits; the LM head is the largest matmul).
+        Returns ``[B, T, V]`` otherwise.
+        """
+        B, T = idx.shape
+        mask = None
+        kv_len = 0
+        if input_pos is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
+            pos = torch.arange(T, device=idx.device)[None]  # [1, T]
+        else:
+            pos = input_pos
+            kv_len = int(input_pos.max()) + 1
+            if kv_len > self.max_seq:
+                raise ValueError(f"position {kv_len - 1} is beyond the KV cache ({self.max_seq} slots)")
+            slots = torch.arange(kv_len, device=idx.device)
+            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
+        rows = rows if rows is not None else slice(0, B)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
+        for block in self.h:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, input_pos, rows, kv_len, use_reentrant=False)
+            else:
+                x = block(x, mask, input_pos, rows, kv_len)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=idx.device), logits_index]  # [B, C]
+        x = self.ln_f(x)
+        return F.linear(x, self.lm_head_weight)  # [B, T, V] or [B, V]

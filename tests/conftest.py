@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny randomly initialised GPT-2 checkpoints in Hugging Face layout."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gpt2lab.tokenizer import gpt2_tokenizer_dir  # noqa: E402
+
+torch.set_num_threads(2)
+
+# Shapes exercised by the parity tests: tiny, distilgpt2-like depth, short context, odd vocabulary,
+# non-default epsilon, untied head.
+SHAPES = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=128),
+    "distil": dict(n_layer=6, n_head=4, n_embd=128, n_positions=1024),
+    "oddvocab": dict(n_layer=3, n_head=4, n_embd=96, n_positions=256, vocab_size=1000, layer_norm_epsilon=1e-3),
+    "wide": dict(n_layer=2, n_head=8, n_embd=256, n_positions=512, activation_function="gelu"),
+}
+
+
+def make_hf_checkpoint(directory: Path, *, seed: int = 0, safe: bool = True, with_tokenizer: bool = True,
+                       **config_kwargs) -> Path:
+    """Save a randomly initialised ``GPT2LMHeadModel`` with HF's own ``save_pretrained``."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**config_kwargs)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory, safe_serialization=safe)
+    if with_tokenizer and config.vocab_size == 50257:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(gpt2_tokenizer_dir() / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer 64-dim GPT-2 with the real GPT-2 vocabulary and tokenizer."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1, **SHAPES["tiny"])
