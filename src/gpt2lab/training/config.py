@@ -1,0 +1,158 @@
+"""Settings of a training run, and ``--config`` strings for models trained from scratch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+# GPT-2 family shapes (vocabulary 50257, context 1024 unless overridden)
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
+    "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256),
+    "gpt2-tiny": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
+}
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_model_config(spec: str):
+    """``"gpt2-tiny,n_layer=6"`` or ``"n_layer=4,n_head=4,n_embd=256,n_positions=256"`` -> GPT2Config.
+
+    Items without ``=`` name a preset (applied first); ``dropout=X`` sets all three dropout rates.
+    """
+    from ..model import GPT2Config
+
+    known = {f.name: f for f in fields(GPT2Config)}
+    values: dict[str, object] = {}
+    overrides: dict[str, object] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            if item not in PRESETS:
+                raise ValueError(f"--config: unknown preset {item!r}; presets: {', '.join(PRESETS)}")
+            values.update(PRESETS[item])
+            continue
+        key, _, raw = (x.strip() for x in item.partition("="))
+        if key == "dropout":
+            for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+                overrides[name] = _number(key, raw, float)
+            continue
+        if key not in known:
+            raise ValueError(f"--config: unknown setting {key!r}; settings: dropout, {', '.join(known)}")
+        default = getattr(GPT2Config, key, None)
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--config: {key} must be true or false, got {raw!r}")
+            overrides[key] = raw.lower() in ("true", "1")
+        elif isinstance(default, float):
+            overrides[key] = _number(key, raw, float)
+        elif isinstance(default, int) or key == "n_inner":
+            overrides[key] = _number(key, raw, int)
+        else:
+            overrides[key] = raw
+    values.update(overrides)
+    if not values:
+        raise ValueError("--config is empty; give a preset or n_layer=..,n_head=..,n_embd=..")
+    return GPT2Config(**values)
+
+
+def _number(key: str, raw: str, kind: type) -> int | float:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"--config: {key} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") \
+            from None
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. ``model`` fine-tunes a checkpoint; ``config`` trains from scratch."""
+
+    data: list[str]
+    out: str
+    model: str | None = None
+    config: str | None = None
+    val: str | None = None
+    val_share: float = 0.05
+    text_field: str = "text"
+    text_column: str = "text"
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None  # default: 1e-4 fine-tuning, 1e-3 LoRA, 6e-4 from scratch
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # default: 5% of the steps, at most 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    block_size: int | None = None  # default: the model's context
+    dropout: float | None = None  # default: the model's own
+    eval_every: int | None = None  # default: about 20 evaluations per run
+    eval_blocks: int = 200
+    save_every: int | None = None  # default: every evaluation
+    log_every: int = 10
+    patience: int | None = None
+    resume: bool = False
+    seed: int = 0
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # default: 2 * rank
+    lora_targets: str = "c_attn"
+    lora_dropout: float = 0.0
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    save_dtype: str = "float32"
+    max_time: float | None = None  # minutes
+    threads: int | None = None
+    device: str = "auto"
+    progress: bool = True
+    plot: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("give at least one training file or folder")
+        if (self.model is None) == (self.config is None):
+            raise ValueError("give exactly one of --model (fine-tune) or --config (train from scratch)")
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give --epochs or --max-steps, not both")
+        checks = [
+            ("--batch-size", self.batch_size, 1), ("--grad-accum", self.grad_accum, 1),
+            ("--eval-blocks", self.eval_blocks, 1), ("--log-every", self.log_every, 1),
+            ("--max-steps", self.max_steps, 1), ("--block-size", self.block_size, 1),
+            ("--eval-every", self.eval_every, 1), ("--save-every", self.save_every, 1),
+            ("--patience", self.patience, 1), ("--threads", self.threads, 1),
+            ("--warmup-steps", self.warmup_steps, 0), ("--lora-rank", self.lora_rank, 0),
+        ]
+        for name, value, low in checks:
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--max-time", self.max_time),
+                            ("--lora-alpha", self.lora_alpha)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name, value in (("--val-share", self.val_share), ("--dropout", self.dropout),
+                            ("--lora-dropout", self.lora_dropout), ("--min-lr-ratio", self.min_lr_ratio)):
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("--weight-decay and --grad-clip must be >= 0")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.lora_rank and self.model is None:
+            raise ValueError("LoRA adapts an existing model: use it with finetune --model, not train --config")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# settings that must not change when a run is resumed (others, like --max-time, may)
+RESUME_IDENTITY = ("model", "config", "data", "val", "val_share", "text_field", "text_column", "batch_size",
+                   "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip",
+                   "block_size", "dropout", "seed", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
+                   "bf16", "eval_blocks")

@@ -1,0 +1,615 @@
+"""The training loop: fine-tuning or training from scratch, resumable exactly, single- or multi-process.
+
+Exact resume rests on three things: the order of training blocks is a pure function of
+``(seed, sample index)`` (no replay needed), the checkpoint holds everything else that evolves
+(weights, optimizer, step, RNG states), and every checkpoint is written atomically.
+
+Output folder ``--out``:
+    config.json, model.safetensors, tokenizer files   the best model (the last one without validation)
+    metrics.jsonl, loss_curve.png, training.json       records
+    adapter/                                           the LoRA adapter on its own (LoRA runs)
+    trainer/  (state.pt + model/)                      the latest checkpoint, for --resume
+    data/                                              the tokenized corpus (uint16 memmaps)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoints import save_model, write_atomic_dir
+from ..checkpoints.io import load_model
+from ..model import GPT2
+from . import lora as lora_mod
+from .config import RESUME_IDENTITY, TrainConfig, parse_model_config
+from .data import DataError, TokenData, prepare_data
+
+STATE_FILE = "state.pt"
+TRAINER_DIR = "trainer"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curve.png"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    best_val_loss: float | None
+    last_train_loss: float | None
+    stopped: str  # "max_steps", "early_stopping", "max_time", "signal"
+
+
+# -- distributed ---------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _init_distributed(device: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world <= 1:
+        return Dist(), torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(rank=rank, world=world, local_rank=local), dev
+
+
+# -- data order ----------------------------------------------------------------------------------------
+class BlockSampler:
+    """Training blocks for a global sample index: a seeded permutation of disjoint blocks per epoch.
+
+    Each epoch shifts the block grid by a seeded offset (when the corpus has room), so the model sees
+    different cut points over epochs. Everything is a pure function of ``(seed, epoch)``.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int) -> None:
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        usable = len(tokens) - 1  # the last token is only a target
+        n = usable // block_size
+        self.n_blocks = n - 1 if n >= 2 else n
+        self.slack = usable - self.n_blocks * block_size
+        self._epoch: int | None = None
+        self._perm: np.ndarray | None = None
+        self._shift = 0
+
+    def _load_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.n_blocks)
+            self._shift = int(rng.integers(0, min(self.slack, self.block_size) + 1))
+            self._epoch = epoch
+
+    def batch(self, first: int, count: int) -> torch.Tensor:
+        """Rows ``[count, block_size + 1]`` for sample indices ``first .. first + count - 1``."""
+        rows = np.empty((count, self.block_size + 1), dtype=np.int64)
+        for r in range(count):
+            epoch, pos = divmod(first + r, self.n_blocks)
+            self._load_epoch(epoch)
+            start = self._shift + int(self._perm[pos]) * self.block_size
+            rows[r] = self.tokens[start:start + self.block_size + 1]
+        return torch.from_numpy(rows)
+
+
+def val_blocks(tokens: np.ndarray, block_size: int, limit: int) -> list[tuple[int, int]]:
+    """(start, length) of evenly spread validation blocks; one shorter block if the split is small."""
+    n = (len(tokens) - 1) // block_size
+    if n == 0:
+        return [(0, len(tokens) - 1)] if len(tokens) >= 2 else []
+    picks = np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(np.int64))
+    return [(int(i) * block_size, block_size) for i in picks]
+
+
+# -- the model -----------------------------------------------------------------------------------------
+def _set_dropout(model: GPT2, p: float) -> None:
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(model.config, name, p)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if hasattr(module, "attn_dropout"):
+            module.attn_dropout = p
+
+
+def build_model(cfg: TrainConfig):
+    """(model, tokenizer, tokenizer_dir, name) for a fine-tune or a fresh model."""
+    from ..tokenizer import Tokenizer, gpt2_tokenizer_dir
+
+    if cfg.model is not None:
+        from ..generation import load
+
+        gen = load(cfg.model)
+        model, tokenizer, tok_dir, name = gen.model, gen.tokenizer, gen.tokenizer_dir, gen.name
+    else:
+        config = parse_model_config(cfg.config)
+        tokenizer, tok_dir = Tokenizer.gpt2(), gpt2_tokenizer_dir()
+        if config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"--config: vocab_size={config.vocab_size} is smaller than GPT-2's tokenizer "
+                             f"({tokenizer.vocab_size} tokens)")
+        model = GPT2(config)
+        model.init_weights(seed=cfg.seed)
+        name = None
+    if cfg.dropout is not None:
+        _set_dropout(model, cfg.dropout)
+    return model, tokenizer, tok_dir, name
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT's split: matrices (>= 2-D: linear weights, embeddings) decay; biases and LayerNorms don't."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    try:  # the fused kernel (CPU since torch 2.4) does the whole update in one pass
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, foreach=True)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to ``base``, then cosine down to ``min_ratio * base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    low = base * min_ratio
+    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (base - low)
+
+
+# -- records -------------------------------------------------------------------------------------------
+class Metrics:
+    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        kept: list[str] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def plot_losses(metrics_path: Path, png: Path) -> bool:
+    """Train and validation loss against step; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train, val = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            train.append((rec["step"], rec["loss"]))
+        if "val_loss" in rec:
+            val.append((rec["step"], rec["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return True
+
+
+class _Bar:
+    """A rich progress bar with loss, tokens/s and ETA (inactive on other ranks or when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(elapsed_when_finished=True))
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, step: int, info: str | None = None) -> None:
+        if self.enabled:
+            if info is None:
+                self.progress.update(self.task, completed=step)
+            else:
+                self.progress.update(self.task, completed=step, info=info)
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            self.progress.console.print(msg, highlight=False, markup=False)
+        else:
+            print(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+# -- the trainer ---------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.dist, self.device = _init_distributed(cfg.device)
+        self.out = Path(cfg.out)
+        self.quiet = not self.dist.main
+        model, self.tokenizer, self.tokenizer_dir, self.base_name = build_model(cfg)
+        c = model.config
+        self.block_size = cfg.block_size or c.n_positions
+        if self.block_size > c.n_positions:
+            raise ValueError(f"--block-size {self.block_size} exceeds the model's context "
+                             f"(n_positions={c.n_positions})")
+        self.lora_targets = cfg.lora_targets
+        if cfg.lora_rank:
+            lora_mod.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_targets,
+                                cfg.lora_dropout, seed=cfg.seed)
+        self.model = model.to(self.device)
+        self.data = self._load_data()
+        self.sampler = BlockSampler(self.data.train, self.block_size, cfg.seed)
+        if self.sampler.n_blocks < 1:
+            raise DataError(f"the training text has {len(self.data.train)} tokens, fewer than one block of "
+                            f"--block-size {self.block_size} (+1); give more text or a smaller --block-size")
+        self.val = val_blocks(self.data.val, self.block_size, cfg.eval_blocks) if self.data.val is not None else []
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
+        if cfg.max_steps is not None:
+            self.max_steps = cfg.max_steps
+        else:
+            self.max_steps = max(1, math.ceil((cfg.epochs or 1.0) * self.sampler.n_blocks / self.global_batch))
+        default_lr = 1e-3 if cfg.lora_rank else (1e-4 if cfg.model is not None else 6e-4)
+        self.lr = cfg.lr or default_lr
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, self.max_steps // 20)
+        self.eval_every = cfg.eval_every or max(1, self.max_steps // 20)
+        self.save_every = cfg.save_every or self.eval_every
+        self.optimizer = make_optimizer(self.model, cfg, self.lr, self.device)
+        self.step = 0
+        self.best_val: float | None = None
+        self.bad_evals = 0
+        self.tokens_seen = 0
+        self.last_loss: float | None = None
+
+    # -- setup helpers ---------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr)
+
+    def _load_data(self) -> TokenData:
+        kwargs = dict(tokenizer=self.tokenizer, val=self.cfg.val, val_share=self.cfg.val_share,
+                      text_field=self.cfg.text_field, text_column=self.cfg.text_column, seed=self.cfg.seed,
+                      log=self._log)
+        cache = self.out / "data"
+        data = None
+        if self.dist.main:  # rank 0 tokenizes; the others open its cache
+            data = prepare_data(self.cfg.data, cache, progress=self.cfg.progress, **kwargs)
+        self.dist.barrier()
+        if data is None:
+            data = prepare_data(self.cfg.data, cache, progress=False, **kwargs)
+        return data
+
+    def _identity(self) -> dict:
+        d = self.cfg.to_dict()
+        ident = {k: d[k] for k in RESUME_IDENTITY}
+        ident["betas"] = list(ident["betas"])
+        ident.update(max_steps=self.max_steps, world_size=self.dist.world, global_batch=self.global_batch)
+        return ident
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _plain_model(self) -> GPT2:
+        """The model to publish: itself, or a merged copy when it carries LoRA adapters."""
+        if not self.cfg.lora_rank:
+            return self.model
+        import copy
+
+        return lora_mod.merge_lora(copy.deepcopy(self.model))
+
+    def save_checkpoint(self) -> None:
+        """``trainer/``: the latest weights (HF layout) and everything needed to continue exactly."""
+        state = {
+            "step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
+            "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"kind": "warmup_cosine", "lr": self.lr, "warmup": self.warmup,
+                          "max_steps": self.max_steps, "min_lr_ratio": self.cfg.min_lr_ratio},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+            # the data position: the next global sample index (the order itself is a function of seed)
+            "data": {"next_sample": self.step * self.global_batch, "seed": self.cfg.seed},
+            "identity": self._identity(),
+            "adapter": lora_mod.adapter_state(self.model) if self.cfg.lora_rank else None,
+        }
+        plain = self._plain_model()
+
+        def fill(tmp: Path) -> None:
+            save_model(plain, tmp / "model", tokenizer_dir=self.tokenizer_dir)
+            torch.save(state, tmp / STATE_FILE)
+
+        write_atomic_dir(self.out / TRAINER_DIR, fill)
+
+    def publish(self) -> None:
+        """The model at the top of ``--out`` (HF layout; each file replaced atomically)."""
+        plain = self._plain_model()
+        staging = self.out / ".publish"
+        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=_DTYPES[self.cfg.save_dtype])
+        for f in staging.iterdir():
+            os.replace(f, self.out / f.name)
+        staging.rmdir()
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.cfg.lora_rank:
+            write_atomic_dir(self.out / "adapter", lambda tmp: lora_mod.fill_adapter_dir(
+                self.model, tmp, self.base_name, self.lora_targets))
+
+    def load_checkpoint(self) -> bool:
+        state_path = self.out / TRAINER_DIR / STATE_FILE
+        if not state_path.is_file():
+            self._log(f"gpt2lab: nothing to resume in {self.out} yet; starting from step 0")
+            return False
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved, now = state["identity"], self._identity()
+        diff = [k for k in now if saved.get(k) != now[k]]
+        if diff:
+            detail = "; ".join(f"{k}: was {saved.get(k)!r}, now {now[k]!r}" for k in diff)
+            raise ValueError(f"--resume: the run in {self.out} used different settings ({detail})")
+        if self.cfg.lora_rank:
+            lora_mod.load_adapter_state(self.model, {k: v.to(self.device) for k, v in state["adapter"].items()})
+        else:
+            weights = load_model(self.out / TRAINER_DIR / "model").state_dict()
+            self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
+        self.tokens_seen = state["tokens_seen"]
+        self._log(f"gpt2lab: resuming {self.out} at step {self.step}/{self.max_steps}")
+        return True
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss per token over the validation blocks (all ranks, summed exactly)."""
+        if not self.val:
+            return None
+        model = self.model
+        model.eval()
+        mine = self.val[self.dist.rank::self.dist.world]
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        bs = self.cfg.batch_size
+        for i in range(0, len(mine), bs):
+            chunk = mine[i:i + bs]
+            by_len: dict[int, list[int]] = {}
+            for start, length in chunk:
+                by_len.setdefault(length, []).append(start)
+            for length, starts in by_len.items():
+                rows = np.stack([self.data.val[s:s + length + 1].astype(np.int64) for s in starts])
+                batch = torch.from_numpy(rows).to(self.device)
+                with self._autocast():
+                    logits = model(batch[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+                total += torch.stack([loss.double(), torch.tensor(float(batch[:, 1:].numel()), dtype=torch.float64,
+                                                                  device=self.device)])
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(total)
+        model.train()
+        return float(total[0] / total[1])
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg, dist = self.cfg, self.dist
+        resumed = self.load_checkpoint() if cfg.resume else False
+        if not resumed:
+            torch.manual_seed(cfg.seed + dist.rank)  # dropout streams; restored from the checkpoint on resume
+        if dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "training.json").write_text(json.dumps(
+                {"settings": cfg.to_dict(), "max_steps": self.max_steps, "lr": self.lr, "warmup": self.warmup,
+                 "global_batch": self.global_batch, "world_size": dist.world, "base_model": self.base_name,
+                 "train_tokens": int(len(self.data.train)), "val_tokens": int(self.data.meta["val_tokens"]),
+                 "parameters": sum(p.numel() for p in self.model.parameters()),
+                 "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
+                indent=2, default=str) + "\n")
+        metrics = Metrics(self.out / METRICS_FILE, self.step if resumed else None) if dist.main else None
+        self.model.gradient_checkpointing = cfg.grad_checkpointing
+        self.model.train()
+        net: nn.Module = self.model
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                          else None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stop_signal: list[int] = []
+        handlers = {}
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, lambda s, f: stop_signal.append(s))
+        bar = _Bar(cfg.progress and dist.main, self.max_steps, self.step)
+        t_start = time.monotonic()
+        stopped = "max_steps"
+        tokens_per_step = self.global_batch * self.block_size
+        window_t, window_tokens = time.monotonic(), 0
+        try:
+            if not resumed and self.val:
+                val = self.evaluate()
+                self._record_eval(val, metrics, bar, save_best=False)
+            while self.step < self.max_steps:
+                lr = lr_at(self.step, self.lr, self.warmup, self.max_steps, cfg.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=self.device)
+                for micro in range(cfg.grad_accum):
+                    first = self.step * self.global_batch + (micro * dist.world + dist.rank) * cfg.batch_size
+                    batch = self.sampler.batch(first, cfg.batch_size).to(self.device, non_blocking=True)
+                    sync = dist.world == 1 or micro == cfg.grad_accum - 1
+                    with (nullcontext() if sync else net.no_sync()), self._autocast():
+                        logits = net(batch[:, :-1])
+                        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                window_tokens += tokens_per_step
+                stop_now = self._should_stop(t_start, stop_signal)
+                if self.step % cfg.log_every == 0 or self.step == self.max_steps or stop_now:
+                    loss_avg = loss_sum / cfg.grad_accum
+                    if dist.world > 1:
+                        torch.distributed.all_reduce(loss_avg)
+                        loss_avg /= dist.world
+                    self.last_loss = float(loss_avg)
+                    now = time.monotonic()
+                    tps = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    if metrics:
+                        metrics.write({"step": self.step, "loss": round(self.last_loss, 6), "lr": lr,
+                                       "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1),
+                                       "time_s": round(now - t_start, 2)})
+                    bar.update(self.step, f"loss {self.last_loss:.4f}  {tps:,.0f} tok/s")
+                else:
+                    bar.update(self.step)
+                if self.step % self.eval_every == 0 or self.step == self.max_steps or stop_now:
+                    if self.val:
+                        if self._record_eval(self.evaluate(), metrics, bar, save_best=True):
+                            stopped, stop_now = "early_stopping", True
+                if self.step % self.save_every == 0 or self.step == self.max_steps or stop_now:
+                    if dist.main:
+                        self.save_checkpoint()
+                        if not self.val:
+                            self.publish()
+                        if metrics and cfg.plot:
+                            plot_losses(metrics.path, self.out / PLOT_FILE)
+                    dist.barrier()
+                if stop_now:
+                    if stopped == "max_steps":
+                        stopped = "signal" if stop_signal else "max_time"
+                    break
+        finally:
+            bar.close()
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            if metrics:
+                metrics.close()
+        if dist.main:
+            bar.print(f"gpt2lab: stopped at step {self.step}/{self.max_steps} ({stopped}); model in {self.out}"
+                      + (f", best validation loss {self.best_val:.4f}" if self.best_val is not None else ""))
+        return TrainResult(out=self.out, steps=self.step, best_val_loss=self.best_val, last_train_loss=self.last_loss,
+                           stopped=stopped)
+
+    def _should_stop(self, t_start: float, stop_signal: list[int]) -> bool:
+        over = bool(stop_signal) or (self.cfg.max_time is not None
+                                     and time.monotonic() - t_start > self.cfg.max_time * 60)
+        if self.dist.world > 1:  # every rank must stop at the same step
+            flag = torch.tensor([1.0 if over else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item())
+        return over
+
+    def _record_eval(self, val: float | None, metrics: Metrics | None, bar: _Bar, save_best: bool) -> bool:
+        """Log a validation result, publish a new best; True when early stopping says stop."""
+        if val is None:
+            return False
+        ppl = math.exp(min(val, 50.0))
+        if metrics:
+            metrics.write({"step": self.step, "val_loss": round(val, 6), "val_ppl": round(ppl, 4)})
+        if not save_best:  # the starting point: logged, not a candidate for "best"
+            if self.dist.main:
+                bar.print(f"step {self.step}: validation loss {val:.4f} (perplexity {ppl:.2f})")
+            return False
+        improved = self.best_val is None or val < self.best_val
+        if self.dist.main:
+            bar.print(f"step {self.step}: validation loss {val:.4f} (perplexity {ppl:.2f})"
+                      + (f", train loss {self.last_loss:.4f}" if self.last_loss is not None else "")
+                      + (" (best)" if improved else ""))
+        if improved:
+            self.best_val, self.bad_evals = val, 0
+            if save_best and self.dist.main:
+                self.publish()
+            self.dist.barrier()
+            return False
+        self.bad_evals += 1
+        return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run training as described by ``cfg`` (see :class:`TrainConfig`)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
