@@ -293,6 +293,10 @@ class Trainer:
         self.dist, self.device = _init_distributed(cfg.device)
         self.out = Path(cfg.out)
         self.quiet = not self.dist.main
+        if cfg.model is not None and Path(cfg.model).is_dir() and Path(cfg.model).resolve() == self.out.resolve():
+            raise ValueError(f"--out {cfg.out} is the model being fine-tuned; choose another output folder")
+        if not cfg.resume and (self.out / TRAINER_DIR / STATE_FILE).is_file():
+            self._log(f"gpt2lab: {self.out} holds an earlier run; starting over (--resume continues it instead)")
         model, self.tokenizer, self.tokenizer_dir, self.base_name = build_model(cfg)
         c = model.config
         self.block_size = cfg.block_size or c.n_positions
@@ -502,20 +506,7 @@ class Trainer:
                 lr = lr_at(self.step, self.lr, self.warmup, self.max_steps, cfg.min_lr_ratio)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = torch.zeros((), device=self.device)
-                for micro in range(cfg.grad_accum):
-                    first = self.step * self.global_batch + (micro * dist.world + dist.rank) * cfg.batch_size
-                    batch = self.sampler.batch(first, cfg.batch_size).to(self.device, non_blocking=True)
-                    sync = dist.world == 1 or micro == cfg.grad_accum - 1
-                    with (nullcontext() if sync else net.no_sync()), self._autocast():
-                        logits = net(batch[:, :-1])
-                        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-                    (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum = self.optimizer_step(net, params)
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
@@ -563,6 +554,28 @@ class Trainer:
                       + (f", best validation loss {self.best_val:.4f}" if self.best_val is not None else ""))
         return TrainResult(out=self.out, steps=self.step, best_val_loss=self.best_val, last_train_loss=self.last_loss,
                            stopped=stopped)
+
+    def optimizer_step(self, net: nn.Module, params: list[torch.Tensor]) -> torch.Tensor:
+        """One optimizer step at ``self.step``: the micro-batches of this rank, clipping, AdamW.
+
+        Returns the summed (not yet averaged) micro-batch losses, without a device sync.
+        """
+        cfg, dist = self.cfg, self.dist
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            first = self.step * self.global_batch + (micro * dist.world + dist.rank) * cfg.batch_size
+            batch = self.sampler.batch(first, cfg.batch_size).to(self.device, non_blocking=True)
+            sync = dist.world == 1 or micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else net.no_sync()), self._autocast():
+                logits = net(batch[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
 
     def _should_stop(self, t_start: float, stop_signal: list[int]) -> bool:
         over = bool(stop_signal) or (self.cfg.max_time is not None
