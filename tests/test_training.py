@@ -196,7 +196,7 @@ def test_finetune_drives_val_loss_down_and_learns_the_pattern(tmp_path, tiny_che
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     print("validation loss:", vals)
     assert vals[0] > 8 and vals[-1] < 0.2 * vals[0]
-    assert result.best_val_loss == min(vals[1:]) and result.steps == 40
+    assert result.best_val_loss == pytest.approx(min(vals[1:]), abs=1e-5) and result.steps == 40
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert load_file(str(out / "model.safetensors"))["transformer.wte.weight"].dtype == torch.float16
     # the output folder is a plain checkpoint: gpt2lab and transformers both load it
@@ -209,7 +209,7 @@ def test_finetune_drives_val_loss_down_and_learns_the_pattern(tmp_path, tiny_che
     assert text == "the quick brown fox jumps over the lazy"
     from transformers import GPT2LMHeadModel
 
-    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    hf = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(hf(torch.tensor([ids])).logits[0].float(), gen.logits(ids), atol=1e-3)
 
