@@ -15,7 +15,7 @@ from .common import user_errors
 DATA = typer.Argument(..., help="Training text: .txt files, folders of them, .jsonl or .csv files.",
                       show_default=False)
 OUT = typer.Option(..., "--out", "-o", help="Output folder: the trained model (HF layout), metrics, checkpoints.")
-VAL = typer.Option(None, "--val", help="Validation file (default: hold out --val-share of the documents).")
+VAL = typer.Option(None, "--val", help="Validation file or folder (default: hold out --val-share of the documents).")
 VAL_SHARE = typer.Option(0.05, "--val-share", help="Share of documents held out for validation (0 disables).")
 TEXT_FIELD = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files.")
 TEXT_COLUMN = typer.Option("text", "--text-column", help="Column holding the text in .csv files.")

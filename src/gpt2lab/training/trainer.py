@@ -263,6 +263,8 @@ class _Bar:
         self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(elapsed_when_finished=True))
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        # in a log file a live bar shows nothing until the end: write plain lines instead
+        self.lines = not self.progress.console.is_terminal
         self.progress.start()
 
     def update(self, step: int, info: str | None = None) -> None:
@@ -271,6 +273,10 @@ class _Bar:
                 self.progress.update(self.task, completed=step)
             else:
                 self.progress.update(self.task, completed=step, info=info)
+                if self.lines:
+                    task = self.progress.tasks[0]
+                    eta = f", ETA {task.time_remaining:.0f} s" if task.time_remaining is not None else ""
+                    self.print(f"step {step}/{task.total}: {info}{eta}")
 
     def print(self, msg: str) -> None:
         if self.enabled:
