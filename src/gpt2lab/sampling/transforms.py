@@ -327,6 +327,8 @@ class TopK(LogitsTransform):
         _check_rows("top_k", self.top_k, scores)
         vocab = scores.shape[-1]
         ks = [min(max(k, self.min_tokens_to_keep), vocab) if k else 0 for k in self.top_k]
+        if not any(ks):
+            return scores
         kth = torch.topk(scores, max(ks)).values  # [B, max k], descending
         pick = _column([max(k, 1) - 1 for k in ks], scores, torch.long).expand(scores.shape[0], 1)
         threshold = kth.gather(1, pick)
@@ -337,7 +339,7 @@ class TopK(LogitsTransform):
 
 class TopP(LogitsTransform):
     """``TopPLogitsWarper``: keep the most likely tokens whose probability adds up to ``top_p``; the
-    token that crosses ``top_p`` is kept. 1.0 = off. Among equal logits the lower id goes first."""
+    token that crosses ``top_p`` is kept. 1.0 = off."""
 
     def __init__(self, top_p: ParamValues, min_tokens_to_keep: int = 1) -> None:
         self.top_p = _values("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1.0 = off)")
@@ -346,7 +348,7 @@ class TopP(LogitsTransform):
 
     def __call__(self, scores, histories=None, prompt_lens=None):
         _check_rows("top_p", self.top_p, scores)
-        sorted_logits, sorted_indices = torch.sort(scores, descending=False, stable=True)
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
         cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # 1 - p in double precision, then rounded to the scores' dtype, exactly as transformers does;
         # -1 makes the comparison false everywhere for rows that have top_p off.
@@ -391,7 +393,7 @@ class TypicalP(LogitsTransform):
         p = torch.exp(normalized)
         ent = -(normalized * p).nansum(-1, keepdim=True)
         shifted_scores = torch.abs((-normalized) - ent)
-        sorted_scores, sorted_indices = torch.sort(shifted_scores, descending=False, stable=True)
+        sorted_scores, sorted_indices = torch.sort(shifted_scores, descending=False)
         sorted_logits = scores.gather(-1, sorted_indices)
         cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         last_ind = (cumulative_probs < _column(self.typical_p, scores)).sum(dim=1)
