@@ -209,6 +209,16 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
     assert out[0, 3] == 1.0 and out[0, 1] == 0.0
 
 
+def test_presence_and_frequency_match_the_openai_formula_per_row():
+    x, ids = randn(4, V, seed=6), history_batch(batch=4, length=30, vocab=20, seed=6)
+    presence, frequency, prompt_lens = [0.4, 0.0, -1.0, 2.0], [0.1, 0.0, 0.5, -0.3], [5, 10, 0, 29]
+    out = PresenceFrequencyPenalty(presence, frequency)(x, ids.tolist(), prompt_lens)
+    for i in range(4):
+        counts = torch.bincount(ids[i, prompt_lens[i]:], minlength=V).float()
+        same(out[i], x[i] - (presence[i] * (counts > 0) + frequency[i] * counts))
+    same(out[1], x[1])  # both off
+
+
 STATEFUL = [lambda: RepetitionPenalty([1.5, 2.0]), lambda: PresenceFrequencyPenalty(0.3, [0.2, -0.4]),
             lambda: NoRepeatNGram([2, 3]), lambda: BadWords([[[3, 4], [1]], [[5, 6, 7]]], V)]
 

@@ -114,47 +114,6 @@ class _History:
         return old_lens
 
 
-class _TokenCounts:
-    """``counts[i, t]``: how often token t occurs in ``histories[i][start_i:]``, kept up to date."""
-
-    def __init__(self, generated_only: bool) -> None:
-        self.generated_only = generated_only
-        self.history = _History()
-        self.counts: torch.Tensor | None = None
-
-    def update(self, scores: torch.Tensor, histories: Sequence[Sequence[int]] | None,
-               prompt_lens: Sequence[int] | None) -> torch.Tensor:
-        if histories is None or len(histories) != scores.shape[0]:
-            raise ValueError(f"histories must give one token list per row ({scores.shape[0]} rows)")
-        if self.generated_only:
-            if prompt_lens is None or len(prompt_lens) != len(histories):
-                raise ValueError(f"prompt_lens must give one length per row ({len(histories)} rows)")
-            starts = list(prompt_lens)
-        else:
-            starts = [0] * len(histories)
-        batch, vocab = scores.shape
-        if self.counts is None or self.counts.shape != (batch, vocab) or self.counts.device != scores.device:
-            self.counts = torch.zeros(batch, vocab, dtype=torch.float32, device=scores.device)
-            self.history = _History()
-        old_lens = self.history.update(histories, starts)
-        rows, tokens, fresh = [], [], []
-        for i, old in enumerate(old_lens):
-            if old == 0:
-                fresh.append(i)
-            new = self.history.copies[i][max(old, starts[i]):]
-            rows.extend([i] * len(new))
-            tokens.extend(new)
-        if fresh:
-            self.counts[fresh] = 0
-        if tokens:
-            tok = torch.tensor(tokens, dtype=torch.long, device=scores.device)
-            if int(tok.min()) < 0 or int(tok.max()) >= vocab:
-                raise ValueError(f"histories contain token ids outside the vocabulary [0, {vocab})")
-            row = torch.tensor(rows, dtype=torch.long, device=scores.device)
-            self.counts.index_put_((row, tok), torch.ones_like(tok, dtype=torch.float32), accumulate=True)
-        return self.counts
-
-
 class _TokenIds:
     """The histories as a ``[B, L]`` id tensor, kept up to date with the new tokens of each call.
 
@@ -302,20 +261,56 @@ class RepetitionPenalty(LogitsTransform):
 
 class PresenceFrequencyPenalty(LogitsTransform):
     """OpenAI's penalties over the generated ids only:
-    ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``. 0.0 = off."""
+    ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``. 0.0 = off.
+
+    The ``[B, V]`` penalty is kept between calls and updated only where a new token arrived, so a
+    step costs one subtraction over the scores.
+    """
 
     def __init__(self, presence_penalty: ParamValues = 0.0, frequency_penalty: ParamValues = 0.0) -> None:
         self.presence_penalty = _values("presence_penalty", presence_penalty, lambda v: True, "a finite number")
         self.frequency_penalty = _values("frequency_penalty", frequency_penalty, lambda v: True, "a finite number")
         self.active = any(v != 0 for v in self.presence_penalty + self.frequency_penalty)
-        self._counts = _TokenCounts(generated_only=True)
+        self._history = _History()
+        self._counts: torch.Tensor | None = None  # [B, V] occurrences among the generated ids
+        self._penalty: torch.Tensor | None = None  # [B, V] what to subtract
 
     def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("presence_penalty", self.presence_penalty, scores)
         _check_rows("frequency_penalty", self.frequency_penalty, scores)
-        counts = self._counts.update(scores, histories, prompt_lens)
-        presence, frequency = _column(self.presence_penalty, scores), _column(self.frequency_penalty, scores)
-        return scores.sub_(presence * (counts > 0) + frequency * counts)
+        batch, vocab = scores.shape
+        if histories is None or len(histories) != batch:
+            raise ValueError(f"histories must give one token list per row ({batch} rows)")
+        if prompt_lens is None or len(prompt_lens) != batch:
+            raise ValueError(f"prompt_lens must give one length per row ({batch} rows)")
+        if self._counts is None or self._counts.shape != scores.shape or self._counts.device != scores.device:
+            self._counts = torch.zeros(batch, vocab, dtype=torch.float32, device=scores.device)
+            self._penalty = torch.zeros_like(scores)
+            self._history = _History()
+        old_lens = self._history.update(histories, list(prompt_lens))
+        rows, tokens, fresh = [], [], []
+        for i, old in enumerate(old_lens):
+            if old == 0:
+                fresh.append(i)
+            new = self._history.copies[i][max(old, prompt_lens[i]):]
+            rows.extend([i] * len(new))
+            tokens.extend(new)
+        if fresh:
+            self._counts[fresh] = 0
+            self._penalty[fresh] = 0
+        if tokens:
+            tok = torch.tensor(tokens, dtype=torch.long, device=scores.device)
+            if int(tok.min()) < 0 or int(tok.max()) >= vocab:
+                raise ValueError(f"histories contain token ids outside the vocabulary [0, {vocab})")
+            row = torch.tensor(rows, dtype=torch.long, device=scores.device)
+            self._counts.index_put_((row, tok), torch.ones_like(tok, dtype=torch.float32), accumulate=True)
+            counts = self._counts[row, tok]
+            pick = row if len(self.presence_penalty) > 1 else torch.zeros_like(row)
+            presence = _column(self.presence_penalty, scores).squeeze(1)[pick]
+            pick = row if len(self.frequency_penalty) > 1 else torch.zeros_like(row)
+            frequency = _column(self.frequency_penalty, scores).squeeze(1)[pick]
+            self._penalty[row, tok] = presence * (counts > 0) + frequency * counts
+        return scores.sub_(self._penalty)
 
 
 class NoRepeatNGram(LogitsTransform):
