@@ -74,6 +74,16 @@ def test_top_p_matches_hf(p):
     same(TopP(p)(x), hf.TopPLogitsWarper(p)(None, x.clone()))
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0, 5.0])
+def test_top_p_matches_hf_on_gpt2_sized_vocab_per_row(scale):
+    """Full vocabulary, one top_p per row: exercises both the sorted pass and the top-m shortcut."""
+    ps = [0.3, 0.9, 0.95, 0.6]
+    x = randn(4, 50257, seed=int(scale), scale=scale)
+    out = TopP(ps)(x)
+    for i, p in enumerate(ps):
+        same(out[i:i + 1], hf.TopPLogitsWarper(p)(None, x[i:i + 1].clone()))
+
+
 def test_top_p_keeps_the_token_that_crosses_the_threshold():
     x = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     out = TopP(0.7)(x)  # 0.5 < 0.7, 0.5 + 0.3 crosses it: both kept, the rest dropped
@@ -358,17 +368,30 @@ def test_top_k_only_ever_draws_the_k_most_likely_tokens():
     assert got == set(x[0].topk(k).indices.tolist())
 
 
-def test_sampled_distribution_matches_softmax():
-    from scipy.stats import chisquare
+def chi_square_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's chi-square goodness-of-fit test (as scipy.stats.chisquare), without scipy."""
+    stat = ((counts.double() - expected) ** 2 / expected).sum()
+    dof = torch.tensor(counts.numel() - 1, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof / 2, stat / 2))
 
+
+def test_sampled_distribution_matches_softmax():
     x = randn(1, 30, seed=14, scale=1.0)
-    temperature, n = 0.7, 30000
+    temperature, n = 0.7, 20000
     counts = torch.bincount(draws(x[0], SamplingParams(temperature=temperature), n, seed=1), minlength=30)
     expected = torch.softmax(x[0].double() / temperature, -1) * n
-    assert chisquare(counts.double().numpy(), expected.numpy()).pvalue > 1e-3
+    assert chi_square_pvalue(counts, expected) > 1e-3
     # and the test can fail: the same draws do not fit the untempered distribution
-    wrong = torch.softmax(x[0].double(), -1) * n
-    assert chisquare(counts.double().numpy(), wrong.numpy()).pvalue < 1e-6
+    assert chi_square_pvalue(counts, torch.softmax(x[0].double(), -1) * n) < 1e-6
+
+
+def test_chi_square_helper_gives_textbook_critical_values():
+    # 5% critical values of the chi-square distribution with 1 and 3 degrees of freedom
+    d = (3.841459 / 2) ** 0.5  # statistic 2 * d**2
+    assert chi_square_pvalue(torch.tensor([1 + d, 1 - d]), torch.tensor([1.0, 1.0])) == pytest.approx(0.05, abs=1e-6)
+    expected = torch.full((4,), 100.0)
+    counts = expected + torch.tensor([1.0, -1.0, 1.0, -1.0]) * (7.814728 * 100 / 4) ** 0.5
+    assert chi_square_pvalue(counts, expected) == pytest.approx(0.05, abs=1e-6)
 
 
 def test_masked_tokens_are_never_drawn():
