@@ -252,6 +252,8 @@ def test_history_state_follows_growing_and_replaced_histories(make):
 def hf_chain(p: SamplingParams) -> hf.LogitsProcessorList:
     """transformers' processors for one row, in SamplingParams' documented order."""
     procs = []
+    if p.logit_bias:
+        procs.append(hf.SequenceBiasLogitsProcessor([[[t], float(b)] for t, b in p.logit_bias.items()]))
     if p.repetition_penalty != 1.0:
         procs.append(hf.RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
     if p.no_repeat_ngram_size:
@@ -276,7 +278,8 @@ MIXED = [
     SamplingParams(temperature=1.3, top_k=20, min_p=0.05, repetition_penalty=1.2),
     SamplingParams(temperature=0, repetition_penalty=1.5, no_repeat_ngram_size=2, top_k=3),
     SamplingParams(top_k=100, typical_p=0.8, top_p=0.95),
-    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=0.7, logit_bias={5: 30.0, 6: -30.0}),
+    SamplingParams(temperature=0, logit_bias={7: 50.0}),
 ]
 
 
@@ -292,13 +295,24 @@ def test_pipeline_matches_hf_per_row(rows):
         same(out[i:i + 1], hf_chain(p)(ids[i:i + 1], x[i:i + 1].clone()))
 
 
+def test_pipeline_matches_hf_on_gpt2_vocab():
+    rows = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9), SamplingParams(temperature=0.9, top_p=0.8),
+            SamplingParams(top_k=40, min_p=0.05, repetition_penalty=1.3)]
+    x = randn(3, 50257, seed=8, scale=2.5)
+    ids = history_batch(batch=3, length=16, vocab=50257, seed=8)
+    out = LogitsPipeline(rows, 50257)(x, ids.tolist(), [16] * 3)
+    for i, p in enumerate(rows):
+        same(out[i:i + 1], hf_chain(p)(ids[i:i + 1], x[i:i + 1].clone()))
+
+
 def test_pipeline_skips_transforms_no_row_uses():
     pipe = LogitsPipeline([SamplingParams(), SamplingParams(temperature=0, top_p=0.5)], V)
     assert pipe.transforms == []
     x = randn(2, V)
     same(pipe(x, [[1], [2]], [1, 1]), x)
     names = [type(t).__name__ for t in LogitsPipeline(MIXED, V).transforms]
-    assert names == ["RepetitionPenalty", "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP"]
+    assert names == ["LogitBias", "RepetitionPenalty", "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP",
+                     "TypicalP"]
 
 
 def test_pipeline_rejects_bad_input(gpt2_tokenizer):
