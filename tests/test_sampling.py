@@ -416,21 +416,24 @@ def test_masked_tokens_are_never_drawn():
 
 
 def test_seeded_row_does_not_depend_on_its_batch():
+    """Same seed, same logits: same tokens alone or next to greedy, unseeded and differently filtered rows."""
     row = randn(1, V, seed=15, scale=1.0)
-    params = SamplingParams(temperature=1.0, seed=7)
+    params = SamplingParams(temperature=0.9, top_k=200, top_p=0.95, repetition_penalty=1.1, seed=7)
 
-    def run(batch: torch.Tensor, position: int, companions: list[SamplingParams]) -> list[int]:
-        rows = companions[:position] + [params] + companions[position:]
+    def run(batch: torch.Tensor, rows: list[SamplingParams], position: int) -> list[int]:
+        pipe = LogitsPipeline(rows, V)
         gens = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in rows]
-        out = []
+        histories = [[1, 2, 3] for _ in rows]
         for _ in range(20):
-            out.append(int(sample(batch, rows, gens)[position]))
-        return out
+            tokens = sample(pipe(batch, histories, [3] * len(rows)), rows, gens)
+            for h, t in zip(histories, tokens.tolist()):
+                h.append(t)
+        return histories[position][3:]
 
-    alone = run(row, 0, [])
-    others = [SamplingParams(temperature=0), SamplingParams(seed=3), SamplingParams()]
-    mixed = torch.cat([randn(1, V, seed=16), randn(1, V, seed=17), row, randn(1, V, seed=18)])
-    assert run(mixed, 2, others) == alone
+    alone = run(row, [params], 0)
+    others = [SamplingParams(temperature=0), SamplingParams(top_k=5, seed=3), SamplingParams(top_p=0.5)]
+    mixed = torch.cat([randn(1, V, seed=16), randn(1, V, seed=17), row, randn(1, V, seed=18, scale=9.0)])
+    assert run(mixed, others[:2] + [params] + others[2:], 2) == alone
     assert len(set(alone)) > 5  # it really is sampling
 
 
