@@ -415,7 +415,7 @@ class Trainer:
         if not state_path.is_file():
             self._log(f"gpt2lab: nothing to resume in {self.out} yet; starting from step 0")
             return False
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)  # a checkpoint cannot run code
         saved, now = state["identity"], self._identity()
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
