@@ -319,3 +319,21 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
         diff = (merged(ids) - adapted(ids)).abs().max().item()
         moved = (merged(ids) - original(ids)).abs().max().item()
     assert diff < 1e-4 and moved > 1e-3
+
+
+def test_best_model_and_early_stopping(tmp_path):
+    from gpt2lab.training import Trainer
+    from gpt2lab.training.trainer import _Bar
+
+    corpus = _corpus(tmp_path, repeats=20)
+    trainer = Trainer(TrainConfig(data=[str(corpus)], out=str(tmp_path / "out"), config=TINY, block_size=16,
+                                  patience=2, progress=False, plot=False))
+    bar = _Bar(False, 10, 0)
+    weights = tmp_path / "out" / "model.safetensors"
+    assert trainer._record_eval(5.0, None, bar, save_best=True) is False and weights.is_file()
+    published = weights.stat().st_mtime_ns
+    assert trainer._record_eval(4.0, None, bar, save_best=True) is False and trainer.best_val == 4.0
+    assert weights.stat().st_mtime_ns >= published
+    assert trainer._record_eval(4.5, None, bar, save_best=True) is False  # 1 without improvement
+    assert trainer._record_eval(4.2, None, bar, save_best=True) is True  # 2: patience exhausted
+    assert trainer.best_val == 4.0
