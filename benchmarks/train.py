@@ -4,8 +4,8 @@ Throughput: the same random GPT-2 (saved once, loaded by both), the same blocks 
 same AdamW settings, fp32, dropout on, gradient clipping, on ``--threads`` CPU threads. gpt2lab runs
 its own training step (``Trainer.optimizer_step``: fused AdamW, targets without a logits copy); the
 reference is the loop a user writes with ``GPT2LMHeadModel(labels=...)`` and ``torch.optim.AdamW``
-(default implementation, and again with ``fused=True``). Rounds alternate so load on a shared
-machine hits both alike; the median round counts.
+(default implementation, and again with ``fused=True``). Steps alternate between the loops so load
+on a shared machine hits them alike; the median step counts.
 
 Memory: each case runs in its own process (peak RSS = ``ru_maxrss``): GPT-2 124M, batch 4 x 512, one
 full optimizer step (the first one allocates the AdamW state).
@@ -75,7 +75,7 @@ def throughput(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="gpt2lab-bench-train-"))
     shape = dict(kv.split("=") for kv in args.shape.split(","))
     ckpt = make_hf_checkpoint(tmp / "model", seed=0, **{k: int(v) for k, v in shape.items()})
-    corpus = _corpus(tmp / "corpus.txt", n_words=args.batch * args.block * (args.steps * args.rounds + 4))
+    corpus = _corpus(tmp / "corpus.txt", n_words=args.batch * args.block * (args.steps + 4))
     ours = _trainer(corpus, tmp / "out", args.batch, args.block, model=str(ckpt))
     ours_params = [p for p in ours.model.parameters() if p.requires_grad]
 
@@ -99,22 +99,22 @@ def throughput(args: argparse.Namespace) -> dict:
         ours.step += 1
 
     cases = {"gpt2lab": ours_run, "transformers": hf_loop(False), "transformers (fused AdamW)": hf_loop(True)}
-    tokens = args.batch * args.block * args.steps
+    tokens = args.batch * args.block
     rates: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm-up: first-step allocations and optimizer state
         fn()
-    for _ in range(args.rounds):
+    # steps alternate between the loops, so a shared machine's load drifts over all of them alike
+    for _ in range(args.steps):
         for name, fn in cases.items():
             t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
+            fn()
             rates[name].append(tokens / (time.perf_counter() - t0))
     result = {name: statistics.median(r) for name, r in rates.items()}
     n_params = sum(p.numel() for p in ours.model.parameters())
     print(f"\ntraining throughput: GPT-2 {args.shape} ({n_params / 1e6:.1f}M params), batch {args.batch} x "
-          f"{args.block}, fp32, AdamW, {args.threads} threads, median of {args.rounds} rounds x {args.steps} steps")
+          f"{args.block}, fp32, AdamW, {args.threads} threads, median of {args.steps} interleaved steps each")
     for name, rate in result.items():
-        print(f"  {name:28s} {rate:9,.0f} tokens/s   (rounds: {', '.join(f'{r:,.0f}' for r in rates[name])})")
+        print(f"  {name:28s} {rate:9,.0f} tokens/s   (steps: {', '.join(f'{r:,.0f}' for r in rates[name])})")
     ratio = result["gpt2lab"] / result["transformers"]
     print(f"  ratio gpt2lab / transformers            {ratio:.2f}x")
     print(f"  ratio gpt2lab / transformers (fused)    {result['gpt2lab'] / result['transformers (fused AdamW)']:.2f}x")
@@ -165,12 +165,11 @@ def memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="n_layer=6,n_head=8,n_embd=256,n_positions=256",
-                        help="GPT-2 shape for the throughput run (default: a ~17M model like the bundled one)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--shape", default="n_layer=6,n_head=4,n_embd=128,n_positions=256",
+                        help="GPT-2 shape for the throughput run (default: the bundled Shakespeare model's)")
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per loop (interleaved)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the GPT-2 124M memory measurement")
     parser.add_argument("--memory-only", action="store_true", help="only the GPT-2 124M memory measurement")
