@@ -26,7 +26,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
-GROUPS: list[tuple[str, str]] = []
+GROUPS: list[tuple[str, str]] = [
+    ("eval", "eval"),
+]
 
 
 def _register() -> None:

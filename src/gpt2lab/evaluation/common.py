@@ -1,0 +1,37 @@
+"""Helpers shared by the evaluation modules: model arguments and progress bars."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from ..generation import Generator
+
+ModelLike = Union["Generator", str, Path, None]
+
+
+def as_generator(model: ModelLike, device: str = "cpu") -> Generator:
+    """A loaded :class:`Generator` for a Generator, a model reference, or None (the default model)."""
+    from ..generation import Generator, load
+
+    if isinstance(model, Generator):
+        return model
+    return load(model, device=device)
+
+
+@contextmanager
+def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (removed when done); yields ``advance(n)``. A no-op when disabled."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
