@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
+
+if TYPE_CHECKING:
+    from ..generation import Generator
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _TEXT_KEYS = ("prediction", "text", "completion", "output", "generation")
@@ -117,23 +120,31 @@ def text_perplexity(texts: Sequence[str], model: ModelLike = None, *, contexts: 
     context). Returns ``perplexity``, ``tokens``, ``nll`` and per-text ``nlls``/``counts``.
     """
     gen = as_generator(model, device)
-    docs, starts = [], []
     bos = [] if gen.eos_token_id is None else [gen.eos_token_id]
     encoded = gen.tokenizer.encode_batch(list(texts))
     prefixes = gen.tokenizer.encode_batch(list(contexts)) if contexts is not None else [bos] * len(encoded)
     if len(prefixes) != len(encoded):
         raise ValueError(f"got {len(texts)} texts but {len(prefixes)} contexts")
-    for prefix, ids in zip(prefixes, encoded):
-        docs.append(list(prefix) + ids)
-        starts.append(max(1, len(prefix)))  # without any prefix the first token has no context
+    out = score_continuations(gen, prefixes, encoded, batch_tokens=batch_tokens, progress=progress)
+    out["model"] = gen.name
+    return out
+
+
+def score_continuations(gen: Generator, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                        *, batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False) -> dict[str, Any]:
+    """NLL of token ids ``continuations[i]`` given ``prefixes[i]``, batched; pooled perplexity too.
+
+    Sequences longer than the model's context are scored with sliding windows (stride half the context).
+    """
+    docs = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
+    starts = [max(1, len(p)) for p in prefixes]  # without any prefix the first token has no context
     block = gen.config.n_positions
     windows = [Window(d, *w) for d, ids in enumerate(docs)
                for w in sliding_windows(len(ids), block, max(1, block // 2), score_from=starts[d])]
     with progress_bar(sum(w.end - w.first for w in windows), "scoring", progress) as advance:
         nlls, counts = score_windows(gen.model, docs, windows, batch_tokens=batch_tokens, on_progress=advance)
     nll, tokens = sum(nlls), sum(counts)
-    return {"perplexity": perplexity_of(nll, tokens), "tokens": tokens, "nll": nll, "nlls": nlls, "counts": counts,
-            "model": gen.name}
+    return {"perplexity": perplexity_of(nll, tokens), "tokens": tokens, "nll": nll, "nlls": nlls, "counts": counts}
 
 
 def diversity_metrics(texts: Sequence[str]) -> dict[str, float | None]:
