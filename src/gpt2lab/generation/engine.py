@@ -20,7 +20,7 @@ import torch
 from ..model import GPT2
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..tokenizer import Tokenizer
-from .outputs import RequestOutput, TokenLogprob
+from .outputs import RequestOutput, token_logprobs
 from .stopping import StopTextStream
 
 _CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
@@ -206,7 +206,8 @@ class Engine:
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(token)
-            logprobs = self._logprobs(raw_lp[i], token, seq.params.logprobs) if want_lp[i] else None
+            logprobs = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer) \
+                if want_lp[i] else None
             params = seq.params
             reason = None
             if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
@@ -224,14 +225,6 @@ class Engine:
             if reason is not None:
                 self._release(seq)
         return outputs
-
-    def _logprobs(self, lp: torch.Tensor, token: int, top_n: int) -> list[TokenLogprob]:
-        tok = self.tokenizer.id_to_token
-        top: list[tuple[int, str, float]] = []
-        if top_n:
-            values, ids = lp.topk(top_n)
-            top = [(t, tok(t), v) for t, v in zip(ids.tolist(), values.tolist())]
-        return [TokenLogprob(token, tok(token), float(lp[token]), top)]
 
     def _release(self, seq: _Sequence) -> None:
         """Free a finished sequence's row, moving the last running row into it."""
