@@ -131,6 +131,7 @@ class Engine:
                 self._waiting.append(seq)
         return request_id
 
+    @torch.inference_mode()  # the cache rows it moves are inference tensors
     def abort(self, request_id: str) -> None:
         """Drop every sample of a request, waiting or running (no further output for it)."""
         self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
