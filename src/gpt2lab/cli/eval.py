@@ -16,27 +16,19 @@ app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROU
                   no_args_is_help=True)
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}" if abs(value) < 10000 else f"{value:.3g}"
     return str(value)
 
 
-def _json_value(value: Any) -> Any:
-    """NaN/inf are not JSON: print them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_value(v) for v in value]
-    return value
-
-
 def print_json(record: dict[str, Any]) -> None:
-    print(json.dumps(_json_value(record)))
+    """One JSON object on stdout (NaN, which JSON lacks, as null)."""
+    from ..evaluation.common import json_safe
+
+    print(json.dumps(json_safe(record)))
 
 
 @app.command("perplexity")
@@ -65,11 +57,11 @@ def perplexity_cmd(
     table = Table(title=f"perplexity of {result.model} (block {result.block_size}, stride {result.stride})")
     for column in ("file", "perplexity", "bits/byte", "tokens", "bytes"):
         table.add_column(column, justify="left" if column == "file" else "right")
-    for doc in result.files:
-        table.add_row(doc.name, _fmt(doc.perplexity), _fmt(doc.bits_per_byte), str(doc.tokens), str(doc.bytes))
+    rows = [(doc.name, doc) for doc in result.files]
     if len(result.files) > 1:
-        table.add_row("[bold]all[/bold]", _fmt(result.perplexity), _fmt(result.bits_per_byte), str(result.tokens),
-                      str(result.bytes))
+        rows.append(("[bold]all[/bold]", result))
+    for name, r in rows:
+        table.add_row(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
     Console().print(table)
 
 
@@ -105,5 +97,5 @@ def text_cmd(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, _fmt(value))
+        table.add_row(key, fmt_value(value))
     Console().print(table)

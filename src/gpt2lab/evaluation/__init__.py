@@ -4,6 +4,7 @@
 ``gpt2lab explore`` commands call. Heavy libraries (torch, sacrebleu, matplotlib) load on first use.
 """
 
+from .explore import ExploreResult, Setting, SettingResult, explore, grid
 from .perplexity import DocumentPerplexity, PerplexityResult, perplexity
 from .text import (
     bleu,
@@ -19,6 +20,6 @@ from .text import (
     text_perplexity,
 )
 
-__all__ = ["perplexity", "PerplexityResult", "DocumentPerplexity", "text_metrics", "text_perplexity", "bleu",
-           "chrf", "rouge", "distinct_n", "self_bleu", "repeated_ngram_rate", "diversity_metrics",
-           "read_predictions", "read_references"]
+__all__ = ["explore", "grid", "ExploreResult", "Setting", "SettingResult", "perplexity", "PerplexityResult",
+           "DocumentPerplexity", "text_metrics", "text_perplexity", "bleu", "chrf", "rouge", "distinct_n",
+           "self_bleu", "repeated_ngram_rate", "diversity_metrics", "read_predictions", "read_references"]
