@@ -153,3 +153,10 @@ def test_cli_text_json_and_table(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("gpt2lab: error: got 3 predictions but 1 references; "
                                   "they pair up line by line")
+
+
+def test_package_exposes_evaluate_lazily():
+    import gpt2lab.evaluation
+
+    assert gpt2lab.evaluate is gpt2lab.evaluation
+    assert gpt2lab.evaluate.text_metrics is text_metrics
