@@ -160,8 +160,9 @@ def explore(prompts: str | Sequence[str], model: ModelLike = None, *,
     if scorer is gen:
         scored = score_continuations(gen, [encoded[p] for _, p, _ in keys], ids, progress=progress)
     else:  # another tokenizer, perhaps: score the text
-        enc = scorer.tokenizer.encode_batch
-        scored = score_continuations(scorer, enc([prompt_list[p] for _, p, _ in keys]), enc(texts), progress=progress)
+        prompts_ids = [scorer.encode_prompt(prompt) for prompt in prompt_list]
+        scored = score_continuations(scorer, [prompts_ids[p] for _, p, _ in keys],
+                                     scorer.tokenizer.encode_batch(texts), progress=progress)
 
     results = []
     for s, setting in enumerate(settings):
