@@ -88,6 +88,17 @@ def test_writes_csv_json_png_html(run):
     assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
 
 
+def test_separate_scoring_model_scores_the_text(tiny, tiny_checkpoint):
+    scorer = gpt2lab.load(tiny_checkpoint)
+    scorer.name = "scorer"
+    result = explore("Hello", tiny, temperatures=[1.0], top_ks=[0], top_ps=[1.0], max_length=8, samples=2, seed=1,
+                     scoring_model=scorer)
+    (r,) = result.settings
+    assert result.scoring_model == "scorer" and result.model != "scorer"
+    # another Generator: the samples are re-encoded with its tokenizer and scored given the prompt
+    assert r.perplexity > 1 and all(s.tokens > 0 for s in r.samples)
+
+
 def test_grid_validation_names_the_parameter():
     assert len(grid([0.7, 0.7, 1.0], [0], [1.0])) == 2
     with pytest.raises(ValueError, match="top_p must be in"):
