@@ -89,6 +89,10 @@ def test_n_samples_are_distinct_and_reproducible(gen):
     assert len({tuple(c.token_ids) for c in first[:3]}) == 3
     assert [c.token_ids for c in gen.generate(["Hi", "Bye"], n=3, seed=9, max_new_tokens=8)] == \
         [c.token_ids for c in first]
+    # greedy samples of one prompt share its prefilled cache row: all equal the solo greedy output
+    greedy = gen.generate(["Hi", "Bye"], n=3, temperature=0, max_new_tokens=8)
+    assert [c.token_ids for c in greedy] == [gen.generate(p, temperature=0, max_new_tokens=8)[0].token_ids
+                                             for p in ("Hi", "Bye") for _ in range(3)]
     # sample 0 of n is the request seeded alone
     assert first[0].token_ids == gen.generate("Hi", seed=9, max_new_tokens=8)[0].token_ids
 

@@ -158,20 +158,32 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
     def _prefill(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+        # The samples of one request share its prompt (the same list): prefill it once, copy the cache row.
+        firsts: dict[int, int] = {}
+        for i, seq in enumerate(seqs):
+            firsts.setdefault(id(seq.prompt_ids), i)
+        lead = set(firsts.values())
+        unique = [seqs[i] for i in sorted(lead)]
+        seqs = unique + [s for i, s in enumerate(seqs) if i not in lead]
         start = len(self._running)
         self._ensure_cache(start + len(seqs), max(len(s.prompt_ids) + s.budget for s in seqs + self._running))
         for i, seq in enumerate(seqs):
             seq.row = start + i
         self._running += seqs
-        lens = [len(s.prompt_ids) for s in seqs]
+        lens = [len(s.prompt_ids) for s in unique]
         width = max(lens)
-        idx = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
+        idx = torch.zeros(len(unique), width, dtype=torch.long)
+        for i, s in enumerate(unique):
             idx[i, :lens[i]] = torch.tensor(s.prompt_ids)
-        pos = torch.arange(width, device=self.device)[None].expand(len(seqs), width)
-        logits = self.model(idx.to(self.device), input_pos=pos, rows=slice(start, start + len(seqs)),
+        pos = torch.arange(width, device=self.device)[None].expand(len(unique), width)
+        logits = self.model(idx.to(self.device), input_pos=pos, rows=slice(start, start + len(unique)),
                             logits_index=torch.tensor(lens, device=self.device) - 1)
-        return self._advance(seqs, logits)
+        source = {id(s.prompt_ids): j for j, s in enumerate(unique)}
+        rows = [source[id(s.prompt_ids)] for s in seqs]
+        for seq in seqs[len(unique):]:
+            for cache in self.model.caches():
+                cache.copy_row(start + source[id(seq.prompt_ids)], seq.row, len(seq.prompt_ids))
+        return self._advance(seqs, logits[rows])
 
     def _ensure_cache(self, rows: int, seq_len: int) -> None:
         """Grow the static cache when needed, keeping the running rows' contents."""
