@@ -13,8 +13,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..generation.chat_format import (BOT_NAME, USER_NAME, ChatPrompt, ChatStyle, Turn, build_prompt, clean_reply,
-                                      parse_transcript, render, style_for_model)
+from ..generation.chat_format import (
+    BOT_NAME,
+    USER_NAME,
+    ChatPrompt,
+    ChatStyle,
+    Turn,
+    build_prompt,
+    clean_reply,
+    parse_transcript,
+    render,
+    style_for_model,
+)
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -62,8 +72,12 @@ def parse_option(params: SamplingParams, name: str, raw: str) -> SamplingParams:
         else:
             value = float(raw)
     except (ValueError, KeyError, TypeError):
-        example = {"bool": "true or false", "float": "a number"}.get(kind.split(" ")[0], None) or \
-            ("an integer" if kind.startswith("int") else "JSON, e.g. " + ('["a", "b"]' if "list" in kind else '{"50256": -100}'))
+        if kind == "bool":
+            example = "true or false"
+        elif kind.startswith(("int", "float")):
+            example = "an integer" if kind.startswith("int") else "a number"
+        else:
+            example = "JSON, e.g. " + ('["a", "b"]' if kind.startswith("list") else '{"50256": -100}')
         raise ValueError(f"{key} must be {example}, got {raw!r}") from None
     return params.with_(**{key: value})
 

@@ -99,7 +99,8 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
         chunk, keep = _plan_chunk(len(head), len(st.body), length - st.generated, window)
         context = head + (st.body[len(st.body) - keep:] if keep else [])
         seed = None if st.params.seed is None else sample_seed(st.params.seed, st.chunk)
-        engine.add_request(context, st.params.with_(max_new_tokens=chunk, seed=seed), request_id=f"{st.index}:{st.chunk}")
+        engine.add_request(context, st.params.with_(max_new_tokens=chunk, seed=seed),
+                           request_id=f"{st.index}:{st.chunk}")
         st.chunk += 1
 
     def emit(st: _Draft, delta: str) -> None:
