@@ -18,9 +18,8 @@ from collections import deque
 import torch
 
 from ..model import GPT2
-from ..sampling import SamplingParams
+from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..tokenizer import Tokenizer
-from ._sampling_standin import LogitsPipeline, sample
 from .outputs import RequestOutput, TokenLogprob
 from .stopping import StopTextStream
 
