@@ -118,11 +118,11 @@ def read_dataset(path: str | Path, text_column: str, label_column: str | None = 
         except csv.Error as exc:
             raise ValueError(f"{path}: malformed CSV near line {records.line_num} ({exc})") from None
         cols = header
+    if not rows:
+        raise ValueError(f"{path}: empty dataset (no rows)")
     for name, option in ((text_column, "--text-column"), (label_column, "--label-column")):
         if name is not None and name not in cols:
             raise ValueError(f"{path}: no column {name!r} ({option}); columns: {', '.join(cols) or '(none)'}")
-    if not rows:
-        raise ValueError(f"{path}: empty dataset (no rows)")
     clash = [c for c in ADDED_COLUMNS if c in cols]
     if clash:
         raise ValueError(f"{path}: already has column(s) {', '.join(clash)}: is it an augment output? "
