@@ -13,7 +13,7 @@ from ..sampling import SamplingParams
 from .common import load_generator, user_errors
 from .options import model_option, sampling_options
 
-_EXCLUDE = {"n", "logprobs", "max_length", "num_beams", "length_penalty", "truncate_prompt"}
+_EXCLUDE = {"n", "logprobs", "max_length", "num_beams", "length_penalty", "early_stopping", "truncate_prompt"}
 
 
 @sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
