@@ -94,12 +94,17 @@ def test_n_samples_are_distinct_and_reproducible(gen):
 
 
 def test_continuous_batching_admits_and_aborts(gen):
-    """Requests added while others run, and aborted ones, leave every other output unchanged."""
-    params = SamplingParams(temperature=0.7, seed=3, max_new_tokens=10)
-    solo = {p: gen.generate(p, params)[0].token_ids for p in PROMPTS}
+    """Requests with different settings share rows, join mid-flight or are aborted: each output is its solo one."""
+    settings = [SamplingParams(temperature=0.7, seed=3, max_new_tokens=10),
+                SamplingParams(temperature=0, max_new_tokens=7, repetition_penalty=1.3),
+                SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=4, max_new_tokens=12, stop=["zz"]),
+                SamplingParams(temperature=0.9, seed=5, max_new_tokens=9, no_repeat_ngram_size=2, min_p=0.01)]
+    params = dict(zip(PROMPTS, settings))
+    solo = {p: gen.generate(p, params[p])[0].token_ids for p in PROMPTS}
     engine = gen.engine(max_batch=2)
-    ids = {engine.add_request(gen.encode_prompt(p), params, request_id=p): p for p in PROMPTS[:3]}
-    doomed = engine.add_request(gen.encode_prompt("doomed"), params)
+    doomed = engine.add_request(gen.encode_prompt("doomed"), settings[0].with_(max_new_tokens=50))
+    for p in PROMPTS[:3]:
+        engine.add_request(gen.encode_prompt(p), params[p], request_id=p)
     got: dict[str, list[int]] = {p: [] for p in PROMPTS}
     steps = 0
     while engine.has_unfinished():
@@ -109,10 +114,11 @@ def test_continuous_batching_admits_and_aborts(gen):
                 got[out.request_id] += out.token_ids
         steps += 1
         if steps == 4:
+            assert engine.num_running == 2  # doomed is running in row 0
             engine.abort(doomed)
-            engine.add_request(gen.encode_prompt(PROMPTS[3]), params, request_id=PROMPTS[3])
+            engine.add_request(gen.encode_prompt(PROMPTS[3]), params[PROMPTS[3]], request_id=PROMPTS[3])
         assert engine.num_running <= 2
-    assert got == solo and set(ids.values()) == set(PROMPTS[:3])
+    assert got == solo
 
 
 def test_stop_strings_across_token_boundaries(gen):

@@ -24,6 +24,7 @@ def _root() -> None:
 # (command name, module, function) -- each module under gpt2lab.cli
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
+    ("generate", "generate", "generate"),
     ("story", "story", "story"),
     ("chat", "chat", "chat"),
     ("augment", "augment", "augment"),

@@ -20,7 +20,7 @@ import torch
 from ..model import GPT2
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..tokenizer import Tokenizer
-from .outputs import RequestOutput, TokenLogprob
+from .outputs import RequestOutput, token_logprobs
 from .stopping import StopTextStream
 
 _CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
@@ -131,6 +131,7 @@ class Engine:
                 self._waiting.append(seq)
         return request_id
 
+    @torch.inference_mode()  # the cache rows it moves are inference tensors
     def abort(self, request_id: str) -> None:
         """Drop every sample of a request, waiting or running (no further output for it)."""
         self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
@@ -206,7 +207,8 @@ class Engine:
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(token)
-            logprobs = self._logprobs(raw_lp[i], token, seq.params.logprobs) if want_lp[i] else None
+            logprobs = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer) \
+                if want_lp[i] else None
             params = seq.params
             reason = None
             if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
@@ -224,14 +226,6 @@ class Engine:
             if reason is not None:
                 self._release(seq)
         return outputs
-
-    def _logprobs(self, lp: torch.Tensor, token: int, top_n: int) -> list[TokenLogprob]:
-        tok = self.tokenizer.id_to_token
-        top: list[tuple[int, str, float]] = []
-        if top_n:
-            values, ids = lp.topk(top_n)
-            top = [(t, tok(t), v) for t, v in zip(ids.tolist(), values.tolist())]
-        return [TokenLogprob(token, tok(token), float(lp[token]), top)]
 
     def _release(self, seq: _Sequence) -> None:
         """Free a finished sequence's row, moving the last running row into it."""

@@ -14,7 +14,7 @@ from ..model import GPT2, GPT2Config
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
-from .outputs import Completion, TokenLogprob
+from .outputs import Completion, TokenLogprob, token_logprobs
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -153,16 +153,7 @@ class Generator:
             raise ValueError(f"token_ids has {len(ids)} tokens, more than the model's context "
                              f"n_positions={self.config.n_positions}")
         lp = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
-        nxt = torch.tensor(ids[1:], dtype=torch.long)
-        chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
-        tops: list[list[tuple[int, str, float]]] = [[] for _ in chosen]
-        if top_n:
-            values, top_ids = lp.topk(top_n, dim=-1)
-            tok = self.tokenizer.id_to_token
-            tops = [[(t, tok(t), v) for t, v in zip(row_ids, row_vals)]
-                    for row_ids, row_vals in zip(top_ids.tolist(), values.tolist())]
-        return [TokenLogprob(t, self.tokenizer.id_to_token(t), c, top)
-                for t, c, top in zip(ids[1:], chosen, tops)]
+        return token_logprobs(lp, ids[1:], top_n, self.tokenizer)
 
     def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:
         """Write the model and tokenizer in Hugging Face layout (loads back with ``transformers``)."""
