@@ -11,9 +11,9 @@ import typer
 from ..apps.augment import DEFAULTS, METHODS
 from ..sampling import SamplingParams
 from .common import load_generator, user_errors
-from .options import model_option, sampling_options
+from .options import BEAM_OPTIONS, model_option, sampling_options
 
-_EXCLUDE = {"n", "logprobs", "max_length", "num_beams", "length_penalty", "early_stopping", "truncate_prompt"}
+_EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 
 @sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)

@@ -69,6 +69,10 @@ SAMPLING_OPTIONS: list[_Opt] = [
 ]
 
 
+# for commands that sample varied texts and cannot use beam search
+BEAM_OPTIONS = frozenset({"num_beams", "length_penalty", "early_stopping"})
+
+
 def _parse_logit_bias(items: list[str]) -> dict[int, float]:
     bias: dict[int, float] = {}
     for item in items:

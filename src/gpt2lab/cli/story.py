@@ -10,10 +10,10 @@ import typer
 from ..apps.story import DEFAULTS
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import model_option, sampling_options
+from .options import BEAM_OPTIONS, model_option, sampling_options
 
 # story counts its length with --length, makes --drafts samples and cannot beam-search varied drafts
-_EXCLUDE = {"n", "logprobs", "max_new_tokens", "max_length", "num_beams", "length_penalty", "early_stopping", "truncate_prompt"}
+_EXCLUDE = {"n", "logprobs", "max_new_tokens", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 
 @sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
