@@ -178,8 +178,8 @@ def test_sigkill_then_rerun_every_row_once(aug_model, tmp_path):
     proc.wait()
     done_before = len(progress.read_text().splitlines()) - 1
     assert 3 <= done_before < len(rows)
-    rerun = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = CliRunner().invoke(app, [*cmd[3:], "--json"])  # the same command again
+    assert rerun.exit_code == 0, rerun.output
     summary = json.loads(rerun.stdout)
     assert summary["rows_resumed"] >= 3
     records = read_output(out)

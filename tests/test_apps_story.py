@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+from typer.testing import CliRunner
 
 import gpt2lab
 from gpt2lab.apps.story import write_stories
+from gpt2lab.cli.main import app
 from gpt2lab.sampling import SamplingParams
 
 from .conftest import SHAPES, make_hf_checkpoint
@@ -89,11 +87,11 @@ def test_story_cli_continue_file(short_window, tmp_path):
     source = tmp_path / "draft.txt"
     source.write_text(start, encoding="utf-8")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "gpt2lab", "story", "--continue", str(source), "--model", str(path),
-           "--drafts", "2", "--length", "30", "--seed", "7", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr
+    runner = CliRunner()
+    args = ["story", "--continue", str(source), "--model", str(path), "--drafts", "2", "--length", "30", "--seed", "7",
+            "--out", str(out)]
+    run = runner.invoke(app, args)
+    assert run.exit_code == 0, run.output
     files = sorted(out.glob("*.txt"))
     assert [f.name for f in files] == ["draft-1.txt", "draft-2.txt"]
     texts = [f.read_text(encoding="utf-8") for f in files]
@@ -102,11 +100,14 @@ def test_story_cli_continue_file(short_window, tmp_path):
     assert run.stdout.rstrip("\n") == texts[0].rstrip("\n")  # the first draft was streamed to the terminal
     assert "draft 2:" in run.stderr and "(30 new tokens)" in run.stderr
     # the same request through the API gives the same first draft (seeds make drafts reproducible)
-    api = write_stories(gen, continue_from=start, length=30, params=SamplingParams(temperature=0.8, top_k=50,
-                                                                                          seed=7))
+    api = write_stories(gen, continue_from=start, length=30, params=SamplingParams(temperature=0.8, top_k=50, seed=7))
     assert texts[0] == api[0].text + "\n"
+    # a second run numbers its files after the first ones
+    assert runner.invoke(app, [*args[:5], "--drafts", "1", "--length", "3", "--out", str(out), "-q"]).exit_code == 0
+    assert (out / "draft-3.txt").read_text(encoding="utf-8").startswith(start)
 
-    bad = subprocess.run([sys.executable, "-m", "gpt2lab", "story", "--continue", str(tmp_path / "nope.txt"),
-                          "--model", str(path)], capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    bad = runner.invoke(app, ["story", "--continue", str(tmp_path / "nope.txt"), "--model", str(path)])
+    assert bad.exit_code == 2 and bad.output.strip().splitlines() == [
         f"gpt2lab: error: --continue {tmp_path / 'nope.txt'}: file not found"]
+    bad = runner.invoke(app, ["story", "x", "--model", str(path), "--length", "0"])
+    assert bad.exit_code == 2 and "length must be an integer >= 1" in bad.output and not bad.stdout

@@ -22,7 +22,7 @@ HELP = """commands:
   /quit               leave (Ctrl-D too)"""
 
 
-def _repl(session, prompt: str) -> None:
+def _repl(session, prompt: str, save: Path | None) -> None:
     from ..apps.chat import describe
 
     try:
@@ -84,6 +84,11 @@ def _repl(session, prompt: str) -> None:
             print("\n(interrupted)")
             continue
         print("" if reply else "...")
+        if save is not None:
+            try:
+                session.save(save)
+            except OSError as exc:
+                print(f"error: --save {save}: {exc}")
 
 
 @sampling_options(defaults=DEFAULTS, exclude=set(UNSUPPORTED))
@@ -118,7 +123,4 @@ def chat(
             if save is not None:
                 session.save(save)
         return
-    _repl(session, f"{session.style.user_name}> ")
-    if save is not None:
-        with user_errors((OSError,)):
-            session.save(save)
+    _repl(session, f"{session.style.user_name}> ", save)
