@@ -118,6 +118,9 @@ def test_parse_option_types_and_errors():
 
 
 def test_shared_cli_options():
+    from gpt2lab.cli.options import SAMPLING_OPTIONS
+
+    assert sorted(o.name for o in SAMPLING_OPTIONS) == sorted(SamplingParams.field_names())  # every control
     assert build_sampling_params({"top_k": None, "temperature": 0.5}, {"top_k": 50}).top_k == 50
     params = build_sampling_params({"max_length": 30, "logit_bias": ["5:-1.5"], "stop": []}, {"max_new_tokens": 60})
     assert params.max_length == 30 and params.max_new_tokens is None and params.logit_bias == {5: -1.5}
@@ -134,8 +137,10 @@ def test_shared_cli_options():
         seen.append(sampling)
 
     runner = CliRunner()
-    result = runner.invoke(app, ["hi", "--top-k", "3", "--stop", "a", "--stop", "b", "--ignore-eos", "--seed", "1"])
+    result = runner.invoke(app, ["hi", "--top-k", "3", "--stop", "a", "--stop", "b", "--ignore-eos", "--seed", "1",
+                                 "--stop-token-id", "13"])
     assert result.exit_code == 0, result.output
+    assert seen[-1].stop_token_ids == [13]
     assert (seen[-1].top_k, seen[-1].stop, seen[-1].ignore_eos, seen[-1].temperature) == (3, ["a", "b"], True, 0.8)
     result = runner.invoke(app, ["hi", "--top-p", "3"])
     assert result.exit_code == 2 and "top_p must be in (0, 1], got 3.0" in result.output

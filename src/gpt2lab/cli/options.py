@@ -55,6 +55,7 @@ SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("frequency_penalty", float | None, "OpenAI frequency penalty over generated tokens, in [-2, 2]."),
     _Opt("no_repeat_ngram_size", int | None, "Never repeat an n-gram of this size (0 = off)."),
     _Opt("stop", list[str] | None, "Stop string (repeatable); removed from the output."),
+    _Opt("stop_token_ids", list[int] | None, "Stop at this token id (repeatable).", "--stop-token-id"),
     _Opt("bad_words", list[str] | None, "A string that may never be generated (repeatable).", "--bad-word"),
     _Opt("logit_bias", list[str] | None, "TOKEN_ID:BIAS added to a token's logit (repeatable).", "--logit-bias"),
     _Opt("ignore_eos", bool | None, "Keep generating past <|endoftext|>.", "--ignore-eos"),
