@@ -25,6 +25,9 @@ def _root() -> None:
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
     ("generate", "generate", "generate"),
+    ("story", "story", "story"),
+    ("chat", "chat", "chat"),
+    ("augment", "augment", "augment"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
 GROUPS: list[tuple[str, str]] = []
