@@ -60,7 +60,7 @@ def test_file_plain_lines_with_beams_and_stop(tiny_checkpoint, gen, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "-1"], "temperature must be in [0, 100]"),
-    (["--max-length", "20", "--max-new-tokens", "5"], "give max_new_tokens or max_length, not both"),
+    (["--n", "0"], "n must be an integer in [1, 128]"),
     (["--max-new-tokens", "500"], "n_positions=128"),
 ])
 def test_bad_values_exit_2(tiny_checkpoint, args, message):
