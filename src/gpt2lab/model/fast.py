@@ -36,6 +36,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.training = False
         self.out_features, self.in_features = weight.shape
         self._pack(weight)
         if bias is not None:

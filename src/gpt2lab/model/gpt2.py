@@ -305,6 +305,7 @@ class GPT2(nn.Module):
         for block in self.h:
             block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_seq, self.config.head_dim,
                                           dtype=param.dtype, device=param.device)
+            block.attn.kv_cache.training = self.training
         self.max_batch, self.max_seq = max_batch, max_seq
 
     def caches(self) -> list[KVCache]:
