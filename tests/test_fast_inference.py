@@ -122,3 +122,6 @@ def test_training_an_optimised_model_fails_clearly(pair):
         fast.h[0].attn.c_attn.train()
     assert not any(p.requires_grad for p in fast.parameters())
     fast.eval()  # still allowed
+    with pytest.raises(InferenceOnlyError, match="before optimize_for_inference"):
+        fast.half()
+    fast.to("cpu", torch.float32)  # a no-op move is fine

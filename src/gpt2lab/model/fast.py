@@ -27,6 +27,14 @@ def packing_supported(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+def check_conversion(fn) -> None:  # noqa: ANN001 - the tensor function of Module._apply
+    """Refuse a ``.to()``/``.half()``/``.cuda()`` that would change a prepacked weight's device or dtype."""
+    probe = fn(torch.zeros(1))
+    if probe.device.type != "cpu" or probe.dtype != torch.float32:
+        raise InferenceOnlyError("the prepacked weights of an inference-optimised model are CPU fp32: "
+                                 "move or convert the model before optimize_for_inference, not after")
+
+
 class PackedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose weight is prepacked for oneDNN's GEMM.
 
@@ -62,6 +70,10 @@ class PackedLinear(nn.Module):
         if mode:
             raise InferenceOnlyError("PackedLinear is inference-only (see optimize_for_inference)")
         return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - .to()/.half()/.cuda() land here
+        check_conversion(fn)
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -270,6 +270,13 @@ class GPT2(nn.Module):
                                      "be trained; load the checkpoint again (gpt2lab.checkpoints.load_model)")
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        if any(hasattr(m, "packed") for m in self.modules()):  # check before converting anything
+            from .fast import check_conversion
+
+            check_conversion(fn)
+        return super()._apply(fn, recurse)
+
     # -- construction -------------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> None:
         """GPT-2's initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 * n_layer))."""
