@@ -230,7 +230,11 @@ def test_bad_values_raise(gen):
         list(gen.stream("Hi", n=2))
 
 
-def test_generate_text(gen, tiny_checkpoint):
+def test_generate_text(tiny_checkpoint):
+    from gpt2lab.model import optimize_for_inference
+
+    gen = gpt2lab.load(tiny_checkpoint)
+    optimize_for_inference(gen.model)  # as gpt2lab.generate_text does
     text = gen.generate_text("Hello", max_length=10, seed=1)
     assert text.startswith("Hello") and len(gen.tokenizer.encode(text)) >= 2
     assert gpt2lab.generate_text("Hello", max_length=10, seed=1, model=str(tiny_checkpoint)) == text

@@ -72,6 +72,9 @@ def generate(
     prompt_list = _collect_prompts(prompts or [], file)
     gen = load_generator(model)
     from ..generation import fit_prompt
+    from ..model import optimize_for_inference
+
+    optimize_for_inference(gen.model)  # this process only generates: prepacked weights, about 2x faster
 
     with user_errors():
         for p in prompt_list:  # fail on an unusable prompt before printing anything
