@@ -238,3 +238,16 @@ def test_generate_text(tiny_checkpoint):
     text = gen.generate_text("Hello", max_length=10, seed=1)
     assert text.startswith("Hello") and len(gen.tokenizer.encode(text)) >= 2
     assert gpt2lab.generate_text("Hello", max_length=10, seed=1, model=str(tiny_checkpoint)) == text
+
+
+def test_padded_vocabulary_is_never_sampled():
+    """Checkpoints with embedding rows past the tokenizer (vocab padded to 50304) never emit those ids."""
+    from gpt2lab.model import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(vocab_size=50304, n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    model.init_weights(0)
+    with torch.no_grad():
+        model.wte.weight[50257:] = 5.0  # the padding rows would win every argmax
+    gen = Generator(model, Tokenizer.gpt2())
+    for kw in (dict(temperature=0), dict(temperature=1.0, seed=0), dict(num_beams=2)):
+        assert max(gen.generate("hi", max_new_tokens=5, **kw)[0].token_ids) < 50257

@@ -51,7 +51,8 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
     keep = max(2, 1 + len(eos)) * num_beams
     top_mask = torch.arange(keep, device=dev) < num_beams
     greedy = params.with_(temperature=0.0)  # processors only: no warpers in beam search
-    pipeline = LogitsPipeline([greedy] * num_beams, model.config.vocab_size, tokenizer=tokenizer, device=dev)
+    decodable = min(tokenizer.vocab_size, model.config.vocab_size)  # padded embedding rows are never chosen
+    pipeline = LogitsPipeline([greedy] * num_beams, decodable, tokenizer=tokenizer, device=dev)
     use_pipeline = bool(pipeline.processors)
     early_stopping, length_penalty = params.early_stopping, params.length_penalty
 
@@ -73,7 +74,7 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
     logits = logits.expand(num_beams, -1)
     cur_len = L
     while True:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits[:, :decodable].float(), dim=-1)
         if use_pipeline:
             log_probs = pipeline(log_probs, running[:, :cur_len].tolist(), [L] * num_beams)
         vocab = log_probs.shape[-1]

@@ -93,6 +93,7 @@ class Engine:
         self.eos_token_id = eos_token_id if eos_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id)
         self.device = model.wte.weight.device
+        self._decodable = min(tokenizer.vocab_size, model.config.vocab_size)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # _running[i].row == i
         self._ready: list[RequestOutput] = []  # finished before running (zero budget)
@@ -212,6 +213,8 @@ class Engine:
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         """Sample one token for each sequence (``logits [B, V]``), apply stopping, emit outputs."""
         logits = logits.float()
+        if self._decodable < logits.shape[-1]:  # padded embedding rows: ids the tokenizer cannot decode
+            logits[:, self._decodable:] = float("-inf")
         want_lp = [s.params.logprobs is not None for s in seqs]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         tokens = sample(self._scores(seqs, logits), [s.params for s in seqs],
