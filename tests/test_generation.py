@@ -77,6 +77,17 @@ def test_batch_equals_solo_greedy_and_seeded(gen):
             assert completion.prompt == prompt and completion.finish_reason == "length"
 
 
+def test_prefill_in_groups_changes_nothing(gen, monkeypatch):
+    """Admissions are prefilled in groups bounded by padded tokens; grouping must not change any output."""
+    import gpt2lab.generation.engine as engine_module
+
+    prompts = ["a " * 60, "hello", "b " * 30, "x y"]
+    whole = gen.generate(prompts, max_new_tokens=6, temperature=0.9, seed=2, n=2)
+    monkeypatch.setattr(engine_module, "_PREFILL_TOKENS", 64)
+    assert [c.token_ids for c in gen.generate(prompts, max_new_tokens=6, temperature=0.9, seed=2, n=2)] == \
+        [c.token_ids for c in whole]
+
+
 def test_seed_per_prompt(gen):
     assert gen.generate(["B", "A"], seed=5)[1].text == gen.generate("A", seed=5)[0].text
     assert gen.generate("A", seed=5)[0].token_ids != gen.generate("A", seed=6)[0].token_ids
