@@ -262,3 +262,28 @@ def test_padded_vocabulary_is_never_sampled():
     gen = Generator(model, Tokenizer.gpt2())
     for kw in (dict(temperature=0), dict(temperature=1.0, seed=0), dict(num_beams=2)):
         assert max(gen.generate("hi", max_new_tokens=5, **kw)[0].token_ids) < 50257
+
+
+def test_cache_grows_while_sequences_run():
+    """A request needing more rows and more slots than the cache has joins without disturbing running rows."""
+    from gpt2lab.model import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=600))
+    model.init_weights(1)
+    tok = Tokenizer.gpt2()
+    short = SamplingParams(temperature=0, max_new_tokens=12)
+    long_prompt = list(range(1000, 1300))
+    engine = Engine(model, tok, max_batch=4)
+    engine.add_request([464, 3290], short, request_id="a")
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for _ in range(3):
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert (model.max_batch, model.max_seq) == (1, 256)
+    engine.add_request(long_prompt, short, request_id="b")
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert (model.max_batch, model.max_seq) == (2, 512)
+    assert got["a"] == _engine_run(Engine(model, tok), [([464, 3290], short)])[0]
+    assert got["b"] == _engine_run(Engine(model, tok), [(long_prompt, short)])[0]
