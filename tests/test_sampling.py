@@ -74,6 +74,16 @@ def test_top_p_matches_hf(p):
     same(TopP(p)(x), hf.TopPLogitsWarper(p)(None, x.clone()))
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0, 5.0])
+def test_top_p_matches_hf_on_gpt2_sized_vocab_per_row(scale):
+    """Full vocabulary, one top_p per row: exercises both the sorted pass and the top-m shortcut."""
+    ps = [0.3, 0.9, 0.95, 0.6]
+    x = randn(4, 50257, seed=int(scale), scale=scale)
+    out = TopP(ps)(x)
+    for i, p in enumerate(ps):
+        same(out[i:i + 1], hf.TopPLogitsWarper(p)(None, x[i:i + 1].clone()))
+
+
 def test_top_p_keeps_the_token_that_crosses_the_threshold():
     x = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     out = TopP(0.7)(x)  # 0.5 < 0.7, 0.5 + 0.3 crosses it: both kept, the rest dropped
@@ -155,9 +165,8 @@ def test_bad_words_strings_are_tokenized_with_and_without_a_space(gpt2_tokenizer
     assert tok.encode("Paris") in ids and tok.encode(" Paris") in ids
     pipe = LogitsPipeline([SamplingParams(temperature=0, bad_words=["Paris"])], tok.vocab_size, tok)
     out = pipe(randn(1, tok.vocab_size), [tok.encode("I went to")], [3])
-    for seq in (tok.encode("Paris"), tok.encode(" Paris")):
-        if len(seq) == 1:
-            assert torch.isinf(out[0, seq[0]])
+    (paris,), (space_paris,) = tok.encode("Paris"), tok.encode(" Paris")  # one token each
+    assert torch.isinf(out[0, [paris, space_paris]]).all() and torch.isfinite(out).sum() == tok.vocab_size - 2
     # " hello world" is two tokens: " world" is banned only right after " hello"
     world = tok.encode(" hello world")[-1]
     pipe = LogitsPipeline([SamplingParams(temperature=0, bad_words=["hello world"])] * 2, tok.vocab_size, tok)
@@ -242,6 +251,8 @@ def test_history_state_follows_growing_and_replaced_histories(make):
 def hf_chain(p: SamplingParams) -> hf.LogitsProcessorList:
     """transformers' processors for one row, in SamplingParams' documented order."""
     procs = []
+    if p.logit_bias:
+        procs.append(hf.SequenceBiasLogitsProcessor([[[t], float(b)] for t, b in p.logit_bias.items()]))
     if p.repetition_penalty != 1.0:
         procs.append(hf.RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
     if p.no_repeat_ngram_size:
@@ -266,7 +277,8 @@ MIXED = [
     SamplingParams(temperature=1.3, top_k=20, min_p=0.05, repetition_penalty=1.2),
     SamplingParams(temperature=0, repetition_penalty=1.5, no_repeat_ngram_size=2, top_k=3),
     SamplingParams(top_k=100, typical_p=0.8, top_p=0.95),
-    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=0.7, logit_bias={5: 30.0, 6: -30.0}),
+    SamplingParams(temperature=0, logit_bias={7: 50.0}),
 ]
 
 
@@ -282,13 +294,24 @@ def test_pipeline_matches_hf_per_row(rows):
         same(out[i:i + 1], hf_chain(p)(ids[i:i + 1], x[i:i + 1].clone()))
 
 
+def test_pipeline_matches_hf_on_gpt2_vocab():
+    rows = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9), SamplingParams(temperature=0.9, top_p=0.8),
+            SamplingParams(top_k=40, min_p=0.05, repetition_penalty=1.3)]
+    x = randn(3, 50257, seed=8, scale=2.5)
+    ids = history_batch(batch=3, length=16, vocab=50257, seed=8)
+    out = LogitsPipeline(rows, 50257)(x, ids.tolist(), [16] * 3)
+    for i, p in enumerate(rows):
+        same(out[i:i + 1], hf_chain(p)(ids[i:i + 1], x[i:i + 1].clone()))
+
+
 def test_pipeline_skips_transforms_no_row_uses():
     pipe = LogitsPipeline([SamplingParams(), SamplingParams(temperature=0, top_p=0.5)], V)
     assert pipe.transforms == []
     x = randn(2, V)
     same(pipe(x, [[1], [2]], [1, 1]), x)
     names = [type(t).__name__ for t in LogitsPipeline(MIXED, V).transforms]
-    assert names == ["RepetitionPenalty", "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP"]
+    assert names == ["LogitBias", "RepetitionPenalty", "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP",
+                     "TypicalP"]
 
 
 def test_pipeline_rejects_bad_input(gpt2_tokenizer):
@@ -358,17 +381,30 @@ def test_top_k_only_ever_draws_the_k_most_likely_tokens():
     assert got == set(x[0].topk(k).indices.tolist())
 
 
-def test_sampled_distribution_matches_softmax():
-    from scipy.stats import chisquare
+def chi_square_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's chi-square goodness-of-fit test (as scipy.stats.chisquare), without scipy."""
+    stat = ((counts.double() - expected) ** 2 / expected).sum()
+    dof = torch.tensor(counts.numel() - 1, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof / 2, stat / 2))
 
+
+def test_sampled_distribution_matches_softmax():
     x = randn(1, 30, seed=14, scale=1.0)
-    temperature, n = 0.7, 30000
+    temperature, n = 0.7, 20000
     counts = torch.bincount(draws(x[0], SamplingParams(temperature=temperature), n, seed=1), minlength=30)
     expected = torch.softmax(x[0].double() / temperature, -1) * n
-    assert chisquare(counts.double().numpy(), expected.numpy()).pvalue > 1e-3
+    assert chi_square_pvalue(counts, expected) > 1e-3
     # and the test can fail: the same draws do not fit the untempered distribution
-    wrong = torch.softmax(x[0].double(), -1) * n
-    assert chisquare(counts.double().numpy(), wrong.numpy()).pvalue < 1e-6
+    assert chi_square_pvalue(counts, torch.softmax(x[0].double(), -1) * n) < 1e-6
+
+
+def test_chi_square_helper_gives_textbook_critical_values():
+    # 5% critical values of the chi-square distribution with 1 and 3 degrees of freedom
+    d = (3.841459 / 2) ** 0.5  # statistic 2 * d**2
+    assert chi_square_pvalue(torch.tensor([1 + d, 1 - d]), torch.tensor([1.0, 1.0])) == pytest.approx(0.05, abs=1e-6)
+    expected = torch.full((4,), 100.0)
+    counts = expected + torch.tensor([1.0, -1.0, 1.0, -1.0]) * (7.814728 * 100 / 4) ** 0.5
+    assert chi_square_pvalue(counts, expected) == pytest.approx(0.05, abs=1e-6)
 
 
 def test_masked_tokens_are_never_drawn():
@@ -379,21 +415,24 @@ def test_masked_tokens_are_never_drawn():
 
 
 def test_seeded_row_does_not_depend_on_its_batch():
+    """Same seed, same logits: same tokens alone or next to greedy, unseeded and differently filtered rows."""
     row = randn(1, V, seed=15, scale=1.0)
-    params = SamplingParams(temperature=1.0, seed=7)
+    params = SamplingParams(temperature=0.9, top_k=200, top_p=0.95, repetition_penalty=1.1, seed=7)
 
-    def run(batch: torch.Tensor, position: int, companions: list[SamplingParams]) -> list[int]:
-        rows = companions[:position] + [params] + companions[position:]
+    def run(batch: torch.Tensor, rows: list[SamplingParams], position: int) -> list[int]:
+        pipe = LogitsPipeline(rows, V)
         gens = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in rows]
-        out = []
+        histories = [[1, 2, 3] for _ in rows]
         for _ in range(20):
-            out.append(int(sample(batch, rows, gens)[position]))
-        return out
+            tokens = sample(pipe(batch, histories, [3] * len(rows)), rows, gens)
+            for h, t in zip(histories, tokens.tolist()):
+                h.append(t)
+        return histories[position][3:]
 
-    alone = run(row, 0, [])
-    others = [SamplingParams(temperature=0), SamplingParams(seed=3), SamplingParams()]
-    mixed = torch.cat([randn(1, V, seed=16), randn(1, V, seed=17), row, randn(1, V, seed=18)])
-    assert run(mixed, 2, others) == alone
+    alone = run(row, [params], 0)
+    others = [SamplingParams(temperature=0), SamplingParams(top_k=5, seed=3), SamplingParams(top_p=0.5)]
+    mixed = torch.cat([randn(1, V, seed=16), randn(1, V, seed=17), row, randn(1, V, seed=18, scale=9.0)])
+    assert run(mixed, others[:2] + [params] + others[2:], 2) == alone
     assert len(set(alone)) > 5  # it really is sampling
 
 

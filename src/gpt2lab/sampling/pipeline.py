@@ -135,7 +135,7 @@ class LogitsPipeline:
         if not self.filters:
             return scores
         kept = int((scores > NEG_INF).sum(dim=-1).max()) if self._compact else scores.shape[-1]
-        if kept > _COMPACT_FRACTION * scores.shape[-1]:
+        if kept == 0 or kept > _COMPACT_FRACTION * scores.shape[-1]:
             for transform in self.filters:
                 scores = transform.apply_(scores)
             return scores
@@ -156,8 +156,8 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     A draw is an inverse-CDF lookup of one uniform number from the row's own generator, so a seeded
     row picks the same token whatever else is in the batch, and consumes exactly one number per step.
     """
-    batch = scores.shape[0]
-    if scores.dim() != 2 or len(params) != batch or len(generators) != batch:
+    batch = scores.shape[0] if scores.dim() == 2 else -1
+    if len(params) != batch or len(generators) != batch:
         raise ValueError(f"scores must be [B, V] with one params and one generator per row, got "
                          f"{tuple(scores.shape)}, {len(params)} params, {len(generators)} generators")
     rows = [i for i, p in enumerate(params) if not p.greedy]
