@@ -22,7 +22,11 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def gen(tiny_checkpoint):
-    return gpt2lab.load(tiny_checkpoint)
+    from gpt2lab.model import optimize_for_inference
+
+    gen = gpt2lab.load(tiny_checkpoint)
+    optimize_for_inference(gen.model)  # as the command does: same arithmetic, same samples
+    return gen
 
 
 def test_streams_text_with_seed_defaults(tiny_checkpoint, gen):
@@ -60,7 +64,7 @@ def test_file_plain_lines_with_beams_and_stop(tiny_checkpoint, gen, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "-1"], "temperature must be in [0, 100]"),
-    (["--max-length", "20", "--max-new-tokens", "5"], "give max_new_tokens or max_length, not both"),
+    (["--n", "0"], "n must be an integer in [1, 128]"),
     (["--max-new-tokens", "500"], "n_positions=128"),
 ])
 def test_bad_values_exit_2(tiny_checkpoint, args, message):

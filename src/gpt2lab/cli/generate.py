@@ -9,7 +9,9 @@ from typing import Any
 
 import typer
 
+from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
+from .options import model_option, sampling_options
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
 
@@ -47,33 +49,18 @@ def _print_logprobs(logprobs: list) -> None:
         print(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
 
 
+# the seed's recipe: generate_text(prompt, max_length=100, temperature=0.8, top_k=50)
+DEFAULTS = {"max_length": 100, "temperature": 0.8, "top_k": 50}
+
+
+@sampling_options(defaults=DEFAULTS)
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts to complete (default: read --file, else stdin)."),
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
     file: Path = typer.Option(None, "--file", "-f", help="Read prompts from a file: one per line, or JSONL "
                               "objects with a \"prompt\" field. '-' reads stdin."),
-    max_length: int = typer.Option(None, "--max-length", help="Prompt + new tokens (default 100)."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="New tokens only (instead of --max-length)."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 = greedy."),
-    top_k: int = typer.Option(50, "--top-k", help="Keep the K most likely tokens; 0 = off."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep tokens up to this probability mass."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top token's probability."),
-    typical_p: float = typer.Option(1.0, "--typical-p", help="Locally typical sampling mass; 1 = off."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
-    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="OpenAI presence penalty, [-2, 2]."),
-    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="OpenAI frequency penalty, [-2, 2]."),
-    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram this long."),
-    stop: list[str] = typer.Option(None, "--stop", help="Stop at this string (repeatable); it is not printed."),
-    n: int = typer.Option(1, "--n", "-n", help="Completions per prompt."),
-    num_beams: int = typer.Option(1, "--num-beams", help="Beam search with this many beams (deterministic)."),
-    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam search: exponent of the length."),
-    early_stopping: bool = typer.Option(False, "--early-stopping", help="Beam search: stop when num_beams finish."),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past <|endoftext|>."),
-    truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="Drop the oldest prompt tokens "
-                                         "instead of failing when a prompt is too long for the model."),
-    seed: int = typer.Option(None, "--seed", help="Seed each prompt's sampling (same seed, same text)."),
-    logprobs: int = typer.Option(None, "--logprobs", help="Report each token's logprob and the top K alternatives."),
+    model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
+    sampling: SamplingParams = None,
 ) -> None:
     """Complete prompts with a GPT-2 model, streaming the text as it is generated.
 
@@ -81,23 +68,13 @@ def generate(
 
     Defaults follow the classic recipe: temperature 0.8, top-k 50, 100 tokens in all unless --max-new-tokens.
     """
-    from ..sampling import SamplingParams  # no torch: bad values fail fast
-
-    if max_length is None and max_new_tokens is None:
-        max_length = 100
-    try:  # not user_errors(): that imports torch, and a bad value should fail at once
-        params = SamplingParams(
-            max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, stop=list(stop or []), n=n, num_beams=num_beams,
-            length_penalty=length_penalty, early_stopping=early_stopping, ignore_eos=ignore_eos,
-            truncate_prompt=truncate_prompt, seed=seed, logprobs=logprobs)
-    except ValueError as exc:
-        fail(str(exc))
+    params = sampling
     prompt_list = _collect_prompts(prompts or [], file)
     gen = load_generator(model)
     from ..generation import fit_prompt
+    from ..model import optimize_for_inference
+
+    optimize_for_inference(gen.model)  # this process only generates: prepacked weights, about 2x faster
 
     with user_errors():
         for p in prompt_list:  # fail on an unusable prompt before printing anything

@@ -26,6 +26,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
     ("explore", "explore", "explore"),
     ("generate", "generate", "generate"),
+    ("story", "story", "story"),
+    ("chat", "chat", "chat"),
+    ("augment", "augment", "augment"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
 GROUPS: list[tuple[str, str]] = [

@@ -45,34 +45,36 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
     eos_ids = list(params.stop_token_ids)
     if eos_token_id is not None and not params.ignore_eos:
         eos_ids.append(eos_token_id)
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+    dev = model.wte.weight.device
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     max_length = L + budget
     keep = max(2, 1 + len(eos)) * num_beams
-    top_mask = torch.arange(keep) < num_beams
+    top_mask = torch.arange(keep, device=dev) < num_beams
     greedy = params.with_(temperature=0.0)  # processors only: no warpers in beam search
-    pipeline = LogitsPipeline([greedy] * num_beams, model.config.vocab_size, tokenizer=tokenizer)
+    decodable = min(tokenizer.vocab_size, model.config.vocab_size)  # padded embedding rows are never chosen
+    pipeline = LogitsPipeline([greedy] * num_beams, decodable, tokenizer=tokenizer, device=dev)
     use_pipeline = bool(pipeline.processors)
     early_stopping, length_penalty = params.early_stopping, params.length_penalty
 
-    running = torch.full((num_beams, max_length), eos_ids[0] if eos_ids else 0, dtype=torch.long)
-    running[:, :L] = torch.tensor(prompt_ids)
-    running_scores = torch.zeros(num_beams)
+    running = torch.full((num_beams, max_length), eos_ids[0] if eos_ids else 0, dtype=torch.long, device=dev)
+    running[:, :L] = torch.tensor(prompt_ids, device=dev)
+    running_scores = torch.zeros(num_beams, device=dev)
     running_scores[1:] = _NEG  # only beam 0 is real at the start: the others would duplicate it
     finished = running.clone()
-    finished_scores = torch.full((num_beams,), _NEG)
-    finished_lens = torch.zeros(num_beams, dtype=torch.long)
-    is_finished = torch.zeros(num_beams, dtype=torch.bool)
+    finished_scores = torch.full((num_beams,), _NEG, device=dev)
+    finished_lens = torch.zeros(num_beams, dtype=torch.long, device=dev)
+    is_finished = torch.zeros(num_beams, dtype=torch.bool, device=dev)
     improvable = True
 
     _ensure_cache(model, num_beams, max_length)
-    logits = model(torch.tensor([prompt_ids]), input_pos=torch.arange(L)[None],
-                   logits_index=torch.tensor([L - 1]))  # one row: the beams all share the prompt
+    logits = model(running[:1, :L], input_pos=torch.arange(L, device=dev)[None],
+                   logits_index=torch.tensor([L - 1], device=dev))  # one row: the beams all share the prompt
     for cache in model.caches():
-        cache.reorder(torch.zeros(num_beams, dtype=torch.long), L)
+        cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=dev), L)
     logits = logits.expand(num_beams, -1)
     cur_len = L
     while True:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits[:, :decodable].float(), dim=-1)
         if use_pipeline:
             log_probs = pipeline(log_probs, running[:, :cur_len].tolist(), [L] * num_beams)
         vocab = log_probs.shape[-1]
@@ -99,18 +101,18 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
         best = torch.topk(merged_scores, k=num_beams)[1]
         finished = torch.cat((finished, cand))[best]
         finished_scores = merged_scores[best]
-        finished_lens = torch.cat((finished_lens, torch.full((keep,), cur_len + 1 - L)))[best]
+        finished_lens = torch.cat((finished_lens, torch.full((keep,), cur_len + 1 - L, device=dev)))[best]
         is_finished = torch.cat((is_finished, just))[best]
 
         cur_len += 1
         best_running = running_scores[:1] / ((cur_len - L) ** length_penalty)
-        worst_finished = torch.where(is_finished, finished_scores.min(), torch.tensor(_NEG))
+        worst_finished = torch.where(is_finished, finished_scores.min(), torch.tensor(_NEG, device=dev))
         improvable = improvable and bool((best_running > worst_finished).any())
         if not improvable or (bool(is_finished.all()) and early_stopping is True) or bool(hits.all()):
             break
         for cache in model.caches():
             cache.reorder(reorder, cur_len - 1)
-        logits = model(running[:, cur_len - 1:cur_len], input_pos=torch.full((num_beams, 1), cur_len - 1),
+        logits = model(running[:, cur_len - 1:cur_len], input_pos=torch.full((num_beams, 1), cur_len - 1, device=dev),
                        rows=slice(0, num_beams))[:, -1]
 
     results = []
@@ -125,7 +127,7 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
             text, reason = text[:min(cuts)], "stop"
         logprobs = None
         if params.logprobs is not None and ids:
-            full = torch.tensor([prompt_ids + ids])
+            full = torch.tensor([prompt_ids + ids], device=dev)
             lp = torch.log_softmax(model(full)[0, L - 1:-1].float(), dim=-1)
             logprobs = token_logprobs(lp, ids, params.logprobs, tokenizer)
         results.append(Completion(text, ids, reason, logprobs, prompt, i))

@@ -197,7 +197,10 @@ _LOADED: dict[str | None, Generator] = {}
 def generate_text(prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 50,
                   model: str | Path | None = None, **more: Any) -> str:
     """The seed's ``generate_text`` as one call: load ``model`` once (default ``gpt2``) and complete ``prompt``."""
+    from ..model import optimize_for_inference
+
     key = None if model is None else str(model)
-    if key not in _LOADED:
+    if key not in _LOADED:  # kept for later calls, and only ever used to generate: optimise it
         _LOADED[key] = load(model)
+        optimize_for_inference(_LOADED[key].model)
     return _LOADED[key].generate_text(prompt, max_length=max_length, temperature=temperature, top_k=top_k, **more)
