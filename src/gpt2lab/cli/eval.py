@@ -24,6 +24,13 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
+def load_for_eval(model: str | None, device: str):
+    """Load a model for evaluation only: the fast inference layout (oneDNN-packed weights on CPU)."""
+    from ..evaluation.common import optimized
+
+    return optimized(load_generator(model, device=device))
+
+
 def print_json(record: dict[str, Any]) -> None:
     """One JSON object on stdout (NaN, which JSON lacks, as null)."""
     from ..evaluation.common import json_safe
@@ -44,7 +51,7 @@ def perplexity_cmd(
     """Sliding-window perplexity and bits per byte of text files (the Hugging Face guide's method)."""
     from ..evaluation import perplexity
 
-    gen = load_generator(model, device=device)
+    gen = load_for_eval(model, device)
     with user_errors():
         result = perplexity(files=files, model=gen, stride=stride, block_size=block_size, batch_tokens=batch_tokens,
                             progress=sys.stderr.isatty())
@@ -84,7 +91,7 @@ def text_cmd(
         refs = read_references(references) if references is not None else inline_refs
         if not preds:
             fail(f"{predictions}: no predictions in this file")
-    scorer = load_generator(model, device=device) if model is not None else False
+    scorer = load_for_eval(model, device) if model is not None else False
     with user_errors():
         metrics = text_metrics(preds, refs, model=scorer, use_stemmer=use_stemmer, progress=sys.stderr.isatty())
     if as_json:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from .common import fail, load_generator, user_errors
-from .eval import fmt_value, print_json
+from .common import fail, user_errors
+from .eval import fmt_value, load_for_eval, print_json
 
 _HEADERS = {"perplexity": "ppl", "repeated_4gram_rate": "rep-4", "distinct_1": "dist-1", "distinct_2": "dist-2",
             "distinct_3": "dist-3", "self_bleu": "self-BLEU", "mean_length": "words", "mean_tokens": "tokens"}
@@ -57,8 +57,8 @@ def explore(
 
     with user_errors():
         grid(temperatures, top_ks, top_ps)  # bad values fail before any model loads
-    gen = load_generator(model, device=device)
-    scorer = load_generator(scoring_model, device=device) if scoring_model else None
+    gen = load_for_eval(model, device)
+    scorer = load_for_eval(scoring_model, device) if scoring_model else None
     with user_errors():
         result = run_explore(prompts, gen, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps,
                              max_length=max_length, samples=samples, seed=seed, scoring_model=scorer, out=out,

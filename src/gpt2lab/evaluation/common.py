@@ -15,12 +15,23 @@ ModelLike = Union["Generator", str, Path, None]
 
 
 def as_generator(model: ModelLike, device: str = "cpu") -> Generator:
-    """A loaded :class:`Generator` for a Generator, a model reference, or None (the default model)."""
+    """A loaded :class:`Generator` for a Generator (used as is), a model reference, or None (the default model).
+
+    A model loaded here only ever runs inference, so it gets gpt2lab's fast inference layout.
+    """
     from ..generation import Generator, load
 
     if isinstance(model, Generator):
         return model
-    return load(model, device=device)
+    return optimized(load(model, device=device))
+
+
+def optimized(gen: Generator) -> Generator:
+    """``gen`` with its model switched to the fast inference layout, in place (it can no longer train)."""
+    from ..model import optimize_for_inference
+
+    optimize_for_inference(gen.model)
+    return gen
 
 
 @contextmanager
