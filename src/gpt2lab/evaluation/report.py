@@ -88,8 +88,8 @@ def render_html(result: ExploreResult, png: bytes | None = None) -> str:
            "distinct-n (higher is more varied) and self-BLEU (lower is more varied).</p>"]
     if png is not None:
         out.append(f'<img alt="coherence vs diversity" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-    out.append("<h2>Scores</h2><table><tr>" + "".join(
-        f'<th class="{"l" if c == "label" else ""}">{e(c)}</th>' for c in (*SETTING_FIELDS, *METRICS)) + "</tr>")
+    out.append('<h2>Scores</h2><table><tr><th class="l">label</th>' + "".join(
+        f"<th>{e(c)}</th>" for c in (*SETTING_FIELDS[1:], *METRICS)) + "</tr>")
     for r in result.settings:
         row = r.row()
         cells = [f'<td class="l">{e(row["label"])}</td>'] + [
