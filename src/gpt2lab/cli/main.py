@@ -24,11 +24,18 @@ def _root() -> None:
 # (command name, module, function) -- each module under gpt2lab.cli
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
+    ("explore", "explore", "explore"),
+    ("generate", "generate", "generate"),
+    ("story", "story", "story"),
+    ("chat", "chat", "chat"),
+    ("augment", "augment", "augment"),
     ("finetune", "train", "finetune"),
     ("train", "train", "train"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
-GROUPS: list[tuple[str, str]] = []
+GROUPS: list[tuple[str, str]] = [
+    ("eval", "eval"),
+]
 
 
 def _register() -> None:

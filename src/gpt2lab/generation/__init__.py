@@ -1,5 +1,8 @@
-"""Text generation: the :class:`Generator` and its decoding engine."""
+"""Text generation: the :class:`Generator`, its continuous-batching :class:`Engine`, beam search."""
 
-from .generator import Generator, load
+from .engine import Engine, fit_prompt
+from .generator import Generator, generate_text, load
+from .outputs import Completion, RequestOutput, TokenLogprob
 
-__all__ = ["Generator", "load"]
+__all__ = ["Generator", "load", "generate_text", "Engine", "fit_prompt", "Completion", "RequestOutput",
+           "TokenLogprob"]

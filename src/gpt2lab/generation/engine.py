@@ -1,0 +1,265 @@
+"""Continuous batching over the model's static KV cache.
+
+Every running sequence owns one row of the cache; rows ``0..n-1`` are always the running ones (a
+finished sequence's row is refilled by moving the last row into it), so a decode step is one forward
+over ``rows=slice(0, n)``. Sequences of different lengths share a batch without padding: a row's
+token at position ``p`` sits in cache slot ``p`` and each row decodes at its own position. New
+requests are admitted between steps with one right-padded prefill of all their prompts.
+
+Each sequence samples with its own ``torch.Generator`` (seeded from the request's seed and the
+sample index), so a seeded request gives the same text whether it runs alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import torch
+
+from ..model import GPT2
+from ..sampling import LogitsPipeline, SamplingParams, sample
+from ..tokenizer import Tokenizer
+from .outputs import RequestOutput, token_logprobs
+from .stopping import StopTextStream
+
+_CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
+_PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward (bounds activation and mask memory)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample ``index`` of a request seeded with ``seed`` (sample 0 uses the seed itself)."""
+    if index == 0:
+        return seed
+    x = (seed + index * 0x9E3779B97F4A7C15) % 2**64  # splitmix64: distinct, well-mixed seeds
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+def fit_prompt(prompt_ids: list[int], params: SamplingParams, n_positions: int) -> tuple[list[int], int]:
+    """Check that a request fits the context; return the (maybe left-truncated) prompt and its new-token budget."""
+    if not prompt_ids:
+        raise ValueError("prompt is empty: give at least one token")
+    budget = params.new_token_budget(len(prompt_ids), n_positions)
+    total = len(prompt_ids) + budget
+    if total > n_positions:
+        what = f"max_length ({params.max_length})" if params.max_length is not None else f"max_new_tokens ({budget})"
+        if not params.truncate_prompt or budget >= n_positions:
+            hint = "shorten the prompt, lower max_new_tokens / max_length"
+            if budget < n_positions:
+                hint += ", or set truncate_prompt=True to drop the oldest prompt tokens"
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) with {what} needs {total} positions, more than "
+                             f"the model's context n_positions={n_positions}; {hint}")
+        prompt_ids = prompt_ids[total - n_positions:]
+    return list(prompt_ids), budget
+
+
+class _Sequence:
+    """One sample of one request: its tokens, sampler state and cache row."""
+
+    _uids = itertools.count()
+
+    def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
+                 budget: int, tokenizer: Tokenizer, device: torch.device) -> None:
+        self.uid = next(self._uids)  # identifies the batch composition for the cached LogitsPipeline
+        self.request_id, self.index, self.params, self.budget = request_id, index, params, budget
+        self.prompt_ids = prompt_ids
+        self.output_ids: list[int] = []
+        self.row = -1
+        self.text = StopTextStream(tokenizer, params.stop)
+        self.generator: torch.Generator | None = None
+        if params.seed is not None and not params.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(sample_seed(params.seed, index))
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def cached(self) -> int:
+        """Tokens already in the KV cache (all but the last sampled one)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+
+class Engine:
+    """Continuous-batching text generation over one model (single-threaded: call from one thread)."""
+
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_batch: int = 16, eos_token_id: int | None = None) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.eos_token_id = eos_token_id if eos_token_id is not None else (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id)
+        self.device = model.wte.weight.device
+        self._decodable = min(tokenizer.vocab_size, model.config.vocab_size)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # _running[i].row == i
+        self._ready: list[RequestOutput] = []  # finished before running (zero budget)
+        self._ids = itertools.count()
+        self._pipeline_key: tuple[int, ...] = ()
+        self._pipeline: LogitsPipeline | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running or self._ready)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue ``params.n`` samples of a prompt; returns the request id. Raises ValueError if it cannot fit."""
+        if params.num_beams > 1:
+            raise ValueError("num_beams > 1: beam search does not run in the batching engine; "
+                             "use Generator.generate(..., num_beams=B)")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}]")
+        prompt_ids, budget = fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        for index in range(params.n):
+            seq = _Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer, self.device)
+            if budget == 0:
+                self._ready.append(RequestOutput(request_id, index, [], "", True, "length",
+                                                 [] if params.logprobs is not None else None))
+            else:
+                self._waiting.append(seq)
+        return request_id
+
+    @torch.inference_mode()  # the cache rows it moves are inference tensors
+    def abort(self, request_id: str) -> None:
+        """Drop every sample of a request, waiting or running (no further output for it)."""
+        self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
+        self._ready = [o for o in self._ready if o.request_id != request_id]
+        for seq in [s for s in self._running if s.request_id == request_id]:
+            self._release(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Decode one token for every running sequence, then admit waiting ones with one prefill."""
+        outputs, self._ready = self._ready, []
+        if self._running:
+            seqs = list(self._running)
+            n = len(seqs)
+            idx = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+            pos = torch.tensor([[s.cached] for s in seqs], device=self.device)
+            logits = self.model(idx, input_pos=pos, rows=slice(0, n))[:, -1]
+            outputs += self._advance(seqs, logits)
+        free = self.max_batch - len(self._running)
+        if self._waiting and free > 0:
+            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            outputs += self._prefill(new)
+        return outputs
+
+    # -- internals ----------------------------------------------------------------------------
+    def _prefill(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+        # The samples of one request share its prompt (the same list): prefill it once, copy the cache row.
+        firsts: dict[int, int] = {}
+        for i, seq in enumerate(seqs):
+            firsts.setdefault(id(seq.prompt_ids), i)
+        lead = set(firsts.values())
+        unique = sorted((seqs[i] for i in lead), key=lambda s: len(s.prompt_ids))  # similar lengths together
+        seqs = unique + [s for i, s in enumerate(seqs) if i not in lead]
+        start = len(self._running)
+        self._ensure_cache(start + len(seqs), max(len(s.prompt_ids) + s.budget for s in seqs + self._running))
+        for i, seq in enumerate(seqs):
+            seq.row = start + i
+        self._running += seqs
+        parts, i = [], 0
+        while i < len(unique):  # right-padded groups of at most _PREFILL_TOKENS padded tokens
+            j = i + 1
+            while j < len(unique) and (j + 1 - i) * len(unique[j].prompt_ids) <= _PREFILL_TOKENS:
+                j += 1
+            parts.append(self._forward_prompts(unique[i:j], start + i))
+            i = j
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        source = {id(s.prompt_ids): j for j, s in enumerate(unique)}
+        for seq in seqs[len(unique):]:
+            for cache in self.model.caches():
+                cache.copy_row(start + source[id(seq.prompt_ids)], seq.row, len(seq.prompt_ids))
+        return self._advance(seqs, logits[[source[id(s.prompt_ids)] for s in seqs]])
+
+    def _forward_prompts(self, seqs: list[_Sequence], first_row: int) -> torch.Tensor:
+        """Prefill prompts into cache rows ``first_row...``; next-token logits ``[len(seqs), V]``."""
+        lens = [len(s.prompt_ids) for s in seqs]
+        width = max(lens)
+        idx = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            idx[i, :lens[i]] = torch.tensor(s.prompt_ids)
+        pos = torch.arange(width, device=self.device)[None].expand(len(seqs), width)
+        return self.model(idx.to(self.device), input_pos=pos, rows=slice(first_row, first_row + len(seqs)),
+                          logits_index=torch.tensor(lens, device=self.device) - 1)
+
+    def _ensure_cache(self, rows: int, seq_len: int) -> None:
+        """Grow the static cache when needed, keeping the running rows' contents."""
+        model = self.model
+        if rows <= model.max_batch and seq_len <= model.max_seq:
+            return
+        n_pos = model.config.n_positions
+        new_rows = max(rows, model.max_batch, min(self.max_batch, 2 * model.max_batch))
+        new_seq = max(model.max_seq, min(n_pos, -(-seq_len // _CACHE_GRANULE) * _CACHE_GRANULE))
+        old = [(c.k, c.v) for c in model.caches()] if model.max_batch else []
+        keep_rows, keep_len = len(self._running), model.max_seq
+        model.setup_cache(new_rows, new_seq)
+        if keep_rows:
+            for cache, (k, v) in zip(model.caches(), old):
+                cache.k[:keep_rows, :, :keep_len] = k[:keep_rows]
+                cache.v[:keep_rows, :, :keep_len] = v[:keep_rows]
+
+    def _scores(self, seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+        key = tuple(s.uid for s in seqs)
+        if key != self._pipeline_key or self._pipeline is None:
+            self._pipeline = LogitsPipeline([s.params for s in seqs], self.model.config.vocab_size,
+                                            tokenizer=self.tokenizer, device=self.device)
+            self._pipeline_key = key
+        return self._pipeline(logits, [s.history for s in seqs], [len(s.prompt_ids) for s in seqs])
+
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample one token for each sequence (``logits [B, V]``), apply stopping, emit outputs."""
+        logits = logits.float()
+        if self._decodable < logits.shape[-1]:  # padded embedding rows: ids the tokenizer cannot decode
+            logits[:, self._decodable:] = float("-inf")
+        want_lp = [s.params.logprobs is not None for s in seqs]
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        tokens = sample(self._scores(seqs, logits), [s.params for s in seqs],
+                        [s.generator for s in seqs]).tolist()
+        outputs = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            seq.output_ids.append(token)
+            logprobs = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer) \
+                if want_lp[i] else None
+            params = seq.params
+            reason = None
+            if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+                reason = "stop"
+                text = seq.text.flush()
+            else:
+                text, stopped = seq.text.push(token)
+                if stopped:
+                    reason = "stop"
+                elif len(seq.output_ids) >= seq.budget:
+                    reason = "length"
+                    text += seq.text.flush()
+            outputs.append(RequestOutput(seq.request_id, seq.index, [token], text, reason is not None, reason,
+                                         logprobs))
+            if reason is not None:
+                self._release(seq)
+        return outputs
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free a finished sequence's row, moving the last running row into it."""
+        row = seq.row
+        last = self._running.pop()
+        if last is not seq:
+            for cache in self.model.caches():
+                cache.copy_row(last.row, row, len(last.prompt_ids) + len(last.output_ids))
+            last.row = row
+            self._running[row] = last
+        seq.row = -1
