@@ -24,6 +24,7 @@ def _root() -> None:
 # (command name, module, function) -- each module under gpt2lab.cli
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
+    ("serve", "serve", "serve"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
 GROUPS: list[tuple[str, str]] = []
