@@ -336,8 +336,9 @@ class _RequestContext:
             self.metrics.latency.labels(self.endpoint).observe(time.monotonic() - self.arrival)
         except TimeoutError:
             reason = "timeout"
-            yield p.APIError(504, f"the request ran longer than the server's request timeout "
-                             f"({self.timeout:g} s) and was stopped", type="timeout_error", code="timeout")
+            # 408, not 504: the server stopped the request on purpose, it is not a failing upstream
+            yield p.APIError(408, f"the request ran longer than the server's request timeout "
+                             f"({self.timeout:g} s) and was stopped", type="timeout_error", code="request_timeout")
         except ConnectionAbortedError:
             pass
         except EngineFailure as exc:
