@@ -271,14 +271,14 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
                             f"context of {n_pos} tokens", param_name, "context_length_exceeded")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(DEFAULT_CHAT_MAX_TOKENS if max_tokens is None else max_tokens, logprobs)
-        chat = _render_chat(gen, body.messages, n_pos - (max_tokens if max_tokens is not None else 1))
+        chat, style = _render_chat(gen, body.messages, n_pos - (max_tokens if max_tokens is not None else 1))
         if max_tokens is None:  # default: as much as fits, at most DEFAULT_CHAT_MAX_TOKENS
             params = params.with_(max_new_tokens=min(DEFAULT_CHAT_MAX_TOKENS, n_pos - len(chat.token_ids)))
         params = params.with_(stop=[*params.stop, *chat.stop])
         rid = p.new_id("chatcmpl")
         name = served_name(gen)
         handle = await start(gen, [chat.token_ids], params, rid)
-        builder = _ChatBuilder(gen, params.n)
+        builder = _ChatBuilder(gen, params.n, style)
         ctx = _RequestContext(scheduler, metrics, handle, params.n, arrival, request_timeout,
                               "/v1/chat/completions")
         usage = p.Usage(prompt_tokens=len(chat.token_ids), completion_tokens=0, total_tokens=0)
@@ -399,13 +399,10 @@ def _encode_prompts(gen: Any, prompt: str | list) -> tuple[list[list[int]], list
     return ids, texts
 
 
-def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int) -> Any:
+def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int) -> tuple[Any, Any]:
     """The conversation as a prompt in the dialogue layout ``gpt2lab chat`` uses (oldest turns dropped
-    to fit ``max_prompt_tokens``)."""
-    try:
-        from ..generation import chat_format
-    except ImportError:  # TEMPORARY until the apps branch (gpt2lab.generation.chat_format) is merged
-        from . import _chat_standin as chat_format
+    to fit ``max_prompt_tokens``), and that layout's style."""
+    from ..generation import chat_format
 
     try:
         persona, turns = chat_format.from_messages(
@@ -413,7 +410,7 @@ def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int
         if not turns:
             raise p.invalid("messages needs at least one user or assistant message", "messages")
         style = chat_format.style_for_model(gen.name, gen.path)
-        return chat_format.build_prompt(persona, turns, gen.tokenizer, style, max_prompt_tokens)
+        return chat_format.build_prompt(persona, turns, gen.tokenizer, style, max_prompt_tokens), style
     except ValueError as exc:
         raise p.invalid(str(exc), "messages", "context_length_exceeded" if "fit" in str(exc) else None) from None
 
@@ -509,8 +506,8 @@ class _CompletionBuilder:
 class _ChatBuilder:
     """Accumulates engine outputs into chat choices; the reply's leading space (after ``Bot:``) is dropped."""
 
-    def __init__(self, gen: Any, n: int) -> None:
-        self.tok = gen.tokenizer
+    def __init__(self, gen: Any, n: int, style: Any) -> None:
+        self.tok, self.style = gen.tokenizer, style
         self.text = [""] * n
         self.reason: list[str | None] = [None] * n
         self.generated = [0] * n
@@ -556,7 +553,9 @@ class _ChatBuilder:
                 self.logprobs[out.index] = (self.logprobs[out.index] or []) + lp
 
     def choices(self) -> list[p.ChatChoice]:
-        return [p.ChatChoice(index=i, message=p.AssistantMessage(content=t.rstrip()),
+        from ..generation.chat_format import clean_reply
+
+        return [p.ChatChoice(index=i, message=p.AssistantMessage(content=clean_reply(t, self.style)),
                              logprobs=p.ChatLogprobs(content=lp) if lp is not None else None, finish_reason=r)
                 for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
 

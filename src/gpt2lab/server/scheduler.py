@@ -148,18 +148,27 @@ class Scheduler:
             self.ready.set()
             return
         self.ready.set()
+        import torch
+
+        with torch.inference_mode():  # the KV cache holds inference tensors; aborts move its rows too
+            self._loop()
+        self._fail_all(EngineFailure("the server is shutting down"))
+
+    def _loop(self) -> None:
         while not self._stopping:
             # block for a command only when there is nothing to decode
             command = self._next_command(block=not self.engine.has_unfinished())
             while command is not None:
-                self._apply(*command)
+                try:
+                    self._apply(*command)
+                except Exception:  # noqa: BLE001 - keep serving; the failure is a bug to log
+                    log.exception("gpt2lab: engine command %r failed", command[0])
                 command = self._next_command(block=False)
             if self._stopping:
                 break
             if self.engine.has_unfinished():
                 self._step()
             self._update_gauges()
-        self._fail_all(EngineFailure("the server is shutting down"))
 
     def _next_command(self, block: bool) -> tuple[str, Any] | None:
         try:
@@ -203,7 +212,10 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a bug, not a client error: fail what is in flight
             log.exception("gpt2lab: engine step failed")
             for request_id in list(self._streams):
-                self.engine.abort(request_id)
+                try:
+                    self.engine.abort(request_id)
+                except Exception:  # noqa: BLE001
+                    log.exception("gpt2lab: abort after a failed step failed")
             self._fail_all(EngineFailure(f"generation failed: {exc}"))
             return
         self.metrics.step_seconds.observe(time.perf_counter() - start)
