@@ -10,9 +10,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -23,9 +25,10 @@ STARTUP_TIMEOUT_S = 180  # the CI machine is small and shared: importing torch c
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen
+    process: subprocess.Popen | None  # None: served by a uvicorn thread of this process
     log: Path
     api_key: str | None = None
+    uvicorn: Any = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -41,7 +44,7 @@ class Server:
         return 0.0
 
     def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(in-process server)"
 
 
 def free_port() -> int:
@@ -72,12 +75,26 @@ def launch(name: str, model: Path, log_dir: Path, *args: str, api_key: str | Non
     _STARTED[name] = Server(f"http://127.0.0.1:{port}", process, log, api_key)
 
 
+def launch_in_thread(name: str, model: Path, log_dir: Path, **app_kwargs: Any) -> None:
+    """Serve ``create_app(model, **app_kwargs)`` with uvicorn on a thread of this process: a real HTTP
+    server on a port, without the start-up cost of another interpreter importing torch."""
+    import uvicorn
+
+    from gpt2lab.server import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(str(model), **app_kwargs), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, name=f"uvicorn-{name}", daemon=True).start()
+    _STARTED[name] = Server(f"http://127.0.0.1:{port}", None, log_dir / f"server-{name}.log", uvicorn=server)
+
+
 def get(name: str) -> Server:
     """The started server ``name``, once its /health says ready."""
     server = _STARTED[name]
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
+        if server.process is not None and server.process.poll() is not None:
             raise RuntimeError(f"server {name} exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
             if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
@@ -91,9 +108,13 @@ def get(name: str) -> Server:
 @atexit.register
 def _stop_all() -> None:
     for server in _STARTED.values():
-        if server.process.poll() is None:
+        if server.uvicorn is not None:
+            server.uvicorn.should_exit = True
+        elif server.process.poll() is None:
             server.process.terminate()
     for server in _STARTED.values():
+        if server.process is None:
+            continue
         try:
             server.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -109,7 +130,8 @@ def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
     - ``main``: the tiny model with default capacity;
     - ``guarded``: a 6-layer model with a 1024-token context (slow enough to keep requests running),
       ``--api-key``, ``--max-batch 2 --max-queue 2``;
-    - ``timeout``: the same model with ``--request-timeout 1``.
+    - ``timeout``: the same model with a request timeout of 1 s (also bounds the fuzzer's work),
+      served from a thread of the test process.
     """
     if _STARTED:
         return
@@ -119,4 +141,4 @@ def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
     long_ctx = make_hf_checkpoint(tmp_path_factory.mktemp("long-ctx"), seed=2, **SHAPES["distil"])
     launch("main", tiny_checkpoint, logs)
     launch("guarded", long_ctx, logs, "--max-batch", "2", "--max-queue", "2", api_key=GUARD_KEY)
-    launch("timeout", long_ctx, logs, "--request-timeout", "1")
+    launch_in_thread("timeout", long_ctx, logs, request_timeout=1.0)
