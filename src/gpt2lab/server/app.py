@@ -189,11 +189,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         try:
             return await scheduler.submit([(ids, params, f"{prefix}-{i}") for i, ids in enumerate(prompts)])
         except ValueError as exc:  # the engine's own checks (should not happen after ours)
-            scheduler.release(sequences)
             raise p.params_error(exc) from None
-        except BaseException:
-            scheduler.release(sequences)
-            raise
 
     @app.post("/v1/completions", dependencies=auth, response_model=p.CompletionResponse, responses=errors)
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
@@ -212,45 +208,20 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         for ids in prompts:
             _check_context(len(ids), max_tokens, gen.config.n_positions)
         echo = bool(body.echo)
-        prompt_lp = None
-        if echo and body.logprobs is not None:
-            top = body.logprobs
-            prompt_lp = [await scheduler.call(lambda g, ids=ids: g.score(ids, top_n=top)) for ids in prompts]
         rid = p.new_id("cmpl")
         name = served_name(gen)
         handle = await start(gen, prompts, params, rid)
-        builder = _CompletionBuilder(gen, params.n, texts if echo else None, prompt_lp, prompts)
-        ctx = _RequestContext(scheduler, metrics, handle, len(prompts) * params.n, arrival, request_timeout,
-                              "/v1/completions")
-        usage = p.Usage(prompt_tokens=sum(map(len, prompts)), completion_tokens=0, total_tokens=0)
-
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def events() -> AsyncIterator[str]:
-                async for item in ctx.run(request):
-                    if isinstance(item, p.APIError):
-                        yield _sse(item.body())
-                        break
-                    if item is None:  # start: echoed prompts
-                        chunks = builder.echo_chunks()
-                    else:
-                        chunks = builder.chunks(item)
-                    for choice in chunks:
-                        yield _sse(p.CompletionResponse(id=rid, model=name, choices=[choice]).model_dump())
-                if include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                "model": name, "choices": [], "usage": builder.usage(usage).model_dump()})
-                yield "data: [DONE]\n\n"
-
-            return _stream(events())
-
-        async for item in ctx.run(request):
-            if isinstance(item, p.APIError):
-                raise item
-            if item is not None:
-                builder.add(item)
-        return p.CompletionResponse(id=rid, model=name, choices=builder.choices(), usage=builder.usage(usage))
+        ctx = _RequestContext(metrics, handle, arrival, request_timeout, "/v1/completions")
+        prompt_lp = None
+        if echo and body.logprobs is not None:  # prompt logprobs: scored on the model thread between steps
+            top = body.logprobs
+            try:
+                prompt_lp = [await scheduler.call(lambda g, ids=ids: g.score(ids, top_n=top)) for ids in prompts]
+            except BaseException:
+                ctx.close()
+                raise
+        builder = _CompletionBuilder(gen, rid, name, params.n, texts if echo else None, prompt_lp, prompts)
+        return await _respond(ctx, request, builder, body.stream, body.stream_options)
 
     @app.post("/v1/chat/completions", dependencies=auth, response_model=p.ChatCompletionResponse,
               responses=errors)
@@ -278,36 +249,9 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         rid = p.new_id("chatcmpl")
         name = served_name(gen)
         handle = await start(gen, [chat.token_ids], params, rid)
-        builder = _ChatBuilder(gen, params.n, style)
-        ctx = _RequestContext(scheduler, metrics, handle, params.n, arrival, request_timeout,
-                              "/v1/chat/completions")
-        usage = p.Usage(prompt_tokens=len(chat.token_ids), completion_tokens=0, total_tokens=0)
-
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def events() -> AsyncIterator[str]:
-                async for item in ctx.run(request):
-                    if isinstance(item, p.APIError):
-                        yield _sse(item.body())
-                        break
-                    chunks = builder.first_chunks() if item is None else builder.chunks(item)
-                    for choice in chunks:
-                        yield _sse(p.ChatCompletionChunk(id=rid, model=name, choices=[choice]).model_dump(
-                            exclude_none=True))
-                if include_usage:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": name, "choices": [], "usage": builder.usage(usage).model_dump()})
-                yield "data: [DONE]\n\n"
-
-            return _stream(events())
-
-        async for item in ctx.run(request):
-            if isinstance(item, p.APIError):
-                raise item
-            if item is not None:
-                builder.add(item)
-        return p.ChatCompletionResponse(id=rid, model=name, choices=builder.choices(), usage=builder.usage(usage))
+        ctx = _RequestContext(metrics, handle, arrival, request_timeout, "/v1/chat/completions")
+        builder = _ChatBuilder(gen, rid, name, params.n, len(chat.token_ids), style)
+        return await _respond(ctx, request, builder, body.stream, body.stream_options)
 
     return app
 
@@ -315,12 +259,12 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
 # -- request lifetime ----------------------------------------------------------------------------
 class _RequestContext:
     """Drives one admitted request: yields ``None`` once (start), then each step's outputs; ends with
-    an :class:`APIError` item on timeout or engine failure. Releases capacity and records metrics."""
+    an :class:`APIError` item on timeout or engine failure. Aborts what is left and records metrics."""
 
-    def __init__(self, scheduler: Scheduler, metrics: ServerMetrics, handle: RequestHandle, sequences: int,
-                 arrival: float, timeout: float, endpoint: str) -> None:
-        self.scheduler, self.metrics, self.handle = scheduler, metrics, handle
-        self.sequences, self.arrival, self.timeout, self.endpoint = sequences, arrival, timeout, endpoint
+    def __init__(self, metrics: ServerMetrics, handle: RequestHandle, arrival: float, timeout: float,
+                 endpoint: str) -> None:
+        self.metrics, self.handle = metrics, handle
+        self.arrival, self.timeout, self.endpoint = arrival, timeout, endpoint
 
     async def run(self, request: Request) -> AsyncIterator[Any]:
         first = True
@@ -347,8 +291,45 @@ class _RequestContext:
         finally:
             if reason:
                 self.metrics.aborted.labels(reason).inc()
-            self.handle.abort()
-            self.scheduler.release(self.sequences)
+            self.close()
+
+    def close(self) -> None:
+        """Abort what is left (the engine thread then gives the capacity back)."""
+        self.handle.abort()
+
+
+async def _respond(ctx: _RequestContext, request: Request, builder: Any, stream: bool | None,
+                   stream_options: p.StreamOptions | None) -> Any:
+    """Run the request: the whole response body, or server-sent events ending in ``data: [DONE]``."""
+    if stream:
+        include_usage = bool(stream_options and stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                failed = False
+                async for item in ctx.run(request):
+                    if isinstance(item, p.APIError):  # timeout or engine failure: an error event ends it
+                        yield _sse(item.body())
+                        failed = True
+                        break
+                    for chunk in builder.first_chunks() if item is None else builder.chunks(item):
+                        yield _sse(chunk)
+                if include_usage and not failed:
+                    yield _sse(builder.usage_chunk())
+                yield "data: [DONE]\n\n"
+            finally:
+                ctx.close()
+
+        return _stream(events())
+    try:
+        async for item in ctx.run(request):
+            if isinstance(item, p.APIError):
+                raise item
+            if item is not None:
+                builder.add(item)
+    finally:
+        ctx.close()
+    return builder.response()
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -416,152 +397,166 @@ def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int
 
 
 # -- response assembly ---------------------------------------------------------------------------
-class _CompletionBuilder:
-    """Accumulates engine outputs into completion choices (index = prompt * n + sample)."""
+class _Builder:
+    """Accumulates engine outputs into choices (index = prompt * n + sample), for a whole response
+    (``add`` then ``response``) or as stream chunks (``first_chunks``, ``chunks``, ``usage_chunk``)."""
 
-    def __init__(self, gen: Any, n: int, echo_texts: list[str] | None, prompt_lp: list[list] | None,
-                 prompts: list[list[int]]) -> None:
-        self.tok = gen.tokenizer
-        self.n = n
-        self.echo_texts, self.prompt_lp, self.prompts = echo_texts, prompt_lp, prompts
-        count = len(prompts) * n
+    chunk_object = ""
+
+    def __init__(self, gen: Any, rid: str, name: str, count: int, prompt_tokens: int) -> None:
+        self.tok, self.rid, self.name, self.prompt_tokens = gen.tokenizer, rid, name, prompt_tokens
         self.text = [""] * count
         self.reason: list[str | None] = [None] * count
         self.generated = [0] * count
-        self.logprobs: list[p.CompletionLogprobs | None] = [None] * count
-        self.offset = [0] * count
-        if echo_texts is not None:
-            for i in range(count):
-                self.text[i] = echo_texts[i // n]
-                self.offset[i] = len(self.text[i])
-                if prompt_lp is not None:
-                    self.logprobs[i] = self._prompt_logprobs(i // n)
+
+    def _index(self, out: Any) -> int:
+        return out.index
+
+    def usage(self) -> p.Usage:
+        done = sum(self.generated)
+        return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {"id": self.rid, "object": self.chunk_object, "created": int(time.time()), "model": self.name,
+                "choices": [], "usage": self.usage().model_dump()}
+
+
+class _CompletionBuilder(_Builder):
+    chunk_object = "text_completion"
+
+    def __init__(self, gen: Any, rid: str, name: str, n: int, echo_texts: list[str] | None,
+                 prompt_lp: list[list] | None, prompts: list[list[int]]) -> None:
+        super().__init__(gen, rid, name, len(prompts) * n, sum(map(len, prompts)))
+        self.n, self.echo_texts = n, echo_texts
+        self.logprobs: list[p.CompletionLogprobs | None] = [None] * len(self.text)
+        self.offset = [0] * len(self.text)  # text_offset of the next token, per choice
+        for i in range(len(self.text) if echo_texts is not None else 0):
+            self.text[i] = echo_texts[i // n]
+            self.offset[i] = len(self.text[i])
+            if prompt_lp is not None:
+                self.logprobs[i] = self._prompt_logprobs(prompts[i // n], prompt_lp[i // n])
 
     def _index(self, out: Any) -> int:
         return int(out.request_id.rsplit("-", 1)[1]) * self.n + out.index
 
-    def _prompt_logprobs(self, j: int) -> p.CompletionLogprobs:
-        ids = self.prompts[j]
-        lp = p.CompletionLogprobs(tokens=[self.tok.id_to_token(ids[0])], token_logprobs=[None],
-                                  top_logprobs=[None], text_offset=[0])
-        offset = len(lp.tokens[0])
-        for entry in self.prompt_lp[j]:  # type: ignore[index]
+    def _prompt_logprobs(self, ids: list[int], scored: list[Any]) -> p.CompletionLogprobs:
+        first = self.tok.id_to_token(ids[0])  # the first token has no logprob (nothing before it)
+        lp = p.CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        self._extend(lp, scored, len(first))
+        return lp
+
+    @staticmethod
+    def _extend(lp: p.CompletionLogprobs, entries: list[Any], offset: int) -> int:
+        for entry in entries:
             lp.tokens.append(entry.token)
             lp.token_logprobs.append(entry.logprob)
             lp.top_logprobs.append({t: v for _, t, v in entry.top})
             lp.text_offset.append(offset)
             offset += len(entry.token)
-        return lp
+        return offset
 
-    def _step_logprobs(self, i: int, out: Any) -> p.CompletionLogprobs | None:
+    def _step(self, out: Any) -> tuple[int, p.CompletionLogprobs | None]:
+        i = self._index(out)
+        self.generated[i] += len(out.token_ids)
+        self.reason[i] = out.finish_reason
         if out.logprobs is None:
-            return None
+            return i, None
         lp = p.CompletionLogprobs()
-        for entry in out.logprobs:
-            lp.tokens.append(entry.token)
-            lp.token_logprobs.append(entry.logprob)
-            lp.top_logprobs.append({t: v for _, t, v in entry.top})
-            lp.text_offset.append(self.offset[i])
-            self.offset[i] += len(entry.token)
-        return lp
+        self.offset[i] = self._extend(lp, out.logprobs, self.offset[i])
+        return i, lp
 
-    def echo_chunks(self) -> list[p.CompletionChoice]:
+    def _chunk(self, choice: p.CompletionChoice) -> dict[str, Any]:
+        return p.CompletionResponse(id=self.rid, model=self.name, choices=[choice]).model_dump()
+
+    def first_chunks(self) -> list[dict[str, Any]]:
         if self.echo_texts is None:
             return []
-        return [p.CompletionChoice(text=self.text[i], index=i, logprobs=self.logprobs[i])
-                for i in range(len(self.text))]
+        return [self._chunk(p.CompletionChoice(text=t, index=i, logprobs=lp))
+                for i, (t, lp) in enumerate(zip(self.text, self.logprobs))]
 
-    def chunks(self, outs: list[Any]) -> list[p.CompletionChoice]:
-        choices = []
+    def chunks(self, outs: list[Any]) -> list[dict[str, Any]]:
+        chunks = []
         for out in outs:
-            i = self._index(out)
-            self.generated[i] += len(out.token_ids)
-            lp = self._step_logprobs(i, out)
+            i, lp = self._step(out)
             if out.text or out.finished or lp is not None:
-                choices.append(p.CompletionChoice(text=out.text, index=i, logprobs=lp, finish_reason=out.finish_reason))
-        return choices
+                chunks.append(self._chunk(p.CompletionChoice(text=out.text, index=i, logprobs=lp,
+                                                             finish_reason=out.finish_reason)))
+        return chunks
 
     def add(self, outs: list[Any]) -> None:
         for out in outs:
-            i = self._index(out)
-            self.generated[i] += len(out.token_ids)
+            i, lp = self._step(out)
             self.text[i] += out.text
-            self.reason[i] = out.finish_reason
-            lp = self._step_logprobs(i, out)
             if lp is not None:
-                acc = self.logprobs[i] or p.CompletionLogprobs()
+                acc = self.logprobs[i] = self.logprobs[i] or p.CompletionLogprobs()
                 for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                     getattr(acc, key).extend(getattr(lp, key))
-                self.logprobs[i] = acc
 
-    def choices(self) -> list[p.CompletionChoice]:
-        return [p.CompletionChoice(text=t, index=i, logprobs=lp, finish_reason=r)
-                for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
-
-    def usage(self, base: p.Usage) -> p.Usage:
-        done = sum(self.generated)
-        return p.Usage(prompt_tokens=base.prompt_tokens, completion_tokens=done, total_tokens=base.prompt_tokens + done)
+    def response(self) -> p.CompletionResponse:
+        choices = [p.CompletionChoice(text=t, index=i, logprobs=lp, finish_reason=r)
+                   for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
+        return p.CompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage())
 
 
-class _ChatBuilder:
-    """Accumulates engine outputs into chat choices; the reply's leading space (after ``Bot:``) is dropped."""
+class _ChatBuilder(_Builder):
+    """The reply's leading space (after ``Bot:``) is dropped; whole replies go through ``clean_reply``."""
 
-    def __init__(self, gen: Any, n: int, style: Any) -> None:
-        self.tok, self.style = gen.tokenizer, style
-        self.text = [""] * n
-        self.reason: list[str | None] = [None] * n
-        self.generated = [0] * n
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int, style: Any) -> None:
+        super().__init__(gen, rid, name, n, prompt_tokens)
+        self.style = style
         self.logprobs: list[list[p.ChatTokenLogprob] | None] = [None] * n
 
     def _logprobs(self, out: Any) -> list[p.ChatTokenLogprob] | None:
         if out.logprobs is None:
             return None
-        return [p.ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(self.tok.token_bytes(e.token_id)),
-                                   top_logprobs=[p.TopLogprob(token=t, logprob=v, bytes=list(self.tok.token_bytes(i)))
+        raw = self.tok.token_bytes
+        return [p.ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(raw(e.token_id)),
+                                   top_logprobs=[p.TopLogprob(token=t, logprob=v, bytes=list(raw(i)))
                                                  for i, t, v in e.top])
                 for e in out.logprobs]
 
-    def _delta(self, out: Any) -> str:
-        text = out.text
-        if not self.text[out.index]:
-            text = text.lstrip()
+    def _step(self, out: Any) -> str:
+        text = out.text if self.text[out.index] else out.text.lstrip()
         self.text[out.index] += text
         self.generated[out.index] += len(out.token_ids)
         self.reason[out.index] = out.finish_reason
         return text
 
-    def first_chunks(self) -> list[p.ChatChunkChoice]:
-        return [p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))
+    def _chunk(self, choice: p.ChatChunkChoice) -> dict[str, Any]:
+        chunk = p.ChatCompletionChunk(id=self.rid, model=self.name, choices=[choice]).model_dump()
+        chunk["choices"][0]["delta"] = choice.delta.model_dump(exclude_none=True)  # OpenAI omits unset keys
+        return chunk
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [self._chunk(p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content="")))
                 for i in range(len(self.text))]
 
-    def chunks(self, outs: list[Any]) -> list[p.ChatChunkChoice]:
-        choices = []
+    def chunks(self, outs: list[Any]) -> list[dict[str, Any]]:
+        chunks = []
         for out in outs:
-            text = self._delta(out)
-            lp = self._logprobs(out)
+            text, lp = self._step(out), self._logprobs(out)
             if text or out.finished or lp:
-                choices.append(p.ChatChunkChoice(index=out.index, delta=p.ChatDelta(content=text or None),
-                                                 logprobs=p.ChatLogprobs(content=lp) if lp is not None else None,
-                                                 finish_reason=out.finish_reason))
-        return choices
+                chunks.append(self._chunk(p.ChatChunkChoice(
+                    index=out.index, delta=p.ChatDelta(content=text or None), finish_reason=out.finish_reason,
+                    logprobs=p.ChatLogprobs(content=lp) if lp is not None else None)))
+        return chunks
 
     def add(self, outs: list[Any]) -> None:
         for out in outs:
-            self._delta(out)
+            self._step(out)
             lp = self._logprobs(out)
             if lp is not None:
                 self.logprobs[out.index] = (self.logprobs[out.index] or []) + lp
 
-    def choices(self) -> list[p.ChatChoice]:
+    def response(self) -> p.ChatCompletionResponse:
         from ..generation.chat_format import clean_reply
 
-        return [p.ChatChoice(index=i, message=p.AssistantMessage(content=clean_reply(t, self.style)),
-                             logprobs=p.ChatLogprobs(content=lp) if lp is not None else None, finish_reason=r)
-                for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
-
-    def usage(self, base: p.Usage) -> p.Usage:
-        done = sum(self.generated)
-        return p.Usage(prompt_tokens=base.prompt_tokens, completion_tokens=done, total_tokens=base.prompt_tokens + done)
+        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=clean_reply(t, self.style)),
+                                logprobs=p.ChatLogprobs(content=lp) if lp is not None else None, finish_reason=r)
+                   for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
+        return p.ChatCompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage())
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class _Stream:
     request_ids: list[str]
     sequences: int  # prompts x n: the request is done when this many sequences finished
     finished: int = 0
+    released: bool = False  # its reserved capacity went back (finished, aborted or failed)
 
 
 class RequestHandle:
@@ -118,12 +119,31 @@ class Scheduler:
     # -- commands (event loop side) -------------------------------------------------------------
     async def submit(self, requests: list[tuple[list[int], SamplingParams, str]]) -> RequestHandle:
         """Queue engine requests ``(prompt_ids, params, request_id)`` for the next step, all or none;
-        raises the engine's ValueError if it refuses one."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), [rid for _, _, rid in requests],
+        raises the engine's ValueError if it refuses one.
+
+        The caller has reserved ``sum(n)`` sequences. Once this returns, the model thread gives them
+        back when the request finishes, is aborted or fails (so a handler that never reads its
+        outputs cannot leak capacity); if it raises, they have been given back already."""
+        request_ids = [rid for _, _, rid in requests]
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request_ids,
                          sum(params.n for _, params, _ in requests))
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("add", (requests, stream, accepted)))
-        await asyncio.wrap_future(accepted)  # engine.add_request's error, if any, is raised here
+        try:
+            await asyncio.shield(asyncio.wrap_future(accepted))  # the engine's ValueError is raised here
+        except asyncio.CancelledError:  # the handler went away: undo whatever the model thread does
+
+            def undo(future: concurrent.futures.Future) -> None:
+                if future.exception() is None:
+                    self.abort(request_ids)
+                else:
+                    self.release(stream.sequences)
+
+            accepted.add_done_callback(undo)
+            raise
+        except BaseException:
+            self.release(stream.sequences)
+            raise
         return RequestHandle(self, stream)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -195,8 +215,10 @@ class Scheduler:
             accepted.set_result(None)
         elif kind == "abort":
             for request_id in payload:
-                if self._streams.pop(request_id, None) is not None:
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
                     self.engine.abort(request_id)
+                    self._release_stream(stream)
         elif kind == "call":
             fn, future = payload
             try:
@@ -233,10 +255,17 @@ class Scheduler:
             if stream.finished >= stream.sequences:
                 for request_id in stream.request_ids:
                     self._streams.pop(request_id, None)
+                self._release_stream(stream)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, outs)
+
+    def _release_stream(self, stream: _Stream) -> None:
+        if not stream.released:
+            stream.released = True
+            self.release(stream.sequences)
 
     def _fail_all(self, exc: BaseException) -> None:
         for stream in {id(s): s for s in self._streams.values()}.values():
+            self._release_stream(stream)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
         self._streams.clear()
 
@@ -246,24 +275,31 @@ class Scheduler:
             self.metrics.queue_depth.set(max(0, self._reserved - self.engine.num_running))
 
 
+DISCONNECT_POLL_S = 0.25
+
+
 async def iterate(handle: RequestHandle, deadline: float,
                   disconnected: Callable[[], Any] | None = None) -> AsyncIterator[list[Any]]:
     """Yield a request's outputs step by step until every sequence finished.
 
     Raises ``TimeoutError`` past ``deadline`` (``time.monotonic()``); with ``disconnected`` (an async
-    predicate), checks every half second whether the client left and raises ``ConnectionAbortedError``.
-    The request is aborted in the engine on any early exit.
+    predicate), checks every ``DISCONNECT_POLL_S`` whether the client left -- also while outputs keep
+    coming -- and raises ``ConnectionAbortedError``. The request is aborted in the engine on any early exit.
     """
+    next_poll = time.monotonic() + DISCONNECT_POLL_S
     try:
         while not handle.done:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 raise TimeoutError
+            if disconnected is not None and now >= next_poll:
+                if await disconnected():
+                    raise ConnectionAbortedError
+                next_poll = now + DISCONNECT_POLL_S
+            wait = deadline - now if disconnected is None else min(deadline, next_poll) - now
             try:
-                outs = await handle.next(min(remaining, 0.5) if disconnected else remaining)
+                outs = await handle.next(max(wait, 0.0))
             except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
-                    raise ConnectionAbortedError from None
                 continue
             yield outs
     finally:
