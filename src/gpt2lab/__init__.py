@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .generation import Generator, load
+    from .generation import Generator, generate_text, load
 
 _LAZY = {
     "load": ("gpt2lab.generation", "load"),
     "Generator": ("gpt2lab.generation", "Generator"),
+    "generate_text": ("gpt2lab.generation", "generate_text"),
 }
 
-__all__ = ["__version__", "load", "Generator"]
+__all__ = ["__version__", "load", "Generator", "generate_text"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,22 +13,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..generation.chat_format import (
-    BOT_NAME,
-    USER_NAME,
-    ChatPrompt,
-    ChatStyle,
-    Turn,
-    build_prompt,
-    clean_reply,
-    parse_transcript,
-    render,
-    style_for_model,
-)
 from ..sampling import SamplingParams
 
+# chat_format lives in gpt2lab.generation, whose package import loads torch: it is imported where used
+# so that importing this module (as `gpt2lab --help` does) stays cheap.
 if TYPE_CHECKING:
     from ..generation import Generator
+    from ..generation.chat_format import ChatPrompt, ChatStyle, Turn
 
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_new_tokens": 60, "repetition_penalty": 1.1}
 # not meaningful for a chat reply: the reply length is max_new_tokens, one reply per message
@@ -99,10 +90,12 @@ class ChatSession:
     """
 
     def __init__(self, generator: Generator, *, persona: str | None = None, params: SamplingParams | None = None,
-                 user_name: str = USER_NAME, bot_name: str = BOT_NAME, style: ChatStyle | None = None) -> None:
+                 user_name: str | None = None, bot_name: str | None = None, style: ChatStyle | None = None) -> None:
+        from ..generation.chat_format import BOT_NAME, USER_NAME, style_for_model
+
         self.generator = generator
-        self.style = style or style_for_model(generator.name, generator.path, user_name=user_name,
-                                              bot_name=bot_name)
+        self.style = style or style_for_model(generator.name, generator.path, user_name=user_name or USER_NAME,
+                                              bot_name=bot_name or BOT_NAME)
         self.persona = self.style.default_persona() if persona is None else persona.strip()
         self.turns: list[Turn] = []
         self.params = params if params is not None else SamplingParams(**DEFAULTS)
@@ -123,6 +116,8 @@ class ChatSession:
 
     def prompt_for(self, message: str) -> ChatPrompt:
         """The prompt the model would see for ``message`` now."""
+        from ..generation.chat_format import Turn, build_prompt
+
         window = self.generator.config.n_positions
         budget = window - self.reply_tokens
         if budget < 1:
@@ -133,6 +128,8 @@ class ChatSession:
 
     def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer ``message``, record both turns and return the reply (``on_text`` gets it as it streams)."""
+        from ..generation.chat_format import Turn, clean_reply
+
         if not message.strip():
             raise ValueError("message is empty")
         prompt = self.prompt_for(message)
@@ -170,6 +167,8 @@ class ChatSession:
         return self.params
 
     def transcript(self) -> str:
+        from ..generation.chat_format import ChatStyle, render
+
         return render(self.persona, self.turns, ChatStyle("transcript", self.style.user_name, self.style.bot_name),
                       cue=False)
 
@@ -183,6 +182,8 @@ class ChatSession:
 
     def load(self, path: str | Path, *, keep_persona: bool = False) -> None:
         """Continue the conversation of a transcript file written by :meth:`save` (or by hand)."""
+        from ..generation.chat_format import ChatStyle, parse_transcript
+
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")

@@ -32,6 +32,7 @@ class Story:
     finish_reason: str  # "length" (reached the requested length) or "stop" (EOS or a stop string)
     seed: int | None
     draft: int
+    token_ids: list[int]  # the new tokens (what the windows were made of)
 
 
 @dataclass
@@ -134,7 +135,8 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
             if st.finish_reason is not None:
                 emit(st, st.stream.flush())
     return [Story(text=prefix_text + st.stream.text, new_text=st.stream.text, new_tokens=st.generated,
-                  finish_reason=st.finish_reason or "length", seed=st.params.seed, draft=st.index)
+                  finish_reason=st.finish_reason or "length", seed=st.params.seed, draft=st.index,
+                  token_ids=st.body[len(st.body) - st.generated:])
             for st in states]
 
 

@@ -38,13 +38,14 @@ class _Opt:
     type: Any
     help: str
     flag: str | None = None  # defaults to --field-name
+    short: str | None = None
 
 
 # The order is the order shown in --help.
 SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("max_new_tokens", int | None, "New tokens to generate (not counting the prompt)."),
     _Opt("max_length", int | None, "Prompt + new tokens, as in transformers (give this or --max-new-tokens)."),
-    _Opt("temperature", float | None, "Sampling temperature; 0 = greedy."),
+    _Opt("temperature", float | None, "Sampling temperature; 0 = greedy.", short="-t"),
     _Opt("top_k", int | None, "Keep the K most likely tokens (0 = off)."),
     _Opt("top_p", float | None, "Nucleus sampling: smallest set with this probability mass (1 = off)."),
     _Opt("min_p", float | None, "Drop tokens below min_p x the top probability (0 = off)."),
@@ -54,17 +55,23 @@ SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("frequency_penalty", float | None, "OpenAI frequency penalty over generated tokens, in [-2, 2]."),
     _Opt("no_repeat_ngram_size", int | None, "Never repeat an n-gram of this size (0 = off)."),
     _Opt("stop", list[str] | None, "Stop string (repeatable); removed from the output."),
+    _Opt("stop_token_ids", list[int] | None, "Stop at this token id (repeatable).", "--stop-token-id"),
     _Opt("bad_words", list[str] | None, "A string that may never be generated (repeatable).", "--bad-word"),
     _Opt("logit_bias", list[str] | None, "TOKEN_ID:BIAS added to a token's logit (repeatable).", "--logit-bias"),
     _Opt("ignore_eos", bool | None, "Keep generating past <|endoftext|>.", "--ignore-eos"),
-    _Opt("n", int | None, "Completions per prompt."),
+    _Opt("n", int | None, "Completions per prompt.", short="-n"),
     _Opt("num_beams", int | None, "Beam search with this many beams (1 = sampling)."),
-    _Opt("length_penalty", float | None, "Beam search length penalty."),
+    _Opt("length_penalty", float | None, "Beam search: exponent of the length in the score."),
+    _Opt("early_stopping", bool | None, "Beam search: stop when num_beams hypotheses are done.", "--early-stopping"),
     _Opt("seed", int | None, "Random seed: the same seed gives the same text."),
     _Opt("logprobs", int | None, "Report the chosen token's logprob and the top K alternatives."),
     _Opt("truncate_prompt", bool | None, "Drop the oldest prompt tokens instead of failing when too long.",
          "--truncate-prompt"),
 ]
+
+
+# for commands that sample varied texts and cannot use beam search
+BEAM_OPTIONS = frozenset({"num_beams", "length_penalty", "early_stopping"})
 
 
 def _parse_logit_bias(items: list[str]) -> dict[int, float]:
@@ -92,6 +99,8 @@ def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] 
         if value is None or (isinstance(value, list) and not value):
             continue
         values[name] = _parse_logit_bias(value) if name == "logit_bias" else value
+    if given.get("max_length") is not None and given.get("max_new_tokens") is not None:
+        raise ValueError("give --max-length or --max-new-tokens, not both")
     if "max_length" in values and "max_new_tokens" in values:
         # the user's choice of one length wins over the command's default for the other
         drop = "max_new_tokens" if given.get("max_length") is not None else "max_length"
@@ -134,8 +143,8 @@ def sampling_options(*, defaults: Mapping[str, Any] | None = None,
         added = []
         for o in opts:
             flag = o.flag or "--" + o.name.replace("_", "-")
-            option = typer.Option(None, flag, help=_help(o, defaults), rich_help_panel="Generation options",
-                                  show_default=False)
+            option = typer.Option(None, flag, *([o.short] if o.short else []), help=_help(o, defaults),
+                                  rich_help_panel="Generation options", show_default=False)
             added.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                            annotation=o.type))
 

@@ -197,7 +197,7 @@ def build_prompt(persona: str | None, turns: Sequence[Turn], tokenizer: Tokenize
             raise ValueError(f"the persona and the last message need {len(ids)} tokens but only {max_tokens} fit "
                              "in the context window after the room kept for the reply; shorten them or lower "
                              "max_new_tokens")
-        start += 1
+        start = user_first(start + 1)
 
 
 def clean_reply(text: str, style: ChatStyle) -> str:

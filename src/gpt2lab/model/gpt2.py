@@ -40,6 +40,10 @@ class ConfigError(ValueError):
     """A config.json that describes something this GPT-2 implementation does not support."""
 
 
+class InferenceOnlyError(RuntimeError):
+    """Training mode requested on a model optimised for inference (``model.fast.optimize_for_inference``)."""
+
+
 @dataclass
 class GPT2Config:
     vocab_size: int = 50257
@@ -121,6 +125,20 @@ class GPT2Config:
         return d
 
 
+def _cache_layout(input_pos: torch.Tensor) -> tuple[int, int | None]:
+    """``(kv_len, start)`` of a cached step; ``start`` is set when all rows write one contiguous span.
+
+    One host sync per forward (``tolist``), instead of several per layer.
+    """
+    rows = input_pos.tolist()
+    first = rows[0]
+    start = first[0]
+    kv_len = max(max(r) for r in rows) + 1
+    if first != list(range(start, start + len(first))) or any(r != first for r in rows):
+        return kv_len, None
+    return kv_len, start
+
+
 class KVCache(nn.Module):
     """Static, preallocated key/value cache for one layer (gpt-fast's ``KVCache``).
 
@@ -136,17 +154,19 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, rows: slice, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v ``[B, H, T, D]`` at ``input_pos [B, T]`` of cache ``rows``; return slots ``[:kv_len]``."""
+               kv_len: int, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v ``[B, H, T, D]`` at ``input_pos [B, T]`` of cache ``rows``; return slots ``[:kv_len]``.
+
+        ``start``: set when every row writes the same contiguous span ``start..start+T-1`` (a prefill,
+        or a decode step with all rows at one position), which is one slice copy instead of a scatter.
+        """
         k_rows, v_rows = self.k[rows], self.v[rows]
-        B, T = input_pos.shape
-        if T > 1 and bool((input_pos == input_pos[:1]).all()) and \
-                bool((input_pos[0] == torch.arange(int(input_pos[0, 0]), int(input_pos[0, 0]) + T,
-                                                   device=input_pos.device)).all()):
-            start = int(input_pos[0, 0])  # prefill: same contiguous span for every row
+        if start is not None:
+            T = k.shape[2]
             k_rows[:, :, start:start + T] = k
             v_rows[:, :, start:start + T] = v
-        else:  # decode (or ragged): scatter per row
+        else:  # ragged rows: scatter per row
+            B, T = input_pos.shape
             b_idx = torch.arange(B, device=input_pos.device)[:, None].expand(B, T)
             k_rows[b_idx, :, input_pos] = k.transpose(1, 2)
             v_rows[b_idx, :, input_pos] = v.transpose(1, 2)
@@ -181,7 +201,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
-                rows: slice, kv_len: int) -> torch.Tensor:
+                rows: slice, kv_len: int, start: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each [B, T, C]
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -192,8 +212,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.scale)
         else:
             assert self.kv_cache is not None, "call model.setup_cache() before cached inference"
-            k, v = self.kv_cache.update(rows, input_pos, k, v, kv_len)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+            k, v = self.kv_cache.update(rows, input_pos, k, v, kv_len, start)
+            # mask None (set by GPT2.forward): queries see every slot < kv_len, causally when T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=dropout, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
         return self.resid_dropout(self.c_proj(y))
 
@@ -219,8 +241,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
-                rows: slice, kv_len: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, input_pos, rows, kv_len)
+                rows: slice, kv_len: int, start: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, input_pos, rows, kv_len, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -240,6 +262,20 @@ class GPT2(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.max_batch = self.max_seq = 0
+        self.inference_only = False  # set by optimize_for_inference: packed weights cannot train
+
+    def train(self, mode: bool = True) -> GPT2:
+        if mode and self.inference_only:
+            raise InferenceOnlyError("this GPT2 was optimised for inference (optimize_for_inference) and cannot "
+                                     "be trained; load the checkpoint again (gpt2lab.checkpoints.load_model)")
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        if any(hasattr(m, "packed") for m in self.modules()):  # check before converting anything
+            from .fast import check_conversion
+
+            check_conversion(fn)
+        return super()._apply(fn, recurse)
 
     # -- construction -------------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> None:
@@ -256,7 +292,9 @@ class GPT2(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        # prepacked inference linears (model/fast.py) hold their weight outside parameters()
+        packed = sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "packed"))
+        return sum(p.numel() for p in self.parameters()) + packed
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -274,6 +312,7 @@ class GPT2(nn.Module):
         for block in self.h:
             block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_seq, self.config.head_dim,
                                           dtype=param.dtype, device=param.device)
+            block.attn.kv_cache.training = self.training
         self.max_batch, self.max_seq = max_batch, max_seq
 
     def caches(self) -> list[KVCache]:
@@ -293,24 +332,29 @@ class GPT2(nn.Module):
         B, T = idx.shape
         mask = None
         kv_len = 0
+        start = None
         if input_pos is None:
             if T > self.config.n_positions:
                 raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
             pos = torch.arange(T, device=idx.device)[None]  # [1, T]
         else:
             pos = input_pos
-            kv_len = int(input_pos.max()) + 1
+            kv_len, start = _cache_layout(input_pos)
             if kv_len > self.max_seq:
                 raise ValueError(f"position {kv_len - 1} is beyond the KV cache ({self.max_seq} slots)")
-            slots = torch.arange(kv_len, device=idx.device)
-            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
+            # No mask when it would be all-causal from slot 0 (prefill from 0, or every row decoding at
+            # the same position): SDPA is faster without one and the result is the same.
+            if start is None or (start != 0 and T > 1):
+                slots = torch.arange(kv_len, device=idx.device)
+                mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
         rows = rows if rows is not None else slice(0, B)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
         for block in self.h:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, input_pos, rows, kv_len, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, input_pos, rows, kv_len, start,
+                                                      use_reentrant=False)
             else:
-                x = block(x, mask, input_pos, rows, kv_len)
+                x = block(x, mask, input_pos, rows, kv_len, start)
         if logits_index is not None:
             x = x[torch.arange(B, device=idx.device), logits_index]  # [B, C]
         x = self.ln_f(x)
