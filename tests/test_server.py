@@ -44,8 +44,11 @@ def model(client) -> str:
 @pytest.fixture(scope="module")
 def generator(tiny_checkpoint):
     from gpt2lab.generation import load
+    from gpt2lab.model import optimize_for_inference
 
-    return load(str(tiny_checkpoint))
+    gen = load(str(tiny_checkpoint))
+    optimize_for_inference(gen.model)  # as the server does: the same arithmetic, so the same greedy tokens
+    return gen
 
 
 # -- completions ---------------------------------------------------------------------------------
