@@ -114,6 +114,7 @@ def main() -> None:
             prompts = [f"Request {i}: tell me a story about the number {i * 7} and" for i in range(args.clients)]
             asyncio.run(run(url, prompts[:2], 4, concurrent=True))  # warm-up (cache allocation, first kernels)
             batched = asyncio.run(run(url, prompts, args.tokens, concurrent=True))
+            print(f"  (continuous batching done in {batched[0]:.1f} s; now one at a time)", file=sys.stderr, flush=True)
             sequential = asyncio.run(run(url, prompts, args.tokens, concurrent=False))
         finally:
             server.terminate()
