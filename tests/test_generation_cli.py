@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "gpt2lab", "generate", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

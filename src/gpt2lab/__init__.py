@@ -10,15 +10,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from . import evaluation as evaluate
     from .generation import Generator, generate_text, load
 
 _LAZY = {
     "load": ("gpt2lab.generation", "load"),
     "Generator": ("gpt2lab.generation", "Generator"),
     "generate_text": ("gpt2lab.generation", "generate_text"),
+    "evaluate": ("gpt2lab.evaluation", None),  # the module: gpt2lab.evaluate.perplexity(...)
 }
 
-__all__ = ["__version__", "load", "Generator", "generate_text"]
+__all__ = ["__version__", "load", "Generator", "generate_text", "evaluate"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,7 +28,8 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        value = importlib.import_module(module)
+        value = getattr(value, attr) if attr else value
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gpt2lab' has no attribute {name!r}")

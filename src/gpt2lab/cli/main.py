@@ -24,6 +24,7 @@ def _root() -> None:
 # (command name, module, function) -- each module under gpt2lab.cli
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
+    ("explore", "explore", "explore"),
     ("generate", "generate", "generate"),
     ("story", "story", "story"),
     ("chat", "chat", "chat"),
@@ -31,7 +32,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "serve", "serve"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
-GROUPS: list[tuple[str, str]] = []
+GROUPS: list[tuple[str, str]] = [
+    ("eval", "eval"),
+]
 
 
 def _register() -> None:

@@ -1,0 +1,108 @@
+"""``gpt2lab eval``: perplexity of text files, and metrics of generated text."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import fail, load_generator, user_errors
+
+app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
+                  no_args_is_help=True)
+
+
+def fmt_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}" if abs(value) < 10000 else f"{value:.3g}"
+    return str(value)
+
+
+def load_for_eval(model: str | None, device: str):
+    """Load a model for evaluation only: the fast inference layout (oneDNN-packed weights on CPU)."""
+    from ..evaluation.common import optimized
+
+    return optimized(load_generator(model, device=device))
+
+
+def print_json(record: dict[str, Any]) -> None:
+    """One JSON object on stdout (NaN, which JSON lacks, as null)."""
+    from ..evaluation.common import json_safe
+
+    print(json.dumps(json_safe(record)))
+
+
+@app.command("perplexity")
+def perplexity_cmd(
+    files: list[Path] = typer.Argument(..., help="UTF-8 text files; each is windowed on its own."),
+    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    stride: int = typer.Option(None, "--stride", help="Tokens between window starts (default: block size / 2)."),
+    block_size: int = typer.Option(None, "--block-size", help="Tokens per window (default: the model's context)."),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Tokens per forward pass (memory vs speed)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Sliding-window perplexity and bits per byte of text files (the Hugging Face guide's method)."""
+    from ..evaluation import perplexity
+
+    gen = load_for_eval(model, device)
+    with user_errors():
+        result = perplexity(files=files, model=gen, stride=stride, block_size=block_size, batch_tokens=batch_tokens,
+                            progress=sys.stderr.isatty())
+    if as_json:
+        print_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"perplexity of {result.model} (block {result.block_size}, stride {result.stride})")
+    for column in ("file", "perplexity", "bits/byte", "tokens", "bytes"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    rows = [(doc.name, doc) for doc in result.files]
+    if len(result.files) > 1:
+        rows.append(("[bold]all[/bold]", result))
+    for name, r in rows:
+        table.add_row(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
+    Console().print(table)
+
+
+@app.command("text")
+def text_cmd(
+    predictions: Path = typer.Option(..., "--predictions", "-p",
+                                     help="Generated texts: .txt (one per line) or .jsonl (strings or objects)."),
+    references: Path = typer.Option(None, "--references", "-r",
+                                    help="References, paired line by line with the predictions (.txt or .jsonl)."),
+    model: str = typer.Option(None, "--model", "-m", help="Scoring model: adds the predictions' perplexity under it."),
+    use_stemmer: bool = typer.Option(False, "--stemmer", help="Porter-stem words before ROUGE."),
+    device: str = typer.Option("cpu", "--device", help="Device of the scoring model."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """BLEU, chrF, ROUGE against references; distinct-n, self-BLEU, repetition, length, perplexity."""
+    from ..evaluation import read_predictions, read_references, text_metrics
+
+    with user_errors():
+        preds, inline_refs = read_predictions(predictions)
+        refs = read_references(references) if references is not None else inline_refs
+        if not preds:
+            fail(f"{predictions}: no predictions in this file")
+    scorer = load_for_eval(model, device) if model is not None else False
+    with user_errors():
+        metrics = text_metrics(preds, refs, model=scorer, use_stemmer=use_stemmer, progress=sys.stderr.isatty())
+    if as_json:
+        print_json(metrics)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(preds)} predictions" + (f", {len(refs)} references" if refs else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, fmt_value(value))
+    Console().print(table)

@@ -1,0 +1,82 @@
+"""``gpt2lab explore``: the creativity-versus-coherence trade-off over a grid of sampling settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from .common import fail, user_errors
+from .eval import fmt_value, load_for_eval, print_json
+
+_HEADERS = {"perplexity": "ppl", "repeated_4gram_rate": "rep-4", "distinct_1": "dist-1", "distinct_2": "dist-2",
+            "distinct_3": "dist-3", "self_bleu": "self-BLEU", "mean_length": "words", "mean_tokens": "tokens"}
+
+
+def _numbers(option: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option}: {text!r} is not a comma-separated list of {'integers' if kind is int else 'numbers'}")
+    if not values:
+        fail(f"{option}: give at least one value")
+    return values
+
+
+def explore(
+    prompt: str = typer.Argument(None, help="Prompt to complete (more with --prompts)."),
+    prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line."),
+    temperature: str = typer.Option("0.3,0.7,1.0,1.3", "--temperature", "-t", help="Comma-separated temperatures."),
+    top_k: str = typer.Option("0,10,50", "--top-k", "-k", help="Comma-separated top-k values (0 = off)."),
+    top_p: str = typer.Option("1.0,0.9", "--top-p", "-p", help="Comma-separated top-p values (1.0 = off)."),
+    max_length: int = typer.Option(60, "--max-length", help="Prompt + new tokens per sample."),
+    samples: int = typer.Option(8, "--samples", "-n", help="Samples per prompt and setting."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (the same for every setting)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for results.csv/.json, plot.png, report.html."),
+    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    scoring_model: str = typer.Option(None, "--scoring-model", help="Model for perplexity (default: --model)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Sequences decoded together."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+) -> None:
+    """Sample every temperature x top-k x top-p combination and compare coherence with creativity."""
+    temperatures = _numbers("--temperature", temperature, float)
+    top_ks = _numbers("--top-k", top_k, int)
+    top_ps = _numbers("--top-p", top_p, float)
+    prompts = [] if prompt is None else [prompt]
+    if prompts_file is not None:
+        from ..evaluation.perplexity import read_text_file
+
+        with user_errors():
+            prompts += [line for line in read_text_file(prompts_file).splitlines() if line.strip()]
+    if not prompts:
+        fail("give a prompt, or --prompts FILE")
+    from ..evaluation import explore as run_explore
+    from ..evaluation.explore import grid
+
+    with user_errors():
+        grid(temperatures, top_ks, top_ps)  # bad values fail before any model loads
+    gen = load_for_eval(model, device)
+    scorer = load_for_eval(scoring_model, device) if scoring_model else None
+    with user_errors():
+        result = run_explore(prompts, gen, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps,
+                             max_length=max_length, samples=samples, seed=seed, scoring_model=scorer, out=out,
+                             max_batch=max_batch, progress=sys.stderr.isatty())
+    if as_json:
+        print_json(result.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..evaluation.explore import METRICS
+
+    table = Table(title=f"{result.model}: {len(prompts)} prompt(s) x {samples} samples per setting")
+    table.add_column("setting")
+    for m in METRICS:
+        table.add_column(_HEADERS.get(m, m), justify="right")
+    for r in result.settings:
+        table.add_row(r.setting.label, *[fmt_value(getattr(r, m)) for m in METRICS])
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out}/results.csv, results.json, plot.png, report.html")

@@ -1,0 +1,60 @@
+"""Helpers shared by the evaluation modules: model arguments and progress bars."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from ..generation import Generator
+
+ModelLike = Union["Generator", str, Path, None]
+
+
+def as_generator(model: ModelLike, device: str = "cpu") -> Generator:
+    """A loaded :class:`Generator` for a Generator (used as is), a model reference, or None (the default model).
+
+    A model loaded here only ever runs inference, so it gets gpt2lab's fast inference layout.
+    """
+    from ..generation import Generator, load
+
+    if isinstance(model, Generator):
+        return model
+    return optimized(load(model, device=device))
+
+
+def optimized(gen: Generator) -> Generator:
+    """``gen`` with its model switched to the fast inference layout, in place (it can no longer train)."""
+    from ..model import optimize_for_inference
+
+    optimize_for_inference(gen.model)
+    return gen
+
+
+@contextmanager
+def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (removed when done); yields ``advance(n)``. A no-op when disabled."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats (not JSON) replaced by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -1,0 +1,116 @@
+"""Sliding-window perplexity of text files (the Hugging Face guide's definition) and bits per byte."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common import ModelLike, as_generator, progress_bar
+from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
+
+
+@dataclass
+class DocumentPerplexity:
+    """Figures for one text (a file or a string)."""
+
+    name: str
+    perplexity: float
+    tokens: int  # tokens scored (every token but the first; fewer when stride == block_size)
+    nll: float  # total negative log-likelihood of the scored tokens, in nats
+    bytes: int  # UTF-8 bytes of the text
+    bits_per_byte: float  # nll in bits / bytes: comparable across tokenizers
+
+
+@dataclass
+class PerplexityResult:
+    """Overall and per-document perplexity; ``to_dict()`` is what ``--json`` prints."""
+
+    perplexity: float
+    tokens: int
+    nll: float
+    bytes: int
+    bits_per_byte: float
+    model: str
+    block_size: int
+    stride: int
+    files: list[DocumentPerplexity] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bits_per_byte(nll: float, n_bytes: int) -> float:
+    return nll / math.log(2) / n_bytes if n_bytes else float("nan")
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content, with errors that name the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a text file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str | Path] | None = None,
+               model: ModelLike = None, block_size: int | None = None, stride: int | None = None,
+               batch_tokens: int = DEFAULT_BATCH_TOKENS, names: Sequence[str] | None = None,
+               progress: bool = False, device: str = "cpu") -> PerplexityResult:
+    """Perplexity of texts (strings, or ``files`` read as UTF-8) as the Hugging Face guide computes it.
+
+    ``block_size``: tokens per window (default: the model's context, ``n_positions``). ``stride``:
+    tokens between window starts (default ``block_size // 2``, as in the guide; ``stride ==
+    block_size`` gives disjoint windows, faster but each window starts without context). Every text is
+    windowed on its own; windows of all texts run together in batches of about ``batch_tokens`` tokens.
+    Overall figures pool the tokens of all texts.
+    """
+    gen = as_generator(model, device)
+    docs_text: list[str] = []
+    doc_names: list[str] = []
+    if texts is not None:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        docs_text += texts
+        doc_names += list(names) if names is not None else [f"text{i}" for i in range(len(texts))]
+    for path in files or []:
+        docs_text.append(read_text_file(path))
+        doc_names.append(str(path))
+    if not docs_text:
+        raise ValueError("nothing to evaluate: give texts or files")
+    if len(doc_names) != len(docs_text):
+        raise ValueError(f"names has {len(doc_names)} entries for {len(docs_text)} texts")
+
+    n_pos = gen.config.n_positions
+    block_size = n_pos if block_size is None else block_size
+    if not isinstance(block_size, int) or not 2 <= block_size <= n_pos:
+        raise ValueError(f"block_size must be an integer in [2, {n_pos}] (the model's context), got {block_size!r}")
+    stride = max(1, block_size // 2) if stride is None else stride
+    if not isinstance(stride, int) or not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be an integer in [1, block_size={block_size}], got {stride!r}")
+    if not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be an integer >= 1, got {batch_tokens!r}")
+
+    docs = gen.tokenizer.encode_batch(docs_text)
+    for name, ids in zip(doc_names, docs):
+        if len(ids) < 2:
+            raise ValueError(f"{name}: has {len(ids)} token(s); perplexity needs at least 2")
+    windows = [Window(d, *w) for d, ids in enumerate(docs) for w in sliding_windows(len(ids), block_size, stride)]
+    total = sum(w.end - w.first for w in windows)
+    with progress_bar(total, "perplexity", progress) as advance:
+        nlls, counts = score_windows(gen.model, docs, windows, batch_tokens=batch_tokens, on_progress=advance)
+
+    per_doc = []
+    for name, text, nll, count in zip(doc_names, docs_text, nlls, counts):
+        n_bytes = len(text.encode("utf-8"))
+        per_doc.append(DocumentPerplexity(name=name, perplexity=perplexity_of(nll, count), tokens=count, nll=nll,
+                                          bytes=n_bytes, bits_per_byte=_bits_per_byte(nll, n_bytes)))
+    nll, tokens, n_bytes = sum(nlls), sum(counts), sum(d.bytes for d in per_doc)
+    return PerplexityResult(perplexity=perplexity_of(nll, tokens), tokens=tokens, nll=nll, bytes=n_bytes,
+                            bits_per_byte=_bits_per_byte(nll, n_bytes), model=gen.name, block_size=block_size,
+                            stride=stride, files=per_doc)

@@ -1,0 +1,136 @@
+"""Token log-likelihoods under a model, batched: the engine behind every perplexity figure.
+
+Sliding windows follow the Hugging Face guide "Perplexity of fixed-length models": windows of up to
+``block_size`` tokens start every ``stride`` tokens; a window scores only the tokens after the end of
+the previous window (the first window scores all of its tokens but the first, which has no context),
+and the loop stops at the window that reaches the end of the text. So every token but the first is
+scored exactly once, with up to ``block_size - 1`` tokens of context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import GPT2
+
+# rows of [vocab_size] logits materialised at once by the LM head (about 200 MB for GPT-2's vocabulary)
+_HEAD_ROWS = 1024
+# tokens run through the model per forward pass (windows are packed into batches up to this budget)
+DEFAULT_BATCH_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``ids[begin:end]`` of document ``doc`` go through the model; ``ids[first:end]`` are scored."""
+
+    doc: int
+    begin: int
+    end: int
+    first: int
+
+
+def sliding_windows(n_tokens: int, block_size: int, stride: int, score_from: int = 1) -> list[tuple[int, int, int]]:
+    """The guide's loop as ``(begin, end, first)`` triples: ``first`` is the first token this window scores.
+
+    The guide masks all but the last ``trg_len = end - prev_end`` labels of a window with -100 and the
+    model drops the first label (it has no logits before it), so a window scores tokens
+    ``max(prev_end, begin + 1) .. end - 1``. ``score_from`` additionally leaves earlier tokens unscored
+    (a prompt, or a BOS token put in front of a text).
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2 (a window needs one token of context), got {block_size}")
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    out = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + block_size, n_tokens)
+        first = max(prev_end, begin + 1, score_from)
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def _hidden(model: GPT2, idx: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[B, T, C]`` (after ``ln_f``) of a plain causal forward.
+
+    ``GPT2.forward`` applies the LM head at every position; scoring needs it only at the scored
+    positions, and computing ``[B, T, vocab]`` at once would take gigabytes, so the head is applied
+    by the caller, in chunks.
+    """
+    import torch
+
+    B, T = idx.shape
+    pos = torch.arange(T, device=idx.device)[None]
+    x = model.wte(idx) + model.wpe(pos)
+    rows = slice(0, B)
+    for block in model.h:
+        x = block(x, None, None, rows, 0)
+    return model.ln_f(x)
+
+
+def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[Window], *,
+                  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                  on_progress: Callable[[int], None] | None = None) -> tuple[list[float], list[int]]:
+    """Total negative log-likelihood (nats) and number of scored tokens of each document.
+
+    Windows are packed (right-padded: causal attention makes padding after a token invisible to it)
+    into batches of about ``batch_tokens`` tokens. ``on_progress(n)`` is called with the number of
+    tokens scored after each batch.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n_docs = len(docs)
+    nll = torch.zeros(n_docs, dtype=torch.float64)
+    counts = [0] * n_docs
+    device = model.wte.weight.device
+    head = model.lm_head_weight
+    vocab = model.config.vocab_size
+    # longest first, so each batch pads little and the memory peak comes at the start
+    order = sorted(windows, key=lambda w: w.end - w.begin, reverse=True)
+    i = 0
+    with torch.inference_mode():
+        while i < len(order):
+            width = order[i].end - order[i].begin
+            rows = max(1, batch_tokens // width)
+            batch = order[i:i + rows]
+            i += len(batch)
+            idx = torch.zeros(len(batch), width, dtype=torch.long)
+            # select[b, p]: the logits at position p of row b predict a scored token (at p + 1)
+            select = torch.zeros(len(batch), width, dtype=torch.bool)
+            doc_of_row = torch.empty(len(batch), dtype=torch.long)
+            for b, w in enumerate(batch):
+                ids = docs[w.doc][w.begin:w.end]
+                idx[b, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+                select[b, w.first - w.begin - 1:w.end - w.begin - 1] = True
+                doc_of_row[b] = w.doc
+                counts[w.doc] += w.end - w.first
+            if int(idx.max()) >= vocab:
+                raise ValueError(f"token id {int(idx.max())} is outside the model's vocabulary ({vocab} tokens)")
+            idx = idx.to(device)
+            hidden = _hidden(model, idx)[select.to(device)]  # [N, C], row-major like the targets below
+            targets = idx[:, 1:][select[:, :-1].to(device)]
+            owner = doc_of_row[:, None].expand_as(select)[select]
+            token_nll = torch.cat([
+                F.cross_entropy(F.linear(hidden[s:s + _HEAD_ROWS], head).float(), targets[s:s + _HEAD_ROWS],
+                                reduction="none")
+                for s in range(0, hidden.shape[0], _HEAD_ROWS)])
+            nll.index_add_(0, owner, token_nll.double().cpu())
+            if on_progress is not None:
+                on_progress(int(select.sum()))
+    return nll.tolist(), counts
+
+
+def perplexity_of(nll: float, tokens: int) -> float:
+    """``exp(mean NLL)``; NaN when nothing was scored."""
+    return math.exp(nll / tokens) if tokens else float("nan")
