@@ -130,7 +130,7 @@ def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
     - ``main``: the tiny model with default capacity;
     - ``guarded``: a 6-layer model with a 1024-token context (slow enough to keep requests running),
       ``--api-key``, ``--max-batch 2 --max-queue 2``;
-    - ``timeout``: the same model with a request timeout of 1 s (also bounds the fuzzer's work),
+    - ``timeout``: the same model with a request timeout of 2 s (also bounds the fuzzer's work),
       served from a thread of the test process.
     """
     if _STARTED:
@@ -141,4 +141,4 @@ def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
     long_ctx = make_hf_checkpoint(tmp_path_factory.mktemp("long-ctx"), seed=2, **SHAPES["distil"])
     launch("main", tiny_checkpoint, logs)
     launch("guarded", long_ctx, logs, "--max-batch", "2", "--max-queue", "2", api_key=GUARD_KEY)
-    launch_in_thread("timeout", long_ctx, logs, request_timeout=1.0)
+    launch_in_thread("timeout", long_ctx, logs, request_timeout=2.0)

@@ -299,7 +299,8 @@ def _open_stream(url: str, headers: dict[str, str], running: bool) -> tuple[http
     yet). Keep all three returned objects alive: dropping the line iterator closes the connection."""
     c = httpx.Client(timeout=60)
     req = c.build_request("POST", f"{url}/v1/completions", headers=headers,
-                          json={"prompt": "Keep going", "max_tokens": 1000, "stream": True})
+                          json={"prompt": "Keep going", "max_tokens": 1000, "stream": True,
+                                "logit_bias": {"50256": -100}})  # no early end-of-text
     r = c.send(req, stream=True)
     assert r.status_code == 200
     lines = r.iter_lines()
@@ -354,7 +355,8 @@ def test_overload_gives_429_then_disconnects_free_the_slots(guarded):
 def test_non_streaming_disconnect_frees_the_slot(guarded):
     before = guarded.metric("gpt2lab_aborted_requests_total", reason="disconnect")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{guarded.url}/v1/completions", json={"prompt": "long", "max_tokens": 1000},
+        httpx.post(f"{guarded.url}/v1/completions", json={"prompt": "long", "max_tokens": 1000,
+                                                          "logit_bias": {"50256": -100}},
                    headers=guarded.headers, timeout=httpx.Timeout(60, read=1.0))
     assert _wait_for(lambda: guarded.metric("gpt2lab_aborted_requests_total", reason="disconnect") == before + 1)
     assert _wait_for(lambda: guarded.metric("gpt2lab_in_flight_sequences") == 0)
@@ -363,15 +365,17 @@ def test_non_streaming_disconnect_frees_the_slot(guarded):
 def test_request_timeout_ends_cleanly(tmp_path_factory, tiny_checkpoint):
     start_all(tmp_path_factory, tiny_checkpoint)
     server = get("timeout")
-    body = {"prompt": "slow", "max_tokens": 1000}
+    timeouts_before = server.metric("gpt2lab_aborted_requests_total", reason="timeout")
+    # 8 x 1000 tokens without an early end-of-text: seconds of work on any machine
+    body = {"prompt": "slow", "max_tokens": 1000, "n": 8, "logit_bias": {"50256": -100}}
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 408, r.text
     assert r.json()["error"]["code"] == "request_timeout"
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["code"] == "request_timeout"
-    assert server.metric("gpt2lab_aborted_requests_total", reason="timeout") == 2
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout", events[-2]
+    assert server.metric("gpt2lab_aborted_requests_total", reason="timeout") - timeouts_before == 2
     assert _wait_for(lambda: server.metric("gpt2lab_running_sequences") == 0)
     ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "quick", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200

@@ -18,7 +18,7 @@ EXAMPLES = 12  # per operation and mode: bounded, the suite shares two cores
 
 def test_openapi_fuzz_never_gives_a_server_error(tmp_path_factory, tiny_checkpoint):
     start_all(tmp_path_factory, tiny_checkpoint)
-    server = get("timeout")  # --request-timeout 1: whatever the fuzzer asks for costs at most a second
+    server = get("timeout")  # a 2 s request timeout: whatever the fuzzer asks for costs at most that
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models",
