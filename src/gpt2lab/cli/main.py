@@ -31,6 +31,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("augment", "augment", "augment"),
     ("finetune", "train", "finetune"),
     ("train", "train", "train"),
+    ("serve", "serve", "serve"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
 GROUPS: list[tuple[str, str]] = [

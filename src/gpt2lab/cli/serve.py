@@ -1,0 +1,63 @@
+"""``gpt2lab serve``: the OpenAI-compatible HTTP server and the browser playground."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import typer
+
+from .common import fail, user_errors
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve anywhere
+
+
+def serve(
+    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs --api-key or "
+                                                "--allow-remote."),
+    port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="GPT2LAB_API_KEY",
+                                help="Require 'Authorization: Bearer KEY' on the API routes (or set GPT2LAB_API_KEY)."),
+    allow_remote: bool = typer.Option(False, "--allow-remote",
+                                      help="Bind a non-loopback address without an API key (anyone who can reach "
+                                           "it can use the model)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together in one step."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting for the batch before requests get 429."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds before a request is stopped."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
+    if not is_loopback(host) and not api_key and not allow_remote:
+        fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
+             "without one)")
+    if not 0 <= port <= 65535:
+        fail(f"--port must be in [0, 65535], got {port}")
+    if api_key is not None and not api_key.strip():
+        fail("--api-key must not be empty")
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
+
+    from ..checkpoints import resolve_model
+
+    with user_errors():  # a bad reference fails here, in one line; the weights load on the engine thread
+        resolve_model(model, quiet=True)
+
+    import uvicorn
+
+    from ..server import create_app
+
+    try:
+        app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                         request_timeout=request_timeout)
+    except ValueError as exc:
+        fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
+             .replace("request_timeout", "--request-timeout"))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

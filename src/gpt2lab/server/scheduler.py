@@ -1,0 +1,306 @@
+"""The engine loop: ONE thread owns the model and runs ``engine.step()`` while anything is unfinished.
+
+HTTP handlers live on the asyncio event loop and never touch the model. They send commands (add,
+abort, call) through a thread-safe inbox; the loop thread applies them between steps, so a new
+request joins the running batch at the next step and a finished or aborted one leaves it. Each
+step's outputs go back to the handler's ``asyncio.Queue`` with ``call_soon_threadsafe``.
+
+Capacity is counted in sequences (prompts x n): at most ``max_batch`` run, at most ``max_queue``
+more wait; beyond that :meth:`Scheduler.reserve` says no and the handler answers 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..sampling import SamplingParams
+from .metrics import ServerMetrics
+
+log = logging.getLogger("gpt2lab.server")
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while stepping; every request in flight ends with this (a server error)."""
+
+
+@dataclass
+class _Stream:
+    """Where the outputs of one HTTP request's engine requests go (one queue for all its prompts)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    request_ids: list[str]
+    sequences: int  # prompts x n: the request is done when this many sequences finished
+    finished: int = 0
+    released: bool = False  # its reserved capacity went back (finished, aborted or failed)
+
+
+class RequestHandle:
+    """The engine requests of one HTTP request, as seen from the event loop."""
+
+    def __init__(self, scheduler: Scheduler, stream: _Stream) -> None:
+        self.scheduler, self._stream = scheduler, stream
+        self.done = False
+        self._finished = 0  # sequences whose last output this side has consumed
+
+    async def next(self, timeout: float | None) -> list[Any]:
+        """The next step's outputs (``RequestOutput`` list); ``asyncio.TimeoutError`` after ``timeout`` s."""
+        item = await asyncio.wait_for(self._stream.queue.get(), timeout)
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        self._finished += sum(out.finished for out in item)
+        if self._finished >= self._stream.sequences:
+            self.done = True
+        return item
+
+    def abort(self) -> None:
+        """Stop generating for this request (no-op once every sequence finished)."""
+        if not self.done:
+            self.done = True
+            self.scheduler.abort(self._stream.request_ids)
+
+
+class Scheduler:
+    """Owns the model thread. ``load`` builds the Generator on that thread (so /health turns ready
+    only when the weights are in memory)."""
+
+    def __init__(self, load: Callable[[], Any], *, max_batch: int, max_queue: int,
+                 metrics: ServerMetrics) -> None:
+        self._load = load
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = metrics
+        self.generator: Any = None
+        self.engine: Any = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="gpt2lab-engine", daemon=True)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    @property
+    def capacity(self) -> int:
+        return self.max_batch + self.max_queue
+
+    # -- capacity (event loop side) -------------------------------------------------------------
+    def reserve(self, sequences: int) -> bool:
+        with self._lock:
+            if self._reserved + sequences > self.capacity:
+                return False
+            self._reserved += sequences
+            self.metrics.in_flight.set(self._reserved)
+            return True
+
+    def release(self, sequences: int) -> None:
+        with self._lock:
+            self._reserved -= sequences
+            self.metrics.in_flight.set(self._reserved)
+
+    # -- commands (event loop side) -------------------------------------------------------------
+    async def submit(self, requests: list[tuple[list[int], SamplingParams, str]]) -> RequestHandle:
+        """Queue engine requests ``(prompt_ids, params, request_id)`` for the next step, all or none;
+        raises the engine's ValueError if it refuses one.
+
+        The caller has reserved ``sum(n)`` sequences. Once this returns, the model thread gives them
+        back when the request finishes, is aborted or fails (so a handler that never reads its
+        outputs cannot leak capacity); if it raises, they have been given back already."""
+        request_ids = [rid for _, _, rid in requests]
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request_ids,
+                         sum(params.n for _, params, _ in requests))
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("add", (requests, stream, accepted)))
+        try:
+            await asyncio.shield(asyncio.wrap_future(accepted))  # the engine's ValueError is raised here
+        except asyncio.CancelledError:  # the handler went away: undo whatever the model thread does
+
+            def undo(future: concurrent.futures.Future) -> None:
+                if future.exception() is None:
+                    self.abort(request_ids)
+                else:
+                    self.release(stream.sequences)
+
+            accepted.add_done_callback(undo)
+            raise
+        except BaseException:
+            self.release(stream.sequences)
+            raise
+        return RequestHandle(self, stream)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._inbox.put(("abort", request_ids))
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(generator)`` on the model thread between steps (scoring, for echo + logprobs)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, future)))
+        return await asyncio.wrap_future(future)
+
+    # -- the model thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            from ..generation import Engine
+
+            self.generator = self._load()
+            self.engine = Engine(self.generator.model, self.generator.tokenizer, max_batch=self.max_batch)
+        except BaseException as exc:  # noqa: BLE001 - reported by /health and the CLI
+            self.load_error = exc
+            log.error("gpt2lab: cannot load the model: %s", exc)
+            self.ready.set()
+            return
+        self.ready.set()
+        import torch
+
+        with torch.inference_mode():  # the KV cache holds inference tensors; aborts move its rows too
+            self._loop()
+        self._fail_all(EngineFailure("the server is shutting down"))
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            # block for a command only when there is nothing to decode
+            command = self._next_command(block=not self.engine.has_unfinished())
+            while command is not None:
+                try:
+                    self._apply(*command)
+                except Exception:  # noqa: BLE001 - keep serving; the failure is a bug to log
+                    log.exception("gpt2lab: engine command %r failed", command[0])
+                command = self._next_command(block=False)
+            if self._stopping:
+                break
+            if self.engine.has_unfinished():
+                self._step()
+            self._update_gauges()
+
+    def _next_command(self, block: bool) -> tuple[str, Any] | None:
+        try:
+            return self._inbox.get(block=block)
+        except queue.Empty:
+            return None
+
+    def _apply(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            requests, stream, accepted = payload
+            added = []
+            try:
+                for prompt_ids, params, request_id in requests:
+                    self.engine.add_request(prompt_ids, params, request_id=request_id)
+                    added.append(request_id)
+            except Exception as exc:  # noqa: BLE001 - handed to the request's handler
+                for request_id in added:
+                    self.engine.abort(request_id)
+                accepted.set_exception(exc)
+                return
+            for request_id in added:
+                self._streams[request_id] = stream
+            self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _, _ in requests))
+            accepted.set_result(None)
+        elif kind == "abort":
+            for request_id in payload:
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    self.engine.abort(request_id)
+                    self._release_stream(stream)
+        elif kind == "call":
+            fn, future = payload
+            try:
+                future.set_result(fn(self.generator))
+            except Exception as exc:  # noqa: BLE001
+                future.set_exception(exc)
+
+    def _step(self) -> None:
+        running = self.engine.num_running
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - a bug, not a client error: fail what is in flight
+            log.exception("gpt2lab: engine step failed")
+            for request_id in list(self._streams):
+                try:
+                    self.engine.abort(request_id)
+                except Exception:  # noqa: BLE001
+                    log.exception("gpt2lab: abort after a failed step failed")
+            self._fail_all(EngineFailure(f"generation failed: {exc}"))
+            return
+        self.metrics.step_seconds.observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(max(running, self.engine.num_running))
+        grouped: dict[int, tuple[_Stream, list[Any]]] = {}  # one queue item per HTTP request per step
+        for out in outputs:
+            self.metrics.generation_tokens.inc(len(out.token_ids))
+            stream = self._streams.get(out.request_id)
+            if stream is None:  # aborted meanwhile
+                continue
+            grouped.setdefault(id(stream), (stream, []))[1].append(out)
+            if out.finished:
+                stream.finished += 1
+        for stream, outs in grouped.values():
+            if stream.finished >= stream.sequences:
+                for request_id in stream.request_ids:
+                    self._streams.pop(request_id, None)
+                self._release_stream(stream)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, outs)
+
+    def _release_stream(self, stream: _Stream) -> None:
+        if not stream.released:
+            stream.released = True
+            self.release(stream.sequences)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in {id(s): s for s in self._streams.values()}.values():
+            self._release_stream(stream)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+        self._streams.clear()
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(self.engine.num_running)
+        with self._lock:
+            self.metrics.queue_depth.set(max(0, self._reserved - self.engine.num_running))
+
+
+DISCONNECT_POLL_S = 0.25
+
+
+async def iterate(handle: RequestHandle, deadline: float,
+                  disconnected: Callable[[], Any] | None = None) -> AsyncIterator[list[Any]]:
+    """Yield a request's outputs step by step until every sequence finished.
+
+    Raises ``TimeoutError`` past ``deadline`` (``time.monotonic()``); with ``disconnected`` (an async
+    predicate), checks every ``DISCONNECT_POLL_S`` whether the client left -- also while outputs keep
+    coming -- and raises ``ConnectionAbortedError``. The request is aborted in the engine on any early exit.
+    """
+    next_poll = time.monotonic() + DISCONNECT_POLL_S
+    try:
+        while not handle.done:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError
+            if disconnected is not None and now >= next_poll:
+                if await disconnected():
+                    raise ConnectionAbortedError
+                next_poll = now + DISCONNECT_POLL_S
+            wait = deadline - now if disconnected is None else min(deadline, next_poll) - now
+            try:
+                outs = await handle.next(max(wait, 0.0))
+            except asyncio.TimeoutError:
+                continue
+            yield outs
+    finally:
+        handle.abort()

@@ -1,0 +1,144 @@
+"""Real ``gpt2lab serve`` processes on free local ports, shared by the tests/test_server*.py files.
+
+Servers start once per test process (several at a time, so their start-up overlaps) and stop at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+_STARTED: dict[str, Server] = {}
+STARTUP_TIMEOUT_S = 180  # the CI machine is small and shared: importing torch can take a while
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen | None  # None: served by a uvicorn thread of this process
+    log: Path
+    api_key: str | None = None
+    uvicorn: Any = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when absent)."""
+        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == want:
+                return float(value)
+        return 0.0
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(in-process server)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def launch(name: str, model: Path, log_dir: Path, *args: str, api_key: str | None = None) -> None:
+    """Start a server (no wait); :func:`get` waits for it."""
+    if name in _STARTED:
+        return
+    port = free_port()
+    log = log_dir / f"server-{name}.log"
+    cmd = [sys.executable, "-m", "gpt2lab", "serve", "--model", str(model), "--port", str(port),
+           "--log-level", "warning", *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+    _STARTED[name] = Server(f"http://127.0.0.1:{port}", process, log, api_key)
+
+
+def launch_in_thread(name: str, model: Path, log_dir: Path, **app_kwargs: Any) -> None:
+    """Serve ``create_app(model, **app_kwargs)`` with uvicorn on a thread of this process: a real HTTP
+    server on a port, without the start-up cost of another interpreter importing torch."""
+    import uvicorn
+
+    from gpt2lab.server import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(str(model), **app_kwargs), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, name=f"uvicorn-{name}", daemon=True).start()
+    _STARTED[name] = Server(f"http://127.0.0.1:{port}", None, log_dir / f"server-{name}.log", uvicorn=server)
+
+
+def get(name: str) -> Server:
+    """The started server ``name``, once its /health says ready."""
+    server = _STARTED[name]
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process is not None and server.process.poll() is not None:
+            raise RuntimeError(f"server {name} exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server {name} not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in _STARTED.values():
+        if server.uvicorn is not None:
+            server.uvicorn.should_exit = True
+        elif server.process.poll() is None:
+            server.process.terminate()
+    for server in _STARTED.values():
+        if server.process is None:
+            continue
+        try:
+            server.process.wait(10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+GUARD_KEY = "test-key-123"
+
+
+def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
+    """Launch the three test servers together (their start-up overlaps):
+
+    - ``main``: the tiny model with default capacity;
+    - ``guarded``: a 6-layer model with a 1024-token context (slow enough to keep requests running),
+      ``--api-key``, ``--max-batch 2 --max-queue 2``;
+    - ``timeout``: the same model with a request timeout of 2 s (also bounds the fuzzer's work),
+      served from a thread of the test process.
+    """
+    if _STARTED:
+        return
+    from .conftest import SHAPES, make_hf_checkpoint
+
+    logs = tmp_path_factory.mktemp("server-logs")
+    long_ctx = make_hf_checkpoint(tmp_path_factory.mktemp("long-ctx"), seed=2, **SHAPES["distil"])
+    launch("main", tiny_checkpoint, logs)
+    launch("guarded", long_ctx, logs, "--max-batch", "2", "--max-queue", "2", api_key=GUARD_KEY)
+    launch_in_thread("timeout", long_ctx, logs, request_timeout=2.0)
