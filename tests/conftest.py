@@ -36,7 +36,20 @@ def make_hf_checkpoint(directory: Path, *, seed: int = 0, safe: bool = True, wit
     torch.manual_seed(seed)
     config = GPT2Config(**config_kwargs)
     model = GPT2LMHeadModel(config).eval()
-    model.save_pretrained(directory, safe_serialization=safe)
+    model.save_pretrained(directory)
+    if not safe:
+        # transformers 5 writes safetensors only; write the .bin layout of the original GPT-2 uploads:
+        # names without the "transformer." prefix, plus the causal-mask buffers older versions saved.
+        from safetensors.torch import load_file
+
+        state = load_file(directory / "model.safetensors")
+        legacy = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+        n = config.n_positions
+        for i in range(config.n_layer):
+            legacy[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
+            legacy[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(legacy, directory / "pytorch_model.bin")
+        (directory / "model.safetensors").unlink()
     if with_tokenizer and config.vocab_size == 50257:
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(gpt2_tokenizer_dir() / name, directory / name)

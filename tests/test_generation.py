@@ -77,6 +77,17 @@ def test_batch_equals_solo_greedy_and_seeded(gen):
             assert completion.prompt == prompt and completion.finish_reason == "length"
 
 
+def test_prefill_in_groups_changes_nothing(gen, monkeypatch):
+    """Admissions are prefilled in groups bounded by padded tokens; grouping must not change any output."""
+    import gpt2lab.generation.engine as engine_module
+
+    prompts = ["a " * 60, "hello", "b " * 30, "x y"]
+    whole = gen.generate(prompts, max_new_tokens=6, temperature=0.9, seed=2, n=2)
+    monkeypatch.setattr(engine_module, "_PREFILL_TOKENS", 64)
+    assert [c.token_ids for c in gen.generate(prompts, max_new_tokens=6, temperature=0.9, seed=2, n=2)] == \
+        [c.token_ids for c in whole]
+
+
 def test_seed_per_prompt(gen):
     assert gen.generate(["B", "A"], seed=5)[1].text == gen.generate("A", seed=5)[0].text
     assert gen.generate("A", seed=5)[0].token_ids != gen.generate("A", seed=6)[0].token_ids
@@ -89,17 +100,26 @@ def test_n_samples_are_distinct_and_reproducible(gen):
     assert len({tuple(c.token_ids) for c in first[:3]}) == 3
     assert [c.token_ids for c in gen.generate(["Hi", "Bye"], n=3, seed=9, max_new_tokens=8)] == \
         [c.token_ids for c in first]
+    # greedy samples of one prompt share its prefilled cache row: all equal the solo greedy output
+    greedy = gen.generate(["Hi", "Bye"], n=3, temperature=0, max_new_tokens=8)
+    assert [c.token_ids for c in greedy] == [gen.generate(p, temperature=0, max_new_tokens=8)[0].token_ids
+                                             for p in ("Hi", "Bye") for _ in range(3)]
     # sample 0 of n is the request seeded alone
     assert first[0].token_ids == gen.generate("Hi", seed=9, max_new_tokens=8)[0].token_ids
 
 
 def test_continuous_batching_admits_and_aborts(gen):
-    """Requests added while others run, and aborted ones, leave every other output unchanged."""
-    params = SamplingParams(temperature=0.7, seed=3, max_new_tokens=10)
-    solo = {p: gen.generate(p, params)[0].token_ids for p in PROMPTS}
+    """Requests with different settings share rows, join mid-flight or are aborted: each output is its solo one."""
+    settings = [SamplingParams(temperature=0.7, seed=3, max_new_tokens=10),
+                SamplingParams(temperature=0, max_new_tokens=7, repetition_penalty=1.3),
+                SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=4, max_new_tokens=12, stop=["zz"]),
+                SamplingParams(temperature=0.9, seed=5, max_new_tokens=9, no_repeat_ngram_size=2, min_p=0.01)]
+    params = dict(zip(PROMPTS, settings))
+    solo = {p: gen.generate(p, params[p])[0].token_ids for p in PROMPTS}
     engine = gen.engine(max_batch=2)
-    ids = {engine.add_request(gen.encode_prompt(p), params, request_id=p): p for p in PROMPTS[:3]}
-    doomed = engine.add_request(gen.encode_prompt("doomed"), params)
+    doomed = engine.add_request(gen.encode_prompt("doomed"), settings[0].with_(max_new_tokens=50))
+    for p in PROMPTS[:3]:
+        engine.add_request(gen.encode_prompt(p), params[p], request_id=p)
     got: dict[str, list[int]] = {p: [] for p in PROMPTS}
     steps = 0
     while engine.has_unfinished():
@@ -109,10 +129,11 @@ def test_continuous_batching_admits_and_aborts(gen):
                 got[out.request_id] += out.token_ids
         steps += 1
         if steps == 4:
+            assert engine.num_running == 2  # doomed is running in row 0
             engine.abort(doomed)
-            engine.add_request(gen.encode_prompt(PROMPTS[3]), params, request_id=PROMPTS[3])
+            engine.add_request(gen.encode_prompt(PROMPTS[3]), params[PROMPTS[3]], request_id=PROMPTS[3])
         assert engine.num_running <= 2
-    assert got == solo and set(ids.values()) == set(PROMPTS[:3])
+    assert got == solo
 
 
 def test_stop_strings_across_token_boundaries(gen):
@@ -220,7 +241,49 @@ def test_bad_values_raise(gen):
         list(gen.stream("Hi", n=2))
 
 
-def test_generate_text(gen, tiny_checkpoint):
+def test_generate_text(tiny_checkpoint):
+    from gpt2lab.model import optimize_for_inference
+
+    gen = gpt2lab.load(tiny_checkpoint)
+    optimize_for_inference(gen.model)  # as gpt2lab.generate_text does
     text = gen.generate_text("Hello", max_length=10, seed=1)
     assert text.startswith("Hello") and len(gen.tokenizer.encode(text)) >= 2
     assert gpt2lab.generate_text("Hello", max_length=10, seed=1, model=str(tiny_checkpoint)) == text
+
+
+def test_padded_vocabulary_is_never_sampled():
+    """Checkpoints with embedding rows past the tokenizer (vocab padded to 50304) never emit those ids."""
+    from gpt2lab.model import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(vocab_size=50304, n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    model.init_weights(0)
+    with torch.no_grad():
+        model.wte.weight[50257:] = 5.0  # the padding rows would win every argmax
+    gen = Generator(model, Tokenizer.gpt2())
+    for kw in (dict(temperature=0), dict(temperature=1.0, seed=0), dict(num_beams=2)):
+        assert max(gen.generate("hi", max_new_tokens=5, **kw)[0].token_ids) < 50257
+
+
+def test_cache_grows_while_sequences_run():
+    """A request needing more rows and more slots than the cache has joins without disturbing running rows."""
+    from gpt2lab.model import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=600))
+    model.init_weights(1)
+    tok = Tokenizer.gpt2()
+    short = SamplingParams(temperature=0, max_new_tokens=12)
+    long_prompt = list(range(1000, 1300))
+    engine = Engine(model, tok, max_batch=4)
+    engine.add_request([464, 3290], short, request_id="a")
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for _ in range(3):
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert (model.max_batch, model.max_seq) == (1, 256)
+    engine.add_request(long_prompt, short, request_id="b")
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert (model.max_batch, model.max_seq) == (2, 512)
+    assert got["a"] == _engine_run(Engine(model, tok), [([464, 3290], short)])[0]
+    assert got["b"] == _engine_run(Engine(model, tok), [(long_prompt, short)])[0]

@@ -24,6 +24,10 @@ def _root() -> None:
 # (command name, module, function) -- each module under gpt2lab.cli
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
+    ("generate", "generate", "generate"),
+    ("story", "story", "story"),
+    ("chat", "chat", "chat"),
+    ("augment", "augment", "augment"),
 ]
 # (group name, module) -- modules exposing a typer.Typer named ``app``
 GROUPS: list[tuple[str, str]] = []

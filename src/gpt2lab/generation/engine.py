@@ -20,10 +20,11 @@ import torch
 from ..model import GPT2
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..tokenizer import Tokenizer
-from .outputs import RequestOutput, TokenLogprob
+from .outputs import RequestOutput, token_logprobs
 from .stopping import StopTextStream
 
 _CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
+_PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward (bounds activation and mask memory)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -93,6 +94,7 @@ class Engine:
         self.eos_token_id = eos_token_id if eos_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id)
         self.device = model.wte.weight.device
+        self._decodable = min(tokenizer.vocab_size, model.config.vocab_size)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # _running[i].row == i
         self._ready: list[RequestOutput] = []  # finished before running (zero budget)
@@ -131,6 +133,7 @@ class Engine:
                 self._waiting.append(seq)
         return request_id
 
+    @torch.inference_mode()  # the cache rows it moves are inference tensors
     def abort(self, request_id: str) -> None:
         """Drop every sample of a request, waiting or running (no further output for it)."""
         self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
@@ -157,20 +160,42 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
     def _prefill(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+        # The samples of one request share its prompt (the same list): prefill it once, copy the cache row.
+        firsts: dict[int, int] = {}
+        for i, seq in enumerate(seqs):
+            firsts.setdefault(id(seq.prompt_ids), i)
+        lead = set(firsts.values())
+        unique = sorted((seqs[i] for i in lead), key=lambda s: len(s.prompt_ids))  # similar lengths together
+        seqs = unique + [s for i, s in enumerate(seqs) if i not in lead]
         start = len(self._running)
         self._ensure_cache(start + len(seqs), max(len(s.prompt_ids) + s.budget for s in seqs + self._running))
         for i, seq in enumerate(seqs):
             seq.row = start + i
         self._running += seqs
+        parts, i = [], 0
+        while i < len(unique):  # right-padded groups of at most _PREFILL_TOKENS padded tokens
+            j = i + 1
+            while j < len(unique) and (j + 1 - i) * len(unique[j].prompt_ids) <= _PREFILL_TOKENS:
+                j += 1
+            parts.append(self._forward_prompts(unique[i:j], start + i))
+            i = j
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        source = {id(s.prompt_ids): j for j, s in enumerate(unique)}
+        for seq in seqs[len(unique):]:
+            for cache in self.model.caches():
+                cache.copy_row(start + source[id(seq.prompt_ids)], seq.row, len(seq.prompt_ids))
+        return self._advance(seqs, logits[[source[id(s.prompt_ids)] for s in seqs]])
+
+    def _forward_prompts(self, seqs: list[_Sequence], first_row: int) -> torch.Tensor:
+        """Prefill prompts into cache rows ``first_row...``; next-token logits ``[len(seqs), V]``."""
         lens = [len(s.prompt_ids) for s in seqs]
         width = max(lens)
         idx = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
             idx[i, :lens[i]] = torch.tensor(s.prompt_ids)
         pos = torch.arange(width, device=self.device)[None].expand(len(seqs), width)
-        logits = self.model(idx.to(self.device), input_pos=pos, rows=slice(start, start + len(seqs)),
-                            logits_index=torch.tensor(lens, device=self.device) - 1)
-        return self._advance(seqs, logits)
+        return self.model(idx.to(self.device), input_pos=pos, rows=slice(first_row, first_row + len(seqs)),
+                          logits_index=torch.tensor(lens, device=self.device) - 1)
 
     def _ensure_cache(self, rows: int, seq_len: int) -> None:
         """Grow the static cache when needed, keeping the running rows' contents."""
@@ -199,6 +224,8 @@ class Engine:
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         """Sample one token for each sequence (``logits [B, V]``), apply stopping, emit outputs."""
         logits = logits.float()
+        if self._decodable < logits.shape[-1]:  # padded embedding rows: ids the tokenizer cannot decode
+            logits[:, self._decodable:] = float("-inf")
         want_lp = [s.params.logprobs is not None for s in seqs]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         tokens = sample(self._scores(seqs, logits), [s.params for s in seqs],
@@ -206,7 +233,8 @@ class Engine:
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(token)
-            logprobs = self._logprobs(raw_lp[i], token, seq.params.logprobs) if want_lp[i] else None
+            logprobs = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer) \
+                if want_lp[i] else None
             params = seq.params
             reason = None
             if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
@@ -224,14 +252,6 @@ class Engine:
             if reason is not None:
                 self._release(seq)
         return outputs
-
-    def _logprobs(self, lp: torch.Tensor, token: int, top_n: int) -> list[TokenLogprob]:
-        tok = self.tokenizer.id_to_token
-        top: list[tuple[int, str, float]] = []
-        if top_n:
-            values, ids = lp.topk(top_n)
-            top = [(t, tok(t), v) for t, v in zip(ids.tolist(), values.tolist())]
-        return [TokenLogprob(token, tok(token), float(lp[token]), top)]
 
     def _release(self, seq: _Sequence) -> None:
         """Free a finished sequence's row, moving the last running row into it."""

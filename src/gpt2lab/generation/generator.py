@@ -14,7 +14,7 @@ from ..model import GPT2, GPT2Config
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
-from .outputs import Completion, TokenLogprob
+from .outputs import Completion, TokenLogprob, token_logprobs
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -153,16 +153,7 @@ class Generator:
             raise ValueError(f"token_ids has {len(ids)} tokens, more than the model's context "
                              f"n_positions={self.config.n_positions}")
         lp = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
-        nxt = torch.tensor(ids[1:], dtype=torch.long)
-        chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
-        tops: list[list[tuple[int, str, float]]] = [[] for _ in chosen]
-        if top_n:
-            values, top_ids = lp.topk(top_n, dim=-1)
-            tok = self.tokenizer.id_to_token
-            tops = [[(t, tok(t), v) for t, v in zip(row_ids, row_vals)]
-                    for row_ids, row_vals in zip(top_ids.tolist(), values.tolist())]
-        return [TokenLogprob(t, self.tokenizer.id_to_token(t), c, top)
-                for t, c, top in zip(ids[1:], chosen, tops)]
+        return token_logprobs(lp, ids[1:], top_n, self.tokenizer)
 
     def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:
         """Write the model and tokenizer in Hugging Face layout (loads back with ``transformers``)."""
@@ -206,7 +197,10 @@ _LOADED: dict[str | None, Generator] = {}
 def generate_text(prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 50,
                   model: str | Path | None = None, **more: Any) -> str:
     """The seed's ``generate_text`` as one call: load ``model`` once (default ``gpt2``) and complete ``prompt``."""
+    from ..model import optimize_for_inference
+
     key = None if model is None else str(model)
-    if key not in _LOADED:
+    if key not in _LOADED:  # kept for later calls, and only ever used to generate: optimise it
         _LOADED[key] = load(model)
+        optimize_for_inference(_LOADED[key].model)
     return _LOADED[key].generate_text(prompt, max_length=max_length, temperature=temperature, top_k=top_k, **more)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -52,3 +58,18 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     prompt: str = ""
     index: int = 0
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_n: int,
+                   tokenizer: Tokenizer) -> list[TokenLogprob]:
+    """``TokenLogprob`` of ``token_ids[i]`` under row ``i`` of ``logprobs [N, V]``, with ``top_n`` alternatives."""
+    import torch
+
+    tok = tokenizer.id_to_token
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    tops: list[list[tuple[int, str, float]]] = [[] for _ in token_ids]
+    if top_n:
+        values, ids = logprobs.topk(top_n, dim=-1)
+        tops = [[(t, tok(t), v) for t, v in zip(row_ids, row_values)]
+                for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprob(t, tok(t), c, top) for t, c, top in zip(token_ids, chosen, tops)]

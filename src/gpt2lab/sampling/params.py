@@ -24,6 +24,20 @@ def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _token_map(value: Any) -> dict[int, Any]:
+    """``logit_bias`` with integer keys; JSON objects give them as strings like ``"50256"``."""
+    _check(isinstance(value, dict), "logit_bias", "a map of token ids to biases", value)
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key) if isinstance(key, (int, str)) and not isinstance(key, bool) else None
+        except ValueError:
+            token = None
+        _check(token is not None, "logit_bias", "a map of integer token ids to biases", key)
+        out[token] = bias
+    return out
+
+
 @dataclass
 class SamplingParams:
     """How to turn a prompt into a completion.
@@ -67,7 +81,11 @@ class SamplingParams:
             self.stop = [self.stop]
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
-        self.logit_bias = {int(k): v for k, v in self.logit_bias.items()}  # JSON keys arrive as str
+        self.logit_bias = _token_map(self.logit_bias)  # JSON keys arrive as str
+        for name in ("stop", "bad_words", "stop_token_ids"):
+            value = getattr(self, name)
+            _check(isinstance(value, (list, tuple)), name, "a list", value)
+            setattr(self, name, list(value))
         self.validate()
 
     def validate(self) -> None:

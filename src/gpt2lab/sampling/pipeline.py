@@ -116,7 +116,7 @@ class LogitsPipeline:
                              f"got {len(histories)} and {len(prompt_lens)}")
         scores = logits.to(dtype=torch.float32, device=self.device, copy=True)
         for transform in self.processors:
-            scores = transform(scores, histories, prompt_lens)
+            scores = transform.apply_(scores, histories, prompt_lens)
         if not self.sampling_rows:
             return scores
         if self._all_sampling:
@@ -129,23 +129,23 @@ class LogitsPipeline:
     def _warp(self, scores: torch.Tensor) -> torch.Tensor:
         """Temperature and the filters on the sampling rows' scores."""
         if self.temperature.active:
-            scores = self.temperature(scores)
+            scores = self.temperature.apply_(scores)
         if self.top_k.active:
-            scores = self.top_k(scores)
+            scores = self.top_k.apply_(scores)
         if not self.filters:
             return scores
         kept = int((scores > NEG_INF).sum(dim=-1).max()) if self._compact else scores.shape[-1]
-        if kept > _COMPACT_FRACTION * scores.shape[-1]:
+        if kept == 0 or kept > _COMPACT_FRACTION * scores.shape[-1]:
             for transform in self.filters:
-                scores = transform(scores)
+                scores = transform.apply_(scores)
             return scores
         # The kept tokens of every row (rows keeping fewer get some -inf entries), in token-id order so
         # that tie rules match a pass over the whole vocabulary.
         index = torch.topk(scores, kept, dim=-1).indices.sort(dim=-1).values
         compact = scores.gather(-1, index)
         for transform in self.filters:
-            compact = transform(compact)
-        return torch.full_like(scores, NEG_INF).scatter_(-1, index, compact)
+            compact = transform.apply_(compact)
+        return scores.fill_(NEG_INF).scatter_(-1, index, compact)
 
 
 def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
@@ -156,14 +156,13 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     A draw is an inverse-CDF lookup of one uniform number from the row's own generator, so a seeded
     row picks the same token whatever else is in the batch, and consumes exactly one number per step.
     """
-    batch = scores.shape[0]
-    if scores.dim() != 2 or len(params) != batch or len(generators) != batch:
+    batch = scores.shape[0] if scores.dim() == 2 else -1
+    if len(params) != batch or len(generators) != batch:
         raise ValueError(f"scores must be [B, V] with one params and one generator per row, got "
                          f"{tuple(scores.shape)}, {len(params)} params, {len(generators)} generators")
-    tokens = scores.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
-        return tokens
+        return scores.argmax(dim=-1)
     device = scores.device
     uniforms = torch.empty(len(rows), dtype=torch.float64, device=device)
     unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
@@ -174,7 +173,7 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
             uniforms[j] = torch.rand(1, dtype=torch.float64, device=device, generator=generators[i])[0]
     index = None if len(rows) == batch else torch.tensor(rows, device=device)
     sub = scores if index is None else scores[index]
-    cdf = sub.softmax(dim=-1, dtype=torch.float64).cumsum(dim=-1)
+    cdf = sub.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)  # float64: exact enough over 50k terms
     total = cdf[:, -1:]
     if bool(torch.isnan(total).any() | (total <= 0).any()):
         raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
@@ -183,5 +182,6 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
     if index is None:
         return picked
+    tokens = scores.argmax(dim=-1)
     tokens[index] = picked
     return tokens

@@ -57,16 +57,28 @@ def _check_min_keep(min_tokens_to_keep: int) -> int:
     return min_tokens_to_keep
 
 
-class LogitsTransform:
-    """Base class: ``__call__(scores [B, V], histories, prompt_lens) -> scores [B, V]``.
+def _ban_(scores: torch.Tensor, rows: list[int], cols: list[int]) -> None:
+    """Set ``scores[rows[j], cols[j]]`` to -inf, in place."""
+    index = (torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device))
+    scores.index_put_(index, torch.tensor(NEG_INF, dtype=scores.dtype, device=scores.device))
 
-    ``active`` is False when every row has the transform switched off, so a pipeline can skip it.
+
+class LogitsTransform:
+    """Base class: ``transform(scores [B, V], histories, prompt_lens) -> new scores [B, V]``.
+
+    ``apply_`` does the same in place (and returns ``scores``): a pipeline that owns its copy of the
+    logits saves one allocation per transform and step. ``active`` is False when every row has the
+    transform switched off, so a pipeline can skip it.
     """
 
     active: bool = True
 
     def __call__(self, scores: torch.Tensor, histories: Sequence[Sequence[int]] | None = None,
                  prompt_lens: Sequence[int] | None = None) -> torch.Tensor:
+        return self.apply_(scores.clone(), histories, prompt_lens)
+
+    def apply_(self, scores: torch.Tensor, histories: Sequence[Sequence[int]] | None = None,
+               prompt_lens: Sequence[int] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -102,45 +114,48 @@ class _History:
         return old_lens
 
 
-class _TokenCounts:
-    """``counts[i, t]``: how often token t occurs in ``histories[i][start_i:]``, kept up to date."""
+class _TokenIds:
+    """The histories as a ``[B, L]`` id tensor, kept up to date with the new tokens of each call.
 
-    def __init__(self, generated_only: bool) -> None:
-        self.generated_only = generated_only
+    Positions past a row's length hold the row's first token: for set-like uses (gather, penalise,
+    scatter) repeating a token of the row changes nothing.
+    """
+
+    def __init__(self) -> None:
         self.history = _History()
-        self.counts: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
 
-    def update(self, scores: torch.Tensor, histories: Sequence[Sequence[int]] | None,
-               prompt_lens: Sequence[int] | None) -> torch.Tensor:
-        if histories is None or len(histories) != scores.shape[0]:
-            raise ValueError(f"histories must give one token list per row ({scores.shape[0]} rows)")
-        if self.generated_only:
-            if prompt_lens is None or len(prompt_lens) != len(histories):
-                raise ValueError(f"prompt_lens must give one length per row ({len(histories)} rows)")
-            starts = list(prompt_lens)
-        else:
-            starts = [0] * len(histories)
+    def update(self, scores: torch.Tensor, histories: Sequence[Sequence[int]] | None) -> tuple[torch.Tensor, list]:
         batch, vocab = scores.shape
-        if self.counts is None or self.counts.shape != (batch, vocab) or self.counts.device != scores.device:
-            self.counts = torch.zeros(batch, vocab, dtype=torch.float32, device=scores.device)
+        if histories is None or len(histories) != batch:
+            raise ValueError(f"histories must give one token list per row ({batch} rows)")
+        if self.ids is None or self.ids.shape[0] != batch or self.ids.device != scores.device:
+            self.ids = torch.zeros(batch, 0, dtype=torch.long, device=scores.device)
             self.history = _History()
-        old_lens = self.history.update(histories, starts)
-        rows, tokens, fresh = [], [], []
+        old_lens = self.history.update(histories, [0] * batch)
+        copies = self.history.copies
+        lengths = [len(c) for c in copies]
+        pads = [c[0] if c else 0 for c in copies]
+        capacity = self.ids.shape[1]
+        if max(lengths) > capacity:  # grow geometrically: a step usually adds one column
+            grown = torch.tensor(pads, device=scores.device).unsqueeze(1).repeat(1, max(max(lengths), 2 * capacity, 64))
+            grown[:, :capacity] = self.ids
+            self.ids = grown
+        rows, cols, tokens = [], [], []
         for i, old in enumerate(old_lens):
             if old == 0:
-                fresh.append(i)
-            new = self.history.copies[i][max(old, starts[i]):]
+                self.ids[i] = pads[i]
+            new = copies[i][old:]
             rows.extend([i] * len(new))
+            cols.extend(range(old, lengths[i]))
             tokens.extend(new)
-        if fresh:
-            self.counts[fresh] = 0
         if tokens:
             tok = torch.tensor(tokens, dtype=torch.long, device=scores.device)
             if int(tok.min()) < 0 or int(tok.max()) >= vocab:
                 raise ValueError(f"histories contain token ids outside the vocabulary [0, {vocab})")
-            row = torch.tensor(rows, dtype=torch.long, device=scores.device)
-            self.counts.index_put_((row, tok), torch.ones_like(tok, dtype=torch.float32), accumulate=True)
-        return self.counts
+            self.ids.index_put_((torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)),
+                                tok)
+        return self.ids[:, :max(max(lengths), 1)], lengths
 
 
 # -- processors (look at the history; apply to greedy rows too) ------------------------------------
@@ -164,14 +179,13 @@ class LogitBias(LogitsTransform):
         self._index = (rows, cols, vals)
         self.active = bool(rows)
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         if scores.shape[0] != self.num_rows:
             raise ValueError(f"logit_bias: built for {self.num_rows} rows, got {scores.shape[0]}")
         rows, cols, vals = self._index
         if rows:
             index = (torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device))
-            scores = scores.index_put(index, torch.tensor(vals, dtype=scores.dtype, device=scores.device),
-                                      accumulate=True)
+            scores.index_put_(index, torch.tensor(vals, dtype=scores.dtype, device=scores.device), accumulate=True)
         return scores
 
 
@@ -202,7 +216,7 @@ class BadWords(LogitsTransform):
         self._singles = (singles_rows, singles_cols)
         self.active = bool(singles_rows) or any(self._multi)
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         if scores.shape[0] != self.num_rows:
             raise ValueError(f"bad_words: built for {self.num_rows} rows, got {scores.shape[0]}")
         rows, cols = list(self._singles[0]), list(self._singles[1])
@@ -218,45 +232,85 @@ class BadWords(LogitsTransform):
                         rows.append(i)
                         cols.append(banned)
         if rows:
-            scores = scores.index_put((torch.tensor(rows, device=scores.device),
-                                       torch.tensor(cols, device=scores.device)),
-                                      torch.tensor(NEG_INF, dtype=scores.dtype, device=scores.device))
+            _ban_(scores, rows, cols)
         return scores
 
 
 class RepetitionPenalty(LogitsTransform):
     """``RepetitionPenaltyLogitsProcessor``: for every token in the prompt + generated ids, divide a
-    positive logit by ``penalty`` and multiply a negative one. 1.0 = off."""
+    positive logit by ``penalty`` and multiply a negative one. 1.0 = off.
+
+    Like transformers it gathers and scatters the history's ids, O(history) rather than O(vocab).
+    """
 
     def __init__(self, penalty: ParamValues) -> None:
         self.penalty = _values("repetition_penalty", penalty, lambda v: v > 0, "> 0 (1.0 = off)")
         self.active = any(v != 1.0 for v in self.penalty)
-        self._counts = _TokenCounts(generated_only=False)
+        self._ids = _TokenIds()
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("repetition_penalty", self.penalty, scores)
-        seen = self._counts.update(scores, histories, prompt_lens) > 0
-        penalty = _column(self.penalty, scores)
-        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-        return torch.where(seen, penalized, scores)
+        ids, lengths = self._ids.update(scores, histories)
+        penalties = self.penalty * len(lengths) if len(self.penalty) == 1 else list(self.penalty)
+        # an empty history's padding is no seen token: no penalty for that row
+        penalty = _column([p if n else 1.0 for p, n in zip(penalties, lengths)], scores)
+        score = scores.gather(1, ids)
+        score = torch.where(score < 0, score * penalty, score / penalty)
+        return scores.scatter_(1, ids, score)
 
 
 class PresenceFrequencyPenalty(LogitsTransform):
     """OpenAI's penalties over the generated ids only:
-    ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``. 0.0 = off."""
+    ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``. 0.0 = off.
+
+    The ``[B, V]`` penalty is kept between calls and updated only where a new token arrived, so a
+    step costs one subtraction over the scores.
+    """
 
     def __init__(self, presence_penalty: ParamValues = 0.0, frequency_penalty: ParamValues = 0.0) -> None:
         self.presence_penalty = _values("presence_penalty", presence_penalty, lambda v: True, "a finite number")
         self.frequency_penalty = _values("frequency_penalty", frequency_penalty, lambda v: True, "a finite number")
         self.active = any(v != 0 for v in self.presence_penalty + self.frequency_penalty)
-        self._counts = _TokenCounts(generated_only=True)
+        self._history = _History()
+        self._counts: torch.Tensor | None = None  # [B, V] occurrences among the generated ids
+        self._penalty: torch.Tensor | None = None  # [B, V] what to subtract
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("presence_penalty", self.presence_penalty, scores)
         _check_rows("frequency_penalty", self.frequency_penalty, scores)
-        counts = self._counts.update(scores, histories, prompt_lens)
-        presence, frequency = _column(self.presence_penalty, scores), _column(self.frequency_penalty, scores)
-        return scores - (presence * (counts > 0) + frequency * counts)
+        batch, vocab = scores.shape
+        if histories is None or len(histories) != batch:
+            raise ValueError(f"histories must give one token list per row ({batch} rows)")
+        if prompt_lens is None or len(prompt_lens) != batch:
+            raise ValueError(f"prompt_lens must give one length per row ({batch} rows)")
+        if self._counts is None or self._counts.shape != scores.shape or self._counts.device != scores.device:
+            self._counts = torch.zeros(batch, vocab, dtype=torch.float32, device=scores.device)
+            self._penalty = torch.zeros_like(scores)
+            self._history = _History()
+        old_lens = self._history.update(histories, list(prompt_lens))
+        rows, tokens, fresh = [], [], []
+        for i, old in enumerate(old_lens):
+            if old == 0:
+                fresh.append(i)
+            new = self._history.copies[i][max(old, prompt_lens[i]):]
+            rows.extend([i] * len(new))
+            tokens.extend(new)
+        if fresh:
+            self._counts[fresh] = 0
+            self._penalty[fresh] = 0
+        if tokens:
+            tok = torch.tensor(tokens, dtype=torch.long, device=scores.device)
+            if int(tok.min()) < 0 or int(tok.max()) >= vocab:
+                raise ValueError(f"histories contain token ids outside the vocabulary [0, {vocab})")
+            row = torch.tensor(rows, dtype=torch.long, device=scores.device)
+            self._counts.index_put_((row, tok), torch.ones_like(tok, dtype=torch.float32), accumulate=True)
+            counts = self._counts[row, tok]
+            pick = row if len(self.presence_penalty) > 1 else torch.zeros_like(row)
+            presence = _column(self.presence_penalty, scores).squeeze(1)[pick]
+            pick = row if len(self.frequency_penalty) > 1 else torch.zeros_like(row)
+            frequency = _column(self.frequency_penalty, scores).squeeze(1)[pick]
+            self._penalty[row, tok] = presence * (counts > 0) + frequency * counts
+        return scores.sub_(self._penalty)
 
 
 class NoRepeatNGram(LogitsTransform):
@@ -270,7 +324,7 @@ class NoRepeatNGram(LogitsTransform):
         self._history = _History()
         self._ngrams: list[dict[tuple[int, ...], set[int]]] = []
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         batch = scores.shape[0]
         _check_rows("no_repeat_ngram_size", self.ngram_size, scores)
         if histories is None or len(histories) != batch:
@@ -293,9 +347,7 @@ class NoRepeatNGram(LogitsTransform):
                 rows.extend([i] * len(banned))
                 cols.extend(banned)
         if rows:
-            scores = scores.index_put((torch.tensor(rows, device=scores.device),
-                                       torch.tensor(cols, device=scores.device)),
-                                      torch.tensor(NEG_INF, dtype=scores.dtype, device=scores.device))
+            _ban_(scores, rows, cols)
         return scores
 
 
@@ -309,9 +361,9 @@ class Temperature(LogitsTransform):
         self.temperature = _values("temperature", temperature, lambda v: v > 0, "> 0 (use greedy for 0)")
         self.active = any(v != 1.0 for v in self.temperature)
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("temperature", self.temperature, scores)
-        return scores / _column(self.temperature, scores)
+        return scores.div_(_column(self.temperature, scores))
 
 
 class TopK(LogitsTransform):
@@ -323,30 +375,47 @@ class TopK(LogitsTransform):
         self.min_tokens_to_keep = _check_min_keep(min_tokens_to_keep)
         self.active = any(self.top_k)
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("top_k", self.top_k, scores)
         vocab = scores.shape[-1]
         ks = [min(max(k, self.min_tokens_to_keep), vocab) if k else 0 for k in self.top_k]
+        if not any(ks):
+            return scores
         kth = torch.topk(scores, max(ks)).values  # [B, max k], descending
         pick = _column([max(k, 1) - 1 for k in ks], scores, torch.long).expand(scores.shape[0], 1)
         threshold = kth.gather(1, pick)
         if not all(ks):
             threshold = threshold.masked_fill(_column(ks, scores, torch.long) == 0, NEG_INF)
-        return scores.masked_fill(scores < threshold, NEG_INF)
+        return scores.masked_fill_(scores < threshold, NEG_INF)
 
 
 class TopP(LogitsTransform):
     """``TopPLogitsWarper``: keep the most likely tokens whose probability adds up to ``top_p``; the
-    token that crosses ``top_p`` is kept. 1.0 = off. Among equal logits the lower id goes first."""
+    token that crosses ``top_p`` is kept. 1.0 = off."""
 
     def __init__(self, top_p: ParamValues, min_tokens_to_keep: int = 1) -> None:
         self.top_p = _values("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1.0 = off)")
         self.min_tokens_to_keep = _check_min_keep(min_tokens_to_keep)
         self.active = any(v < 1 for v in self.top_p)
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    # Fast path: if the m most likely tokens hold more than top_p + _MARGIN, every other token is
+    # dropped, and the m decide among themselves; a topk of m is far cheaper than sorting 50k logits.
+    _MARGIN = 1e-4  # far above float32 rounding of the cumulative sum, so the decision is the same
+    _FIRST_M = 128
+
+    def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("top_p", self.top_p, scores)
-        sorted_logits, sorted_indices = torch.sort(scores, descending=False, stable=True)
+        vocab = scores.shape[-1]
+        if all(p < 1 for p in self.top_p) and self.min_tokens_to_keep <= self._FIRST_M:
+            probs = scores.softmax(dim=-1)
+            need = _column([p + self._MARGIN for p in self.top_p], scores)
+            m = self._FIRST_M
+            while 4 * m <= vocab:
+                top = probs.topk(m, dim=-1)
+                if bool((top.values.sum(dim=-1, keepdim=True) >= need).all()):
+                    return self._apply_top(scores, probs, top.values, top.indices)
+                m *= 4
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
         cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # 1 - p in double precision, then rounded to the scores' dtype, exactly as transformers does;
         # -1 makes the comparison false everywhere for rows that have top_p off.
@@ -354,7 +423,18 @@ class TopP(LogitsTransform):
         sorted_remove = cumulative_probs <= limit
         sorted_remove[..., -self.min_tokens_to_keep:] = False
         remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
-        return scores.masked_fill(remove, NEG_INF)
+        return scores.masked_fill_(remove, NEG_INF)
+
+    def _apply_top(self, scores: torch.Tensor, probs: torch.Tensor, values: torch.Tensor,
+                   indices: torch.Tensor) -> torch.Tensor:
+        """The sorted pass above on the top tokens only, the rest of the mass counted first."""
+        outside = probs.sum(dim=-1, keepdim=True) - values.sum(dim=-1, keepdim=True)
+        ascending = torch.cat([outside, values.flip(-1)], dim=-1)
+        cumulative_probs = ascending.cumsum(dim=-1)[:, 1:]
+        sorted_remove = cumulative_probs <= _column([1 - p for p in self.top_p], scores)
+        sorted_remove[..., -self.min_tokens_to_keep:] = False
+        remove = torch.ones_like(scores, dtype=torch.bool).scatter_(1, indices.flip(-1), sorted_remove)
+        return scores.masked_fill_(remove, NEG_INF)
 
 
 class MinP(LogitsTransform):
@@ -366,14 +446,14 @@ class MinP(LogitsTransform):
         self.min_tokens_to_keep = _check_min_keep(min_tokens_to_keep)
         self.active = any(v > 0 for v in self.min_p)
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("min_p", self.min_p, scores)
         probs = torch.softmax(scores, dim=-1)
         top_probs = probs.amax(dim=-1, keepdim=True)
         remove = probs < _column(self.min_p, scores) * top_probs  # min_p = 0 removes nothing
         k = min(self.min_tokens_to_keep, probs.shape[-1])
         remove.scatter_(-1, torch.topk(probs, k, dim=-1).indices, False)
-        return scores.masked_fill(remove, NEG_INF)
+        return scores.masked_fill_(remove, NEG_INF)
 
 
 class TypicalP(LogitsTransform):
@@ -385,13 +465,13 @@ class TypicalP(LogitsTransform):
         self.min_tokens_to_keep = _check_min_keep(min_tokens_to_keep)
         self.active = any(v < 1 for v in self.typical_p)
 
-    def __call__(self, scores, histories=None, prompt_lens=None):
+    def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("typical_p", self.typical_p, scores)
         normalized = torch.nn.functional.log_softmax(scores, dim=-1)
         p = torch.exp(normalized)
         ent = -(normalized * p).nansum(-1, keepdim=True)
         shifted_scores = torch.abs((-normalized) - ent)
-        sorted_scores, sorted_indices = torch.sort(shifted_scores, descending=False, stable=True)
+        sorted_scores, sorted_indices = torch.sort(shifted_scores, descending=False)
         sorted_logits = scores.gather(-1, sorted_indices)
         cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         last_ind = (cumulative_probs < _column(self.typical_p, scores)).sum(dim=1)
@@ -401,4 +481,4 @@ class TypicalP(LogitsTransform):
         if any(v == 1 for v in self.typical_p):
             sorted_remove &= _column(self.typical_p, scores) < 1
         remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
-        return scores.masked_fill(remove, NEG_INF)
+        return scores.masked_fill_(remove, NEG_INF)

@@ -1,0 +1,552 @@
+"""Data augmentation: K new examples per row of a labelled text dataset (CSV/TSV or JSONL).
+
+Each new example keeps its source row's label (and every other column) and is made one of two ways:
+
+- ``continuation``: the model continues the example's opening (its first words);
+- ``few-shot``: the model writes the next item of a list of other examples with the same label.
+
+Candidates are filtered: empty output, length bounds (words), exact duplicates and near duplicates
+(character 3-gram Jaccard similarity >= a threshold) of the originals and of each other.
+
+Output (CSV/TSV or JSONL by its suffix) holds every original row followed by its kept examples, with
+three added columns: ``aug_origin`` (``original`` | ``generated``), ``aug_source_row`` (0-based row of
+the input) and ``aug_method``. It is written incrementally (flush + fsync per row) next to a progress
+log ``<out>.progress``; rerunning after an interruption truncates any partly written row, skips the
+finished ones and goes on, so every row is in the output exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ..generation import Generator
+
+ORIGIN, SOURCE_ROW, METHOD = "aug_origin", "aug_source_row", "aug_method"
+ADDED_COLUMNS = (ORIGIN, SOURCE_ROW, METHOD)
+METHODS = ("continuation", "few-shot")
+FILTER_REASONS = ("empty", "too_short", "too_long", "duplicate", "near_duplicate", "empty_source")
+DEFAULTS = {"temperature": 0.9, "top_k": 50}
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+# -- dataset IO ------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    path: Path
+    format: str  # "csv" | "tsv" | "jsonl"
+    columns: list[str]
+    rows: list[dict[str, Any]]
+
+
+def data_format(path: Path, what: str = "file") -> str:
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown {what} format {path.suffix or '(no suffix)'!r}; "
+                         "use .csv, .tsv or .jsonl")
+    return fmt
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a data file") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); convert it "
+                         "first, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def _csv_records(lines: Iterator[str], delimiter: str) -> Iterator[list[str]]:
+    return csv.reader(lines, delimiter=delimiter)
+
+
+def read_dataset(path: str | Path, text_column: str, label_column: str | None = None) -> Dataset:
+    """Read a CSV/TSV (with a header) or JSONL dataset; ``ValueError`` names what is wrong and where."""
+    path = Path(path)
+    fmt = data_format(path, "data")
+    text = _read_text(path)
+    rows: list[dict[str, Any]] = []
+    if fmt == "jsonl":
+        columns: dict[str, None] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {n} is not a JSON object")
+            columns.update(dict.fromkeys(record))
+            rows.append(record)
+        cols = list(columns)
+    else:
+        records = _csv_records(iter(text.splitlines(keepends=True)), "," if fmt == "csv" else "\t")
+        try:
+            header = next(records, None)
+            if not header or not any(h.strip() for h in header):
+                raise ValueError(f"{path}: empty dataset (no header row)")
+            dupes = sorted({h for h in header if header.count(h) > 1})
+            if dupes:
+                raise ValueError(f"{path}: duplicate column name(s) in the header: {', '.join(dupes)}")
+            for values in records:
+                if not values:
+                    continue
+                if len(values) != len(header):
+                    raise ValueError(f"{path}: line {records.line_num} has {len(values)} fields, the header "
+                                     f"has {len(header)}")
+                rows.append(dict(zip(header, values)))
+        except csv.Error as exc:
+            raise ValueError(f"{path}: malformed CSV near line {records.line_num} ({exc})") from None
+        cols = header
+    if not rows:
+        raise ValueError(f"{path}: empty dataset (no rows)")
+    for name, option in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if name is not None and name not in cols:
+            raise ValueError(f"{path}: no column {name!r} ({option}); columns: {', '.join(cols) or '(none)'}")
+    clash = [c for c in ADDED_COLUMNS if c in cols]
+    if clash:
+        raise ValueError(f"{path}: already has column(s) {', '.join(clash)}: is it an augment output? "
+                         "Augment the original dataset")
+    for i, row in enumerate(rows):
+        value = row.get(text_column)
+        if value is not None and not isinstance(value, str):
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"{path}: row {i}: {text_column!r} must be text, got {type(value).__name__}")
+            row[text_column] = str(value)
+    return Dataset(path, fmt, cols, rows)
+
+
+class _Output:
+    """Append-only writer of output records: every record flushed and fsynced when written."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = path, columns
+        self.format = data_format(path, "output")
+        self._file = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115 - closed by close()
+        if self.format != "jsonl":
+            self._csv = csv.writer(self._file, delimiter="," if self.format == "csv" else "\t",
+                                   lineterminator="\n")
+            if self._file.tell() == 0:
+                self._csv.writerow(columns)
+                self._sync()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.format == "jsonl":
+            self._file.write(json.dumps({c: record.get(c) for c in self.columns}, ensure_ascii=False) + "\n")
+        else:
+            self._csv.writerow(["" if record.get(c) is None else _cell(record.get(c)) for c in self.columns])
+        self._sync()
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _read_output(path: Path, columns: list[str], keep: int) -> tuple[list[dict[str, Any]], int]:
+    """The first ``keep`` records of an output file and the byte offset where they end."""
+    fmt = data_format(path, "output")
+    records: list[dict[str, Any]] = []
+    offset = 0
+    with open(path, encoding="utf-8", newline="") as f:
+        consumed = [0]
+
+        def lines() -> Iterator[str]:
+            for line in f:
+                consumed[0] += len(line.encode("utf-8"))
+                yield line
+
+        it = lines()
+        if fmt == "jsonl":
+            for line in it:
+                if len(records) == keep:
+                    break
+                records.append(json.loads(line))
+                offset = consumed[0]
+        else:
+            reader = _csv_records(it, "," if fmt == "csv" else "\t")
+            header = next(reader, None)
+            if header != columns:
+                raise ValueError(f"{path}: its columns {header} are not those of this run {columns}; "
+                                 "use another --out")
+            offset = consumed[0]
+            for values in reader:
+                if len(records) == keep:
+                    break
+                records.append(dict(zip(columns, values)))
+                offset = consumed[0]
+    if len(records) < keep:
+        raise ValueError(f"{path}: has {len(records)} complete rows but its progress log says {keep}; the file "
+                         "was changed by something else. Remove it and its .progress file to start over")
+    return records, offset
+
+
+# -- filters ---------------------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def shingles(text: str, n: int = 3) -> frozenset[str]:
+    """Character ``n``-grams of the normalized text (the text itself when shorter)."""
+    t = normalize(text)
+    return frozenset(t[i:i + n] for i in range(len(t) - n + 1)) if len(t) >= n else frozenset([t])
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    if not a and not b:
+        return 1.0
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
+
+
+class NearDuplicateIndex:
+    """Texts seen so far; finds one whose 3-gram Jaccard similarity to a new text is >= ``threshold``.
+
+    Exact: Jaccard >= t needs t*|A| <= |B| <= |A|/t, so only texts with a shingle count in that
+    range are compared.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"similarity must be in (0, 1] (1 = drop exact duplicates only), got {threshold!r}")
+        self.threshold = threshold
+        self._exact: set[str] = set()
+        self._by_size: dict[int, list[frozenset[str]]] = defaultdict(list)
+
+    def add(self, text: str) -> None:
+        self._exact.add(normalize(text))
+        s = shingles(text)
+        self._by_size[len(s)].append(s)
+
+    def check(self, text: str) -> str | None:
+        """``"duplicate"``, ``"near_duplicate"`` or None."""
+        if normalize(text) in self._exact:
+            return "duplicate"
+        if self.threshold >= 1:
+            return None
+        s, t = shingles(text), self.threshold
+        for size in range(math.ceil(t * len(s)), math.floor(len(s) / t) + 1):
+            for other in self._by_size.get(size, ()):
+                if jaccard(s, other) >= t:
+                    return "near_duplicate"
+        return None
+
+
+# -- the job ---------------------------------------------------------------------------------------
+@dataclass
+class AugmentSummary:
+    """Counts over the whole job (earlier interrupted runs included)."""
+
+    rows_in: int
+    per_example: int
+    generated: int = 0  # kept new examples
+    filtered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTER_REASONS, 0))
+    rows_resumed: int = 0  # rows finished by an earlier run and skipped by this one
+    output: str = ""
+
+    @property
+    def attempts(self) -> int:
+        return self.rows_in * self.per_example
+
+    @property
+    def rows_out(self) -> int:
+        return self.rows_in + self.generated
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "attempts": self.attempts, "rows_out": self.rows_out}
+
+
+@dataclass
+class _Candidate:
+    row: int
+    method: str
+    prompt: str
+    prefix: str  # kept in front of the generated text (the opening, for continuations)
+    max_new_tokens: int
+    n: int = 1
+    seed: int | None = None
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class Augmenter:
+    """Build and run an augmentation job; :func:`augment` is the one-call form."""
+
+    def __init__(self, generator: Generator, data: Dataset, out: str | Path, *, text_column: str,
+                 label_column: str | None = None, per_example: int = 2, methods: Sequence[str] = METHODS,
+                 params: SamplingParams | None = None, similarity: float = 0.8, min_words: int = 3,
+                 max_words: int | None = None, opening: float = 0.5, shots: int = 3, batch_rows: int = 8) -> None:
+        if not isinstance(per_example, int) or not 1 <= per_example <= 100:
+            raise ValueError(f"per_example must be an integer in [1, 100], got {per_example!r}")
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {', '.join(methods) or '(none)'}")
+        if not 0 < opening < 1:
+            raise ValueError(f"opening must be a fraction in (0, 1) of the example's words, got {opening!r}")
+        if not isinstance(min_words, int) or min_words < 0:
+            raise ValueError(f"min_words must be an integer >= 0, got {min_words!r}")
+        if max_words is not None and (not isinstance(max_words, int) or max_words < max(1, min_words)):
+            raise ValueError(f"max_words must be an integer >= max(1, min_words={min_words}), got {max_words!r}")
+        if not isinstance(shots, int) or not 1 <= shots <= 20:
+            raise ValueError(f"shots must be an integer in [1, 20], got {shots!r}")
+        self.gen, self.data, self.out = generator, data, Path(out)
+        if self.out.resolve() == data.path.resolve():
+            raise ValueError(f"--out {self.out} is the input file; choose another output")
+        data_format(self.out, "output")
+        self.text_column, self.label_column = text_column, label_column
+        self.per_example, self.methods = per_example, list(methods)
+        self.params = (params or SamplingParams(**DEFAULTS)).with_(n=1)
+        if self.params.num_beams > 1:
+            raise ValueError("augment samples varied examples: num_beams must be 1")
+        self.min_words = min_words
+        longest = max(len(_words(r.get(text_column) or "")) for r in data.rows)
+        self.max_words = max_words if max_words is not None else max(2 * longest, min_words + 1, 10)
+        self.opening, self.shots, self.batch_rows = opening, shots, max(1, batch_rows)
+        self.index = NearDuplicateIndex(similarity)
+        self.columns = [*data.columns, *ADDED_COLUMNS]
+        self.progress_path = self.out.with_name(self.out.name + ".progress")
+        by_label: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(data.rows):
+            if (row.get(text_column) or "").strip():
+                by_label[self._label_key(row)].append(i)
+        self.by_label = by_label
+
+    def _label_key(self, row: dict[str, Any]) -> str:
+        return "" if self.label_column is None else json.dumps(row.get(self.label_column), sort_keys=True)
+
+    # -- resumable state --------------------------------------------------------------------------
+    def _job_header(self) -> dict[str, Any]:
+        return {"job": "augment", "input": str(self.data.path.resolve()), "rows": len(self.data.rows),
+                "text_column": self.text_column, "label_column": self.label_column,
+                "per_example": self.per_example, "columns": self.columns}
+
+    def _resume(self, summary: AugmentSummary) -> int:
+        """Read the progress log and truncate the output to its finished rows; the next row to do."""
+        header = self._job_header()
+        if not self.progress_path.exists():
+            if self.out.exists() and self.out.stat().st_size > 0:
+                raise ValueError(f"{self.out} exists and has no progress log {self.progress_path.name}, so it is "
+                                 "not a resumable augment output; choose another --out or remove it")
+            self._write_progress_header(header)
+            return 0
+        lines = self.progress_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        try:
+            first = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            first = None
+        if first is None:  # killed while writing the header: nothing was done
+            self._write_progress_header(header)
+            self.out.unlink(missing_ok=True)
+            return 0
+        if first != header:
+            diff = [k for k in header if first.get(k) != header[k]]
+            raise ValueError(f"{self.out} was started with other settings ({', '.join(diff)} differ); rerun with "
+                             "the same ones to resume, or choose another --out")
+        done, keep, good = 0, 0, len(lines[0])
+        for line in lines[1:]:
+            if not line.endswith("\n"):
+                break  # torn last line: that row is redone
+            entry = json.loads(line)
+            if entry["row"] != done:
+                raise ValueError(f"{self.progress_path}: rows out of order; remove it and {self.out} to start over")
+            done += 1
+            keep += 1 + entry["kept"]
+            summary.generated += entry["kept"]
+            for reason, count in entry["filtered"].items():
+                summary.filtered[reason] = summary.filtered.get(reason, 0) + count
+            good += len(line)
+        if good < sum(len(x) for x in lines):
+            with open(self.progress_path, "r+", encoding="utf-8") as f:
+                f.truncate(good)
+        if not self.out.exists():
+            if done:
+                raise ValueError(f"{self.out} is missing but {self.progress_path.name} says {done} rows are done; "
+                                 "remove the progress file to start over")
+            return 0
+        if done == 0:
+            self.out.unlink()
+            return 0
+        records, offset = _read_output(self.out, self.columns, keep)
+        with open(self.out, "r+b") as f:  # drop a partly written row and any torn line after the last done row
+            f.truncate(offset)
+            os.fsync(f.fileno())
+        for record in records:
+            if record.get(ORIGIN) == "generated":
+                self.index.add(str(record.get(self.text_column) or ""))
+        summary.rows_resumed = done
+        return done
+
+    def _write_progress_header(self, header: dict[str, Any]) -> None:
+        with open(self.progress_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _log_row(self, row: int, kept: int, filtered: dict[str, int]) -> None:
+        with open(self.progress_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"row": row, "kept": kept, "filtered": filtered}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def _budget(self, text: str) -> int:
+        if self.params.max_new_tokens is not None:
+            return self.params.max_new_tokens
+        n = len(self.gen.tokenizer.encode(text))
+        return max(8, min(2 * n, 256, self.gen.config.n_positions // 2))
+
+    def _candidates(self, i: int) -> list[_Candidate]:
+        row = self.data.rows[i]
+        text = _one_line(row.get(self.text_column) or "")
+        seed = None if self.params.seed is None else self.params.seed + i * (self.per_example + 1)
+        rng = random.Random(seed)
+        others = [j for j in self.by_label.get(self._label_key(row), []) if j != i]
+        budget = self._budget(text)
+        methods = [self.methods[k % len(self.methods)] for k in range(self.per_example)]
+        if not others:
+            methods = ["continuation"] * self.per_example  # a label with one example has nothing to show
+        out: list[_Candidate] = []
+        n_cont = methods.count("continuation")
+        if n_cont:
+            words = _words(text)
+            keep = min(max(1, round(self.opening * len(words))), max(1, len(words) - 1))
+            opening = " ".join(words[:keep])
+            out.append(_Candidate(i, "continuation", opening, opening, budget, n=n_cont, seed=seed))
+        for k in range(methods.count("few-shot")):
+            shots = rng.sample(others, min(self.shots, len(others)))
+            if self.label_column is not None:
+                head = f"Examples of texts with {self.label_column} {_cell(row.get(self.label_column))}:\n"
+            else:
+                head = "Examples of texts:\n"
+            lines = "".join(f"Text: {_one_line(self.data.rows[j][self.text_column])}\n" for j in shots)
+            out.append(_Candidate(i, "few-shot", head + lines + "Text:", "", budget,
+                                  seed=None if seed is None else seed + 1 + k))
+        return out
+
+    def _generate(self, cands: list[_Candidate]) -> dict[int, list[tuple[str, str]]]:
+        """Run every candidate prompt in one continuous batch: row -> [(method, text)]."""
+        engine = self.gen.engine(max_batch=16)
+        stop = [*self.params.stop, "\n"]  # an example is one line
+        for c_id, c in enumerate(cands):
+            p = self.params.with_(max_new_tokens=c.max_new_tokens, max_length=None, n=c.n, seed=c.seed, stop=stop,
+                                  truncate_prompt=True)
+            engine.add_request(self.gen.encode_prompt(c.prompt), p, request_id=str(c_id))
+        texts: dict[tuple[int, int], list[str]] = defaultdict(list)
+        while engine.has_unfinished():
+            for o in engine.step():
+                texts[(int(o.request_id), o.index)].append(o.text)
+        result: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for c_id, c in enumerate(cands):
+            for k in range(c.n):
+                body = "".join(texts[(c_id, k)])
+                result[c.row].append((c.method, _one_line(c.prefix + body) if c.prefix else _one_line(body)))
+        return result
+
+    def _judge(self, text: str) -> str | None:
+        if not text:
+            return "empty"
+        n = len(_words(text))
+        if n < self.min_words:
+            return "too_short"
+        if n > self.max_words:
+            return "too_long"
+        return self.index.check(text)
+
+    # -- run --------------------------------------------------------------------------------------
+    def run(self, progress: Callable[[int, int], None] | None = None) -> AugmentSummary:
+        """Augment every row not done yet; ``progress(done_rows, total_rows)`` after each row."""
+        rows = self.data.rows
+        summary = AugmentSummary(rows_in=len(rows), per_example=self.per_example, output=str(self.out))
+        for row in rows:
+            self.index.add(str(row.get(self.text_column) or ""))
+        start = self._resume(summary)
+        if progress:
+            progress(start, len(rows))
+        writer = _Output(self.out, self.columns)
+        try:
+            for first in range(start, len(rows), self.batch_rows):
+                batch = range(first, min(first + self.batch_rows, len(rows)))
+                cands = [c for i in batch if (rows[i].get(self.text_column) or "").strip()
+                         for c in self._candidates(i)]
+                made = self._generate(cands) if cands else {}
+                for i in batch:
+                    filtered = dict.fromkeys(FILTER_REASONS, 0)
+                    writer.write({**rows[i], ORIGIN: "original", SOURCE_ROW: i, METHOD: ""})
+                    kept = 0
+                    if not (rows[i].get(self.text_column) or "").strip():
+                        filtered["empty_source"] = self.per_example
+                    for method, text in made.get(i, []):
+                        reason = self._judge(text)
+                        if reason:
+                            filtered[reason] += 1
+                            continue
+                        self.index.add(text)
+                        writer.write({**rows[i], self.text_column: text, ORIGIN: "generated", SOURCE_ROW: i,
+                                      METHOD: method})
+                        kept += 1
+                    filtered = {k: v for k, v in filtered.items() if v}
+                    self._log_row(i, kept, filtered)  # after the row's records are on disk
+                    summary.generated += kept
+                    for reason, count in filtered.items():
+                        summary.filtered[reason] += count
+                    if progress:
+                        progress(i + 1, len(rows))
+        finally:
+            writer.close()
+        return summary
+
+
+def augment(generator: Generator, data: str | Path, out: str | Path, *, text_column: str = "text",
+            label_column: str | None = None, per_example: int = 2,
+            progress: Callable[[int, int], None] | None = None, **options: Any) -> AugmentSummary:
+    """Augment the dataset file ``data`` into ``out`` (resuming if ``out`` is a partial run of the same job).
+
+    ``options``: ``methods``, ``params`` (SamplingParams), ``similarity``, ``min_words``, ``max_words``,
+    ``opening``, ``shots``, ``batch_rows`` (see :class:`Augmenter`).
+    """
+    dataset = read_dataset(data, text_column, label_column)
+    job = Augmenter(generator, dataset, out, text_column=text_column, label_column=label_column,
+                    per_example=per_example, **options)
+    return job.run(progress)
+
+
+def read_output(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of an augment output (for inspection and tests)."""
+    path = Path(path)
+    fmt = data_format(path, "output")
+    text = path.read_text(encoding="utf-8")
+    if fmt == "jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t"))

@@ -1,0 +1,76 @@
+"""``gpt2lab augment``: new labelled examples for a small text dataset, resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from ..apps.augment import DEFAULTS, METHODS
+from ..sampling import SamplingParams
+from .common import load_generator, user_errors
+from .options import BEAM_OPTIONS, model_option, sampling_options
+
+_EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
+
+
+@sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
+def augment(
+    data: Path = typer.Argument(..., help="Dataset: .csv / .tsv (with a header) or .jsonl."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .csv / .tsv / .jsonl; rerun to resume it."),
+    text_column: str = typer.Option("text", "--text-column", help="Column holding the text."),
+    label_column: str = typer.Option(None, "--label-column", help="Column holding the label (kept as is)."),
+    per_example: int = typer.Option(2, "--per-example", "-k", help="New examples to make from each row."),
+    method: list[str] = typer.Option(None, "--method", help=f"Way(s) to make them: {', '.join(METHODS)} "
+                                     "(repeatable; default: alternate both)."),
+    similarity: float = typer.Option(0.8, "--similarity", help="Drop a new example whose character 3-gram "
+                                     "Jaccard similarity to any kept text is at least this (1 = exact only)."),
+    min_words: int = typer.Option(3, "--min-words", help="Drop new examples with fewer words."),
+    max_words: int = typer.Option(None, "--max-words", help="Drop longer ones (default: twice the longest "
+                                  "original)."),
+    opening: float = typer.Option(0.5, "--opening", help="Fraction of an example's words a continuation keeps."),
+    shots: int = typer.Option(3, "--shots", help="Examples shown in a few-shot prompt."),
+    model: str = model_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    sampling: SamplingParams = None,
+) -> None:
+    """Make --per-example new rows from each row of a labelled dataset, with the same label.
+
+    New text comes from continuing an example's opening and from few-shot prompts made of other
+    examples with the same label. Empty, too short/long and (near-)duplicate texts are dropped. The
+    output keeps every original column plus aug_origin (original/generated), aug_source_row and
+    aug_method; it is written row by row and an interrupted run resumes where it stopped.
+    """
+    from ..apps.augment import Augmenter, read_dataset
+
+    with user_errors():
+        dataset = read_dataset(data, text_column, label_column)
+    gen = load_generator(model)
+    with user_errors():
+        job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
+                        per_example=per_example, methods=method or METHODS, params=sampling, similarity=similarity,
+                        min_words=min_words, max_words=max_words, opening=opening, shots=shots)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("augment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, transient=True) as bar, user_errors():
+            task = bar.add_task("rows", total=len(dataset.rows))
+            summary = job.run(lambda done, total: bar.update(task, completed=done))
+    except typer.Exit as exc:
+        if exc.exit_code == 130:
+            print(f"gpt2lab: interrupted; rerun the same command to resume {out}", file=sys.stderr)
+        raise
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+        return
+    filtered = sum(summary.filtered.values())
+    print(f"rows in          {summary.rows_in}" + (f" ({summary.rows_resumed} done by an earlier run)"
+                                                   if summary.rows_resumed else ""))
+    print(f"attempts         {summary.attempts} ({summary.per_example} per row)")
+    print(f"generated, kept  {summary.generated}")
+    print(f"filtered         {filtered}" + "".join(f"\n  {reason:15}{count}" for reason, count in
+                                                   summary.filtered.items() if count))
+    print(f"rows out         {summary.rows_out} -> {summary.output}")

@@ -1,0 +1,140 @@
+"""``gpt2lab generate``: complete prompts from the command line, a file or stdin."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..sampling import SamplingParams
+from .common import fail, load_generator, user_errors
+from .options import model_option, sampling_options
+
+_CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
+
+
+def read_prompts(lines: list[str], source: str) -> list[str]:
+    """Prompts from text lines: JSONL objects with a "prompt" field, or else one prompt per line."""
+    lines = [line.rstrip("\r\n") for line in lines]
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        fail(f"{source}: no prompts (expected one prompt per line, or JSONL with a \"prompt\" field)")
+    if not numbered[0][1].lstrip().startswith("{"):
+        return [line for _, line in numbered]
+    prompts = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            fail(f"{source}:{number}: not valid JSON ({exc.msg}); a JSONL file needs one object per line")
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            fail(f"{source}:{number}: expected a JSON object with a string \"prompt\" field")
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _logprobs_json(logprobs: list | None) -> list[dict[str, Any]] | None:
+    if logprobs is None:
+        return None
+    return [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
+             "top": [{"token_id": i, "token": s, "logprob": v} for i, s, v in t.top]} for t in logprobs]
+
+
+def _print_logprobs(logprobs: list) -> None:
+    for t in logprobs:
+        alternatives = ", ".join(f"{s!r} {v:.3f}" for _, s, v in t.top)
+        print(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
+
+
+# the seed's recipe: generate_text(prompt, max_length=100, temperature=0.8, top_k=50)
+DEFAULTS = {"max_length": 100, "temperature": 0.8, "top_k": 50}
+
+
+@sampling_options(defaults=DEFAULTS)
+def generate(
+    prompts: list[str] = typer.Argument(None, help="Prompts to complete (default: read --file, else stdin)."),
+    file: Path = typer.Option(None, "--file", "-f", help="Read prompts from a file: one per line, or JSONL "
+                              "objects with a \"prompt\" field. '-' reads stdin."),
+    model: str = model_option(),
+    as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
+    sampling: SamplingParams = None,
+) -> None:
+    """Complete prompts with a GPT-2 model, streaming the text as it is generated.
+
+    Prompts: the arguments, else --file, else stdin (one per line, or JSONL with a "prompt" field).
+
+    Defaults follow the classic recipe: temperature 0.8, top-k 50, 100 tokens in all unless --max-new-tokens.
+    """
+    params = sampling
+    prompt_list = _collect_prompts(prompts or [], file)
+    gen = load_generator(model)
+    from ..generation import fit_prompt
+    from ..model import optimize_for_inference
+
+    optimize_for_inference(gen.model)  # this process only generates: prepacked weights, about 2x faster
+
+    with user_errors():
+        for p in prompt_list:  # fail on an unusable prompt before printing anything
+            fit_prompt(gen.encode_prompt(p), params, gen.config.n_positions)
+        if as_json:
+            for start in range(0, len(prompt_list), _CHUNK):
+                for c in gen.generate(prompt_list[start:start + _CHUNK], params):
+                    record = {"model": gen.name, "prompt": c.prompt, "index": c.index, "text": c.text,
+                              "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                              "logprobs": _logprobs_json(c.logprobs)}
+                    print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            _stream(gen, prompt_list, params)
+
+
+def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
+    if prompts and file is not None:
+        fail("give prompts as arguments or with --file, not both")
+    if prompts:
+        return prompts
+    if file is not None and str(file) != "-":
+        try:
+            return read_prompts(file.read_text(encoding="utf-8").splitlines(), str(file))
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"--file {file}: cannot read ({exc})")
+    if sys.stdin.isatty() and file is None:
+        fail("no prompt: give one as an argument, with --file, or on stdin")
+    return read_prompts(sys.stdin.read().splitlines(), "stdin")
+
+
+def _stream(gen, prompts: list[str], params) -> None:
+    """Print each prompt with its completions (blank line between them); sample 0 streams live."""
+    for k, prompt in enumerate(prompts):
+        if k:
+            print()
+        if params.num_beams > 1:  # beams are only known at the end
+            completions = [(c.text, c.logprobs) for c in gen.generate(prompt, params)]
+            print(prompt + completions[0][0], flush=True)
+        else:
+            completions = _stream_first(gen, prompt, params)
+        for j, (text, logprobs) in enumerate(completions):
+            if j:
+                print()
+                print(prompt + text, flush=True)
+            if logprobs:
+                _print_logprobs(logprobs)
+
+
+def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
+    """Run one prompt's ``n`` samples together, printing sample 0 as it comes; return all of them."""
+    engine = gen.engine(max_batch=min(16, params.n))
+    engine.add_request(gen.encode_prompt(prompt), params)
+    texts: list[list[str]] = [[] for _ in range(params.n)]
+    logprobs: list[list] = [[] for _ in range(params.n)]
+    print(prompt, end="", flush=True)
+    while engine.has_unfinished():
+        for out in engine.step():
+            texts[out.index].append(out.text)
+            logprobs[out.index] += out.logprobs or []
+            if out.index == 0 and out.text:
+                print(out.text, end="", flush=True)
+    print()
+    return [("".join(t), lp) for t, lp in zip(texts, logprobs)]

@@ -1,0 +1,166 @@
+"""The generation options every generating command shares (``--temperature``, ``--top-k``, ...).
+
+Declared once here so ``generate``, ``story``, ``chat`` and ``augment`` spell, document and validate
+them identically. A command opts in with :func:`sampling_options` and receives one validated
+:class:`~gpt2lab.sampling.SamplingParams` in its ``sampling`` parameter::
+
+    @sampling_options(defaults={"temperature": 0.8, "top_k": 50}, exclude={"n"})
+    def story(premise: str = typer.Argument(...), sampling: SamplingParams = None) -> None: ...
+
+Every option defaults to "not given" so a command's own ``defaults`` (then SamplingParams' own) apply;
+the help text shows the value that applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+
+from .common import fail
+
+MODEL_HELP = "Local directory, bundled name or Hub id (default: gpt2)."
+
+
+def model_option() -> Any:
+    """``--model/-m``, spelled the same in every command."""
+    return typer.Option(None, "--model", "-m", help=MODEL_HELP)
+
+
+@dataclass(frozen=True)
+class _Opt:
+    name: str  # SamplingParams field
+    type: Any
+    help: str
+    flag: str | None = None  # defaults to --field-name
+    short: str | None = None
+
+
+# The order is the order shown in --help.
+SAMPLING_OPTIONS: list[_Opt] = [
+    _Opt("max_new_tokens", int | None, "New tokens to generate (not counting the prompt)."),
+    _Opt("max_length", int | None, "Prompt + new tokens, as in transformers (give this or --max-new-tokens)."),
+    _Opt("temperature", float | None, "Sampling temperature; 0 = greedy.", short="-t"),
+    _Opt("top_k", int | None, "Keep the K most likely tokens (0 = off)."),
+    _Opt("top_p", float | None, "Nucleus sampling: smallest set with this probability mass (1 = off)."),
+    _Opt("min_p", float | None, "Drop tokens below min_p x the top probability (0 = off)."),
+    _Opt("typical_p", float | None, "Locally typical sampling mass (1 = off)."),
+    _Opt("repetition_penalty", float | None, "Penalise tokens already in prompt or output (1 = off)."),
+    _Opt("presence_penalty", float | None, "OpenAI presence penalty over generated tokens, in [-2, 2]."),
+    _Opt("frequency_penalty", float | None, "OpenAI frequency penalty over generated tokens, in [-2, 2]."),
+    _Opt("no_repeat_ngram_size", int | None, "Never repeat an n-gram of this size (0 = off)."),
+    _Opt("stop", list[str] | None, "Stop string (repeatable); removed from the output."),
+    _Opt("stop_token_ids", list[int] | None, "Stop at this token id (repeatable).", "--stop-token-id"),
+    _Opt("bad_words", list[str] | None, "A string that may never be generated (repeatable).", "--bad-word"),
+    _Opt("logit_bias", list[str] | None, "TOKEN_ID:BIAS added to a token's logit (repeatable).", "--logit-bias"),
+    _Opt("ignore_eos", bool | None, "Keep generating past <|endoftext|>.", "--ignore-eos"),
+    _Opt("n", int | None, "Completions per prompt.", short="-n"),
+    _Opt("num_beams", int | None, "Beam search with this many beams (1 = sampling)."),
+    _Opt("length_penalty", float | None, "Beam search: exponent of the length in the score."),
+    _Opt("early_stopping", bool | None, "Beam search: stop when num_beams hypotheses are done.", "--early-stopping"),
+    _Opt("seed", int | None, "Random seed: the same seed gives the same text."),
+    _Opt("logprobs", int | None, "Report the chosen token's logprob and the top K alternatives."),
+    _Opt("truncate_prompt", bool | None, "Drop the oldest prompt tokens instead of failing when too long.",
+         "--truncate-prompt"),
+]
+
+
+# for commands that sample varied texts and cannot use beam search
+BEAM_OPTIONS = frozenset({"num_beams", "length_penalty", "early_stopping"})
+
+
+def _parse_logit_bias(items: list[str]) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for item in items:
+        token, sep, value = item.partition(":")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias must be TOKEN_ID:BIAS (e.g. 50256:-100), got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--logit-bias must be TOKEN_ID:BIAS (e.g. 50256:-100), got {item!r}")
+    return bias
+
+
+def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] | None = None):
+    """SamplingParams from CLI values (``None`` = not given) over a command's ``defaults``.
+
+    Raises ``ValueError`` naming the parameter when a value is out of range.
+    """
+    from ..sampling import SamplingParams
+
+    values = dict(defaults or {})
+    for name, value in given.items():
+        if value is None or (isinstance(value, list) and not value):
+            continue
+        values[name] = _parse_logit_bias(value) if name == "logit_bias" else value
+    if "max_length" in values and "max_new_tokens" in values:
+        # the user's choice of one length wins over the command's default for the other
+        drop = "max_new_tokens" if given.get("max_length") is not None else "max_length"
+        values.pop(drop)
+    return SamplingParams.from_kwargs(**values)
+
+
+def _help(opt: _Opt, defaults: Mapping[str, Any]) -> str:
+    from ..sampling import SamplingParams  # light module: dataclass only
+
+    default = defaults.get(opt.name, getattr(SamplingParams, opt.name, None))
+    if opt.name in ("max_new_tokens", "max_length") and default is None:
+        return opt.help
+    if default in (None, [], {}) or isinstance(default, bool):
+        return opt.help
+    return f"{opt.help} (default: {default})"  # [..] would be rich markup
+
+
+def sampling_options(*, defaults: Mapping[str, Any] | None = None,
+                     exclude: Collection[str] = ()) -> Callable[[Callable], Callable]:
+    """Add every generation option to a typer command; it receives ``sampling: SamplingParams``.
+
+    ``defaults`` are the command's own defaults (shown in --help); ``exclude`` names options that make
+    no sense for the command (e.g. ``n`` where the command has its own count).
+    """
+    defaults = dict(defaults or {})
+    opts = [o for o in SAMPLING_OPTIONS if o.name not in set(exclude)]
+
+    def decorate(func: Callable) -> Callable:
+        hints = typing.get_type_hints(func, include_extras=True)
+        sig = inspect.signature(func)
+        if "sampling" not in sig.parameters:
+            raise TypeError(f"{func.__name__} needs a 'sampling' parameter to receive SamplingParams")
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in sig.parameters.values() if p.name != "sampling"]
+        taken = {p.name for p in own}
+        clash = taken & {o.name for o in opts}
+        if clash:
+            raise TypeError(f"{func.__name__}: parameters {sorted(clash)} clash with the generation options")
+        added = []
+        for o in opts:
+            flag = o.flag or "--" + o.name.replace("_", "-")
+            option = typer.Option(None, flag, *([o.short] if o.short else []), help=_help(o, defaults),
+                                  rich_help_panel="Generation options", show_default=False)
+            added.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                           annotation=o.type))
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {o.name: kwargs.pop(o.name, None) for o in opts}
+            try:
+                params = build_sampling_params(given, defaults)
+            except (ValueError, TypeError) as exc:
+                fail(str(exc))
+            return func(*args, sampling=params, **kwargs)
+
+        own_positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if
+                          p.kind == inspect.Parameter.KEYWORD_ONLY else p for p in own]
+        params = [*own_positional, *added]
+        wrapper.__signature__ = sig.replace(parameters=params, return_annotation=sig.return_annotation)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer must read the new signature, not the original's
+        return wrapper
+
+    return decorate

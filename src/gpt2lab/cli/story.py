@@ -1,0 +1,69 @@
+"""``gpt2lab story``: drafts of a story from a premise, or the continuation of a text file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from ..apps.story import DEFAULTS
+from ..sampling import SamplingParams
+from .common import fail, load_generator, user_errors
+from .options import BEAM_OPTIONS, model_option, sampling_options
+
+# story counts its length with --length, makes --drafts samples and cannot beam-search varied drafts
+_EXCLUDE = {"n", "logprobs", "max_new_tokens", "max_length", "truncate_prompt", *BEAM_OPTIONS}
+
+
+@sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
+def story(
+    premise: str = typer.Argument("", help="What the story is about; it starts the story and stays in view."),
+    drafts: int = typer.Option(1, "--drafts", "-d", help="Number of drafts (each with seed + draft number)."),
+    length: int = typer.Option(300, "--length", "-l", help="New tokens per draft; may exceed the model's window."),
+    continue_file: Path = typer.Option(None, "--continue", help="Continue the text of this file instead."),
+    out: Path = typer.Option(Path("stories"), "--out", "-o", help="Folder for the drafts (created if needed)."),
+    model: str = model_option(),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the first draft to the terminal."),
+    sampling: SamplingParams = None,
+) -> None:
+    """Write story drafts from a premise (or continue a text file); each draft goes to a file in --out.
+
+    The first draft is streamed to the terminal as it is written. Stories longer than the model's
+    context window are written by sliding it: the premise and the most recent text stay in view.
+    """
+    from ..apps.story import save_stories, slug, write_stories
+
+    start = None
+    if continue_file is not None:
+        try:
+            start = continue_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            fail(f"--continue {continue_file}: file not found")
+        except (IsADirectoryError, UnicodeDecodeError) as exc:
+            fail(f"--continue {continue_file}: cannot read it as UTF-8 text ({exc.__class__.__name__})")
+        if not start.strip():
+            fail(f"--continue {continue_file}: the file is empty")
+    elif not premise.strip():
+        fail("give a premise (or --continue FILE)")
+    gen = load_generator(model)
+    shown: list[str] = []  # the first delta is preceded by the text the story starts with
+
+    def show(delta: str) -> None:
+        if not shown:
+            shown.append(premise if start is None else start)
+            sys.stdout.write(shown[0])
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    with user_errors((OSError,)):
+        stories = write_stories(gen, premise, drafts=drafts, length=length, params=sampling, continue_from=start,
+                                on_text=None if quiet else show)
+        stem = slug(premise or continue_file.stem)
+        paths = save_stories(stories, out, stem)
+    if not quiet:
+        sys.stdout.write(("" if shown else stories[0].text) + "\n")
+    for s, path in zip(stories, paths):
+        note = "" if s.finish_reason == "length" else " (ended early: the model finished the story; " \
+            "--ignore-eos keeps going)"
+        print(f"gpt2lab: draft {s.draft + 1}: {path} ({s.new_tokens} new tokens){note}", file=sys.stderr)

@@ -1,0 +1,93 @@
+"""Beam search: token-identical to transformers ``generate(num_beams=..., do_sample=False)``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gpt2lab
+from gpt2lab.checkpoints import load_model
+from gpt2lab.generation.beam import beam_search
+from gpt2lab.sampling import SamplingParams
+from gpt2lab.tokenizer import Tokenizer
+
+from .conftest import SHAPES, make_hf_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# (length_penalty, early_stopping, n, new tokens, eos: "frequent" = a token the model likes, so beams
+# finish at different steps; None = the model's own EOS, which random weights almost never pick)
+CASES = [(1.0, False, 1, 12, None), (1.0, False, 3, 10, "frequent"), (2.0, True, 2, 14, "frequent"),
+         (0.5, False, 4, 9, "frequent"), (-1.0, True, 1, 11, "frequent")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["tiny", "oddvocab", "wide"])
+def test_beam_matches_transformers(tmp_path, shape):
+    from transformers import GPT2LMHeadModel
+
+    ckpt = make_hf_checkpoint(tmp_path, seed=11, with_tokenizer=False, **SHAPES[shape])
+    model, ref = load_model(ckpt), GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    tok, vocab = Tokenizer.gpt2(), model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    cases = CASES if shape == "tiny" else CASES[1:3]  # every case once; the other shapes check the model side
+    for case, (lp, es, n, new, eos_kind) in enumerate(cases):
+        prompt = torch.randint(0, vocab, (3 + 5 * case,), generator=g).tolist()
+        x = torch.tensor([prompt])
+        mask = torch.ones_like(x)
+        with torch.no_grad():
+            eos = ref.config.eos_token_id
+            if eos_kind == "frequent":
+                eos = int(ref.generate(x, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                       pad_token_id=0)[0, -1])
+            out = ref.generate(x, attention_mask=mask, max_new_tokens=new, do_sample=False, num_beams=4,
+                               num_return_sequences=n, length_penalty=lp, early_stopping=es, eos_token_id=eos,
+                               pad_token_id=eos)
+        expected = [row[len(prompt):].tolist() for row in out]
+        got = beam_search(model, tok, prompt, SamplingParams(num_beams=4, n=n, max_new_tokens=new,
+                                                             length_penalty=lp, early_stopping=es),
+                          eos_token_id=eos)
+        width = len(expected[0])
+        assert [c.token_ids + [eos] * (width - len(c.token_ids)) for c in got] == expected, (shape, case)
+        for c in got:
+            assert c.finish_reason == ("stop" if c.token_ids[-1] == eos and eos_kind else "length")
+
+
+def test_beam_with_processors_matches_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    ckpt = make_hf_checkpoint(tmp_path, seed=12, with_tokenizer=False, **SHAPES["tiny"])
+    model, ref = load_model(ckpt), GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    prompt = [464, 3290, 318, 257, 3290, 286]
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, num_beams=3,
+                           repetition_penalty=1.5, no_repeat_ngram_size=2, pad_token_id=0)
+    got = beam_search(model, Tokenizer.gpt2(), prompt,
+                      SamplingParams(num_beams=3, max_new_tokens=12, repetition_penalty=1.5, no_repeat_ngram_size=2))
+    assert got[0].token_ids == out[0, len(prompt):].tolist()
+
+
+def test_generator_beam(tiny_checkpoint):
+    gen = gpt2lab.load(tiny_checkpoint)
+    both = gen.generate(["Hello world", "Once upon a time"], num_beams=4, n=2, max_new_tokens=8, logprobs=1)
+    assert [(c.prompt, c.index) for c in both] == [("Hello world", 0), ("Hello world", 1),
+                                                    ("Once upon a time", 0), ("Once upon a time", 1)]
+    solo = gen.generate("Once upon a time", num_beams=4, n=2, max_new_tokens=8)
+    assert [c.token_ids for c in both[2:]] == [c.token_ids for c in solo]
+    assert both[0].token_ids != both[1].token_ids
+    # logprobs are those of the model for the chosen tokens
+    scored = gen.score(gen.encode_prompt("Hello world") + both[0].token_ids)
+    assert len(both[0].logprobs) == len(scored) - 1
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(both[0].logprobs, scored[1:]))
+    # a stop string cuts the text
+    stop = both[0].text[3:6]
+    cut = gen.generate("Hello world", num_beams=4, max_new_tokens=8, stop=[stop])[0]
+    assert cut.text == both[0].text[:both[0].text.index(stop)] and cut.finish_reason == "stop"

@@ -1,0 +1,74 @@
+"""``gpt2lab generate`` as a real subprocess: streaming text, --json, prompts from stdin/--file, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gpt2lab
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "gpt2lab", "generate", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_checkpoint):
+    from gpt2lab.model import optimize_for_inference
+
+    gen = gpt2lab.load(tiny_checkpoint)
+    optimize_for_inference(gen.model)  # as the command does: same arithmetic, same samples
+    return gen
+
+
+def test_streams_text_with_seed_defaults(tiny_checkpoint, gen):
+    r = _run("Hello 🎉", "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    # CLI defaults: temperature 0.8, top_k 50
+    expected = gen.generate("Hello 🎉", max_new_tokens=12, seed=3, temperature=0.8, top_k=50)[0].text
+    assert r.stdout == "Hello 🎉" + expected + "\n"
+
+
+def test_json_from_stdin_jsonl(tiny_checkpoint, gen):
+    stdin = json.dumps({"prompt": "Once upon a time"}) + "\n\n" + json.dumps({"prompt": "日本語"}) + "\n"
+    r = _run("--model", str(tiny_checkpoint), "--json", "--n", "2", "--seed", "7", "--max-length", "12",
+             "--temperature", "1.0", "--top-p", "0.9", "--logprobs", "2", stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    api = gen.generate(["Once upon a time", "日本語"], n=2, seed=7, max_length=12, temperature=1.0, top_k=50,
+                       top_p=0.9, logprobs=2)
+    assert [(x["prompt"], x["index"], x["text"], x["token_ids"], x["finish_reason"]) for x in records] == \
+        [(c.prompt, c.index, c.text, c.token_ids, c.finish_reason) for c in api]
+    assert all(x["model"] == str(tiny_checkpoint) for x in records)
+    assert all(len(x["logprobs"]) == len(x["token_ids"]) and len(x["logprobs"][0]["top"]) == 2 for x in records)
+
+
+def test_file_plain_lines_with_beams_and_stop(tiny_checkpoint, gen, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello world\nThe weather today\n", encoding="utf-8")
+    r = _run("--model", str(tiny_checkpoint), "-f", str(prompts), "--json", "--num-beams", "3",
+             "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    api = gen.generate(["Hello world", "The weather today"], num_beams=3, max_new_tokens=6)
+    assert [x["token_ids"] for x in records] == [c.token_ids for c in api]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "temperature must be in [0, 100]"),
+    (["--n", "0"], "n must be an integer in [1, 128]"),
+    (["--max-new-tokens", "500"], "n_positions=128"),
+])
+def test_bad_values_exit_2(tiny_checkpoint, args, message):
+    r = _run("Hello", "--model", str(tiny_checkpoint), *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("gpt2lab: error: ") and message in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
