@@ -3,9 +3,8 @@
 ``optimize_for_inference(model)`` replaces every block's ``nn.Linear`` by a :class:`PackedLinear`
 whose weight oneDNN has reordered once into its blocked GEMM layout (the ``torch.ops.mkldnn`` linear
 that inductor's weight freezing uses), and stores the LM head's weight as the transpose of a
-contiguous ``[n_embd, vocab]`` matrix, the layout in which ``x @ W.T`` needs no transposition.
-On a 2-core AVX2 CPU this makes batch-1 decoding of GPT-2 124M about twice as fast as
-``transformers``; see ``benchmarks/generate.py``.
+contiguous ``[n_embd, vocab]`` matrix, the layout in which ``x @ W.T`` needs no transposition
+(plus a oneDNN-packed copy for multi-row batches). Measured by ``benchmarks/generate.py``.
 
 The swap changes no name or shape in ``model.state_dict()``: a packed weight is unpacked (bit-exact)
 when the state dict is taken and repacked when one is loaded, so ``save_model`` writes the original
