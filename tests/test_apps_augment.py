@@ -155,6 +155,8 @@ def test_resume_after_partial_row(aug_model, tmp_path):
     summary = augment(gen, data, broken, **options)
     assert summary.rows_resumed == 3
     assert broken.read_bytes() == expected  # seeded per row: the same as an uninterrupted run
+    with pytest.raises(ValueError, match="other settings .different: per_example"):
+        augment(gen, data, broken, **{**options, "per_example": 3})
 
 
 @pytest.mark.slow

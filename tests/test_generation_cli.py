@@ -66,6 +66,7 @@ def test_file_plain_lines_with_beams_and_stop(tiny_checkpoint, gen, tmp_path):
     (["--temperature", "-1"], "temperature must be in [0, 100]"),
     (["--n", "0"], "n must be an integer in [1, 128]"),
     (["--max-new-tokens", "500"], "n_positions=128"),
+    (["--max-length", "20", "--max-new-tokens", "5"], "give --max-length or --max-new-tokens, not both"),
 ])
 def test_bad_values_exit_2(tiny_checkpoint, args, message):
     r = _run("Hello", "--model", str(tiny_checkpoint), *args)

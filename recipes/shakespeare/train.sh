@@ -15,7 +15,7 @@ python "$here/prepare.py" --out "$data"
 # The exact configuration of the shipped model (seed included). Change it here, nowhere else.
 gpt2lab train "$data/train" --val "$data/val" \
   --config n_layer=6,n_head=4,n_embd=128,n_positions=256 \
-  --batch-size 16 --max-steps 450 --warmup-steps 30 --lr 2e-3 \
+  --batch-size 16 --max-steps 400 --warmup-steps 30 --lr 2e-3 \
   --eval-every 50 --eval-blocks 40 --seed 1337 --threads 2 \
   --save-dtype float16 --out "$out"
 

@@ -372,8 +372,8 @@ class Augmenter:
             return 0
         if first != header:
             diff = [k for k in header if first.get(k) != header[k]]
-            raise ValueError(f"{self.out} was started with other settings ({', '.join(diff)} differ); rerun with "
-                             "the same ones to resume, or choose another --out")
+            raise ValueError(f"{self.out} was started with other settings (different: {', '.join(diff)}); rerun "
+                             "with the same ones to resume, or choose another --out")
         done, keep, good = 0, 0, len(lines[0])
         for line in lines[1:]:
             if not line.endswith("\n"):

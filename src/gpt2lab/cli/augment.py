@@ -52,11 +52,12 @@ def augment(
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling, similarity=similarity,
                         min_words=min_words, max_words=max_words, opening=opening, shots=shots)
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("augment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, transient=True) as bar, user_errors():
+    try:  # the bar goes to stderr: stdout is the summary (JSON with --json)
+        with Progress(*columns, transient=True, console=Console(stderr=True)) as bar, user_errors():
             task = bar.add_task("rows", total=len(dataset.rows))
             summary = job.run(lambda done, total: bar.update(task, completed=done))
     except typer.Exit as exc:

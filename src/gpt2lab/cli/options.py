@@ -99,6 +99,8 @@ def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] 
         if value is None or (isinstance(value, list) and not value):
             continue
         values[name] = _parse_logit_bias(value) if name == "logit_bias" else value
+    if given.get("max_length") is not None and given.get("max_new_tokens") is not None:
+        raise ValueError("give --max-length or --max-new-tokens, not both")
     if "max_length" in values and "max_new_tokens" in values:
         # the user's choice of one length wins over the command's default for the other
         drop = "max_new_tokens" if given.get("max_length") is not None else "max_length"
