@@ -8,6 +8,7 @@ import torch
 import gpt2lab
 from gpt2lab.checkpoints import load_model
 from gpt2lab.model import InferenceOnlyError, PackedLinear, optimize_for_inference
+from gpt2lab.model.fast import PackedLMHead
 
 from .conftest import SHAPES, make_hf_checkpoint
 
@@ -27,6 +28,7 @@ def test_swaps_every_linear_and_is_idempotent(pair):
     for block in fast.h:
         for name in LINEARS:
             assert isinstance(block.get_submodule(name), PackedLinear)
+    assert isinstance(fast.fast_head, PackedLMHead)
     modules = list(fast.modules())
     assert optimize_for_inference(fast) is fast
     assert list(fast.modules()) == modules

@@ -3,9 +3,8 @@
 ``optimize_for_inference(model)`` replaces every block's ``nn.Linear`` by a :class:`PackedLinear`
 whose weight oneDNN has reordered once into its blocked GEMM layout (the ``torch.ops.mkldnn`` linear
 that inductor's weight freezing uses), and stores the LM head's weight as the transpose of a
-contiguous ``[n_embd, vocab]`` matrix, the layout in which ``x @ W.T`` needs no transposition.
-On a 2-core AVX2 CPU this makes batch-1 decoding of GPT-2 124M about twice as fast as
-``transformers``; see ``benchmarks/generate.py``.
+contiguous ``[n_embd, vocab]`` matrix, the layout in which ``x @ W.T`` needs no transposition
+(plus a oneDNN-packed copy for multi-row batches). Measured by ``benchmarks/generate.py``.
 
 The swap changes no name or shape in ``model.state_dict()``: a packed weight is unpacked (bit-exact)
 when the state dict is taken and repacked when one is loaded, so ``save_model`` writes the original
@@ -46,6 +45,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.training = False
         self.out_features, self.in_features = weight.shape
+        self.packed_numel = weight.numel()  # counted by GPT2.num_parameters (not a Parameter here)
         self._pack(weight)
         if bias is not None:
             bias = nn.Parameter(bias.detach(), requires_grad=False)
@@ -103,11 +103,50 @@ class PackedLinear(nn.Module):
 def _transposed_layout(weight: torch.Tensor) -> nn.Parameter:
     """The same ``[V, C]`` values stored as a contiguous ``[C, V]`` matrix, seen through a transpose.
 
-    ``F.linear(x, w)`` computes ``x @ w.T``; with this layout ``w.T`` is contiguous and the GEMM
+    ``F.linear(x, w)`` computes ``x @ w.T``; with this layout ``w.T`` is contiguous and a one-row GEMM
     streams the weight in its natural order (1.8x faster for the LM head on AVX2 CPUs). Embedding
     lookups (row gathers) still work on the transposed view.
     """
     return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+
+
+class PackedLMHead(nn.Module):
+    """The LM head for inference: ``x @ W[C, V]`` for one row, a oneDNN-packed copy for several.
+
+    One row (batch-1 decoding) is fastest straight from the ``[C, V]`` layout; for several rows
+    (batched decoding, prefill logits) oneDNN's packed GEMM is faster, at the price of a second copy
+    of the head's weight (``vocab * n_embd`` floats). Owns no parameter: ``weight`` is the model's own
+    (the tied embedding), so nothing is added to ``state_dict()``.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.training = False
+        self.weight_t = weight.detach().t()  # [C, V], contiguous, shares the parameter's storage
+        self.repack()
+
+    def repack(self) -> None:
+        """Refresh the packed copy from the weight (after the model loaded a state dict)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return x @ self.weight_t
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def train(self, mode: bool = True) -> PackedLMHead:
+        if mode:
+            raise InferenceOnlyError("PackedLMHead is inference-only (see optimize_for_inference)")
+        return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
+        check_conversion(fn)
+        return super()._apply(fn, recurse)
+
+
+def _repack_head(model: GPT2, incompatible_keys) -> None:  # noqa: ANN001 - load_state_dict post-hook
+    if isinstance(model.fast_head, PackedLMHead):
+        model.fast_head.repack()
 
 
 @torch.no_grad()
@@ -130,6 +169,9 @@ def optimize_for_inference(model: GPT2) -> GPT2:
                 setattr(parent, name, PackedLinear.from_linear(linear))
     head = model.wte if model.lm_head is None else model.lm_head
     head.weight = _transposed_layout(head.weight)
+    if packing_supported(head.weight):
+        model.fast_head = PackedLMHead(head.weight)
+        model.register_load_state_dict_post_hook(_repack_head)
     for p in model.parameters():
         p.requires_grad_(False)
     model.inference_only = True

@@ -263,6 +263,7 @@ class GPT2(nn.Module):
         self.gradient_checkpointing = False
         self.max_batch = self.max_seq = 0
         self.inference_only = False  # set by optimize_for_inference: packed weights cannot train
+        self.fast_head: nn.Module | None = None  # LM head module installed by optimize_for_inference
 
     def train(self, mode: bool = True) -> GPT2:
         if mode and self.inference_only:
@@ -293,7 +294,7 @@ class GPT2(nn.Module):
 
     def num_parameters(self) -> int:
         # prepacked inference linears (model/fast.py) hold their weight outside parameters()
-        packed = sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "packed"))
+        packed = sum(getattr(m, "packed_numel", 0) for m in self.modules())
         return sum(p.numel() for p in self.parameters()) + packed
 
     @property
@@ -358,4 +359,6 @@ class GPT2(nn.Module):
         if logits_index is not None:
             x = x[torch.arange(B, device=idx.device), logits_index]  # [B, C]
         x = self.ln_f(x)
+        if self.fast_head is not None:
+            return self.fast_head(x)
         return F.linear(x, self.lm_head_weight)  # [B, T, V] or [B, V]
