@@ -26,6 +26,10 @@ _BUNDLED_PREFIX = "gpt2lab/"  # "gpt2lab/shakespeare-gpt2" is accepted as well
 class ModelNotFoundError(CheckpointError):
     """The reference is neither a local checkpoint, a bundled model, nor reachable on the Hub."""
 
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message  # the short why, for the offline fallback notice
+
 
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -74,11 +78,11 @@ def _from_hub(repo_id: str) -> Path:
         raise ModelNotFoundError(f"model {repo_id!r}: not a local directory, a bundled model "
                                  f"({', '.join(BUNDLED_MODELS)}) or a valid Hub id") from exc
     except Exception as exc:  # noqa: BLE001 - network, auth and cache errors all mean "not available"
-        why = "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache" if offline else \
+        why = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set" if offline else \
             f"not in the local cache and the Hugging Face Hub is unreachable ({type(exc).__name__})"
         raise ModelNotFoundError(
             f"model {repo_id!r}: {why}. Pass a local checkpoint directory, a bundled model "
-            f"({', '.join(BUNDLED_MODELS)}), or download it while online.") from exc
+            f"({', '.join(BUNDLED_MODELS)}), or download it while online.", reason=why) from exc
 
 
 def resolve_model(ref: str | os.PathLike[str] | None = None, *, quiet: bool = False) -> ResolvedModel:
@@ -102,6 +106,6 @@ def resolve_model(ref: str | os.PathLike[str] | None = None, *, quiet: bool = Fa
         if name != DEFAULT_MODEL or fallback is None:
             raise
         if not quiet:
-            print(f"gpt2lab: using the bundled model '{BUNDLED_DEFAULT}' because {exc}; "
-                  f"choose another with --model (a local directory or a Hub id).", file=sys.stderr)
+            print(f"gpt2lab: model '{DEFAULT_MODEL}' is {exc.reason}; using the bundled model "
+                  f"'{BUNDLED_DEFAULT}' instead (choose another with --model DIR_OR_HUB_ID).", file=sys.stderr)
         return ResolvedModel(name=BUNDLED_DEFAULT, path=fallback, source="bundled")
