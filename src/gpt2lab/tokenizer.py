@@ -16,11 +16,9 @@ from pathlib import Path
 
 import tokenizers
 
+from .errors import TokenizerError
+
 EOS_TOKEN = "<|endoftext|>"
-
-
-class TokenizerError(RuntimeError):
-    """Tokenizer files that are missing or unreadable; the message names the file."""
 
 
 @lru_cache(maxsize=1)

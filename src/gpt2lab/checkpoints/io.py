@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..model import GPT2, ConfigError, GPT2Config
 
 CONFIG_FILE = "config.json"
@@ -26,10 +27,6 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # buffers older HF versions stored in checkpoints; derived from the config, never loaded
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

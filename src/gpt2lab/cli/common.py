@@ -22,8 +22,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 @contextmanager
 def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Turn the errors a user can cause into a one-line message and exit code 2 (no traceback)."""
-    from ..checkpoints import CheckpointError
-    from ..tokenizer import TokenizerError
+    from ..errors import CheckpointError, TokenizerError
 
     try:
         yield
