@@ -55,8 +55,15 @@ def main() -> None:
         words += [w.lower() for w in WORD.findall(c.text)]
     known = sum(w in train_words for w in words) / max(1, len(words))
 
-    training = json.loads((args.model / "training.json").read_text()) if (args.model / "training.json").is_file() \
-        else {}
+    training: dict = {}
+    if (args.model / "training.json").is_file():
+        training["settings"] = json.loads((args.model / "training.json").read_text()).get("settings", {})
+    if (args.model / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in (args.model / "metrics.jsonl").read_text().splitlines() if line]
+        vals = [r for r in rows if "val_loss" in r]
+        training["steps"] = max(r["step"] for r in rows)
+        training["wall_time_s"] = max(r.get("time_s", 0) for r in rows)
+        training["best_val_loss_during_training"] = min(r["val_loss"] for r in vals) if vals else None
     record = {
         "model": args.model.name,
         "parameters": gen.model.num_parameters(),
@@ -69,7 +76,7 @@ def main() -> None:
         "heldout_slice_unigram_perplexity": round(unigram_perplexity(counts, total, tok.vocab_size, slice_ids), 3),
         "generated_words_in_training_vocabulary": round(known, 4),
         "train_tokens": total,
-        "training": training.get("result", {}),
+        "training": {k: v for k, v in training.items() if k != "settings"},
     }
     (args.model / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -79,8 +86,7 @@ def main() -> None:
             samples.append(f"**temperature {temperature}**, prompt `{c.prompt!r}`:\n\n```\n{c.prompt}{c.text}\n```\n")
     card = CARD.format(**record, **record["config"], ratio=record["heldout_perplexity"] /
                        record["heldout_unigram_perplexity"], size_mb=(args.model / "model.safetensors").stat().st_size
-                       / 2**20, samples="\n".join(samples), training_json=json.dumps(training.get("result", {}),
-                                                                                   indent=2))
+                       / 2**20, samples="\n".join(samples), training_json=json.dumps(training, indent=2))
     (args.model / "README.md").write_text(card)
     print(json.dumps(record, indent=2))
 
