@@ -7,6 +7,7 @@ tokenizer files. HF GPT-2 stores its projections as ``Conv1D`` (weight ``[in, ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -94,7 +95,10 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
         raise CheckpointError(str(exc)) from exc
     path = weights_file(directory)
     state = hf_to_gpt2lab(_read_tensors(path))
-    with torch.device("meta"):
+    # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
+    # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.
+    approx_params = config.n_embd * (config.vocab_size + config.n_positions + 12 * config.n_embd * config.n_layer)
+    with torch.device("meta") if approx_params > 400_000_000 else contextlib.nullcontext():
         model = GPT2(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
