@@ -56,6 +56,15 @@ def make_hf_checkpoint(directory: Path, *, seed: int = 0, safe: bool = True, wit
     return directory
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer 64-dim GPT-2 with the real GPT-2 vocabulary and tokenizer."""

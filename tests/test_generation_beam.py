@@ -13,13 +13,7 @@ from gpt2lab.tokenizer import Tokenizer
 
 from .conftest import SHAPES, make_hf_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (length_penalty, early_stopping, n, new tokens, eos: "frequent" = a token the model likes, so beams
