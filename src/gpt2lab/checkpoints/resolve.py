@@ -47,8 +47,19 @@ def bundled_model_dir(name: str) -> Path | None:
     return path if (path / CONFIG_FILE).is_file() else None
 
 
+def _hub_cache_dir(repo_id: str) -> Path:
+    """Where huggingface_hub caches a model repo (its documented ``models--org--name`` layout)."""
+    from huggingface_hub import constants  # light: the download machinery is not imported
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+
+
 def _hub_download(repo_id: str, offline: bool) -> Path:
     """Config, weights (safetensors, else .bin) and tokenizer files of a Hub repo; the snapshot folder."""
+    if offline and not _hub_cache_dir(repo_id).is_dir():
+        # the offline default-model fallback runs on every start of a fresh install: answering here
+        # skips importing the HTTP stack (about 0.4 s)
+        raise FileNotFoundError(f"{repo_id} is not in the Hugging Face cache")
     from huggingface_hub import HfApi, snapshot_download
 
     patterns = [CONFIG_FILE, *TOKENIZER_FILES, SAFETENSORS_FILE, BIN_FILE]

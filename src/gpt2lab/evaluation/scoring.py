@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
 
     from ..model import GPT2
 
@@ -60,24 +59,6 @@ def sliding_windows(n_tokens: int, block_size: int, stride: int, score_from: int
     return out
 
 
-def _hidden(model: GPT2, idx: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``[B, T, C]`` (after ``ln_f``) of a plain causal forward.
-
-    ``GPT2.forward`` applies the LM head at every position; scoring needs it only at the scored
-    positions, and computing ``[B, T, vocab]`` at once would take gigabytes, so the head is applied
-    by the caller, in chunks.
-    """
-    import torch
-
-    B, T = idx.shape
-    pos = torch.arange(T, device=idx.device)[None]
-    x = model.wte(idx) + model.wpe(pos)
-    rows = slice(0, B)
-    for block in model.h:
-        x = block(x, None, None, rows, 0)
-    return model.ln_f(x)
-
-
 def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[Window], *,
                   batch_tokens: int = DEFAULT_BATCH_TOKENS,
                   on_progress: Callable[[int], None] | None = None) -> tuple[list[float], list[int]]:
@@ -118,7 +99,7 @@ def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[
             if int(idx.max()) >= vocab:
                 raise ValueError(f"token id {int(idx.max())} is outside the model's vocabulary ({vocab} tokens)")
             idx = idx.to(device)
-            hidden = _hidden(model, idx)[select.to(device)]  # [N, C], row-major like the targets below
+            hidden = model.hidden_states(idx)[select.to(device)]  # [N, C], row-major like the targets below
             targets = idx[:, 1:][select[:, :-1].to(device)]
             owner = doc_of_row[:, None].expand_as(select)[select]
             token_nll = torch.cat([

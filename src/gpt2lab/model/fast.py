@@ -127,7 +127,9 @@ class PackedLMHead(nn.Module):
 
     def repack(self) -> None:
         """Refresh the packed copy from the weight (after the model loaded a state dict)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), 1)
+        # This copy only serves multi-row batches: blocking tuned for 16 rows measured 10-25% faster
+        # than the batch-1 blocking at 2-16 rows (benchmarks/generate.py, batch 8).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1]:

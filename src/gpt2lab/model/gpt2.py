@@ -213,11 +213,20 @@ class CausalSelfAttention(nn.Module):
         else:
             assert self.kv_cache is not None, "call model.setup_cache() before cached inference"
             k, v = self.kv_cache.update(rows, input_pos, k, v, kv_len, start)
-            # mask None (set by GPT2.forward): queries see every slot < kv_len, causally when T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=dropout, scale=self.scale)
+            if T == 1 and not self.training:
+                # one query per row (a decode step): the plain math is several times faster on CPU
+                # than SDPA's flash kernel, which is tuned for long query blocks
+                att = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, 1, kv_len]
+                if mask is not None:
+                    att = att.masked_fill(~mask, float("-inf"))
+                y = att.softmax(dim=-1) @ v  # [B, H, 1, D]
+            else:
+                # mask None (set by GPT2.forward): queries see every slot < kv_len, causally when T > 1
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                   dropout_p=dropout, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y)
+        return self.resid_dropout(y) if self.training else y  # skip a no-op module call per layer
 
 
 class MLP(nn.Module):
@@ -229,7 +238,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        x = self.c_proj(self.act(self.c_fc(x)))
+        return self.dropout(x) if self.training else x
 
 
 class Block(nn.Module):
@@ -330,6 +340,17 @@ class GPT2(nn.Module):
         (generation needs just the next-token logits; the LM head is the largest matmul).
         Returns ``[B, T, V]`` otherwise.
         """
+        x = self.hidden_states(idx, input_pos=input_pos, rows=rows)  # [B, T, C]
+        if logits_index is not None:
+            x = x[torch.arange(x.shape[0], device=idx.device), logits_index]  # [B, C]
+        if self.fast_head is not None:
+            return self.fast_head(x)
+        return F.linear(x, self.lm_head_weight)  # [B, T, V] or [B, V]
+
+    def hidden_states(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                      rows: slice | None = None) -> torch.Tensor:
+        """The final hidden states ``[B, T, C]`` (after ``ln_f``, before the LM head); arguments as in
+        :meth:`forward`. Scoring applies the head itself, in chunks, at the positions it needs."""
         B, T = idx.shape
         mask = None
         kv_len = 0
@@ -356,9 +377,4 @@ class GPT2(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = block(x, mask, input_pos, rows, kv_len, start)
-        if logits_index is not None:
-            x = x[torch.arange(B, device=idx.device), logits_index]  # [B, C]
-        x = self.ln_f(x)
-        if self.fast_head is not None:
-            return self.fast_head(x)
-        return F.linear(x, self.lm_head_weight)  # [B, T, V] or [B, V]
+        return self.ln_f(x)
