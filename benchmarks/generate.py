@@ -155,6 +155,7 @@ def main() -> None:
     print(header + "  ratio (best)")
     batch1_rate = None
     for batch in args.batches:
+        optimize_for_inference(gen.model, batch_size=batch)  # as `gpt2lab generate` does for `batch` prompts
         rate = measure(Runner(gen, hf, make_prompts(gen.tokenizer, batch, PROMPT_LEN, seed=batch)), plain, args.repeats)
         line = f"{batch:>5}  {_cell(rate['hf']):>20}  {_cell(rate['ours']):>20}"
         if plain is not None:
@@ -163,6 +164,7 @@ def main() -> None:
         if batch == 1:
             batch1_rate = rate["ours"][0]
 
+    optimize_for_inference(gen.model, batch_size=1)
     long_run = Runner(gen, hf, make_prompts(gen.tokenizer, 1, PREFILL_LEN, seed=99))
     long_run.gpt2lab(1), long_run.transformers(1)
     hf_prefill = min(_timed(lambda: long_run.transformers(1)) for _ in range(args.repeats))

@@ -165,7 +165,7 @@ def memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="n_layer=6,n_head=4,n_embd=128,n_positions=256",
+    parser.add_argument("--shape", default="n_layer=6,n_head=6,n_embd=192,n_positions=256",
                         help="GPT-2 shape for the throughput run (default: the bundled Shakespeare model's)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=256)

@@ -44,6 +44,21 @@ def test_logits_match_unoptimised(pair):
     assert diff < 1e-4
 
 
+def test_reblocking_for_another_batch_size_keeps_weights_and_logits(pair):
+    plain, fast = pair
+    ids = torch.randint(0, plain.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    for batch_size in (8, 1):
+        optimize_for_inference(fast, batch_size=batch_size)
+        assert {m.batch_size for m in fast.modules() if isinstance(m, PackedLinear)} == {1 if batch_size == 1 else 16}
+        after = fast.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        with torch.no_grad():
+            assert (fast(ids) - plain(ids)).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        optimize_for_inference(fast, batch_size=0)
+
+
 def test_cached_decode_matches_unoptimised(pair):
     """Prefill + decode through the KV cache (uniform and ragged rows, logits_index, a row offset)."""
     plain, fast = pair

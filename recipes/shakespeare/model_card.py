@@ -11,6 +11,7 @@ found in the training text; samples at temperatures 0.7 and 1.0.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import re
@@ -21,6 +22,8 @@ import gpt2lab
 
 HERE = Path(__file__).parent
 SLICE = HERE.parent.parent / "tests" / "data" / "hamlet_heldout_slice.txt"
+# the training text's vocabulary, so that the test suite can re-check generated words without the text
+TRAIN_WORDS = HERE.parent.parent / "tests" / "data" / "shakespeare_train_words.txt.gz"
 PROMPTS = ["ROMEO:\n", "HAMLET.\nTo be, or not to be", "Enter KING LEAR"]
 WORD = re.compile(r"[A-Za-z']+")
 
@@ -34,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--data", type=Path, default=HERE / "data")
+    parser.add_argument("--notes", type=Path, default=HERE / "shapes.md",
+                        help="markdown inserted as the card's 'How the shape was chosen' section")
     args = parser.parse_args()
 
     gen = gpt2lab.load(args.model)
@@ -44,6 +49,7 @@ def main() -> None:
     train_ids = tok.encode(train_text)
     counts, total = Counter(train_ids), len(train_ids)
     train_words = {w.lower() for w in WORD.findall(train_text)}
+    TRAIN_WORDS.write_bytes(gzip.compress(("\n".join(sorted(train_words)) + "\n").encode(), mtime=0))
 
     held = gpt2lab.evaluate.perplexity(files=val_files, model=gen, block_size=256, stride=128)
     val_ids = [t for f in val_files for t in tok.encode(f.read_text(encoding="utf-8"))]
@@ -86,7 +92,8 @@ def main() -> None:
             samples.append(f"**temperature {temperature}**, prompt `{c.prompt!r}`:\n\n```\n{c.prompt}{c.text}\n```\n")
     card = CARD.format(**record, **record["config"], ratio=record["heldout_perplexity"] /
                        record["heldout_unigram_perplexity"], size_mb=(args.model / "model.safetensors").stat().st_size
-                       / 2**20, samples="\n".join(samples), training_json=json.dumps(training, indent=2))
+                       / 2**20, samples="\n".join(samples), training_json=json.dumps(training, indent=2),
+                       notes=args.notes.read_text(encoding="utf-8").strip() if args.notes.is_file() else "")
     (args.model / "README.md").write_text(card)
     print(json.dumps(record, indent=2))
 
@@ -108,6 +115,12 @@ GPT-2's own tokenizer (vocabulary 50257): a drop-in for anything that takes a GP
 | unigram baseline | {heldout_unigram_perplexity} (training-token frequencies, add-one smoothing) -> ratio {ratio:.3f} |
 | held-out slice (tests) | {heldout_slice_perplexity} (unigram {heldout_slice_unigram_perplexity}) on `tests/data/hamlet_heldout_slice.txt` |
 | generated words known | {generated_words_in_training_vocabulary:.1%} of words sampled at temperature 0.8 occur in the training text |
+
+## How the shape was chosen
+
+{notes}
+
+## Training
 
 Recipe: `bash recipes/shakespeare/train.sh` (fetch, clean, split, `gpt2lab train` with the exact
 configuration and seed, measure). Training record:

@@ -74,7 +74,8 @@ def generate(
     from ..generation import fit_prompt
     from ..model import optimize_for_inference
 
-    optimize_for_inference(gen.model)  # this process only generates: prepacked weights, about 2x faster
+    # this process only generates: prepacked weights, blocked for the number of rows decoded together
+    optimize_for_inference(gen.model, batch_size=len(prompt_list) * params.n * params.num_beams)
 
     with user_errors():
         for p in prompt_list:  # fail on an unusable prompt before printing anything

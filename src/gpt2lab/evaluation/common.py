@@ -30,7 +30,7 @@ def optimized(gen: Generator) -> Generator:
     """``gen`` with its model switched to the fast inference layout, in place (it can no longer train)."""
     from ..model import optimize_for_inference
 
-    optimize_for_inference(gen.model)
+    optimize_for_inference(gen.model, batch_size=16)  # scoring runs many rows at a time
     return gen
 
 

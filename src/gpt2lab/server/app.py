@@ -89,7 +89,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         if isinstance(generator_or_model_ref, Generator):
             return generator_or_model_ref  # the caller's model: left as it is (it may still train)
         gen = load_generator(generator_or_model_ref)
-        optimize_for_inference(gen.model)  # ours, and it only ever generates and scores: pack the weights
+        # ours, and it only ever generates and scores: pack the weights for batched decoding
+        optimize_for_inference(gen.model, batch_size=max_batch)
         return gen
 
     metrics = ServerMetrics()
