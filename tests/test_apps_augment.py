@@ -217,7 +217,7 @@ def test_bad_input_errors(aug_model, tmp_path):
         ([str(empty_csv)], "empty.csv: empty dataset (no rows)"),
         ([str(empty_jsonl)], "empty.jsonl: empty dataset (no rows)"),
         ([str(latin)], "latin.csv: not valid UTF-8 (byte 0xe9 on line 2)"),
-        ([str(bad_json)], "bad.jsonl: line 2 is not valid JSON"),
+        ([str(bad_json)], "bad.jsonl:2: not valid JSON"),
         ([str(ragged)], "ragged.csv: line 2 has 3 fields, the header has 2"),
         ([str(tmp_path / "missing.csv")], "missing.csv: data file not found"),
         ([str(tmp_path / "data.txt")], "unknown data format '.txt'"),

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..jsonl import json_objects
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -87,15 +88,7 @@ def read_dataset(path: str | Path, text_column: str, label_column: str | None = 
     rows: list[dict[str, Any]] = []
     if fmt == "jsonl":
         columns: dict[str, None] = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {n} is not a JSON object")
+        for _, record in json_objects(text.splitlines(), str(path)):
             columns.update(dict.fromkeys(record))
             rows.append(record)
         cols = list(columns)

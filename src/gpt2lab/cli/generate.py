@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from ..jsonl import json_lines
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
 from .options import model_option, sampling_options
@@ -25,14 +26,13 @@ def read_prompts(lines: list[str], source: str) -> list[str]:
     if not numbered[0][1].lstrip().startswith("{"):
         return [line for _, line in numbered]
     prompts = []
-    for number, line in numbered:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            fail(f"{source}:{number}: not valid JSON ({exc.msg}); a JSONL file needs one object per line")
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            fail(f"{source}:{number}: expected a JSON object with a string \"prompt\" field")
-        prompts.append(record["prompt"])
+    try:
+        for number, record in json_lines(lines, source):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                fail(f"{source}:{number}: expected a JSON object with a string \"prompt\" field")
+            prompts.append(record["prompt"])
+    except ValueError as exc:
+        fail(f"{exc}; a JSONL file needs one object per line")
     return prompts
 
 

@@ -12,11 +12,11 @@ equal what those report. Reference-free measures split text on whitespace:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..jsonl import json_lines
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
 
@@ -180,14 +180,7 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str | Sequence
 
 
 def _jsonl_items(path: Path, content: str) -> list[tuple[int, Any]]:
-    items = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if line.strip():
-            try:
-                items.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-    return items
+    return list(json_lines(content.splitlines(), str(path)))
 
 
 def _as_refs(value: Any, where: str) -> list[str]:

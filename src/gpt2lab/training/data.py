@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..jsonl import json_lines
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".csv")
 CHUNK_CHARS = 1 << 20  # a .txt file is tokenized in ~1 MB pieces, cut at line ends
@@ -100,13 +102,14 @@ def _lines(path: Path, stats: DataStats) -> Iterator[tuple[int, str]]:
 
 def _jsonl_documents(path: Path, text_field: str, stats: DataStats) -> Iterator[str]:
     seen_field = False
-    for lineno, line in _lines(path, stats):
-        if not line.strip():
-            continue
+    records = json_lines((line for _, line in _lines(path, stats)), str(path))
+    while True:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            lineno, record = next(records)
+        except StopIteration:
+            break
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); choose it with --text-field")
