@@ -124,25 +124,28 @@ class PackedLMHead(nn.Module):
 
     One row (batch-1 decoding) is fastest straight from the ``[C, V]`` layout; for several rows
     (batched decoding, prefill logits) oneDNN's packed GEMM is faster, at the price of a second copy
-    of the head's weight (``vocab * n_embd`` floats). Owns no parameter: ``weight`` is the model's own
-    (the tied embedding), so nothing is added to ``state_dict()``.
+    of the head's weight (``vocab * n_embd`` floats), made on the first multi-row call: a process that
+    only ever decodes one row never pays its memory or packing time. Owns no parameter: ``weight`` is
+    the model's own (the tied embedding), so nothing is added to ``state_dict()``.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.training = False
         self.weight_t = weight.detach().t()  # [C, V], contiguous, shares the parameter's storage
-        self.repack()
+        self.packed: torch.Tensor | None = None
 
     def repack(self) -> None:
-        """Refresh the packed copy from the weight (after the model loaded a state dict)."""
-        # This copy only serves multi-row batches: blocking tuned for 16 rows measured 10-25% faster
-        # than the batch-1 blocking at 2-16 rows (benchmarks/generate.py, batch 8).
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), 16)
+        """Drop the packed copy (the weight changed: the model loaded a state dict); the next
+        multi-row call packs it again."""
+        self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1]:
             return x @ self.weight_t
+        if self.packed is None:
+            # blocking tuned for 16 rows: 10-25% faster than the 1-row blocking at 2-16 rows
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), 16)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def train(self, mode: bool = True) -> PackedLMHead:
