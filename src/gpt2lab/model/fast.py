@@ -140,13 +140,17 @@ class PackedLMHead(nn.Module):
         multi-row call packs it again."""
         self.packed = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:
-            return x @ self.weight_t
+    def ensure_packed(self) -> torch.Tensor:
+        """The multi-row copy, packed now if it is not yet."""
         if self.packed is None:
             # blocking tuned for 16 rows: 10-25% faster than the 1-row blocking at 2-16 rows
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t().contiguous(), 16)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return self.packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return x @ self.weight_t
+        return torch.ops.mkldnn._linear_pointwise(x, self.ensure_packed(), None, "none", [], "")
 
     def train(self, mode: bool = True) -> PackedLMHead:
         if mode:
@@ -186,6 +190,7 @@ def optimize_for_inference(model: GPT2, batch_size: int = 1) -> GPT2:
         for module in model.modules():
             if isinstance(module, PackedLinear):
                 module.repack(_pack_rows(batch_size))
+        _prepare_head(model, batch_size)
         return model
     model.eval()
     for block in model.h:
@@ -202,4 +207,11 @@ def optimize_for_inference(model: GPT2, batch_size: int = 1) -> GPT2:
     for p in model.parameters():
         p.requires_grad_(False)
     model.inference_only = True
+    _prepare_head(model, batch_size)
     return model
+
+
+def _prepare_head(model: GPT2, batch_size: int) -> None:
+    """Pack the LM head's multi-row copy now when batches are expected (not in the first request)."""
+    if batch_size > 1 and isinstance(model.fast_head, PackedLMHead):
+        model.fast_head.ensure_packed()
