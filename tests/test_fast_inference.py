@@ -50,7 +50,7 @@ def test_reblocking_for_another_batch_size_keeps_weights_and_logits(pair):
     before = {k: v.clone() for k, v in fast.state_dict().items()}
     for batch_size in (8, 1):
         optimize_for_inference(fast, batch_size=batch_size)
-        assert {m.batch_size for m in fast.modules() if isinstance(m, PackedLinear)} == {1 if batch_size == 1 else 16}
+        assert {m.pack_rows for m in fast.modules() if isinstance(m, PackedLinear)} == {1 if batch_size == 1 else 16}
         if batch_size > 1:  # the LM head's multi-row copy is ready before the first batch
             assert fast.fast_head.packed is not None
         after = fast.state_dict()

@@ -179,10 +179,6 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str | Sequence
     return out
 
 
-def _jsonl_items(path: Path, content: str) -> list[tuple[int, Any]]:
-    return list(json_lines(content.splitlines(), str(path)))
-
-
 def _as_refs(value: Any, where: str) -> list[str]:
     value = [value] if isinstance(value, str) else value
     if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
@@ -205,7 +201,7 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]] | Non
         return content.splitlines(), None
     texts: list[str] = []
     refs: list[list[str]] = []
-    for number, item in _jsonl_items(path, content):
+    for number, item in json_lines(content.splitlines(), str(path)):
         where = f"{path}:{number}"
         if isinstance(item, str):
             texts.append(item)
@@ -234,7 +230,7 @@ def read_references(path: str | Path) -> list[list[str]]:
     if path.suffix.lower() != ".jsonl":
         return [[line] for line in content.splitlines()]
     refs = []
-    for number, item in _jsonl_items(path, content):
+    for number, item in json_lines(content.splitlines(), str(path)):
         where = f"{path}:{number}"
         if isinstance(item, dict):
             key = next((k for k in _REF_KEYS if k in item), None)

@@ -94,30 +94,30 @@ def _read_text_chunks(path: Path, stats: DataStats) -> Iterator[str]:
         yield _decode(pending, path, stats)
 
 
-def _lines(path: Path, stats: DataStats) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, stats: DataStats) -> Iterator[str]:
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            yield lineno, _decode(raw, path, stats)
+        for raw in fh:
+            yield _decode(raw, path, stats)
 
 
 def _jsonl_documents(path: Path, text_field: str, stats: DataStats) -> Iterator[str]:
     seen_field = False
-    records = json_lines((line for _, line in _lines(path, stats)), str(path))
-    while True:
-        try:
-            lineno, record = next(records)
-        except StopIteration:
-            break
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
-        if not isinstance(record, dict) or text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); choose it with --text-field")
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, expected a string")
-        seen_field = True
-        yield value
+    try:
+        for lineno, record in json_lines(_lines(path, stats), str(path)):
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
+                                "choose it with --text-field")
+            value = record[text_field]
+            if not isinstance(value, str):
+                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, "
+                                "expected a string")
+            seen_field = True
+            yield value
+    except DataError:
+        raise
+    except ValueError as exc:  # json_lines' bad-line error, as the data error the CLI reports
+        raise DataError(str(exc)) from None
     if not seen_field:
         raise DataError(f"{path}: no JSON records")
 
