@@ -274,6 +274,7 @@ class GPT2(nn.Module):
         self.max_batch = self.max_seq = 0
         self.inference_only = False  # set by optimize_for_inference: packed weights cannot train
         self.fast_head: nn.Module | None = None  # LM head module installed by optimize_for_inference
+        self.decoder = None  # one-call decode step for a few rows (fast.Decoder), ditto
 
     def train(self, mode: bool = True) -> GPT2:
         if mode and self.inference_only:
@@ -340,6 +341,9 @@ class GPT2(nn.Module):
         (generation needs just the next-token logits; the LM head is the largest matmul).
         Returns ``[B, T, V]`` otherwise.
         """
+        if self.decoder is not None and input_pos is not None and self.decoder.handles(idx):
+            logits = self.decoder(idx, input_pos, (rows.start or 0) if rows is not None else 0)  # [B, V]
+            return logits if logits_index is not None else logits[:, None]
         x = self.hidden_states(idx, input_pos=input_pos, rows=rows)  # [B, T, C]
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=idx.device), logits_index]  # [B, C]

@@ -1,0 +1,149 @@
+"""gpt2lab's own CPU kernels for decoding (``kernels.c``), built on first use and called via ctypes.
+
+A decode step reads every weight once for a few rows, so its speed is the speed at which the weights
+stream from memory (one row) or from cache (a few rows). ``linear`` streams one row's weights at about
+the rate of a plain ``sum()``, where oneDNN's and MKL's one-row GEMV reach 60-80% of it on AVX2 CPUs,
+and reuses each weight load for two rows when there are several; ``gpt2lab_decode`` (driven by
+``fast.Decoder``) runs a whole decode step, embedding to logits, in one call. Measured by
+``benchmarks/generate.py``.
+
+The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/
+``clang``; ``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/gpt2lab/kernels/`` (about half a
+second) and shares torch's OpenMP runtime. Without a compiler, on a failed build, or with
+``GPT2LAB_CPU_KERNELS=0``, :func:`available` is False and the model uses torch's kernels: same
+results, slower batch-1 decoding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+DISABLE_ENV = "GPT2LAB_CPU_KERNELS"
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class Layer(ctypes.Structure):
+    """``gpt2lab_layer``: one block's weights ([out, in], contiguous) and its KV cache, as pointers."""
+
+    _fields_ = [(name, _ptr) for name in ("ln_1_w", "ln_1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
+                                          "ln_2_w", "ln_2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b",
+                                          "k_cache", "v_cache")] + [("attn_scale", ctypes.c_float)]
+
+
+_SIGNATURES = {
+    "gpt2lab_linear": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int],
+    "gpt2lab_decode": [ctypes.POINTER(Layer), _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
+                       _i64, _i64, _i64, ctypes.c_float, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
+}
+# Up to this many rows the kernels beat oneDNN (1.2-1.5x on GPT-2 124M's weights at 2-16 rows); past it
+# the products are big enough for oneDNN's blocked GEMM to win.
+MAX_ROWS = 16
+_library: ctypes.CDLL | None = None
+_loaded = False
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gpt2lab" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def _build_key(compiler: str) -> str:
+    """Source, flags, compiler and CPU: ``-march=native`` code must not run on another CPU sharing a home."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join((compiler, str(os.stat(compiler).st_mtime_ns), *FLAGS, platform.machine())).encode())
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        cpu = sorted({line for line in cpuinfo if line.startswith(("flags", "model name"))})
+        digest.update("\n".join(cpu).encode())
+    except OSError:
+        digest.update(platform.processor().encode())
+    return digest.hexdigest()[:16]
+
+
+def _build() -> Path | None:
+    """The compiled library's path (compiled now unless cached), or None where it cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        logger.debug("no C compiler found: gpt2lab's CPU kernels are off")
+        return None
+    target = cache_dir() / f"gpt2lab_kernels_{_build_key(compiler)}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # compile to a temporary name and rename: concurrent processes never load a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            logger.warning("building gpt2lab's CPU kernels failed (torch's kernels are used instead):\n%s",
+                           result.stderr.strip())
+            return None
+        os.replace(tmp, target)
+        return target
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on the first call; None where the kernels are unavailable."""
+    global _library, _loaded
+    if not _loaded:
+        _loaded = True
+        if os.environ.get(DISABLE_ENV, "1") != "0":
+            try:
+                path = _build()
+                if path is not None:
+                    lib = ctypes.CDLL(str(path))
+                    for name, argtypes in _SIGNATURES.items():
+                        getattr(lib, name).argtypes = argtypes
+                        getattr(lib, name).restype = None
+                    _library = lib
+            except OSError as exc:  # unwritable cache, a library that does not load
+                logger.warning("gpt2lab's CPU kernels are unavailable (%s); torch's kernels are used instead", exc)
+    return _library
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether a tensor can go through the kernels: CPU fp32 outside autograd."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad and available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for up to :data:`MAX_ROWS` rows of ``x`` (any leading shape).
+
+    ``weight [out, in]`` and ``bias`` must be contiguous CPU fp32; check :func:`usable` first.
+    """
+    n_out, n_in = weight.shape
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], n_out)
+    _library.gpt2lab_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                            y.data_ptr(), x.numel() // n_in, n_out, n_in, torch.get_num_threads())
+    return y
