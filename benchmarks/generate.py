@@ -8,6 +8,7 @@ and loaded by both libraries in the same process. Both sample 128 new tokens wit
 16-token prompts at batch 1 and 8 (EOS ignored, so every row makes 128 tokens); gpt2lab through its
 public API (``Generator.generate``). Runs alternate between the libraries and the best of
 ``--repeats`` counts, so load from other processes on a shared machine hits both alike.
+Set GPT2LAB_CPU_KERNELS=0 to time the fallback without gpt2lab's C kernels.
 Also printed: prefill time for a 512-token prompt, the fraction of the memory-bandwidth limit reached
 at batch 1 (every decode step streams all weights once), and a greedy parity check.
 """
@@ -135,7 +136,7 @@ def main() -> None:
     from transformers import GPT2LMHeadModel
 
     import gpt2lab
-    from gpt2lab.model import optimize_for_inference
+    from gpt2lab.model import kernels, optimize_for_inference
 
     directory = ensure_checkpoint(args.model)
     gen = gpt2lab.load(directory)
@@ -147,6 +148,8 @@ def main() -> None:
 
     print(f"GPT-2 124M (random init, HF layout) from {directory}; fp32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print("gpt2lab's C kernels: " + ("on" if kernels.available() else
+                                     f"OFF (torch/oneDNN fallback; {kernels.DISABLE_ENV}=0 or no C compiler)"))
     print(f"{PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, top_k={TOP_K} sampling, "
           f"best of {args.repeats} (median in brackets)")
     header = f"{'batch':>5}  {'transformers tok/s':>20}  {'gpt2lab tok/s':>20}"
