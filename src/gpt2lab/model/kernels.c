@@ -4,7 +4,8 @@
  * Why: a decode step of a few rows reads every weight once and is bound by memory bandwidth (one row)
  * or by loads from cache (a few rows). BLAS/oneDNN kernels stream a weight at 60-80% of what a plain
  * sum() reaches for one row on AVX2 CPUs, and are tuned for bigger matrices than 2-16 rows. Here a
- * thread keeps four weight rows in flight and reuses every weight load for two input rows. The whole
+ * thread keeps eight weight rows in flight for one input row, and reuses every weight load for two
+ * input rows when there are several. The whole
  * decode step (embedding to logits) is one call, so Python's per-op cost is paid once per token.
  */
 #include <math.h>
@@ -19,57 +20,72 @@ static inline float epilogue_apply(float v, float *out, int epilogue) {
     return v;
 }
 
+/* s[c] = w[c] . x for the 8 consecutive weight rows at w: eight streams in flight for one input row */
+static inline void dot_8x1(const float *restrict w, int64_t n_in, const float *restrict x, float s[8]) {
+    const float *w0 = w, *w1 = w0 + n_in, *w2 = w1 + n_in, *w3 = w2 + n_in;
+    const float *w4 = w3 + n_in, *w5 = w4 + n_in, *w6 = w5 + n_in, *w7 = w6 + n_in;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+    for (int64_t k = 0; k < n_in; k++) {
+        const float u = x[k];
+        s0 += w0[k] * u, s1 += w1[k] * u, s2 += w2[k] * u, s3 += w3[k] * u;
+        s4 += w4[k] * u, s5 += w5[k] * u, s6 += w6[k] * u, s7 += w7[k] * u;
+    }
+    s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3, s[4] = s4, s[5] = s5, s[6] = s6, s[7] = s7;
+}
+
+/* sa[c] = w[c] . xa and sb[c] = w[c] . xb for the 4 weight rows at w: each weight load serves two rows */
+static inline void dot_4x2(const float *restrict w, int64_t n_in, const float *restrict xa,
+                           const float *restrict xb, float sa[4], float sb[4]) {
+    const float *w0 = w, *w1 = w0 + n_in, *w2 = w1 + n_in, *w3 = w2 + n_in;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+    for (int64_t k = 0; k < n_in; k++) {
+        const float u = xa[k], v = xb[k], p = w0[k], q = w1[k], r = w2[k], t = w3[k];
+        a0 += p * u, a1 += q * u, a2 += r * u, a3 += t * u;
+        b0 += p * v, b1 += q * v, b2 += r * v, b3 += t * v;
+    }
+    sa[0] = a0, sa[1] = a1, sa[2] = a2, sa[3] = a3;
+    sb[0] = b0, sb[1] = b1, sb[2] = b2, sb[3] = b3;
+}
+
 /* y[m, n] = epilogue(b[n] + sum_k w[n, k] * x[m, k]) for m < n_rows, n < n_out; w is [n_out, n_in]
  * row-major (nn.Linear's layout), b may be NULL; EPILOGUE_ADD adds into y (a residual stream).
- * Called inside a parallel region: the team's threads split the output columns. */
+ * Called inside a parallel region: the team's threads split the output columns in blocks of 8. */
 static void team_linear(const float *restrict x, const float *restrict w, const float *restrict b,
                         float *restrict y, int64_t n_rows, int64_t n_out, int64_t n_in, int epilogue) {
-    const int64_t n_blocks = (n_out + 3) / 4;
+    const int64_t n_blocks = (n_out + 7) / 8;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; blk++) {
-        const int64_t n = blk * 4, width = n + 4 <= n_out ? 4 : n_out - n;
-        if (width < 4) { /* the last n_out % 4 columns, one at a time */
+        const int64_t n = blk * 8;
+        float s[8];
+        if (n + 8 > n_out) { /* the last n_out % 8 columns, one at a time */
             for (int64_t m = 0; m < n_rows; m++)
                 for (int64_t c = n; c < n_out; c++) {
                     const float *wc = w + c * n_in, *xm = x + m * n_in;
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t k = 0; k < n_in; k++) s += wc[k] * xm[k];
-                    y[m * n_out + c] = epilogue_apply(s + (b ? b[c] : 0.f), &y[m * n_out + c], epilogue);
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t k = 0; k < n_in; k++) acc += wc[k] * xm[k];
+                    y[m * n_out + c] = epilogue_apply(acc + (b ? b[c] : 0.f), &y[m * n_out + c], epilogue);
                 }
             continue;
         }
-        const float *w0 = w + n * n_in, *w1 = w0 + n_in, *w2 = w1 + n_in, *w3 = w2 + n_in;
-        float bias[4] = {0.f, 0.f, 0.f, 0.f};
-        if (b) bias[0] = b[n], bias[1] = b[n + 1], bias[2] = b[n + 2], bias[3] = b[n + 3];
         int64_t m = 0;
-        for (; m + 2 <= n_rows; m += 2) { /* two input rows share every weight load */
+        for (; m + 2 <= n_rows; m += 2) { /* pairs of input rows */
             const float *xa = x + m * n_in, *xb = xa + n_in;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-            for (int64_t k = 0; k < n_in; k++) {
-                const float u = xa[k], v = xb[k], p = w0[k], q = w1[k], r = w2[k], s = w3[k];
-                a0 += p * u, a1 += q * u, a2 += r * u, a3 += s * u;
-                b0 += p * v, b1 += q * v, b2 += r * v, b3 += s * v;
-            }
-            const float sa[4] = {a0, a1, a2, a3}, sb[4] = {b0, b1, b2, b3};
+            float sb[8];
+            dot_4x2(w + n * n_in, n_in, xa, xb, s, sb);
+            dot_4x2(w + (n + 4) * n_in, n_in, xa, xb, s + 4, sb + 4);
             float *ya = y + m * n_out + n, *yb = ya + n_out;
-            for (int c = 0; c < 4; c++) {
-                ya[c] = epilogue_apply(sa[c] + bias[c], &ya[c], epilogue);
-                yb[c] = epilogue_apply(sb[c] + bias[c], &yb[c], epilogue);
+            for (int c = 0; c < 8; c++) {
+                ya[c] = epilogue_apply(s[c] + (b ? b[n + c] : 0.f), &ya[c], epilogue);
+                yb[c] = epilogue_apply(sb[c] + (b ? b[n + c] : 0.f), &yb[c], epilogue);
             }
         }
-        if (m < n_rows) { /* one row left (or the only one): four weight streams at once */
-            const float *xm = x + m * n_in;
-            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-            for (int64_t k = 0; k < n_in; k++) {
-                const float u = xm[k];
-                s0 += w0[k] * u, s1 += w1[k] * u, s2 += w2[k] * u, s3 += w3[k] * u;
-            }
-            const float s[4] = {s0, s1, s2, s3};
+        if (m < n_rows) { /* one row left (or the only one) */
+            dot_8x1(w + n * n_in, n_in, x + m * n_in, s);
             float *ym = y + m * n_out + n;
-            for (int c = 0; c < 4; c++) ym[c] = epilogue_apply(s[c] + bias[c], &ym[c], epilogue);
+            for (int c = 0; c < 8; c++) ym[c] = epilogue_apply(s[c] + (b ? b[n + c] : 0.f), &ym[c], epilogue);
         }
     }
 }
