@@ -131,3 +131,5 @@ def test_build_is_cached_and_a_missing_or_broken_compiler_falls_back(tmp_path):
     assert broken.stdout.strip() == "False"
     assert "building gpt2lab's CPU kernels failed" in broken.stderr
     assert not list((tmp_path / "c3" / "gpt2lab" / "kernels").glob("*.so"))
+    again = run_python(probe, XDG_CACHE_HOME=str(tmp_path / "c3"), CC=shutil.which("false") or "false")
+    assert again.stdout.strip() == "False" and "failed" not in again.stderr  # remembered, not retried

@@ -9,9 +9,10 @@ and reuses each weight load for two rows when there are several; ``gpt2lab_decod
 
 The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``; ``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/gpt2lab/kernels/`` (about half a
-second) and shares torch's OpenMP runtime. Without a compiler, on a failed build, or with
-``GPT2LAB_CPU_KERNELS=0``, :func:`available` is False and the model uses torch's kernels: same
-results, slower batch-1 decoding.
+second) and shares torch's OpenMP runtime. Without a compiler, on a failed build (remembered next to
+where the library would be, with the compiler's message, and not retried with the same compiler),
+or with ``GPT2LAB_CPU_KERNELS=0``, :func:`available` is False and the model uses torch's kernels:
+same results, slower decoding.
 """
 
 from __future__ import annotations
@@ -89,8 +90,12 @@ def _build() -> Path | None:
         logger.debug("no C compiler found: gpt2lab's CPU kernels are off")
         return None
     target = cache_dir() / f"gpt2lab_kernels_{_build_key(compiler)}.so"
+    failed = target.with_suffix(".failed")  # this compiler could not build this source: do not retry
     if target.is_file():
         return target
+    if failed.is_file():
+        logger.info("gpt2lab's CPU kernels are off: building them failed before (%s)", failed)
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     # compile to a temporary name and rename: concurrent processes never load a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -98,8 +103,9 @@ def _build() -> Path | None:
     try:
         result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
-            logger.warning("building gpt2lab's CPU kernels failed (torch's kernels are used instead):\n%s",
-                           result.stderr.strip())
+            failed.write_text(f"{compiler} {' '.join(FLAGS)}\n{result.stderr}", encoding="utf-8")
+            logger.warning("building gpt2lab's CPU kernels failed (torch's kernels are used instead; the "
+                           "reason is kept in %s):\n%s", failed, result.stderr.strip())
             return None
         os.replace(tmp, target)
         return target
