@@ -104,7 +104,7 @@ GREEDY = """
 """
 
 
-def test_switched_off_kernels_fall_back_to_torch_with_the_same_tokens(tmp_path, tiny_checkpoint):
+def test_switched_off_kernels_fall_back_to_torch_with_the_same_tokens(tiny_checkpoint):
     on = run_python(GREEDY.format(ckpt=str(tiny_checkpoint)))
     off = run_python(GREEDY.format(ckpt=str(tiny_checkpoint)), GPT2LAB_CPU_KERNELS="0")
     assert off.returncode == 0, off.stderr

@@ -203,8 +203,7 @@ class Decoder:
             layer.attn_scale = block.attn.scale
         self.caches: list | None = None
 
-    def _bind_cache(self) -> None:
-        caches = self.model.caches()
+    def _bind_cache(self, caches: list) -> None:
         if self.caches != caches:  # setup_cache made new ones
             for layer, cache in zip(self.layers, caches):
                 layer.k_cache, layer.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
@@ -218,14 +217,17 @@ class Decoder:
         tokens = idx.reshape(n_rows).to(torch.int64).contiguous()
         positions = input_pos.reshape(n_rows).to(torch.int64).contiguous()
         # the C code indexes memory with these: check them as torch's own ops would
-        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        low, high = torch.aminmax(tokens)
+        if low < 0 or high >= cfg.vocab_size:
             raise IndexError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.tolist()}")
-        if model.caches()[0] is None:
+        caches = model.caches()
+        if caches[0] is None:
             raise RuntimeError("call model.setup_cache() before cached inference")
-        if positions.min() < 0 or positions.max() >= model.max_seq or not 0 <= first_row <= model.max_batch - n_rows:
+        low, high = torch.aminmax(positions)
+        if low < 0 or high >= model.max_seq or not 0 <= first_row <= model.max_batch - n_rows:
             raise ValueError(f"positions {positions.tolist()} of rows {first_row}..{first_row + n_rows - 1} are beyond "
                              f"the KV cache ({model.max_batch} rows of {model.max_seq} slots)")
-        self._bind_cache()
+        self._bind_cache(caches)
         logits = torch.empty(n_rows, cfg.vocab_size)
         w = self.tensors
         kernels.library().gpt2lab_decode(
@@ -247,13 +249,15 @@ def _transposed_layout(weight: torch.Tensor) -> nn.Parameter:
 
 
 class PackedLMHead(nn.Module):
-    """The LM head for inference: ``x @ W[C, V]`` for one row, a oneDNN-packed copy for several.
+    """The LM head for inference. Up to ``kernels.MAX_ROWS`` rows go through gpt2lab's kernels, which
+    read the weight in its own ``[V, C]`` layout; without the kernels, one row runs ``x @ W[C, V]`` on
+    the transposed layout that ``optimize_for_inference`` then stores.
 
-    One row (batch-1 decoding) is fastest straight from the ``[C, V]`` layout; for several rows
-    (batched decoding, prefill logits) oneDNN's packed GEMM is faster, at the price of a second copy
-    of the head's weight (``vocab * n_embd`` floats), made on the first multi-row call: a process that
-    only ever decodes one row never pays its memory or packing time. Owns no parameter: ``weight`` is
-    the model's own (the tied embedding), so nothing is added to ``state_dict()``.
+    More rows (full-sequence logits), or several rows without the kernels, use oneDNN's packed GEMM,
+    at the price of a second copy of the head's weight (``vocab * n_embd`` floats), made on the first
+    such call: a process that never needs it never pays its memory or packing time. Owns no
+    parameter: ``weight`` is the model's own (the tied embedding), so nothing is added to
+    ``state_dict()``.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:

@@ -5,8 +5,8 @@
  * or by loads from cache (a few rows). BLAS/oneDNN kernels stream a weight at 60-80% of what a plain
  * sum() reaches for one row on AVX2 CPUs, and are tuned for bigger matrices than 2-16 rows. Here a
  * thread keeps eight weight rows in flight for one input row, and reuses every weight load for two
- * input rows when there are several. The whole
- * decode step (embedding to logits) is one call, so Python's per-op cost is paid once per token.
+ * input rows when there are several. The whole decode step (embedding to logits) is one call, so
+ * Python's per-op cost is paid once per token.
  */
 #include <math.h>
 #include <stddef.h>
