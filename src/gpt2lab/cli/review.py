@@ -8,6 +8,7 @@ dataset of an ``augment`` output.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,7 @@ def summary(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # piped: wide enough for every column
     console.print(f"{result['counted']} judgements of {result['items']} items by {len(result['reviewers'])} "
                   f"reviewer(s): {', '.join(result['reviewers'])}")
     for caption, head, rows in tables(result):

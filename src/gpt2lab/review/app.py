@@ -145,6 +145,8 @@ def create_app(review: str | Path | ReviewSet, log: str | Path, *, blocklist: li
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON")
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query")]
         param = ".".join(loc) or None
         return _error(400, f"{param or 'request body'}: {first.get('msg', 'invalid')}", param)
