@@ -33,7 +33,7 @@ from .screening import screen_texts
 
 MAX_COMMENT_CHARS = 2000
 MAX_BODY_BYTES = 256 * 1024
-_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,%d}" % MAX_NAME_CHARS)
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1," + str(MAX_NAME_CHARS) + "}")
 CHOICES = ("A", "B", "tie", "both-bad")
 DECISIONS = ("accept", "reject", "edit")
 

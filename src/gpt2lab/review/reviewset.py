@@ -200,7 +200,7 @@ def from_augment(path: str | Path, text_column: str = "text") -> ReviewSet:
     data = read_dataset(path, text_column, augmented=True)
     items: list[Item] = []
     originals: dict[str, str] = {}
-    for i, row in enumerate(data.rows):
+    for row in data.rows:
         if row.get(ORIGIN) == "original":
             originals[str(row.get(SOURCE_ROW))] = str(row.get(text_column) or "")
     for i, row in enumerate(data.rows):

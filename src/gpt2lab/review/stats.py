@@ -97,8 +97,8 @@ def bradley_terry(wins: Mapping[tuple[str, str], float], *, max_iter: int = 10_0
     games = {(a, b): w.get((a, b), 0.0) + w.get((b, a), 0.0) for a in names for b in names if a != b}
     total_wins = {a: sum(w.get((a, b), 0.0) for b in names if b != a) for a in names}
     s = {a: 1.0 / len(names) for a in names}
-    converged, it = False, 0
-    for it in range(1, max_iter + 1):
+    converged, iterations = False, 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is reported
         new = {}
         for a in names:
             denom = sum(games[(a, b)] / (s[a] + s[b]) for b in names if b != a and games[(a, b)])
@@ -110,7 +110,7 @@ def bradley_terry(wins: Mapping[tuple[str, str], float], *, max_iter: int = 10_0
         if change < tol:
             converged = True
             break
-    return BradleyTerry(s, it, converged, regularised)
+    return BradleyTerry(s, iterations, converged, regularised)
 
 
 def cohen_kappa(a: Sequence, b: Sequence, weights: str | None = None) -> float:

@@ -140,7 +140,8 @@ def _agreement_one(what: str, labels: dict[tuple[str, str], Any], level: str,
 
 def _agreement(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    pair = {(r["reviewer"], r["item"]): (r.get("winner") or r["choice"]) for r in records if r.get("mode") == "pairwise"}
+    pair = {(r["reviewer"], r["item"]): (r.get("winner") or r["choice"]) for r in records
+            if r.get("mode") == "pairwise"}
     out.append(_agreement_one("pairwise choice", pair, "nominal", None))
     ratings = [r for r in records if r.get("mode") == "ratings"]
     criteria = list(dict.fromkeys(c for r in ratings for c in r["scores"]))
