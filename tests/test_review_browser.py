@@ -327,3 +327,38 @@ def test_api_bounds_and_4xx(tmp_path):
     finally:
         served.stop()
     assert len(read_log(log)) == 1
+
+
+def test_a_restarted_server_resumes_each_reviewer_from_the_log(tmp_path):
+    from gpt2lab.review.app import create_app
+
+    path, log = pairwise_file(tmp_path), tmp_path / "log.jsonl"
+    served = Served(create_app(path, log))
+    try:
+        c = httpx.Client(base_url=served.url, timeout=10)
+        order = []
+        nxt = c.get("/api/next", params={"reviewer": "eve"}).json()
+        for choice in ("A", "tie"):
+            order.append(nxt["item"]["id"])
+            nxt = c.post("/api/judgements", json={"reviewer": "eve", "item": order[-1], "choice": choice}).json()
+        third = nxt["item"]["id"]
+        other = c.get("/api/next", params={"reviewer": "fay"}).json()
+        assert other["progress"]["done"] == 0
+    finally:
+        served.stop()
+    with open(log, "a", encoding="utf-8") as f:  # a crash in the middle of writing a third judgement
+        f.write('{"reviewer": "eve", "item": "' + third + '", "mo')
+    served = Served(create_app(path, log))  # a new process would do the same: read the log at start
+    try:
+        c = httpx.Client(base_url=served.url, timeout=10)
+        again = c.get("/api/next", params={"reviewer": "eve"}).json()
+        assert again["progress"] == {"done": 2, "total": 6} and again["item"]["id"] == third
+        # the page order of A and B is the same as before the restart
+        assert again["item"]["candidates"] == nxt["item"]["candidates"]
+        assert c.post("/api/judgements", json={"reviewer": "eve", "item": order[0], "choice": "B"}).status_code == 409
+        assert c.post("/api/judgements", json={"reviewer": "eve", "item": third, "choice": "B"}).status_code == 200
+    finally:
+        served.stop()
+    records = read_log(log)
+    assert [(r["item"], r["choice"]) for r in records] == [(order[0], "A"), (order[1], "tie"), (third, "B")]
+    assert log.read_text(encoding="utf-8").count("\n") == 3  # the torn tail was cut, not glued to

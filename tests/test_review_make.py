@@ -149,3 +149,18 @@ def test_screening_repetition_near_duplicates_and_blocklist():
     assert s[3].blocklist == [] and s[4].blocklist == ["ass"]  # whole words, any case
     same_item = screen_texts(["i1", "i1"], texts[:2])
     assert same_item[0].near_duplicates == []  # the two sides of one pair are not flagged against each other
+
+
+@pytest.mark.slow
+def test_make_with_two_models_shared_settings(tiny_checkpoint, tmp_path):
+    from .conftest import SHAPES, make_hf_checkpoint
+
+    other = make_hf_checkpoint(tmp_path / "other-model", seed=9, **SHAPES["tiny"])
+    out = tmp_path / "r.jsonl"
+    code, text = run("make", *PROMPTS, "-m", tiny_checkpoint, "-m", other, "--temperature", "0",
+                     "--max-new-tokens", "5", "--mode", "ratings", "-o", out)
+    assert code == 0, text
+    rs = read_review_set(out)
+    assert list(rs.sources) == [tiny_checkpoint.name, "other-model"]
+    assert all(d["params"]["temperature"] == 0 for d in rs.sources.values())
+    assert len(rs.items) == 6 and {it.candidates[0].source for it in rs.items} == set(rs.sources)

@@ -86,8 +86,9 @@ def test_pairwise_summary_by_hand():
 
 
 def test_latest_judgement_of_an_item_counts():
-    recs = [pair("alice", "i1", "p", "q", "A"), pair("alice", "i1", "p", "q", "B")]
+    recs = [pair("alice", "i1", "p", "q", "A"), {**pair("alice", "i1", "p", "q", "B"), "comment": "changed my mind"}]
     s = summarize(recs)
+    assert s["comments"] == [{"reviewer": "alice", "item": "i1", "comment": "changed my mind"}]
     assert s["judgements"] == 2 and s["counted"] == 1
     assert {r["source"]: r["wins"] for r in s["pairwise"]["sources"]} == {"p": 0, "q": 1}
 

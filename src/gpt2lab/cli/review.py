@@ -134,7 +134,8 @@ def make(
             for model in models or [None]:
                 gen = load_generator(model)
                 for text, params in params_list:
-                    label = " | ".join(x for x in ((model if len(models or []) > 1 else None), text) if x) \
+                    name = Path(model).name if model and Path(model).is_dir() else model
+                    label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
                         or gen.name
                     rows = rv.generate_rows(gen, prompt_list, params, samples)
                     add(label, rows, {"model": gen.name, "params": _described(params)})

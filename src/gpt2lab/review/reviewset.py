@@ -38,7 +38,8 @@ FLAGS = ("offensive", "misleading", "off-topic", "other")
 MAX_ITEMS = 100_000
 MAX_TEXT_CHARS = 20_000  # a prompt or a candidate; longer ones are cut (with a visible mark) by make
 MAX_CRITERIA = 10
-MAX_NAME_CHARS = 64  # criterion and source names
+MAX_NAME_CHARS = 64  # criterion names, item ids, reviewer names
+MAX_SOURCE_CHARS = 256
 
 
 @dataclass
@@ -123,8 +124,8 @@ def build(sources: Mapping[str, Rows], mode: str = "pairwise", *, criteria: Sequ
     if len(names) < 2:
         raise ValueError(f"give two or more sources to compare, got {len(names)}")
     for n in names:
-        if not 1 <= len(n) <= MAX_NAME_CHARS:
-            raise ValueError(f"source names must have 1 to {MAX_NAME_CHARS} characters, got {n!r}")
+        if not 1 <= len(n) <= MAX_SOURCE_CHARS:
+            raise ValueError(f"source names must have 1 to {MAX_SOURCE_CHARS} characters, got {n!r}")
     if max_items is not None and max_items < 1:
         raise ValueError(f"max_items must be >= 1, got {max_items}")
     by_prompt: dict[str, dict[str, list[str]]] = {}

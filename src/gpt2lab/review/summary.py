@@ -163,6 +163,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "items": len({r.get("item") for r in last}),
         "pairwise": _pairwise(last), "ratings": _ratings(last), "curation": _curation(last),
         "agreement": _agreement(last),
+        "comments": [{"reviewer": r.get("reviewer"), "item": r.get("item"), "comment": r["comment"]}
+                     for r in last if r.get("comment")],
     })
 
 
@@ -203,6 +205,9 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                     [[a["what"] + (f" ({a['kappa_weights']} weights)" if a.get("kappa_weights") else ""),
                       ", ".join(a["reviewers"]), str(a["items"]), _f(a["cohen_kappa"]),
                       f"{_f(a['krippendorff_alpha'])} ({a['level']})"] for a in summary["agreement"]]))
+    if summary.get("comments"):
+        out.append(("Comments", ["item", "reviewer", "comment"],
+                    [[c["item"], c["reviewer"], c["comment"]] for c in summary["comments"]]))
     return out
 
 
