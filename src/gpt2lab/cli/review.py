@@ -191,6 +191,12 @@ def serve(
             review.criteria = check_criteria(criteria.split(","))
         words = read_blocklist(blocklist) if blocklist else []
         app_ = create_app(review, log, blocklist=words, similarity=similarity, title=review_file.name)
+    if port == 0:  # pick the free port here, so the address printed is the one served
+        import socket
+
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
     print(f"reviewing {review_file} ({review.mode}, {len(review.items)} items); judgements go to {log}")
     print(f"open http://{host}:{port}/ in a browser")
     uvicorn.run(app_, host=host, port=port, log_level=log_level)
@@ -204,9 +210,11 @@ def summary(
 ) -> None:
     """Win rates (Wilson 95% CI), Bradley-Terry, mean ratings (t 95% CI) and reviewer agreement of a log."""
     from ..review import read_log
+    from ..review.stats import require_extras
     from ..review.summary import summarize, tables, write_outputs
 
     with user_errors((ImportError,)):
+        require_extras()
         records = read_log(log)
         if not records:
             fail(f"{log}: holds no judgements yet")

@@ -22,6 +22,18 @@ def missing_extra(exc: ImportError) -> ImportError:
                        "pip install 'gpt2lab[review]'")
 
 
+def require_extras() -> None:
+    """Raise the one-line ``ImportError`` of :func:`missing_extra` unless every summary library imports."""
+    import importlib
+
+    for module, package in (("sklearn", "scikit-learn"), ("krippendorff", "krippendorff"), ("scipy", "scipy"),
+                            ("matplotlib", "matplotlib")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ImportError(f"gpt2lab review summary needs {package}: pip install 'gpt2lab[review]'") from None
+
+
 def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``successes / n``; ``(nan, nan)`` when ``n == 0``.
 
