@@ -33,10 +33,17 @@ def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def load_generator(model: str | None, device: str = "cpu", dtype: str | None = None,
-                   load: Callable | None = None):
-    """Load a model for a command, with the user-facing error handling."""
-    from ..generation import load as default_load
+def load_generator(model: str | None, runtime=None, *, load: Callable | None = None):  # noqa: ANN001
+    """Load a model for a command (``runtime``: its ``--device``/``--dtype``/``--quantization``, a
+    :class:`~gpt2lab.cli.options.Runtime`), with the user-facing error handling."""
+    import inspect
 
+    from ..generation import load as default_load
+    from .options import Runtime
+
+    loader = load or default_load
+    kwargs = (runtime or Runtime()).load_kwargs()
+    if "quantization" in kwargs and "quantization" not in inspect.signature(loader).parameters:
+        fail("--quantization is not available in this version of gpt2lab")
     with user_errors():
-        return (load or default_load)(model, device=device, dtype=dtype)
+        return loader(model, **kwargs)

@@ -171,14 +171,23 @@ def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
         return Tokenizer.gpt2(), gpt2_tokenizer_dir()
 
 
-def load(model: str | Path | None = None, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> Generator:
+def load(model: str | Path | None = None, *, device: str | torch.device = "auto",
+         dtype: str | torch.dtype | None = "auto") -> Generator:
     """Load a GPT-2 checkpoint: a local directory, a bundled model, or a Hugging Face Hub id.
 
-    ``model=None`` asks for ``gpt2`` and falls back to the bundled model when offline.
+    ``model=None`` asks for ``gpt2`` and falls back to the bundled model when it cannot be had; a model
+    named explicitly (``"gpt2"`` included) never does: it loads or raises ``ModelNotFoundError``.
+    ``device``: ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``. ``dtype``: ``"auto"`` (bfloat16 on a GPU that supports it, else float32),
+    ``"float32"``, ``"bfloat16"``, ``"float16"``. Both are checked by :mod:`gpt2lab.model.device`
+    (``ValueError`` names the choices, or says the device is absent).
     """
+    from ..model.device import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    target = resolve_dtype(dtype, dev)
     resolved = resolve_model(model)
-    net = load_model(resolved.path, device=device, dtype=_parse_dtype(dtype))
+    net = load_model(resolved.path, device=dev, dtype=target)
     tokenizer, tokenizer_dir = load_tokenizer(resolved.path, net.config.vocab_size)
     return Generator(net, tokenizer, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir)
 
