@@ -169,6 +169,16 @@ class GraphDecoder:
         self.captures += 1
 
 
+@torch.no_grad()
+def prepare_for_inference(model: GPT2) -> GPT2:
+    """``optimize_for_inference`` on a GPU: eval mode, no gradients; decode steps then replay CUDA graphs
+    (:func:`graph_decoder`). The CPU's packed layouts do not apply: cuBLAS reads ``nn.Linear`` as it is."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def graph_decoder(model: GPT2) -> GraphDecoder | None:
     """The model's :class:`GraphDecoder` when its decode steps should replay CUDA graphs, else None.
 
