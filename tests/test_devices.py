@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import gpt2lab
-from gpt2lab.generation import Engine
 from gpt2lab.generation.beam import beam_search
 from gpt2lab.model.cuda_graphs import GraphDecoder, batch_bucket, kv_bucket, static_decode
 from gpt2lab.model.device import resolve_device, resolve_dtype
@@ -191,3 +190,26 @@ def test_training_resume_is_bit_exact(tmp_path, device):
     a = load_file(str(tmp_path / "ref" / "trainer" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "trainer" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_with_smoke_sizes(tmp_path):
+    """benchmarks/gpu.py end to end with tiny sizes on this machine: every row of the table is produced."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu", "--json",
+                        str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["metric"], row["case"].split(" ")[0]) for row in rows] == [
+        ("decode", "124M"), ("decode", "124M"), ("TTFT", "124M,"), ("decode", "XL"), ("decode", "XL"),
+        ("train", "124M,"), ("train peak memory", "124M,"), ("serve", "124M,")]
+    assert all(row["ours"] > 0 for row in rows if row["unit"] in ("tok/s", "ms"))
+    assert "| decode" in r.stdout and "SMOKE" in r.stdout
