@@ -300,10 +300,11 @@ class Trainer:
         self.dist, self.device = _init_distributed(cfg.device)
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cuda"
         if self.deterministic and self.device.type == "cuda":
-            # exact resume on a GPU: no atomics-based kernels (embedding backward, index_add), fixed
-            # cuBLAS workspaces; set before cuBLAS starts (as torch's reproducibility notes ask)
+            # exact resume on a GPU: no atomics-based kernels, fixed cuBLAS workspaces (set before cuBLAS
+            # starts, as torch's reproducibility notes ask). Strict mode, not warn_only: only then does
+            # SDPA's flash backward take its deterministic path instead of warning.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.use_deterministic_algorithms(True)
         from ..model.device import autocast_dtype
 
         # None: plain float32; bfloat16: autocast; float16: autocast + a gradient scaler (CUDA only)
