@@ -143,7 +143,7 @@ def _set_dropout(model: GPT2, p: float) -> None:
 
 
 def build_model(cfg: TrainConfig):
-    """(model, tokenizer, tokenizer_dir, name) for a fine-tune or a fresh model."""
+    """(model, tokenizer, tokenizer_dir, name, generation_config) for a fine-tune or a fresh model."""
     from ..tokenizer import Tokenizer, gpt2_tokenizer_dir
 
     if cfg.model is not None:
@@ -151,6 +151,7 @@ def build_model(cfg: TrainConfig):
 
         gen = load(cfg.model)
         model, tokenizer, tok_dir, name = gen.model, gen.tokenizer, gen.tokenizer_dir, gen.name
+        generation_config = gen.generation_config
     else:
         config = parse_model_config(cfg.config)
         tokenizer, tok_dir = Tokenizer.gpt2(), gpt2_tokenizer_dir()
@@ -159,10 +160,10 @@ def build_model(cfg: TrainConfig):
                              f"({tokenizer.vocab_size} tokens)")
         model = GPT2(config)
         model.init_weights(seed=cfg.seed)
-        name = None
+        name, generation_config = None, {}
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
-    return model, tokenizer, tok_dir, name
+    return model, tokenizer, tok_dir, name, generation_config
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -303,7 +304,7 @@ class Trainer:
             raise ValueError(f"--out {cfg.out} is the model being fine-tuned; choose another output folder")
         if not cfg.resume and (self.out / TRAINER_DIR / STATE_FILE).is_file():
             self._log(f"gpt2lab: {self.out} holds an earlier run; starting over (--resume continues it instead)")
-        model, self.tokenizer, self.tokenizer_dir, self.base_name = build_model(cfg)
+        model, self.tokenizer, self.tokenizer_dir, self.base_name, self.generation_config = build_model(cfg)
         c = model.config
         self.block_size = cfg.block_size or c.n_positions
         if self.block_size > c.n_positions:
@@ -393,11 +394,31 @@ class Trainer:
 
         write_atomic_dir(self.out / TRAINER_DIR, fill)
 
+    def model_card(self, dtype: torch.dtype) -> str:
+        """The README.md of the published model: base model, data, steps, validation perplexity, how."""
+        from ..checkpoints.card import model_card
+
+        cfg = self.cfg
+        if cfg.lora_rank:
+            how = (f"Fine-tuned with `gpt2lab finetune` as a LoRA adapter (rank {cfg.lora_rank}, targets "
+                   f"{self.lora_targets}), merged into the base weights; the adapter alone is in `adapter/` "
+                   "(peft's format).")
+        elif cfg.model is not None:
+            how = "Fine-tuned (all weights) with `gpt2lab finetune`."
+        else:
+            how = f"Trained from scratch with `gpt2lab train --config {cfg.config}`."
+        details: dict[str, object] = {"peak learning rate": self.lr, "block size": self.block_size,
+                                      "global batch (blocks)": self.global_batch, "seed": cfg.seed}
+        return model_card(how=how, config=self.model.config, dtype=dtype, base_model=self.base_name,
+                          data=cfg.data, steps=self.step, val_loss=self.best_val, details=details)
+
     def publish(self) -> None:
         """The model at the top of ``--out`` (HF layout; each file replaced atomically)."""
         plain = self._plain_model()
         staging = self.out / ".publish"
-        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=_DTYPES[self.cfg.save_dtype])
+        dtype = _DTYPES[self.cfg.save_dtype]
+        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
+                   generation_config=self.generation_config)
         for f in staging.iterdir():
             os.replace(f, self.out / f.name)
         staging.rmdir()
