@@ -7,6 +7,7 @@ Exact resume rests on three things: the order of training blocks is a pure funct
 Output folder ``--out``:
     config.json, model.safetensors, tokenizer files   the best model (the last one without validation)
     metrics.jsonl, loss_curve.png, training.json       records
+    runs/                                              TensorBoard event files (--report-to tensorboard)
     adapter/                                           the LoRA adapter on its own (LoRA runs)
     trainer/  (state.pt + model/)                      the latest checkpoint, for --resume
     data/                                              the tokenized corpus (uint16 memmaps)
@@ -192,11 +193,30 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
 
 
 # -- records -------------------------------------------------------------------------------------------
-class Metrics:
-    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped."""
+# metrics.jsonl key -> TensorBoard tag (the names HF Trainer's TensorBoard callback uses)
+_TB_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "tokens_per_s": "train/tokens_per_second",
+            "val_loss": "eval/loss", "val_ppl": "eval/perplexity"}
+TENSORBOARD_DIR = "runs"
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+
+class Metrics:
+    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped.
+
+    ``tensorboard``: also write each number as a TensorBoard scalar (``torch.utils.tensorboard``) into
+    ``runs/`` next to the JSONL; on resume, TensorBoard's ``purge_step`` drops the later events too.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False) -> None:
         self.path = path
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError("--report-to tensorboard needs the tensorboard package: "
+                                 "pip install 'gpt2lab[train]'") from exc
+            self.writer = SummaryWriter(str(path.parent / TENSORBOARD_DIR),
+                                        purge_step=resume_step + 1 if resume_step is not None else None)
         kept: list[str] = []
         if resume_step is not None and path.is_file():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -214,9 +234,16 @@ class Metrics:
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
+        if self.writer is not None:
+            for key, tag in _TB_TAGS.items():
+                if key in record:
+                    self.writer.add_scalar(tag, record[key], global_step=record["step"])
+            self.writer.flush()
 
     def close(self) -> None:
         self.fh.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_losses(metrics_path: Path, png: Path) -> bool:
@@ -505,7 +532,8 @@ class Trainer:
                  "parameters": sum(p.numel() for p in self.model.parameters()),
                  "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
                 indent=2, default=str) + "\n")
-        metrics = Metrics(self.out / METRICS_FILE, self.step if resumed else None) if dist.main else None
+        metrics = Metrics(self.out / METRICS_FILE, self.step if resumed else None,
+                          tensorboard="tensorboard" in cfg.report_to) if dist.main else None
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.model.train()
         net: nn.Module = self.model
