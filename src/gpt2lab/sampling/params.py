@@ -45,7 +45,7 @@ class SamplingParams:
     Length: give ``max_new_tokens`` (new tokens only) or ``max_length`` (prompt + new tokens, as in
     ``transformers`` and the seed's ``generate_text``), not both; neither means 16 new tokens.
 
-    Transforms run in this order on each step's logits: logit_bias / banned tokens,
+    Transforms run in this order on each step's logits: min_tokens, logit_bias / banned tokens,
     repetition_penalty, presence/frequency penalties, no_repeat_ngram, temperature, top_k, top_p,
     min_p, typical_p. ``temperature=0`` is greedy decoding (argmax; the filters are then moot).
     """

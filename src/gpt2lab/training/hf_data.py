@@ -30,6 +30,16 @@ class HFDataError(ValueError):
     """Raised with a message naming the source; training/data.py reports it as a ``DataError``."""
 
 
+def _require(module: str, what: str):
+    """Import an optional dependency, or say which extra brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise HFDataError(f"{what} needs the {module.split('.')[0]} package: pip install 'gpt2lab[data]'") from None
+
+
 def _texts(records: Iterable[Any], text_field: str, source: str) -> Iterator[str]:
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict) or text_field not in record:
@@ -62,8 +72,7 @@ def _column(batches: Iterable[Any], names: list[str], text_field: str, source: s
 
 def parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     """The texts of a parquet file, read a few hundred rows at a time."""
-    import pyarrow.parquet as pq
-
+    pq = _require("pyarrow.parquet", f"reading {path}")
     try:
         reader = pq.ParquetFile(str(path))
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors all mean "not a parquet file"
@@ -75,8 +84,7 @@ def parquet_documents(path: Path, text_field: str) -> Iterator[str]:
 
 def arrow_documents(path: Path, text_field: str) -> Iterator[str]:
     """The texts of an Arrow file written by ``datasets`` (IPC stream, memory-mapped)."""
-    import pyarrow as pa
-
+    pa = _require("pyarrow", f"reading {path}")
     try:
         source = pa.memory_map(str(path))
         try:
@@ -146,9 +154,7 @@ def is_dataset_dir(path: Path) -> bool:
 
 def _split_files(dataset: Any, source: str) -> list[Path]:
     """The Arrow files holding a ``Dataset`` (its train split when a ``DatasetDict``)."""
-    from datasets import DatasetDict
-
-    if isinstance(dataset, DatasetDict):
+    if isinstance(dataset, _require("datasets", source).DatasetDict):
         splits = list(dataset.keys())
         if not splits:
             raise HFDataError(f"{source}: the dataset has no splits")
@@ -164,10 +170,9 @@ def _split_files(dataset: Any, source: str) -> list[Path]:
 
 def dataset_dir_files(path: Path) -> list[Path]:
     """The Arrow files of a ``save_to_disk`` folder (its ``train`` split, else its first)."""
-    from datasets import load_from_disk
-
+    datasets = _require("datasets", f"reading the datasets folder {path}")
     try:
-        dataset = load_from_disk(str(path))
+        dataset = datasets.load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 - a damaged folder, whatever the parser says
         raise HFDataError(f"{path}: not a readable datasets folder ({exc})") from exc
     return _split_files(dataset, str(path))
@@ -188,8 +193,7 @@ def cached_dataset_files(raw: str) -> list[Path]:
     With ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) only the local cache is used, as
     ``datasets.load_dataset`` does; the error says how to get the dataset otherwise.
     """
-    import datasets
-
+    datasets = _require("datasets", f"{raw}: not a file or folder; loading it as a dataset name")
     name, _, config = raw.partition(":")
     try:
         dataset = datasets.load_dataset(name, config or None, split="train")

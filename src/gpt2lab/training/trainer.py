@@ -214,7 +214,7 @@ class Metrics:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise ValueError("--report-to tensorboard needs the tensorboard package: "
-                                 "pip install 'gpt2lab[train]'") from exc
+                                 "pip install 'gpt2lab[tensorboard]'") from exc
             self.writer = SummaryWriter(str(path.parent / TENSORBOARD_DIR),
                                         purge_step=resume_step + 1 if resume_step is not None else None)
         kept: list[str] = []
