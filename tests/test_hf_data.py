@@ -85,6 +85,7 @@ def _cache_dataset(cache: Path, repo_id: str, source: Path) -> None:
     assert datasets.config.HF_DATASETS_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
+@pytest.mark.slow
 def test_dataset_by_name_from_the_offline_cache(tmp_path, tokenizer, reference):
     """``gpt2lab finetune someone/tiny-corpus`` with HF_HUB_OFFLINE=1 reads the locally cached dataset."""
     src = tmp_path / "src.jsonl"
@@ -108,6 +109,7 @@ def test_dataset_by_name_from_the_offline_cache(tmp_path, tokenizer, reference):
            "datasets cache" in proc.stderr
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard(tmp_path):
     from datasets import Dataset
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
