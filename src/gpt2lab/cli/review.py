@@ -16,7 +16,7 @@ import typer
 
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import sampling_options
+from .options import Runtime, runtime_options, sampling_options
 
 app = typer.Typer(help="Blind side-by-side ratings, 1-5 ratings and curation of generated text, in the browser.",
                   no_args_is_help=True)
@@ -62,6 +62,7 @@ def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 
 
 @app.command("make")
+@runtime_options()
 @sampling_options(defaults=MAKE_DEFAULTS, exclude={"n", "logprobs"})
 def make(
     prompts: list[str] = typer.Argument(None, help="Prompts to complete (more with --prompts)."),
@@ -89,6 +90,7 @@ def make(
     samples: int = typer.Option(1, "--samples", help="Completions per prompt and generating source."),
     max_items: int = typer.Option(None, "--max-items", help="Keep at most this many items (after shuffling)."),
     sampling: SamplingParams = None,
+    runtime: Runtime = None,
 ) -> None:
     """Write a review file: the same prompts completed by two or more hidden sources (or an augment output)."""
     from ..review import reviewset as rv
@@ -132,7 +134,7 @@ def make(
             params_list = [(s, parse_setting(s, sampling)) for s in settings or [None]] if settings else [(None,
                                                                                                           sampling)]
             for model in models or [None]:
-                gen = load_generator(model)
+                gen = load_generator(model, runtime)
                 for text, params in params_list:
                     name = Path(model).name if model and Path(model).is_dir() else model
                     label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
