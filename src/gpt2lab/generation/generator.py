@@ -120,7 +120,9 @@ class Generator:
             return [c for p, ids in zip(prompt_list, encoded)
                     for c in beam_search(self.model, self.tokenizer, ids, params, prompt=p,
                                          eos_token_id=self.eos_token_id)]
-        engine = self.engine(max_batch=min(16, max(1, len(prompt_list) * params.n)))
+        # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
+        limit = 16 if self.device.type == "cpu" else 128
+        engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
         for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
