@@ -468,8 +468,11 @@ class Trainer:
         finally:
             os.close(fd)
         if self.cfg.lora_rank:
+            # a local base is recorded as an absolute path, so the adapter folder finds it from anywhere
+            base = str(Path(self.base_name).resolve()) if self.base_name and Path(self.base_name).is_dir() \
+                else self.base_name
             write_atomic_dir(self.out / "adapter", lambda tmp: lora_mod.fill_adapter_dir(
-                self.model, tmp, self.base_name, self.lora_targets))
+                self.model, tmp, base, self.lora_targets))
 
     def load_checkpoint(self) -> bool:
         state_path = self.out / TRAINER_DIR / STATE_FILE
