@@ -120,7 +120,9 @@ class Generator:
             return [c for p, ids in zip(prompt_list, encoded)
                     for c in beam_search(self.model, self.tokenizer, ids, params, prompt=p,
                                          eos_token_id=self.eos_token_id)]
-        engine = self.engine(max_batch=min(16, max(1, len(prompt_list) * params.n)))
+        # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
+        limit = 16 if self.device.type == "cpu" else 128
+        engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
         for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
@@ -205,12 +207,18 @@ class Generator:
         config.json with ``torch_dtype``, generation_config.json, tokenizer files with tokenizer_config.json,
         a model card, and shards with an index above ``max_shard_size``."""
         from ..checkpoints.card import model_card
+        from ..training.lora import lora_modules, merge_lora
 
         dtype = _parse_dtype(dtype, self.path)
         stored = dtype or self.model.wte.weight.dtype
-        card = model_card(how=f"Saved with gpt2lab (`Generator.save`) from `{self.name}`.",
-                          config=self.config, dtype=stored, base_model=self.name)
-        return save_model(self.model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
+        model, how = self.model, f"Saved with gpt2lab (`Generator.save`) from `{self.name}`."
+        if lora_modules(model):  # a LoRA-adapted model is saved as a plain GPT-2 with the adapters merged
+            import copy
+
+            model = merge_lora(copy.deepcopy(model)).eval()
+            how += " Its LoRA adapter is merged into the weights."
+        card = model_card(how=how, config=self.config, dtype=stored, base_model=self.name)
+        return save_model(model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
                           generation_config=self.generation_config, max_shard_size=max_shard_size, card=card)
 
 
