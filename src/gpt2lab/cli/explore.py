@@ -46,10 +46,10 @@ def explore(
     top_ps = _numbers("--top-p", top_p, float)
     prompts = [] if prompt is None else [prompt]
     if prompts_file is not None:
-        from ..evaluation.perplexity import read_text_file
+        from ..readers import iter_lines
 
         with user_errors():
-            prompts += [line for line in read_text_file(prompts_file).splitlines() if line.strip()]
+            prompts += [line for _, line in iter_lines(prompts_file) if line.strip()]
     if not prompts:
         fail("give a prompt, or --prompts FILE")
     from ..evaluation import explore as run_explore

@@ -36,12 +36,14 @@ def story(
 
     start = None
     if continue_file is not None:
+        from ..readers import read_text
+
         try:
-            start = continue_file.read_text(encoding="utf-8")
+            start = read_text(continue_file)
         except FileNotFoundError:
             fail(f"--continue {continue_file}: file not found")
-        except (IsADirectoryError, UnicodeDecodeError) as exc:
-            fail(f"--continue {continue_file}: cannot read it as UTF-8 text ({exc.__class__.__name__})")
+        except ValueError as exc:
+            fail(f"--continue {exc}")
         if not start.strip():
             fail(f"--continue {continue_file}: the file is empty")
     elif not premise.strip():
