@@ -34,7 +34,7 @@ def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Pat
     path = Path(path).expanduser()
     try:
         if path.exists() and not path.is_dir():
-            raise OutputError(f"{option} {path}: exists and is not a directory")
+            raise OutputError(f"{option} {path}: cannot write there ({path} is a file: Not a directory)")
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".gpt2lab-write-test-", dir=path)
         try:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..outputs import check_output_file
 from ..readers import complete_lines, iter_csv, read_records
 from ..sampling import SamplingParams
 
@@ -293,6 +294,7 @@ class Augmenter:
         if self.out.resolve() == data.path.resolve():
             raise ValueError(f"--out {self.out} is the input file; choose another output")
         data_format(self.out, "output")
+        check_output_file(self.out)
         self.text_column, self.label_column = text_column, label_column
         self.per_example, self.methods = per_example, list(methods)
         self.params = (params or SamplingParams(**DEFAULTS)).with_(n=1)

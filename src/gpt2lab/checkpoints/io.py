@@ -162,6 +162,20 @@ def write_atomic_dir(target: str | Path, fill) -> Path:
     return target
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors`` ``save_file``, its I/O failures (a full disk ...) raised as the ``OSError`` they are."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path | None = None,
                dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` in HF layout (atomically) so ``transformers`` loads it back unchanged.
@@ -169,8 +183,6 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
     ``tokenizer_dir``: copy the tokenizer files found there. ``dtype``: storage dtype (e.g. fp16).
     ``extra_files``: more text files to write (name -> content), e.g. a model card.
     """
-    from safetensors.torch import save_file
-
     config = model.config
     state = model.state_dict()
     if dtype is not None:
@@ -178,8 +190,8 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
 
     def fill(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
-        save_file(gpt2lab_to_hf(state, config.tie_word_embeddings), str(tmp / SAFETENSORS_FILE),
-                  metadata={"format": "pt"})
+        _save_safetensors(gpt2lab_to_hf(state, config.tie_word_embeddings), tmp / SAFETENSORS_FILE,
+                          metadata={"format": "pt"})
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name

@@ -23,14 +23,26 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Turn the errors a user can cause into a one-line message and exit code 2 (no traceback)."""
     from ..errors import CheckpointError, TokenizerError
+    from ..outputs import describe_os_error
 
     try:
         yield
     except (ValueError, TypeError, CheckpointError, TokenizerError, FileNotFoundError, *extra) as exc:
         fail(str(exc))
+    except OSError as exc:  # a full disk, a read-only file system ... while reading or writing
+        fail(describe_os_error(exc))
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+def check_output(path, option: str = "--out", kind: str = "dir") -> None:
+    """Fail now, before any model loads, when ``path`` (a folder, or a file with ``kind="file"``)
+    cannot be written: a read-only file system, a full disk, a parent that is a regular file."""
+    from ..outputs import check_output_dir, check_output_file
+
+    with user_errors():
+        (check_output_file if kind == "file" else check_output_dir)(path, option)
 
 
 def load_generator(model: str | None, device: str = "cpu", dtype: str | None = None,

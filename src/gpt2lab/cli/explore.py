@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import fail, user_errors
+from .common import check_output, fail, user_errors
 from .eval import fmt_value, load_for_eval, print_json
 
 _HEADERS = {"perplexity": "ppl", "repeated_4gram_rate": "rep-4", "distinct_1": "dist-1", "distinct_2": "dist-2",
@@ -57,6 +57,7 @@ def explore(
 
     with user_errors():
         grid(temperatures, top_ks, top_ps)  # bad values fail before any model loads
+    check_output(out, "--out")
     gen = load_for_eval(model, device)
     scorer = load_for_eval(scoring_model, device) if scoring_model else None
     with user_errors():

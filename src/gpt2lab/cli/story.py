@@ -9,7 +9,7 @@ import typer
 
 from ..apps.story import DEFAULTS
 from ..sampling import SamplingParams
-from .common import fail, load_generator, user_errors
+from .common import check_output, fail, load_generator, user_errors
 from .options import BEAM_OPTIONS, model_option, sampling_options
 
 # story counts its length with --length, makes --drafts samples and cannot beam-search varied drafts
@@ -48,6 +48,7 @@ def story(
             fail(f"--continue {continue_file}: the file is empty")
     elif not premise.strip():
         fail("give a premise (or --continue FILE)")
+    check_output(out, "--out")
     gen = load_generator(model)
     shown: list[str] = []  # the first delta is preceded by the text the story starts with
 
