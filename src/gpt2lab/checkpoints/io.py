@@ -8,11 +8,13 @@ tokenizer files. HF GPT-2 stores its projections as ``Conv1D`` (weight ``[in, ou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -41,11 +43,78 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: a pickled checkpoint cannot run code when loaded
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every parser error means the same to the user
+        # torch's weights_only unpickler met a reference to code (a global or a call), not a tensor
+        if re.search(r"Unsupported global|unrecognized function|Unsupported class", str(exc)):
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            what = f" (it references {refused.group(1)})" if refused else ""
+            raise CheckpointError(
+                f"{path}: refused: loading this pickle would run code{what}; only "
+                "plain tensors are loaded (torch.load weights_only=True). If you trust the file, convert it "
+                "to safetensors yourself") from None
         size = path.stat().st_size
         raise CheckpointError(f"{path}: cannot read weights ({size} bytes; truncated or corrupt?): {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return state
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header only (nothing else is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - a header that does not parse
+        raise CheckpointError(f"{path}: cannot read weights ({path.stat().st_size} bytes; truncated or "
+                              f"corrupt?): {exc}") from exc
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Our tensor names and shapes for ``config``, from one block built on the meta device (no memory)."""
+    with torch.device("meta"):
+        one = GPT2(dataclasses.replace(config, n_layer=1))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in one.state_dict().items():
+        if name.startswith("h.0."):
+            for i in range(config.n_layer):
+                shapes[f"h.{i}.{name[4:]}"] = tuple(tensor.shape)
+        else:
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def check_shapes(config: GPT2Config, shapes: Mapping[str, Sequence[int]], weights: str | Path,
+                 config_path: str | Path) -> None:
+    """Check HF-named tensor ``shapes`` (a safetensors header, or the union of a sharded checkpoint's)
+    against ``config`` before anything is allocated; :class:`CheckpointError` names both files."""
+    ours: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        key = name.removeprefix("transformer.")
+        if _IGNORED.search(key):
+            continue
+        ours[key] = tuple(reversed(tuple(shape))) if key.endswith(_CONV1D_SUFFIXES) else tuple(shape)
+    if config.tie_word_embeddings:
+        ours.pop("lm_head.weight", None)  # tied: the same tensor as wte
+    blocks = {int(m.group(1)) for key in ours if (m := re.match(r"h\.(\d+)\.", key))}
+    if blocks != set(range(config.n_layer)):  # before listing n_layer blocks of names, however big
+        found = f"blocks h.0-h.{max(blocks)}" if blocks == set(range(len(blocks))) and blocks else \
+            f"{len(blocks)} blocks"
+        raise CheckpointError(f"{weights}: has {found} but {config_path} says n_layer={config.n_layer}")
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{weights}: does not match {config_path}: {'; '.join(detail)}")
+    for key, shape in ours.items():
+        if shape != expected[key]:
+            raise CheckpointError(f"{weights}: tensor {key} has shape {shape} but {config_path} implies "
+                                  f"{expected[key]}")
 
 
 def weights_file(directory: Path) -> Path:
@@ -94,29 +163,20 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
     path = weights_file(directory)
-    state = hf_to_gpt2lab(_read_tensors(path))
+    if path.suffix == ".safetensors":  # the header is enough: a mismatch fails before any allocation
+        check_shapes(config, safetensors_shapes(path), path, config_path)
+        raw = _read_tensors(path)
+    else:
+        raw = _read_tensors(path)
+        check_shapes(config, {k: tuple(v.shape) for k, v in raw.items()}, path, config_path)
+    state = hf_to_gpt2lab(raw)
     # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
     # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.
     approx_params = config.n_embd * (config.vocab_size + config.n_positions + 12 * config.n_embd * config.n_layer)
     with torch.device("meta") if approx_params > 400_000_000 else contextlib.nullcontext():
         model = GPT2(config)
-    expected = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: same tensor as wte
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{path}: does not match {config_path}: {'; '.join(detail)}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{path}: tensor {key} has shape {tuple(tensor.shape)} but {config_path} implies "
-                f"{tuple(expected[key].shape)}")
     target_dtype = dtype or torch.float32  # fp16-stored checkpoints load as fp32 unless asked
     state = {k: v.to(dtype=target_dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
