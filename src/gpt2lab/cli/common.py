@@ -11,12 +11,28 @@ import typer
 
 EXIT_USAGE = 2  # bad value or unusable input (what click uses for usage errors)
 EXIT_FAILURE = 1
+# the importable modules of each optional extra (pyproject.toml's [project.optional-dependencies])
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "server": ("fastapi", "uvicorn", "pydantic", "prometheus_client"),
+    "eval": ("sacrebleu", "rouge_score", "matplotlib"),
+}
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print ``gpt2lab: error: message`` on stderr and exit with ``code``."""
     print(f"gpt2lab: error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def require_extra(extra: str, command: str, modules: tuple[str, ...] | None = None) -> None:
+    """Before any work: fail in one line, naming the extra to install, when ``command`` needs modules of
+    the optional ``extra`` that are not installed (found without importing them)."""
+    import importlib.util
+
+    missing = [m for m in (modules or EXTRAS[extra]) if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"{command} needs the optional '{extra}' dependencies ({', '.join(missing)} not installed); "
+             f"install them with: pip install 'gpt2lab[{extra}]'")
 
 
 @contextmanager

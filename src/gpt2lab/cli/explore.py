@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import check_output, fail, user_errors
+from .common import check_output, fail, require_extra, user_errors
 from .eval import fmt_value, load_for_eval, print_json
 
 _HEADERS = {"perplexity": "ppl", "repeated_4gram_rate": "rep-4", "distinct_1": "dist-1", "distinct_2": "dist-2",
@@ -41,6 +41,7 @@ def explore(
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
 ) -> None:
     """Sample every temperature x top-k x top-p combination and compare coherence with creativity."""
+    require_extra("eval", "gpt2lab explore", ("sacrebleu", "matplotlib"))  # self-BLEU, plot.png
     temperatures = _numbers("--temperature", temperature, float)
     top_ks = _numbers("--top-k", top_k, int)
     top_ps = _numbers("--top-p", top_p, float)

@@ -6,7 +6,7 @@ import ipaddress
 
 import typer
 
-from .common import fail, user_errors
+from .common import fail, require_extra, user_errors
 
 
 def is_loopback(host: str) -> bool:
@@ -35,6 +35,7 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
+    require_extra("server", "gpt2lab serve")
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")
