@@ -61,8 +61,13 @@ def data_format(path: Path, what: str = "file") -> str:
     return fmt
 
 
-def read_dataset(path: str | Path, text_column: str, label_column: str | None = None) -> Dataset:
-    """Read a CSV/TSV (with a header) or JSONL dataset; ``ValueError`` names what is wrong and where."""
+def read_dataset(path: str | Path, text_column: str, label_column: str | None = None, *,
+                 augmented: bool = False) -> Dataset:
+    """Read a CSV/TSV (with a header) or JSONL dataset; ``ValueError`` names what is wrong and where.
+
+    ``augmented``: the file is an augment output (it must have the added columns; ``gpt2lab review``
+    reads it to curate), instead of an input (it must not).
+    """
     path = Path(path)
     fmt = data_format(path, "data")
     rows: list[dict[str, Any]] = []
@@ -88,7 +93,10 @@ def read_dataset(path: str | Path, text_column: str, label_column: str | None = 
         if name is not None and name not in cols:
             raise ValueError(f"{path}: no column {name!r} ({option}); columns: {', '.join(cols) or '(none)'}")
     clash = [c for c in ADDED_COLUMNS if c in cols]
-    if clash:
+    if augmented and len(clash) < len(ADDED_COLUMNS):
+        raise ValueError(f"{path}: not an augment output (it lacks column(s) "
+                         f"{', '.join(c for c in ADDED_COLUMNS if c not in cols)})")
+    if clash and not augmented:
         raise ValueError(f"{path}: already has column(s) {', '.join(clash)}: is it an augment output? "
                          "Augment the original dataset")
     for i, row in enumerate(rows):

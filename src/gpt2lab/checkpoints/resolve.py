@@ -1,20 +1,22 @@
 """Turn a model reference into a checkpoint directory.
 
 Order: a local directory; a model bundled inside gpt2lab (by its registered name); a Hugging Face Hub
-id (its cache first, ``HF_HUB_OFFLINE`` honoured, only the files GPT-2 needs, safetensors preferred).
+id (its cache first, ``HF_HUB_OFFLINE`` honoured, only the files GPT-2 needs, safetensors preferred;
+a sharded checkpoint brings its index and every shard it names).
 When the default model (``gpt2``) cannot be had, the bundled default stands in and one line on stderr
 says so.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .io import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE, TOKENIZER_FILES, CheckpointError
+from .io import CONFIG_FILE, TOKENIZER_FILES, WEIGHT_FILES, CheckpointError, weight_files
 
 DEFAULT_MODEL = "gpt2"
 # name -> folder under gpt2lab/assets; the first entry is the offline stand-in for DEFAULT_MODEL
@@ -54,19 +56,40 @@ def _hub_cache_dir(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
 
 
+# what a cached snapshot may hold of the weights: single files, indexes and transformers' shard names
+_WEIGHT_PATTERNS = [*WEIGHT_FILES, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin"]
+
+
+def _has_weights(path: Path) -> bool:
+    try:
+        weight_files(path)  # an index counts only with all its shards
+    except CheckpointError:
+        return False
+    return (path / CONFIG_FILE).is_file()
+
+
+def choose_weight_file(files: set[str] | list[str]) -> str | None:
+    """Of a repo's file names, the weights to fetch: ``model.safetensors``, its index, ``pytorch_model.bin``,
+    its index (the order :func:`~gpt2lab.checkpoints.io.weight_files` prefers); None when there are none."""
+    return next((name for name in WEIGHT_FILES if name in files), None)
+
+
 def _hub_download(repo_id: str, offline: bool) -> Path:
-    """Config, weights (safetensors, else .bin) and tokenizer files of a Hub repo; the snapshot folder."""
+    """Config, weights (safetensors, else .bin; an index and its shards) and tokenizer files of a Hub repo;
+    the snapshot folder."""
     if offline and not _hub_cache_dir(repo_id).is_dir():
         # the offline default-model fallback runs on every start of a fresh install: answering here
         # skips importing the HTTP stack (about 0.4 s)
         raise FileNotFoundError(f"{repo_id} is not in the Hugging Face cache")
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-    patterns = [CONFIG_FILE, *TOKENIZER_FILES, SAFETENSORS_FILE, BIN_FILE]
+    patterns = [CONFIG_FILE, *TOKENIZER_FILES, *_WEIGHT_PATTERNS]
     try:  # the cache first: no network needed for a model used before
         path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-        if (path / CONFIG_FILE).is_file() and any((path / w).is_file() for w in (SAFETENSORS_FILE, BIN_FILE)):
+        if _has_weights(path):
             return path
+        if offline:
+            raise FileNotFoundError(f"{repo_id}: the cached snapshot has no complete weights")
     except Exception:  # noqa: BLE001 - not cached
         if offline:
             raise
@@ -74,8 +97,13 @@ def _hub_download(repo_id: str, offline: bool) -> Path:
     files = {s.rfilename for s in (HfApi().model_info(repo_id).siblings or [])}
     if CONFIG_FILE not in files:
         raise FileNotFoundError(f"{repo_id} has no {CONFIG_FILE}")
-    weights = SAFETENSORS_FILE if SAFETENSORS_FILE in files else BIN_FILE
+    weights = choose_weight_file(files)
+    if weights is None:
+        raise FileNotFoundError(f"{repo_id} has no GPT-2 weights ({', '.join(WEIGHT_FILES)})")
     wanted = [CONFIG_FILE, weights, *(f for f in TOKENIZER_FILES if f in files)]
+    if weights.endswith(".index.json"):  # the shards are the ones its weight_map names
+        index = json.loads(Path(hf_hub_download(repo_id, weights)).read_text(encoding="utf-8"))
+        wanted += sorted(set(index.get("weight_map", {}).values()))
     return Path(snapshot_download(repo_id, allow_patterns=wanted))
 
 

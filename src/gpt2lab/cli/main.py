@@ -40,6 +40,7 @@ COMMANDS: list[tuple[str, str, str]] = [
 # (group name, module) -- modules exposing a typer.Typer named ``app``
 GROUPS: list[tuple[str, str]] = [
     ("eval", "eval"),
+    ("review", "review"),
 ]
 
 

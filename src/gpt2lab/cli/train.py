@@ -12,12 +12,14 @@ import typer
 from .common import user_errors
 
 # Options shared by both commands (typer reads these as metadata; one definition, two signatures).
-DATA = typer.Argument(..., help="Training text: .txt files, folders of them, .jsonl or .csv files.",
-                      show_default=False)
+DATA = typer.Argument(..., help="Training text: .txt files, folders of them, .jsonl, .csv, .json, .jsonl.gz, "
+                      ".parquet files, datasets folders (save_to_disk), or a dataset name from the local Hugging "
+                      "Face datasets cache.", show_default=False)
 OUT = typer.Option(..., "--out", "-o", help="Output folder: the trained model (HF layout), metrics, checkpoints.")
 VAL = typer.Option(None, "--val", help="Validation file or folder (default: hold out --val-share of the documents).")
 VAL_SHARE = typer.Option(0.05, "--val-share", help="Share of documents held out for validation (0 disables).")
-TEXT_FIELD = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Field (column) holding the text in .jsonl, .json, parquet "
+                          "files and datasets.")
 TEXT_COLUMN = typer.Option("text", "--text-column", help="Column holding the text in .csv files.")
 EPOCHS = typer.Option(None, "--epochs", help="Passes over the training blocks (default 1).")
 MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps (instead of --epochs).")
@@ -45,6 +47,8 @@ MAX_TIME = typer.Option(None, "--max-time", help="Stop cleanly (checkpoint + mod
 THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars (log lines only).")
+REPORT_TO = typer.Option([], "--report-to", help="Also log metrics to: tensorboard (event files in OUT/runs/, "
+                         "as HF Trainer's report_to). Repeatable; none = off.")
 
 
 def _run(**settings) -> None:
@@ -76,7 +80,7 @@ def finetune(
                                      help="Modules to adapt: c_attn, attn.c_proj, c_fc, mlp.c_proj, c_proj."),
     lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the LoRA input."),
     bf16: bool = BF16, grad_checkpointing: bool = CKPT, save_dtype: str = SAVE_DTYPE, max_time: float = MAX_TIME,
-    threads: int = THREADS, device: str = DEVICE, no_progress: bool = NO_PROGRESS,
+    threads: int = THREADS, device: str = DEVICE, no_progress: bool = NO_PROGRESS, report_to: list[str] = REPORT_TO,
 ) -> None:
     """Fine-tune a GPT-2 checkpoint on your own text (all weights, or a LoRA adapter)."""
     _run(**locals())
@@ -95,7 +99,7 @@ def train(
     log_every: int = LOG_EVERY,
     patience: int = PATIENCE, resume: bool = RESUME, seed: int = SEED, bf16: bool = BF16,
     grad_checkpointing: bool = CKPT, save_dtype: str = SAVE_DTYPE, max_time: float = MAX_TIME,
-    threads: int = THREADS, device: str = DEVICE, no_progress: bool = NO_PROGRESS,
+    threads: int = THREADS, device: str = DEVICE, no_progress: bool = NO_PROGRESS, report_to: list[str] = REPORT_TO,
 ) -> None:
     """Train a GPT-2 model from scratch (GPT-2's tokenizer) on your own text."""
     _run(**locals())

@@ -52,7 +52,8 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
     top_mask = torch.arange(keep, device=dev) < num_beams
     greedy = params.with_(temperature=0.0)  # processors only: no warpers in beam search
     decodable = min(tokenizer.vocab_size, model.config.vocab_size)  # padded embedding rows are never chosen
-    pipeline = LogitsPipeline([greedy] * num_beams, decodable, tokenizer=tokenizer, device=dev)
+    pipeline = LogitsPipeline([greedy] * num_beams, decodable, tokenizer=tokenizer, device=dev,
+                              eos_token_id=eos_token_id)
     use_pipeline = bool(pipeline.processors)
     early_stopping, length_penalty = params.early_stopping, params.length_penalty
 

@@ -217,7 +217,8 @@ class Engine:
         key = tuple(s.uid for s in seqs)
         if key != self._pipeline_key or self._pipeline is None:
             self._pipeline = LogitsPipeline([s.params for s in seqs], self.model.config.vocab_size,
-                                            tokenizer=self.tokenizer, device=self.device)
+                                            tokenizer=self.tokenizer, device=self.device,
+                                            eos_token_id=self.eos_token_id)
             self._pipeline_key = key
         return self._pipeline(logits, [s.history for s in seqs], [len(s.prompt_ids) for s in seqs])
 

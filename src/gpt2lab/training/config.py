@@ -15,6 +15,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-tiny": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
 }
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
+REPORT_TO = ("tensorboard",)
 
 
 def parse_model_config(spec: str):
@@ -111,6 +112,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     plot: bool = True
+    report_to: list[str] = field(default_factory=list)  # integrations, as HF Trainer's report_to: "tensorboard"
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -146,6 +148,12 @@ class TrainConfig:
             raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        self.report_to = [r for r in self.report_to if r != "none"]
+        bad = sorted(set(self.report_to) - set(REPORT_TO))
+        if bad:
+            raise ValueError(f"--report-to must be one of {', '.join(REPORT_TO)} or none, got {', '.join(bad)}")
         if self.lora_rank and self.model is None:
             raise ValueError("LoRA adapts an existing model: use it with finetune --model, not train --config")
 

@@ -7,6 +7,7 @@ Exact resume rests on three things: the order of training blocks is a pure funct
 Output folder ``--out``:
     config.json, model.safetensors, tokenizer files   the best model (the last one without validation)
     metrics.jsonl, loss_curve.png, training.json       records
+    runs/                                              TensorBoard event files (--report-to tensorboard)
     adapter/                                           the LoRA adapter on its own (LoRA runs)
     trainer/  (step-N/{state.pt,model/} + latest)      resumable checkpoints, for --resume (see checkpoint.py)
     data/                                              the tokenized corpus (uint16 memmaps)
@@ -145,7 +146,7 @@ def _set_dropout(model: GPT2, p: float) -> None:
 
 
 def build_model(cfg: TrainConfig):
-    """(model, tokenizer, tokenizer_dir, name) for a fine-tune or a fresh model."""
+    """(model, tokenizer, tokenizer_dir, name, generation_config) for a fine-tune or a fresh model."""
     from ..tokenizer import Tokenizer, gpt2_tokenizer_dir
 
     if cfg.model is not None:
@@ -153,6 +154,7 @@ def build_model(cfg: TrainConfig):
 
         gen = load(cfg.model)
         model, tokenizer, tok_dir, name = gen.model, gen.tokenizer, gen.tokenizer_dir, gen.name
+        generation_config = gen.generation_config
     else:
         config = parse_model_config(cfg.config)
         tokenizer, tok_dir = Tokenizer.gpt2(), gpt2_tokenizer_dir()
@@ -161,10 +163,10 @@ def build_model(cfg: TrainConfig):
                              f"({tokenizer.vocab_size} tokens)")
         model = GPT2(config)
         model.init_weights(seed=cfg.seed)
-        name = None
+        name, generation_config = None, {}
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
-    return model, tokenizer, tok_dir, name
+    return model, tokenizer, tok_dir, name, generation_config
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -193,11 +195,30 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
 
 
 # -- records -------------------------------------------------------------------------------------------
-class Metrics:
-    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped."""
+# metrics.jsonl key -> TensorBoard tag (the names HF Trainer's TensorBoard callback uses)
+_TB_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "tokens_per_s": "train/tokens_per_second",
+            "val_loss": "eval/loss", "val_ppl": "eval/perplexity"}
+TENSORBOARD_DIR = "runs"
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+
+class Metrics:
+    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped.
+
+    ``tensorboard``: also write each number as a TensorBoard scalar (``torch.utils.tensorboard``) into
+    ``runs/`` next to the JSONL; on resume, TensorBoard's ``purge_step`` drops the later events too.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False) -> None:
         self.path = path
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError("--report-to tensorboard needs the tensorboard package: "
+                                 "pip install 'gpt2lab[tensorboard]'") from exc
+            self.writer = SummaryWriter(str(path.parent / TENSORBOARD_DIR),
+                                        purge_step=resume_step + 1 if resume_step is not None else None)
         kept: list[str] = []
         if resume_step is not None and path.is_file():
             for raw, _ in complete_lines(path):  # a last line cut by a kill (even mid-character) is dropped
@@ -216,9 +237,16 @@ class Metrics:
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
+        if self.writer is not None:
+            for key, tag in _TB_TAGS.items():
+                if key in record:
+                    self.writer.add_scalar(tag, record[key], global_step=record["step"])
+            self.writer.flush()
 
     def close(self) -> None:
         self.fh.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_losses(metrics_path: Path, png: Path) -> bool:
@@ -311,7 +339,7 @@ class Trainer:
             self.checkpoints.clean_stale()
         if not cfg.resume and self.checkpoints.latest() is not None:
             self._log(f"gpt2lab: {self.out} holds an earlier run; starting over (--resume continues it instead)")
-        model, self.tokenizer, self.tokenizer_dir, self.base_name = build_model(cfg)
+        model, self.tokenizer, self.tokenizer_dir, self.base_name, self.generation_config = build_model(cfg)
         c = model.config
         self.block_size = cfg.block_size or c.n_positions
         if self.block_size > c.n_positions:
@@ -402,11 +430,31 @@ class Trainer:
 
         self.checkpoints.save(self.step, fill)
 
+    def model_card(self, dtype: torch.dtype) -> str:
+        """The README.md of the published model: base model, data, steps, validation perplexity, how."""
+        from ..checkpoints.card import model_card
+
+        cfg = self.cfg
+        if cfg.lora_rank:
+            how = (f"Fine-tuned with `gpt2lab finetune` as a LoRA adapter (rank {cfg.lora_rank}, targets "
+                   f"{self.lora_targets}), merged into the base weights; the adapter alone is in `adapter/` "
+                   "(peft's format).")
+        elif cfg.model is not None:
+            how = "Fine-tuned (all weights) with `gpt2lab finetune`."
+        else:
+            how = f"Trained from scratch with `gpt2lab train --config {cfg.config}`."
+        details: dict[str, object] = {"peak learning rate": self.lr, "block size": self.block_size,
+                                      "global batch (blocks)": self.global_batch, "seed": cfg.seed}
+        return model_card(how=how, config=self.model.config, dtype=dtype, base_model=self.base_name,
+                          data=cfg.data, steps=self.step, val_loss=self.best_val, details=details)
+
     def publish(self) -> None:
         """The model at the top of ``--out`` (HF layout; each file replaced atomically)."""
         plain = self._plain_model()
         staging = self.out / ".publish"
-        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=_DTYPES[self.cfg.save_dtype])
+        dtype = _DTYPES[self.cfg.save_dtype]
+        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
+                   generation_config=self.generation_config)
         for f in staging.iterdir():
             os.replace(f, self.out / f.name)
         staging.rmdir()
@@ -493,7 +541,8 @@ class Trainer:
                  "parameters": sum(p.numel() for p in self.model.parameters()),
                  "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
                 indent=2, default=str) + "\n")
-        metrics = Metrics(self.out / METRICS_FILE, self.step if resumed else None) if dist.main else None
+        metrics = Metrics(self.out / METRICS_FILE, self.step if resumed else None,
+                          tensorboard="tensorboard" in cfg.report_to) if dist.main else None
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.model.train()
         net: nn.Module = self.model
