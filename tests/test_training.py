@@ -323,6 +323,17 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
         diff = (merged(ids) - adapted(ids)).abs().max().item()
         moved = (merged(ids) - original(ids)).abs().max().item()
     assert diff < 1e-4 and moved > 1e-3
+    # peft loads the run's adapter onto the transformers base with the merged model's logits
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve()) and config["peft_type"] == "LORA"
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out / "adapter").eval()
+    with torch.no_grad():
+        assert (peft_model(ids).logits - merged(ids)).abs().max().item() < 1e-4
+    card = (out / "README.md").read_text()
+    assert "LoRA adapter (rank 4" in card and "merged into the base weights" in card
 
 
 def test_best_model_and_early_stopping(tmp_path):

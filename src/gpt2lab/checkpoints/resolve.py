@@ -3,8 +3,8 @@
 Order: a local directory; a model bundled inside gpt2lab (by its registered name); a Hugging Face Hub
 id (its cache first, ``HF_HUB_OFFLINE`` honoured, only the files GPT-2 needs, safetensors preferred;
 a sharded checkpoint brings its index and every shard it names).
-When the default model (``gpt2``) cannot be had, the bundled default stands in and one line on stderr
-says so.
+When no model is asked for and the default (``gpt2``) cannot be had, the bundled default stands in and
+one line on stderr says so; a model named explicitly never falls back.
 """
 
 from __future__ import annotations
@@ -120,12 +120,20 @@ def _from_hub(repo_id: str) -> Path:
         why = "not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set" if offline else \
             f"not in the local cache and the Hugging Face Hub is unreachable ({type(exc).__name__})"
         raise ModelNotFoundError(
-            f"model {repo_id!r}: {why}. Pass a local checkpoint directory, a bundled model "
-            f"({', '.join(BUNDLED_MODELS)}), or download it while online.", reason=why) from exc
+            f"model {repo_id!r}: {why}. To get it, download it once with network access "
+            f"(`huggingface-cli download {repo_id}`, or any gpt2lab command without HF_HUB_OFFLINE=1), "
+            f"or pass a local checkpoint folder or a bundled model ({', '.join(BUNDLED_MODELS)}).",
+            reason=why) from exc
 
 
 def resolve_model(ref: str | os.PathLike[str] | None = None, *, quiet: bool = False) -> ResolvedModel:
-    """Find the checkpoint directory for ``ref`` (default: ``gpt2``, or the bundled model offline)."""
+    """Find the checkpoint directory for ``ref``.
+
+    ``ref=None`` (nothing asked for) means ``gpt2``, or the bundled model when ``gpt2`` cannot be had;
+    a reference given explicitly (``"gpt2"`` included) resolves to itself or raises
+    :class:`ModelNotFoundError` saying how to get it.
+    """
+    implicit = ref is None
     ref = DEFAULT_MODEL if ref is None else ref
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -142,7 +150,7 @@ def resolve_model(ref: str | os.PathLike[str] | None = None, *, quiet: bool = Fa
         return ResolvedModel(name=name, path=_from_hub(name), source="hub")
     except ModelNotFoundError as exc:
         fallback = bundled_model_dir(BUNDLED_DEFAULT)
-        if name != DEFAULT_MODEL or fallback is None:
+        if not implicit or fallback is None:
             raise
         if not quiet:
             print(f"gpt2lab: model '{DEFAULT_MODEL}' is {exc.reason}; using the bundled model "

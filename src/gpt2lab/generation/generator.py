@@ -14,6 +14,8 @@ import torch
 from ..checkpoints import CheckpointError, load_model, resolve_model, save_model
 from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
 from ..model import GPT2, GPT2Config
+from ..model.device import resolve_device
+from ..model.device import resolve_dtype as device_dtype
 from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
@@ -118,7 +120,9 @@ class Generator:
             return [c for p, ids in zip(prompt_list, encoded)
                     for c in beam_search(self.model, self.tokenizer, ids, params, prompt=p,
                                          eos_token_id=self.eos_token_id)]
-        engine = self.engine(max_batch=min(16, max(1, len(prompt_list) * params.n)))
+        # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
+        limit = 16 if self.device.type == "cpu" else 128
+        engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
         for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
@@ -203,12 +207,18 @@ class Generator:
         config.json with ``torch_dtype``, generation_config.json, tokenizer files with tokenizer_config.json,
         a model card, and shards with an index above ``max_shard_size``."""
         from ..checkpoints.card import model_card
+        from ..training.lora import lora_modules, merge_lora
 
         dtype = _parse_dtype(dtype, self.path)
         stored = dtype or self.model.wte.weight.dtype
-        card = model_card(how=f"Saved with gpt2lab (`Generator.save`) from `{self.name}`.",
-                          config=self.config, dtype=stored, base_model=self.name)
-        return save_model(self.model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
+        model, how = self.model, f"Saved with gpt2lab (`Generator.save`) from `{self.name}`."
+        if lora_modules(model):  # a LoRA-adapted model is saved as a plain GPT-2 with the adapters merged
+            import copy
+
+            model = merge_lora(copy.deepcopy(model)).eval()
+            how += " Its LoRA adapter is merged into the weights."
+        card = model_card(how=how, config=self.config, dtype=stored, base_model=self.name)
+        return save_model(model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
                           generation_config=self.generation_config, max_shard_size=max_shard_size, card=card)
 
 
@@ -222,18 +232,26 @@ def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
 
 
 def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None = None,
-         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Generator:
+         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> Generator:
     """Load a GPT-2: a local directory, a bundled model, a Hugging Face Hub id, or a ``transformers``
     ``GPT2LMHeadModel`` object (``tokenizer``: a transformers tokenizer object; default: the one in the
     model object's folder, else GPT-2's).
 
-    ``model=None`` asks for ``gpt2`` and falls back to the bundled model when offline. A folder holding
-    only a LoRA adapter (``adapter_config.json``, peft's format) loads its ``base_model_name_or_path``
-    with the adapter; ``adapter=DIR`` applies one to any base. ``dtype``: ``None`` float32, a name
-    (``"float16"``, ``"bfloat16"``), or ``"auto"`` for the checkpoint's own dtype (as in transformers).
+    ``model=None`` asks for ``gpt2`` and falls back to the bundled model when it cannot be had; a model
+    named explicitly (``"gpt2"`` included) never does: it loads or raises ``ModelNotFoundError`` saying
+    how to get it. A folder holding only a LoRA adapter (``adapter_config.json``, peft's format) loads its
+    ``base_model_name_or_path`` with the adapter; ``adapter=DIR`` applies one to any base.
+
+    ``device``: ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` (:func:`gpt2lab.model.device.resolve_device`: ``ValueError`` when it is not there).
+    ``dtype``: ``None``, the device's default (bfloat16 on a GPU with native bf16, float32 elsewhere);
+    ``"auto"``, the checkpoint's own dtype when it is stored in float16/bfloat16 (as in transformers),
+    else the device's default; or a name (``"float32"``, ``"bfloat16"``, ``"float16"``).
     """
+    device = resolve_device(device)
     if _is_transformers_model(model):
-        gen = _from_transformers(model, tokenizer, device=device, dtype=dtype)
+        gen = _from_transformers(model, tokenizer, device=device,
+                                 dtype=device_dtype(None, device) if dtype is None else dtype)
     else:
         from ..training.lora import ADAPTER_CONFIG, adapter_base_model
 
@@ -241,7 +259,7 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
                 and not (Path(model) / "config.json").is_file():
             adapter, model = Path(model), adapter_base_model(Path(model))
         resolved = resolve_model(model)
-        net = load_model(resolved.path, device=device, dtype=_parse_dtype(dtype, resolved.path))
+        net = load_model(resolved.path, device=device, dtype=_runtime_dtype(dtype, device, resolved.path))
         if tokenizer is not None:
             tok, tokenizer_dir = _tokenizer_from_object(tokenizer)
         else:
@@ -254,6 +272,17 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         load_adapter(gen.model, adapter)
         gen.model.eval()
     return gen
+
+
+def _runtime_dtype(dtype: str | torch.dtype | None, device: torch.device, directory: Path) -> torch.dtype:
+    """The dtype a checkpoint loads in on ``device`` (see :func:`load`): the device's default, the
+    checkpoint's own half precision for ``"auto"``, or the dtype named."""
+    if dtype is None:
+        return device_dtype(None, device)
+    if dtype == "auto":
+        stored = _parse_dtype("auto", directory)
+        return stored if stored in (torch.float16, torch.bfloat16) else device_dtype(None, device)
+    return device_dtype(_parse_dtype(dtype), device)
 
 
 def _is_transformers_model(obj: Any) -> bool:

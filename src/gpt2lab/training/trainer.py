@@ -72,9 +72,10 @@ class Dist:
 
 
 def _init_distributed(device: str) -> tuple[Dist, torch.device]:
+    from ..model.device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))  # checked: a clear error when the GPU asked for is not there
     if world <= 1:
         return Dist(), torch.device(device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -152,7 +153,7 @@ def build_model(cfg: TrainConfig):
     if cfg.model is not None:
         from ..generation import load
 
-        gen = load(cfg.model)
+        gen = load(cfg.model, device="cpu", dtype="float32")  # fp32 master weights; autocast does the rest
         model, tokenizer, tok_dir, name = gen.model, gen.tokenizer, gen.tokenizer_dir, gen.name
         generation_config = gen.generation_config
     else:
@@ -179,7 +180,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    try:  # the fused kernel (CPU since torch 2.4) does the whole update in one pass
+    try:  # the fused kernel (CUDA; CPU since torch 2.4) does the whole update in one pass
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, foreach=True)
@@ -328,6 +329,18 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dist, self.device = _init_distributed(cfg.device)
+        self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cuda"
+        if self.deterministic and self.device.type == "cuda":
+            # exact resume on a GPU: no atomics-based kernels, fixed cuBLAS workspaces (set before cuBLAS
+            # starts, as torch's reproducibility notes ask). Strict mode, not warn_only: only then does
+            # SDPA's flash backward take its deterministic path instead of warning.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        from ..model.device import autocast_dtype
+
+        # None: plain float32; bfloat16: autocast; float16: autocast + a gradient scaler (CUDA only)
+        self.amp_dtype = autocast_dtype("bfloat16" if cfg.bf16 else cfg.dtype, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.out = Path(cfg.out)
         self.quiet = not self.dist.main
         if cfg.model is not None and Path(cfg.model).is_dir() and Path(cfg.model).resolve() == self.out.resolve():
@@ -395,6 +408,7 @@ class Trainer:
         d = self.cfg.to_dict()
         ident = {k: d[k] for k in RESUME_IDENTITY}
         ident["betas"] = list(ident["betas"])
+        ident["dtype"] = str(self.amp_dtype or torch.float32).removeprefix("torch.")  # what "auto" resolved to
         ident.update(max_steps=self.max_steps, world_size=self.dist.world, global_batch=self.global_batch)
         return ident
 
@@ -420,6 +434,7 @@ class Trainer:
             "data": {"next_sample": self.step * self.global_batch, "seed": self.cfg.seed},
             "identity": self._identity(),
             "adapter": lora_mod.adapter_state(self.model) if self.cfg.lora_rank else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         plain = self._plain_model()
 
@@ -464,8 +479,11 @@ class Trainer:
         finally:
             os.close(fd)
         if self.cfg.lora_rank:
+            # a local base is recorded as an absolute path, so the adapter folder finds it from anywhere
+            base = str(Path(self.base_name).resolve()) if self.base_name and Path(self.base_name).is_dir() \
+                else self.base_name
             write_atomic_dir(self.out / "adapter", lambda tmp: lora_mod.fill_adapter_dir(
-                self.model, tmp, self.base_name, self.lora_targets))
+                self.model, tmp, base, self.lora_targets))
 
     def load_checkpoint(self) -> bool:
         folder = self.checkpoints.latest()
@@ -484,6 +502,8 @@ class Trainer:
             weights = load_model(folder / MODEL_DIR).state_dict()
             self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -494,8 +514,8 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return nullcontext()
 
     @torch.no_grad()
@@ -551,6 +571,8 @@ class Trainer:
 
             net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                           else None)
+        if cfg.compile:  # after DDP, as torch's DDP + compile notes advise
+            net = torch.compile(net)
         params = [p for p in self.model.parameters() if p.requires_grad]
         stop_signal: list[int] = []
         handlers = {}
@@ -633,11 +655,18 @@ class Trainer:
             with (nullcontext() if sync else net.no_sync()), self._autocast():
                 logits = net(batch[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-            (loss / cfg.grad_accum).backward()
+            scaled = loss / cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
 
