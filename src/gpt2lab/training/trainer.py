@@ -331,11 +331,9 @@ class Trainer:
         self.dist, self.device = _init_distributed(cfg.device)
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cuda"
         if self.deterministic and self.device.type == "cuda":
-            # exact resume on a GPU: no atomics-based kernels, fixed cuBLAS workspaces (set before cuBLAS
-            # starts, as torch's reproducibility notes ask). Strict mode, not warn_only: only then does
-            # SDPA's flash backward take its deterministic path instead of warning.
+            # exact resume on a GPU: fixed cuBLAS workspaces, set before cuBLAS starts (as torch's
+            # reproducibility notes ask); the deterministic kernels are switched on for the run (train())
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
         from ..model.device import autocast_dtype
 
         # None: plain float32; bfloat16: autocast; float16: autocast + a gradient scaler (CUDA only)
@@ -548,6 +546,17 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run the loop to the end (or a stop); the deterministic-kernel setting is restored afterwards."""
+        before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        if self.deterministic and self.device.type == "cuda":
+            # strict mode, not warn_only: only then does SDPA's flash backward take its deterministic path
+            torch.use_deterministic_algorithms(True)
+        try:
+            return self._train()
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+    def _train(self) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         resumed = self.load_checkpoint() if cfg.resume else False
         if not resumed:
