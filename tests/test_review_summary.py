@@ -193,3 +193,27 @@ def test_summary_without_the_review_extra_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output == "gpt2lab: error: gpt2lab review summary needs krippendorff: pip install " \
                             "'gpt2lab[review]'\n"
+
+
+def test_a_file_that_is_not_a_judgement_log_is_refused_naming_the_line(tmp_path):
+    """A review file given as the log (an easy slip: `summary pairs.jsonl`) or a hand-edited log with a record
+    missing its fields is an error naming file:line, not a summary of nonsense (or a server appending to it)."""
+    from gpt2lab.review.reviewset import build, write_review_set
+
+    review = write_review_set(build({"a": [("p", "x")], "b": [("p", "y")]}), tmp_path / "pairs.jsonl")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: .*review file"):
+        read_log(review)
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: .*review file"):
+        JudgementLog(review)
+    before = review.read_bytes()
+    bad = tmp_path / "log.jsonl"
+    good = pair("a", "i1", "p", "q", "A")
+    for broken in ({**good, "sources": ["p"]}, {**good, "choice": "C"}, {"a": 1},
+                   {**rating("a", "i1", "s", fluency=3), "scores": {"fluency": "high"}},
+                   {"reviewer": "a", "item": "i1", "mode": "curation", "decision": "edit", "row": 1}):
+        bad.write_text(json.dumps(good) + "\n" + json.dumps(broken) + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=r"log.jsonl:2: not a review log record"):
+            read_log(bad)
+    done = _cli("summary", str(review))
+    assert done.returncode == 2 and done.stderr.startswith("gpt2lab: error:") and "pairs.jsonl:1" in done.stderr
+    assert review.read_bytes() == before
