@@ -217,3 +217,19 @@ def test_a_file_that_is_not_a_judgement_log_is_refused_naming_the_line(tmp_path)
     done = _cli("summary", str(review))
     assert done.returncode == 2 and done.stderr.startswith("gpt2lab: error:") and "pairs.jsonl:1" in done.stderr
     assert review.read_bytes() == before
+
+
+def test_agreement_of_random_choices_over_three_sources_is_near_zero():
+    """Two reviewers choosing at random on items pairing three sources agree by chance only: kappa and alpha ~0
+    (coding the winner by its name pooled the three names over items whose pairs offer two, giving ~0.25)."""
+    import random
+
+    rng = random.Random(0)
+    pairs = [("a", "b"), ("a", "c"), ("b", "c")]
+    recs = [pair(who, f"i{k}", *pairs[k % 3], rng.choice("AB")) for k in range(900) for who in ("ann", "bob")]
+    (agree,) = [x for x in summarize(recs)["agreement"] if x["what"] == "pairwise choice"]
+    assert abs(agree["cohen_kappa"]) < 0.08 and abs(agree["krippendorff_alpha"]) < 0.08, agree
+    # full agreement is still 1
+    recs = [pair(who, f"i{k}", *pairs[k % 3], "AB"[k % 2]) for k in range(30) for who in ("ann", "bob")]
+    (agree,) = [x for x in summarize(recs)["agreement"] if x["what"] == "pairwise choice"]
+    assert agree["cohen_kappa"] == pytest.approx(1) and agree["krippendorff_alpha"] == pytest.approx(1)
