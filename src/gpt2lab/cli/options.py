@@ -67,6 +67,15 @@ SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("logprobs", int | None, "Report the chosen token's logprob and the top K alternatives."),
     _Opt("truncate_prompt", bool | None, "Drop the oldest prompt tokens instead of failing when too long.",
          "--truncate-prompt"),
+    # vLLM's names and meanings
+    _Opt("min_tokens", int | None, "No end of text, stop token or stop string before this many new tokens."),
+    _Opt("truncate_prompt_tokens", int | None, "Keep only the last K prompt tokens (-1: the model's context)."),
+    _Opt("prompt_logprobs", int | None, "Also score the prompt: each prompt token's logprob and top K."),
+    _Opt("include_stop_str_in_output", bool | None, "Keep the stop string at the end of the output.",
+         "--include-stop-str-in-output"),
+    # on by default, so the flag turns it off (build_sampling_params inverts it)
+    _Opt("skip_special_tokens", bool | None, "Keep special tokens (<|endoftext|>) in the text.",
+         "--keep-special-tokens"),
 ]
 
 
@@ -99,6 +108,8 @@ def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] 
         if value is None or (isinstance(value, list) and not value):
             continue
         values[name] = _parse_logit_bias(value) if name == "logit_bias" else value
+        if name == "skip_special_tokens":  # given as --keep-special-tokens
+            values[name] = not value
     if given.get("max_length") is not None and given.get("max_new_tokens") is not None:
         raise ValueError("give --max-length or --max-new-tokens, not both")
     if "max_length" in values and "max_new_tokens" in values:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         BadWords,
         LogitBias,
         LogitsTransform,
+        MinNewTokens,
         MinP,
         NoRepeatNGram,
         PresenceFrequencyPenalty,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SamplingParams", "LogitsPipeline", "sample", "bad_words_ids",
-    "LogitsTransform", "LogitBias", "BadWords", "RepetitionPenalty", "PresenceFrequencyPenalty",
+    "LogitsTransform", "LogitBias", "BadWords", "MinNewTokens", "RepetitionPenalty", "PresenceFrequencyPenalty",
     "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP",
 ]
 _PIPELINE = {"LogitsPipeline", "sample", "bad_words_ids"}

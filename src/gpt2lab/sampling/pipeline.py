@@ -22,6 +22,7 @@ from .transforms import (
     BadWords,
     LogitBias,
     LogitsTransform,
+    MinNewTokens,
     MinP,
     NoRepeatNGram,
     PresenceFrequencyPenalty,
@@ -62,7 +63,7 @@ class LogitsPipeline:
     """
 
     def __init__(self, params: Sequence[SamplingParams], vocab_size: int, tokenizer: Tokenizer | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, eos_token_id: int | None = None) -> None:
         if not params:
             raise ValueError("params must hold one SamplingParams per row, got none")
         for p in params:
@@ -75,9 +76,16 @@ class LogitsPipeline:
             raise ValueError("bad_words needs a tokenizer: pass tokenizer= to LogitsPipeline")
 
         banned = [bad_words_ids(tokenizer, p.bad_words) if p.bad_words else [] for p in params]
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+        # min_tokens holds back what would end the sequence: EOS (unless ignored) and the stop tokens
+        ends = [[t for t in [*p.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not p.ignore_eos
+                                                 else [])] if t < vocab_size]
+                if p.min_tokens else [] for p in params]
         processors: list[LogitsTransform] = [
             LogitBias([p.logit_bias for p in params], vocab_size),
             BadWords(banned, vocab_size),
+            MinNewTokens([p.min_tokens for p in params], ends, vocab_size),
             RepetitionPenalty([p.repetition_penalty for p in params]),
             PresenceFrequencyPenalty([p.presence_penalty for p in params], [p.frequency_penalty for p in params]),
             NoRepeatNGram([p.no_repeat_ngram_size for p in params]),
