@@ -26,7 +26,7 @@ def test_lm_eval_local_completions_equals_gpt2lab_scoring(tmp_path_factory, tiny
     start_all(tmp_path_factory, tiny_checkpoint)
     server = get("main")
     config = yaml.safe_load((TASK_DIR / "tiny_loglikelihood.yaml").read_text())
-    data = TASK_DIR / config["dataset_kwargs"]["data_files"]["test"]
+    data = TASK_DIR.parents[2] / config["dataset_kwargs"]["data_files"]["test"]  # relative to the repository
     config["dataset_kwargs"]["data_files"]["test"] = str(data)
 
     results = lm_eval.simple_evaluate(
