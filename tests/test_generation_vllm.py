@@ -34,15 +34,15 @@ def test_params_validation_and_vllm_top_k():
 
 def test_min_new_tokens_matches_transformers():
     transformers = pytest.importorskip("transformers")
-    from gpt2lab.sampling import MinNewTokens
+    from gpt2lab.sampling import MinTokens
 
     scores = torch.randn(2, 50)
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
-    ours = MinNewTokens([3, 3], [[7], [7]], 50)(scores, ids.tolist(), [2, 2])
+    ours = MinTokens([3, 3], [[7], [7]])(scores, ids.tolist(), [2, 2])
     theirs = transformers.MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=2, min_new_tokens=3,
                                                             eos_token_id=7)(ids, scores.clone())
     assert torch.equal(ours, theirs)
-    assert torch.equal(MinNewTokens([2, 0], [[7], [7]], 50)(scores, ids.tolist(), [2, 2]), scores)  # 2 new: done
+    assert torch.equal(MinTokens([2, 0], [[7], [7]])(scores, ids.tolist(), [2, 2]), scores)  # 2 new: done
 
 
 def test_stop_text_stream_include_stop_and_min_tokens(gen):

@@ -304,9 +304,10 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     train(TrainConfig(data=[str(corpus)], out=str(out), model=str(base), max_steps=12, batch_size=4, block_size=32,
                       lora_rank=4, lora_targets="c_attn,mlp.c_proj", eval_every=6, progress=False, plot=False))
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert set(adapter) == {f"h.{i}.{m}.lora_{ab}" for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")
-                            for ab in "AB"}
-    assert all(v.abs().max() > 0 for k, v in adapter.items() if k.endswith("lora_B"))  # B starts at zero
+    # peft's names (base_model.model.transformer.<module>.lora_A.weight), so peft loads it
+    assert set(adapter) == {f"base_model.model.transformer.h.{i}.{m}.lora_{ab}.weight" for i in range(2)
+                            for m in ("attn.c_attn", "mlp.c_proj") for ab in "AB"}
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
     # the base weights never moved: the checkpoint's adapter on the original base gives the merged model
     original = load_model(base)
     adapted = load_adapter(load_model(base), out / "adapter").eval()

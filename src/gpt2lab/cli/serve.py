@@ -7,7 +7,8 @@ import re
 
 import typer
 
-from .common import fail, user_errors
+from .common import fail, load_kwargs, user_errors
+from .options import Runtime, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
 
@@ -22,8 +23,9 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname other than localhost may resolve anywhere
 
 
+@runtime_options()
 def serve(
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    model: str = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs --api-key or "
                                                 "--allow-remote."),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
@@ -40,6 +42,7 @@ def serve(
                                                 help="Let browser pages from this origin (e.g. "
                                                      "https://app.example:3000, or * for any) call the API; "
                                                      "repeatable. Off by default."),
+    runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
     if not is_loopback(host) and not api_key and not allow_remote:
@@ -58,9 +61,12 @@ def serve(
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
 
     from ..checkpoints import resolve_model
+    from ..model.device import resolve_device, resolve_dtype
 
-    with user_errors():  # a bad reference fails here, in one line; the weights load on the engine thread
+    with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
         resolve_model(model, quiet=True)
+        resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+    load = load_kwargs(runtime)
 
     import uvicorn
 
@@ -68,7 +74,7 @@ def serve(
 
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                         request_timeout=request_timeout, cors_allow_origins=origins)
+                         request_timeout=request_timeout, cors_allow_origins=origins, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))

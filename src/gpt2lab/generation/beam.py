@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..model import GPT2
+from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams
 from ..tokenizer import Tokenizer
 from .engine import fit_prompt
@@ -116,8 +117,12 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
             break
         for cache in model.caches():
             cache.reorder(reorder, cur_len - 1)
-        logits = model(running[:, cur_len - 1:cur_len], input_pos=torch.full((num_beams, 1), cur_len - 1, device=dev),
-                       rows=slice(0, num_beams))[:, -1]
+        graphs = graph_decoder(model)
+        if graphs is not None:  # on a GPU: a captured CUDA graph (the tokens stay on the device)
+            logits = graphs.decode(running[:, cur_len - 1], cur_len - 1)
+        else:
+            pos = torch.full((num_beams, 1), cur_len - 1, device=dev)
+            logits = model(running[:, cur_len - 1:cur_len], input_pos=pos, rows=slice(0, num_beams))[:, -1]
 
     results = []
     for i in range(params.n):

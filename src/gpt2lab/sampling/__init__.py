@@ -15,8 +15,8 @@ if TYPE_CHECKING:
         BadWords,
         LogitBias,
         LogitsTransform,
-        MinNewTokens,
         MinP,
+        MinTokens,
         NoRepeatNGram,
         PresenceFrequencyPenalty,
         RepetitionPenalty,
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SamplingParams", "LogitsPipeline", "sample", "bad_words_ids",
-    "LogitsTransform", "LogitBias", "BadWords", "MinNewTokens", "RepetitionPenalty", "PresenceFrequencyPenalty",
-    "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP",
+    "LogitsTransform", "LogitBias", "BadWords", "RepetitionPenalty", "PresenceFrequencyPenalty",
+    "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP", "MinTokens",
 ]
 _PIPELINE = {"LogitsPipeline", "sample", "bad_words_ids"}
 _LAZY = {name: "pipeline" if name in _PIPELINE else "transforms" for name in __all__[1:]}

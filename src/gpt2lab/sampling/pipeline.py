@@ -22,8 +22,8 @@ from .transforms import (
     BadWords,
     LogitBias,
     LogitsTransform,
-    MinNewTokens,
     MinP,
+    MinTokens,
     NoRepeatNGram,
     PresenceFrequencyPenalty,
     RepetitionPenalty,
@@ -75,17 +75,17 @@ class LogitsPipeline:
         if any(p.bad_words for p in params) and tokenizer is None:
             raise ValueError("bad_words needs a tokenizer: pass tokenizer= to LogitsPipeline")
 
-        banned = [bad_words_ids(tokenizer, p.bad_words) if p.bad_words else [] for p in params]
+        banned = [(bad_words_ids(tokenizer, p.bad_words) if p.bad_words else []) + p.bad_words_ids for p in params]
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = tokenizer.eos_token_id
-        # min_tokens holds back what would end the sequence: EOS (unless ignored) and the stop tokens
-        ends = [[t for t in [*p.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not p.ignore_eos
-                                                 else [])] if t < vocab_size]
-                if p.min_tokens else [] for p in params]
+        # min_tokens holds back what would end the row: EOS (``eos_token_id``, unless ignored) and stop ids
+        # (an id outside the vocabulary can never be sampled: nothing to hold back)
+        end_ids = [[t for t in [*p.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not p.ignore_eos
+                                                     else [])] if t < vocab_size] for p in params]
         processors: list[LogitsTransform] = [
+            MinTokens([p.min_tokens for p in params], end_ids),
             LogitBias([p.logit_bias for p in params], vocab_size),
             BadWords(banned, vocab_size),
-            MinNewTokens([p.min_tokens for p in params], ends, vocab_size),
             RepetitionPenalty([p.repetition_penalty for p in params]),
             PresenceFrequencyPenalty([p.presence_penalty for p in params], [p.frequency_penalty for p in params]),
             NoRepeatNGram([p.no_repeat_ngram_size for p in params]),

@@ -236,34 +236,28 @@ class BadWords(LogitsTransform):
         return scores
 
 
-class MinNewTokens(LogitsTransform):
-    """Ban each row's end tokens (EOS, stop tokens) until it has ``min_tokens[i]`` new tokens, like
-    ``MinNewTokensLengthLogitsProcessor`` (and vLLM's ``min_tokens``). Needs ``histories`` and
-    ``prompt_lens`` (new tokens = ``len(history) - prompt_len``)."""
+class MinTokens(LogitsTransform):
+    """Forbid ending a row before it has ``min_tokens`` new tokens, like transformers'
+    ``MinNewTokensLengthLogitsProcessor`` and vLLM's ``min_tokens``: the row's end ids (EOS and stop
+    token ids) are banned while ``len(history) - prompt_len < min_tokens``."""
 
-    def __init__(self, min_tokens: Sequence[int], end_token_ids: Sequence[Sequence[int]], vocab_size: int) -> None:
-        if len(min_tokens) != len(end_token_ids):
-            raise ValueError(f"min_tokens: got {len(min_tokens)} minimums for {len(end_token_ids)} rows of end tokens")
-        for m in min_tokens:
-            if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-                raise ValueError(f"min_tokens must be integers >= 0, got {m!r}")
-        for ids in end_token_ids:
-            if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
-                raise ValueError(f"min_tokens: end token ids must be in [0, {vocab_size}), got {list(ids)!r}")
-        self.min_tokens = list(min_tokens)
-        self._ends = [sorted(set(ids)) for ids in end_token_ids]
-        self.active = any(m > 0 and ids for m, ids in zip(self.min_tokens, self._ends))
+    def __init__(self, min_tokens: int | Sequence[int], end_ids: Sequence[Sequence[int]]) -> None:
+        values = _values("min_tokens", min_tokens, lambda v: v >= 0, "an integer >= 0", integer=True)
+        if len(end_ids) != len(values):
+            raise ValueError(f"min_tokens: end_ids must give one list per row ({len(values)}), got {len(end_ids)}")
+        self.min_tokens = values
+        self._end_ids = [sorted(set(ids)) for ids in end_ids]
+        self.active = any(m > 0 and ids for m, ids in zip(values, self._end_ids))
 
     def apply_(self, scores, histories=None, prompt_lens=None):
-        if scores.shape[0] != len(self.min_tokens):
-            raise ValueError(f"min_tokens: built for {len(self.min_tokens)} rows, got {scores.shape[0]}")
+        _check_rows("min_tokens", self.min_tokens, scores)
         if histories is None or prompt_lens is None:
-            raise ValueError("min_tokens needs the histories and prompt lengths")
+            raise ValueError("min_tokens needs each row's history and prompt length")
         rows, cols = [], []
-        for i, (minimum, ends) in enumerate(zip(self.min_tokens, self._ends)):
-            if len(histories[i]) - prompt_lens[i] < minimum:
-                rows += [i] * len(ends)
-                cols += ends
+        for i, (minimum, ids) in enumerate(zip(self.min_tokens, self._end_ids)):
+            if minimum and len(histories[i]) - prompt_lens[i] < minimum:
+                rows.extend([i] * len(ids))
+                cols.extend(ids)
         if rows:
             _ban_(scores, rows, cols)
         return scores
