@@ -156,7 +156,7 @@ def _decode_case(sizes: Sizes, hf, gen, batch: int, device: torch.device) -> tup
 
 
 def _engine_run(gen, prompts, params, batch: int) -> None:  # noqa: ANN001
-    """All prompts decoding together in one engine (``Generator.generate`` batches at most 16 rows)."""
+    """All prompts decoding together in one engine (what ``Generator.generate`` does, without its cap)."""
     engine = gen.engine(max_batch=batch)
     for p in prompts:
         engine.add_request(gen.encode_prompt(p), params)

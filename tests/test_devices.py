@@ -213,3 +213,18 @@ def test_gpu_benchmark_script_runs_with_smoke_sizes(tmp_path):
         ("train", "124M,"), ("train peak memory", "124M,"), ("serve", "124M,")]
     assert all(row["ours"] > 0 for row in rows if row["unit"] in ("tok/s", "ms"))
     assert "| decode" in r.stdout and "SMOKE" in r.stdout
+
+
+def test_load_dtype_defaults(tmp_path, device):
+    """No dtype: the device's default; "auto": a half-precision checkpoint keeps its dtype (as in
+    transformers), a float32 one gets the device's default (bfloat16 on a GPU that has it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fp32 = make_hf_checkpoint(tmp_path / "fp32", seed=4, **SHAPES["tiny"])
+    GPT2LMHeadModel(GPT2Config(**SHAPES["tiny"])).half().save_pretrained(tmp_path / "fp16")
+    default = resolve_dtype("auto", resolve_device(device))
+    assert gpt2lab.load(str(fp32), device=device).model.wte.weight.dtype == default
+    assert gpt2lab.load(str(fp32), device=device, dtype="auto").model.wte.weight.dtype == default
+    assert gpt2lab.load(str(tmp_path / "fp16"), device=device).model.wte.weight.dtype == default
+    assert gpt2lab.load(str(tmp_path / "fp16"), device=device, dtype="auto").model.wte.weight.dtype == torch.float16
+    assert gpt2lab.load(str(fp32), device=device, dtype="bf16").model.wte.weight.dtype == torch.bfloat16

@@ -209,6 +209,9 @@ def test_load_transformers_model_object(tmp_path, base):
     with torch.no_grad():  # the copy is independent of the object
         model.transformer.wte.weight.zero_()
     assert gen.model.wte.weight.abs().max() > 0
+    half = gpt2lab.load(_hf(base).to(torch.bfloat16), dtype="auto")
+    assert half.model.wte.weight.dtype == torch.bfloat16
+    assert gpt2lab.load(_hf(base).to(torch.bfloat16)).model.wte.weight.dtype == torch.float32
 
 
 # -- Hugging Face out --------------------------------------------------------------------------------------
@@ -264,7 +267,12 @@ def test_gpt2lab_adapter_loads_in_peft(tmp_path, base):
     assert (ours - theirs).abs().max() < 1e-4
     assert (theirs - _hf_logits(_hf(base))).abs().max() > 1e-3  # the adapter mattered
     # and back: the folder alone names its base
-    assert (gpt2lab.load(tmp_path / "adapter").logits(IDS) - ours).abs().max() < 1e-5
+    adapted = gpt2lab.load(tmp_path / "adapter")
+    assert (adapted.logits(IDS) - ours).abs().max() < 1e-5
+    # saved, the adapter is merged: a plain GPT-2 folder that transformers loads with the same logits
+    merged = adapted.save(tmp_path / "merged")
+    assert (_hf_logits(_hf(merged)) - ours).abs().max() < 1e-4
+    assert "LoRA adapter is merged" in (merged / "README.md").read_text()
 
 
 def test_peft_adapter_loads_in_gpt2lab(tmp_path, base):

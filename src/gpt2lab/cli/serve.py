@@ -7,7 +7,7 @@ import re
 
 import typer
 
-from .common import fail, load_kwargs, user_errors
+from .common import fail, load_kwargs, require_extra, user_errors
 from .options import Runtime, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
@@ -45,6 +45,7 @@ def serve(
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
+    require_extra("server", "gpt2lab serve")
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")

@@ -17,7 +17,7 @@ from ..model import GPT2, GPT2Config
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
 from ..sampling import SamplingParams, hf_compat
-from ..tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer_dir
+from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
 from .outputs import Completion, TokenLogprob, token_logprobs
 
@@ -114,7 +114,10 @@ class Generator:
         params = self.sampling_params(params, **kwargs)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = [self.encode_prompt(p) for p in prompt_list]
-        engine = self.engine(max_batch=min(16, max(1, len(prompt_list) * params.n)))
+        # beam requests run in the engine too (one beam search per step; prompt_logprobs alike)
+        # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
+        limit = 16 if self.device.type == "cpu" else 128
+        engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
         for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
@@ -202,24 +205,28 @@ class Generator:
         config.json with ``torch_dtype``, generation_config.json, tokenizer files with tokenizer_config.json,
         a model card, and shards with an index above ``max_shard_size``."""
         from ..checkpoints.card import model_card
+        from ..training.lora import lora_modules, merge_lora
 
         dtype = _parse_dtype(dtype, self.path)
         stored = dtype or self.model.wte.weight.dtype
-        card = model_card(how=f"Saved with gpt2lab (`Generator.save`) from `{self.name}`.",
-                          config=self.config, dtype=stored, base_model=self.name)
-        return save_model(self.model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
+        model, how = self.model, f"Saved with gpt2lab (`Generator.save`) from `{self.name}`."
+        if lora_modules(model):  # a LoRA-adapted model is saved as a plain GPT-2 with the adapters merged
+            import copy
+
+            model = merge_lora(copy.deepcopy(model)).eval()
+            how += " Its LoRA adapter is merged into the weights."
+        card = model_card(how=how, config=self.config, dtype=stored, base_model=self.name)
+        return save_model(model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
                           generation_config=self.generation_config, max_shard_size=max_shard_size, card=card)
 
 
 def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
-    """The checkpoint's own tokenizer; GPT-2's when a 50257-token checkpoint ships none."""
-    try:
-        return Tokenizer.from_dir(directory), directory
-    except TokenizerError:
-        if vocab_size != 50257:
-            raise
+    """The checkpoint's own tokenizer; GPT-2's only when a 50257-token checkpoint has no tokenizer file
+    at all (a present but broken one is a :class:`TokenizerError` naming it)."""
+    if vocab_size == 50257 and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         print(f"gpt2lab: {directory} has no tokenizer files; using GPT-2's tokenizer", file=sys.stderr)
         return Tokenizer.gpt2(), gpt2_tokenizer_dir()
+    return Tokenizer.from_dir(directory), directory
 
 
 def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None = None,
