@@ -181,7 +181,7 @@ def serve(
 
         from ..review.app import create_app
     except ImportError as exc:
-        fail(f"gpt2lab review serve needs {exc.name}: pip install 'gpt2lab[server]'")
+        fail(f"gpt2lab review serve needs {exc.name}: pip install 'gpt2lab[review]'")
     from ..review import read_review_set
     from ..review.reviewset import check_criteria
     from ..review.screening import read_blocklist
