@@ -24,7 +24,7 @@ CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 BIN_FILE = "pytorch_model.bin"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # buffers older HF versions stored in checkpoints; derived from the config, never loaded
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
@@ -162,12 +162,33 @@ def write_atomic_dir(target: str | Path, fill) -> Path:
     return target
 
 
+def write_chat_template(directory: str | Path, template: str, model_max_length: int) -> None:
+    """Put ``template`` into ``directory/tokenizer_config.json`` under ``chat_template`` (transformers'
+    key), creating a GPT-2 tokenizer config when there is none; a ``chat_template.jinja`` there (which
+    transformers would prefer) is removed so the two cannot disagree."""
+    path = Path(directory) / "tokenizer_config.json"
+    config: dict = {}
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            config = {}
+    if not isinstance(config, dict) or not config:
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                  "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": model_max_length}
+    config["chat_template"] = template
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (Path(directory) / "chat_template.jinja").unlink(missing_ok=True)
+
+
 def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path | None = None,
-               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
+               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
+               chat_template: str | None = None) -> Path:
     """Write ``model`` in HF layout (atomically) so ``transformers`` loads it back unchanged.
 
     ``tokenizer_dir``: copy the tokenizer files found there. ``dtype``: storage dtype (e.g. fp16).
     ``extra_files``: more text files to write (name -> content), e.g. a model card.
+    ``chat_template``: the Jinja chat template to record in ``tokenizer_config.json``.
     """
     from safetensors.torch import save_file
 
@@ -187,5 +208,7 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
                     shutil.copyfile(src, tmp / name)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content, encoding="utf-8")
+        if chat_template is not None:
+            write_chat_template(tmp, chat_template, config.n_positions)
 
     return write_atomic_dir(directory, fill)
