@@ -82,7 +82,7 @@ def test_default_template_is_the_transcript():
     assert template.render(CONVERSATIONS[0]).startswith("The following is a conversation between User and Bot.")
     named = ChatTemplate(DEFAULT_CHAT_TEMPLATE, {"user_name": "Ann", "bot_name": "Zed"})
     assert named.render(CONVERSATIONS[2][:3]) == "Ann: ünïcode ✓ 😀\nZed: two\nlines\n"
-    assert template.end_of_turn == "\n" and template.stop == ["User:", "\nBot:"]
+    assert template.end_of_turn == "\n" and template.stop == ["\n", "User:"]
     chatml = ChatTemplate(CHATML)
     assert chatml.end_of_turn == "<|im_end|>\n" and chatml.stop == ["<|im_end|>"]
     assert ChatTemplate(DIALOGPT_CHAT_TEMPLATE).stop == []  # <|endoftext|> is EOS: it stops by itself
@@ -107,7 +107,7 @@ def test_checkpoint_template_wins_in_chat_and_server(tmp_path, saved):
     # "<|", "im", "_", "end", "|", ">" pushed up: a random model then writes the end of turn at once
     bias = {i: 100.0 for i in gen.tokenizer.encode("<|im_end|>")}
     session = ChatSession(gen, params=SamplingParams(max_new_tokens=12, temperature=1.0, seed=0, logit_bias=bias))
-    assert session.style.kind == "template" and session.persona == ""
+    assert session.style.kind == "template" and session.persona is None
     reply = session.reply("Hello")
     assert session.last_prompt.text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     assert "<|im_end|>" not in reply and "<|im" not in reply

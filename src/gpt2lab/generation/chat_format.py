@@ -98,14 +98,17 @@ class ChatStyle:
         which stops generation by itself."""
         return list(self.chat_template.stop)
 
-    def default_persona(self) -> str:
-        return DEFAULT_PERSONA.format(user=self.user_name, bot=self.bot_name) if self.kind == "transcript" else ""
+    def default_persona(self) -> str | None:
+        """The transcript's introduction of the speakers; DialoGPT has none (""); a checkpoint's own
+        template decides for itself what a conversation without a system message looks like (None)."""
+        if self.kind == "transcript":
+            return DEFAULT_PERSONA.format(user=self.user_name, bot=self.bot_name)
+        return "" if self.dialogpt else None
 
     def messages(self, persona: str | None, turns: Sequence[Turn]) -> list[dict[str, str]]:
-        """``turns`` as template messages, the persona first as the system message (none when it is None,
-        or empty outside the transcript, whose empty system message means "no persona paragraph")."""
-        head = [] if persona is None or (not persona and self.kind != "transcript") else \
-            [{"role": "system", "content": persona}]
+        """``turns`` as template messages, the persona first as the system message (none when it is
+        None; an empty one means "no persona" to gpt2lab's templates)."""
+        head = [] if persona is None else [{"role": "system", "content": persona}]
         return head + [{"role": t.role, "content": t.text} for t in turns]
 
 

@@ -266,24 +266,27 @@ class ChatTemplate:
 
     @cached_property
     def stop(self) -> list[str]:
-        """Stop strings that end the assistant's reply: the end-of-turn marker when it is more than
-        whitespace; else (the transcript) the next user turn's label and the assistant's next cue.
-        ``<|endoftext|>`` is left out: it is the EOS token, which stops generation by itself."""
+        """Stop strings that end the assistant's reply: the end-of-turn marker (stripped of whitespace
+        when it has more, ``<|im_end|>``); a whitespace-only marker (the transcript's newline) is kept
+        as it is, with the next user turn's label (``User:``) for a model that writes it on the same
+        line. ``<|endoftext|>`` is left out: it is the EOS token, which stops generation by itself.
+
+        The marker is what a chat fine-tune teaches the model to write last (its loss stops there), so
+        stopping anywhere later would leave the reply to whatever the model makes up after it."""
         user, reply, following = _PROBE
-        marker = self.end_of_turn.strip()
+        eot = self.end_of_turn
+        marker = eot.strip()
         if marker:
             return [] if marker == EOS_TOKEN else [marker]
+        if not eot:
+            raise ChatTemplateError("the chat template writes nothing after the assistant's message, so a reply "
+                                    "has no end to stop at")
         two = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         base = self.render(two)
         longer = self.render([*two, {"role": "user", "content": following}])
-        cue = self.render(two[:1], add_generation_prompt=True)[len(self.render(two[:1])):]
-        stops = []
+        stops = [eot]
         if longer.startswith(base) and following in longer:
             label = longer[len(base):longer.index(following)].strip()
             if label:
                 stops.append(label)
-        if cue.strip():
-            stops.append(self.end_of_turn + cue.strip())
-        if not stops:
-            raise ChatTemplateError("the chat template has no visible end of the assistant's turn to stop at")
         return stops
