@@ -32,8 +32,8 @@ import torch
 
 from ..generation.chat_format import fit_messages
 from ..generation.chat_template import ChatTemplate, ChatTemplateError
-from ..jsonl import json_lines
-from .data import DataError, DataStats, _lines, _source_key, expand_paths, split_documents, token_dtype
+from ..readers import ReadError, read_records
+from .data import DataError, DataStats, _source_key, expand_paths, split_documents, token_dtype
 
 CHAT_CACHE_VERSION = 1
 ROLES = ("system", "user", "assistant")
@@ -67,8 +67,8 @@ def looks_like_chat(paths: Sequence[str | os.PathLike[str]]) -> bool:
         return False
     for path in files:
         try:
-            first = next(json_lines(_lines(path, DataStats()), str(path)), None)
-        except ValueError:
+            first = next(read_records(path, "jsonl", errors="replace"), None)
+        except (ReadError, OSError):
             return False
         if first is None or record_kind(first[1]) is None:
             return False
@@ -120,11 +120,9 @@ def to_messages(record: object, where: str) -> list[dict[str, str]]:
 def read_conversations(path: Path, stats: DataStats) -> Iterator[tuple[str, list[dict[str, str]]]]:
     """``("file:line", messages)`` for each record of a JSONL file."""
     try:
-        for lineno, record in json_lines(_lines(path, stats), str(path)):
+        for lineno, record in read_records(path, "jsonl", errors="replace", stats=stats):
             yield f"{path}:{lineno}", to_messages(record, f"{path}:{lineno}")
-    except DataError:
-        raise
-    except ValueError as exc:  # json_lines' bad-line error
+    except ReadError as exc:  # the shared reader's bad-line error, as the data error the CLI reports
         raise DataError(str(exc)) from None
 
 
