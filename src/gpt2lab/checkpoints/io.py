@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..model import GPT2, ConfigError, GPT2Config
+from ..model import GPT2, ConfigError, GPT2Config, check_quantization
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -64,7 +64,7 @@ def hf_to_gpt2lab(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if _IGNORED.search(key):
             continue
         if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
+            tensor = tensor.t().contiguous()  # row-major [out, in]: the layout gpt2lab's kernels read
         out[key] = tensor
     return out
 
@@ -83,8 +83,13 @@ def gpt2lab_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> 
 
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> GPT2:
-    """Build a :class:`GPT2` from a HF-layout directory, checking every tensor against the config."""
+               dtype: torch.dtype | None = None, quantization: str | None = None) -> GPT2:
+    """Build a :class:`GPT2` from a HF-layout directory, checking every tensor against the config.
+
+    ``quantization``: ``"int8"`` or ``"bf16"`` quantizes the weights while loading, one tensor at a
+    time (:func:`gpt2lab.checkpoints.quantized.load_quantized`); ValueError for other values.
+    """
+    quantization = check_quantization(quantization)
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -94,6 +99,10 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
     path = weights_file(directory)
+    if quantization is not None:
+        from .quantized import load_quantized
+
+        return load_quantized(config, path, quantization, device=device, config_source=config_path)
     state = hf_to_gpt2lab(_read_tensors(path))
     # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
     # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.

@@ -34,9 +34,11 @@ def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
 
 
 def load_generator(model: str | None, device: str = "cpu", dtype: str | None = None,
-                   load: Callable | None = None):
-    """Load a model for a command, with the user-facing error handling."""
+                   load: Callable | None = None, quantization: str | None = None):
+    """Load a model for a command, with the user-facing error handling (``quantization`` as
+    :func:`gpt2lab.load`'s; passed on only when set, so a custom ``load`` need not accept it)."""
     from ..generation import load as default_load
 
+    extra = {"quantization": quantization} if quantization is not None else {}
     with user_errors():
-        return (load or default_load)(model, device=device, dtype=dtype)
+        return (load or default_load)(model, device=device, dtype=dtype, **extra)

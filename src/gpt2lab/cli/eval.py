@@ -24,11 +24,9 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
-def load_for_eval(model: str | None, device: str):
-    """Load a model for evaluation only: the fast inference layout (oneDNN-packed weights on CPU)."""
-    from ..evaluation.common import optimized
-
-    return optimized(load_generator(model, device=device))
+def load_for_eval(model: str | None, device: str, quantization: str | None = None):
+    """Load a model for evaluation (``quantization``: None, "int8" or "bf16", as :func:`gpt2lab.load`)."""
+    return load_generator(model, device=device, quantization=quantization)
 
 
 def print_json(record: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..checkpoints import load_model, resolve_model, save_model
-from ..model import GPT2, GPT2Config
+from ..model import GPT2, GPT2Config, check_quantization
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
@@ -47,13 +47,19 @@ class Generator:
         return self.model.wte.weight.device
 
     @property
+    def quantization(self) -> str | None:
+        """The model's weight quantization: ``None`` (as stored), ``"int8"`` or ``"bf16"`` (vLLM's name)."""
+        return self.model.quantization
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
     def __repr__(self) -> str:
         c = self.config
+        quantized = f", quantization={self.quantization!r}" if self.quantization else ""
         return (f"Generator(name={self.name!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, "
-                f"params={self.model.num_parameters() / 1e6:.1f}M, device={self.device})")
+                f"params={self.model.num_parameters() / 1e6:.1f}M, device={self.device}{quantized})")
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -172,13 +178,19 @@ def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
 
 
 def load(model: str | Path | None = None, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> Generator:
+         dtype: str | torch.dtype | None = None, quantization: str | None = None) -> Generator:
     """Load a GPT-2 checkpoint: a local directory, a bundled model, or a Hugging Face Hub id.
 
     ``model=None`` asks for ``gpt2`` and falls back to the bundled model when offline.
+    ``quantization``: ``None`` (weights as stored, trainable), ``"int8"`` (weight-only int8 with
+    per-output-channel scales, about 4x fewer bytes per decoded token) or ``"bf16"`` (16-bit weights,
+    fp32 arithmetic), vLLM's option name; quantized while loading, tensor by tensor, and
+    inference-only. ValueError for any other value. No call is needed to make generation fast:
+    the model picks gpt2lab's kernels whenever it runs inference (``gpt2lab.model.inference_runner``).
     """
+    quantization = check_quantization(quantization)  # before any file is read
     resolved = resolve_model(model)
-    net = load_model(resolved.path, device=device, dtype=_parse_dtype(dtype))
+    net = load_model(resolved.path, device=device, dtype=_parse_dtype(dtype), quantization=quantization)
     tokenizer, tokenizer_dir = load_tokenizer(resolved.path, net.config.vocab_size)
     return Generator(net, tokenizer, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir)
 
@@ -197,10 +209,7 @@ _LOADED: dict[str | None, Generator] = {}
 def generate_text(prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 50,
                   model: str | Path | None = None, **more: Any) -> str:
     """The seed's ``generate_text`` as one call: load ``model`` once (default ``gpt2``) and complete ``prompt``."""
-    from ..model import optimize_for_inference
-
     key = None if model is None else str(model)
-    if key not in _LOADED:  # kept for later calls, and only ever used to generate: optimise it
+    if key not in _LOADED:  # kept for later calls
         _LOADED[key] = load(model)
-        optimize_for_inference(_LOADED[key].model)
     return _LOADED[key].generate_text(prompt, max_length=max_length, temperature=temperature, top_k=top_k, **more)

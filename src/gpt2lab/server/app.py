@@ -69,7 +69,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
 
     ``generator_or_model_ref``: a loaded :class:`~gpt2lab.generation.Generator`, or anything
     :func:`gpt2lab.load` accepts (a directory, a bundled name, a Hub id, ``None`` for the default),
-    loaded on the engine thread at startup and optimised for inference (``optimize_for_inference``).
+    loaded on the engine thread at startup (it decodes through gpt2lab's kernels without further setup).
     ``api_key``: required as ``Authorization: Bearer KEY`` on every ``/v1`` route and the tokenizer
     routes. ``max_batch`` sequences decode together, up to
     ``max_queue`` more wait; beyond that requests get 429. ``request_timeout`` (seconds) ends a
@@ -84,14 +84,10 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     def load() -> Any:
         from ..generation import Generator
         from ..generation import load as load_generator
-        from ..model import optimize_for_inference
 
         if isinstance(generator_or_model_ref, Generator):
             return generator_or_model_ref  # the caller's model: left as it is (it may still train)
-        gen = load_generator(generator_or_model_ref)
-        # ours, and it only ever generates and scores: pack the weights for batched decoding
-        optimize_for_inference(gen.model, batch_size=max_batch)
-        return gen
+        return load_generator(generator_or_model_ref)
 
     metrics = ServerMetrics()
     scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
