@@ -20,7 +20,7 @@ from gpt2lab.generation import Engine
 from gpt2lab.model import kernels
 from gpt2lab.sampling import SamplingParams
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),  # tiny models: one thread is faster
+pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not kernels.available(), reason="gpt2lab's C kernels did not build here")]
 
 WORDS = ("the king queen night sea sword crown ghost father mother love death sleep dream speak "
@@ -35,7 +35,8 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def params(seed: int, **kw) -> SamplingParams:
-    return SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=50, seed=seed, ignore_eos=True, **kw)
+    return SamplingParams(**{"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 50, "seed": seed,
+                             "ignore_eos": True, **kw})
 
 
 def run(gen, requests: list[tuple[list[int], SamplingParams]], max_batch: int) -> list[list[list[int]]]:
@@ -70,17 +71,21 @@ def check_mixes(gen, n_seeds: int) -> None:
     assert [got[2 * s + 1][0] for s in range(n_seeds)] == alone
 
 
+@pytest.mark.usefixtures("one_thread")  # a tiny model: one thread is faster
 def test_100_seeds_in_every_batch_mix_fp32(tiny_checkpoint):
     check_mixes(gpt2lab.load(tiny_checkpoint), 100)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_100_seeds_in_every_batch_mix_int8(tiny_checkpoint):
     check_mixes(gpt2lab.load(tiny_checkpoint, quantization="int8"), 100)
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_seeds_on_the_bundled_model(quantization):
-    check_mixes(gpt2lab.load("shakespeare-gpt2", quantization=quantization), 12)
+    """Two threads, the bundled model's real weights."""
+    kw = {"quantization": quantization} if quantization else {}
+    check_mixes(gpt2lab.load("shakespeare-gpt2", **kw), 12)
 
 
 def test_through_the_server_under_concurrent_traffic(tmp_path, tiny_checkpoint):
@@ -98,7 +103,7 @@ def test_through_the_server_under_concurrent_traffic(tmp_path, tiny_checkpoint):
     server = get("invariance")
 
     def complete(s: int) -> str:
-        body = {"model": "m", "prompt": texts[s], "max_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 50,
+        body = {"model": str(tiny_checkpoint), "prompt": texts[s], "max_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 50,
                 "seed": s}
         r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
