@@ -103,8 +103,8 @@ def test_through_the_server_under_concurrent_traffic(tmp_path, tiny_checkpoint):
     server = get("invariance")
 
     def complete(s: int) -> str:
-        body = {"model": str(tiny_checkpoint), "prompt": texts[s], "max_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 50,
-                "seed": s}
+        body = {"model": str(tiny_checkpoint), "prompt": texts[s], "max_tokens": NEW_TOKENS, "temperature": 1.0,
+                "top_k": 50, "seed": s}
         r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
