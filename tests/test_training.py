@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from gpt2lab.checkpoints import load_model
 from gpt2lab.tokenizer import Tokenizer
 from gpt2lab.training import DataError, TrainConfig, prepare_data, train
+from gpt2lab.training.checkpoint import CheckpointDir
 from gpt2lab.training.data import split_documents
 from gpt2lab.training.trainer import BlockSampler, lr_at, param_groups
 
@@ -220,7 +221,7 @@ def test_max_time_stops_cleanly_with_a_checkpoint(tmp_path):
     result = train(TrainConfig(data=[str(corpus)], out=str(out), config=TINY, max_steps=10_000, batch_size=2,
                                block_size=16, max_time=1e-6, progress=False, plot=False))
     assert result.stopped == "max_time" and result.steps == 1
-    state = torch.load(out / "trainer" / "state.pt", weights_only=False)
+    state = torch.load(CheckpointDir(out / "trainer").latest() / "state.pt", weights_only=False)
     assert state["step"] == 1
     assert load_model(out).config.n_embd == 32  # the model at the top level is complete
 
@@ -240,20 +241,22 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     subprocess.run(_train_cmd(corpus, ref), check=True, env=_env(), capture_output=True, timeout=300)
     proc = subprocess.Popen(_train_cmd(corpus, killed), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state = killed / "trainer" / "state.pt"
+    checkpoints = CheckpointDir(killed / "trainer")
     deadline = time.monotonic() + 240
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoints.latest() is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed"
     time.sleep(0.3)  # somewhere after the first checkpoint, mid-step or mid-save
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = torch.load(state, weights_only=False)["step"]
+    saved = torch.load(checkpoints.latest() / "state.pt", weights_only=False)["step"]
     assert 4 <= saved < 16
     subprocess.run(_train_cmd(corpus, killed, "--resume"), check=True, env=_env(), capture_output=True, timeout=300)
-    for sub in ("trainer/model", "."):
-        a = load_file(str(ref / sub / "model.safetensors"))
-        b = load_file(str(killed / sub / "model.safetensors"))
+    for sub in ("trainer", "."):
+        a = load_file(str(ref / sub / "model.safetensors") if sub == "." else
+                      str(CheckpointDir(ref / sub).latest() / "model" / "model.safetensors"))
+        b = load_file(str(killed / sub / "model.safetensors") if sub == "." else
+                      str(CheckpointDir(killed / sub).latest() / "model" / "model.safetensors"))
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{sub}: {k} differs"
@@ -304,9 +307,10 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     train(TrainConfig(data=[str(corpus)], out=str(out), model=str(base), max_steps=12, batch_size=4, block_size=32,
                       lora_rank=4, lora_targets="c_attn,mlp.c_proj", eval_every=6, progress=False, plot=False))
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert set(adapter) == {f"h.{i}.{m}.lora_{ab}" for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")
-                            for ab in "AB"}
-    assert all(v.abs().max() > 0 for k, v in adapter.items() if k.endswith("lora_B"))  # B starts at zero
+    # peft's names (base_model.model.transformer.<module>.lora_A.weight), so peft loads it
+    assert set(adapter) == {f"base_model.model.transformer.h.{i}.{m}.lora_{ab}.weight" for i in range(2)
+                            for m in ("attn.c_attn", "mlp.c_proj") for ab in "AB"}
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
     # the base weights never moved: the checkpoint's adapter on the original base gives the merged model
     original = load_model(base)
     adapted = load_adapter(load_model(base), out / "adapter").eval()
@@ -319,6 +323,17 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
         diff = (merged(ids) - adapted(ids)).abs().max().item()
         moved = (merged(ids) - original(ids)).abs().max().item()
     assert diff < 1e-4 and moved > 1e-3
+    # peft loads the run's adapter onto the transformers base with the merged model's logits
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve()) and config["peft_type"] == "LORA"
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out / "adapter").eval()
+    with torch.no_grad():
+        assert (peft_model(ids).logits - merged(ids)).abs().max().item() < 1e-4
+    card = (out / "README.md").read_text()
+    assert "LoRA adapter (rank 4" in card and "merged into the base weights" in card
 
 
 def test_best_model_and_early_stopping(tmp_path):

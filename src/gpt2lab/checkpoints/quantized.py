@@ -40,9 +40,10 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-def load_quantized(config: GPT2Config, path: Path, quantization: str, *, device: str | torch.device = "cpu",
-                   config_source: str | Path = "config.json") -> GPT2:
-    """A ``quantization``-quantized :class:`GPT2` of ``config`` with the HF-layout weights of ``path``.
+def load_quantized(config: GPT2Config, files: list[Path], quantization: str, *, device: str | torch.device = "cpu",
+                   source: str | Path = "weights", config_source: str | Path = "config.json") -> GPT2:
+    """A ``quantization``-quantized :class:`GPT2` of ``config`` with the HF-layout weights of ``files``
+    (one file, or the shards of a sharded checkpoint; ``source`` names them in errors).
 
     Raises :class:`CheckpointError` when the file does not match the config (missing, unexpected or
     misshapen tensors) or cannot be read.
@@ -53,7 +54,7 @@ def load_quantized(config: GPT2Config, path: Path, quantization: str, *, device:
     expected = set(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor in iter_tensors(path):
+    for name, tensor in (item for path in files for item in iter_tensors(path)):
         for key, value in hf_to_gpt2lab({name: tensor}).items():
             if key == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # tied: the same tensor as wte
@@ -65,7 +66,7 @@ def load_quantized(config: GPT2Config, path: Path, quantization: str, *, device:
             try:
                 model.load_state_dict({key: value}, strict=False, assign=True)
             except RuntimeError as exc:  # a size mismatch
-                raise CheckpointError(f"{path}: tensor {key} does not match {config_source}: {exc}") from exc
+                raise CheckpointError(f"{source}: tensor {key} does not match {config_source}: {exc}") from exc
             seen.add(key)
         del tensor
     missing = sorted(expected - seen)
@@ -75,5 +76,5 @@ def load_quantized(config: GPT2Config, path: Path, quantization: str, *, device:
             detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{path}: does not match {config_source}: {'; '.join(detail)}")
+        raise CheckpointError(f"{source}: does not match {config_source}: {'; '.join(detail)}")
     return model.to(device).eval()

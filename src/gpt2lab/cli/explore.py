@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
-from .common import fail, user_errors
+from .common import check_output, fail, require_extra, user_errors
 from .eval import fmt_value, load_for_eval, print_json
+from .options import Runtime, model_option, runtime_options
 
 _HEADERS = {"perplexity": "ppl", "repeated_4gram_rate": "rep-4", "distinct_1": "dist-1", "distinct_2": "dist-2",
             "distinct_3": "dist-3", "self_bleu": "self-BLEU", "mean_length": "words", "mean_tokens": "tokens"}
@@ -24,6 +25,7 @@ def _numbers(option: str, text: str, kind: type) -> list:
     return values
 
 
+@runtime_options()
 def explore(
     prompt: str = typer.Argument(None, help="Prompt to complete (more with --prompts)."),
     prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line."),
@@ -34,22 +36,23 @@ def explore(
     samples: int = typer.Option(8, "--samples", "-n", help="Samples per prompt and setting."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (the same for every setting)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for results.csv/.json, plot.png, report.html."),
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    model: str = model_option(),
     scoring_model: str = typer.Option(None, "--scoring-model", help="Model for perplexity (default: --model)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Sequences decoded together."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+    runtime: Runtime = None,
 ) -> None:
     """Sample every temperature x top-k x top-p combination and compare coherence with creativity."""
+    require_extra("eval", "gpt2lab explore", ("sacrebleu", "matplotlib"))  # self-BLEU, plot.png
     temperatures = _numbers("--temperature", temperature, float)
     top_ks = _numbers("--top-k", top_k, int)
     top_ps = _numbers("--top-p", top_p, float)
     prompts = [] if prompt is None else [prompt]
     if prompts_file is not None:
-        from ..evaluation.perplexity import read_text_file
+        from ..readers import iter_lines
 
         with user_errors():
-            prompts += [line for line in read_text_file(prompts_file).splitlines() if line.strip()]
+            prompts += [line for _, line in iter_lines(prompts_file) if line.strip()]
     if not prompts:
         fail("give a prompt, or --prompts FILE")
     from ..evaluation import explore as run_explore
@@ -57,8 +60,9 @@ def explore(
 
     with user_errors():
         grid(temperatures, top_ks, top_ps)  # bad values fail before any model loads
-    gen = load_for_eval(model, device)
-    scorer = load_for_eval(scoring_model, device) if scoring_model else None
+    check_output(out, "--out")
+    gen = load_for_eval(model, runtime)
+    scorer = load_for_eval(scoring_model, runtime) if scoring_model else None
     with user_errors():
         result = run_explore(prompts, gen, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps,
                              max_length=max_length, samples=samples, seed=seed, scoring_model=scorer, out=out,

@@ -6,7 +6,8 @@ import ipaddress
 
 import typer
 
-from .common import fail, user_errors
+from .common import fail, load_kwargs, require_extra, user_errors
+from .options import Runtime, model_option, runtime_options
 
 
 def is_loopback(host: str) -> bool:
@@ -19,8 +20,9 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname other than localhost may resolve anywhere
 
 
+@runtime_options()
 def serve(
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    model: str = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs --api-key or "
                                                 "--allow-remote."),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
@@ -33,8 +35,10 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting for the batch before requests get 429."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds before a request is stopped."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
+    runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
+    require_extra("server", "gpt2lab serve")
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")
@@ -46,9 +50,12 @@ def serve(
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
 
     from ..checkpoints import resolve_model
+    from ..model.device import resolve_device, resolve_dtype
 
-    with user_errors():  # a bad reference fails here, in one line; the weights load on the engine thread
+    with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
         resolve_model(model, quiet=True)
+        resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+    load = load_kwargs(runtime)
 
     import uvicorn
 
@@ -56,7 +63,7 @@ def serve(
 
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                         request_timeout=request_timeout)
+                         request_timeout=request_timeout, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 ModelLike = Union["Generator", str, Path, None]
 
 
-def as_generator(model: ModelLike, device: str = "cpu", quantization: str | None = None) -> Generator:
+def as_generator(model: ModelLike, device: str = "auto", quantization: str | None = None) -> Generator:
     """A loaded :class:`Generator` for a Generator (used as is), a model reference, or None (the default model).
 
     ``quantization`` (``None``, ``"int8"``, ``"bf16"``) applies to a model loaded here; a Generator

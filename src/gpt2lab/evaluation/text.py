@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..jsonl import json_lines
+from ..readers import iter_jsonl, iter_lines
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
 
@@ -111,7 +111,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
 
 def text_perplexity(texts: Sequence[str], model: ModelLike = None, *, contexts: Sequence[str] | None = None,
                     batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False,
-                    device: str = "cpu") -> dict[str, Any]:
+                    device: str = "auto") -> dict[str, Any]:
     """Perplexity of texts under a scoring model, pooled over all their tokens.
 
     Without ``contexts`` each text follows the end-of-text token, so its first token is scored too
@@ -156,7 +156,7 @@ def diversity_metrics(texts: Sequence[str]) -> dict[str, float | None]:
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]] | None = None, *,
                  model: ModelLike | bool = False, use_stemmer: bool = False, progress: bool = False,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "auto") -> dict[str, Any]:
     """All text metrics of ``predictions`` in one dict.
 
     With ``references``: ``bleu``, ``chrf`` (0-100) and ``rouge1``/``rouge2``/``rougeL`` (0-1).
@@ -193,15 +193,12 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]] | Non
     ``completion``, ``output``, ``generation``, optionally with its ``references`` (a string or a
     list); those are returned second (None when the lines carry none).
     """
-    from .perplexity import read_text_file
-
     path = Path(path)
-    content = read_text_file(path)
     if path.suffix.lower() != ".jsonl":
-        return content.splitlines(), None
+        return [line for _, line in iter_lines(path)], None
     texts: list[str] = []
     refs: list[list[str]] = []
-    for number, item in json_lines(content.splitlines(), str(path)):
+    for number, item in iter_jsonl(path):
         where = f"{path}:{number}"
         if isinstance(item, str):
             texts.append(item)
@@ -223,14 +220,11 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]] | Non
 def read_references(path: str | Path) -> list[list[str]]:
     """References from a text file (one per line) or JSON Lines (a string, a list of strings, or an
     object with ``references``/``reference``/``target``/``text``)."""
-    from .perplexity import read_text_file
-
     path = Path(path)
-    content = read_text_file(path)
     if path.suffix.lower() != ".jsonl":
-        return [[line] for line in content.splitlines()]
+        return [[line] for _, line in iter_lines(path)]
     refs = []
-    for number, item in json_lines(content.splitlines(), str(path)):
+    for number, item in iter_jsonl(path):
         where = f"{path}:{number}"
         if isinstance(item, dict):
             key = next((k for k in _REF_KEYS if k in item), None)

@@ -64,7 +64,8 @@ class _CountRequests:
 
 
 def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None) -> FastAPI:
+               max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None,
+               device: str = "auto", dtype: str = "auto", quantization: str | None = None) -> FastAPI:
     """The server app.
 
     ``generator_or_model_ref``: a loaded :class:`~gpt2lab.generation.Generator`, or anything
@@ -73,7 +74,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     ``api_key``: required as ``Authorization: Bearer KEY`` on every ``/v1`` route and the tokenizer
     routes. ``max_batch`` sequences decode together, up to
     ``max_queue`` more wait; beyond that requests get 429. ``request_timeout`` (seconds) ends a
-    request that runs longer.
+    request that runs longer. ``device``, ``dtype``, ``quantization``: how a model loaded here runs (as in
+    :func:`gpt2lab.load`; ``quantization`` is passed only when given).
     """
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -87,7 +89,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
 
         if isinstance(generator_or_model_ref, Generator):
             return generator_or_model_ref  # the caller's model: left as it is (it may still train)
-        return load_generator(generator_or_model_ref)
+        more = {} if quantization is None else {"quantization": quantization}
+        return load_generator(generator_or_model_ref, device=device, dtype=dtype, **more)
 
     metrics = ServerMetrics()
     scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
@@ -159,7 +162,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     async def list_models() -> p.ModelList:
         gen = ready()
         return p.ModelList(data=[p.ModelCard(id=served_name(gen), created=created,
-                                             max_model_len=gen.config.n_positions)])
+                                             max_model_len=gen.config.n_positions,
+                                             quantization=getattr(gen, "quantization", None))])
 
     @app.post("/tokenize", dependencies=auth, response_model=p.TokenizeResponse, responses=errors)
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:

@@ -262,6 +262,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "gpt2lab"
     max_model_len: int
+    quantization: str | None = Field(None, description="Weight quantization the model runs with: null (as stored), "
+                                                       "int8 or bf16 (vLLM's names).")
 
 
 class ModelList(BaseModel):
