@@ -28,6 +28,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model import GPT2, ConfigError, GPT2Config, check_quantization
+from ..model.gpt2 import meta_skeleton
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -90,7 +91,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Our tensor names and shapes for ``config``, from one block built on the meta device (no memory)."""
-    with torch.device("meta"):
+    with meta_skeleton():
         one = GPT2(dataclasses.replace(config, n_layer=1))
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in one.state_dict().items():
@@ -318,7 +319,7 @@ def model_from_tensors(config: GPT2Config, shards: Iterable[Mapping[str, torch.T
     # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
     # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.
     approx_params = config.n_embd * (config.vocab_size + config.n_positions + 12 * config.n_embd * config.n_layer)
-    with torch.device("meta") if approx_params > 400_000_000 else contextlib.nullcontext():
+    with meta_skeleton() if approx_params > 400_000_000 else contextlib.nullcontext():
         model = GPT2(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: same tensor as wte

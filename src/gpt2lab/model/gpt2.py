@@ -13,8 +13,10 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,24 @@ _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
 }
+
+
+@contextlib.contextmanager
+def meta_skeleton() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers (transformers' ``no_init_weights``
+    trick): initialising meta tensors goes through PyTorch's reference ops, whose first use imports
+    ``torch._dynamo`` (seconds of start-up for nothing). Use for shapes and for models filled by
+    ``load_state_dict(..., assign=True)``."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .gpt2 import GPT2, GPT2Config
+from .gpt2 import GPT2, GPT2Config, meta_skeleton
 
 QUANTIZATIONS = ("int8", "bf16")
 
@@ -221,6 +221,6 @@ def quantize_(model: GPT2, quantization: str) -> GPT2:
 def quantized_skeleton(config: GPT2Config, quantization: str) -> GPT2:
     """A quantized :class:`GPT2` of ``config`` with no weights yet (meta tensors), for
     ``load_state_dict(..., assign=True)`` to fill one tensor at a time."""
-    with torch.device("meta"):
+    with meta_skeleton():
         model = GPT2(config)
     return quantize_(model, quantization)
