@@ -8,6 +8,8 @@ dropped before the next is read, so the peak memory is the quantized model plus 
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,17 +19,40 @@ from ..errors import CheckpointError
 from ..model import GPT2, GPT2Config
 from ..model.quantize import quantized_skeleton
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file, one ``read`` each (its documented layout: an 8-byte little-endian
+    header size, a JSON header of dtype/shape/data_offsets, the data). Not memory-mapped: a mapped file's
+    touched pages stay in the process's resident memory until it is closed, which would put the whole
+    fp32 checkpoint back into the peak that quantizing while loading avoids."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        base = 8 + size
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            buf = bytearray(end - start)
+            f.seek(base + start)
+            if f.readinto(buf) != end - start:
+                raise CheckpointError(f"{path}: truncated (tensor {name})")
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else \
+                torch.empty(info["shape"], dtype=dtype)
+
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of a weights file, reading one tensor at a time where the format allows
     (safetensors; a torch pickle is memory-mapped)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():
-                    yield key, fh.get_tensor(key)
+            yield from _read_safetensors(path)
             return
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except CheckpointError:
