@@ -26,6 +26,7 @@ from . import kernels
 from .gpt2 import GPT2, GPT2Config, meta_skeleton
 
 QUANTIZATIONS = ("int8", "bf16")
+_CHUNK_ROWS = 2048  # rows quantized at a time
 
 
 def check_quantization(quantization: str | None) -> str | None:
@@ -41,13 +42,18 @@ def check_quantization(quantization: str | None) -> str | None:
 def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(stored, scales)`` for a float ``weight [out, in]``: int8 with fp32 ``scales [out]`` (symmetric,
     per output row, rounded to nearest, so ``|w - q * scale| <= scale / 2``), or bf16 and None."""
-    weight = weight.detach().to(torch.float32)
+    weight = weight.detach()
     if quantization == "bf16":
         return weight.to(torch.bfloat16).contiguous(), None
-    amax = weight.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row keeps scale 1
-    q = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scales.contiguous()
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _CHUNK_ROWS):  # chunks: temporaries stay small (peak memory at load)
+        rows = weight[start:start + _CHUNK_ROWS].to(torch.float32)
+        amax = rows.abs().amax(dim=1)
+        chunk_scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row keeps 1
+        q[start:start + _CHUNK_ROWS] = torch.round(rows / chunk_scales[:, None]).clamp_(-127, 127)
+        scales[start:start + _CHUNK_ROWS] = chunk_scales
+    return q, scales
 
 
 class _Quantized(nn.Module):
