@@ -8,6 +8,13 @@ requests are admitted between steps with one right-padded prefill of all their p
 
 Each sequence samples with its own ``torch.Generator`` (seeded from the request's seed and the
 sample index), so a seeded request gives the same text whether it runs alone or in a batch.
+
+One request's fault ends only that request. Everything that can be checked against the model is
+checked by :meth:`Engine.add_request`, before any work (``ValueError`` naming the field). If a
+step still raises in the per-row work (logits transforms, sampling, detokenizing) or in a prefill,
+the rows are retried one by one and only the ones that fail alone end, with ``finish_reason
+"error"`` and ``RequestOutput.error``; the batch goes on. Only a fault of the batched decode
+forward itself (out of memory, a broken model) is not attributable: ``step()`` raises it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 
 from ..model import GPT2
 from ..sampling import LogitsPipeline, SamplingParams, sample
+from ..sampling.pipeline import bad_words_ids
 from ..tokenizer import Tokenizer
 from .outputs import RequestOutput, token_logprobs
 from .stopping import StopTextStream
@@ -119,9 +127,7 @@ class Engine:
         if params.num_beams > 1:
             raise ValueError("num_beams > 1: beam search does not run in the batching engine; "
                              "use Generator.generate(..., num_beams=B)")
-        vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}]")
+        self.check_request(prompt_ids, params)
         prompt_ids, budget = fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         for index in range(params.n):
@@ -132,6 +138,25 @@ class Engine:
             else:
                 self._waiting.append(seq)
         return request_id
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Check a request against this model (``add_request`` does): the prompt's token ids, the ids in
+        ``logit_bias`` and ``stop_token_ids``, the tokens ``bad_words`` encode to, and the length
+        (prompt + new tokens vs ``n_positions``). Raises ValueError naming the field; does no work."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab),
+                   None)
+        if bad is not None:
+            raise ValueError(f"prompt holds token id {bad!r}, outside the model's vocabulary [0, {vocab - 1}]")
+        params.check_vocab(vocab)
+        for word, ids in zip(params.bad_words, (bad_words_ids(self.tokenizer, [w]) for w in params.bad_words)):
+            bad = next((t for seq in ids for t in seq if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"bad_words holds {word!r}, whose token id {bad} is outside the model's "
+                                 f"vocabulary [0, {vocab - 1}]")
+        fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
 
     @torch.inference_mode()  # the cache rows it moves are inference tensors
     def abort(self, request_id: str) -> None:
@@ -155,8 +180,43 @@ class Engine:
         free = self.max_batch - len(self._running)
         if self._waiting and free > 0:
             new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            outputs += self._prefill(new)
+            outputs += self._admit(new)
         return outputs
+
+    # -- fault isolation ----------------------------------------------------------------------
+    def _admit(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+        """Prefill ``seqs``; if that raises, retry them one by one: only those that fail alone end."""
+        try:
+            return self._prefill(seqs)
+        except Exception as exc:  # noqa: BLE001 - attributed below, one sequence at a time
+            for seq in seqs:  # free the rows they took (their cache contents are discarded)
+                if seq.row >= 0:
+                    self._release(seq)
+            if len(seqs) == 1:
+                return [self._failed(seqs[0], exc)]
+        self._pipeline_key, self._pipeline = (), None
+        return [out for seq in seqs for out in self._admit([seq])]
+
+    def _failed(self, seq: _Sequence, exc: BaseException) -> RequestOutput:
+        """The last output of a sequence stopped by a fault of its own (its row is already free)."""
+        return RequestOutput(seq.request_id, seq.index, [], "", True, "error",
+                             [] if seq.params.logprobs is not None else None,
+                             error=f"{type(exc).__name__}: {exc}")
+
+    def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int | BaseException]:
+        """Each row's token computed alone (after the batched pipeline raised): a row that fails alone
+        gets its exception instead of a token; the others are what the batch would have given."""
+        self._pipeline_key, self._pipeline = (), None  # its per-row state may be half-updated
+        tokens: list[int | BaseException] = []
+        for i, seq in enumerate(seqs):
+            try:
+                pipeline = LogitsPipeline([seq.params], self.model.config.vocab_size, tokenizer=self.tokenizer,
+                                          device=self.device)
+                scores = pipeline(logits[i:i + 1], [seq.history], [len(seq.prompt_ids)])
+                tokens.append(int(sample(scores, [seq.params], [seq.generator])[0]))
+            except Exception as exc:  # noqa: BLE001 - this row's own fault
+                tokens.append(exc)
+        return tokens
 
     # -- internals ----------------------------------------------------------------------------
     def _prefill(self, seqs: list[_Sequence]) -> list[RequestOutput]:
@@ -228,30 +288,42 @@ class Engine:
             logits[:, self._decodable:] = float("-inf")
         want_lp = [s.params.logprobs is not None for s in seqs]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        tokens = sample(self._scores(seqs, logits), [s.params for s in seqs],
-                        [s.generator for s in seqs]).tolist()
+        try:
+            tokens: list[int | BaseException] = sample(self._scores(seqs, logits), [s.params for s in seqs],
+                                                       [s.generator for s in seqs]).tolist()
+        except Exception:  # noqa: BLE001 - find the row(s) at fault; the others go on
+            tokens = self._sample_rows(seqs, logits)
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.output_ids.append(token)
-            logprobs = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer) \
-                if want_lp[i] else None
-            params = seq.params
-            reason = None
-            if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
-                reason = "stop"
-                text = seq.text.flush()
-            else:
-                text, stopped = seq.text.push(token)
-                if stopped:
-                    reason = "stop"
-                elif len(seq.output_ids) >= seq.budget:
-                    reason = "length"
-                    text += seq.text.flush()
-            outputs.append(RequestOutput(seq.request_id, seq.index, [token], text, reason is not None, reason,
-                                         logprobs))
-            if reason is not None:
-                self._release(seq)
+            try:
+                if isinstance(token, BaseException):
+                    raise token
+                outputs.append(self._emit(seq, token, raw_lp[i:i + 1] if want_lp[i] else None))
+            except Exception as exc:  # noqa: BLE001 - this sequence's own fault: it alone ends
+                if seq.row >= 0:
+                    self._release(seq)
+                outputs.append(self._failed(seq, exc))
         return outputs
+
+    def _emit(self, seq: _Sequence, token: int, raw_lp: torch.Tensor | None) -> RequestOutput:
+        """Append ``token`` to ``seq``, apply stopping, free its row when it finishes."""
+        seq.output_ids.append(token)
+        logprobs = token_logprobs(raw_lp, [token], seq.params.logprobs, self.tokenizer) if raw_lp is not None else None
+        params = seq.params
+        reason = None
+        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+            text = seq.text.flush()
+        else:
+            text, stopped = seq.text.push(token)
+            if stopped:
+                reason = "stop"
+            elif len(seq.output_ids) >= seq.budget:
+                reason = "length"
+                text += seq.text.flush()
+        if reason is not None:
+            self._release(seq)
+        return RequestOutput(seq.request_id, seq.index, [token], text, reason is not None, reason, logprobs)
 
     def _release(self, seq: _Sequence) -> None:
         """Free a finished sequence's row, moving the last running row into it."""

@@ -130,6 +130,18 @@ class SamplingParams:
             _check(_is_int(self.logprobs) and 0 <= self.logprobs <= 20, "logprobs", "an integer in [0, 20]",
                    self.logprobs)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Check the token ids these params hold against a model's vocabulary of ``vocab_size`` tokens.
+
+        Raises ValueError naming the field (``logit_bias``, ``stop_token_ids``) before any work is done:
+        an out-of-vocabulary id would otherwise only fail inside a decoding step.
+        """
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary "
+                                 f"[0, {vocab_size - 1}]")
+
     # -- helpers ------------------------------------------------------------------------------
     @property
     def greedy(self) -> bool:
