@@ -77,7 +77,7 @@ def test_a_fault_inside_the_step_ends_only_its_request(gen):
                                                                                                temperature=0))]
     alone = {}
     for i, (prompt, params) in enumerate(good):
-        for (rid, index), (tokens, _) in _run(gen.engine(max_batch=1), [(prompt, params)]).items():
+        for (_rid, index), (tokens, _) in _run(gen.engine(max_batch=1), [(prompt, params)]).items():
             alone[(f"r{i}", index)] = tokens
     bad_params = _seeded(9)
 

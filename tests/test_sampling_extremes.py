@@ -62,7 +62,7 @@ def _check(params, logits, histories) -> None:
     pipeline = LogitsPipeline(params, VOCAB)
     prompt_lens = [max(1, len(h) // 2) for h in histories]
     # two steps, so the incremental history counts are exercised too
-    for step in range(2):
+    for _step in range(2):
         scores = pipeline(logits, histories, prompt_lens)
         assert not torch.isnan(scores).any()
         assert not torch.isposinf(scores).any()
