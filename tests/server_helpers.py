@@ -125,13 +125,14 @@ GUARD_KEY = "test-key-123"
 
 
 def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
-    """Launch the three test servers together (their start-up overlaps):
+    """Launch the test servers together (their start-up overlaps):
 
     - ``main``: the tiny model with default capacity;
     - ``guarded``: a 6-layer model with a 1024-token context (slow enough to keep requests running),
       ``--api-key``, ``--max-batch 2 --max-queue 2``;
     - ``timeout``: the same model with a request timeout of 2 s (also bounds the fuzzer's work),
-      served from a thread of the test process.
+      served from a thread of the test process;
+    - ``robust``: the tiny model with ``--max-body-mb 1`` (fault isolation and limits).
     """
     if _STARTED:
         return
@@ -142,3 +143,4 @@ def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
     launch("main", tiny_checkpoint, logs)
     launch("guarded", long_ctx, logs, "--max-batch", "2", "--max-queue", "2", api_key=GUARD_KEY)
     launch_in_thread("timeout", long_ctx, logs, request_timeout=2.0)
+    launch("robust", tiny_checkpoint, logs, "--max-body-mb", "1")

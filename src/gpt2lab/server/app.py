@@ -173,7 +173,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         # a failed step (out of memory, a broken model) ended every request in flight: still serving,
         # but "degraded" until a step succeeds again
         body = {"status": "degraded" if scheduler.last_engine_error else "ok",
-                "model": served_name(scheduler.generator), "engine_failures": scheduler.engine_failures}
+                "model": served_name(scheduler.generator), "engine_failures": scheduler.engine_failures,
+                "request_failures": scheduler.request_failures}
         if scheduler.last_engine_error:
             body["last_engine_error"] = scheduler.last_engine_error
         return JSONResponse(body)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .limits import Limits
 
 H11_MAX_INCOMPLETE_EVENT_SIZE = 64 * 1024  # request line + headers (h11's default is 16 KiB)
+_DRAIN_BYTES = 64 * 2**20  # an oversized body is read and dropped up to this much before the 413
 
 
 def _timed_h11() -> type:
@@ -96,9 +97,7 @@ class LimitBody:
             return
         limit = self.limits.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            await self._refuse(send, 413, self._too_large(int(length)), "request_too_large")
-            return
+        declared = int(length) if length is not None and length.isdigit() else 0
         chunks, size = [], 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.body_timeout_s
@@ -112,11 +111,16 @@ class LimitBody:
             if message["type"] == "http.disconnect":
                 return
             size += len(message.get("body", b""))
-            if size > limit:
-                await self._refuse(send, 413, self._too_large(size), "request_too_large")
+            more = message.get("more_body", False)
+            if size > limit or declared > limit:
+                # Read on (and drop) what the client is still sending, within bounds, so that it gets
+                # to read the 413 instead of a connection reset in the middle of its upload.
+                if more and size < _DRAIN_BYTES:
+                    continue
+                await self._refuse(send, 413, self._too_large(max(size, declared)), "request_too_large")
                 return
             chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
+            if not more:
                 break
         body = b"".join(chunks)
         replayed = False

@@ -94,6 +94,7 @@ class Scheduler:
         self._stopping = False
         self.engine_failures = 0  # steps that failed as a whole (not attributable to one request)
         self.last_engine_error: str | None = None  # cleared by the next step that succeeds
+        self.request_failures = 0  # requests ended by a fault of their own inside a step
         self._thread = threading.Thread(target=self._run, name="gpt2lab-engine", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -278,6 +279,7 @@ class Scheduler:
             self.release(stream.sequences)
 
     def _fail_request(self, stream: _Stream, error: str) -> None:
+        self.request_failures += 1
         log.error("gpt2lab: request %s failed inside a step: %s", stream.request_ids[0].rsplit("-", 1)[0], error)
         for request_id in stream.request_ids:
             if self._streams.pop(request_id, None) is not None:
