@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -218,7 +219,10 @@ def test_huge_prompts_neither_stall_health_nor_a_running_stream(server, tmp_path
         assert stream.result() == alone
     finally:
         latencies = poller.latencies()
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # within 1 s, plus what a busy shared machine adds to any request (on an idle one the median is
+    # milliseconds); tokenizing the 900k characters on the event loop alone stalls it for seconds
+    latencies = latencies[1:]  # the first one includes connecting
+    assert len(latencies) >= 3 and max(latencies) < 1.0 + 3 * statistics.median(latencies), latencies
 
 
 @pytest.mark.parametrize("path, body, param", [
