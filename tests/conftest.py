@@ -69,3 +69,16 @@ def one_thread():
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer 64-dim GPT-2 with the real GPT-2 vocabulary and tokenizer."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1, **SHAPES["tiny"])
+
+
+# -- devices ------------------------------------------------------------------------------------------
+# Tests that take the ``device`` fixture run once per device: the CPU always (so they are real tests on
+# every machine), CUDA where torch sees a GPU, and are skipped with the reason elsewhere.
+_NO_CUDA = "no CUDA GPU here (torch.cuda.is_available() is False): the cuda case runs on a GPU machine"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=_NO_CUDA))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device present: ``"cpu"``, then ``"cuda"`` (skipped with a reason where there is no GPU)."""
+    return request.param

@@ -304,9 +304,10 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     train(TrainConfig(data=[str(corpus)], out=str(out), model=str(base), max_steps=12, batch_size=4, block_size=32,
                       lora_rank=4, lora_targets="c_attn,mlp.c_proj", eval_every=6, progress=False, plot=False))
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert set(adapter) == {f"h.{i}.{m}.lora_{ab}" for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")
-                            for ab in "AB"}
-    assert all(v.abs().max() > 0 for k, v in adapter.items() if k.endswith("lora_B"))  # B starts at zero
+    # peft's names (base_model.model.transformer.<module>.lora_A.weight), so peft loads it
+    assert set(adapter) == {f"base_model.model.transformer.h.{i}.{m}.lora_{ab}.weight" for i in range(2)
+                            for m in ("attn.c_attn", "mlp.c_proj") for ab in "AB"}
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
     # the base weights never moved: the checkpoint's adapter on the original base gives the merged model
     original = load_model(base)
     adapted = load_adapter(load_model(base), out / "adapter").eval()
@@ -319,6 +320,17 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
         diff = (merged(ids) - adapted(ids)).abs().max().item()
         moved = (merged(ids) - original(ids)).abs().max().item()
     assert diff < 1e-4 and moved > 1e-3
+    # peft loads the run's adapter onto the transformers base with the merged model's logits
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base.resolve()) and config["peft_type"] == "LORA"
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), out / "adapter").eval()
+    with torch.no_grad():
+        assert (peft_model(ids).logits - merged(ids)).abs().max().item() < 1e-4
+    card = (out / "README.md").read_text()
+    assert "LoRA adapter (rank 4" in card and "merged into the base weights" in card
 
 
 def test_best_model_and_early_stopping(tmp_path):

@@ -80,8 +80,13 @@ def _csv_records(lines: Iterator[str], delimiter: str) -> Iterator[list[str]]:
     return csv.reader(lines, delimiter=delimiter)
 
 
-def read_dataset(path: str | Path, text_column: str, label_column: str | None = None) -> Dataset:
-    """Read a CSV/TSV (with a header) or JSONL dataset; ``ValueError`` names what is wrong and where."""
+def read_dataset(path: str | Path, text_column: str, label_column: str | None = None, *,
+                 augmented: bool = False) -> Dataset:
+    """Read a CSV/TSV (with a header) or JSONL dataset; ``ValueError`` names what is wrong and where.
+
+    ``augmented``: the file is an augment output (it must have the added columns; ``gpt2lab review``
+    reads it to curate), instead of an input (it must not).
+    """
     path = Path(path)
     fmt = data_format(path, "data")
     text = _read_text(path)
@@ -117,7 +122,10 @@ def read_dataset(path: str | Path, text_column: str, label_column: str | None = 
         if name is not None and name not in cols:
             raise ValueError(f"{path}: no column {name!r} ({option}); columns: {', '.join(cols) or '(none)'}")
     clash = [c for c in ADDED_COLUMNS if c in cols]
-    if clash:
+    if augmented and len(clash) < len(ADDED_COLUMNS):
+        raise ValueError(f"{path}: not an augment output (it lacks column(s) "
+                         f"{', '.join(c for c in ADDED_COLUMNS if c not in cols)})")
+    if clash and not augmented:
         raise ValueError(f"{path}: already has column(s) {', '.join(clash)}: is it an augment output? "
                          "Augment the original dataset")
     for i, row in enumerate(rows):

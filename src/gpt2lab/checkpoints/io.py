@@ -1,7 +1,13 @@
 """Reading and writing GPT-2 checkpoints in Hugging Face layout.
 
-A checkpoint directory holds ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``) and the
-tokenizer files. HF GPT-2 stores its projections as ``Conv1D`` (weight ``[in, out]``); our model uses
+A checkpoint directory holds ``config.json``, the weights and the tokenizer files. The weights are one
+``model.safetensors`` (or ``pytorch_model.bin``), or shards named by an index
+(``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``, as ``save_pretrained(max_shard_size=...)``
+writes them). Saving writes what ``transformers`` writes: ``config.json`` with ``torch_dtype``,
+``generation_config.json``, the tokenizer files with ``tokenizer_config.json``, a model card (README.md),
+and shards with an index when the weights exceed ``max_shard_size``.
+
+HF GPT-2 stores its projections as ``Conv1D`` (weight ``[in, out]``); our model uses
 ``nn.Linear`` (``[out, in]``), so those four weights per block are transposed on the way in and out.
 """
 
@@ -13,7 +19,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,8 +31,19 @@ from ..model import GPT2, ConfigError, GPT2Config
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 BIN_FILE = "pytorch_model.bin"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX)  # in order of preference
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+MODEL_CARD_FILE = "README.md"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", TOKENIZER_CONFIG_FILE,
+                   SPECIAL_TOKENS_FILE, GENERATION_CONFIG_FILE)
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub's and transformers' default
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # buffers older HF versions stored in checkpoints; derived from the config, never loaded
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
@@ -48,18 +67,108 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_index(index: Path) -> list[Path]:
+    """The shard files an index names, in order of first appearance, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index (expected a JSON object with a "
+                              f"'weight_map' of tensor name -> shard file): {exc}") from exc
+    if not shards or not all(isinstance(s, str) and "/" not in s and s not in (".", "..") for s in shards):
+        raise CheckpointError(f"{index}: weight_map must name shard files in the same folder, got {shards[:3]}")
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard {missing[0]} not found ({len(missing)} of {len(shards)} missing)")
+    return [index.parent / s for s in shards]
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory: one file, or the shards its index names.
+
+    Preference: ``model.safetensors``, its sharded index, ``pytorch_model.bin``, its sharded index
+    (transformers' order). Raises :class:`CheckpointError` when there are none or a shard is missing.
+    """
+    directory = Path(directory)
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if path.is_file():
+            return _read_index(path) if name.endswith(".index.json") else [path]
+    raise CheckpointError(f"{directory}: no {SAFETENSORS_FILE} or {BIN_FILE} in this directory "
+                          f"(nor a sharded {SAFETENSORS_INDEX} / {BIN_INDEX})")
+
+
 def weights_file(directory: Path) -> Path:
-    """The weights file of a checkpoint directory, safetensors preferred."""
-    for name in (SAFETENSORS_FILE, BIN_FILE):
+    """The weights file of a checkpoint directory (the index of a sharded one), safetensors preferred."""
+    directory = Path(directory)
+    for name in WEIGHT_FILES:
         if (directory / name).is_file():
             return directory / name
-    raise CheckpointError(f"{directory}: no {SAFETENSORS_FILE} or {BIN_FILE} in this directory")
+    weight_files(directory)  # raises the error
+    raise AssertionError("unreachable")
 
 
-def hf_to_gpt2lab(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def iter_checkpoint_tensors(directory: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """``(file, tensors)`` for each weight file of ``directory`` in turn (one shard in memory at a time)."""
+    for path in weight_files(directory):
+        yield path, _read_tensors(path)
+
+
+def checkpoint_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype a checkpoint is stored in: what ``dtype="auto"`` loads, as in ``transformers``.
+
+    ``config.json``'s ``torch_dtype`` (``dtype`` in transformers 5) when it names a float type, else the
+    dtype of the first floating-point tensor of the weights (read from the safetensors header without
+    loading the data), else float32.
+    """
+    directory = Path(directory)
+    try:
+        raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = {}
+    for key in ("torch_dtype", "dtype"):
+        name = raw.get(key) if isinstance(raw, dict) else None
+        if isinstance(name, str) and name.removeprefix("torch.") in _DTYPES:
+            return _DTYPES[name.removeprefix("torch.")]
+    first = weight_files(directory)[0]
+    if first.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(first), framework="pt") as fh:
+                for key in fh.keys():
+                    found = _SAFETENSORS_DTYPES.get(fh.get_slice(key).get_dtype())
+                    if found is not None:
+                        return found
+        except Exception as exc:  # noqa: BLE001 - as in _read_tensors
+            raise CheckpointError(f"{first}: cannot read weights (truncated or corrupt?): {exc}") from exc
+        return torch.float32
+    for tensor in _read_tensors(first).values():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, directory: str | Path | None = None) -> torch.dtype | None:
+    """A dtype argument as a ``torch.dtype``: names (``"float16"``, ``"bf16"``, ...) or ``"auto"``
+    (the checkpoint's own dtype, :func:`checkpoint_dtype`; needs ``directory``). ``None`` stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {**_DTYPES, "fp32": torch.float32, "fp16": torch.float16, "half": torch.float16,
+             "bf16": torch.bfloat16}
+    if dtype == "auto":
+        if directory is None:
+            raise ValueError('dtype="auto" needs a checkpoint directory to read the dtype from')
+        return checkpoint_dtype(directory)
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(['auto', *table])}, got {dtype!r}")
+    return table[dtype]
+
+
+def hf_to_gpt2lab(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Map HF ``GPT2LMHeadModel``/``GPT2Model`` tensor names and layouts to ours."""
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
+    for name, tensor in (state.items() if isinstance(state, Mapping) else state):
         key = name.removeprefix("transformer.")
         if _IGNORED.search(key):
             continue
@@ -83,8 +192,13 @@ def gpt2lab_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> 
 
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> GPT2:
-    """Build a :class:`GPT2` from a HF-layout directory, checking every tensor against the config."""
+               dtype: str | torch.dtype | None = None) -> GPT2:
+    """Build a :class:`GPT2` from a HF-layout directory (one weights file or shards), checking every
+    tensor against the config.
+
+    ``dtype``: the dtype to hold the weights in; ``None`` is float32 (an fp16-stored checkpoint is
+    upcast), ``"auto"`` keeps the checkpoint's own (:func:`checkpoint_dtype`).
+    """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -93,8 +207,23 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
         config = GPT2Config.from_json(config_path)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
-    path = weights_file(directory)
-    state = hf_to_gpt2lab(_read_tensors(path))
+    dtype = resolve_dtype(dtype, directory)
+    return model_from_tensors(config, (tensors for _, tensors in iter_checkpoint_tensors(directory)), dtype=dtype,
+                       device=device, source=str(weights_file(directory)), config_source=str(config_path))
+
+
+def model_from_tensors(config: GPT2Config, shards: Iterable[Mapping[str, torch.Tensor]], *,
+                dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                source: str = "weights", config_source: str = "config") -> GPT2:
+    """A :class:`GPT2` of ``config`` holding the HF-named tensors of ``shards`` (one mapping per shard,
+    converted to ``dtype``, default float32, before the next is read), every tensor checked against the
+    config. ``source`` / ``config_source`` name the weights and the config in errors."""
+    target_dtype = dtype or torch.float32  # fp16-stored checkpoints load as fp32 unless asked
+    state: dict[str, torch.Tensor] = {}
+    for tensors in shards:
+        for key, tensor in hf_to_gpt2lab(tensors).items():
+            state[key] = tensor.to(dtype=target_dtype) if tensor.is_floating_point() else tensor
+        del tensors
     # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
     # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.
     approx_params = config.n_embd * (config.vocab_size + config.n_positions + 12 * config.n_embd * config.n_layer)
@@ -111,14 +240,12 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
             detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{path}: does not match {config_path}: {'; '.join(detail)}")
+        raise CheckpointError(f"{source}: does not match {config_source}: {'; '.join(detail)}")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{path}: tensor {key} has shape {tuple(tensor.shape)} but {config_path} implies "
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)} but {config_source} implies "
                 f"{tuple(expected[key].shape)}")
-    target_dtype = dtype or torch.float32  # fp16-stored checkpoints load as fp32 unless asked
-    state = {k: v.to(dtype=target_dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.to(device)
     model.eval()
@@ -162,30 +289,82 @@ def write_atomic_dir(target: str | Path, fill) -> Path:
     return target
 
 
+def _tokenizer_config(tokenizer_dir: Path | None, n_positions: int) -> dict[str, Any]:
+    """The source's ``tokenizer_config.json`` (if any) completed so ``AutoTokenizer`` knows the context
+    (``model_max_length`` = ``n_positions``; without it transformers reports 1e30) and GPT-2's specials."""
+    cfg: dict[str, Any] = {}
+    src = tokenizer_dir / TOKENIZER_CONFIG_FILE if tokenizer_dir is not None else None
+    if src is not None and src.is_file():
+        try:
+            loaded = json.loads(src.read_text(encoding="utf-8"))
+            cfg = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            cfg = {}  # a broken file is replaced by a good one
+    limit = cfg.get("model_max_length")
+    if not isinstance(limit, int) or not 0 < limit <= n_positions:
+        cfg["model_max_length"] = n_positions
+    cfg.setdefault("tokenizer_class", "GPT2Tokenizer")
+    cfg.setdefault("add_prefix_space", False)
+    vocab_files = [tokenizer_dir / n for n in ("tokenizer.json", "vocab.json")] if tokenizer_dir is not None else []
+    if any(f.is_file() and '"<|endoftext|>"' in f.read_text(encoding="utf-8", errors="replace")
+           for f in vocab_files):
+        for key in ("bos_token", "eos_token", "unk_token"):
+            cfg.setdefault(key, "<|endoftext|>")
+    return cfg
+
+
 def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path | None = None,
-               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
+               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
+               generation_config: Mapping[str, Any] | None = None,
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None) -> Path:
     """Write ``model`` in HF layout (atomically) so ``transformers`` loads it back unchanged.
 
-    ``tokenizer_dir``: copy the tokenizer files found there. ``dtype``: storage dtype (e.g. fp16).
-    ``extra_files``: more text files to write (name -> content), e.g. a model card.
+    ``tokenizer_dir``: copy the tokenizer files found there (``tokenizer_config.json`` completed with
+    ``model_max_length`` = ``n_positions``). ``dtype``: storage dtype (e.g. fp16; recorded as
+    ``torch_dtype`` in ``config.json``). ``generation_config``: the ``generation_config.json`` fields
+    (default: the model's bos/eos ids). ``max_shard_size`` (bytes or ``"5GB"``-style): larger weights are
+    split into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` by
+    ``huggingface_hub.save_torch_state_dict``. ``card``: the model card (README.md); default: a short
+    card saying how the folder was made. ``extra_files``: more text files to write (name -> content).
     """
-    from safetensors.torch import save_file
+    from huggingface_hub import save_torch_state_dict
 
     config = model.config
     state = model.state_dict()
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
+    stored = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if card is None and MODEL_CARD_FILE not in (extra_files or {}):
+        from .card import model_card
+
+        card = model_card(how="Saved with gpt2lab.", config=config, dtype=stored)
 
     def fill(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
-        save_file(gpt2lab_to_hf(state, config.tie_word_embeddings), str(tmp / SAFETENSORS_FILE),
-                  metadata={"format": "pt"})
-        if tokenizer_dir is not None:
+        hf_config = config.to_hf_dict()
+        hf_config["torch_dtype"] = str(stored).removeprefix("torch.")
+        _write_json(tmp / CONFIG_FILE, hf_config)
+        save_torch_state_dict(gpt2lab_to_hf(state, config.tie_word_embeddings), tmp, max_shard_size=max_shard_size,
+                              metadata={"format": "pt"})
+        if tok_dir is not None:
             for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file() and name != "generation_config.json":
+                src = tok_dir / name
+                if src.is_file() and name not in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
                     shutil.copyfile(src, tmp / name)
+            tok_cfg = _tokenizer_config(tok_dir, config.n_positions)
+            _write_json(tmp / TOKENIZER_CONFIG_FILE, tok_cfg)
+            if not (tmp / SPECIAL_TOKENS_FILE).is_file() and "eos_token" in tok_cfg:
+                _write_json(tmp / SPECIAL_TOKENS_FILE, {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token")})
+        gen_cfg = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        gen_cfg.update(generation_config or {})
+        _write_json(tmp / GENERATION_CONFIG_FILE, gen_cfg)
+        if card is not None:
+            (tmp / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content, encoding="utf-8")
 
     return write_atomic_dir(directory, fill)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

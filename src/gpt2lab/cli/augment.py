@@ -11,12 +11,13 @@ import typer
 from ..apps.augment import DEFAULTS, METHODS
 from ..sampling import SamplingParams
 from .common import load_generator, user_errors
-from .options import BEAM_OPTIONS, model_option, sampling_options
+from .options import BEAM_OPTIONS, Runtime, model_option, runtime_options, sampling_options
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 
 @sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
+@runtime_options()
 def augment(
     data: Path = typer.Argument(..., help="Dataset: .csv / .tsv (with a header) or .jsonl."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .csv / .tsv / .jsonl; rerun to resume it."),
@@ -34,6 +35,7 @@ def augment(
     shots: int = typer.Option(3, "--shots", help="Examples shown in a few-shot prompt."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    runtime: Runtime = None,
     sampling: SamplingParams = None,
 ) -> None:
     """Make --per-example new rows from each row of a labelled dataset, with the same label.
@@ -47,7 +49,7 @@ def augment(
 
     with user_errors():
         dataset = read_dataset(data, text_column, label_column)
-    gen = load_generator(model)
+    gen = load_generator(model, runtime)
     with user_errors():
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling, similarity=similarity,

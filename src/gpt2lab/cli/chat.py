@@ -11,7 +11,7 @@ import typer
 from ..apps.chat import DEFAULTS, UNSUPPORTED
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import model_option, sampling_options
+from .options import Runtime, model_option, process_escapes, runtime_options, sampling_options
 
 HELP = """commands:
   /reset              forget the conversation (the persona stays)
@@ -92,6 +92,7 @@ def _repl(session, prompt: str, save: Path | None) -> None:
 
 
 @sampling_options(defaults=DEFAULTS, exclude=set(UNSUPPORTED))
+@runtime_options()
 def chat(
     persona: str = typer.Option(None, "--persona", "-p", help="Who the bot is: the preamble of the conversation."),
     message: str = typer.Option(None, "--message", help="Answer this one message, print the reply and exit."),
@@ -100,6 +101,7 @@ def chat(
     bot_name: str = typer.Option(None, "--bot-name", help="The bot's name in the transcript (default: Bot)."),
     user_name: str = typer.Option(None, "--user-name", help="The user's name in the transcript (default: User)."),
     model: str = model_option(),
+    runtime: Runtime = None,
     sampling: SamplingParams = None,
 ) -> None:
     """Chat with a model in the terminal (/help lists the slash commands), or answer one --message.
@@ -110,9 +112,12 @@ def chat(
     """
     from ..apps.chat import ChatSession
 
+    # text options understand backslash escapes ("\\n"), as every command's do
+    persona, message, bot_name, user_name = (None if v is None else process_escapes(v)
+                                              for v in (persona, message, bot_name, user_name))
     if message is not None and not message.strip():
         fail("--message is empty")
-    gen = load_generator(model)
+    gen = load_generator(model, runtime)
     with user_errors((OSError,)):
         session = ChatSession(gen, persona=persona, params=sampling, user_name=user_name, bot_name=bot_name)
         if transcript is not None:

@@ -33,10 +33,29 @@ def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def load_generator(model: str | None, device: str = "cpu", dtype: str | None = None,
-                   load: Callable | None = None):
-    """Load a model for a command, with the user-facing error handling."""
+def load_generator(model: str | None, runtime=None, *, load: Callable | None = None):  # noqa: ANN001
+    """Load a model for a command (``runtime``: its ``--device``/``--dtype``/``--quantization``, a
+    :class:`~gpt2lab.cli.options.Runtime`), with the user-facing error handling."""
     from ..generation import load as default_load
 
+    loader = load or default_load
+    kwargs = load_kwargs(runtime, loader)
     with user_errors():
-        return (load or default_load)(model, device=device, dtype=dtype)
+        return loader(model, **kwargs)
+
+
+def load_kwargs(runtime, loader: Callable | None = None) -> dict:  # noqa: ANN001 - a cli.options.Runtime
+    """``runtime``'s keyword arguments for ``loader`` (default :func:`gpt2lab.load`); fails in one line when
+    ``--quantization`` asks for what this ``loader`` cannot do."""
+    import inspect
+
+    from .options import Runtime
+
+    if loader is None:
+        from ..generation import load as loader
+    kwargs = (runtime or Runtime()).load_kwargs()
+    if "quantization" in kwargs and "quantization" not in inspect.signature(loader).parameters:
+        if kwargs["quantization"] is not None:
+            fail(f"--quantization {kwargs['quantization']} is not available in this version of gpt2lab")
+        del kwargs["quantization"]  # "none" is what it does anyway
+    return kwargs

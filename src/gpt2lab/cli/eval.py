@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from .common import fail, load_generator, user_errors
+from .options import Runtime, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
                   no_args_is_help=True)
@@ -24,11 +25,12 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
-def load_for_eval(model: str | None, device: str):
-    """Load a model for evaluation only: the fast inference layout (oneDNN-packed weights on CPU)."""
+def load_for_eval(model: str | None, runtime: Runtime | None = None):
+    """Load a model for evaluation only, where ``runtime`` says: the fast inference layout (oneDNN-packed
+    weights on CPU)."""
     from ..evaluation.common import optimized
 
-    return optimized(load_generator(model, device=device))
+    return optimized(load_generator(model, runtime))
 
 
 def print_json(record: dict[str, Any]) -> None:
@@ -39,19 +41,20 @@ def print_json(record: dict[str, Any]) -> None:
 
 
 @app.command("perplexity")
+@runtime_options()
 def perplexity_cmd(
     files: list[Path] = typer.Argument(..., help="UTF-8 text files; each is windowed on its own."),
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    model: str = model_option(),
     stride: int = typer.Option(None, "--stride", help="Tokens between window starts (default: block size / 2)."),
     block_size: int = typer.Option(None, "--block-size", help="Tokens per window (default: the model's context)."),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Tokens per forward pass (memory vs speed)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    runtime: Runtime = None,
 ) -> None:
     """Sliding-window perplexity and bits per byte of text files (the Hugging Face guide's method)."""
     from ..evaluation import perplexity
 
-    gen = load_for_eval(model, device)
+    gen = load_for_eval(model, runtime)
     with user_errors():
         result = perplexity(files=files, model=gen, stride=stride, block_size=block_size, batch_tokens=batch_tokens,
                             progress=sys.stderr.isatty())
@@ -73,6 +76,7 @@ def perplexity_cmd(
 
 
 @app.command("text")
+@runtime_options()
 def text_cmd(
     predictions: Path = typer.Option(..., "--predictions", "-p",
                                      help="Generated texts: .txt (one per line) or .jsonl (strings or objects)."),
@@ -80,8 +84,8 @@ def text_cmd(
                                     help="References, paired line by line with the predictions (.txt or .jsonl)."),
     model: str = typer.Option(None, "--model", "-m", help="Scoring model: adds the predictions' perplexity under it."),
     use_stemmer: bool = typer.Option(False, "--stemmer", help="Porter-stem words before ROUGE."),
-    device: str = typer.Option("cpu", "--device", help="Device of the scoring model."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    runtime: Runtime = None,
 ) -> None:
     """BLEU, chrF, ROUGE against references; distinct-n, self-BLEU, repetition, length, perplexity."""
     from ..evaluation import read_predictions, read_references, text_metrics
@@ -91,7 +95,7 @@ def text_cmd(
         refs = read_references(references) if references is not None else inline_refs
         if not preds:
             fail(f"{predictions}: no predictions in this file")
-    scorer = load_for_eval(model, device) if model is not None else False
+    scorer = load_for_eval(model, runtime) if model is not None else False
     with user_errors():
         metrics = text_metrics(preds, refs, model=scorer, use_stemmer=use_stemmer, progress=sys.stderr.isatty())
     if as_json:

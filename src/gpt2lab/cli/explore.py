@@ -9,6 +9,7 @@ import typer
 
 from .common import fail, user_errors
 from .eval import fmt_value, load_for_eval, print_json
+from .options import Runtime, model_option, runtime_options
 
 _HEADERS = {"perplexity": "ppl", "repeated_4gram_rate": "rep-4", "distinct_1": "dist-1", "distinct_2": "dist-2",
             "distinct_3": "dist-3", "self_bleu": "self-BLEU", "mean_length": "words", "mean_tokens": "tokens"}
@@ -24,6 +25,7 @@ def _numbers(option: str, text: str, kind: type) -> list:
     return values
 
 
+@runtime_options()
 def explore(
     prompt: str = typer.Argument(None, help="Prompt to complete (more with --prompts)."),
     prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line."),
@@ -34,11 +36,11 @@ def explore(
     samples: int = typer.Option(8, "--samples", "-n", help="Samples per prompt and setting."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (the same for every setting)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for results.csv/.json, plot.png, report.html."),
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    model: str = model_option(),
     scoring_model: str = typer.Option(None, "--scoring-model", help="Model for perplexity (default: --model)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Sequences decoded together."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+    runtime: Runtime = None,
 ) -> None:
     """Sample every temperature x top-k x top-p combination and compare coherence with creativity."""
     temperatures = _numbers("--temperature", temperature, float)
@@ -57,8 +59,8 @@ def explore(
 
     with user_errors():
         grid(temperatures, top_ks, top_ps)  # bad values fail before any model loads
-    gen = load_for_eval(model, device)
-    scorer = load_for_eval(scoring_model, device) if scoring_model else None
+    gen = load_for_eval(model, runtime)
+    scorer = load_for_eval(scoring_model, runtime) if scoring_model else None
     with user_errors():
         result = run_explore(prompts, gen, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps,
                              max_length=max_length, samples=samples, seed=seed, scoring_model=scorer, out=out,

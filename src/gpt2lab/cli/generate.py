@@ -12,7 +12,7 @@ import typer
 from ..jsonl import json_lines
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import model_option, sampling_options
+from .options import Runtime, model_option, process_escapes_all, runtime_options, sampling_options
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
 
@@ -54,23 +54,27 @@ DEFAULTS = {"max_length": 100, "temperature": 0.8, "top_k": 50}
 
 
 @sampling_options(defaults=DEFAULTS)
+@runtime_options()
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts to complete (default: read --file, else stdin)."),
     file: Path = typer.Option(None, "--file", "-f", help="Read prompts from a file: one per line, or JSONL "
                               "objects with a \"prompt\" field. '-' reads stdin."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
+    runtime: Runtime = None,
     sampling: SamplingParams = None,
 ) -> None:
     """Complete prompts with a GPT-2 model, streaming the text as it is generated.
 
     Prompts: the arguments, else --file, else stdin (one per line, or JSONL with a "prompt" field).
 
+    Prompt arguments and text options understand backslash escapes (\\n, \\t, \\\\, \\xNN, \\uNNNN).
+
     Defaults follow the classic recipe: temperature 0.8, top-k 50, 100 tokens in all unless --max-new-tokens.
     """
     params = sampling
-    prompt_list = _collect_prompts(prompts or [], file)
-    gen = load_generator(model)
+    prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
+    gen = load_generator(model, runtime)
     from ..generation import fit_prompt
     from ..model import optimize_for_inference
 

@@ -7,18 +7,22 @@ import json
 import typer
 
 from .common import load_generator
+from .options import Runtime, model_option, runtime_options
 
 
+@runtime_options(threads=False)
 def info(
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    runtime: Runtime = None,
 ) -> None:
     """Show which checkpoint a model reference loads and its shape."""
-    gen = load_generator(model)
+    gen = load_generator(model, runtime)
     c = gen.config
     record = {"model": gen.name, "path": str(gen.path), "n_layer": c.n_layer, "n_head": c.n_head,
               "n_embd": c.n_embd, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
-              "parameters": gen.model.num_parameters()}
+              "parameters": gen.model.num_parameters(), "device": str(gen.device),
+              "dtype": str(gen.model.wte.weight.dtype).removeprefix("torch.")}
     if as_json:
         print(json.dumps(record))
     else:

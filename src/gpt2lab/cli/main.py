@@ -14,14 +14,25 @@ app = typer.Typer(
     name="gpt2lab",
     help="Explore, control, fine-tune, evaluate and serve GPT-2-family text generation.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
 )
 
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"gpt2lab {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print gpt2lab's version and exit.", callback=_version,
+                                 is_eager=True),
+) -> None:
     """Explore, control, fine-tune, evaluate and serve GPT-2-family text generation."""
 
 
@@ -40,6 +51,7 @@ COMMANDS: list[tuple[str, str, str]] = [
 # (group name, module) -- modules exposing a typer.Typer named ``app``
 GROUPS: list[tuple[str, str]] = [
     ("eval", "eval"),
+    ("review", "review"),
 ]
 
 

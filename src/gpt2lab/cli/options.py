@@ -24,12 +24,174 @@ import typer
 
 from .common import fail
 
-MODEL_HELP = "Local directory, bundled name or Hub id (default: gpt2)."
+MODEL_HELP = ("Local directory, bundled name or Hub id (default: gpt2, or the bundled model when gpt2 cannot "
+              "be had; a model named here never falls back).")
 
 
 def model_option() -> Any:
     """``--model/-m``, spelled the same in every command."""
     return typer.Option(None, "--model", "-m", help=MODEL_HELP)
+
+
+# -- text options: backslash escapes ------------------------------------------------------------
+_SIMPLE_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "'": b"'", '"': b'"', "\\": b"\\"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def process_escapes(text: str) -> str:
+    r"""Backslash escapes in a command-line text option, as llama.cpp's ``string_process_escapes``.
+
+    ``\n``, ``\r``, ``\t``, ``\'``, ``\"`` and ``\\`` are the characters; ``\xNN`` is the byte
+    ``NN`` (two hex digits; bytes join into UTF-8, so ``\xc3\xa9`` is "é"); ``\uNNNN`` (four hex digits,
+    an addition to llama.cpp's set) is that code point. Anything else, a lone trailing backslash
+    included, stays as written, so Windows paths and regex-like text survive. Undecodable bytes become
+    U+FFFD.
+    """
+    if "\\" not in text:
+        return text
+    out = bytearray()
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch != "\\" or i + 1 == n:
+            out += ch.encode("utf-8", "surrogatepass")
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt in _SIMPLE_ESCAPES:
+            out += _SIMPLE_ESCAPES[nxt]
+            i += 2
+        elif nxt == "x" and len(text[i + 2:i + 4]) == 2 and set(text[i + 2:i + 4]) <= _HEX:
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        elif nxt == "u" and len(text[i + 2:i + 6]) == 4 and set(text[i + 2:i + 6]) <= _HEX:
+            out += chr(int(text[i + 2:i + 6], 16)).encode("utf-8", "surrogatepass")
+            i += 6
+        else:  # unknown escape: kept, backslash and all (llama.cpp does the same)
+            out += ("\\" + nxt).encode("utf-8", "surrogatepass")
+            i += 2
+    return out.decode("utf-8", "replace")
+
+
+def process_escapes_all(values: list[str] | None) -> list[str] | None:
+    """:func:`process_escapes` over a repeatable option's values (None stays None)."""
+    return None if values is None else [process_escapes(v) for v in values]
+
+
+# -- where and how a model runs -------------------------------------------------------------------
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
+DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."
+QUANTIZATION_CHOICES = ("none", "int8", "bf16")
+QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
+THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
+RUNTIME_PANEL = "Device and precision"
+
+
+def device_option(default: str = "auto") -> Any:
+    """``--device``, spelled and documented the same in every command."""
+    return typer.Option(default, "--device", help=DEVICE_HELP, rich_help_panel=RUNTIME_PANEL)
+
+
+def dtype_option(default: str = "auto", help: str = DTYPE_HELP) -> Any:  # noqa: A002 - typer's word
+    """``--dtype``, spelled the same in every command."""
+    return typer.Option(default, "--dtype", help=help, rich_help_panel=RUNTIME_PANEL)
+
+
+def threads_option() -> Any:
+    """``--threads``, spelled the same in every command."""
+    return typer.Option(None, "--threads", help=THREADS_HELP, rich_help_panel=RUNTIME_PANEL)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a command runs its model: ``--device``, ``--dtype``, ``--quantization``, ``--threads``."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: str | None = None  # None: not asked for (the library's default)
+    threads: int | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`gpt2lab.load`; ``quantization`` only when asked for."""
+        kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
+        if self.quantization is not None:
+            kwargs["quantization"] = None if self.quantization == "none" else self.quantization
+        return kwargs
+
+
+def apply_threads(threads: int | None) -> None:
+    """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer >= 1)."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # only settable before the first inter-op parallel work; the intra-op count matters
+        pass
+
+
+def build_runtime(device: str, dtype: str, quantization: str | None, threads: int | None) -> Runtime:
+    """Check the runtime options (without importing torch: the device is checked when the model loads)."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device.strip().lower()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dtype.lower() not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if quantization is not None and quantization.lower() not in QUANTIZATION_CHOICES:
+        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {quantization!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    return Runtime(device=device.strip().lower(), dtype=dtype.lower(),
+                   quantization=quantization.lower() if quantization is not None else None, threads=threads)
+
+
+def runtime_options(*, quantization: bool = True, threads: bool = True) -> Callable[[Callable], Callable]:
+    """Add ``--device``, ``--dtype`` (and ``--quantization``, ``--threads``) to a typer command.
+
+    The command receives them checked as ``runtime: Runtime``; ``--threads`` is applied before it runs.
+    """
+    added = [("device", str, device_option()), ("dtype", str, dtype_option())]
+    if quantization:
+        added.append(("quantization", str | None, typer.Option(None, "--quantization", help=QUANTIZATION_HELP,
+                                                               rich_help_panel=RUNTIME_PANEL)))
+    if threads:
+        added.append(("threads", int | None, threads_option()))
+
+    def decorate(func: Callable) -> Callable:
+        hints = typing.get_type_hints(func, include_extras=True)
+        sig = inspect.signature(func)
+        if "runtime" not in sig.parameters:
+            raise TypeError(f"{func.__name__} needs a 'runtime' parameter to receive Runtime")
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in sig.parameters.values() if p.name != "runtime"]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name, None) for name, _, _ in added}
+            try:
+                runtime = build_runtime(values["device"], values["dtype"], values.get("quantization"),
+                                        values.get("threads"))
+                apply_threads(runtime.threads)
+            except ValueError as exc:
+                fail(str(exc))
+            return func(*args, runtime=runtime, **kwargs)
+
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+                 for name, kind, opt in added]
+        own_positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if
+                          p.kind == inspect.Parameter.KEYWORD_ONLY else p for p in own]
+        params = [*own_positional, *extra]
+        wrapper.__signature__ = sig.replace(parameters=params, return_annotation=sig.return_annotation)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer must read the new signature, not the original's
+        return wrapper
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -70,6 +232,9 @@ SAMPLING_OPTIONS: list[_Opt] = [
 ]
 
 
+# the generation options that carry text: backslash escapes apply (process_escapes)
+_TEXT_OPTIONS = frozenset({"stop", "bad_words"})
+
 # for commands that sample varied texts and cannot use beam search
 BEAM_OPTIONS = frozenset({"num_beams", "length_penalty", "early_stopping"})
 
@@ -98,7 +263,11 @@ def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] 
     for name, value in given.items():
         if value is None or (isinstance(value, list) and not value):
             continue
-        values[name] = _parse_logit_bias(value) if name == "logit_bias" else value
+        if name == "logit_bias":
+            value = _parse_logit_bias(value)
+        elif name in _TEXT_OPTIONS:  # "\\n\\n" on a command line means two newlines, as in llama.cpp
+            value = process_escapes_all(value)
+        values[name] = value
     if given.get("max_length") is not None and given.get("max_new_tokens") is not None:
         raise ValueError("give --max-length or --max-new-tokens, not both")
     if "max_length" in values and "max_new_tokens" in values:

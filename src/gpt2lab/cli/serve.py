@@ -7,7 +7,8 @@ import socket
 
 import typer
 
-from .common import fail, user_errors
+from .common import fail, load_kwargs, user_errors
+from .options import Runtime, model_option, runtime_options
 
 
 def is_loopback(host: str) -> bool:
@@ -35,9 +36,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-
+@runtime_options()
 def serve(
-    model: str = typer.Option(None, "--model", "-m", help="Local directory, bundled name or Hub id (default: gpt2)."),
+    model: str = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs --api-key or "
                                                 "--allow-remote."),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
@@ -51,6 +52,7 @@ def serve(
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds before a request is stopped."),
     max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in megabytes (413 beyond)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
+    runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
     if not is_loopback(host) and not api_key and not allow_remote:
@@ -71,9 +73,12 @@ def serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from ..checkpoints import resolve_model
+    from ..model.device import resolve_device, resolve_dtype
 
-    with user_errors():  # a bad reference fails here, in one line; the weights load on the engine thread
+    with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
         resolve_model(model, quiet=True)
+        resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+    load = load_kwargs(runtime)
 
     from ..server import create_app
     from ..server.http import serve as serve_http
@@ -82,7 +87,7 @@ def serve(
     limits = Limits()
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                         request_timeout=request_timeout, max_body_mb=max_body_mb, limits=limits)
+                         request_timeout=request_timeout, max_body_mb=max_body_mb, limits=limits, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))

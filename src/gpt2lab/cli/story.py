@@ -10,13 +10,14 @@ import typer
 from ..apps.story import DEFAULTS
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import BEAM_OPTIONS, model_option, sampling_options
+from .options import BEAM_OPTIONS, Runtime, model_option, process_escapes, runtime_options, sampling_options
 
 # story counts its length with --length, makes --drafts samples and cannot beam-search varied drafts
 _EXCLUDE = {"n", "logprobs", "max_new_tokens", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 
 @sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
+@runtime_options()
 def story(
     premise: str = typer.Argument("", help="What the story is about; it starts the story and stays in view."),
     drafts: int = typer.Option(1, "--drafts", "-d", help="Number of drafts (each with seed + draft number)."),
@@ -25,6 +26,7 @@ def story(
     out: Path = typer.Option(Path("stories"), "--out", "-o", help="Folder for the drafts (created if needed)."),
     model: str = model_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the first draft to the terminal."),
+    runtime: Runtime = None,
     sampling: SamplingParams = None,
 ) -> None:
     """Write story drafts from a premise (or continue a text file); each draft goes to a file in --out.
@@ -34,6 +36,7 @@ def story(
     """
     from ..apps.story import save_stories, slug, write_stories
 
+    premise = process_escapes(premise)
     start = None
     if continue_file is not None:
         try:
@@ -46,7 +49,7 @@ def story(
             fail(f"--continue {continue_file}: the file is empty")
     elif not premise.strip():
         fail("give a premise (or --continue FILE)")
-    gen = load_generator(model)
+    gen = load_generator(model, runtime)
     shown: list[str] = []  # the first delta is preceded by the text the story starts with
 
     def show(delta: str) -> None:

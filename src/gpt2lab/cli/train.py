@@ -10,14 +10,17 @@ from pathlib import Path
 import typer
 
 from .common import user_errors
+from .options import device_option, dtype_option, threads_option
 
 # Options shared by both commands (typer reads these as metadata; one definition, two signatures).
-DATA = typer.Argument(..., help="Training text: .txt files, folders of them, .jsonl or .csv files.",
-                      show_default=False)
+DATA = typer.Argument(..., help="Training text: .txt files, folders of them, .jsonl, .csv, .json, .jsonl.gz, "
+                      ".parquet files, datasets folders (save_to_disk), or a dataset name from the local Hugging "
+                      "Face datasets cache.", show_default=False)
 OUT = typer.Option(..., "--out", "-o", help="Output folder: the trained model (HF layout), metrics, checkpoints.")
 VAL = typer.Option(None, "--val", help="Validation file or folder (default: hold out --val-share of the documents).")
 VAL_SHARE = typer.Option(0.05, "--val-share", help="Share of documents held out for validation (0 disables).")
-TEXT_FIELD = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Field (column) holding the text in .jsonl, .json, parquet "
+                          "files and datasets.")
 TEXT_COLUMN = typer.Option("text", "--text-column", help="Column holding the text in .csv files.")
 EPOCHS = typer.Option(None, "--epochs", help="Passes over the training blocks (default 1).")
 MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps (instead of --epochs).")
@@ -36,14 +39,22 @@ LOG_EVERY = typer.Option(10, "--log-every", help="Steps between metrics.jsonl re
 PATIENCE = typer.Option(None, "--patience", help="Early stopping: stop after this many evaluations without a new best.")
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint left it.")
 SEED = typer.Option(0, "--seed", help="Seed for initialisation, data order and dropout.")
-BF16 = typer.Option(False, "--bf16", help="bfloat16 autocast (weights and optimizer stay fp32).")
+BF16 = typer.Option(False, "--bf16", help="Same as --dtype bfloat16.")
+DTYPE = dtype_option(help="Autocast precision (weights and optimizer stay float32): auto (bfloat16 on a GPU "
+                     "that supports it, else float32), float32, bfloat16, or float16 (CUDA, with loss scaling).")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the model for training (slow first step; "
+                       "pays on a GPU for long runs).")
+DETERMINISTIC = typer.Option(None, "--deterministic/--no-deterministic",
+                             help="Deterministic kernels (default: on for CUDA, where exact --resume needs them).")
 CKPT = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward to save memory.")
 SAVE_DTYPE = typer.Option("float32", "--save-dtype", help="Storage dtype of the published model: float32, "
                           "float16 or bfloat16 (resumable checkpoints stay float32).")
 MAX_TIME = typer.Option(None, "--max-time", help="Stop cleanly (checkpoint + model) after this many minutes.")
-THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
+THREADS = threads_option()
+DEVICE = device_option()
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars (log lines only).")
+REPORT_TO = typer.Option([], "--report-to", help="Also log metrics to: tensorboard (event files in OUT/runs/, "
+                         "as HF Trainer's report_to). Repeatable; none = off.")
 
 
 def _run(**settings) -> None:
@@ -74,7 +85,8 @@ def finetune(
                                      help="Modules to adapt: c_attn, attn.c_proj, c_fc, mlp.c_proj, c_proj."),
     lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the LoRA input."),
     bf16: bool = BF16, grad_checkpointing: bool = CKPT, save_dtype: str = SAVE_DTYPE, max_time: float = MAX_TIME,
-    threads: int = THREADS, device: str = DEVICE, no_progress: bool = NO_PROGRESS,
+    threads: int = THREADS, device: str = DEVICE, dtype: str = DTYPE, compile: bool = COMPILE,  # noqa: A002
+    deterministic: bool = DETERMINISTIC, no_progress: bool = NO_PROGRESS, report_to: list[str] = REPORT_TO,
 ) -> None:
     """Fine-tune a GPT-2 checkpoint on your own text (all weights, or a LoRA adapter)."""
     _run(**locals())
@@ -92,7 +104,8 @@ def train(
     eval_blocks: int = EVAL_BLOCKS, save_every: int = SAVE_EVERY, log_every: int = LOG_EVERY,
     patience: int = PATIENCE, resume: bool = RESUME, seed: int = SEED, bf16: bool = BF16,
     grad_checkpointing: bool = CKPT, save_dtype: str = SAVE_DTYPE, max_time: float = MAX_TIME,
-    threads: int = THREADS, device: str = DEVICE, no_progress: bool = NO_PROGRESS,
+    threads: int = THREADS, device: str = DEVICE, dtype: str = DTYPE, compile: bool = COMPILE,  # noqa: A002
+    deterministic: bool = DETERMINISTIC, no_progress: bool = NO_PROGRESS, report_to: list[str] = REPORT_TO,
 ) -> None:
     """Train a GPT-2 model from scratch (GPT-2's tokenizer) on your own text."""
     _run(**locals())

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 ModelLike = Union["Generator", str, Path, None]
 
 
-def as_generator(model: ModelLike, device: str = "cpu") -> Generator:
+def as_generator(model: ModelLike, device: str = "auto") -> Generator:
     """A loaded :class:`Generator` for a Generator (used as is), a model reference, or None (the default model).
 
     A model loaded here only ever runs inference, so it gets gpt2lab's fast inference layout.

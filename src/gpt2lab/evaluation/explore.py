@@ -113,7 +113,7 @@ def explore(prompts: str | Sequence[str], model: ModelLike = None, *,
             temperatures: Sequence[float] = DEFAULT_TEMPERATURES, top_ks: Sequence[int] = DEFAULT_TOP_KS,
             top_ps: Sequence[float] = DEFAULT_TOP_PS, max_length: int = 60, samples: int = 8, seed: int | None = 0,
             scoring_model: ModelLike = None, out: str | Path | None = None, max_batch: int = 32,
-            progress: bool = False, device: str = "cpu") -> ExploreResult:
+            progress: bool = False, device: str = "auto") -> ExploreResult:
     """Generate ``samples`` completions per prompt for every grid setting and score each setting.
 
     ``max_length`` counts prompt + new tokens (as the seed's ``generate_text`` and ``transformers``

@@ -62,7 +62,7 @@ def read_text_file(path: str | Path) -> str:
 def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str | Path] | None = None,
                model: ModelLike = None, block_size: int | None = None, stride: int | None = None,
                batch_tokens: int = DEFAULT_BATCH_TOKENS, names: Sequence[str] | None = None,
-               progress: bool = False, device: str = "cpu") -> PerplexityResult:
+               progress: bool = False, device: str = "auto") -> PerplexityResult:
     """Perplexity of texts (strings, or ``files`` read as UTF-8) as the Hugging Face guide computes it.
 
     ``block_size``: tokens per window (default: the model's context, ``n_positions``). ``stride``:

@@ -111,7 +111,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
 
 def text_perplexity(texts: Sequence[str], model: ModelLike = None, *, contexts: Sequence[str] | None = None,
                     batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False,
-                    device: str = "cpu") -> dict[str, Any]:
+                    device: str = "auto") -> dict[str, Any]:
     """Perplexity of texts under a scoring model, pooled over all their tokens.
 
     Without ``contexts`` each text follows the end-of-text token, so its first token is scored too
@@ -156,7 +156,7 @@ def diversity_metrics(texts: Sequence[str]) -> dict[str, float | None]:
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]] | None = None, *,
                  model: ModelLike | bool = False, use_stemmer: bool = False, progress: bool = False,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "auto") -> dict[str, Any]:
     """All text metrics of ``predictions`` in one dict.
 
     With ``references``: ``bleu``, ``chrf`` (0-100) and ``rouge1``/``rouge2``/``rougeL`` (0-1).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..model import GPT2
+from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams
 from ..tokenizer import Tokenizer
 from .engine import fit_prompt
@@ -52,7 +53,8 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
     top_mask = torch.arange(keep, device=dev) < num_beams
     greedy = params.with_(temperature=0.0)  # processors only: no warpers in beam search
     decodable = min(tokenizer.vocab_size, model.config.vocab_size)  # padded embedding rows are never chosen
-    pipeline = LogitsPipeline([greedy] * num_beams, decodable, tokenizer=tokenizer, device=dev)
+    pipeline = LogitsPipeline([greedy] * num_beams, decodable, tokenizer=tokenizer, device=dev,
+                              eos_token_id=eos_token_id)
     use_pipeline = bool(pipeline.processors)
     early_stopping, length_penalty = params.early_stopping, params.length_penalty
 
@@ -112,8 +114,12 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
             break
         for cache in model.caches():
             cache.reorder(reorder, cur_len - 1)
-        logits = model(running[:, cur_len - 1:cur_len], input_pos=torch.full((num_beams, 1), cur_len - 1, device=dev),
-                       rows=slice(0, num_beams))[:, -1]
+        graphs = graph_decoder(model)
+        if graphs is not None:  # on a GPU: a captured CUDA graph (the tokens stay on the device)
+            logits = graphs.decode(running[:, cur_len - 1], cur_len - 1)
+        else:
+            pos = torch.full((num_beams, 1), cur_len - 1, device=dev)
+            logits = model(running[:, cur_len - 1:cur_len], input_pos=pos, rows=slice(0, num_beams))[:, -1]
 
     results = []
     for i in range(params.n):

@@ -25,6 +25,7 @@ from collections import deque
 import torch
 
 from ..model import GPT2
+from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..sampling.pipeline import bad_words_ids
 from ..tokenizer import Tokenizer
@@ -173,9 +174,13 @@ class Engine:
         if self._running:
             seqs = list(self._running)
             n = len(seqs)
-            idx = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-            pos = torch.tensor([[s.cached] for s in seqs], device=self.device)
-            logits = self.model(idx, input_pos=pos, rows=slice(0, n))[:, -1]
+            graphs = graph_decoder(self.model)
+            if graphs is not None:  # on a GPU: the step replays a captured CUDA graph
+                logits = graphs.decode([s.output_ids[-1] for s in seqs], [s.cached for s in seqs])
+            else:
+                idx = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+                pos = torch.tensor([[s.cached] for s in seqs], device=self.device)
+                logits = self.model(idx, input_pos=pos, rows=slice(0, n))[:, -1]
             outputs += self._advance(seqs, logits)
         free = self.max_batch - len(self._running)
         if self._waiting and free > 0:
@@ -277,7 +282,8 @@ class Engine:
         key = tuple(s.uid for s in seqs)
         if key != self._pipeline_key or self._pipeline is None:
             self._pipeline = LogitsPipeline([s.params for s in seqs], self.model.config.vocab_size,
-                                            tokenizer=self.tokenizer, device=self.device)
+                                            tokenizer=self.tokenizer, device=self.device,
+                                            eos_token_id=self.eos_token_id)
             self._pipeline_key = key
         return self._pipeline(logits, [s.history for s in seqs], [len(s.prompt_ids) for s in seqs])
 

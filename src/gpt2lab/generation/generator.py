@@ -2,41 +2,60 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoints import load_model, resolve_model, save_model
+from ..checkpoints import CheckpointError, load_model, resolve_model, save_model
+from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
 from ..model import GPT2, GPT2Config
-from ..sampling import SamplingParams
+from ..model.device import resolve_device
+from ..model.device import resolve_dtype as device_dtype
+from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
 from .outputs import Completion, TokenLogprob, token_logprobs
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
-    return table[dtype]
+def _parse_dtype(dtype: str | torch.dtype | None, directory: Path | None = None) -> torch.dtype | None:
+    """A dtype name or ``torch.dtype``; ``"auto"``: the checkpoint's own dtype (needs ``directory``)."""
+    return resolve_dtype(dtype, directory)
+
+
+def read_generation_config(directory: Path | None) -> dict[str, Any]:
+    """A checkpoint's ``generation_config.json`` as a dict (transformers' field names), ``{}`` when absent."""
+    path = directory / GENERATION_CONFIG_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 class Generator:
     """A GPT-2 model, its tokenizer and the name it was loaded by."""
 
     def __init__(self, model: GPT2, tokenizer: Tokenizer, name: str = "model",
-                 path: Path | None = None, tokenizer_dir: Path | None = None) -> None:
+                 path: Path | None = None, tokenizer_dir: Path | None = None,
+                 generation_config: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.path = path
         self.tokenizer_dir = tokenizer_dir
+        # transformers' field names, as in generation_config.json: the defaults of every generate call
+        self.generation_config: dict[str, Any] = dict(generation_config or {})
+        hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
+                            source=GENERATION_CONFIG_FILE)  # a bad value fails at load, not at first use
 
     @property
     def config(self) -> GPT2Config:
@@ -84,11 +103,15 @@ class Generator:
                  **kwargs: Any) -> list[Completion]:
         """Complete one prompt or a list of them: ``n`` completions per prompt, prompt by prompt, in order.
 
-        Controls come as keyword arguments (see :class:`SamplingParams`) or as a ``params`` object.
+        Controls come as keyword arguments (see :class:`SamplingParams`; transformers' names such as
+        ``do_sample``, ``num_return_sequences``, ``min_new_tokens``, ``eos_token_id`` are aliases, see
+        :mod:`gpt2lab.sampling.hf_compat`), as ``generation_config=`` (a ``transformers.GenerationConfig``
+        or dict, replacing the checkpoint's) or as a ``params`` object. The checkpoint's
+        ``generation_config.json`` gives the defaults that these override.
         With ``seed``, each prompt gets its own seeded generator, so a prompt's completions do not
         depend on the other prompts of the batch.
         """
-        params = _params(params, kwargs)
+        params = self.sampling_params(params, **kwargs)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = [self.encode_prompt(p) for p in prompt_list]
         if params.num_beams > 1:
@@ -97,7 +120,9 @@ class Generator:
             return [c for p, ids in zip(prompt_list, encoded)
                     for c in beam_search(self.model, self.tokenizer, ids, params, prompt=p,
                                          eos_token_id=self.eos_token_id)]
-        engine = self.engine(max_batch=min(16, max(1, len(prompt_list) * params.n)))
+        # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
+        limit = 16 if self.device.type == "cpu" else 128
+        engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
         for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
@@ -119,7 +144,7 @@ class Generator:
 
     def stream(self, prompt: str, params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the completion's text as it is produced; the pieces join to ``generate(prompt)[0].text``."""
-        params = _params(params, kwargs)
+        params = self.sampling_params(params, **kwargs)
         if params.n != 1 or params.num_beams != 1:
             raise ValueError("stream() produces one completion: n and num_beams must be 1")
         engine = self.engine(max_batch=1)
@@ -159,9 +184,46 @@ class Generator:
         lp = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
         return token_logprobs(lp, ids[1:], top_n, self.tokenizer)
 
-    def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:
-        """Write the model and tokenizer in Hugging Face layout (loads back with ``transformers``)."""
-        return save_model(self.model, path, tokenizer_dir=self.tokenizer_dir, dtype=_parse_dtype(dtype))
+    def sampling_params(self, params: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
+        """The :class:`SamplingParams` of a call: the checkpoint's generation config (or ``generation_config=``)
+        as defaults, overridden by ``kwargs`` (our names or transformers'); or ``params`` with ``kwargs`` applied."""
+        override = kwargs.pop("generation_config", None)
+        eos = self.eos_token_id
+        explicit = hf_compat.translate(kwargs, eos_token_id=eos, source="generation parameters")
+        if params is not None:
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+            if override is not None:
+                explicit = hf_compat.merge(hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos,
+                                                               source="generation_config"), explicit)
+            explicit.pop("_sample", None)
+            return params.with_(**explicit) if explicit else params
+        if override is not None:
+            defaults = hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos, source="generation_config")
+        else:
+            defaults = hf_compat.translate(self.generation_config, eos_token_id=eos, strict=False,
+                                           source=GENERATION_CONFIG_FILE)
+        return SamplingParams.from_kwargs(**hf_compat.merge(defaults, explicit))
+
+    def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None,
+             max_shard_size: int | str = "5GB") -> Path:
+        """Write the model and tokenizer in Hugging Face layout (loads back with ``transformers``):
+        config.json with ``torch_dtype``, generation_config.json, tokenizer files with tokenizer_config.json,
+        a model card, and shards with an index above ``max_shard_size``."""
+        from ..checkpoints.card import model_card
+        from ..training.lora import lora_modules, merge_lora
+
+        dtype = _parse_dtype(dtype, self.path)
+        stored = dtype or self.model.wte.weight.dtype
+        model, how = self.model, f"Saved with gpt2lab (`Generator.save`) from `{self.name}`."
+        if lora_modules(model):  # a LoRA-adapted model is saved as a plain GPT-2 with the adapters merged
+            import copy
+
+            model = merge_lora(copy.deepcopy(model)).eval()
+            how += " Its LoRA adapter is merged into the weights."
+        card = model_card(how=how, config=self.config, dtype=stored, base_model=self.name)
+        return save_model(model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
+                          generation_config=self.generation_config, max_shard_size=max_shard_size, card=card)
 
 
 def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
@@ -175,24 +237,102 @@ def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
         return Tokenizer.gpt2(), gpt2_tokenizer_dir()
 
 
-def load(model: str | Path | None = None, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> Generator:
-    """Load a GPT-2 checkpoint: a local directory, a bundled model, or a Hugging Face Hub id.
+def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None = None,
+         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> Generator:
+    """Load a GPT-2: a local directory, a bundled model, a Hugging Face Hub id, or a ``transformers``
+    ``GPT2LMHeadModel`` object (``tokenizer``: a transformers tokenizer object; default: the one in the
+    model object's folder, else GPT-2's).
 
-    ``model=None`` asks for ``gpt2`` and falls back to the bundled model when offline.
+    ``model=None`` asks for ``gpt2`` and falls back to the bundled model when it cannot be had; a model
+    named explicitly (``"gpt2"`` included) never does: it loads or raises ``ModelNotFoundError`` saying
+    how to get it. A folder holding only a LoRA adapter (``adapter_config.json``, peft's format) loads its
+    ``base_model_name_or_path`` with the adapter; ``adapter=DIR`` applies one to any base.
+
+    ``device``: ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` (:func:`gpt2lab.model.device.resolve_device`: ``ValueError`` when it is not there).
+    ``dtype``: ``None``, the device's default (bfloat16 on a GPU with native bf16, float32 elsewhere);
+    ``"auto"``, the checkpoint's own dtype when it is stored in float16/bfloat16 (as in transformers),
+    else the device's default; or a name (``"float32"``, ``"bfloat16"``, ``"float16"``).
     """
-    resolved = resolve_model(model)
-    net = load_model(resolved.path, device=device, dtype=_parse_dtype(dtype))
-    tokenizer, tokenizer_dir = load_tokenizer(resolved.path, net.config.vocab_size)
-    return Generator(net, tokenizer, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir)
+    device = resolve_device(device)
+    if _is_transformers_model(model):
+        gen = _from_transformers(model, tokenizer, device=device,
+                                 dtype=device_dtype(None, device) if dtype is None else dtype)
+    else:
+        from ..training.lora import ADAPTER_CONFIG, adapter_base_model
+
+        if model is not None and adapter is None and (Path(model) / ADAPTER_CONFIG).is_file() \
+                and not (Path(model) / "config.json").is_file():
+            adapter, model = Path(model), adapter_base_model(Path(model))
+        resolved = resolve_model(model)
+        net = load_model(resolved.path, device=device, dtype=_runtime_dtype(dtype, device, resolved.path))
+        if tokenizer is not None:
+            tok, tokenizer_dir = _tokenizer_from_object(tokenizer)
+        else:
+            tok, tokenizer_dir = load_tokenizer(resolved.path, net.config.vocab_size)
+        gen = Generator(net, tok, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir,
+                        generation_config=read_generation_config(resolved.path))
+    if adapter is not None:
+        from ..training.lora import load_adapter
+
+        load_adapter(gen.model, adapter)
+        gen.model.eval()
+    return gen
 
 
-def _params(params: SamplingParams | None, kwargs: dict[str, Any]) -> SamplingParams:
-    if params is None:
-        return SamplingParams.from_kwargs(**kwargs)
-    if not isinstance(params, SamplingParams):
-        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-    return params.with_(**kwargs) if kwargs else params
+def _runtime_dtype(dtype: str | torch.dtype | None, device: torch.device, directory: Path) -> torch.dtype:
+    """The dtype a checkpoint loads in on ``device`` (see :func:`load`): the device's default, the
+    checkpoint's own half precision for ``"auto"``, or the dtype named."""
+    if dtype is None:
+        return device_dtype(None, device)
+    if dtype == "auto":
+        stored = _parse_dtype("auto", directory)
+        return stored if stored in (torch.float16, torch.bfloat16) else device_dtype(None, device)
+    return device_dtype(_parse_dtype(dtype), device)
+
+
+def _is_transformers_model(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module) and hasattr(obj, "config") and hasattr(obj.config, "to_dict")
+
+
+def _tokenizer_from_object(tokenizer: Any) -> tuple[Tokenizer, Path]:
+    """Our :class:`Tokenizer` from a transformers tokenizer object, through the files it saves (kept in
+    a temporary folder, so a later ``save`` copies them)."""
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    folder = Path(tempfile.mkdtemp(prefix="gpt2lab-tokenizer-"))
+    tokenizer.save_pretrained(str(folder))
+    return Tokenizer.from_dir(folder), folder
+
+
+def _from_transformers(hf_model: Any, tokenizer: Any, *, device: str | torch.device,
+                       dtype: str | torch.dtype | None) -> Generator:
+    """A :class:`Generator` over a copy of a ``transformers`` ``GPT2LMHeadModel``'s weights."""
+    from ..checkpoints.io import model_from_tensors
+
+    try:
+        config = GPT2Config.from_dict(hf_model.config.to_dict())
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"model object {type(hf_model).__name__}: {exc}") from exc
+    if dtype == "auto":
+        dtype = next(p.dtype for p in hf_model.parameters() if p.is_floating_point())
+    state = {k: v.detach().to("cpu", copy=True) for k, v in hf_model.state_dict().items()}
+    net = model_from_tensors(config, [state], dtype=_parse_dtype(dtype), device=device,
+                      source=f"{type(hf_model).__name__} object", config_source="its config")
+    name = str(getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "name_or_path", "") or "model")
+    source_dir = Path(name) if Path(name).is_dir() else None
+    if tokenizer is not None:
+        tok, tokenizer_dir = _tokenizer_from_object(tokenizer)
+    elif source_dir is not None:
+        tok, tokenizer_dir = load_tokenizer(source_dir, config.vocab_size)
+    elif config.vocab_size == 50257:
+        tok, tokenizer_dir = Tokenizer.gpt2(), gpt2_tokenizer_dir()
+    else:
+        raise TokenizerError(f"model object {type(hf_model).__name__} has vocab_size {config.vocab_size}, "
+                             "not GPT-2's: pass its tokenizer with tokenizer=")
+    gen_cfg = getattr(hf_model, "generation_config", None)
+    return Generator(net, tok, name=name, path=source_dir, tokenizer_dir=tokenizer_dir,
+                     generation_config=hf_compat.as_dict(gen_cfg) if gen_cfg is not None else None)
 
 
 _LOADED: dict[str | None, Generator] = {}

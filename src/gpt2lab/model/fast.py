@@ -326,6 +326,10 @@ def optimize_for_inference(model: GPT2, batch_size: int = 1) -> GPT2:
         raise TypeError(f"optimize_for_inference expects a gpt2lab GPT2 model, got {type(model).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if model.wte.weight.device.type == "cuda":  # the GPU's own path: CUDA graphs (model/cuda_graphs.py)
+        from .cuda_graphs import prepare_for_inference
+
+        return prepare_for_inference(model)
     if model.inference_only:
         _swap_block_linears(model, batch_size)
         _install_fast_paths(model, batch_size)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         LogitBias,
         LogitsTransform,
         MinP,
+        MinTokens,
         NoRepeatNGram,
         PresenceFrequencyPenalty,
         RepetitionPenalty,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SamplingParams", "LogitsPipeline", "sample", "bad_words_ids",
     "LogitsTransform", "LogitBias", "BadWords", "RepetitionPenalty", "PresenceFrequencyPenalty",
-    "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP",
+    "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP", "MinTokens",
 ]
 _PIPELINE = {"LogitsPipeline", "sample", "bad_words_ids"}
 _LAZY = {name: "pipeline" if name in _PIPELINE else "transforms" for name in __all__[1:]}

@@ -45,7 +45,7 @@ class SamplingParams:
     Length: give ``max_new_tokens`` (new tokens only) or ``max_length`` (prompt + new tokens, as in
     ``transformers`` and the seed's ``generate_text``), not both; neither means 16 new tokens.
 
-    Transforms run in this order on each step's logits: logit_bias / banned tokens,
+    Transforms run in this order on each step's logits: min_tokens, logit_bias / banned tokens,
     repetition_penalty, presence/frequency penalties, no_repeat_ngram, temperature, top_k, top_p,
     min_p, typical_p. ``temperature=0`` is greedy decoding (argmax; the filters are then moot).
     """
@@ -63,9 +63,11 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
     bad_words: list[str] = field(default_factory=list)  # strings that may never be generated
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences that may never be generated
     stop: list[str] = field(default_factory=list)  # stop strings, removed from the output
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # new tokens before EOS / stop_token_ids may end the completion (vLLM's name)
     n: int = 1  # completions per prompt
     num_beams: int = 1  # > 1: beam search (deterministic; sampling controls are ignored)
     length_penalty: float = 1.0
@@ -82,6 +84,10 @@ class SamplingParams:
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         self.logit_bias = _token_map(self.logit_bias)  # JSON keys arrive as str
+        _check(isinstance(self.bad_words_ids, (list, tuple)) and all(isinstance(s, (list, tuple))
+                                                                       for s in self.bad_words_ids),
+               "bad_words_ids", "a list of token id lists", self.bad_words_ids)
+        self.bad_words_ids = [list(s) for s in self.bad_words_ids]
         for name in ("stop", "bad_words", "stop_token_ids"):
             value = getattr(self, name)
             _check(isinstance(value, (list, tuple)), name, "a list", value)
@@ -118,6 +124,9 @@ class SamplingParams:
                self.bad_words)
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "a list of token ids >= 0", self.stop_token_ids)
+        _check(all(s and all(_is_int(t) and t >= 0 for t in s) for s in self.bad_words_ids), "bad_words_ids",
+               "a list of non-empty token id lists (ids >= 0)", self.bad_words_ids)
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
         _check(_is_int(self.n) and 1 <= self.n <= 128, "n", "an integer in [1, 128]", self.n)
         _check(_is_int(self.num_beams) and 1 <= self.num_beams <= 64, "num_beams", "an integer in [1, 64]",
                self.num_beams)

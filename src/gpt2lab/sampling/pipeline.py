@@ -23,6 +23,7 @@ from .transforms import (
     LogitBias,
     LogitsTransform,
     MinP,
+    MinTokens,
     NoRepeatNGram,
     PresenceFrequencyPenalty,
     RepetitionPenalty,
@@ -62,7 +63,7 @@ class LogitsPipeline:
     """
 
     def __init__(self, params: Sequence[SamplingParams], vocab_size: int, tokenizer: Tokenizer | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, eos_token_id: int | None = None) -> None:
         if not params:
             raise ValueError("params must hold one SamplingParams per row, got none")
         for p in params:
@@ -74,8 +75,12 @@ class LogitsPipeline:
         if any(p.bad_words for p in params) and tokenizer is None:
             raise ValueError("bad_words needs a tokenizer: pass tokenizer= to LogitsPipeline")
 
-        banned = [bad_words_ids(tokenizer, p.bad_words) if p.bad_words else [] for p in params]
+        banned = [(bad_words_ids(tokenizer, p.bad_words) if p.bad_words else []) + p.bad_words_ids for p in params]
+        # min_tokens holds back what would end the row: EOS (``eos_token_id``, unless ignored) and stop ids
+        end_ids = [list(p.stop_token_ids) + ([eos_token_id] if eos_token_id is not None and not p.ignore_eos else [])
+                   for p in params]
         processors: list[LogitsTransform] = [
+            MinTokens([p.min_tokens for p in params], end_ids),
             LogitBias([p.logit_bias for p in params], vocab_size),
             BadWords(banned, vocab_size),
             RepetitionPenalty([p.repetition_penalty for p in params]),

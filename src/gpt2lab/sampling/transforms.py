@@ -236,6 +236,33 @@ class BadWords(LogitsTransform):
         return scores
 
 
+class MinTokens(LogitsTransform):
+    """Forbid ending a row before it has ``min_tokens`` new tokens, like transformers'
+    ``MinNewTokensLengthLogitsProcessor`` and vLLM's ``min_tokens``: the row's end ids (EOS and stop
+    token ids) are banned while ``len(history) - prompt_len < min_tokens``."""
+
+    def __init__(self, min_tokens: int | Sequence[int], end_ids: Sequence[Sequence[int]]) -> None:
+        values = _values("min_tokens", min_tokens, lambda v: v >= 0, "an integer >= 0", integer=True)
+        if len(end_ids) != len(values):
+            raise ValueError(f"min_tokens: end_ids must give one list per row ({len(values)}), got {len(end_ids)}")
+        self.min_tokens = values
+        self._end_ids = [sorted(set(ids)) for ids in end_ids]
+        self.active = any(m > 0 and ids for m, ids in zip(values, self._end_ids))
+
+    def apply_(self, scores, histories=None, prompt_lens=None):
+        _check_rows("min_tokens", self.min_tokens, scores)
+        if histories is None or prompt_lens is None:
+            raise ValueError("min_tokens needs each row's history and prompt length")
+        rows, cols = [], []
+        for i, (minimum, ids) in enumerate(zip(self.min_tokens, self._end_ids)):
+            if minimum and len(histories[i]) - prompt_lens[i] < minimum:
+                rows.extend([i] * len(ids))
+                cols.extend(ids)
+        if rows:
+            _ban_(scores, rows, cols)
+        return scores
+
+
 class RepetitionPenalty(LogitsTransform):
     """``RepetitionPenaltyLogitsProcessor``: for every token in the prompt + generated ids, divide a
     positive logit by ``penalty`` and multiply a negative one. 1.0 = off.

@@ -68,6 +68,7 @@ class _CountRequests:
 
 def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None,
+               device: str = "auto", dtype: str = "auto", quantization: str | None = None,
                max_body_mb: float = lim.MAX_BODY_MB, limits: lim.Limits | None = None) -> FastAPI:
     """The server app.
 
@@ -77,8 +78,9 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     ``api_key``: required as ``Authorization: Bearer KEY`` on every ``/v1`` route and the tokenizer
     routes. ``max_batch`` sequences decode together, up to
     ``max_queue`` more wait; beyond that requests get 429. ``request_timeout`` (seconds) ends a
-    request that runs longer. ``max_body_mb``: larger request bodies get 413; ``limits``: the other
-    per-request bounds (:class:`~gpt2lab.server.limits.Limits`).
+    request that runs longer. ``device``, ``dtype``, ``quantization``: how a model loaded here runs (as in
+    :func:`gpt2lab.load`; ``quantization`` is passed only when given). ``max_body_mb``: larger request
+    bodies get 413; ``limits``: the other per-request bounds (:class:`~gpt2lab.server.limits.Limits`).
 
     Every client-controlled size is bounded, and tokenizing runs on worker threads, never on the
     event loop: ``/health`` and running streams go on while a big prompt is checked.
@@ -103,7 +105,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         if isinstance(generator_or_model_ref, Generator):
             gen = generator_or_model_ref  # the caller's model: left as it is (it may still train)
         else:
-            gen = load_generator(generator_or_model_ref)
+            more = {} if quantization is None else {"quantization": quantization}
+            gen = load_generator(generator_or_model_ref, device=device, dtype=dtype, **more)
             # ours, and it only ever generates and scores: pack the weights for batched decoding
             optimize_for_inference(gen.model, batch_size=max_batch)
         prompt_chars["max"] = lim.max_prompt_chars(gen.tokenizer, gen.config.n_positions)

@@ -15,6 +15,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-tiny": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
 }
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
+REPORT_TO = ("tensorboard",)
 
 
 def parse_model_config(spec: str):
@@ -102,7 +103,10 @@ class TrainConfig:
     lora_alpha: float | None = None  # default: 2 * rank
     lora_targets: str = "c_attn"
     lora_dropout: float = 0.0
-    bf16: bool = False
+    bf16: bool = False  # the older spelling of dtype="bfloat16"
+    dtype: str = "auto"  # autocast: auto (bf16 on a GPU that has it, else float32), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the training forward/backward
+    deterministic: bool | None = None  # deterministic kernels (None: on for CUDA, which exact resume needs)
     grad_checkpointing: bool = False
     save_dtype: str = "float32"
     max_time: float | None = None  # minutes
@@ -110,6 +114,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     plot: bool = True
+    report_to: list[str] = field(default_factory=list)  # integrations, as HF Trainer's report_to: "tensorboard"
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -144,6 +149,16 @@ class TrainConfig:
             raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.bf16 and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"--bf16 asks for bfloat16 but --dtype is {self.dtype}; give one of them")
+        if isinstance(self.report_to, str):
+            self.report_to = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        self.report_to = [r for r in self.report_to if r != "none"]
+        bad = sorted(set(self.report_to) - set(REPORT_TO))
+        if bad:
+            raise ValueError(f"--report-to must be one of {', '.join(REPORT_TO)} or none, got {', '.join(bad)}")
         if self.lora_rank and self.model is None:
             raise ValueError("LoRA adapts an existing model: use it with finetune --model, not train --config")
 
@@ -155,4 +170,4 @@ class TrainConfig:
 RESUME_IDENTITY = ("model", "config", "data", "val", "val_share", "text_field", "text_column", "batch_size",
                    "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip",
                    "block_size", "dropout", "seed", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
-                   "bf16", "eval_blocks")
+                   "bf16", "eval_blocks", "dtype")

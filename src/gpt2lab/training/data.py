@@ -1,4 +1,5 @@
-"""Training data: documents from .txt / .jsonl / .csv, tokenized once into uint16 memmaps (nanoGPT style).
+"""Training data: documents from .txt / .jsonl / .csv (and, through :mod:`.hf_data`, ``datasets`` folders,
+cached datasets by name, parquet, .json, .jsonl.gz), tokenized once into uint16 memmaps (nanoGPT style).
 
 Every document is followed by ``<|endoftext|>`` and the documents are concatenated into one token
 stream per split; training reads fixed-length blocks from that stream. Tokenizing streams the input
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..jsonl import json_lines
+from . import hf_data
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".csv")
@@ -49,17 +51,30 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+        if path.is_dir() and hf_data.is_dataset_dir(path):
+            files.extend(_hf(hf_data.dataset_dir_files, path))
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and (p.suffix.lower() in SUFFIXES or hf_data.in_folder(p))
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise DataError(f"{path}: folder has no {', '.join(SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif hf_data.looks_like_dataset_name(str(raw)):
+            files.extend(_hf(hf_data.cached_dataset_files, str(raw)))
         else:
             raise DataError(f"{path}: no such file or folder")
     return files
+
+
+def _hf(fn, *args):
+    """Call a :mod:`.hf_data` function, reporting its errors as :class:`DataError`."""
+    try:
+        return fn(*args)
+    except hf_data.HFDataError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _decode(raw: bytes, path: Path, stats: DataStats) -> str:
@@ -145,7 +160,18 @@ def iter_documents(path: Path, *, text_field: str = "text", text_column: str = "
                    stats: DataStats) -> Iterator[Iterator[str]]:
     """The documents of one file, each as an iterator of text pieces (a .txt file is one document)."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    hf_reader = hf_data.reader_for(path)
+    if hf_reader is not None:
+        docs = hf_reader(path, text_field)
+        while True:
+            try:
+                doc = next(docs)
+            except StopIteration:
+                break
+            except hf_data.HFDataError as exc:
+                raise DataError(str(exc)) from None
+            yield iter((doc,))
+    elif suffix == ".jsonl":
         for doc in _jsonl_documents(path, text_field, stats):
             yield iter((doc,))
     elif suffix == ".csv":

@@ -7,6 +7,7 @@ Exact resume rests on three things: the order of training blocks is a pure funct
 Output folder ``--out``:
     config.json, model.safetensors, tokenizer files   the best model (the last one without validation)
     metrics.jsonl, loss_curve.png, training.json       records
+    runs/                                              TensorBoard event files (--report-to tensorboard)
     adapter/                                           the LoRA adapter on its own (LoRA runs)
     trainer/  (state.pt + model/)                      the latest checkpoint, for --resume
     data/                                              the tokenized corpus (uint16 memmaps)
@@ -69,9 +70,10 @@ class Dist:
 
 
 def _init_distributed(device: str) -> tuple[Dist, torch.device]:
+    from ..model.device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))  # checked: a clear error when the GPU asked for is not there
     if world <= 1:
         return Dist(), torch.device(device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -143,14 +145,15 @@ def _set_dropout(model: GPT2, p: float) -> None:
 
 
 def build_model(cfg: TrainConfig):
-    """(model, tokenizer, tokenizer_dir, name) for a fine-tune or a fresh model."""
+    """(model, tokenizer, tokenizer_dir, name, generation_config) for a fine-tune or a fresh model."""
     from ..tokenizer import Tokenizer, gpt2_tokenizer_dir
 
     if cfg.model is not None:
         from ..generation import load
 
-        gen = load(cfg.model)
+        gen = load(cfg.model, device="cpu", dtype="float32")  # fp32 master weights; autocast does the rest
         model, tokenizer, tok_dir, name = gen.model, gen.tokenizer, gen.tokenizer_dir, gen.name
+        generation_config = gen.generation_config
     else:
         config = parse_model_config(cfg.config)
         tokenizer, tok_dir = Tokenizer.gpt2(), gpt2_tokenizer_dir()
@@ -159,10 +162,10 @@ def build_model(cfg: TrainConfig):
                              f"({tokenizer.vocab_size} tokens)")
         model = GPT2(config)
         model.init_weights(seed=cfg.seed)
-        name = None
+        name, generation_config = None, {}
     if cfg.dropout is not None:
         _set_dropout(model, cfg.dropout)
-    return model, tokenizer, tok_dir, name
+    return model, tokenizer, tok_dir, name, generation_config
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -175,7 +178,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    try:  # the fused kernel (CPU since torch 2.4) does the whole update in one pass
+    try:  # the fused kernel (CUDA; CPU since torch 2.4) does the whole update in one pass
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, foreach=True)
@@ -191,11 +194,30 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
 
 
 # -- records -------------------------------------------------------------------------------------------
-class Metrics:
-    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped."""
+# metrics.jsonl key -> TensorBoard tag (the names HF Trainer's TensorBoard callback uses)
+_TB_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "tokens_per_s": "train/tokens_per_second",
+            "val_loss": "eval/loss", "val_ppl": "eval/perplexity"}
+TENSORBOARD_DIR = "runs"
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+
+class Metrics:
+    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped.
+
+    ``tensorboard``: also write each number as a TensorBoard scalar (``torch.utils.tensorboard``) into
+    ``runs/`` next to the JSONL; on resume, TensorBoard's ``purge_step`` drops the later events too.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False) -> None:
         self.path = path
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError("--report-to tensorboard needs the tensorboard package: "
+                                 "pip install 'gpt2lab[tensorboard]'") from exc
+            self.writer = SummaryWriter(str(path.parent / TENSORBOARD_DIR),
+                                        purge_step=resume_step + 1 if resume_step is not None else None)
         kept: list[str] = []
         if resume_step is not None and path.is_file():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -213,9 +235,16 @@ class Metrics:
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
+        if self.writer is not None:
+            for key, tag in _TB_TAGS.items():
+                if key in record:
+                    self.writer.add_scalar(tag, record[key], global_step=record["step"])
+            self.writer.flush()
 
     def close(self) -> None:
         self.fh.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_losses(metrics_path: Path, png: Path) -> bool:
@@ -297,13 +326,25 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dist, self.device = _init_distributed(cfg.device)
+        self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cuda"
+        if self.deterministic and self.device.type == "cuda":
+            # exact resume on a GPU: no atomics-based kernels, fixed cuBLAS workspaces (set before cuBLAS
+            # starts, as torch's reproducibility notes ask). Strict mode, not warn_only: only then does
+            # SDPA's flash backward take its deterministic path instead of warning.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        from ..model.device import autocast_dtype
+
+        # None: plain float32; bfloat16: autocast; float16: autocast + a gradient scaler (CUDA only)
+        self.amp_dtype = autocast_dtype("bfloat16" if cfg.bf16 else cfg.dtype, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.out = Path(cfg.out)
         self.quiet = not self.dist.main
         if cfg.model is not None and Path(cfg.model).is_dir() and Path(cfg.model).resolve() == self.out.resolve():
             raise ValueError(f"--out {cfg.out} is the model being fine-tuned; choose another output folder")
         if not cfg.resume and (self.out / TRAINER_DIR / STATE_FILE).is_file():
             self._log(f"gpt2lab: {self.out} holds an earlier run; starting over (--resume continues it instead)")
-        model, self.tokenizer, self.tokenizer_dir, self.base_name = build_model(cfg)
+        model, self.tokenizer, self.tokenizer_dir, self.base_name, self.generation_config = build_model(cfg)
         c = model.config
         self.block_size = cfg.block_size or c.n_positions
         if self.block_size > c.n_positions:
@@ -359,6 +400,7 @@ class Trainer:
         d = self.cfg.to_dict()
         ident = {k: d[k] for k in RESUME_IDENTITY}
         ident["betas"] = list(ident["betas"])
+        ident["dtype"] = str(self.amp_dtype or torch.float32).removeprefix("torch.")  # what "auto" resolved to
         ident.update(max_steps=self.max_steps, world_size=self.dist.world, global_batch=self.global_batch)
         return ident
 
@@ -384,6 +426,7 @@ class Trainer:
             "data": {"next_sample": self.step * self.global_batch, "seed": self.cfg.seed},
             "identity": self._identity(),
             "adapter": lora_mod.adapter_state(self.model) if self.cfg.lora_rank else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         plain = self._plain_model()
 
@@ -393,11 +436,31 @@ class Trainer:
 
         write_atomic_dir(self.out / TRAINER_DIR, fill)
 
+    def model_card(self, dtype: torch.dtype) -> str:
+        """The README.md of the published model: base model, data, steps, validation perplexity, how."""
+        from ..checkpoints.card import model_card
+
+        cfg = self.cfg
+        if cfg.lora_rank:
+            how = (f"Fine-tuned with `gpt2lab finetune` as a LoRA adapter (rank {cfg.lora_rank}, targets "
+                   f"{self.lora_targets}), merged into the base weights; the adapter alone is in `adapter/` "
+                   "(peft's format).")
+        elif cfg.model is not None:
+            how = "Fine-tuned (all weights) with `gpt2lab finetune`."
+        else:
+            how = f"Trained from scratch with `gpt2lab train --config {cfg.config}`."
+        details: dict[str, object] = {"peak learning rate": self.lr, "block size": self.block_size,
+                                      "global batch (blocks)": self.global_batch, "seed": cfg.seed}
+        return model_card(how=how, config=self.model.config, dtype=dtype, base_model=self.base_name,
+                          data=cfg.data, steps=self.step, val_loss=self.best_val, details=details)
+
     def publish(self) -> None:
         """The model at the top of ``--out`` (HF layout; each file replaced atomically)."""
         plain = self._plain_model()
         staging = self.out / ".publish"
-        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=_DTYPES[self.cfg.save_dtype])
+        dtype = _DTYPES[self.cfg.save_dtype]
+        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
+                   generation_config=self.generation_config)
         for f in staging.iterdir():
             os.replace(f, self.out / f.name)
         staging.rmdir()
@@ -407,8 +470,11 @@ class Trainer:
         finally:
             os.close(fd)
         if self.cfg.lora_rank:
+            # a local base is recorded as an absolute path, so the adapter folder finds it from anywhere
+            base = str(Path(self.base_name).resolve()) if self.base_name and Path(self.base_name).is_dir() \
+                else self.base_name
             write_atomic_dir(self.out / "adapter", lambda tmp: lora_mod.fill_adapter_dir(
-                self.model, tmp, self.base_name, self.lora_targets))
+                self.model, tmp, base, self.lora_targets))
 
     def load_checkpoint(self) -> bool:
         state_path = self.out / TRAINER_DIR / STATE_FILE
@@ -427,6 +493,8 @@ class Trainer:
             weights = load_model(self.out / TRAINER_DIR / "model").state_dict()
             self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -437,8 +505,8 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return nullcontext()
 
     @torch.no_grad()
@@ -484,7 +552,8 @@ class Trainer:
                  "parameters": sum(p.numel() for p in self.model.parameters()),
                  "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
                 indent=2, default=str) + "\n")
-        metrics = Metrics(self.out / METRICS_FILE, self.step if resumed else None) if dist.main else None
+        metrics = Metrics(self.out / METRICS_FILE, self.step if resumed else None,
+                          tensorboard="tensorboard" in cfg.report_to) if dist.main else None
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.model.train()
         net: nn.Module = self.model
@@ -493,6 +562,8 @@ class Trainer:
 
             net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                           else None)
+        if cfg.compile:  # after DDP, as torch's DDP + compile notes advise
+            net = torch.compile(net)
         params = [p for p in self.model.parameters() if p.requires_grad]
         stop_signal: list[int] = []
         handlers = {}
@@ -575,11 +646,18 @@ class Trainer:
             with (nullcontext() if sync else net.no_sync()), self._autocast():
                 logits = net(batch[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-            (loss / cfg.grad_accum).backward()
+            scaled = loss / cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
 

@@ -1,0 +1,87 @@
+"""Automatic pre-screening shown beside each candidate: how repetitive it is, which other candidates of
+the set nearly duplicate it, and which blocklist entries it contains. It informs a reviewer; it
+decides nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..apps.augment import jaccard, normalize, shingles
+from ..evaluation.text import repeated_ngram_rate
+
+MAX_BLOCKLIST_ENTRIES = 10_000
+MAX_SHOWN = 5  # near-duplicates and matches listed per candidate
+
+
+@dataclass
+class Screen:
+    repetition: float | None  # fraction of the candidate's word 3-grams that repeat an earlier one
+    near_duplicates: list[str] = field(default_factory=list)  # ids of items holding a near-copy
+    blocklist: list[str] = field(default_factory=list)  # entries found in the text
+
+    def to_dict(self) -> dict:
+        return {"repetition": self.repetition, "near_duplicates": self.near_duplicates, "blocklist": self.blocklist}
+
+
+def read_blocklist(path: str | Path) -> list[str]:
+    """Entries of a blocklist file: one word or phrase per line; blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: blocklist file not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({type(exc).__name__})") from None
+    entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(entries) > MAX_BLOCKLIST_ENTRIES:
+        raise ValueError(f"{path}: more than {MAX_BLOCKLIST_ENTRIES} entries")
+    return entries
+
+
+def blocklist_pattern(entries: Sequence[str]) -> re.Pattern | None:
+    """One case-insensitive regex matching any entry as whole words (``ass`` does not match ``class``)."""
+    if not entries:
+        return None
+    parts = sorted({re.escape(normalize(e)).replace(r"\ ", r"\s+") for e in entries}, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
+
+
+def screen_texts(keys: Sequence[str], texts: Sequence[str], *, blocklist: Sequence[str] = (),
+                 similarity: float = 0.7, ngram: int = 3) -> list[Screen]:
+    """A :class:`Screen` per text. ``keys[i]`` names the item of ``texts[i]`` (near-duplicates are listed
+    by key, and never within the same key); ``similarity``: character 3-gram Jaccard threshold.
+
+    Near-duplicates are found exactly with the size filter of
+    :class:`gpt2lab.apps.augment.NearDuplicateIndex` (Jaccard >= t needs t|A| <= |B| <= |A|/t).
+    """
+    if not 0 < similarity <= 1:
+        raise ValueError(f"similarity must be in (0, 1], got {similarity!r}")
+    pattern = blocklist_pattern(blocklist)
+    grams = [shingles(t) for t in texts]
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(grams):
+        by_size[len(g)].append(i)
+    out = []
+    for i, text in enumerate(texts):
+        near: list[str] = []
+        if text.strip():
+            size = len(grams[i])
+            low, high = int(similarity * size), int(size / similarity) + 1
+            for s in range(low, high + 1):
+                for j in by_size.get(s, ()):
+                    if j != i and keys[j] != keys[i] and keys[j] not in near and texts[j].strip() \
+                            and jaccard(grams[i], grams[j]) >= similarity:
+                        near.append(keys[j])
+        found: list[str] = []
+        if pattern is not None:
+            for m in pattern.finditer(text):
+                word = re.sub(r"\s+", " ", m.group(0).lower())
+                if word not in found:
+                    found.append(word)
+        out.append(Screen(repeated_ngram_rate([text], ngram), sorted(near)[:MAX_SHOWN], found[:MAX_SHOWN]))
+    return out

@@ -1,0 +1,130 @@
+"""The options every command shares: backslash escapes, --device/--dtype/--threads/--quantization,
+--version, shell completion, and an explicitly named model that cannot be had (no silent fallback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpt2lab.cli.options import build_runtime, process_escapes
+
+
+def _run(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HF_HUB_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "gpt2lab", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (r"\n\n", "\n\n"), (r"a\tb\rc", "a\tb\rc"), (r"\\n", "\\n"), (r"say \"hi\" \'x\'", "say \"hi\" 'x'"),
+    (r"\x41\x42", "AB"), (r"\xc3\xa9", "é"), (r"\u00e9\u2603", "é☃"),
+    # not escapes: kept as written (llama.cpp keeps unknown escapes too)
+    (r"C:\path\file", r"C:\path\file"), ("end\\", "end\\"), (r"\x4", r"\x4"), (r"\xzz", r"\xzz"), (r"\u12", r"\u12"),
+    ("plain", "plain"), ("", ""),
+])
+def test_process_escapes(raw, expected):
+    assert process_escapes(raw) == expected
+
+
+def test_runtime_options_are_checked():
+    assert build_runtime("CUDA:1", "bf16", "INT8", 2).load_kwargs() == {"device": "cuda:1", "dtype": "bf16",
+                                                                       "quantization": "int8"}
+    assert build_runtime("auto", "auto", None, None).load_kwargs() == {"device": "auto", "dtype": "auto"}
+    assert build_runtime("cpu", "auto", "none", None).load_kwargs()["quantization"] is None
+    for args, message in [(("gpu", "auto", None, None), "--device"), (("cpu", "int4", None, None), "--dtype"),
+                          (("cpu", "auto", "int4", None), "--quantization"), (("cpu", "auto", None, 0), "--threads")]:
+        with pytest.raises(ValueError, match=message):
+            build_runtime(*args)
+
+
+@pytest.mark.slow
+def test_stop_and_bad_word_understand_escapes():
+    """The docs' own example: --stop "\\n" stops at a newline; "\\\\n" is a literal backslash-n."""
+    common = ["generate", "To be, or not to be", "--model", "shakespeare-gpt2", "--temperature", "0",
+              "--max-new-tokens", "60", "--json", "--threads", "1"]
+    free = json.loads(_run(*common).stdout)
+    assert "\n" in free["text"], "the bundled model writes verse: greedy text has line breaks"
+    stopped = json.loads(_run(*common, "--stop", r"\n").stdout)
+    assert stopped["finish_reason"] == "stop" and "\n" not in stopped["text"]
+    assert free["text"].startswith(stopped["text"])
+    literal = json.loads(_run(*common, "--stop", r"\\n").stdout)
+    assert literal["text"] == free["text"]  # a backslash followed by n never occurs
+    banned = json.loads(_run(*common, "--bad-word", r"\n").stdout)
+    assert "\n" not in banned["text"] and banned["finish_reason"] == "length"
+
+
+def test_version_and_completion():
+    from gpt2lab import __version__
+
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"gpt2lab {__version__}"
+    r = _run("--show-completion", "bash", env_extra={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
+    assert r.returncode == 0 and "complete" in r.stdout and "gpt2lab" in r.stdout.lower()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    ["generate", "hi", "--model", "gpt2"],
+    ["serve", "--model", "gpt2", "--port", "0"],
+    ["finetune", "README.md", "--model", "gpt2", "--out", "{tmp}/out"],
+])
+def test_explicit_model_never_falls_back(tmp_path, command):
+    """``--model gpt2`` named explicitly, not downloadable: an error saying how to get it, not the bundled model."""
+    empty_cache = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    r = _run(*[a.replace("{tmp}", str(tmp_path)) for a in command], env_extra=empty_cache)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt2lab: error: model 'gpt2'"), r.stderr
+    assert "huggingface-cli download gpt2" in lines[0] and "shakespeare" not in r.stdout
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_implicit_default_still_falls_back(tmp_path):
+    r = _run("info", "--json", env_extra={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "h")})
+    assert r.returncode == 0 and json.loads(r.stdout)["model"] == "shakespeare-gpt2"
+    assert "using the bundled model" in r.stderr
+
+
+@pytest.mark.slow
+def test_device_and_dtype_reach_the_model(tiny_checkpoint):
+    r = _run("info", "--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "bfloat16", "--json")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert (record["device"], record["dtype"]) == ("cpu", "bfloat16")
+    r = _run("generate", "hi", "--model", str(tiny_checkpoint), "--dtype", "bfloat16", "--max-new-tokens", "4",
+             "--threads", "1", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["token_ids"]) == 4, r.stderr
+
+
+def _invoke(*args: str):
+    """The command in this process (typer's runner): for errors raised before any model loads."""
+    from typer.testing import CliRunner
+
+    from gpt2lab.cli.main import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--device", "gpu"], "--device must be"),
+    (["story", "x", "--dtype", "int4"], "--dtype must be"),
+    (["chat", "--message", "hi", "--threads", "0"], "--threads must be"),
+    (["eval", "perplexity", "README.md", "--quantization", "int4"], "--quantization must be"),
+    (["train", "README.md", "--config", "gpt2-tiny", "--out", "x", "--dtype", "fp8"], "--dtype must be"),
+])
+def test_bad_runtime_values_exit_2(args, message):
+    r = _invoke(*args)
+    assert r.exit_code == 2 and r.stderr.startswith(f"gpt2lab: error: {message}"), r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
+@pytest.mark.parametrize("command", [["info"], ["serve"], ["eval", "perplexity", "README.md"], ["explore", "x",
+                                                                                              "--out", "o"]])
+def test_cuda_without_a_gpu_is_a_clear_error(command):
+    r = _invoke(*command, "--device", "cuda")
+    assert r.exit_code == 2 and "no CUDA GPU is available" in r.stderr and len(r.stderr.strip().splitlines()) == 1

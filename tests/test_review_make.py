@@ -1,0 +1,166 @@
+"""``gpt2lab review make``: review files from completion files, an explore run and settings of a model;
+the review file format; pre-screening; clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gpt2lab.cli.main import app
+from gpt2lab.review import read_review_set
+from gpt2lab.review.reviewset import build, write_review_set
+from gpt2lab.review.screening import screen_texts
+
+PROMPTS = ["The sea", "A king", "Night falls"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(app, ["review", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def test_make_pairwise_from_completion_files(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": p, "completion": f" a-{i}"} for i, p in enumerate(PROMPTS)])
+    b = tmp_path / "b.csv"
+    with open(b, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "completion", "extra"])
+        w.writerows([[p, f" b-{i}", "x"] for i, p in enumerate(reversed(PROMPTS))])  # order does not matter
+    c = write_jsonl(tmp_path / "c.jsonl", [{"prompt": p, "completion": f" c-{i}"} for i, p in enumerate(PROMPTS[:2])])
+    out = tmp_path / "review.jsonl"
+    code, text = run("make", "--completions", a, "--completions", f"bee={b}", "--completions", c, "-o", out)
+    assert code == 0, text
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    head, items = lines[0], lines[1:]
+    assert head["format"] == "gpt2lab-review" and head["version"] == 1 and head["mode"] == "pairwise"
+    assert set(head["sources"]) == {"a", "bee", "c"}
+    # c lacks the third prompt: 2 prompts x 3 pairs
+    assert len(items) == 6 and sorted(it["id"] for it in items) == [f"i{k:04d}" for k in range(1, 7)]
+    for it in items:
+        (sa, ta), (sb, tb) = [(c["source"], c["text"]) for c in it["candidates"]]
+        assert sa != sb and it["prompt"] in PROMPTS[:2]
+        k = PROMPTS.index(it["prompt"])
+        expect = {"a": f" a-{k}", "bee": f" b-{2 - k}", "c": f" c-{k}"}
+        assert (ta, tb) == (expect[sa], expect[sb])
+    rs = read_review_set(out)
+    assert rs.mode == "pairwise" and len(rs.items) == 6
+
+    code, text = run("make", "--completions", a, "--completions", f"bee={b}", "--mode", "ratings",
+                     "--criteria", "grammar,style", "-o", out)
+    assert code == 0, text
+    rs = read_review_set(out)
+    assert rs.criteria == ["grammar", "style"] and len(rs.items) == 6
+    assert all(len(it.candidates) == 1 for it in rs.items)
+
+
+def test_make_from_an_explore_run(tmp_path):
+    settings = [{"label": label, "samples": [{"prompt": p, "text": f" {label} {p}"} for p in PROMPTS]}
+                for label in ("T=0.3 k=0 p=1", "T=1 k=0 p=1", "T=1.3 k=0 p=1")]
+    (tmp_path / "explore").mkdir()
+    (tmp_path / "explore" / "results.json").write_text(json.dumps({"settings": settings}), encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    code, text = run("make", "--explore", tmp_path / "explore", "--explore-setting", "T=0.3 k=0 p=1",
+                     "--explore-setting", "T=1.3 k=0 p=1", "-o", out)
+    assert code == 0, text
+    rs = read_review_set(out)
+    assert set(rs.sources) == {"T=0.3 k=0 p=1", "T=1.3 k=0 p=1"} and len(rs.items) == 3
+    code, text = run("make", "--explore", tmp_path / "explore", "--explore-setting", "T=9", "-o", out)
+    assert code == 2 and "no setting 'T=9'" in text
+
+
+@pytest.mark.slow
+def test_make_with_two_settings_of_one_model(tiny_checkpoint, tmp_path):
+    out = tmp_path / "r.jsonl"
+    code, text = run("make", *PROMPTS, "-m", tiny_checkpoint, "--setting", "temperature=0", "--setting",
+                     "temperature=1.5,top_k=40", "--max-new-tokens", "6", "--samples", "2", "-o", out)
+    assert code == 0, text
+    rs = read_review_set(out)
+    assert list(rs.sources) == ["temperature=0", "temperature=1.5,top_k=40"]
+    assert rs.sources["temperature=1.5,top_k=40"]["params"] == {"max_new_tokens": 6, "temperature": 1.5,
+                                                                 "top_k": 40, "seed": 0}
+    assert len(rs.items) == 6
+    greedy = {}
+    for it in rs.items:
+        for c in it.candidates:
+            if c.source == "temperature=0":
+                greedy.setdefault(it.prompt, set()).add(c.text)
+    assert all(len(v) == 1 for v in greedy.values())  # greedy: both samples of a prompt are the same
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--completions", "A"], "two or more sources"),
+    (["--setting", "temperature=0.5", "--setting", "tempreature=1"], "unknown generation parameter 'tempreature'"),
+    (["--setting", "temperature=-1", "--setting", "temperature=1"], "temperature"),
+    (["--setting", "temperature", "--setting", "temperature=1"], "NAME=VALUE"),
+    (["--completions", "A", "--completions", "A"], "both called"),
+    (["--completions", "A", "--completions", "B", "--mode", "votes"], "--mode"),
+    (["--completions", "A", "--completions", "B", "--criteria", "x,x"], "distinct"),
+    (["--completions", "A", "--completions", "NOPROMPT"], "share no prompt"),
+    (["--completions", "A", "--completions", "missing.jsonl"], "not found"),
+    (["--explore", "."], "results.json"),
+    (["--augment", "T"], "not an augment output (it lacks column(s) aug_origin"),
+])
+def test_make_errors_are_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "completion": "x"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "y"}])
+    write_jsonl(tmp_path / "noprompt.jsonl", [{"prompt": "other", "completion": "y"}])
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "plain dataset", "label": 1}])
+    files = {"A": "a.jsonl", "B": "b.jsonl", "NOPROMPT": "noprompt.jsonl", "T": "t.jsonl"}
+    code, text = run("make", "p", "-m", "shakespeare-gpt2", *[files.get(a, a) for a in args], "-o", "r.jsonl") \
+        if args[0] == "--setting" else run("make", *[files.get(a, a) for a in args], "-o", "r.jsonl")
+    assert code == 2, text
+    assert text.startswith("gpt2lab: error:") and text.count("\n") == 1 and message in text, text
+
+
+def test_review_file_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"hello": 1}\n', encoding="utf-8")
+    code, text = run("serve", bad)
+    assert code == 2 and "not a gpt2lab review file" in text
+    rs = build({"p": [("x", "1")], "q": [("x", "2")]})
+    path = write_review_set(rs, tmp_path / "ok.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    item = json.loads(lines[1])
+    item["candidates"][1]["source"] = "p"
+    path.write_text(lines[0] + "\n" + json.dumps(item) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ok.jsonl:2: the two candidates come from the same source"):
+        read_review_set(path)
+    code, text = run("serve", tmp_path / "ok.jsonl", "--host", "0.0.0.0")
+    assert code == 2 and "--allow-remote" in text
+
+
+def test_screening_repetition_near_duplicates_and_blocklist():
+    texts = ["the cat sat on the mat and the cat sat on the mat", "The cat sat on the mat and the cat sat on a mat",
+             "a completely different sentence here", "classic assessment", "you ASS, said the donkey"]
+    keys = ["i1", "i2", "i3", "i4", "i5"]
+    s = screen_texts(keys, texts, blocklist=["ass", "donkey kong", "# not a comment here"], similarity=0.7)
+    # 11 word 3-grams, 4 repeat an earlier one
+    assert s[0].repetition == pytest.approx(4 / 11)
+    assert s[0].near_duplicates == ["i2"] and s[1].near_duplicates == ["i1"] and s[2].near_duplicates == []
+    assert s[3].blocklist == [] and s[4].blocklist == ["ass"]  # whole words, any case
+    same_item = screen_texts(["i1", "i1"], texts[:2])
+    assert same_item[0].near_duplicates == []  # the two sides of one pair are not flagged against each other
+
+
+@pytest.mark.slow
+def test_make_with_two_models_shared_settings(tiny_checkpoint, tmp_path):
+    from .conftest import SHAPES, make_hf_checkpoint
+
+    other = make_hf_checkpoint(tmp_path / "other-model", seed=9, **SHAPES["tiny"])
+    out = tmp_path / "r.jsonl"
+    code, text = run("make", *PROMPTS, "-m", tiny_checkpoint, "-m", other, "--temperature", "0",
+                     "--max-new-tokens", "5", "--mode", "ratings", "-o", out)
+    assert code == 0, text
+    rs = read_review_set(out)
+    assert list(rs.sources) == [tiny_checkpoint.name, "other-model"]
+    assert all(d["params"]["temperature"] == 0 for d in rs.sources.values())
+    assert len(rs.items) == 6 and {it.candidates[0].source for it in rs.items} == set(rs.sources)
