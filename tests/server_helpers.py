@@ -9,7 +9,6 @@ import atexit
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -130,31 +129,38 @@ out = []
 while not os.path.exists(stop):
     start = time.monotonic()
     assert httpx.get(url + "/health", timeout=30).status_code == 200
-    out.append(time.monotonic() - start)
+    out.append((start, time.monotonic()))
     time.sleep(0.05)
 print(json.dumps(out))
 """
 
 
 class HealthPoller:
-    """Times ``GET /health`` every 50 ms from another process (this one's GIL is busy encoding bodies)."""
+    """Times ``GET /health`` every 50 ms from another process (this one's GIL is busy encoding bodies):
+    ``samples()`` gives ``(start, end)`` of each answer, in ``time.monotonic()`` (system-wide) seconds."""
 
     def __init__(self, url: str, tmp_path) -> None:
         self.stop = tmp_path / "stop-polling"
         self.process = subprocess.Popen([sys.executable, "-c", _POLLER, url, str(self.stop)], stdout=subprocess.PIPE,
                                         text=True, env=_env())
 
-    def latencies(self) -> list[float]:
+    def samples(self) -> list[tuple[float, float]]:
         self.stop.touch()
         out, _ = self.process.communicate(timeout=60)
-        return json.loads(out)
+        return [tuple(pair) for pair in json.loads(out)]
 
     @staticmethod
-    def within_a_second(latencies: list[float]) -> bool:
-        """Every answer came within 1 s, plus what a busy shared machine adds to any request (on an
-        idle one the median is milliseconds). The first one, which includes connecting, is left out."""
-        rest = latencies[1:]
-        return len(rest) >= 3 and max(rest) < 1.0 + 3 * statistics.median(rest)
+    def within_a_second(samples: list[tuple[float, float]]) -> bool:
+        """/health answered within 1 s: nine answers in ten, so that what a busy shared CI machine adds
+        to the odd request (its scheduler, not the server) does not decide; on an idle machine every
+        answer takes milliseconds. A loop blocked by CPU work misses far more than one in ten."""
+        latencies = sorted(end - start for start, end in samples)
+        return len(latencies) >= 5 and latencies[int(0.9 * len(latencies)) - 1] < 1.0
+
+    @staticmethod
+    def answered_between(samples: list[tuple[float, float]], start: float, end: float) -> int:
+        """How many answers were asked for and given while ``[start, end]`` lasted."""
+        return sum(start <= a and b <= end for a, b in samples)
 
 
 GUARD_KEY = "test-key-123"

@@ -109,11 +109,11 @@ def test_hostile_bodies_never_give_a_server_error(tmp_path_factory, tiny_checkpo
     try:
         call()
     finally:
-        latencies = poller.latencies()
+        samples = poller.samples()
         client.close()
     print(f"hostile bodies: {sum(seen.values())} requests, statuses {dict(sorted(seen.items()))}")
     assert seen[200] > 0 and seen[400] > 0, seen
-    assert HealthPoller.within_a_second(latencies), latencies
+    assert HealthPoller.within_a_second(samples), samples
 
 
-HOSTILE_EXAMPLES = 150
+HOSTILE_EXAMPLES = 100
