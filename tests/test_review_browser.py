@@ -93,7 +93,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
     log = tmp_path / "log.jsonl"
     served = Served(create_app(path, log, blocklist=["alpha text 2"]))
     bodies: list[str] = []
-    expected: list[tuple[str, str | None, str]] = []  # (choice, winner, comment)
+    expected: list[tuple[str, str, str | None, str]] = []  # (item, choice, winner, comment)
     try:
         context = browser.new_context(viewport={"width": 1280, "height": 860})
         page = context.new_page()
@@ -110,7 +110,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
         sync_api.expect(progress).to_have_text("0 / 6 judged")
 
         def judge(how: str, choice: str, comment: str = "") -> None:
-            before = page.locator("#item-id").inner_text()
+            before = page.locator("#item-id").text_content()
             sides = shown_sources(page)
             if comment:
                 page.click("#comment")
@@ -122,7 +122,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
                 page.click(f'[data-choice="{choice}"]')
             else:
                 page.keyboard.press(how)
-            expected.append((choice, sides.get(choice), comment))
+            expected.append((before.split()[-1], choice, sides.get(choice), comment))
             sync_api.expect(page.locator("#item-id")).not_to_have_text(before)
 
         judge("a", "A")
@@ -137,10 +137,10 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
         sync_api.expect(progress).to_have_text("3 / 6 judged")
         judge("2", "B")
         judge("x", "both-bad")
-        before = page.locator("#item-id").inner_text()
+        before = page.locator("#item-id").text_content()
         sides = shown_sources(page)
         page.click('[data-choice="A"]')
-        expected.append(("A", sides["A"], ""))
+        expected.append((before.split()[-1], "A", sides["A"], ""))
         sync_api.expect(page.locator("#finished")).to_be_visible()
         sync_api.expect(progress).to_have_text("6 / 6 judged")
         assert before
@@ -149,7 +149,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
         served.stop()
     records = read_log(log)
     assert len(records) == 6 and len({r["item"] for r in records}) == 6
-    assert [(r["choice"], r["winner"], r["comment"]) for r in records] == expected
+    assert [(r["item"], r["choice"], r["winner"], r["comment"]) for r in records] == expected
     assert all(r["reviewer"] == "alice" and sorted(r["sources"]) == sorted(SECRETS) for r in records)
     # left/right order varies across items (deterministic per reviewer and item)
     assert len({r["sources"][0] for r in records}) == 2
@@ -362,3 +362,43 @@ def test_a_restarted_server_resumes_each_reviewer_from_the_log(tmp_path):
     records = read_log(log)
     assert [(r["item"], r["choice"]) for r in records] == [(order[0], "A"), (order[1], "tie"), (third, "B")]
     assert log.read_text(encoding="utf-8").count("\n") == 3  # the torn tail was cut, not glued to
+
+
+@pytest.mark.slow
+def test_review_serve_command(tmp_path):
+    """The console command: real uvicorn on a port, the blocklist and criteria options applied."""
+    import os
+    import subprocess
+    import sys
+
+    review = write_review_set(build({"p": [("x", " one bad word")], "q": [("x", " two")]}, "ratings"),
+                              tmp_path / "r.jsonl")
+    (tmp_path / "block.txt").write_text("# words to flag\nbad word\n", encoding="utf-8")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2lab", "review", "serve", str(review), "--port", str(port),
+                             "--blocklist", str(tmp_path / "block.txt"), "--criteria", "clarity,style"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(url + "/api/info").json()["criteria"] == ["clarity", "style"]
+        screens = []
+        for _ in range(2):
+            nxt = httpx.get(url + "/api/next", params={"reviewer": "gil"}).json()["item"]
+            screens.append(nxt["candidates"][0]["screen"]["blocklist"])
+            r = httpx.post(url + "/api/judgements", json={"reviewer": "gil", "item": nxt["id"],
+                                                           "scores": {"clarity": 2, "style": 3}})
+            assert r.status_code == 200, r.text
+        assert sorted(screens) == [[], ["bad word"]]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"judgements go to {tmp_path / 'r.log.jsonl'}" in out
+    assert [r["scores"] for r in read_log(tmp_path / "r.log.jsonl")] == [{"clarity": 2, "style": 3}] * 2

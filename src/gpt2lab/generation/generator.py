@@ -17,7 +17,7 @@ from ..model import GPT2, GPT2Config
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
 from ..sampling import SamplingParams, hf_compat
-from ..tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer_dir
+from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
 from .outputs import Completion, TokenLogprob, token_logprobs
 
@@ -109,23 +109,19 @@ class Generator:
         or dict, replacing the checkpoint's) or as a ``params`` object. The checkpoint's
         ``generation_config.json`` gives the defaults that these override.
         With ``seed``, each prompt gets its own seeded generator, so a prompt's completions do not
-        depend on the other prompts of the batch.
+        depend on the other prompts of the batch. With ``num_beams > 1``, the ``n`` best beams.
         """
         params = self.sampling_params(params, **kwargs)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = [self.encode_prompt(p) for p in prompt_list]
-        if params.num_beams > 1:
-            from .beam import beam_search
-
-            return [c for p, ids in zip(prompt_list, encoded)
-                    for c in beam_search(self.model, self.tokenizer, ids, params, prompt=p,
-                                         eos_token_id=self.eos_token_id)]
+        # beam requests run in the engine too (one beam search per step; prompt_logprobs alike)
         # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
         limit = 16 if self.device.type == "cpu" else 128
         engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
         for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
+        prompt_lp: dict[str, list[TokenLogprob]] = {}
         while engine.has_unfinished():
             for out in engine.step():
                 if out.error is not None:
@@ -137,8 +133,10 @@ class Generator:
                 if out.logprobs is not None:
                     acc[2] += out.logprobs
                 acc[3] = out.finish_reason
+                if out.prompt_logprobs is not None:  # the prompt's, shared by its samples
+                    prompt_lp[out.request_id] = out.prompt_logprobs
         return [Completion(text="".join(acc[1]), token_ids=acc[0], finish_reason=acc[3], logprobs=acc[2],
-                           prompt=p, index=j)
+                           prompt=p, index=j, prompt_logprobs=prompt_lp.get(str(i)))
                 for i, p in enumerate(prompt_list) for j in range(params.n)
                 for acc in [parts[(str(i), j)]]]
 
@@ -227,14 +225,12 @@ class Generator:
 
 
 def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
-    """The checkpoint's own tokenizer; GPT-2's when a 50257-token checkpoint ships none."""
-    try:
-        return Tokenizer.from_dir(directory), directory
-    except TokenizerError:
-        if vocab_size != 50257:
-            raise
+    """The checkpoint's own tokenizer; GPT-2's only when a 50257-token checkpoint has no tokenizer file
+    at all (a present but broken one is a :class:`TokenizerError` naming it)."""
+    if vocab_size == 50257 and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         print(f"gpt2lab: {directory} has no tokenizer files; using GPT-2's tokenizer", file=sys.stderr)
         return Tokenizer.gpt2(), gpt2_tokenizer_dir()
+    return Tokenizer.from_dir(directory), directory
 
 
 def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None = None,
