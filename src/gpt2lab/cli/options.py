@@ -120,22 +120,15 @@ class Runtime:
 
 
 def apply_threads(threads: int | None) -> None:
-    """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer >= 1)."""
-    if threads is None:
-        return
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
-    import torch
+    """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer in [1, 1024])."""
+    if threads is not None:
+        from ..model.device import set_threads
 
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError:  # only settable before the first inter-op parallel work; the intra-op count matters
-        pass
+        set_threads(threads, "--threads")
 
 
 def build_runtime(device: str, dtype: str, quantization: str | None, threads: int | None) -> Runtime:
-    """Check the runtime options (without importing torch: the device is checked when the model loads)."""
+    """Check the runtime options (the device is checked when the model loads)."""
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device.strip().lower()):
@@ -144,8 +137,10 @@ def build_runtime(device: str, dtype: str, quantization: str | None, threads: in
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if quantization is not None and quantization.lower() not in QUANTIZATION_CHOICES:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {quantization!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    if threads is not None:  # (imports torch, which --threads needs next anyway)
+        from ..model.device import check_threads
+
+        check_threads(threads, "--threads")
     return Runtime(device=device.strip().lower(), dtype=dtype.lower(),
                    quantization=quantization.lower() if quantization is not None else None, threads=threads)
 
@@ -219,6 +214,8 @@ SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("stop", list[str] | None, "Stop string (repeatable); removed from the output."),
     _Opt("stop_token_ids", list[int] | None, "Stop at this token id (repeatable).", "--stop-token-id"),
     _Opt("bad_words", list[str] | None, "A string that may never be generated (repeatable).", "--bad-word"),
+    _Opt("bad_words_ids", list[str] | None, "Comma-separated token ids that may never be generated in a row "
+         "(repeatable).", "--bad-words-ids"),
     _Opt("logit_bias", list[str] | None, "TOKEN_ID:BIAS added to a token's logit (repeatable).", "--logit-bias"),
     _Opt("ignore_eos", bool | None, "Keep generating past <|endoftext|>.", "--ignore-eos"),
     _Opt("n", int | None, "Completions per prompt.", short="-n"),
@@ -229,6 +226,15 @@ SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("logprobs", int | None, "Report the chosen token's logprob and the top K alternatives."),
     _Opt("truncate_prompt", bool | None, "Drop the oldest prompt tokens instead of failing when too long.",
          "--truncate-prompt"),
+    # vLLM's names and meanings
+    _Opt("min_tokens", int | None, "No end of text, stop token or stop string before this many new tokens."),
+    _Opt("truncate_prompt_tokens", int | None, "Keep only the last K prompt tokens (-1: the model's context)."),
+    _Opt("prompt_logprobs", int | None, "Also score the prompt: each prompt token's logprob and top K."),
+    _Opt("include_stop_str_in_output", bool | None, "Keep the stop string at the end of the output.",
+         "--include-stop-str-in-output"),
+    # on by default, so the flag turns it off (build_sampling_params inverts it)
+    _Opt("skip_special_tokens", bool | None, "Keep special tokens (<|endoftext|>) in the text.",
+         "--keep-special-tokens"),
 ]
 
 
@@ -252,6 +258,13 @@ def _parse_logit_bias(items: list[str]) -> dict[int, float]:
     return bias
 
 
+def _parse_token_ids(item: str) -> list[int]:
+    try:
+        return [int(t) for t in item.split(",")]
+    except ValueError:
+        raise ValueError(f"--bad-words-ids must be comma-separated token ids (e.g. 464,3290), got {item!r}") from None
+
+
 def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] | None = None):
     """SamplingParams from CLI values (``None`` = not given) over a command's ``defaults``.
 
@@ -267,6 +280,10 @@ def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] 
             value = _parse_logit_bias(value)
         elif name in _TEXT_OPTIONS:  # "\\n\\n" on a command line means two newlines, as in llama.cpp
             value = process_escapes_all(value)
+        elif name == "skip_special_tokens":  # given as --keep-special-tokens
+            value = not value
+        elif name == "bad_words_ids":
+            value = [_parse_token_ids(item) for item in value]
         values[name] = value
     if given.get("max_length") is not None and given.get("max_new_tokens") is not None:
         raise ValueError("give --max-length or --max-new-tokens, not both")
