@@ -129,7 +129,8 @@ def test_metrics_log_with_a_torn_multibyte_tail_is_resumed(tmp_path):
     from gpt2lab.training.trainer import Metrics
 
     path = tmp_path / "metrics.jsonl"
-    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "note": "d\u00e9j\u00e0 \u2028 vu"}, {"step": 3, "loss": 1.2}]
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "note": "d\u00e9j\u00e0 \u2028 vu"},
+               {"step": 3, "loss": 1.2}]
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     torn = json.dumps({"step": 4, "note": "\u00e9"}, ensure_ascii=False).encode("utf-8")
     path.write_bytes(body + torn[: torn.index("\u00e9".encode()) + 1])
