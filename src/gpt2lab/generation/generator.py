@@ -124,6 +124,8 @@ class Generator:
         prompt_lp: dict[str, list[TokenLogprob]] = {}
         while engine.has_unfinished():
             for out in engine.step():
+                if out.error is not None:
+                    raise RuntimeError(f"generation failed for prompt {out.request_id}: {out.error}")
                 acc = parts.setdefault((out.request_id, out.index), [[], [], [] if out.logprobs is not None else None,
                                                                      None])
                 acc[0] += out.token_ids
@@ -147,6 +149,8 @@ class Generator:
         engine.add_request(self.encode_prompt(prompt), params)
         while engine.has_unfinished():
             for out in engine.step():
+                if out.error is not None:
+                    raise RuntimeError(f"generation failed: {out.error}")
                 if out.text:
                     yield out.text
 
