@@ -24,7 +24,7 @@ class Limits:
     max_stop: int = 16  # OpenAI allows 4, vLLM does not limit
     max_stop_chars: int = 256  # each stop string
     max_stop_token_ids: int = 256
-    max_logit_bias: int = 300  # entries, as OpenAI
+    max_logit_bias: int = 300  # entries: this server's own choice
     max_bad_words: int = 64
     max_bad_word_chars: int = 256
     max_messages: int = 1024  # chat messages per request
