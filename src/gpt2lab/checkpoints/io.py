@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..model import GPT2, ConfigError, GPT2Config
+from ..model import GPT2, ConfigError, GPT2Config, check_quantization
+from ..model.gpt2 import meta_skeleton
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -39,8 +40,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 MODEL_CARD_FILE = "README.md"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", TOKENIZER_CONFIG_FILE,
-                   SPECIAL_TOKENS_FILE, GENERATION_CONFIG_FILE)
+                   SPECIAL_TOKENS_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub's and transformers' default
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
@@ -90,7 +92,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Our tensor names and shapes for ``config``, from one block built on the meta device (no memory)."""
-    with torch.device("meta"):
+    with meta_skeleton():
         one = GPT2(dataclasses.replace(config, n_layer=1))
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in one.state_dict().items():
@@ -248,7 +250,7 @@ def hf_to_gpt2lab(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
         if _IGNORED.search(key):
             continue
         if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
+            tensor = tensor.t().contiguous()  # row-major [out, in]: the layout gpt2lab's kernels read
         out[key] = tensor
     return out
 
@@ -267,13 +269,17 @@ def gpt2lab_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> 
 
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> GPT2:
+               dtype: str | torch.dtype | None = None, quantization: str | None = None) -> GPT2:
     """Build a :class:`GPT2` from a HF-layout directory (one weights file or shards), checking every
     tensor against the config.
 
     ``dtype``: the dtype to hold the weights in; ``None`` is float32 (an fp16-stored checkpoint is
     upcast), ``"auto"`` keeps the checkpoint's own (:func:`checkpoint_dtype`).
+    ``quantization``: ``"int8"`` or ``"bf16"`` quantizes the weights while loading, one tensor at a
+    time (:func:`gpt2lab.checkpoints.quantized.load_quantized`; ``dtype`` is then unused); ValueError
+    for other values.
     """
+    quantization = check_quantization(quantization)
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -288,6 +294,11 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
         for f in files:
             shapes.update(safetensors_shapes(f))
         check_shapes(config, shapes, weights_file(directory), config_path)
+    if quantization is not None:
+        from .quantized import load_quantized
+
+        return load_quantized(config, files, quantization, device=device, source=weights_file(directory),
+                              config_source=config_path)
     dtype = resolve_dtype(dtype, directory)
     return model_from_tensors(config, (tensors for _, tensors in iter_checkpoint_tensors(directory)), dtype=dtype,
                        device=device, source=str(weights_file(directory)), config_source=str(config_path))
@@ -309,7 +320,7 @@ def model_from_tensors(config: GPT2Config, shards: Iterable[Mapping[str, torch.T
     # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
     # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.
     approx_params = config.n_embd * (config.vocab_size + config.n_positions + 12 * config.n_embd * config.n_layer)
-    with torch.device("meta") if approx_params > 400_000_000 else contextlib.nullcontext():
+    with meta_skeleton() if approx_params > 400_000_000 else contextlib.nullcontext():
         model = GPT2(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: same tensor as wte
@@ -395,10 +406,30 @@ def _tokenizer_config(tokenizer_dir: Path | None, n_positions: int) -> dict[str,
     return cfg
 
 
+def write_chat_template(directory: str | Path, template: str, model_max_length: int) -> None:
+    """Put ``template`` into ``directory/tokenizer_config.json`` under ``chat_template`` (transformers'
+    key), creating a GPT-2 tokenizer config when there is none; a ``chat_template.jinja`` there (which
+    transformers would prefer) is removed so the two cannot disagree."""
+    path = Path(directory) / TOKENIZER_CONFIG_FILE
+    config: dict = {}
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            config = {}
+    if not isinstance(config, dict) or not config:
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                  "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": model_max_length}
+    config["chat_template"] = template
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (Path(directory) / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+
+
 def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path | None = None,
                dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
                generation_config: Mapping[str, Any] | None = None,
-               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None) -> Path:
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None,
+               chat_template: str | None = None) -> Path:
     """Write ``model`` in HF layout (atomically) so ``transformers`` loads it back unchanged.
 
     ``tokenizer_dir``: copy the tokenizer files found there (``tokenizer_config.json`` completed with
@@ -408,6 +439,7 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
     split into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` by
     ``huggingface_hub.save_torch_state_dict``. ``card``: the model card (README.md); default: a short
     card saying how the folder was made. ``extra_files``: more text files to write (name -> content).
+    ``chat_template``: the Jinja chat template to record in ``tokenizer_config.json``.
     """
     from huggingface_hub import save_torch_state_dict
 
@@ -445,6 +477,8 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
             (tmp / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content, encoding="utf-8")
+        if chat_template is not None:
+            write_chat_template(tmp, chat_template, config.n_positions)
 
     return write_atomic_dir(directory, fill)
 
