@@ -196,3 +196,26 @@ def test_near_duplicates_are_exact_and_do_not_compare_every_pair(monkeypatch):
     many = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(1500)]
     assert all(not s.near_duplicates for s in screening.screen_texts([f"i{k}" for k in range(1500)], many))
     assert calls < 1500
+
+
+def test_export_refuses_the_log_of_another_review(tmp_path):
+    """`review export` given another review's log (a pairwise one, say) wrote a 'curated' file with every
+    generated row dropped as unreviewed, and exit 0; it must say the log does not fit."""
+    from gpt2lab.review.curate import export_curated
+    from gpt2lab.review.reviewset import from_augment
+
+    data = tmp_path / "augmented.csv"
+    data.write_text("text,label,aug_origin,aug_source_row,aug_method\nGood food,pos,original,0,\n"
+                    "Good meal,pos,generated,0,few-shot\nBad soup,neg,original,1,\nBad stew,neg,generated,1,few-shot\n",
+                    encoding="utf-8")
+    review = from_augment(data)
+    other = [{"reviewer": "a", "item": "i0001", "mode": "pairwise", "sources": ["x", "y"], "choice": "A",
+              "winner": "x"}]
+    with pytest.raises(ValueError, match="none of this review's items"):
+        export_curated(review, other, tmp_path / "curated.csv")
+    assert not (tmp_path / "curated.csv").exists()
+    assert export_curated(review, [], tmp_path / "curated.csv").rows_out == 2  # nobody reviewed yet: originals
+    mine = [{"reviewer": "a", "item": review.items[0].id, "mode": "curation", "row": review.items[0].row,
+             "decision": "accept"}]
+    result = export_curated(review, other + mine, tmp_path / "curated.csv")
+    assert (result.rows_out, result.accepted, result.unreviewed) == (3, 1, 1)

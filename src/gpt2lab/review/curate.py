@@ -37,7 +37,8 @@ def export_curated(review: ReviewSet, records: list[dict[str, Any]], out: str | 
                    keep_unreviewed: bool = False) -> CurationResult:
     """Write the curated dataset to ``out`` atomically, in the input's format (``out``'s suffix must match).
 
-    Raises ``ValueError`` when the review set is not a curation set, or the input changed since ``make``.
+    Raises ``ValueError`` when the review set is not a curation set, the input changed since ``make``, or
+    ``records`` are not empty yet judge none of this review's items (another review's log).
     """
     from ..apps.augment import _FORMATS, read_dataset
 
@@ -56,7 +57,11 @@ def export_curated(review: ReviewSet, records: list[dict[str, Any]], out: str | 
     state: dict[int, str] = {}  # row -> reject | edit | accept, in that order of precedence
     edits: dict[int, str] = {}
     rank = {"accept": 0, "edit": 1, "reject": 2}
-    for r in latest([r for r in records if r.get("mode") == "curation" and r.get("item") in by_item]):
+    mine = [r for r in records if r.get("mode") == "curation" and r.get("item") in by_item]
+    if records and not mine:  # another review's log: exporting would silently drop every generated row
+        raise ValueError(f"the log holds {len(records)} judgement(s) but none of this review's items; is it the "
+                         "log of this review file?")
+    for r in latest(mine):
         row = by_item[r["item"]].row
         if rank[r["decision"]] >= rank[state.get(row, "accept")]:
             state[row] = r["decision"]
