@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,10 +196,48 @@ class Generator:
             return params.with_(**explicit) if explicit else params
         if override is not None:
             defaults = hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos, source="generation_config")
-        else:
-            defaults = hf_compat.translate(self.generation_config, eos_token_id=eos, strict=False,
-                                           source=GENERATION_CONFIG_FILE)
-        return SamplingParams.from_kwargs(**hf_compat.merge(defaults, explicit))
+            return SamplingParams.from_kwargs(**hf_compat.merge(defaults, explicit))
+        return self._layered(explicit, {})
+
+    def checkpoint_defaults(self) -> dict[str, Any]:
+        """The checkpoint's ``generation_config.json`` as :class:`SamplingParams` keyword arguments (fields
+        gpt2lab has no use for are skipped; see :mod:`gpt2lab.sampling.hf_compat`)."""
+        return hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
+                                   source=GENERATION_CONFIG_FILE)
+
+    def resolve_sampling(self, explicit: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
+                         *, defaults_win: bool = False, skip: Collection[str] = ()) -> SamplingParams:
+        """The one merge of a call's generation settings, used by the library, the CLI and the server.
+
+        Precedence, as in transformers and vLLM (``--generation-config auto``): ``explicit`` (what the user
+        gave: keyword arguments, command-line flags, request fields) > the checkpoint's
+        ``generation_config.json`` > ``defaults`` (a command's or endpoint's own) > :class:`SamplingParams`'
+        defaults. ``defaults_win``: the caller's defaults go above the checkpoint's (commands whose defaults
+        are their purpose, such as varied drafts). ``skip``: SamplingParams fields the checkpoint may not
+        set (a command's own length or count). Either length (``max_new_tokens`` / ``max_length``) given at a
+        level replaces both below it. Names may be ours or transformers'; ``ValueError`` / ``TypeError``
+        name a bad or unknown parameter.
+        """
+        eos = self.eos_token_id
+        base = hf_compat.translate(defaults or {}, eos_token_id=eos, source="defaults")
+        checkpoint = self.checkpoint_defaults()
+        for name in skip:
+            checkpoint.pop(name, None)
+        if "n" in skip:
+            checkpoint.pop("num_beams", None)  # beams return n sequences: a command without n cannot take them
+        given = hf_compat.translate(explicit or {}, eos_token_id=eos, source="generation parameters")
+        return self._layered(given, base, checkpoint, defaults_win=defaults_win)
+
+    def _layered(self, given: Mapping[str, Any], base: Mapping[str, Any], checkpoint: Mapping[str, Any] | None = None,
+                 *, defaults_win: bool = False) -> SamplingParams:
+        checkpoint = self.checkpoint_defaults() if checkpoint is None else checkpoint
+        lower, upper = (checkpoint, base) if defaults_win else (base, checkpoint)
+        below = hf_compat.merge(lower, upper)
+        merged = hf_compat.merge(below, given)
+        if given.get("_sample") and "temperature" not in given and below.get("temperature") == 0 \
+                and base.get("temperature"):
+            merged["temperature"] = base["temperature"]  # do_sample=True over a greedy checkpoint: the caller's
+        return SamplingParams.from_kwargs(**merged)
 
     def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None,
              max_shard_size: int | str = "5GB") -> Path:
