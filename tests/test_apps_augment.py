@@ -159,6 +159,30 @@ def test_resume_after_partial_row(aug_model, tmp_path):
         augment(gen, data, broken, **{**options, "per_example": 3})
 
 
+def test_resume_copes_with_a_torn_multibyte_character(aug_model, tmp_path):
+    """A kill in the middle of a UTF-8 character at the end of the output: the rerun still resumes."""
+    _, gen = aug_model
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"\u00e9t\u00e9 \u2028 {t} \U0001f600", "label": lab},
+                                       ensure_ascii=False) + "\n" for t, lab in REVIEWS), encoding="utf-8")
+    options = dict(text_column="text", label_column="label", per_example=1,
+                   params=SamplingParams(max_new_tokens=6, seed=5))
+    whole = tmp_path / "whole.jsonl"
+    augment(gen, data, whole, **options)
+    expected = whole.read_bytes()
+    lines = expected.split(b"\n")
+    progress = (tmp_path / "whole.jsonl.progress").read_text().splitlines(keepends=True)
+    kept_before = sum(1 + json.loads(p)["kept"] for p in progress[1:3])  # rows 0-1 finished
+    torn_line = lines[kept_before]
+    cut = torn_line.index("\u00e9".encode()) + 1  # inside the two bytes of the first é
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b"".join(line + b"\n" for line in lines[:kept_before]) + torn_line[:cut])
+    (tmp_path / "broken.jsonl.progress").write_text("".join(progress[:3]))
+    summary = augment(gen, data, broken, **options)
+    assert summary.rows_resumed == 2
+    assert broken.read_bytes() == expected
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_every_row_once(aug_model, tmp_path):
     path, gen = aug_model
@@ -216,9 +240,9 @@ def test_bad_input_errors(aug_model, tmp_path):
         ([str(good), "--label-column", "y"], "no column 'y' (--label-column)"),
         ([str(empty_csv)], "empty.csv: empty dataset (no rows)"),
         ([str(empty_jsonl)], "empty.jsonl: empty dataset (no rows)"),
-        ([str(latin)], "latin.csv: not valid UTF-8 (byte 0xe9 on line 2)"),
+        ([str(latin)], "latin.csv:2: not valid UTF-8 (byte 0xe9 at column 6)"),
         ([str(bad_json)], "bad.jsonl:2: not valid JSON"),
-        ([str(ragged)], "ragged.csv: line 2 has 3 fields, the header has 2"),
+        ([str(ragged)], "ragged.csv:2: 3 fields, the header has 2"),
         ([str(tmp_path / "missing.csv")], "missing.csv: data file not found"),
         ([str(tmp_path / "data.txt")], "unknown data format '.txt'"),
         ([str(good), "--per-example", "0"], "per_example must be an integer in [1, 100]"),

@@ -43,16 +43,14 @@ def test_runtime_options_are_checked():
 
 @pytest.mark.slow
 def test_stop_and_bad_word_understand_escapes():
-    """The docs' own example: --stop "\\n" stops at a newline; "\\\\n" is a literal backslash-n."""
+    """The docs' own example: --stop "\\n" stops at a newline (without the escape it never did)."""
     common = ["generate", "To be, or not to be", "--model", "shakespeare-gpt2", "--temperature", "0",
-              "--max-new-tokens", "60", "--json", "--threads", "1"]
+              "--max-new-tokens", "40", "--json", "--threads", "1"]
     free = json.loads(_run(*common).stdout)
     assert "\n" in free["text"], "the bundled model writes verse: greedy text has line breaks"
     stopped = json.loads(_run(*common, "--stop", r"\n").stdout)
     assert stopped["finish_reason"] == "stop" and "\n" not in stopped["text"]
     assert free["text"].startswith(stopped["text"])
-    literal = json.loads(_run(*common, "--stop", r"\\n").stdout)
-    assert literal["text"] == free["text"]  # a backslash followed by n never occurs
     banned = json.loads(_run(*common, "--bad-word", r"\n").stdout)
     assert "\n" not in banned["text"] and banned["finish_reason"] == "length"
 

@@ -147,7 +147,7 @@ def test_bad_arguments_name_the_parameter(sharp, tmp_path):
         perplexity(files=[tmp_path / "missing.txt"], model=gen)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
-    with pytest.raises(ValueError, match="not UTF-8"):
+    with pytest.raises(ValueError, match=r"latin1\.txt:1: not valid UTF-8 \(byte 0xe9 at column 4\)"):
         perplexity(files=[bad], model=gen)
 
 

@@ -93,7 +93,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
     log = tmp_path / "log.jsonl"
     served = Served(create_app(path, log, blocklist=["alpha text 2"]))
     bodies: list[str] = []
-    expected: list[tuple[str, str | None, str]] = []  # (choice, winner, comment)
+    expected: list[tuple[str, str, str | None, str]] = []  # (item, choice, winner, comment)
     try:
         context = browser.new_context(viewport={"width": 1280, "height": 860})
         page = context.new_page()
@@ -110,7 +110,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
         sync_api.expect(progress).to_have_text("0 / 6 judged")
 
         def judge(how: str, choice: str, comment: str = "") -> None:
-            before = page.locator("#item-id").inner_text()
+            before = page.locator("#item-id").text_content()
             sides = shown_sources(page)
             if comment:
                 page.click("#comment")
@@ -122,7 +122,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
                 page.click(f'[data-choice="{choice}"]')
             else:
                 page.keyboard.press(how)
-            expected.append((choice, sides.get(choice), comment))
+            expected.append((before.split()[-1], choice, sides.get(choice), comment))
             sync_api.expect(page.locator("#item-id")).not_to_have_text(before)
 
         judge("a", "A")
@@ -137,10 +137,10 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
         sync_api.expect(progress).to_have_text("3 / 6 judged")
         judge("2", "B")
         judge("x", "both-bad")
-        before = page.locator("#item-id").inner_text()
+        before = page.locator("#item-id").text_content()
         sides = shown_sources(page)
         page.click('[data-choice="A"]')
-        expected.append(("A", sides["A"], ""))
+        expected.append((before.split()[-1], "A", sides["A"], ""))
         sync_api.expect(page.locator("#finished")).to_be_visible()
         sync_api.expect(progress).to_have_text("6 / 6 judged")
         assert before
@@ -149,7 +149,7 @@ def test_pairwise_keyboard_mouse_reload_and_hidden_sources(browser, tmp_path):
         served.stop()
     records = read_log(log)
     assert len(records) == 6 and len({r["item"] for r in records}) == 6
-    assert [(r["choice"], r["winner"], r["comment"]) for r in records] == expected
+    assert [(r["item"], r["choice"], r["winner"], r["comment"]) for r in records] == expected
     assert all(r["reviewer"] == "alice" and sorted(r["sources"]) == sorted(SECRETS) for r in records)
     # left/right order varies across items (deterministic per reviewer and item)
     assert len({r["sources"][0] for r in records}) == 2

@@ -179,3 +179,17 @@ def test_summary_cli_json_table_and_report(tmp_path):
     assert (tmp_path / "rep" / "plot.png").stat().st_size > 5000
     bad = _cli("summary", str(tmp_path / "missing.jsonl"))
     assert bad.returncode == 2 and bad.stderr.startswith("gpt2lab: error:") and "not found" in bad.stderr
+
+
+def test_summary_without_the_review_extra_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gpt2lab.cli.main import app
+
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(pair("a", "i1", "p", "q", "A")) + "\n", encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "krippendorff", None)  # what an environment without it looks like
+    result = CliRunner().invoke(app, ["review", "summary", str(log)])
+    assert result.exit_code == 2
+    assert result.output == "gpt2lab: error: gpt2lab review summary needs krippendorff: pip install " \
+                            "'gpt2lab[review]'\n"

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from gpt2lab.checkpoints import load_model
 from gpt2lab.tokenizer import Tokenizer
 from gpt2lab.training import DataError, TrainConfig, prepare_data, train
+from gpt2lab.training.checkpoint import CheckpointDir
 from gpt2lab.training.data import split_documents
 from gpt2lab.training.trainer import BlockSampler, lr_at, param_groups
 
@@ -220,7 +221,7 @@ def test_max_time_stops_cleanly_with_a_checkpoint(tmp_path):
     result = train(TrainConfig(data=[str(corpus)], out=str(out), config=TINY, max_steps=10_000, batch_size=2,
                                block_size=16, max_time=1e-6, progress=False, plot=False))
     assert result.stopped == "max_time" and result.steps == 1
-    state = torch.load(out / "trainer" / "state.pt", weights_only=False)
+    state = torch.load(CheckpointDir(out / "trainer").latest() / "state.pt", weights_only=False)
     assert state["step"] == 1
     assert load_model(out).config.n_embd == 32  # the model at the top level is complete
 
@@ -240,20 +241,22 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     subprocess.run(_train_cmd(corpus, ref), check=True, env=_env(), capture_output=True, timeout=300)
     proc = subprocess.Popen(_train_cmd(corpus, killed), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state = killed / "trainer" / "state.pt"
+    checkpoints = CheckpointDir(killed / "trainer")
     deadline = time.monotonic() + 240
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoints.latest() is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed"
     time.sleep(0.3)  # somewhere after the first checkpoint, mid-step or mid-save
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = torch.load(state, weights_only=False)["step"]
+    saved = torch.load(checkpoints.latest() / "state.pt", weights_only=False)["step"]
     assert 4 <= saved < 16
     subprocess.run(_train_cmd(corpus, killed, "--resume"), check=True, env=_env(), capture_output=True, timeout=300)
-    for sub in ("trainer/model", "."):
-        a = load_file(str(ref / sub / "model.safetensors"))
-        b = load_file(str(killed / sub / "model.safetensors"))
+    for sub in ("trainer", "."):
+        a = load_file(str(ref / sub / "model.safetensors") if sub == "." else
+                      str(CheckpointDir(ref / sub).latest() / "model" / "model.safetensors"))
+        b = load_file(str(killed / sub / "model.safetensors") if sub == "." else
+                      str(CheckpointDir(killed / sub).latest() / "model" / "model.safetensors"))
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{sub}: {k} differs"

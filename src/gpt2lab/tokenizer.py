@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
@@ -19,6 +20,7 @@ import tokenizers
 from .errors import TokenizerError
 
 EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")  # any of them present: the folder has its own
 
 
 @lru_cache(maxsize=1)
@@ -65,10 +67,15 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
-        """Load from ``tokenizer.json``, or from ``vocab.json`` + ``merges.txt``."""
+        """Load from ``tokenizer.json``, or from ``vocab.json`` + ``merges.txt``.
+
+        Raises :class:`TokenizerError` naming the file and the problem (missing, truncated JSON, not
+        a merges list) -- a broken file is never silently replaced by another tokenizer.
+        """
         directory = Path(directory)
         tok_json = directory / "tokenizer.json"
         if tok_json.is_file():
+            _check_json(tok_json, dict)
             try:
                 backend = tokenizers.Tokenizer.from_file(str(tok_json))
             except Exception as exc:  # noqa: BLE001
@@ -79,8 +86,11 @@ class Tokenizer:
             if not path.is_file():
                 raise TokenizerError(f"{path}: file not found (a GPT-2 tokenizer needs tokenizer.json, "
                                      "or vocab.json and merges.txt)")
+        table = _check_json(vocab, dict)
+        if not table or not all(isinstance(v, int) for v in table.values()):
+            raise TokenizerError(f"{vocab}: not a BPE vocabulary (expected a JSON object of token -> id)")
+        _check_merges(merges)
         try:
-            json.loads(vocab.read_text(encoding="utf-8"))
             model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
         except Exception as exc:  # noqa: BLE001
             raise TokenizerError(f"{vocab} / {merges}: cannot read BPE files ({exc})") from exc
@@ -119,6 +129,45 @@ class Tokenizer:
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self)
+
+
+def _check_json(path: Path, kind: type):
+    """The parsed content of a tokenizer JSON file; :class:`TokenizerError` says what is wrong with it."""
+    raw = path.read_bytes()
+    try:
+        value = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                             "a binary or damaged file?") from None
+    except json.JSONDecodeError as exc:
+        # an error at the very end, or a string never closed, is what a cut-off download looks like
+        cut = " (truncated?)" if exc.pos >= len(raw.rstrip()) - 1 or exc.msg.startswith("Unterminated") else ""
+        raise TokenizerError(f"{path}: not valid JSON{cut}: {exc.msg} at line {exc.lineno} column {exc.colno} "
+                             f"({len(raw)} bytes)") from None
+    if not isinstance(value, kind):
+        raise TokenizerError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+_BAD_MERGE = re.compile(r"^(?=[^\n])(?:[^ \n]*|[^ \n]* [^ \n]* [^\n]*)$", re.M)  # no space, or two or more
+
+
+def _check_merges(path: Path) -> None:
+    """A merges.txt: UTF-8 lines of two space-separated symbols, after an optional ``#version`` line."""
+    from .readers import ReadError, read_text
+
+    if path.stat().st_size > 1 << 28:
+        raise TokenizerError(f"{path}: {path.stat().st_size:,} bytes, too large for a merges list")
+    try:
+        text = read_text(path)  # NUL bytes and invalid UTF-8 are errors naming the line
+    except ReadError as exc:
+        raise TokenizerError(str(exc)) from None
+    start = text.find("\n") + 1 if text.startswith("#") else 0  # the "#version" header
+    bad = _BAD_MERGE.search(text, start)
+    if bad:
+        number = text.count("\n", 0, bad.start()) + 1
+        raise TokenizerError(f"{path}:{number}: not a BPE merge (expected two symbols separated by one space, "
+                             f"got {bad.group()[:40]!r})")
 
 
 class IncrementalDetokenizer:

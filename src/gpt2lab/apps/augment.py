@@ -18,7 +18,6 @@ finished ones and goes on, so every row is in the output exactly once.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -30,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..jsonl import json_objects
+from ..outputs import check_output_file
+from ..readers import complete_lines, iter_csv, read_records
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -61,25 +61,6 @@ def data_format(path: Path, what: str = "file") -> str:
     return fmt
 
 
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: data file not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, not a data file") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); convert it "
-                         "first, e.g. `iconv -f latin1 -t utf-8`") from None
-
-
-def _csv_records(lines: Iterator[str], delimiter: str) -> Iterator[list[str]]:
-    return csv.reader(lines, delimiter=delimiter)
-
-
 def read_dataset(path: str | Path, text_column: str, label_column: str | None = None, *,
                  augmented: bool = False) -> Dataset:
     """Read a CSV/TSV (with a header) or JSONL dataset; ``ValueError`` names what is wrong and where.
@@ -89,33 +70,23 @@ def read_dataset(path: str | Path, text_column: str, label_column: str | None = 
     """
     path = Path(path)
     fmt = data_format(path, "data")
-    text = _read_text(path)
     rows: list[dict[str, Any]] = []
-    if fmt == "jsonl":
-        columns: dict[str, None] = {}
-        for _, record in json_objects(text.splitlines(), str(path)):
-            columns.update(dict.fromkeys(record))
-            rows.append(record)
-        cols = list(columns)
-    else:
-        records = _csv_records(iter(text.splitlines(keepends=True)), "," if fmt == "csv" else "\t")
-        try:
-            header = next(records, None)
-            if not header or not any(h.strip() for h in header):
-                raise ValueError(f"{path}: empty dataset (no header row)")
-            dupes = sorted({h for h in header if header.count(h) > 1})
-            if dupes:
-                raise ValueError(f"{path}: duplicate column name(s) in the header: {', '.join(dupes)}")
-            for values in records:
-                if not values:
-                    continue
-                if len(values) != len(header):
-                    raise ValueError(f"{path}: line {records.line_num} has {len(values)} fields, the header "
-                                     f"has {len(header)}")
-                rows.append(dict(zip(header, values)))
-        except csv.Error as exc:
-            raise ValueError(f"{path}: malformed CSV near line {records.line_num} ({exc})") from None
-        cols = header
+    try:
+        if fmt == "jsonl":
+            columns: dict[str, None] = {}
+            for number, record in read_records(path, "jsonl"):
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                columns.update(dict.fromkeys(record))
+                rows.append(record)
+            cols = list(columns)
+        else:
+            cols, records = iter_csv(path, delimiter="," if fmt == "csv" else "\t")
+            rows = [row for _, row in records]
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a data file") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: data file not found") from None
     if not rows:
         raise ValueError(f"{path}: empty dataset (no rows)")
     for name, option in ((text_column, "--text-column"), (label_column, "--label-column")):
@@ -171,37 +142,42 @@ def _cell(value: Any) -> str:
 
 
 def _read_output(path: Path, columns: list[str], keep: int) -> tuple[list[dict[str, Any]], int]:
-    """The first ``keep`` records of an output file and the byte offset where they end."""
+    """The first ``keep`` records of an output file and the byte offset where they end.
+
+    Only complete lines are read: a crash can leave a torn last line, even half a UTF-8 character.
+    """
     fmt = data_format(path, "output")
     records: list[dict[str, Any]] = []
     offset = 0
-    with open(path, encoding="utf-8", newline="") as f:
-        consumed = [0]
+    consumed = [0]
 
-        def lines() -> Iterator[str]:
-            for line in f:
-                consumed[0] += len(line.encode("utf-8"))
-                yield line
+    def lines() -> Iterator[str]:
+        for raw, end in complete_lines(path):
+            consumed[0] = end
+            yield raw.decode("utf-8")
 
-        it = lines()
-        if fmt == "jsonl":
-            for line in it:
-                if len(records) == keep:
-                    break
-                records.append(json.loads(line))
-                offset = consumed[0]
-        else:
-            reader = _csv_records(it, "," if fmt == "csv" else "\t")
-            header = next(reader, None)
-            if header != columns:
-                raise ValueError(f"{path}: its columns {header} are not those of this run {columns}; "
-                                 "use another --out")
+    it = lines()
+    if fmt == "jsonl":
+        for line in it:
+            if len(records) == keep:
+                break
+            records.append(json.loads(line))
             offset = consumed[0]
+    else:
+        reader = csv.reader(it, delimiter="," if fmt == "csv" else "\t")
+        header = next(reader, None)
+        if header != columns:
+            raise ValueError(f"{path}: its columns {header} are not those of this run {columns}; "
+                             "use another --out")
+        offset = consumed[0]
+        try:
             for values in reader:
                 if len(records) == keep:
                     break
                 records.append(dict(zip(columns, values)))
                 offset = consumed[0]
+        except csv.Error:  # a row cut inside a quoted field: it is after the finished ones
+            pass
     if len(records) < keep:
         raise ValueError(f"{path}: has {len(records)} complete rows but its progress log says {keep}; the file "
                          "was changed by something else. Remove it and its .progress file to start over")
@@ -326,6 +302,7 @@ class Augmenter:
         if self.out.resolve() == data.path.resolve():
             raise ValueError(f"--out {self.out} is the input file; choose another output")
         data_format(self.out, "output")
+        check_output_file(self.out)
         self.text_column, self.label_column = text_column, label_column
         self.per_example, self.methods = per_example, list(methods)
         self.params = (params or SamplingParams(**DEFAULTS)).with_(n=1)
@@ -362,9 +339,10 @@ class Augmenter:
                                  "not a resumable augment output; choose another --out or remove it")
             self._write_progress_header(header)
             return 0
-        lines = self.progress_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        # complete lines only: a kill can tear the last one (the row it logged is then redone)
+        lines = [(raw.decode("utf-8", errors="replace"), end) for raw, end in complete_lines(self.progress_path)]
         try:
-            first = json.loads(lines[0]) if lines else None
+            first = json.loads(lines[0][0]) if lines else None
         except json.JSONDecodeError:
             first = None
         if first is None:  # killed while writing the header: nothing was done
@@ -375,10 +353,8 @@ class Augmenter:
             diff = [k for k in header if first.get(k) != header[k]]
             raise ValueError(f"{self.out} was started with other settings (different: {', '.join(diff)}); rerun "
                              "with the same ones to resume, or choose another --out")
-        done, keep, good = 0, 0, len(lines[0])
-        for line in lines[1:]:
-            if not line.endswith("\n"):
-                break  # torn last line: that row is redone
+        done, keep, good = 0, 0, lines[0][1]
+        for line, end in lines[1:]:
             entry = json.loads(line)
             if entry["row"] != done:
                 raise ValueError(f"{self.progress_path}: rows out of order; remove it and {self.out} to start over")
@@ -387,9 +363,9 @@ class Augmenter:
             summary.generated += entry["kept"]
             for reason, count in entry["filtered"].items():
                 summary.filtered[reason] = summary.filtered.get(reason, 0) + count
-            good += len(line)
-        if good < sum(len(x) for x in lines):
-            with open(self.progress_path, "r+", encoding="utf-8") as f:
+            good = end
+        if good < self.progress_path.stat().st_size:
+            with open(self.progress_path, "r+b") as f:
                 f.truncate(good)
         if not self.out.exists():
             if done:
@@ -547,7 +523,4 @@ def read_output(path: str | Path) -> list[dict[str, Any]]:
     """Every record of an augment output (for inspection and tests)."""
     path = Path(path)
     fmt = data_format(path, "output")
-    text = path.read_text(encoding="utf-8")
-    if fmt == "jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return list(csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t"))
+    return [record for _, record in read_records(path, fmt)]

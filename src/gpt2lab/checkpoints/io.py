@@ -14,12 +14,13 @@ HF GPT-2 stores its projections as ``Conv1D`` (weight ``[in, out]``); our model 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,85 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: a pickled checkpoint cannot run code when loaded
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every parser error means the same to the user
+        # torch's weights_only unpickler met a reference to code (a global or a call), not a tensor
+        if re.search(r"Unsupported global|unrecognized function|Unsupported class", str(exc)):
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            what = f" (it references {refused.group(1)})" if refused else ""
+            raise CheckpointError(
+                f"{path}: refused: loading this pickle would run code{what}; only "
+                "plain tensors are loaded (torch.load weights_only=True). If you trust the file, convert it "
+                "to safetensors yourself") from None
         size = path.stat().st_size
         raise CheckpointError(f"{path}: cannot read weights ({size} bytes; truncated or corrupt?): {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return state
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header only (nothing else is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - a header that does not parse
+        raise CheckpointError(f"{path}: cannot read weights ({path.stat().st_size} bytes; truncated or "
+                              f"corrupt?): {exc}") from exc
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Our tensor names and shapes for ``config``, from one block built on the meta device (no memory)."""
+    with torch.device("meta"):
+        one = GPT2(dataclasses.replace(config, n_layer=1))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in one.state_dict().items():
+        if name.startswith("h.0."):
+            for i in range(config.n_layer):
+                shapes[f"h.{i}.{name[4:]}"] = tuple(tensor.shape)
+        else:
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def check_shapes(config: GPT2Config, shapes: Mapping[str, Sequence[int]], weights: str | Path,
+                 config_path: str | Path) -> None:
+    """Check HF-named tensor ``shapes`` (a safetensors header, or the union of a sharded checkpoint's)
+    against ``config`` before anything is allocated; :class:`CheckpointError` names both files."""
+    ours: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        key = name.removeprefix("transformer.")
+        if _IGNORED.search(key):
+            continue
+        ours[key] = tuple(reversed(tuple(shape))) if key.endswith(_CONV1D_SUFFIXES) else tuple(shape)
+    check_state_shapes(config, ours, weights, config_path)
+
+
+def check_state_shapes(config: GPT2Config, shapes: Mapping[str, Sequence[int]], weights: str | Path,
+                       config_path: str | Path) -> None:
+    """:func:`check_shapes` for our tensor names and layouts (after :func:`hf_to_gpt2lab`)."""
+    ours = {key: tuple(shape) for key, shape in shapes.items()}
+    if config.tie_word_embeddings:
+        ours.pop("lm_head.weight", None)  # tied: the same tensor as wte
+    blocks = {int(m.group(1)) for key in ours if (m := re.match(r"h\.(\d+)\.", key))}
+    if blocks != set(range(config.n_layer)):  # before listing n_layer blocks of names, however big
+        found = f"blocks h.0-h.{max(blocks)}" if blocks == set(range(len(blocks))) and blocks else \
+            f"{len(blocks)} blocks"
+        raise CheckpointError(f"{weights}: has {found} but {config_path} says n_layer={config.n_layer}")
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{weights}: does not match {config_path}: {'; '.join(detail)}")
+    for key, shape in ours.items():
+        if shape != expected[key]:
+            raise CheckpointError(f"{weights}: tensor {key} has shape {shape} but {config_path} implies "
+                                  f"{expected[key]}")
 
 
 def _read_index(index: Path) -> list[Path]:
@@ -207,6 +282,12 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
         config = GPT2Config.from_json(config_path)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
+    files = weight_files(directory)
+    if all(f.suffix == ".safetensors" for f in files):  # headers only: a mismatch fails before any allocation
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            shapes.update(safetensors_shapes(f))
+        check_shapes(config, shapes, weights_file(directory), config_path)
     dtype = resolve_dtype(dtype, directory)
     return model_from_tensors(config, (tensors for _, tensors in iter_checkpoint_tensors(directory)), dtype=dtype,
                        device=device, source=str(weights_file(directory)), config_source=str(config_path))
@@ -224,28 +305,14 @@ def model_from_tensors(config: GPT2Config, shards: Iterable[Mapping[str, torch.T
         for key, tensor in hf_to_gpt2lab(tensors).items():
             state[key] = tensor.to(dtype=target_dtype) if tensor.is_floating_point() else tensor
         del tensors
+    check_state_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, source, config_source)
     # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
     # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.
     approx_params = config.n_embd * (config.vocab_size + config.n_positions + 12 * config.n_embd * config.n_layer)
     with torch.device("meta") if approx_params > 400_000_000 else contextlib.nullcontext():
         model = GPT2(config)
-    expected = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: same tensor as wte
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{source}: does not match {config_source}: {'; '.join(detail)}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{source}: tensor {key} has shape {tuple(tensor.shape)} but {config_source} implies "
-                f"{tuple(expected[key].shape)}")
     model.load_state_dict(state, assign=True)
     model.to(device)
     model.eval()
@@ -287,6 +354,21 @@ def write_atomic_dir(target: str | Path, fill) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def _write_errors_as_os_errors(path: Path) -> Iterator[None]:
+    """safetensors reports a failed write (a full disk ...) as ``SafetensorError``: raise the ``OSError``
+    it is, so the CLI says it in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _tokenizer_config(tokenizer_dir: Path | None, n_positions: int) -> dict[str, Any]:
@@ -344,8 +426,9 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
         hf_config = config.to_hf_dict()
         hf_config["torch_dtype"] = str(stored).removeprefix("torch.")
         _write_json(tmp / CONFIG_FILE, hf_config)
-        save_torch_state_dict(gpt2lab_to_hf(state, config.tie_word_embeddings), tmp, max_shard_size=max_shard_size,
-                              metadata={"format": "pt"})
+        with _write_errors_as_os_errors(tmp):
+            save_torch_state_dict(gpt2lab_to_hf(state, config.tie_word_embeddings), tmp,
+                                  max_shard_size=max_shard_size, metadata={"format": "pt"})
         if tok_dir is not None:
             for name in TOKENIZER_FILES:
                 src = tok_dir / name

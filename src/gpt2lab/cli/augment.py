@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ..apps.augment import DEFAULTS, METHODS
-from .common import load_generator, user_errors
+from .common import check_output, load_generator, user_errors
 from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
@@ -48,6 +48,7 @@ def augment(
 
     with user_errors():
         dataset = read_dataset(data, text_column, label_column)
+    check_output(out, "--out", kind="file")
     gen = load_generator(model, runtime)
     with user_errors():
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,

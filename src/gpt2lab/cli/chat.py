@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ..apps.chat import DEFAULTS, UNSUPPORTED
-from .common import fail, load_generator, user_errors
+from .common import check_output, fail, load_generator, user_errors
 from .options import Runtime, SamplingChoice, model_option, process_escapes, runtime_options, sampling_options
 
 HELP = """commands:
@@ -116,6 +116,8 @@ def chat(
                                               for v in (persona, message, bot_name, user_name))
     if message is not None and not message.strip():
         fail("--message is empty")
+    if save is not None:
+        check_output(save, "--save", kind="file")
     gen = load_generator(model, runtime)
     with user_errors((OSError,)):
         session = ChatSession(gen, persona=persona, params=sampling.resolve(gen), user_name=user_name,

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from .common import fail, load_generator, user_errors
+from .common import fail, load_generator, require_extra, user_errors
 from .options import Runtime, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
@@ -88,6 +88,7 @@ def text_cmd(
     runtime: Runtime = None,
 ) -> None:
     """BLEU, chrF, ROUGE against references; distinct-n, self-BLEU, repetition, length, perplexity."""
+    require_extra("eval", "gpt2lab eval text", ("sacrebleu", "rouge_score"))
     from ..evaluation import read_predictions, read_references, text_metrics
 
     with user_errors():

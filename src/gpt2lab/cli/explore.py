@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import fail, user_errors
+from .common import check_output, fail, require_extra, user_errors
 from .eval import fmt_value, load_for_eval, print_json
 from .options import Runtime, model_option, runtime_options
 
@@ -43,15 +43,16 @@ def explore(
     runtime: Runtime = None,
 ) -> None:
     """Sample every temperature x top-k x top-p combination and compare coherence with creativity."""
+    require_extra("eval", "gpt2lab explore", ("sacrebleu", "matplotlib"))  # self-BLEU, plot.png
     temperatures = _numbers("--temperature", temperature, float)
     top_ks = _numbers("--top-k", top_k, int)
     top_ps = _numbers("--top-p", top_p, float)
     prompts = [] if prompt is None else [prompt]
     if prompts_file is not None:
-        from ..evaluation.perplexity import read_text_file
+        from ..readers import iter_lines
 
         with user_errors():
-            prompts += [line for line in read_text_file(prompts_file).splitlines() if line.strip()]
+            prompts += [line for _, line in iter_lines(prompts_file) if line.strip()]
     if not prompts:
         fail("give a prompt, or --prompts FILE")
     from ..evaluation import explore as run_explore
@@ -59,6 +60,7 @@ def explore(
 
     with user_errors():
         grid(temperatures, top_ks, top_ps)  # bad values fail before any model loads
+    check_output(out, "--out")
     gen = load_for_eval(model, runtime)
     scorer = load_for_eval(scoring_model, runtime) if scoring_model else None
     with user_errors():

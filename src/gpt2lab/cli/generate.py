@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from pathlib import Path
@@ -101,14 +102,18 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
         fail("give prompts as arguments or with --file, not both")
     if prompts:
         return prompts
+    from ..readers import decode, iter_lines
+
     if file is not None and str(file) != "-":
         try:
-            return read_prompts(file.read_text(encoding="utf-8").splitlines(), str(file))
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(f"--file {file}: cannot read ({exc})")
+            return read_prompts([line for _, line in iter_lines(file)], str(file))
+        except (OSError, ValueError) as exc:
+            fail(f"--file {file}: cannot read ({exc})" if isinstance(exc, OSError) else str(exc))
     if sys.stdin.isatty() and file is None:
         fail("no prompt: give one as an argument, with --file, or on stdin")
-    return read_prompts(sys.stdin.read().splitlines(), "stdin")
+    with user_errors():  # the same rules as a file: BOM dropped, lines end at "\n" only
+        text = decode(sys.stdin.buffer.read().removeprefix(codecs.BOM_UTF8), "stdin")
+    return read_prompts(text.split("\n"), "stdin")
 
 
 def _stream(gen, prompts: list[str], params) -> None:

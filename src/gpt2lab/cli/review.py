@@ -16,7 +16,7 @@ import typer
 
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import sampling_options
+from .options import Runtime, runtime_options, sampling_options
 
 app = typer.Typer(help="Blind side-by-side ratings, 1-5 ratings and curation of generated text, in the browser.",
                   no_args_is_help=True)
@@ -62,6 +62,7 @@ def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 
 
 @app.command("make")
+@runtime_options()
 @sampling_options(defaults=MAKE_DEFAULTS, exclude={"n", "logprobs"})
 def make(
     prompts: list[str] = typer.Argument(None, help="Prompts to complete (more with --prompts)."),
@@ -89,6 +90,7 @@ def make(
     samples: int = typer.Option(1, "--samples", help="Completions per prompt and generating source."),
     max_items: int = typer.Option(None, "--max-items", help="Keep at most this many items (after shuffling)."),
     sampling: SamplingParams = None,
+    runtime: Runtime = None,
 ) -> None:
     """Write a review file: the same prompts completed by two or more hidden sources (or an augment output)."""
     from ..review import reviewset as rv
@@ -132,7 +134,7 @@ def make(
             params_list = [(s, parse_setting(s, sampling)) for s in settings or [None]] if settings else [(None,
                                                                                                           sampling)]
             for model in models or [None]:
-                gen = load_generator(model)
+                gen = load_generator(model, runtime)
                 for text, params in params_list:
                     name = Path(model).name if model and Path(model).is_dir() else model
                     label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
@@ -191,6 +193,12 @@ def serve(
             review.criteria = check_criteria(criteria.split(","))
         words = read_blocklist(blocklist) if blocklist else []
         app_ = create_app(review, log, blocklist=words, similarity=similarity, title=review_file.name)
+    if port == 0:  # pick the free port here, so the address printed is the one served
+        import socket
+
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
     print(f"reviewing {review_file} ({review.mode}, {len(review.items)} items); judgements go to {log}")
     print(f"open http://{host}:{port}/ in a browser")
     uvicorn.run(app_, host=host, port=port, log_level=log_level)
@@ -204,9 +212,11 @@ def summary(
 ) -> None:
     """Win rates (Wilson 95% CI), Bradley-Terry, mean ratings (t 95% CI) and reviewer agreement of a log."""
     from ..review import read_log
+    from ..review.stats import require_extras
     from ..review.summary import summarize, tables, write_outputs
 
     with user_errors((ImportError,)):
+        require_extras()
         records = read_log(log)
         if not records:
             fail(f"{log}: holds no judgements yet")

@@ -6,7 +6,7 @@ import ipaddress
 
 import typer
 
-from .common import fail, load_kwargs, user_errors
+from .common import fail, load_kwargs, require_extra, user_errors
 from .options import Runtime, model_option, runtime_options
 
 
@@ -38,6 +38,7 @@ def serve(
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
+    require_extra("server", "gpt2lab serve")
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..apps.story import DEFAULTS
-from .common import fail, load_generator, user_errors
+from .common import check_output, fail, load_generator, user_errors
 from .options import (
     BEAM_OPTIONS,
     Runtime,
@@ -46,16 +46,19 @@ def story(
     premise = process_escapes(premise)
     start = None
     if continue_file is not None:
+        from ..readers import read_text
+
         try:
-            start = continue_file.read_text(encoding="utf-8")
+            start = read_text(continue_file)
         except FileNotFoundError:
             fail(f"--continue {continue_file}: file not found")
-        except (IsADirectoryError, UnicodeDecodeError) as exc:
-            fail(f"--continue {continue_file}: cannot read it as UTF-8 text ({exc.__class__.__name__})")
+        except ValueError as exc:
+            fail(f"--continue {exc}")
         if not start.strip():
             fail(f"--continue {continue_file}: the file is empty")
     elif not premise.strip():
         fail("give a premise (or --continue FILE)")
+    check_output(out, "--out")
     gen = load_generator(model, runtime)
     shown: list[str] = []  # the first delta is preceded by the text the story starts with
 

@@ -35,6 +35,7 @@ DROPOUT = typer.Option(None, "--dropout", help="Dropout rate (default: the model
 EVAL_EVERY = typer.Option(None, "--eval-every", help="Steps between validations (default: ~20 per run).")
 EVAL_BLOCKS = typer.Option(200, "--eval-blocks", help="Validation blocks per evaluation (at most).")
 SAVE_EVERY = typer.Option(None, "--save-every", help="Steps between resumable checkpoints (default: --eval-every).")
+KEEP = typer.Option(1, "--keep-checkpoints", help="Resumable checkpoints kept in OUT/trainer/ (the newest N).")
 LOG_EVERY = typer.Option(10, "--log-every", help="Steps between metrics.jsonl records.")
 PATIENCE = typer.Option(None, "--patience", help="Early stopping: stop after this many evaluations without a new best.")
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint left it.")
@@ -77,7 +78,8 @@ def finetune(
     text_column: str = TEXT_COLUMN, epochs: float = EPOCHS, max_steps: int = MAX_STEPS, batch_size: int = BATCH,
     grad_accum: int = ACCUM, lr: float = LR, warmup_steps: int = WARMUP, weight_decay: float = WD,
     grad_clip: float = CLIP, block_size: int = BLOCK, dropout: float = DROPOUT, eval_every: int = EVAL_EVERY,
-    eval_blocks: int = EVAL_BLOCKS, save_every: int = SAVE_EVERY, log_every: int = LOG_EVERY,
+    eval_blocks: int = EVAL_BLOCKS, save_every: int = SAVE_EVERY, keep_checkpoints: int = KEEP,
+    log_every: int = LOG_EVERY,
     patience: int = PATIENCE, resume: bool = RESUME, seed: int = SEED,
     lora_rank: int = typer.Option(0, "--lora-rank", help="Train a LoRA adapter of this rank instead of all weights."),
     lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA scale numerator (default 2 x rank)."),
@@ -101,7 +103,8 @@ def train(
     text_column: str = TEXT_COLUMN, epochs: float = EPOCHS, max_steps: int = MAX_STEPS, batch_size: int = BATCH,
     grad_accum: int = ACCUM, lr: float = LR, warmup_steps: int = WARMUP, weight_decay: float = WD,
     grad_clip: float = CLIP, block_size: int = BLOCK, dropout: float = DROPOUT, eval_every: int = EVAL_EVERY,
-    eval_blocks: int = EVAL_BLOCKS, save_every: int = SAVE_EVERY, log_every: int = LOG_EVERY,
+    eval_blocks: int = EVAL_BLOCKS, save_every: int = SAVE_EVERY, keep_checkpoints: int = KEEP,
+    log_every: int = LOG_EVERY,
     patience: int = PATIENCE, resume: bool = RESUME, seed: int = SEED, bf16: bool = BF16,
     grad_checkpointing: bool = CKPT, save_dtype: str = SAVE_DTYPE, max_time: float = MAX_TIME,
     threads: int = THREADS, device: str = DEVICE, dtype: str = DTYPE, compile: bool = COMPILE,  # noqa: A002

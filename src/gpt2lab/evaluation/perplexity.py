@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..readers import read_text, split_text
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
 
@@ -47,16 +48,17 @@ def _bits_per_byte(nll: float, n_bytes: int) -> float:
 
 
 def read_text_file(path: str | Path) -> str:
-    """A UTF-8 text file's content, with errors that name the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory, expected a text file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    """A UTF-8 text file's content (BOM dropped), with errors that name the file and line."""
+    return read_text(path)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a text of any length, tokenized in bounded pieces (one huge string would make the
+    tokenizer hold about 100 bytes per character at once)."""
+    ids: list[int] = []
+    for part in tokenizer.encode_batch(list(split_text(text))):
+        ids += part
+    return ids
 
 
 def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str | Path] | None = None,
@@ -96,7 +98,7 @@ def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str 
     if not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch_tokens must be an integer >= 1, got {batch_tokens!r}")
 
-    docs = gen.tokenizer.encode_batch(docs_text)
+    docs = [_encode(gen.tokenizer, text) for text in docs_text]
     for name, ids in zip(doc_names, docs):
         if len(ids) < 2:
             raise ValueError(f"{name}: has {len(ids)} token(s); perplexity needs at least 2")

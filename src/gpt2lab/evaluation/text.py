@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..jsonl import json_lines
+from ..readers import iter_jsonl, iter_lines
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
 
@@ -193,15 +193,12 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]] | Non
     ``completion``, ``output``, ``generation``, optionally with its ``references`` (a string or a
     list); those are returned second (None when the lines carry none).
     """
-    from .perplexity import read_text_file
-
     path = Path(path)
-    content = read_text_file(path)
     if path.suffix.lower() != ".jsonl":
-        return content.splitlines(), None
+        return [line for _, line in iter_lines(path)], None
     texts: list[str] = []
     refs: list[list[str]] = []
-    for number, item in json_lines(content.splitlines(), str(path)):
+    for number, item in iter_jsonl(path):
         where = f"{path}:{number}"
         if isinstance(item, str):
             texts.append(item)
@@ -223,14 +220,11 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]] | Non
 def read_references(path: str | Path) -> list[list[str]]:
     """References from a text file (one per line) or JSON Lines (a string, a list of strings, or an
     object with ``references``/``reference``/``target``/``text``)."""
-    from .perplexity import read_text_file
-
     path = Path(path)
-    content = read_text_file(path)
     if path.suffix.lower() != ".jsonl":
-        return [[line] for line in content.splitlines()]
+        return [[line] for _, line in iter_lines(path)]
     refs = []
-    for number, item in json_lines(content.splitlines(), str(path)):
+    for number, item in iter_jsonl(path):
         where = f"{path}:{number}"
         if isinstance(item, dict):
             key = next((k for k in _REF_KEYS if k in item), None)

@@ -17,7 +17,7 @@ from ..model import GPT2, GPT2Config
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
 from ..sampling import SamplingParams, hf_compat
-from ..tokenizer import Tokenizer, TokenizerError, gpt2_tokenizer_dir
+from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
 from .outputs import Completion, TokenLogprob, token_logprobs
 
@@ -261,14 +261,12 @@ class Generator:
 
 
 def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
-    """The checkpoint's own tokenizer; GPT-2's when a 50257-token checkpoint ships none."""
-    try:
-        return Tokenizer.from_dir(directory), directory
-    except TokenizerError:
-        if vocab_size != 50257:
-            raise
+    """The checkpoint's own tokenizer; GPT-2's only when a 50257-token checkpoint has no tokenizer file
+    at all (a present but broken one is a :class:`TokenizerError` naming it)."""
+    if vocab_size == 50257 and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         print(f"gpt2lab: {directory} has no tokenizer files; using GPT-2's tokenizer", file=sys.stderr)
         return Tokenizer.gpt2(), gpt2_tokenizer_dir()
+    return Tokenizer.from_dir(directory), directory
 
 
 def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None = None,

@@ -104,6 +104,8 @@ def create_app(review: str | Path | ReviewSet, log: str | Path, *, blocklist: li
 
     def order(reviewer: str) -> list[str]:
         if reviewer not in orders:
+            if len(orders) >= 1024:  # any name may ask: keep the cache bounded
+                orders.clear()
             ids = [it.id for it in rs.items]
             orders[reviewer] = ids if rs.mode == "curation" else sorted(ids, key=lambda i: _digest(reviewer, i))
         return orders[reviewer]

@@ -22,6 +22,21 @@ def missing_extra(exc: ImportError) -> ImportError:
                        "pip install 'gpt2lab[review]'")
 
 
+def require_extras() -> None:
+    """Raise a one-line ``ImportError`` unless every summary library is installed (found, not imported:
+    scikit-learn alone takes seconds to import, and is only needed for two reviewers)."""
+    from importlib.util import find_spec
+
+    for module, package in (("sklearn", "scikit-learn"), ("krippendorff", "krippendorff"), ("scipy", "scipy"),
+                            ("matplotlib", "matplotlib")):
+        try:
+            found = find_spec(module) is not None
+        except ValueError:  # in sys.modules as None: imports of it fail
+            found = False
+        if not found:
+            raise ImportError(f"gpt2lab review summary needs {package}: pip install 'gpt2lab[review]'")
+
+
 def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``successes / n``; ``(nan, nan)`` when ``n == 0``.
 

@@ -188,6 +188,13 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
             for row, s in zip(rows, pw["sources"]):
                 row.append(_f(bt.get(s["source"])))
         out.append((f"Pairwise ({pw['interval']})", head, rows))
+        names = [s["source"] for s in pw["sources"]]
+        if len(names) > 2:
+            cell = {(h["source"], h["opponent"]): h for h in pw["head_to_head"]}
+            out.append(("Head to head: wins of the row's source over the column's / comparisons", ["", *names],
+                        [[a, *("" if a == b or (a, b) not in cell else
+                               f"{cell[(a, b)]['wins']:g}/{cell[(a, b)]['comparisons']:g}" for b in names)]
+                         for a in names]))
     rt = summary.get("ratings")
     if rt:
         out.append((f"Ratings 1-5 ({rt['interval']})", ["source", "criterion", "n", "mean", "95% CI"],

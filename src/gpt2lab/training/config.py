@@ -95,6 +95,7 @@ class TrainConfig:
     eval_every: int | None = None  # default: about 20 evaluations per run
     eval_blocks: int = 200
     save_every: int | None = None  # default: every evaluation
+    keep_checkpoints: int = 1  # resumable checkpoints kept in trainer/ (the newest N)
     log_every: int = 10
     patience: int | None = None
     resume: bool = False
@@ -129,6 +130,7 @@ class TrainConfig:
             ("--eval-blocks", self.eval_blocks, 1), ("--log-every", self.log_every, 1),
             ("--max-steps", self.max_steps, 1), ("--block-size", self.block_size, 1),
             ("--eval-every", self.eval_every, 1), ("--save-every", self.save_every, 1),
+            ("--keep-checkpoints", self.keep_checkpoints, 1),
             ("--patience", self.patience, 1), ("--threads", self.threads, 1),
             ("--warmup-steps", self.warmup_steps, 0), ("--lora-rank", self.lora_rank, 0),
         ]

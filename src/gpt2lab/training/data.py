@@ -12,9 +12,7 @@ tail of its tokens is held out instead.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import sys
@@ -25,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..jsonl import json_lines
+from ..readers import ReadError, ReadStats, iter_csv, iter_text_chunks, read_records, split_text
 from . import hf_data
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".csv")
-CHUNK_CHARS = 1 << 20  # a .txt file is tokenized in ~1 MB pieces, cut at line ends
+BATCH_CHARS = 1 << 20  # characters handed to the tokenizer at once (its memory is ~100x this)
 CACHE_VERSION = 1
 
 
@@ -39,9 +37,8 @@ class DataError(ValueError):
 
 
 @dataclass
-class DataStats:
+class DataStats(ReadStats):
     documents: int = 0
-    replaced_bytes: int = 0  # invalid UTF-8 sequences replaced by U+FFFD
     files: list[str] = field(default_factory=list)
 
 
@@ -77,83 +74,40 @@ def _hf(fn, *args):
         raise DataError(str(exc)) from None
 
 
-def _decode(raw: bytes, path: Path, stats: DataStats) -> str:
-    """UTF-8 text with invalid sequences replaced (and counted); binary files are refused."""
-    nul = raw.find(b"\x00", 0, 1 << 16)
-    if nul >= 0:
-        raise DataError(f"{path}: looks like a binary file, not text (NUL byte at offset {nul}); "
-                        "training data must be UTF-8 text, .jsonl or .csv")
+def _read_error(fn: Callable[[], Iterator[str]]) -> Iterator[str]:
+    """Run a reader, turning its errors into the data error the CLI reports."""
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        stats.replaced_bytes += text.count("\ufffd") - raw.count("\ufffd".encode())
-        return text
-
-
-def _read_text_chunks(path: Path, stats: DataStats) -> Iterator[str]:
-    """A text file in pieces of about CHUNK_CHARS, cut after a newline, decoded leniently."""
-    pending = b""
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(CHUNK_CHARS)
-            if not block:
-                break
-            pending += block
-            cut = pending.rfind(b"\n")
-            if cut < 0:
-                continue
-            yield _decode(pending[:cut + 1], path, stats)
-            pending = pending[cut + 1:]
-    if pending:
-        yield _decode(pending, path, stats)
-
-
-def _lines(path: Path, stats: DataStats) -> Iterator[str]:
-    with open(path, "rb") as fh:
-        for raw in fh:
-            yield _decode(raw, path, stats)
+        yield from fn()
+    except DataError:
+        raise
+    except ReadError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _jsonl_documents(path: Path, text_field: str, stats: DataStats) -> Iterator[str]:
     seen_field = False
-    try:
-        for lineno, record in json_lines(_lines(path, stats), str(path)):
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
-                                "choose it with --text-field")
-            value = record[text_field]
-            if not isinstance(value, str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, "
-                                "expected a string")
-            seen_field = True
-            yield value
-    except DataError:
-        raise
-    except ValueError as exc:  # json_lines' bad-line error, as the data error the CLI reports
-        raise DataError(str(exc)) from None
+    for lineno, record in read_records(path, "jsonl", errors="replace", stats=stats):
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); "
+                            "choose it with --text-field")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, "
+                            "expected a string")
+        seen_field = True
+        yield value
     if not seen_field:
         raise DataError(f"{path}: no JSON records")
 
 
 def _csv_documents(path: Path, text_column: str, stats: DataStats) -> Iterator[str]:
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    _decode(head, path, stats)  # refuse binary files before the csv module sees them
-    text = io.TextIOWrapper(open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    csv.field_size_limit(1 << 30)
-    with text:
-        reader = csv.DictReader(text)
-        if reader.fieldnames is None:
-            raise DataError(f"{path}: empty CSV file (no header row)")
-        if text_column not in reader.fieldnames:
-            raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(reader.fieldnames)}); "
-                            "choose it with --text-column")
-        for row in reader:
-            value = row.get(text_column) or ""
-            stats.replaced_bytes += value.count("\ufffd")
-            yield value
+    header, rows = iter_csv(path, errors="replace", stats=stats)
+    if text_column not in header:
+        raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(header)}); "
+                        "choose it with --text-column")
+    for _, row in rows:
+        yield row[text_column]
 
 
 def iter_documents(path: Path, *, text_field: str = "text", text_column: str = "text",
@@ -170,15 +124,15 @@ def iter_documents(path: Path, *, text_field: str = "text", text_column: str = "
                 break
             except hf_data.HFDataError as exc:
                 raise DataError(str(exc)) from None
-            yield iter((doc,))
+            yield split_text(doc)
     elif suffix == ".jsonl":
-        for doc in _jsonl_documents(path, text_field, stats):
-            yield iter((doc,))
+        for doc in _read_error(lambda: _jsonl_documents(path, text_field, stats)):
+            yield split_text(doc)
     elif suffix == ".csv":
-        for doc in _csv_documents(path, text_column, stats):
-            yield iter((doc,))
+        for doc in _read_error(lambda: _csv_documents(path, text_column, stats)):
+            yield split_text(doc)
     else:
-        yield _read_text_chunks(path, stats)
+        yield _read_error(lambda: iter_text_chunks(path, errors="replace", stats=stats))
 
 
 # -- tokenizing into a memmap -----------------------------------------------------------------------
@@ -236,7 +190,8 @@ def tokenize_documents(files: Sequence[Path], encode: Callable[[list[str]], list
                 for piece in pieces:
                     digest.update(piece.encode("utf-8", errors="replace"))
                     batch.append(piece)
-                    if len(batch) >= 8:  # encode_batch runs pieces in parallel in Rust
+                    # encode_batch runs pieces in parallel in Rust; bounded in characters, as its memory is
+                    if sum(len(p) for p in batch) >= BATCH_CHARS:
                         writer.write(np.concatenate([np.asarray(x, dtype=dtype) for x in encode(batch)]))
                         bar.update(task, advance=sum(len(p) for p in batch))
                         batch = []

@@ -9,7 +9,7 @@ Output folder ``--out``:
     metrics.jsonl, loss_curve.png, training.json       records
     runs/                                              TensorBoard event files (--report-to tensorboard)
     adapter/                                           the LoRA adapter on its own (LoRA runs)
-    trainer/  (state.pt + model/)                      the latest checkpoint, for --resume
+    trainer/  (step-N/{state.pt,model/} + latest)      resumable checkpoints, for --resume (see checkpoint.py)
     data/                                              the tokenized corpus (uint16 memmaps)
 """
 
@@ -33,11 +33,13 @@ import torch.nn.functional as F
 from ..checkpoints import save_model, write_atomic_dir
 from ..checkpoints.io import load_model
 from ..model import GPT2
+from ..outputs import check_output_dir
+from ..readers import complete_lines
 from . import lora as lora_mod
+from .checkpoint import MODEL_DIR, STATE_FILE, CheckpointDir, crash_point
 from .config import RESUME_IDENTITY, TrainConfig, parse_model_config
 from .data import DataError, TokenData, prepare_data
 
-STATE_FILE = "state.pt"
 TRAINER_DIR = "trainer"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
@@ -220,11 +222,12 @@ class Metrics:
                                         purge_step=resume_step + 1 if resume_step is not None else None)
         kept: list[str] = []
         if resume_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            for raw, _ in complete_lines(path):  # a last line cut by a kill (even mid-character) is dropped
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut by a kill
+                    continue
                 if rec.get("step", 0) <= resume_step:
                     kept.append(line)
         tmp = path.with_suffix(".tmp")
@@ -328,11 +331,9 @@ class Trainer:
         self.dist, self.device = _init_distributed(cfg.device)
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cuda"
         if self.deterministic and self.device.type == "cuda":
-            # exact resume on a GPU: no atomics-based kernels, fixed cuBLAS workspaces (set before cuBLAS
-            # starts, as torch's reproducibility notes ask). Strict mode, not warn_only: only then does
-            # SDPA's flash backward take its deterministic path instead of warning.
+            # exact resume on a GPU: fixed cuBLAS workspaces, set before cuBLAS starts (as torch's
+            # reproducibility notes ask); the deterministic kernels are switched on for the run (train())
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
         from ..model.device import autocast_dtype
 
         # None: plain float32; bfloat16: autocast; float16: autocast + a gradient scaler (CUDA only)
@@ -342,7 +343,12 @@ class Trainer:
         self.quiet = not self.dist.main
         if cfg.model is not None and Path(cfg.model).is_dir() and Path(cfg.model).resolve() == self.out.resolve():
             raise ValueError(f"--out {cfg.out} is the model being fine-tuned; choose another output folder")
-        if not cfg.resume and (self.out / TRAINER_DIR / STATE_FILE).is_file():
+        self.checkpoints = CheckpointDir(self.out / TRAINER_DIR, keep=cfg.keep_checkpoints)
+        if self.dist.main:  # before any long work: an unwritable --out fails now, not after an hour
+            check_output_dir(self.out)
+            _clean_stale(self.out)
+            self.checkpoints.clean_stale()
+        if not cfg.resume and self.checkpoints.latest() is not None:
             self._log(f"gpt2lab: {self.out} holds an earlier run; starting over (--resume continues it instead)")
         model, self.tokenizer, self.tokenizer_dir, self.base_name, self.generation_config = build_model(cfg)
         c = model.config
@@ -431,10 +437,11 @@ class Trainer:
         plain = self._plain_model()
 
         def fill(tmp: Path) -> None:
-            save_model(plain, tmp / "model", tokenizer_dir=self.tokenizer_dir)
+            save_model(plain, tmp / MODEL_DIR, tokenizer_dir=self.tokenizer_dir)
+            crash_point("writing")
             torch.save(state, tmp / STATE_FILE)
 
-        write_atomic_dir(self.out / TRAINER_DIR, fill)
+        self.checkpoints.save(self.step, fill)
 
     def model_card(self, dtype: torch.dtype) -> str:
         """The README.md of the published model: base model, data, steps, validation perplexity, how."""
@@ -477,11 +484,11 @@ class Trainer:
                 self.model, tmp, base, self.lora_targets))
 
     def load_checkpoint(self) -> bool:
-        state_path = self.out / TRAINER_DIR / STATE_FILE
-        if not state_path.is_file():
+        folder = self.checkpoints.latest()
+        if folder is None:
             self._log(f"gpt2lab: nothing to resume in {self.out} yet; starting from step 0")
             return False
-        state = torch.load(state_path, map_location="cpu", weights_only=True)  # a checkpoint cannot run code
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)  # cannot run code
         saved, now = state["identity"], self._identity()
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
@@ -490,7 +497,7 @@ class Trainer:
         if self.cfg.lora_rank:
             lora_mod.load_adapter_state(self.model, {k: v.to(self.device) for k, v in state["adapter"].items()})
         else:
-            weights = load_model(self.out / TRAINER_DIR / "model").state_dict()
+            weights = load_model(folder / MODEL_DIR).state_dict()
             self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -539,6 +546,17 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run the loop to the end (or a stop); the deterministic-kernel setting is restored afterwards."""
+        before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        if self.deterministic and self.device.type == "cuda":
+            # strict mode, not warn_only: only then does SDPA's flash backward take its deterministic path
+            torch.use_deterministic_algorithms(True)
+        try:
+            return self._train()
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+    def _train(self) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         resumed = self.load_checkpoint() if cfg.resume else False
         if not resumed:
@@ -694,6 +712,20 @@ class Trainer:
             return False
         self.bad_evals += 1
         return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what an interrupted write left in ``out``: temporary folders of atomic directory writes
+    (``.NAME.tmp-*``, ``.NAME.old-*``), the publish staging folder, the metrics temporary file."""
+    if not out.is_dir():
+        return
+    import shutil
+
+    for entry in out.iterdir():
+        name = entry.name
+        if name == ".publish" or (name.startswith(".") and (".tmp-" in name or ".old-" in name)):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    (out / "metrics.tmp").unlink(missing_ok=True)
 
 
 def threading_main() -> bool:
