@@ -220,7 +220,7 @@ class Generator:
         """
         eos = self.eos_token_id
         base = hf_compat.translate(defaults or {}, eos_token_id=eos, source="defaults")
-        checkpoint = self.checkpoint_defaults()
+        checkpoint = {k: v for k, v in self.checkpoint_defaults().items() if v is not None}
         for name in skip:
             checkpoint.pop(name, None)
         if "n" in skip:

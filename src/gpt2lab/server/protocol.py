@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,8 +80,13 @@ class _SamplingFields(_Strict):
     _SAMPLING = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "typical_p", "repetition_penalty", "no_repeat_ngram_size")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The validated SamplingParams; a bad value raises :class:`APIError` 400 naming the field."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        resolve: Callable[[dict[str, Any]], SamplingParams] | None = None) -> SamplingParams:
+        """The validated SamplingParams; a bad value raises :class:`APIError` 400 naming the field.
+
+        ``resolve``: turns the fields the client sent (SamplingParams names) into SamplingParams with the
+        server's defaults (:meth:`gpt2lab.generation.Generator.resolve_sampling`: the checkpoint's
+        ``generation_config.json`` for fields not sent). ``max_tokens=None``: not sent."""
         kwargs: dict[str, Any] = {name: getattr(self, name) for name in self._SAMPLING
                                   if getattr(self, name) is not None}
         if self.stop is not None:
@@ -94,8 +100,12 @@ class _SamplingFields(_Strict):
                     raise invalid(f"logit_bias keys must be token ids (integers as strings), got {key!r}",
                                   "logit_bias") from None
             kwargs["logit_bias"] = bias
+        if max_tokens is not None:
+            kwargs["max_new_tokens"] = max_tokens
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
         try:
-            return SamplingParams(max_new_tokens=max_tokens, logprobs=logprobs, **kwargs)
+            return resolve(kwargs) if resolve is not None else SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise params_error(exc) from None
 
@@ -262,6 +272,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "gpt2lab"
     max_model_len: int
+    # the checkpoint's generation_config.json: the defaults of request fields a client does not send
+    generation_config: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):
