@@ -278,7 +278,8 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     ``model=None`` asks for ``gpt2`` and falls back to the bundled model when it cannot be had; a model
     named explicitly (``"gpt2"`` included) never does: it loads or raises ``ModelNotFoundError`` saying
     how to get it. A folder holding only a LoRA adapter (``adapter_config.json``, peft's format) loads its
-    ``base_model_name_or_path`` with the adapter; ``adapter=DIR`` applies one to any base.
+    ``base_model_name_or_path`` with the adapter; ``adapter=DIR`` applies one to any base. The adapter is
+    merged into the weights (the model is a plain GPT-2 afterwards; ``save`` writes the merged model).
 
     ``device``: ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``,
     ``"cuda:N"`` (:func:`gpt2lab.model.device.resolve_device`: ``ValueError`` when it is not there).
@@ -305,10 +306,11 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         gen = Generator(net, tok, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir,
                         generation_config=read_generation_config(resolved.path))
     if adapter is not None:
-        from ..training.lora import load_adapter
+        from ..training.lora import load_adapter, merge_lora
 
-        load_adapter(gen.model, adapter)
-        gen.model.eval()
+        # merged into the weights: the same logits as peft's, and the model stays a plain GPT-2 that the
+        # inference fast paths (optimize_for_inference, CUDA graphs) and quantization can take
+        merge_lora(load_adapter(gen.model, adapter)).eval()
     return gen
 
 
