@@ -362,3 +362,43 @@ def test_a_restarted_server_resumes_each_reviewer_from_the_log(tmp_path):
     records = read_log(log)
     assert [(r["item"], r["choice"]) for r in records] == [(order[0], "A"), (order[1], "tie"), (third, "B")]
     assert log.read_text(encoding="utf-8").count("\n") == 3  # the torn tail was cut, not glued to
+
+
+@pytest.mark.slow
+def test_review_serve_command(tmp_path):
+    """The console command: real uvicorn on a port, the blocklist and criteria options applied."""
+    import os
+    import subprocess
+    import sys
+
+    review = write_review_set(build({"p": [("x", " one bad word")], "q": [("x", " two")]}, "ratings"),
+                              tmp_path / "r.jsonl")
+    (tmp_path / "block.txt").write_text("# words to flag\nbad word\n", encoding="utf-8")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2lab", "review", "serve", str(review), "--port", str(port),
+                             "--blocklist", str(tmp_path / "block.txt"), "--criteria", "clarity,style"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(url + "/api/info").json()["criteria"] == ["clarity", "style"]
+        screens = []
+        for _ in range(2):
+            nxt = httpx.get(url + "/api/next", params={"reviewer": "gil"}).json()["item"]
+            screens.append(nxt["candidates"][0]["screen"]["blocklist"])
+            r = httpx.post(url + "/api/judgements", json={"reviewer": "gil", "item": nxt["id"],
+                                                           "scores": {"clarity": 2, "style": 3}})
+            assert r.status_code == 200, r.text
+        assert sorted(screens) == [[], ["bad word"]]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"judgements go to {tmp_path / 'r.log.jsonl'}" in out
+    assert [r["scores"] for r in read_log(tmp_path / "r.log.jsonl")] == [{"clarity": 2, "style": 3}] * 2

@@ -445,7 +445,7 @@ def test_sample_rejects_rows_with_nothing_left():
 
 
 @pytest.mark.parametrize("name, value", [
-    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", 101), ("top_k", -1), ("top_k", 1.5),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", 101), ("top_k", -2), ("top_k", 1.5),
     ("top_k", True), ("top_p", 0.0), ("top_p", 1.01), ("min_p", -0.01), ("min_p", 1.5), ("typical_p", 0),
     ("typical_p", 2), ("repetition_penalty", 0), ("repetition_penalty", -1.0), ("presence_penalty", 2.5),
     ("frequency_penalty", -3), ("no_repeat_ngram_size", -1), ("max_new_tokens", -1), ("max_length", 0),

@@ -212,7 +212,7 @@ def test_sixteen_concurrent_streams_seeded_equal_alone(model, server, client):
     ({"prompt": "x", "logprobs": 50}, "logprobs", None),
     ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", None),
     ({"prompt": "x", "logit_bias": {"5": 500}}, "logit_bias", None),
-    ({"prompt": "x", "top_k": -1}, "top_k", None),
+    ({"prompt": "x", "top_k": -2}, "top_k", None),
     ({"prompt": "x", "seed": -1}, "seed", None),
     ({"prompt": "x", "n": 200}, "n", None),
     ({"prompt": "x", "suffix": "y"}, "suffix", None),

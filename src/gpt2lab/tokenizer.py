@@ -63,6 +63,8 @@ class Tokenizer:
                 table[idx] = token.encode("utf-8")
         self._token_bytes = table
         self.eos_token_id: int | None = vocab.get(EOS_TOKEN)
+        # ids of the special added tokens (GPT-2: <|endoftext|>), left out of text when skip_special_tokens
+        self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

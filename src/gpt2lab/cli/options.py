@@ -219,6 +219,8 @@ SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("stop", list[str] | None, "Stop string (repeatable); removed from the output."),
     _Opt("stop_token_ids", list[int] | None, "Stop at this token id (repeatable).", "--stop-token-id"),
     _Opt("bad_words", list[str] | None, "A string that may never be generated (repeatable).", "--bad-word"),
+    _Opt("bad_words_ids", list[str] | None, "Comma-separated token ids that may never be generated in a row "
+         "(repeatable).", "--bad-words-ids"),
     _Opt("logit_bias", list[str] | None, "TOKEN_ID:BIAS added to a token's logit (repeatable).", "--logit-bias"),
     _Opt("ignore_eos", bool | None, "Keep generating past <|endoftext|>.", "--ignore-eos"),
     _Opt("n", int | None, "Completions per prompt.", short="-n"),
@@ -229,6 +231,15 @@ SAMPLING_OPTIONS: list[_Opt] = [
     _Opt("logprobs", int | None, "Report the chosen token's logprob and the top K alternatives."),
     _Opt("truncate_prompt", bool | None, "Drop the oldest prompt tokens instead of failing when too long.",
          "--truncate-prompt"),
+    # vLLM's names and meanings
+    _Opt("min_tokens", int | None, "No end of text, stop token or stop string before this many new tokens."),
+    _Opt("truncate_prompt_tokens", int | None, "Keep only the last K prompt tokens (-1: the model's context)."),
+    _Opt("prompt_logprobs", int | None, "Also score the prompt: each prompt token's logprob and top K."),
+    _Opt("include_stop_str_in_output", bool | None, "Keep the stop string at the end of the output.",
+         "--include-stop-str-in-output"),
+    # on by default, so the flag turns it off (build_sampling_params inverts it)
+    _Opt("skip_special_tokens", bool | None, "Keep special tokens (<|endoftext|>) in the text.",
+         "--keep-special-tokens"),
 ]
 
 
@@ -250,6 +261,13 @@ def _parse_logit_bias(items: list[str]) -> dict[int, float]:
         if not sep:
             raise ValueError(f"--logit-bias must be TOKEN_ID:BIAS (e.g. 50256:-100), got {item!r}")
     return bias
+
+
+def _parse_token_ids(item: str) -> list[int]:
+    try:
+        return [int(t) for t in item.split(",")]
+    except ValueError:
+        raise ValueError(f"--bad-words-ids must be comma-separated token ids (e.g. 464,3290), got {item!r}") from None
 
 
 def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] | None = None):
@@ -300,6 +318,10 @@ def explicit_values(given: Mapping[str, Any]) -> dict[str, Any]:
             value = _parse_logit_bias(value)
         elif name in _TEXT_OPTIONS:  # "\\n\\n" on a command line means two newlines, as in llama.cpp
             value = process_escapes_all(value)
+        elif name == "skip_special_tokens":  # given as --keep-special-tokens
+            value = not value
+        elif name == "bad_words_ids":
+            value = [_parse_token_ids(item) for item in value]
         values[name] = value
     return values
 

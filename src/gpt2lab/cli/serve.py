@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import typer
 
 from .common import fail, load_kwargs, require_extra, user_errors
 from .options import Runtime, model_option, runtime_options
+
+_ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
 
 
 def is_loopback(host: str) -> bool:
@@ -35,6 +38,10 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting for the batch before requests get 429."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds before a request is stopped."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
+    cors_allow_origin: list[str] = typer.Option(None, "--cors-allow-origin",
+                                                help="Let browser pages from this origin (e.g. "
+                                                     "https://app.example:3000, or * for any) call the API; "
+                                                     "repeatable. Off by default."),
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
@@ -46,6 +53,11 @@ def serve(
         fail(f"--port must be in [0, 65535], got {port}")
     if api_key is not None and not api_key.strip():
         fail("--api-key must not be empty")
+    origins = list(cors_allow_origin or [])
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            fail(f"--cors-allow-origin must be an origin like https://host or http://host:port (no path), or *; "
+                 f"got {origin!r}")
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
 
@@ -63,7 +75,7 @@ def serve(
 
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                         request_timeout=request_timeout, **load)
+                         request_timeout=request_timeout, cors_allow_origins=origins, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))

@@ -10,7 +10,9 @@ one; ``True``: as soon as ``num_beams`` hypotheses finished) or at the length li
 
 Beam search is deterministic: temperature and the sampling filters are ignored; the logits
 processors (logit_bias, bad_words, penalties, no_repeat_ngram) apply to the log-probabilities, as in
-``transformers``. Stop strings cut the returned text (the search itself ends at EOS / stop tokens).
+``transformers``. Stop strings cut the returned text (the search itself ends at EOS / stop tokens);
+the text, its finish reason and its logprobs come from :class:`~.stopping.SequenceText` as in the
+batching engine (``include_stop_str_in_output``, ``skip_special_tokens``, ``min_tokens``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..sampling import LogitsPipeline, SamplingParams
 from ..tokenizer import Tokenizer
 from .engine import fit_prompt
 from .outputs import Completion, token_logprobs
+from .stopping import SequenceText
 
 _NEG = -1.0e9  # transformers' "impossible" score
 
@@ -125,16 +128,20 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
     for i in range(params.n):
         n_new = int(finished_lens[i])
         ids = finished[i, L:L + n_new].tolist()
-        ended = bool(ids) and ids[-1] in eos_ids
-        text = tokenizer.decode(ids[:-1] if ended else ids)
-        reason = "stop" if ended else "length"
-        cuts = [text.find(s) for s in params.stop if s in text]
-        if cuts:
-            text, reason = text[:min(cuts)], "stop"
-        logprobs = None
+        entries: list = [None] * len(ids)
         if params.logprobs is not None and ids:
             full = torch.tensor([prompt_ids + ids], device=dev)
-            lp = torch.log_softmax(model(full)[0, L - 1:-1].float(), dim=-1)
-            logprobs = token_logprobs(lp, ids, params.logprobs, tokenizer)
-        results.append(Completion(text, ids, reason, logprobs, prompt, i))
+            lp = torch.log_softmax(model(full)[0, L - 1:-1, :decodable].float(), dim=-1)
+            entries = token_logprobs(lp, ids, params.logprobs, tokenizer)
+        out = SequenceText(tokenizer, params, eos_token_id)
+        text, logprobs, reason = "", [], None
+        for token, entry in zip(ids, entries):
+            delta, released, reason = out.push(token, entry)
+            text, logprobs = text + delta, logprobs + released
+            if reason is not None:
+                break
+        if reason is None:
+            delta, released = out.finish()
+            text, logprobs, reason = text + delta, logprobs + released, "length"
+        results.append(Completion(text, ids, reason, logprobs if params.logprobs is not None else None, prompt, i))
     return results

@@ -8,6 +8,9 @@ requests are admitted between steps with one right-padded prefill of all their p
 
 Each sequence samples with its own ``torch.Generator`` (seeded from the request's seed and the
 sample index), so a seeded request gives the same text whether it runs alone or in a batch.
+
+Beam search (``num_beams > 1``) is not batched: a beam request runs whole, between two steps, on
+the same static cache; the running sequences' cache rows are saved before and put back after.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from ..model import GPT2
 from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..tokenizer import Tokenizer
-from .outputs import RequestOutput, token_logprobs
-from .stopping import StopTextStream
+from .outputs import RequestOutput, TokenLogprob, token_logprobs
+from .stopping import SequenceText
 
 _CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
 _PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward (bounds activation and mask memory)
@@ -38,10 +41,24 @@ def sample_seed(seed: int, index: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
+def truncate_prompt_tokens(prompt_ids: list[int], params: SamplingParams, n_positions: int) -> list[int]:
+    """The prompt's last ``params.truncate_prompt_tokens`` tokens (vLLM's left truncation; ``-1`` keeps
+    the model's context length ``n_positions``); the prompt itself when that is unset or longer."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return list(prompt_ids)
+    k = n_positions if k == -1 else k
+    return list(prompt_ids[-k:]) if len(prompt_ids) > k else list(prompt_ids)
+
+
 def fit_prompt(prompt_ids: list[int], params: SamplingParams, n_positions: int) -> tuple[list[int], int]:
-    """Check that a request fits the context; return the (maybe left-truncated) prompt and its new-token budget."""
+    """Check that a request fits the context; return the (maybe left-truncated) prompt and its new-token budget.
+
+    ``truncate_prompt_tokens`` applies first; ``truncate_prompt`` then drops the oldest tokens that
+    do not fit with the new-token budget. Raises ``ValueError`` when the request cannot fit."""
     if not prompt_ids:
         raise ValueError("prompt is empty: give at least one token")
+    prompt_ids = truncate_prompt_tokens(prompt_ids, params, n_positions)
     budget = params.new_token_budget(len(prompt_ids), n_positions)
     total = len(prompt_ids) + budget
     if total > n_positions:
@@ -62,13 +79,15 @@ class _Sequence:
     _uids = itertools.count()
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
-                 budget: int, tokenizer: Tokenizer, device: torch.device) -> None:
+                 budget: int, tokenizer: Tokenizer, device: torch.device, eos_token_id: int | None,
+                 prompt_logprobs: list[TokenLogprob] | None = None) -> None:
         self.uid = next(self._uids)  # identifies the batch composition for the cached LogitsPipeline
         self.request_id, self.index, self.params, self.budget = request_id, index, params, budget
         self.prompt_ids = prompt_ids
         self.output_ids: list[int] = []
         self.row = -1
-        self.text = StopTextStream(tokenizer, params.stop)
+        self.text = SequenceText(tokenizer, params, eos_token_id)
+        self.prompt_logprobs = prompt_logprobs  # handed out with the first output, then dropped
         self.generator: torch.Generator | None = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(sample_seed(params.seed, index))
@@ -99,6 +118,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # _running[i].row == i
         self._ready: list[RequestOutput] = []  # finished before running (zero budget)
+        self._beams: deque[tuple[str, list[int], SamplingParams, list[TokenLogprob] | None]] = deque()
         self._ids = itertools.count()
         self._pipeline_key: tuple[int, ...] = ()
         self._pipeline: LogitsPipeline | None = None
@@ -113,32 +133,45 @@ class Engine:
         return len(self._waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running or self._ready)
+        return bool(self._waiting or self._running or self._ready or self._beams)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue ``params.n`` samples of a prompt; returns the request id. Raises ValueError if it cannot fit."""
-        if params.num_beams > 1:
-            raise ValueError("num_beams > 1: beam search does not run in the batching engine; "
-                             "use Generator.generate(..., num_beams=B)")
+        """Queue ``params.n`` samples of a prompt (or, with ``num_beams > 1``, a beam search returning
+        the ``n`` best beams); returns the request id. Raises ValueError if it cannot fit."""
         vocab = self.model.config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}]")
         prompt_ids, budget = fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        prompt_lp = self._prompt_logprobs(prompt_ids, params.prompt_logprobs) \
+            if params.prompt_logprobs is not None else None
+        if params.num_beams > 1:
+            self._beams.append((request_id, prompt_ids, params, prompt_lp))
+            return request_id
         for index in range(params.n):
-            seq = _Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer, self.device)
             if budget == 0:
                 self._ready.append(RequestOutput(request_id, index, [], "", True, "length",
-                                                 [] if params.logprobs is not None else None))
+                                                 [] if params.logprobs is not None else None, prompt_lp))
             else:
-                self._waiting.append(seq)
+                self._waiting.append(_Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer,
+                                               self.device, self.eos_token_id, prompt_lp))
         return request_id
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """Logprobs of prompt tokens 1.. under the model (one plain forward, the KV cache untouched)."""
+        if len(prompt_ids) < 2:
+            return []
+        ids = torch.tensor([prompt_ids], device=self.device)
+        logits = self.model(ids)[0, :-1, :self._decodable].float()
+        return token_logprobs(torch.log_softmax(logits, dim=-1), prompt_ids[1:], top_n, self.tokenizer)
 
     @torch.inference_mode()  # the cache rows it moves are inference tensors
     def abort(self, request_id: str) -> None:
         """Drop every sample of a request, waiting or running (no further output for it)."""
         self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
         self._ready = [o for o in self._ready if o.request_id != request_id]
+        self._beams = deque(b for b in self._beams if b[0] != request_id)
         for seq in [s for s in self._running if s.request_id == request_id]:
             self._release(seq)
 
@@ -146,6 +179,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Decode one token for every running sequence, then admit waiting ones with one prefill."""
         outputs, self._ready = self._ready, []
+        if self._beams:  # one beam search per step, so sampled requests keep moving in between
+            outputs += self._beam_search(*self._beams.popleft())
         if self._running:
             seqs = list(self._running)
             n = len(seqs)
@@ -164,6 +199,25 @@ class Engine:
         return outputs
 
     # -- internals ----------------------------------------------------------------------------
+    def _beam_search(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     prompt_lp: list[TokenLogprob] | None) -> list[RequestOutput]:
+        """Run a whole beam search on the shared cache, keeping the running rows' contents."""
+        from .beam import beam_search
+
+        n = len(self._running)
+        saved = []
+        if n:
+            length = max(len(s.prompt_ids) + len(s.output_ids) for s in self._running)
+            saved = [(c.k[:n, :, :length].clone(), c.v[:n, :, :length].clone()) for c in self.model.caches()]
+        try:
+            beams = beam_search(self.model, self.tokenizer, prompt_ids, params, eos_token_id=self.eos_token_id)
+        finally:
+            for cache, (k, v) in zip(self.model.caches(), saved):
+                cache.k[:n, :, :k.shape[2]] = k
+                cache.v[:n, :, :v.shape[2]] = v
+        return [RequestOutput(request_id, c.index, c.token_ids, c.text, True, c.finish_reason, c.logprobs,
+                              prompt_lp if i == 0 else None) for i, c in enumerate(beams)]
+
     def _prefill(self, seqs: list[_Sequence]) -> list[RequestOutput]:
         # The samples of one request share its prompt (the same list): prefill it once, copy the cache row.
         firsts: dict[int, int] = {}
@@ -239,22 +293,16 @@ class Engine:
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(token)
-            logprobs = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer) \
+            entry = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer)[0] \
                 if want_lp[i] else None
-            params = seq.params
-            reason = None
-            if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
-                reason = "stop"
-                text = seq.text.flush()
-            else:
-                text, stopped = seq.text.push(token)
-                if stopped:
-                    reason = "stop"
-                elif len(seq.output_ids) >= seq.budget:
-                    reason = "length"
-                    text += seq.text.flush()
+            text, logprobs, reason = seq.text.push(token, entry)
+            if reason is None and len(seq.output_ids) >= seq.budget:
+                reason = "length"
+                more_text, more_logprobs = seq.text.finish()
+                text, logprobs = text + more_text, logprobs + more_logprobs
             outputs.append(RequestOutput(seq.request_id, seq.index, [token], text, reason is not None, reason,
-                                         logprobs))
+                                         logprobs if want_lp[i] else None, seq.prompt_logprobs))
+            seq.prompt_logprobs = None
             if reason is not None:
                 self._release(seq)
         return outputs

@@ -109,23 +109,19 @@ class Generator:
         or dict, replacing the checkpoint's) or as a ``params`` object. The checkpoint's
         ``generation_config.json`` gives the defaults that these override.
         With ``seed``, each prompt gets its own seeded generator, so a prompt's completions do not
-        depend on the other prompts of the batch.
+        depend on the other prompts of the batch. With ``num_beams > 1``, the ``n`` best beams.
         """
         params = self.sampling_params(params, **kwargs)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = [self.encode_prompt(p) for p in prompt_list]
-        if params.num_beams > 1:
-            from .beam import beam_search
-
-            return [c for p, ids in zip(prompt_list, encoded)
-                    for c in beam_search(self.model, self.tokenizer, ids, params, prompt=p,
-                                         eos_token_id=self.eos_token_id)]
+        # beam requests run in the engine too (one beam search per step; prompt_logprobs alike)
         # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
         limit = 16 if self.device.type == "cpu" else 128
         engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
         for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
+        prompt_lp: dict[str, list[TokenLogprob]] = {}
         while engine.has_unfinished():
             for out in engine.step():
                 acc = parts.setdefault((out.request_id, out.index), [[], [], [] if out.logprobs is not None else None,
@@ -135,8 +131,10 @@ class Generator:
                 if out.logprobs is not None:
                     acc[2] += out.logprobs
                 acc[3] = out.finish_reason
+                if out.prompt_logprobs is not None:  # the prompt's, shared by its samples
+                    prompt_lp[out.request_id] = out.prompt_logprobs
         return [Completion(text="".join(acc[1]), token_ids=acc[0], finish_reason=acc[3], logprobs=acc[2],
-                           prompt=p, index=j)
+                           prompt=p, index=j, prompt_logprobs=prompt_lp.get(str(i)))
                 for i, p in enumerate(prompt_list) for j in range(params.n)
                 for acc in [parts[(str(i), j)]]]
 

@@ -18,13 +18,15 @@ class TokenLogprob:
     Logprobs are those of the raw model distribution (``log_softmax`` of the logits before
     temperature, penalties or filters), as OpenAI reports them and vLLM's default ``raw_logprobs``
     mode: they describe the model, not the sampler, so they never become ``-inf`` for a chosen token.
-    ``top`` is ``[(token_id, token, logprob), ...]``, most likely first.
+    ``top`` is ``[(token_id, token, logprob), ...]``, most likely first. ``rank`` is the token's
+    1-based rank in the distribution (1 = most likely; tokens with a higher logprob + 1).
     """
 
     token_id: int
     token: str
     logprob: float
     top: list[tuple[int, str, float]]
+    rank: int | None = None
 
 
 @dataclass
@@ -32,7 +34,11 @@ class RequestOutput:
     """What one engine step produced for one sequence (sample ``index`` of request ``request_id``).
 
     ``text`` is the new text of this step: never a broken UTF-8 character and never any part of a
-    stop string (text that might begin one is held back until it is known not to).
+    stop string (text that might begin one is held back until it is known not to). ``logprobs``
+    (when asked for) follow the text: a token's entry comes with the step that releases its text,
+    so one step may carry none or several, and tokens after a stop-string cut have none.
+    ``prompt_logprobs`` (``SamplingParams.prompt_logprobs``) comes with a sample's first output:
+    the entries of prompt tokens 1.. (the first token has none).
     """
 
     request_id: str
@@ -42,6 +48,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" | None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -49,7 +56,8 @@ class Completion:
     """A finished generation: the new text and tokens only (``prompt`` is kept for reference).
 
     ``token_ids`` holds every generated token, including the EOS / stop token or the tokens that
-    spelled a stop string; ``text`` excludes the EOS and the stop string.
+    spelled a stop string; ``text`` excludes the EOS and the stop string (unless
+    ``include_stop_str_in_output``), and ``logprobs`` end where the text ends.
     """
 
     text: str
@@ -58,6 +66,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     prompt: str = ""
     index: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_n: int,
@@ -66,10 +75,12 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_n: int,
     import torch
 
     tok = tokenizer.id_to_token
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    chosen_t = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])
+    ranks = ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()
+    chosen = chosen_t[:, 0].tolist()
     tops: list[list[tuple[int, str, float]]] = [[] for _ in token_ids]
     if top_n:
         values, ids = logprobs.topk(top_n, dim=-1)
         tops = [[(t, tok(t), v) for t, v in zip(row_ids, row_values)]
                 for row_ids, row_values in zip(ids.tolist(), values.tolist())]
-    return [TokenLogprob(t, tok(t), c, top) for t, c, top in zip(token_ids, chosen, tops)]
+    return [TokenLogprob(t, tok(t), c, top, r) for t, c, top, r in zip(token_ids, chosen, tops, ranks)]

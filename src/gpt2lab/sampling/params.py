@@ -48,12 +48,15 @@ class SamplingParams:
     Transforms run in this order on each step's logits: min_tokens, logit_bias / banned tokens,
     repetition_penalty, presence/frequency penalties, no_repeat_ngram, temperature, top_k, top_p,
     min_p, typical_p. ``temperature=0`` is greedy decoding (argmax; the filters are then moot).
+
+    The fields from ``truncate_prompt_tokens`` on, ``min_tokens``, ``stop_token_ids``,
+    ``ignore_eos`` and ``top_k=-1`` have vLLM's names and meanings (vLLM ``SamplingParams``).
     """
 
     max_new_tokens: int | None = None
     max_length: int | None = None
     temperature: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 = off (-1, vLLM's "off", is read as 0)
     top_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0.0 = off
     typical_p: float = 1.0  # 1.0 = off
@@ -67,7 +70,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, removed from the output
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    min_tokens: int = 0  # new tokens before EOS / stop_token_ids may end the completion (vLLM's name)
+    min_tokens: int = 0  # vLLM: no EOS, stop token or stop string ends the completion before this many new tokens
     n: int = 1  # completions per prompt
     num_beams: int = 1  # > 1: beam search (deterministic; sampling controls are ignored)
     length_penalty: float = 1.0
@@ -75,6 +78,11 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob and top-k alternatives
     truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing when too long
+    # vLLM's names and meanings for the rest:
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens (-1: the model's context)
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob and top-k alternatives
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop token's text) at the end of the text
+    skip_special_tokens: bool = True  # special tokens (<|endoftext|> with ignore_eos) add no text
 
     DEFAULT_MAX_NEW_TOKENS = 16
 
@@ -84,6 +92,8 @@ class SamplingParams:
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         self.logit_bias = _token_map(self.logit_bias)  # JSON keys arrive as str
+        if self.top_k == -1 and _is_int(self.top_k):
+            self.top_k = 0  # vLLM's way of saying "off"
         _check(isinstance(self.bad_words_ids, (list, tuple)) and all(isinstance(s, (list, tuple))
                                                                        for s in self.bad_words_ids),
                "bad_words_ids", "a list of token id lists", self.bad_words_ids)
@@ -105,7 +115,11 @@ class SamplingParams:
                    self.max_length)
         _check(_is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature",
                "in [0, 100] (0 = greedy)", self.temperature)
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)", self.top_k)
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 or -1 = off)", self.top_k)
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
+        if self.max_new_tokens is not None:
+            _check(self.min_tokens <= self.max_new_tokens, "min_tokens",
+                   f"<= max_new_tokens ({self.max_new_tokens})", self.min_tokens)
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
         _check(_is_num(self.typical_p) and 0 < self.typical_p <= 1, "typical_p", "in (0, 1]", self.typical_p)
@@ -126,7 +140,6 @@ class SamplingParams:
                "a list of token ids >= 0", self.stop_token_ids)
         _check(all(s and all(_is_int(t) and t >= 0 for t in s) for s in self.bad_words_ids), "bad_words_ids",
                "a list of non-empty token id lists (ids >= 0)", self.bad_words_ids)
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
         _check(_is_int(self.n) and 1 <= self.n <= 128, "n", "an integer in [1, 128]", self.n)
         _check(_is_int(self.num_beams) and 1 <= self.num_beams <= 64, "num_beams", "an integer in [1, 64]",
                self.num_beams)
@@ -138,6 +151,16 @@ class SamplingParams:
         if self.logprobs is not None:
             _check(_is_int(self.logprobs) and 0 <= self.logprobs <= 20, "logprobs", "an integer in [0, 20]",
                    self.logprobs)
+        if self.prompt_logprobs is not None:
+            _check(_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+                   "an integer in [0, 20]", self.prompt_logprobs)
+        if self.truncate_prompt_tokens is not None:
+            _check(_is_int(self.truncate_prompt_tokens) and (self.truncate_prompt_tokens >= 1
+                                                            or self.truncate_prompt_tokens == -1),
+                   "truncate_prompt_tokens", "an integer >= 1, or -1 for the model's context length",
+                   self.truncate_prompt_tokens)
+        for name in ("ignore_eos", "truncate_prompt", "include_stop_str_in_output", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
 
     # -- helpers ------------------------------------------------------------------------------
     @property

@@ -76,9 +76,12 @@ class LogitsPipeline:
             raise ValueError("bad_words needs a tokenizer: pass tokenizer= to LogitsPipeline")
 
         banned = [(bad_words_ids(tokenizer, p.bad_words) if p.bad_words else []) + p.bad_words_ids for p in params]
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
         # min_tokens holds back what would end the row: EOS (``eos_token_id``, unless ignored) and stop ids
-        end_ids = [list(p.stop_token_ids) + ([eos_token_id] if eos_token_id is not None and not p.ignore_eos else [])
-                   for p in params]
+        # (an id outside the vocabulary can never be sampled: nothing to hold back)
+        end_ids = [[t for t in [*p.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not p.ignore_eos
+                                                     else [])] if t < vocab_size] for p in params]
         processors: list[LogitsTransform] = [
             MinTokens([p.min_tokens for p in params], end_ids),
             LogitBias([p.logit_bias for p in params], vocab_size),

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..generation.engine import truncate_prompt_tokens
 from ..sampling import SamplingParams
 from . import protocol as p
 from .metrics import ServerMetrics
@@ -65,7 +66,8 @@ class _CountRequests:
 
 def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None,
-               device: str = "auto", dtype: str = "auto", quantization: str | None = None) -> FastAPI:
+               device: str = "auto", dtype: str = "auto", quantization: str | None = None,
+               cors_allow_origins: Sequence[str] = ()) -> FastAPI:
     """The server app.
 
     ``generator_or_model_ref``: a loaded :class:`~gpt2lab.generation.Generator`, or anything
@@ -75,7 +77,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     routes. ``max_batch`` sequences decode together, up to
     ``max_queue`` more wait; beyond that requests get 429. ``request_timeout`` (seconds) ends a
     request that runs longer. ``device``, ``dtype``, ``quantization``: how a model loaded here runs (as in
-    :func:`gpt2lab.load`; ``quantization`` is passed only when given).
+    :func:`gpt2lab.load`; ``quantization`` is passed only when given). ``cors_allow_origins``: origins
+    (``https://host:port``, or ``*``) whose browser pages may call the API (CORS, off when empty).
     """
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -110,6 +113,11 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
                   description="OpenAI-compatible GPT-2 server with continuous batching.")
     app.state.scheduler, app.state.metrics = scheduler, metrics
     app.add_middleware(_CountRequests, metrics=metrics)
+    if cors_allow_origins:  # added last: outermost, so preflights are answered before auth and routing
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
     _install_error_handlers(app)
 
     # -- dependencies ---------------------------------------------------------------------------
@@ -162,12 +170,23 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    def model_card(gen: Any) -> p.ModelCard:
+        return p.ModelCard(id=served_name(gen), created=created, max_model_len=gen.config.n_positions,
+                           generation_config=gen.generation_config)
+
     @app.get("/v1/models", dependencies=auth, response_model=p.ModelList)
     async def list_models() -> p.ModelList:
+        return p.ModelList(data=[model_card(ready())])
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth, response_model=p.ModelCard,
+             responses={404: {"model": p.ErrorResponse}})
+    async def retrieve_model(model_id: str) -> p.ModelCard:
+        """One model by id (OpenAI's ``models.retrieve``); 404 for any other id."""
         gen = ready()
-        return p.ModelList(data=[p.ModelCard(id=served_name(gen), created=created,
-                                             max_model_len=gen.config.n_positions,
-                                             generation_config=gen.generation_config)])
+        if model_id != served_name(gen):
+            raise p.APIError(404, f"The model {model_id!r} does not exist; this server serves "
+                             f"{served_name(gen)!r}", param="model", code="model_not_found")
+        return model_card(gen)
 
     @app.post("/tokenize", dependencies=auth, response_model=p.TokenizeResponse, responses=errors)
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
@@ -206,14 +225,20 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         arrival = time.monotonic()
         gen = ready()
         check_model(gen, body.model)
+        body.check_common()
         if body.suffix is not None:
             raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")
-        params = body.sampling_params(body.max_tokens, body.logprobs, _defaults(gen, DEFAULT_MAX_TOKENS))
+        params = body.sampling_params(body.max_tokens, body.logprobs, resolve=_defaults(gen, DEFAULT_MAX_TOKENS))
         max_tokens = params.max_new_tokens
         if body.best_of is not None and body.best_of != params.n:
             raise p.invalid(f"best_of must equal n ({params.n}) when given; ranking candidates is not "
                             "supported", "best_of")
+        _check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
         prompts, texts = _encode_prompts(gen, body.prompt)
+        if params.truncate_prompt_tokens is not None:  # vLLM: the prompt is its last k tokens, echo included
+            cut = [truncate_prompt_tokens(ids, params, gen.config.n_positions) for ids in prompts]
+            texts = [t if len(c) == len(ids) else gen.tokenizer.decode(c) for t, c, ids in zip(texts, cut, prompts)]
+            prompts = cut
         for ids in prompts:
             _check_context(len(ids), max_tokens, gen.config.n_positions)
         echo = bool(body.echo)
@@ -239,6 +264,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         arrival = time.monotonic()
         gen = ready()
         check_model(gen, body.model)
+        body.check_common()
+        body.check_openai_fields()
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise p.invalid("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
         if body.top_logprobs is not None and not body.logprobs:
@@ -250,16 +277,20 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
             raise p.invalid(f"{param_name} ({max_tokens}) leaves no room for the conversation in the model's "
                             f"context of {n_pos} tokens", param_name, "context_length_exceeded")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, logprobs, _defaults(gen, DEFAULT_CHAT_MAX_TOKENS))
+        params = body.sampling_params(max_tokens, logprobs, param_name,
+                                      resolve=_defaults(gen, DEFAULT_CHAT_MAX_TOKENS))
+        _check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
         chat, style = _render_chat(gen, body.messages, n_pos - (max_tokens if max_tokens is not None else 1))
+        prompt_ids = truncate_prompt_tokens(chat.token_ids, params, n_pos)
         if max_tokens is None:  # default: as much as fits, at most the checkpoint's or DEFAULT_CHAT_MAX_TOKENS
-            params = params.with_(max_new_tokens=min(params.max_new_tokens, n_pos - len(chat.token_ids)))
+            params = params.with_(max_new_tokens=max(params.min_tokens,
+                                                     min(params.max_new_tokens, n_pos - len(prompt_ids))))
         params = params.with_(stop=[*params.stop, *chat.stop])
         rid = p.new_id("chatcmpl")
         name = served_name(gen)
-        handle = await start(gen, [chat.token_ids], params, rid)
+        handle = await start(gen, [prompt_ids], params, rid)
         ctx = _RequestContext(metrics, handle, arrival, request_timeout, "/v1/chat/completions")
-        builder = _ChatBuilder(gen, rid, name, params.n, len(chat.token_ids), style)
+        builder = _ChatBuilder(gen, rid, name, params.n, len(prompt_ids), style, logprobs)
         return await _respond(ctx, request, builder, body.stream, body.stream_options)
 
     return app
@@ -400,14 +431,19 @@ def _encode_prompts(gen: Any, prompt: str | list) -> tuple[list[list[int]], list
     return ids, texts
 
 
+_LAYOUT_ROLE = {"developer": "system", "tool": "user"}
+
+
 def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int) -> tuple[Any, Any]:
     """The conversation as a prompt in the dialogue layout ``gpt2lab chat`` uses (oldest turns dropped
     to fit ``max_prompt_tokens``), and that layout's style."""
     from ..generation import chat_format
 
     try:
+        # developer = system (OpenAI's newer name); a tool result is a line on the user's side
         persona, turns = chat_format.from_messages(
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages)
+            {"role": _LAYOUT_ROLE.get(m.role, m.role),
+             "content": f"Tool result: {m.text()}" if m.role == "tool" else m.text()} for m in messages)
         if not turns:
             raise p.invalid("messages needs at least one user or assistant message", "messages")
         style = chat_format.style_for_model(gen.name, gen.path)
@@ -428,6 +464,7 @@ class _Builder:
         self.text = [""] * count
         self.reason: list[str | None] = [None] * count
         self.generated = [0] * count
+        self.prompt_logprobs: list[p.PromptLogprobs | None] = [None] * count  # vLLM's prompt_logprobs
 
     def _index(self, out: Any) -> int:
         return out.index
@@ -435,6 +472,19 @@ class _Builder:
     def usage(self) -> p.Usage:
         done = sum(self.generated)
         return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+    def _keep_prompt_logprobs(self, i: int, out: Any) -> None:
+        """vLLM's layout: one entry per prompt token (the first is null), each keyed by token id and
+        holding the prompt's own token (with its rank) and the top alternatives."""
+        if out.prompt_logprobs is None:
+            return
+        entries: p.PromptLogprobs = [None]
+        for e in out.prompt_logprobs:
+            entry = {str(e.token_id): p.PromptLogprob(logprob=e.logprob, rank=e.rank, decoded_token=e.token)}
+            for rank, (tid, token, value) in enumerate(e.top, 1):
+                entry.setdefault(str(tid), p.PromptLogprob(logprob=value, rank=rank, decoded_token=token))
+            entries.append(entry)
+        self.prompt_logprobs[i] = entries
 
     def usage_chunk(self) -> dict[str, Any]:
         return {"id": self.rid, "object": self.chunk_object, "created": int(time.time()), "model": self.name,
@@ -470,7 +520,9 @@ class _CompletionBuilder(_Builder):
         for entry in entries:
             lp.tokens.append(entry.token)
             lp.token_logprobs.append(entry.logprob)
-            lp.top_logprobs.append({t: v for _, t, v in entry.top})
+            top = {t: v for _, t, v in entry.top}
+            top.setdefault(entry.token, entry.logprob)  # the chosen token always (up to k + 1 entries, as OpenAI)
+            lp.top_logprobs.append(top)
             lp.text_offset.append(offset)
             offset += len(entry.token)
         return offset
@@ -479,6 +531,7 @@ class _CompletionBuilder(_Builder):
         i = self._index(out)
         self.generated[i] += len(out.token_ids)
         self.reason[i] = out.finish_reason
+        self._keep_prompt_logprobs(i, out)
         if out.logprobs is None:
             return i, None
         lp = p.CompletionLogprobs()
@@ -498,7 +551,7 @@ class _CompletionBuilder(_Builder):
         chunks = []
         for out in outs:
             i, lp = self._step(out)
-            if out.text or out.finished or lp is not None:
+            if out.text or out.finished or (lp is not None and lp.tokens):
                 chunks.append(self._chunk(p.CompletionChoice(text=out.text, index=i, logprobs=lp,
                                                              finish_reason=out.finish_reason)))
         return chunks
@@ -513,8 +566,9 @@ class _CompletionBuilder(_Builder):
                     getattr(acc, key).extend(getattr(lp, key))
 
     def response(self) -> p.CompletionResponse:
-        choices = [p.CompletionChoice(text=t, index=i, logprobs=lp, finish_reason=r)
-                   for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
+        choices = [p.CompletionChoice(text=t, index=i, logprobs=lp, finish_reason=r, prompt_logprobs=plp)
+                   for i, (t, lp, r, plp) in enumerate(zip(self.text, self.logprobs, self.reason,
+                                                           self.prompt_logprobs))]
         return p.CompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage())
 
 
@@ -523,21 +577,30 @@ class _ChatBuilder(_Builder):
 
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int, style: Any) -> None:
+    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int, style: Any,
+                 top_logprobs: int | None = None) -> None:
         super().__init__(gen, rid, name, n, prompt_tokens)
-        self.style = style
+        self.style, self.top_n = style, top_logprobs
         self.logprobs: list[list[p.ChatTokenLogprob] | None] = [None] * n
 
     def _logprobs(self, out: Any) -> list[p.ChatTokenLogprob] | None:
         if out.logprobs is None:
             return None
         raw = self.tok.token_bytes
-        return [p.ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(raw(e.token_id)),
-                                   top_logprobs=[p.TopLogprob(token=t, logprob=v, bytes=list(raw(i)))
-                                                 for i, t, v in e.top])
+
+        def top(e: Any) -> list[p.TopLogprob]:
+            if not self.top_n:
+                return []
+            alternatives = list(e.top)
+            if all(i != e.token_id for i, _, _ in alternatives):  # the chosen token always: up to k + 1
+                alternatives.append((e.token_id, e.token, e.logprob))
+            return [p.TopLogprob(token=t, logprob=v, bytes=list(raw(i))) for i, t, v in alternatives]
+
+        return [p.ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(raw(e.token_id)), top_logprobs=top(e))
                 for e in out.logprobs]
 
     def _step(self, out: Any) -> str:
+        self._keep_prompt_logprobs(0, out)  # the conversation's: the same for every choice
         text = out.text if self.text[out.index] else out.text.lstrip()
         self.text[out.index] += text
         self.generated[out.index] += len(out.token_ids)
@@ -576,7 +639,8 @@ class _ChatBuilder(_Builder):
         choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=clean_reply(t, self.style)),
                                 logprobs=p.ChatLogprobs(content=lp) if lp is not None else None, finish_reason=r)
                    for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
-        return p.ChatCompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage())
+        return p.ChatCompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage(),
+                                        prompt_logprobs=self.prompt_logprobs[0])
 
 
 # -- errors --------------------------------------------------------------------------------------

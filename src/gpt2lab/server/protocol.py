@@ -3,6 +3,13 @@
 The request models check *types* only (strict: ``"0.7"`` is not a number, ``true`` is not an integer);
 ranges are checked by :class:`~gpt2lab.sampling.SamplingParams`, the one place that knows them, so the
 API, the CLI and the library reject the same values with the same message.
+
+Field names follow OpenAI's API (``openai-python``'s ``CompletionCreateParams`` and
+``CompletionCreateParams`` for chat) plus vLLM's extra sampling parameters (vLLM's
+``CompletionRequest`` / ``ChatCompletionRequest``), with their meanings. OpenAI fields that cannot
+change what a GPT-2 writes (``metadata``, ``store``, ``service_tier``, ...) are accepted and ignored;
+fields that would change it and cannot be honoured (JSON modes, tools, audio) are a 400 naming them;
+any other name is a 400 too, so a misspelt parameter never passes silently.
 """
 
 from __future__ import annotations
@@ -10,15 +17,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling import SamplingParams
 
-# API name -> SamplingParams name, where they differ
-_API_TO_PARAMS = {"max_tokens": "max_new_tokens"}
-_PARAMS_TO_API = {v: k for k, v in _API_TO_PARAMS.items()}
+# SamplingParams name -> API field, where they differ (chat renames more: see ChatCompletionRequest)
+_PARAMS_TO_API = {"max_new_tokens": "max_tokens", "num_beams": "n"}
+MAX_LIST_ITEMS = 256  # stop_token_ids, bad_words: client-controlled sizes stay bounded
 
 
 class APIError(Exception):
@@ -51,6 +58,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # OpenAI pads stream chunks against side channels; a local server's chunks carry nothing to hide
+    include_obfuscation: bool | None = Field(None, description="Accepted and ignored.")
 
 
 class _SamplingFields(_Strict):
@@ -69,26 +78,60 @@ class _SamplingFields(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
-    user: str | None = None
-    # gpt2lab's own controls
-    top_k: int | None = Field(None, description="Keep the k most likely tokens (0 = off).")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    # vLLM's extra sampling parameters, with vLLM's meanings
+    top_k: int | None = Field(None, description="Keep the k most likely tokens (0 or -1 = off).")
     min_p: float | None = Field(None, description="Drop tokens below min_p x the top probability (0 = off).")
-    typical_p: float | None = Field(None, description="Locally typical sampling mass (1 = off).")
     repetition_penalty: float | None = Field(None, description="HF-style repetition penalty (1 = off).")
+    ignore_eos: bool | None = Field(None, description="Keep generating past <|endoftext|>.")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_LIST_ITEMS,
+                                             description="Token ids that end the completion.")
+    bad_words: list[str] | None = Field(None, max_length=MAX_LIST_ITEMS, description="Strings never generated.")
+    min_tokens: int | None = Field(None, description="No EOS, stop token or stop string before this many tokens.")
+    include_stop_str_in_output: bool | None = Field(None, description="Keep the stop string at the end.")
+    skip_special_tokens: bool | None = Field(None, description="Leave <|endoftext|> out of the text (default).")
+    use_beam_search: bool | None = Field(None, description="Beam search with n beams; returns all n.")
+    length_penalty: float | None = Field(None, description="Beam search: exponent of the length in the score.")
+    truncate_prompt_tokens: int | None = Field(None, description="Keep only the last k prompt tokens (-1: the "
+                                                                 "model's context).")
+    prompt_logprobs: int | None = Field(None, description="Each prompt token's logprob and top-k (0..20); "
+                                                          "not with stream.")
+    # gpt2lab's own controls
+    typical_p: float | None = Field(None, description="Locally typical sampling mass (1 = off).")
     no_repeat_ngram_size: int | None = Field(None, description="Never repeat an n-gram of this size (0 = off).")
 
     _SAMPLING = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-                 "typical_p", "repetition_penalty", "no_repeat_ngram_size")
+                 "typical_p", "repetition_penalty", "no_repeat_ngram_size", "ignore_eos", "stop_token_ids",
+                 "bad_words", "min_tokens", "include_stop_str_in_output", "skip_special_tokens", "length_penalty",
+                 "truncate_prompt_tokens", "prompt_logprobs")
+    # SamplingParams name -> this request's field, for error messages
+    _RENAMES: ClassVar[dict[str, str]] = {}
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+    def check_common(self) -> None:
+        """Checks across fields that pydantic's per-field types cannot express (400 naming the field)."""
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise invalid("prompt_logprobs is not available with stream=true (as in vLLM)", "prompt_logprobs")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, max_tokens_field: str = "max_tokens",
                         resolve: Callable[[dict[str, Any]], SamplingParams] | None = None) -> SamplingParams:
         """The validated SamplingParams; a bad value raises :class:`APIError` 400 naming the field.
 
         ``resolve``: turns the fields the client sent (SamplingParams names) into SamplingParams with the
         server's defaults (:meth:`gpt2lab.generation.Generator.resolve_sampling`: the checkpoint's
-        ``generation_config.json`` for fields not sent). ``max_tokens=None``: not sent."""
+        ``generation_config.json`` for fields not sent). ``max_tokens=None``: not sent.
+
+        ``use_beam_search`` (vLLM): beam search of width ``n`` returning all ``n`` beams, best first
+        (width 1 is greedy decoding); the sampling controls are then ignored."""
         kwargs: dict[str, Any] = {name: getattr(self, name) for name in self._SAMPLING
                                   if getattr(self, name) is not None}
+        if self.use_beam_search:
+            width = kwargs.get("n", 1)
+            if width == 1:
+                kwargs["temperature"] = 0.0  # a beam of one is greedy decoding
+            else:
+                kwargs["num_beams"] = width
         if self.stop is not None:
             kwargs["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.logit_bias:
@@ -107,15 +150,17 @@ class _SamplingFields(_Strict):
         try:
             return resolve(kwargs) if resolve is not None else SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
-            raise params_error(exc) from None
+            raise params_error(exc, {**self._RENAMES, "max_new_tokens": max_tokens_field}) from None
 
 
-def params_error(exc: Exception) -> APIError:
-    """A SamplingParams validation error as a 400 whose ``param`` is the API field it names."""
+def params_error(exc: Exception, renames: dict[str, str] | None = None) -> APIError:
+    """A SamplingParams validation error as a 400 whose ``param`` is the API field it names
+    (``renames``: SamplingParams name -> field, over the defaults of the completions API)."""
+    table = {**_PARAMS_TO_API, **(renames or {})}
     message = str(exc)
     head = message.split(" ", 1)[0].split("[", 1)[0]
-    param = _PARAMS_TO_API.get(head, head) if head in SamplingParams.field_names() else None
-    if param is not None and head in _PARAMS_TO_API:
+    param = table.get(head, head) if head in SamplingParams.field_names() else None
+    if param is not None and head in table:
         message = param + message[len(head):]
     return invalid(message, param)
 
@@ -137,17 +182,36 @@ class TextPart(_Strict):
     text: str
 
 
+class RefusalPart(_Strict):
+    """An assistant message's refusal part (OpenAI): laid out as the assistant's text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    """One message. Besides role and content, the fields OpenAI's client sends back when a reply is
+    reused as history (``ChatCompletionMessage.model_dump()``: ``refusal``, ``annotations``,
+    ``audio``, ``function_call``, ``tool_calls``) and ``name`` / ``tool_call_id`` are accepted;
+    they do not change the transcript a GPT-2 continues."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | RefusalPart] | None = None
     name: str | None = None
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
+        """The message's text; an assistant message with no content shows its refusal, if any."""
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -157,6 +221,35 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, description="Alias of max_tokens (newer OpenAI name).")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, description="Alternatives per token with logprobs=true (0..20).")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}: GPT-2 cannot be '
+                                                                     "held to JSON.")
+    # OpenAI fields that do not change a GPT-2's output: accepted and ignored
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_retention: str | None = Field(None, description="Accepted and ignored.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+    modalities: list[str] | None = Field(None, description='Only ["text"].')
+    tools: list[dict[str, Any]] | None = Field(None, description="Only an empty list: GPT-2 calls no tools.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto" (no tools).')
+
+    _RENAMES: ClassVar[dict[str, str]] = {"logprobs": "top_logprobs"}
+
+    def check_openai_fields(self) -> None:
+        """The OpenAI fields that are accepted only in their no-op form: a 400 naming the field otherwise."""
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type") != "text":
+            kind = fmt.get("type")
+            raise invalid(f"response_format {{'type': {kind!r}}} is not supported: a GPT-2 cannot be held to JSON "
+                          'output; use {"type": "text"} or leave response_format out', "response_format")
+        if self.modalities is not None and any(m != "text" for m in self.modalities):
+            raise invalid('modalities: only ["text"] is supported', "modalities")
+        if self.tools:
+            raise invalid("tools are not supported: a GPT-2 cannot call tools", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise invalid('tool_choice: only "none" or "auto" are supported (no tools)', "tool_choice")
 
 
 class TokenizeRequest(_Strict):
@@ -194,11 +287,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one entry of ``prompt_logprobs`` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's extra (prompt_logprobs=k)
 
 
 class CompletionResponse(BaseModel):
@@ -227,6 +332,8 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None  # OpenAI's shape: always null here
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -243,6 +350,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's extra, over the rendered conversation
 
 
 class ChatDelta(BaseModel):
