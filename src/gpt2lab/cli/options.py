@@ -80,7 +80,8 @@ def process_escapes_all(values: list[str] | None) -> list[str] | None:
 
 # -- where and how a model runs -------------------------------------------------------------------
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
-DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."
+DTYPE_HELP = ("auto (a checkpoint stored in float16/bfloat16 keeps its dtype; else bfloat16 on a GPU that "
+              "supports it, else float32), float32, bfloat16 or float16.")
 QUANTIZATION_CHOICES = ("none", "int8", "bf16")
 QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
 THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
