@@ -78,3 +78,17 @@ def test_min_tokens_holds_back_stop_strings(tiny_checkpoint):
     held = gen.generate("Hello", **forced, min_tokens=3)[0]
     assert held.token_ids == world * 3 and held.finish_reason == "stop" and held.text == " world world "
     assert "".join(gen.stream("Hello", **forced, min_tokens=3)) == held.text
+
+
+def test_bundled_folders_load_in_autotokenizer_with_their_context():
+    """The bundled model and GPT-2 tokenizer folders carry tokenizer_config.json like every saved folder:
+    without it AutoTokenizer reported model_max_length 1e30 for the model and could not load the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from gpt2lab.tokenizer import gpt2_tokenizer_dir
+
+    model_dir = resolve_model("shakespeare-gpt2").path
+    assert AutoTokenizer.from_pretrained(model_dir).model_max_length == 256
+    tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
+    assert tok.model_max_length == 1024 and tok("Hello world").input_ids == [15496, 995]
+    assert gpt2lab.load("shakespeare-gpt2", device="cpu").tokenizer.encode("Hello world") == [15496, 995]

@@ -54,6 +54,7 @@ class Generator:
         self.tokenizer_dir = tokenizer_dir
         # transformers' field names, as in generation_config.json: the defaults of every generate call
         self.generation_config: dict[str, Any] = dict(generation_config or {})
+        self.adapter: Path | None = None  # a LoRA adapter merged into the weights at load (for the model card)
         hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
                             source=GENERATION_CONFIG_FILE)  # a bad value fails at load, not at first use
 
@@ -253,6 +254,8 @@ class Generator:
 
             model = merge_lora(copy.deepcopy(model)).eval()
             how += " Its LoRA adapter is merged into the weights."
+        elif self.adapter is not None:
+            how += f" Its LoRA adapter is merged into the weights (from `{self.adapter}`)."
         card = model_card(how=how, config=self.config, dtype=stored, base_model=self.name)
         return save_model(model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
                           generation_config=self.generation_config, max_shard_size=max_shard_size, card=card)
@@ -309,6 +312,7 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         # merged into the weights: the same logits as peft's, and the model stays a plain GPT-2 that the
         # inference fast paths (optimize_for_inference, CUDA graphs) and quantization can take
         merge_lora(load_adapter(gen.model, adapter)).eval()
+        gen.adapter = Path(adapter)
     return gen
 
 
