@@ -248,7 +248,7 @@ def test_bad_input_errors(aug_model, tmp_path):
         ([str(good), "--per-example", "0"], "per_example must be an integer in [1, 100]"),
         ([str(good), "--similarity", "1.5"], "similarity must be in (0, 1]"),
         ([str(good), "--method", "paraphrase"], "methods must be some of continuation, few-shot"),
-        ([str(good), "--top-k", "-1"], "top_k must be an integer >= 0"),
+        ([str(good), "--top-k", "-2"], "top_k must be an integer >= 0"),  # -1 is vLLM's "off"
     ]
     for args, message in cases:
         out = ["--out", str(taken if "taken" in message else tmp_path / "o.csv")]

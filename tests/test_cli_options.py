@@ -112,6 +112,8 @@ def _invoke(*args: str):
     (["generate", "hi", "--device", "gpu"], "--device must be"),
     (["story", "x", "--dtype", "int4"], "--dtype must be"),
     (["chat", "--message", "hi", "--threads", "0"], "--threads must be"),
+    (["generate", "hi", "--threads", "100000"], "--threads must be an integer in [1, 1024]"),  # was a SIGSEGV
+    (["train", "README.md", "--config", "gpt2-tiny", "--out", "x", "--threads", "100000"], "--threads must be"),
     (["eval", "perplexity", "README.md", "--quantization", "int4"], "--quantization must be"),
     (["train", "README.md", "--config", "gpt2-tiny", "--out", "x", "--dtype", "fp8"], "--dtype must be"),
 ])

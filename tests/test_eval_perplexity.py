@@ -14,7 +14,6 @@ import torch
 
 import gpt2lab
 from gpt2lab.evaluation import perplexity
-from gpt2lab.evaluation.common import optimized
 from gpt2lab.evaluation.scoring import sliding_windows
 
 from .conftest import SHAPES, make_hf_checkpoint
@@ -37,8 +36,7 @@ def text() -> str:
 
 @pytest.fixture(scope="module")
 def sharp(sharp_checkpoint):
-    # the fast inference layout, as `gpt2lab eval` and a model given by name get
-    return optimized(gpt2lab.load(sharp_checkpoint))
+    return gpt2lab.load(sharp_checkpoint)
 
 
 def guide_loop(model, input_ids: torch.Tensor, max_length: int, stride: int):

@@ -1,155 +1,136 @@
-"""optimize_for_inference: same logits, same cached decoding, same checkpoints, and no training."""
+"""Fast by default: a loaded model decodes through gpt2lab's kernels with no extra call, gives the
+same numbers as its PyTorch code, follows its weights when they change, and still trains."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gpt2lab
 from gpt2lab.checkpoints import load_model
-from gpt2lab.model import InferenceOnlyError, PackedLinear, kernels, optimize_for_inference
-from gpt2lab.model.fast import KernelLinear, PackedLMHead
+from gpt2lab.model import InferenceOnlyError, KernelRunner, inference_runner, kernels, optimize_for_inference
 
 from .conftest import SHAPES, make_hf_checkpoint
 
-LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def fast_linear() -> type:
-    """What optimize_for_inference installs: gpt2lab's kernels where they build (on any machine with a
-    C compiler, CI included), else oneDNN's packed linear."""
-    return KernelLinear if kernels.available() else PackedLinear
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="gpt2lab's C kernels did not build here")
 
 
 @pytest.fixture(scope="module", params=list(SHAPES) + ["untied"])
-def pair(request, tmp_path_factory):
-    """(plain, optimised) copies of one random checkpoint per shape."""
+def model(request, tmp_path_factory):
     shape = dict(SHAPES["tiny"], tie_word_embeddings=False) if request.param == "untied" else SHAPES[request.param]
-    ckpt = make_hf_checkpoint(tmp_path_factory.mktemp(request.param), seed=7, **shape)
-    return load_model(ckpt), optimize_for_inference(load_model(ckpt))
+    return load_model(make_hf_checkpoint(tmp_path_factory.mktemp(request.param), seed=7, **shape))
 
 
-def test_swaps_every_linear_and_is_idempotent(pair):
-    plain, fast = pair
-    for block in fast.h:
-        for name in LINEARS:
-            assert isinstance(block.get_submodule(name), fast_linear())
-    assert isinstance(fast.fast_head, PackedLMHead)
-    modules = list(fast.modules())
-    assert optimize_for_inference(fast) is fast
-    assert list(fast.modules()) == modules
-    assert fast.num_parameters() == plain.num_parameters()
-
-
-def test_logits_match_unoptimised(pair):
-    plain, fast = pair
-    cfg = plain.config
-    ids = torch.randint(0, cfg.vocab_size, (2, min(cfg.n_positions, 70)), generator=torch.Generator().manual_seed(0))
+@needs_kernels
+def test_the_runner_is_chosen_only_for_inference(model):
+    model.eval()
     with torch.no_grad():
-        diff = (fast(ids) - plain(ids)).abs().max().item()
-    assert diff < 1e-4
+        runner = inference_runner(model)
+        assert isinstance(runner, KernelRunner)
+        assert inference_runner(model) is runner  # reused while the weights are the same tensors
+    assert inference_runner(model) is None  # autograd on: the PyTorch code (gradients need it)
+    model.train()
+    with torch.no_grad():
+        assert inference_runner(model) is None  # training mode (dropout)
+    model.eval()
 
 
-def test_reblocking_for_another_batch_size_keeps_weights_and_logits(pair):
-    plain, fast = pair
-    ids = torch.randint(0, plain.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
-    before = {k: v.clone() for k, v in fast.state_dict().items()}
-    for batch_size in (8, 1):
-        optimize_for_inference(fast, batch_size=batch_size)
-        linears = [block.get_submodule(name) for block in fast.h for name in LINEARS]
-        assert all(type(m) is fast_linear() for m in linears)
-        if fast_linear() is PackedLinear:
-            assert {m.pack_rows for m in linears} == {1 if batch_size == 1 else 16}
-            if batch_size > 1:  # the LM head's multi-row copy is ready before the first batch
-                assert fast.fast_head.packed is not None
-        after = fast.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        with torch.no_grad():
-            assert (fast(ids) - plain(ids)).abs().max().item() < 1e-4
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-        optimize_for_inference(fast, batch_size=0)
-
-
-def test_cached_decode_matches_unoptimised(pair):
+@needs_kernels
+def test_cached_forward_matches_the_torch_forward(model):
     """Prefill + decode through the KV cache (uniform and ragged rows, logits_index, a row offset)."""
-    plain, fast = pair
-    vocab = plain.config.vocab_size
+    vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (3, 30), generator=torch.Generator().manual_seed(1))
+    model.eval()
     with torch.no_grad():
-        full = plain(ids)  # [3, 30, V], uncached
-        fast.setup_cache(max_batch=4, max_seq=32)
+        full = model(ids)  # [3, 30, V], uncached: GPT2's PyTorch code
+        model.setup_cache(max_batch=4, max_seq=32)
+        assert inference_runner(model) is not None
         rows = slice(1, 4)  # not starting at row 0
         pos = torch.arange(20)[None].expand(3, 20)
-        last = fast(ids[:, :20], input_pos=pos, rows=rows, logits_index=torch.tensor([19, 19, 19]))
+        last = model(ids[:, :20], input_pos=pos, rows=rows, logits_index=torch.tensor([19, 19, 19]))
         assert (last - full[:, 19]).abs().max() < 1e-4
         for t in range(20, 24):  # every row at the same position
-            step = fast(ids[:, t:t + 1], input_pos=torch.full((3, 1), t), rows=rows)
+            step = model(ids[:, t:t + 1], input_pos=torch.full((3, 1), t), rows=rows)
             assert (step[:, 0] - full[:, t]).abs().max() < 1e-4
-        # ragged: rows at different positions in one step (the masked path)
-        lens = torch.tensor([24, 26, 28])
-        for r in (1, 2):  # bring rows 1 and 2 further along one by one
+        lens = torch.tensor([24, 26, 28])  # ragged: rows at different positions in one step
+        for r in (1, 2):
             for t in range(24, int(lens[r])):
                 one = slice(rows.start + r, rows.start + r + 1)
-                fast(ids[r:r + 1, t:t + 1], input_pos=torch.tensor([[t]]), rows=one)
-        step = fast(ids[torch.arange(3), lens][:, None], input_pos=lens[:, None], rows=rows)
+                model(ids[r:r + 1, t:t + 1], input_pos=torch.tensor([[t]]), rows=one)
+        step = model(ids[torch.arange(3), lens][:, None], input_pos=lens[:, None], rows=rows)
         for r in range(3):
             assert (step[r, 0] - full[r, lens[r]]).abs().max() < 1e-4
-        # a second prefill chunk starting past 0 (masked, T > 1)
-        fast.setup_cache(max_batch=4, max_seq=32)
-        fast(ids[:, :10], input_pos=torch.arange(10)[None].expand(3, 10))
-        chunk = fast(ids[:, 10:16], input_pos=torch.arange(10, 16)[None].expand(3, 6))
+        model.setup_cache(max_batch=4, max_seq=32)  # a second prefill chunk starting past 0
+        model(ids[:, :10], input_pos=torch.arange(10)[None].expand(3, 10))
+        chunk = model(ids[:, 10:16], input_pos=torch.arange(10, 16)[None].expand(3, 6))
         assert (chunk - full[:, 10:16]).abs().max() < 1e-4
 
 
-def test_state_dict_unchanged(pair):
-    plain, fast = pair
-    ref, got = plain.state_dict(), fast.state_dict()
-    assert list(got) == list(ref)
-    for key in ref:
-        assert torch.equal(got[key], ref[key]), key
-
-
-def test_load_state_dict_repacks(tmp_path):
-    """Loading other weights into an optimised model changes what it computes (the packed copy follows)."""
-    fast = optimize_for_inference(load_model(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"])))
+@needs_kernels
+def test_the_runner_follows_replaced_and_rewritten_weights(tmp_path):
+    """load_state_dict copying in place, and with assign=True (new tensors): the kernels see the new weights."""
+    model = load_model(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"]))
     other = load_model(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"]))
-    fast.load_state_dict(other.state_dict())
     ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (fast(ids) - other(ids)).abs().max() < 1e-4
+        want = other(ids)[0, -1]
+
+        def last_logits():
+            model.setup_cache(max_batch=1, max_seq=16)
+            return model(ids, input_pos=torch.arange(12)[None], logits_index=torch.tensor([11]))[0]
+
+        before = last_logits()
+        assert (before - want).abs().max() > 1e-2
+        model.load_state_dict(other.state_dict())  # copies into the same tensors
+        assert (last_logits() - want).abs().max() < 1e-4
+        model.load_state_dict(load_model(tmp_path / "a").state_dict(), assign=True)  # new tensors
+        assert torch.equal(last_logits(), before)
 
 
-def test_save_after_optimisation_round_trips_to_transformers(tmp_path, tiny_checkpoint):
-    from transformers import GPT2LMHeadModel
-
+def test_a_model_used_for_generation_still_fine_tunes(tiny_checkpoint):
+    """Generate, train a few steps, generate again: the loss falls, and generation (through the
+    kernels) follows the new weights exactly as the PyTorch forward of the trained model predicts."""
     gen = gpt2lab.load(tiny_checkpoint)
-    optimize_for_inference(gen.model)
-    out = gen.save(tmp_path / "saved")
-    original = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
-    reloaded = GPT2LMHeadModel.from_pretrained(out).eval()
-    for (name, a), (name_b, b) in zip(original.state_dict().items(), reloaded.state_dict().items()):
-        assert name == name_b and torch.equal(a, b), name
+    prompt = "Hello there"
+    before = gen.generate(prompt, max_new_tokens=8, temperature=0.0, ignore_eos=True)[0].token_ids
+    model = gen.model
+    target = torch.tensor([gen.tokenizer.encode(" the sea the sea the sea the sea the sea the sea")])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(8):
+        logits = model(target[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), target[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+    model.eval()
+    after = gen.generate(prompt, max_new_tokens=8, temperature=0.0, ignore_eos=True)[0].token_ids
+    assert after != before
+    ids = gen.encode_prompt(prompt)  # greedy decoding with the plain, uncached forward
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert after == ids[-8:]
 
 
-def test_generation_unchanged(tiny_checkpoint):
-    plain, fast = gpt2lab.load(tiny_checkpoint), gpt2lab.load(tiny_checkpoint)
-    optimize_for_inference(fast.model)
-    prompts = ["Hello there", "A longer prompt about the sea and the sky"]
-    for kw in (dict(temperature=0.0), dict(top_k=50, temperature=1.0, seed=3)):
-        a = plain.generate(prompts, max_new_tokens=12, ignore_eos=True, **kw)
-        b = fast.generate(prompts, max_new_tokens=12, ignore_eos=True, **kw)
-        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+def test_optimize_for_inference_is_kept_as_a_harmless_call(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    model.train()
+    assert optimize_for_inference(model, batch_size=8) is model and not model.training
+    model.train()  # and the model still trains
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        optimize_for_inference(model, batch_size=0)
+    with pytest.raises(TypeError, match="expects a gpt2lab GPT2"):
+        optimize_for_inference(torch.nn.Linear(2, 2))
 
 
-def test_training_an_optimised_model_fails_clearly(pair):
-    _, fast = pair
-    with pytest.raises(InferenceOnlyError, match="optimised for inference.*load the checkpoint again"):
-        fast.train()
-    assert not fast.training and not any(m.training for m in fast.modules())
-    with pytest.raises(InferenceOnlyError):
-        fast.h[0].attn.c_attn.train()
-    assert not any(p.requires_grad for p in fast.parameters())
-    fast.eval()  # still allowed
-    with pytest.raises(InferenceOnlyError, match="before optimize_for_inference"):
-        fast.half()
-    fast.to("cpu", torch.float32)  # a no-op move is fine
+def test_a_quantized_model_refuses_training(tiny_checkpoint):
+    gen = gpt2lab.load(tiny_checkpoint, quantization="int8")
+    with pytest.raises(InferenceOnlyError, match="int8-quantized.*without quantization"):
+        gen.model.train()
+    assert not gen.model.training
+    assert not any(p.requires_grad for p in gen.model.parameters())

@@ -236,10 +236,7 @@ def test_bad_values_raise(gen):
 
 
 def test_generate_text(tiny_checkpoint):
-    from gpt2lab.model import optimize_for_inference
-
     gen = gpt2lab.load(tiny_checkpoint)
-    optimize_for_inference(gen.model)  # as gpt2lab.generate_text does
     text = gen.generate_text("Hello", max_length=10, seed=1)
     assert text.startswith("Hello") and len(gen.tokenizer.encode(text)) >= 2
     assert gpt2lab.generate_text("Hello", max_length=10, seed=1, model=str(tiny_checkpoint)) == text

@@ -22,11 +22,7 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def gen(tiny_checkpoint):
-    from gpt2lab.model import optimize_for_inference
-
-    gen = gpt2lab.load(tiny_checkpoint)
-    optimize_for_inference(gen.model)  # as the command does: same arithmetic, same samples
-    return gen
+    return gpt2lab.load(tiny_checkpoint)
 
 
 def test_streams_text_with_seed_defaults(tiny_checkpoint, gen):

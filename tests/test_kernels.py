@@ -1,4 +1,5 @@
-"""gpt2lab's C kernels (model/kernels.c): the same numbers as torch, the build, and the fallback without them."""
+"""gpt2lab's C kernels (model/kernels.c): the same numbers as torch (fp32, int8, bf16), each row independent of the
+others, the build, and the fallback without them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gpt2lab.checkpoints import load_model
-from gpt2lab.model import kernels, optimize_for_inference
+from gpt2lab.model import inference_runner, kernels
 
 from .conftest import make_hf_checkpoint
 
@@ -27,18 +27,40 @@ def test_kernels_build_where_there_is_a_compiler():
         assert next(kernels.cache_dir().glob("gpt2lab_kernels_*.so"))
 
 
-@needs_kernels
-@pytest.mark.parametrize("rows,n_out,n_in", [(1, 1, 1), (1, 7, 13), (2, 4, 8), (3, 5, 768), (5, 1001, 64),
-                                             (16, 2304, 768), (1, 768, 3072)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_torch(rows, n_out, n_in, bias):
-    gen = torch.Generator().manual_seed(rows * 1000 + n_out)
-    x = torch.randn(rows, 1, n_in, generator=gen)
+def _weights(kind: str, n_out: int, n_in: int, gen: torch.Generator):
+    """(weight as the kernel reads it, scales or None, the fp64 reference of what it stands for)."""
+    from gpt2lab.model.quantize import quantize_weight
+
     w = torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5
-    b = torch.randn(n_out, generator=gen) if bias else None
-    got = kernels.linear(x, w, b)
-    assert got.shape == (rows, 1, n_out)
-    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    if kind == "fp32":
+        return w, None, w.double()
+    stored, scales = quantize_weight(w, kind)
+    ref = stored.double() * scales.double()[:, None] if scales is not None else stored.double()
+    return stored, scales, ref
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("n_out,n_in", [(1, 1), (7, 13), (5, 768), (1001, 64), (67, 3072), (33, 7), (24, 40)])
+def test_linear_matches_a_float_reference_and_every_row_is_independent(kind, n_out, n_in):
+    """Awkward shapes (odd sizes, a k % 8 tail) at 1..16 rows and more: within fp32 rounding of an fp64
+    product with the dequantized weight, and each row bit-identical to the same row computed alone."""
+    gen = torch.Generator().manual_seed(n_out * 7 + n_in)
+    w, scales, ref_w = _weights(kind, n_out, n_in, gen)
+    b = torch.randn(n_out, generator=gen)
+    x = torch.randn(37, n_in, generator=gen)
+    full = kernels.linear(x, w, b, scales)  # 37 rows: the many-row tiles
+    torch.testing.assert_close(full, (x.double() @ ref_w.T + b.double()).float(), rtol=1e-5, atol=1e-5)
+    alone = [kernels.linear(x[i:i + 1], w, b, scales) for i in range(16)]
+    for rows in (1, 2, 3, 5, 8, 16):
+        got = kernels.linear(x[:rows, None], w, None if rows == 3 else b, scales)  # any leading shape
+        assert got.shape == (rows, 1, n_out)
+        want = torch.cat(alone[:rows]) if rows != 3 else torch.cat(alone[:3]) - b
+        if rows == 3:  # no bias: compare with the reference instead
+            torch.testing.assert_close(got[:, 0], (x[:3].double() @ ref_w.T).float(), rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got[:, 0], want)  # bit for bit, whatever the number of rows
+    assert torch.equal(full[:16], torch.cat(alone))
 
 
 DECODER_SHAPES = {
@@ -46,45 +68,52 @@ DECODER_SHAPES = {
     "odd": dict(n_layer=2, n_head=3, n_embd=36, n_inner=70, vocab_size=1001, n_positions=64,
                 scale_attn_by_inverse_layer_idx=True, layer_norm_epsilon=1e-3),
     "untied": dict(n_layer=2, n_head=2, n_embd=64, n_positions=64, tie_word_embeddings=False),
+    "relu": dict(n_layer=1, n_head=2, n_embd=40, n_positions=64, activation_function="relu"),
+    "silu": dict(n_layer=1, n_head=2, n_embd=40, n_positions=64, activation_function="silu"),
 }
 
 
 @needs_kernels
+@pytest.mark.parametrize("quantization", [None, "int8", "bf16"])
 @pytest.mark.parametrize("shape", list(DECODER_SHAPES))
-def test_decoder_matches_the_torch_forward(shape, tmp_path):
-    """Every row at its own position and cache row: the one-call decode step equals the plain forward."""
+def test_the_kernel_forward_matches_the_torch_forward(shape, quantization, tmp_path):
+    """Ragged prefills into different cache rows, then ragged decode steps: the one-call forward equals
+    the model's own PyTorch code (uncached) for fp32, int8 and bf16 weights."""
     ckpt = make_hf_checkpoint(tmp_path, seed=3, **DECODER_SHAPES[shape])
-    plain, fast = load_model(ckpt), optimize_for_inference(load_model(ckpt))
-    assert fast.decoder is not None
-    vocab = plain.config.vocab_size
+    model = load_model(ckpt, quantization=quantization)
+    vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (3, 40), generator=torch.Generator().manual_seed(0))
     lens = [20, 27, 33]
     with torch.no_grad():
-        full = plain(ids)  # [3, 40, V]
-        fast.setup_cache(max_batch=5, max_seq=40)
+        assert inference_runner(model) is not None
+        full = model(ids)  # [3, 40, V], PyTorch
+        model.setup_cache(max_batch=5, max_seq=40)
         for r, n in enumerate(lens):  # rows 2..4 of the cache, prefilled to different lengths
-            fast(ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(2 + r, 3 + r))
-        for step in range(4):  # ragged decode steps through the decoder
+            pre = model(ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(2 + r, 3 + r))
+            assert (pre[0] - full[r, :n]).abs().max() < 1e-4
+        for step in range(4):  # ragged decode steps
             pos = torch.tensor(lens)[:, None] + step
-            logits = fast(ids[torch.arange(3), pos[:, 0]][:, None], input_pos=pos, rows=slice(2, 5))
+            logits = model(ids[torch.arange(3), pos[:, 0]][:, None], input_pos=pos, rows=slice(2, 5))
             assert logits.shape == (3, 1, vocab)
             for r in range(3):
                 assert (logits[r, 0] - full[r, pos[r, 0]]).abs().max() < 1e-4
 
 
 @needs_kernels
-def test_decoder_refuses_what_would_read_outside_memory(tmp_path):
-    fast = optimize_for_inference(load_model(make_hf_checkpoint(tmp_path, **DECODER_SHAPES["untied"])))
+def test_the_kernel_forward_refuses_what_would_read_outside_memory(tmp_path):
+    model = load_model(make_hf_checkpoint(tmp_path, **DECODER_SHAPES["untied"]))
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="setup_cache"):
-            fast(torch.tensor([[1]]), input_pos=torch.tensor([[0]]))
-        fast.setup_cache(max_batch=2, max_seq=16)
+            model(torch.tensor([[1]]), input_pos=torch.tensor([[0]]))
+        model.setup_cache(max_batch=2, max_seq=16)
         with pytest.raises(IndexError, match=r"token ids must be in \[0, 50257\)"):
-            fast(torch.tensor([[50257]]), input_pos=torch.tensor([[0]]))
+            model(torch.tensor([[50257]]), input_pos=torch.tensor([[0]]))
         with pytest.raises(ValueError, match="beyond the KV cache"):
-            fast(torch.tensor([[1]]), input_pos=torch.tensor([[16]]))
+            model(torch.tensor([[1]]), input_pos=torch.tensor([[16]]))
         with pytest.raises(ValueError, match="beyond the KV cache"):
-            fast(torch.tensor([[1], [2]]), input_pos=torch.tensor([[0], [0]]), rows=slice(1, 3))
+            model(torch.tensor([[1], [2]]), input_pos=torch.tensor([[0], [0]]), rows=slice(1, 3))
+        with pytest.raises(IndexError, match="logits_index"):
+            model(torch.tensor([[1, 2]]), input_pos=torch.tensor([[0, 1]]), logits_index=torch.tensor([2]))
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -94,11 +123,12 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 GREEDY = """
+    import torch
     import gpt2lab
-    from gpt2lab.model import kernels, optimize_for_inference
+    from gpt2lab.model import inference_runner, kernels
     gen = gpt2lab.load({ckpt!r})
-    optimize_for_inference(gen.model)
-    print(kernels.available(), type(gen.model.h[0].attn.c_attn).__name__)
+    with torch.no_grad():
+        print(kernels.available(), type(inference_runner(gen.model)).__name__)
     print(gen.generate(["Hello there", "A longer prompt about the sea"], max_new_tokens=10, temperature=0,
                        ignore_eos=True)[1].token_ids)
 """
@@ -108,7 +138,8 @@ def test_switched_off_kernels_fall_back_to_torch_with_the_same_tokens(tiny_check
     on = run_python(GREEDY.format(ckpt=str(tiny_checkpoint)))
     off = run_python(GREEDY.format(ckpt=str(tiny_checkpoint)), GPT2LAB_CPU_KERNELS="0")
     assert off.returncode == 0, off.stderr
-    assert off.stdout.splitlines()[0] == "False PackedLinear"
+    assert off.stdout.splitlines()[0] == "False NoneType"  # GPT2's PyTorch code
+    assert on.stdout.splitlines()[0] == ("True KernelRunner" if kernels.available() else "False NoneType")
     assert on.stdout.splitlines()[1] == off.stdout.splitlines()[1]
 
 

@@ -205,3 +205,13 @@ def test_training_reports_broken_jsonl_as_data_error(tmp_path):
     path.write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
         _training(path)
+
+
+def test_training_jsonl_gz_with_bom_and_odd_separators(tmp_path):
+    """The compressed JSON Lines reader (training's Hugging Face formats) follows the same rules."""
+    import gzip
+
+    path = tmp_path / "data.jsonl.gz"
+    body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ODD)
+    path.write_bytes(gzip.compress(codecs.BOM_UTF8 + body.encode("utf-8")))
+    assert _training(path) == ODD

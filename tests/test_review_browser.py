@@ -402,3 +402,36 @@ def test_review_serve_command(tmp_path):
         out = proc.communicate(timeout=30)[0]
     assert f"judgements go to {tmp_path / 'r.log.jsonl'}" in out
     assert [r["scores"] for r in read_log(tmp_path / "r.log.jsonl")] == [{"clarity": 2, "style": 3}] * 2
+
+
+@needs_browser
+def test_a_stale_tab_moves_on_instead_of_sticking_on_a_judged_item(browser, tmp_path):
+    """The same reviewer in two tabs: the tab still showing an item judged in the other one gets 409 and must
+    show the next unjudged item (it stayed stuck on the judged one until a reload)."""
+    from gpt2lab.review.app import create_app
+
+    log = tmp_path / "log.jsonl"
+    served = Served(create_app(pairwise_file(tmp_path, n=3), log))
+    try:
+        context = browser.new_context()
+        first, second = context.new_page(), context.new_page()
+        for page in (first, second):
+            page.goto(served.url + "/")
+            if page is first:
+                page.fill("#name", "carol")
+                page.keyboard.press("Enter")
+            sync_api.expect(page.locator("#progress-text")).to_have_text("0 / 3 judged")
+        stale = first.locator("#item-id").text_content()
+        assert second.locator("#item-id").text_content() == stale
+        second.keyboard.press("a")
+        sync_api.expect(second.locator("#progress-text")).to_have_text("1 / 3 judged")
+        first.keyboard.press("b")  # the same item, already judged in the other tab
+        sync_api.expect(first.locator("#error")).to_contain_text("already judged")
+        sync_api.expect(first.locator("#item-id")).not_to_have_text(stale)
+        sync_api.expect(first.locator("#progress-text")).to_have_text("1 / 3 judged")
+        first.keyboard.press("t")
+        sync_api.expect(first.locator("#progress-text")).to_have_text("2 / 3 judged")
+    finally:
+        served.stop()
+    records = read_log(log)
+    assert [r["choice"] for r in records] == ["A", "tie"] and len({r["item"] for r in records}) == 2

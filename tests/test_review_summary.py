@@ -193,3 +193,43 @@ def test_summary_without_the_review_extra_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output == "gpt2lab: error: gpt2lab review summary needs krippendorff: pip install " \
                             "'gpt2lab[review]'\n"
+
+
+def test_a_file_that_is_not_a_judgement_log_is_refused_naming_the_line(tmp_path):
+    """A review file given as the log (an easy slip: `summary pairs.jsonl`) or a hand-edited log with a record
+    missing its fields is an error naming file:line, not a summary of nonsense (or a server appending to it)."""
+    from gpt2lab.review.reviewset import build, write_review_set
+
+    review = write_review_set(build({"a": [("p", "x")], "b": [("p", "y")]}), tmp_path / "pairs.jsonl")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: .*review file"):
+        read_log(review)
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: .*review file"):
+        JudgementLog(review)
+    before = review.read_bytes()
+    bad = tmp_path / "log.jsonl"
+    good = pair("a", "i1", "p", "q", "A")
+    for broken in ({**good, "sources": ["p"]}, {**good, "choice": "C"}, {"a": 1},
+                   {**rating("a", "i1", "s", fluency=3), "scores": {"fluency": "high"}},
+                   {"reviewer": "a", "item": "i1", "mode": "curation", "decision": "edit", "row": 1}):
+        bad.write_text(json.dumps(good) + "\n" + json.dumps(broken) + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=r"log.jsonl:2: not a review log record"):
+            read_log(bad)
+    done = _cli("summary", str(review))
+    assert done.returncode == 2 and done.stderr.startswith("gpt2lab: error:") and "pairs.jsonl:1" in done.stderr
+    assert review.read_bytes() == before
+
+
+def test_agreement_of_random_choices_over_three_sources_is_near_zero():
+    """Two reviewers choosing at random on items pairing three sources agree by chance only: kappa and alpha ~0
+    (coding the winner by its name pooled the three names over items whose pairs offer two, giving ~0.25)."""
+    import random
+
+    rng = random.Random(0)
+    pairs = [("a", "b"), ("a", "c"), ("b", "c")]
+    recs = [pair(who, f"i{k}", *pairs[k % 3], rng.choice("AB")) for k in range(900) for who in ("ann", "bob")]
+    (agree,) = [x for x in summarize(recs)["agreement"] if x["what"] == "pairwise choice"]
+    assert abs(agree["cohen_kappa"]) < 0.08 and abs(agree["krippendorff_alpha"]) < 0.08, agree
+    # full agreement is still 1
+    recs = [pair(who, f"i{k}", *pairs[k % 3], "AB"[k % 2]) for k in range(30) for who in ("ann", "bob")]
+    (agree,) = [x for x in summarize(recs)["agreement"] if x["what"] == "pairwise choice"]
+    assert agree["cohen_kappa"] == pytest.approx(1) and agree["krippendorff_alpha"] == pytest.approx(1)

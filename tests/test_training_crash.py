@@ -121,3 +121,21 @@ def test_latest_pointer_is_the_switch(tmp_path):
     assert sorted(p.name for p in ck.clean_stale()) == [".latest.tmp", ".step-00000050.tmp-x"]
     (ck.root / LATEST).unlink()  # no pointer (killed before the first switch): the newest complete folder
     assert ck.latest().name == "step-00000040"
+
+
+def test_metrics_log_with_a_torn_multibyte_tail_is_resumed(tmp_path):
+    """metrics.jsonl cut by a kill in the middle of a UTF-8 character: complete records up to the
+    checkpoint are kept, the torn one is dropped, and appending goes on."""
+    from gpt2lab.training.trainer import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "note": "d\u00e9j\u00e0 \u2028 vu"},
+               {"step": 3, "loss": 1.2}]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    torn = json.dumps({"step": 4, "note": "\u00e9"}, ensure_ascii=False).encode("utf-8")
+    path.write_bytes(body + torn[: torn.index("\u00e9".encode()) + 1])
+    metrics = Metrics(path, resume_step=2)
+    metrics.write({"step": 3, "loss": 1.25})
+    metrics.close()
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    assert [json.loads(line) for line in lines] == [*records[:2], {"step": 3, "loss": 1.25}]

@@ -43,6 +43,9 @@ def gpt2_tokenizer_dir() -> Path:
     return Path(str(resources.files("gpt2lab") / "assets" / "gpt2-tokenizer"))
 
 
+_RELEASE_GIL_CHARS = 4096  # texts longer than this are encoded without holding the GIL
+
+
 class Tokenizer:
     """A GPT-2 tokenizer: ``encode(str) -> list[int]``, ``decode(list[int]) -> str``."""
 
@@ -110,6 +113,10 @@ class Tokenizer:
 
     # -- encoding -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if len(text) > _RELEASE_GIL_CHARS:
+            # tokenizers' encode() holds the GIL throughout; encode_batch() lets other threads run (a
+            # server's event loop goes on answering while a long prompt is tokenized on a worker)
+            return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

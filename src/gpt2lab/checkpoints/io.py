@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..model import GPT2, ConfigError, GPT2Config
+from ..model import GPT2, ConfigError, GPT2Config, check_quantization
+from ..model.gpt2 import meta_skeleton
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -90,7 +91,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Our tensor names and shapes for ``config``, from one block built on the meta device (no memory)."""
-    with torch.device("meta"):
+    with meta_skeleton():
         one = GPT2(dataclasses.replace(config, n_layer=1))
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in one.state_dict().items():
@@ -248,7 +249,7 @@ def hf_to_gpt2lab(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
         if _IGNORED.search(key):
             continue
         if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
+            tensor = tensor.t().contiguous()  # row-major [out, in]: the layout gpt2lab's kernels read
         out[key] = tensor
     return out
 
@@ -267,13 +268,17 @@ def gpt2lab_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> 
 
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> GPT2:
+               dtype: str | torch.dtype | None = None, quantization: str | None = None) -> GPT2:
     """Build a :class:`GPT2` from a HF-layout directory (one weights file or shards), checking every
     tensor against the config.
 
     ``dtype``: the dtype to hold the weights in; ``None`` is float32 (an fp16-stored checkpoint is
     upcast), ``"auto"`` keeps the checkpoint's own (:func:`checkpoint_dtype`).
+    ``quantization``: ``"int8"`` or ``"bf16"`` quantizes the weights while loading, one tensor at a
+    time (:func:`gpt2lab.checkpoints.quantized.load_quantized`; ``dtype`` is then unused); ValueError
+    for other values.
     """
+    quantization = check_quantization(quantization)
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -288,6 +293,11 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
         for f in files:
             shapes.update(safetensors_shapes(f))
         check_shapes(config, shapes, weights_file(directory), config_path)
+    if quantization is not None:
+        from .quantized import load_quantized
+
+        return load_quantized(config, files, quantization, device=device, source=weights_file(directory),
+                              config_source=config_path)
     dtype = resolve_dtype(dtype, directory)
     return model_from_tensors(config, (tensors for _, tensors in iter_checkpoint_tensors(directory)), dtype=dtype,
                        device=device, source=str(weights_file(directory)), config_source=str(config_path))
@@ -309,7 +319,7 @@ def model_from_tensors(config: GPT2Config, shards: Iterable[Mapping[str, torch.T
     # Meta tensors skip the random init of big models, but their first use costs ~2 s of one-time
     # setup; small models (the bundled one, gpt2 small/medium) initialise faster on the CPU.
     approx_params = config.n_embd * (config.vocab_size + config.n_positions + 12 * config.n_embd * config.n_layer)
-    with torch.device("meta") if approx_params > 400_000_000 else contextlib.nullcontext():
+    with meta_skeleton() if approx_params > 400_000_000 else contextlib.nullcontext():
         model = GPT2(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: same tensor as wte

@@ -26,11 +26,8 @@ def fmt_value(value: Any) -> str:
 
 
 def load_for_eval(model: str | None, runtime: Runtime | None = None):
-    """Load a model for evaluation only, where ``runtime`` says: the fast inference layout (oneDNN-packed
-    weights on CPU)."""
-    from ..evaluation.common import optimized
-
-    return optimized(load_generator(model, runtime))
+    """Load a model for evaluation, where ``runtime`` says (its ``--device``/``--dtype``/``--quantization``)."""
+    return load_generator(model, runtime)
 
 
 def print_json(record: dict[str, Any]) -> None:

@@ -78,10 +78,6 @@ def generate(
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
     from ..generation import fit_prompt
-    from ..model import optimize_for_inference
-
-    # this process only generates: prepacked weights, blocked for the number of rows decoded together
-    optimize_for_inference(gen.model, batch_size=len(prompt_list) * params.n * params.num_beams)
 
     with user_errors():
         for p in prompt_list:  # fail on an unusable prompt before printing anything

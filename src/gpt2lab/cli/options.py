@@ -121,22 +121,15 @@ class Runtime:
 
 
 def apply_threads(threads: int | None) -> None:
-    """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer >= 1)."""
-    if threads is None:
-        return
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
-    import torch
+    """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer in [1, 1024])."""
+    if threads is not None:
+        from ..model.device import set_threads
 
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError:  # only settable before the first inter-op parallel work; the intra-op count matters
-        pass
+        set_threads(threads, "--threads")
 
 
 def build_runtime(device: str, dtype: str, quantization: str | None, threads: int | None) -> Runtime:
-    """Check the runtime options (without importing torch: the device is checked when the model loads)."""
+    """Check the runtime options (the device is checked when the model loads)."""
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device.strip().lower()):
@@ -145,8 +138,10 @@ def build_runtime(device: str, dtype: str, quantization: str | None, threads: in
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if quantization is not None and quantization.lower() not in QUANTIZATION_CHOICES:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {quantization!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    if threads is not None:  # (imports torch, which --threads needs next anyway)
+        from ..model.device import check_threads
+
+        check_threads(threads, "--threads")
     return Runtime(device=device.strip().lower(), dtype=dtype.lower(),
                    quantization=quantization.lower() if quantization is not None else None, threads=threads)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 import typer
 
@@ -23,6 +24,21 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname other than localhost may resolve anywhere
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``OSError`` if it cannot be had, e.g. the port is busy)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT does not block
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @runtime_options()
 def serve(
     model: str = model_option(),
@@ -37,6 +53,7 @@ def serve(
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together in one step."),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting for the batch before requests get 429."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds before a request is stopped."),
+    max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in megabytes (413 beyond)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
     cors_allow_origin: list[str] = typer.Option(None, "--cors-allow-origin",
                                                 help="Let browser pages from this origin (e.g. "
@@ -60,6 +77,13 @@ def serve(
                  f"got {origin!r}")
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
+    if not 0 < max_body_mb <= 1024:
+        fail(f"--max-body-mb must be in (0, 1024], got {max_body_mb:g}")
+
+    try:  # the port first: a busy one fails now, in a second, not after the model is found and loaded
+        sock = bind(host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from ..checkpoints import resolve_model
     from ..model.device import resolve_device, resolve_dtype
@@ -69,14 +93,16 @@ def serve(
         resolve_dtype(runtime.dtype, resolve_device(runtime.device))
     load = load_kwargs(runtime)
 
-    import uvicorn
-
     from ..server import create_app
+    from ..server.http import serve as serve_http
+    from ..server.limits import Limits
 
+    limits = Limits()
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                         request_timeout=request_timeout, cors_allow_origins=origins, **load)
+                         request_timeout=request_timeout, cors_allow_origins=origins, max_body_mb=max_body_mb,
+                         limits=limits, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    serve_http(app, sock, log_level=log_level, limits=limits)

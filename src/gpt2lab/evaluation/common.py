@@ -14,24 +14,22 @@ if TYPE_CHECKING:
 ModelLike = Union["Generator", str, Path, None]
 
 
-def as_generator(model: ModelLike, device: str = "auto") -> Generator:
+def as_generator(model: ModelLike, device: str = "auto", quantization: str | None = None) -> Generator:
     """A loaded :class:`Generator` for a Generator (used as is), a model reference, or None (the default model).
 
-    A model loaded here only ever runs inference, so it gets gpt2lab's fast inference layout.
+    ``quantization`` (``None``, ``"int8"``, ``"bf16"``) applies to a model loaded here; a Generator
+    passed in keeps its own (ValueError if it asks for another).
     """
     from ..generation import Generator, load
+    from ..model import check_quantization
 
+    quantization = check_quantization(quantization)
     if isinstance(model, Generator):
+        if quantization is not None and model.quantization != quantization:
+            raise ValueError(f"quantization={quantization!r} cannot apply to an already loaded Generator "
+                             f"(its quantization is {model.quantization!r}); pass the model's name or path instead")
         return model
-    return optimized(load(model, device=device))
-
-
-def optimized(gen: Generator) -> Generator:
-    """``gen`` with its model switched to the fast inference layout, in place (it can no longer train)."""
-    from ..model import optimize_for_inference
-
-    optimize_for_inference(gen.model, batch_size=16)  # scoring runs many rows at a time
-    return gen
+    return load(model, device=device, quantization=quantization)
 
 
 @contextmanager

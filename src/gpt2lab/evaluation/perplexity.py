@@ -64,16 +64,17 @@ def _encode(tokenizer, text: str) -> list[int]:
 def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str | Path] | None = None,
                model: ModelLike = None, block_size: int | None = None, stride: int | None = None,
                batch_tokens: int = DEFAULT_BATCH_TOKENS, names: Sequence[str] | None = None,
-               progress: bool = False, device: str = "auto") -> PerplexityResult:
+               progress: bool = False, device: str = "auto", quantization: str | None = None) -> PerplexityResult:
     """Perplexity of texts (strings, or ``files`` read as UTF-8) as the Hugging Face guide computes it.
 
     ``block_size``: tokens per window (default: the model's context, ``n_positions``). ``stride``:
     tokens between window starts (default ``block_size // 2``, as in the guide; ``stride ==
     block_size`` gives disjoint windows, faster but each window starts without context). Every text is
     windowed on its own; windows of all texts run together in batches of about ``batch_tokens`` tokens.
-    Overall figures pool the tokens of all texts.
+    Overall figures pool the tokens of all texts. ``quantization`` (``"int8"``, ``"bf16"``) applies
+    when ``model`` is loaded here (see :func:`gpt2lab.load`).
     """
-    gen = as_generator(model, device)
+    gen = as_generator(model, device, quantization)
     docs_text: list[str] = []
     doc_names: list[str] = []
     if texts is not None:

@@ -75,7 +75,6 @@ def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[
     nll = torch.zeros(n_docs, dtype=torch.float64)
     counts = [0] * n_docs
     device = model.wte.weight.device
-    head = model.lm_head_weight
     vocab = model.config.vocab_size
     # longest first, so each batch pads little and the memory peak comes at the start
     order = sorted(windows, key=lambda w: w.end - w.begin, reverse=True)
@@ -103,7 +102,7 @@ def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[
             targets = idx[:, 1:][select[:, :-1].to(device)]
             owner = doc_of_row[:, None].expand_as(select)[select]
             token_nll = torch.cat([
-                F.cross_entropy(F.linear(hidden[s:s + _HEAD_ROWS], head).float(), targets[s:s + _HEAD_ROWS],
+                F.cross_entropy(model.head_logits(hidden[s:s + _HEAD_ROWS]).float(), targets[s:s + _HEAD_ROWS],
                                 reduction="none")
                 for s in range(0, hidden.shape[0], _HEAD_ROWS)])
             nll.index_add_(0, owner, token_nll.double().cpu())

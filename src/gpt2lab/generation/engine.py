@@ -11,6 +11,13 @@ sample index), so a seeded request gives the same text whether it runs alone or 
 
 Beam search (``num_beams > 1``) is not batched: a beam request runs whole, between two steps, on
 the same static cache; the running sequences' cache rows are saved before and put back after.
+
+One request's fault ends only that request. Everything that can be checked against the model is
+checked by :meth:`Engine.add_request`, before any work (``ValueError`` naming the field). If a
+step still raises in the per-row work (logits transforms, sampling, detokenizing) or in a prefill,
+the rows are retried one by one and only the ones that fail alone end, with ``finish_reason
+"error"`` and ``RequestOutput.error``; the batch goes on. Only a fault of the batched decode
+forward itself (out of memory, a broken model) is not attributable: ``step()`` raises it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from ..model import GPT2
 from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams, sample
+from ..sampling.pipeline import bad_words_ids
 from ..tokenizer import Tokenizer
 from .outputs import RequestOutput, TokenLogprob, token_logprobs
 from .stopping import SequenceText
@@ -137,10 +145,9 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue ``params.n`` samples of a prompt (or, with ``num_beams > 1``, a beam search returning
-        the ``n`` best beams); returns the request id. Raises ValueError if it cannot fit."""
-        vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}]")
+        the ``n`` best beams); returns the request id. Raises ValueError naming the field if the request
+        cannot run on this model (see :meth:`check_request`), before any work."""
+        self.check_request(prompt_ids, params)
         prompt_ids, budget = fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         prompt_lp = self._prompt_logprobs(prompt_ids, params.prompt_logprobs) \
@@ -156,6 +163,25 @@ class Engine:
                 self._waiting.append(_Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer,
                                                self.device, self.eos_token_id, prompt_lp))
         return request_id
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Check a request against this model (``add_request`` does): the prompt's token ids, the ids in
+        ``logit_bias`` and ``stop_token_ids``, the tokens ``bad_words`` encode to, and the length
+        (prompt + new tokens vs ``n_positions``). Raises ValueError naming the field; does no work."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab),
+                   None)
+        if bad is not None:
+            raise ValueError(f"prompt holds token id {bad!r}, outside the model's vocabulary [0, {vocab - 1}]")
+        params.check_vocab(vocab)
+        for word, ids in zip(params.bad_words, (bad_words_ids(self.tokenizer, [w]) for w in params.bad_words)):
+            bad = next((t for seq in ids for t in seq if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"bad_words holds {word!r}, whose token id {bad} is outside the model's "
+                                 f"vocabulary [0, {vocab - 1}]")
+        fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
 
     @torch.inference_mode()
     def _prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
@@ -180,7 +206,12 @@ class Engine:
         """Decode one token for every running sequence, then admit waiting ones with one prefill."""
         outputs, self._ready = self._ready, []
         if self._beams:  # one beam search per step, so sampled requests keep moving in between
-            outputs += self._beam_search(*self._beams.popleft())
+            beam = self._beams.popleft()
+            try:
+                outputs += self._beam_search(*beam)
+            except Exception as exc:  # noqa: BLE001 - a fault of this request's: it alone ends
+                outputs.append(RequestOutput(beam[0], 0, [], "", True, "error", None,
+                                             error=f"{type(exc).__name__}: {exc}"))
         if self._running:
             seqs = list(self._running)
             n = len(seqs)
@@ -195,8 +226,43 @@ class Engine:
         free = self.max_batch - len(self._running)
         if self._waiting and free > 0:
             new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            outputs += self._prefill(new)
+            outputs += self._admit(new)
         return outputs
+
+    # -- fault isolation ----------------------------------------------------------------------
+    def _admit(self, seqs: list[_Sequence]) -> list[RequestOutput]:
+        """Prefill ``seqs``; if that raises, retry them one by one: only those that fail alone end."""
+        try:
+            return self._prefill(seqs)
+        except Exception as exc:  # noqa: BLE001 - attributed below, one sequence at a time
+            for seq in seqs:  # free the rows they took (their cache contents are discarded)
+                if seq.row >= 0:
+                    self._release(seq)
+            if len(seqs) == 1:
+                return [self._failed(seqs[0], exc)]
+        self._pipeline_key, self._pipeline = (), None
+        return [out for seq in seqs for out in self._admit([seq])]
+
+    def _failed(self, seq: _Sequence, exc: BaseException) -> RequestOutput:
+        """The last output of a sequence stopped by a fault of its own (its row is already free)."""
+        return RequestOutput(seq.request_id, seq.index, [], "", True, "error",
+                             [] if seq.params.logprobs is not None else None,
+                             error=f"{type(exc).__name__}: {exc}")
+
+    def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int | BaseException]:
+        """Each row's token computed alone (after the batched pipeline raised): a row that fails alone
+        gets its exception instead of a token; the others are what the batch would have given."""
+        self._pipeline_key, self._pipeline = (), None  # its per-row state may be half-updated
+        tokens: list[int | BaseException] = []
+        for i, seq in enumerate(seqs):
+            try:
+                pipeline = LogitsPipeline([seq.params], self.model.config.vocab_size, tokenizer=self.tokenizer,
+                                          device=self.device)
+                scores = pipeline(logits[i:i + 1], [seq.history], [len(seq.prompt_ids)])
+                tokens.append(int(sample(scores, [seq.params], [seq.generator])[0]))
+            except Exception as exc:  # noqa: BLE001 - this row's own fault
+                tokens.append(exc)
+        return tokens
 
     # -- internals ----------------------------------------------------------------------------
     def _beam_search(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -288,24 +354,38 @@ class Engine:
             logits[:, self._decodable:] = float("-inf")
         want_lp = [s.params.logprobs is not None for s in seqs]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        tokens = sample(self._scores(seqs, logits), [s.params for s in seqs],
-                        [s.generator for s in seqs]).tolist()
+        try:
+            tokens: list[int | BaseException] = sample(self._scores(seqs, logits), [s.params for s in seqs],
+                                                       [s.generator for s in seqs]).tolist()
+        except Exception:  # noqa: BLE001 - find the row(s) at fault; the others go on
+            tokens = self._sample_rows(seqs, logits)
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.output_ids.append(token)
-            entry = token_logprobs(raw_lp[i:i + 1], [token], seq.params.logprobs, self.tokenizer)[0] \
-                if want_lp[i] else None
-            text, logprobs, reason = seq.text.push(token, entry)
-            if reason is None and len(seq.output_ids) >= seq.budget:
-                reason = "length"
-                more_text, more_logprobs = seq.text.finish()
-                text, logprobs = text + more_text, logprobs + more_logprobs
-            outputs.append(RequestOutput(seq.request_id, seq.index, [token], text, reason is not None, reason,
-                                         logprobs if want_lp[i] else None, seq.prompt_logprobs))
-            seq.prompt_logprobs = None
-            if reason is not None:
-                self._release(seq)
+            try:
+                if isinstance(token, BaseException):
+                    raise token
+                outputs.append(self._emit(seq, token, raw_lp[i:i + 1] if want_lp[i] else None))
+            except Exception as exc:  # noqa: BLE001 - this sequence's own fault: it alone ends
+                if seq.row >= 0:
+                    self._release(seq)
+                outputs.append(self._failed(seq, exc))
         return outputs
+
+    def _emit(self, seq: _Sequence, token: int, raw_lp: torch.Tensor | None) -> RequestOutput:
+        """Append ``token`` to ``seq``, apply stopping, free its row when it finishes."""
+        seq.output_ids.append(token)
+        entry = token_logprobs(raw_lp, [token], seq.params.logprobs, self.tokenizer)[0] if raw_lp is not None else None
+        text, logprobs, reason = seq.text.push(token, entry)
+        if reason is None and len(seq.output_ids) >= seq.budget:
+            reason = "length"
+            more_text, more_logprobs = seq.text.finish()
+            text, logprobs = text + more_text, logprobs + more_logprobs
+        output = RequestOutput(seq.request_id, seq.index, [token], text, reason is not None, reason,
+                               logprobs if raw_lp is not None else None, seq.prompt_logprobs)
+        seq.prompt_logprobs = None
+        if reason is not None:
+            self._release(seq)
+        return output
 
     def _release(self, seq: _Sequence) -> None:
         """Free a finished sequence's row, moving the last running row into it."""

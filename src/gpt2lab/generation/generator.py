@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoints import CheckpointError, load_model, resolve_model, save_model
 from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
-from ..model import GPT2, GPT2Config
+from ..model import GPT2, GPT2Config, check_quantization
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
 from ..sampling import SamplingParams, hf_compat
@@ -67,13 +67,19 @@ class Generator:
         return self.model.wte.weight.device
 
     @property
+    def quantization(self) -> str | None:
+        """The model's weight quantization: ``None`` (as stored), ``"int8"`` or ``"bf16"`` (vLLM's name)."""
+        return self.model.quantization
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
     def __repr__(self) -> str:
         c = self.config
+        quantized = f", quantization={self.quantization!r}" if self.quantization else ""
         return (f"Generator(name={self.name!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, "
-                f"params={self.model.num_parameters() / 1e6:.1f}M, device={self.device})")
+                f"params={self.model.num_parameters() / 1e6:.1f}M, device={self.device}{quantized})")
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -125,6 +131,8 @@ class Generator:
         prompt_lp: dict[str, list[TokenLogprob]] = {}
         while engine.has_unfinished():
             for out in engine.step():
+                if out.error is not None:
+                    raise RuntimeError(f"generation failed for prompt {out.request_id}: {out.error}")
                 acc = parts.setdefault((out.request_id, out.index), [[], [], [] if out.logprobs is not None else None,
                                                                      None])
                 acc[0] += out.token_ids
@@ -148,6 +156,8 @@ class Generator:
         engine.add_request(self.encode_prompt(prompt), params)
         while engine.has_unfinished():
             for out in engine.step():
+                if out.error is not None:
+                    raise RuntimeError(f"generation failed: {out.error}")
                 if out.text:
                     yield out.text
 
@@ -271,7 +281,8 @@ def load_tokenizer(directory: Path, vocab_size: int) -> tuple[Tokenizer, Path]:
 
 
 def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None = None,
-         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> Generator:
+         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+         quantization: str | None = None) -> Generator:
     """Load a GPT-2: a local directory, a bundled model, a Hugging Face Hub id, or a ``transformers``
     ``GPT2LMHeadModel`` object (``tokenizer``: a transformers tokenizer object; default: the one in the
     model object's folder, else GPT-2's).
@@ -287,7 +298,14 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     ``dtype``: ``None``, the device's default (bfloat16 on a GPU with native bf16, float32 elsewhere);
     ``"auto"``, the checkpoint's own dtype when it is stored in float16/bfloat16 (as in transformers),
     else the device's default; or a name (``"float32"``, ``"bfloat16"``, ``"float16"``).
+    ``quantization``: ``None`` (weights as stored, trainable), ``"int8"`` (weight-only int8 with
+    per-output-channel scales, about 4x fewer bytes per decoded token) or ``"bf16"`` (16-bit weights,
+    fp32 arithmetic), vLLM's option name; quantized while loading, tensor by tensor, and
+    inference-only; ``dtype`` then only sets the activations' dtype off the CPU. ValueError for any
+    other value. No call is needed to make generation fast: the model picks gpt2lab's kernels
+    whenever it runs inference (``gpt2lab.model.inference_runner``).
     """
+    quantization = check_quantization(quantization)  # before any file is read
     device = resolve_device(device)
     if _is_transformers_model(model):
         gen = _from_transformers(model, tokenizer, device=device,
@@ -299,7 +317,8 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
                 and not (Path(model) / "config.json").is_file():
             adapter, model = Path(model), adapter_base_model(Path(model))
         resolved = resolve_model(model)
-        net = load_model(resolved.path, device=device, dtype=_runtime_dtype(dtype, device, resolved.path))
+        net = load_model(resolved.path, device=device, dtype=_runtime_dtype(dtype, device, resolved.path),
+                         quantization=quantization if adapter is None else None)
         if tokenizer is not None:
             tok, tokenizer_dir = _tokenizer_from_object(tokenizer)
         else:
@@ -313,6 +332,8 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         # inference fast paths (optimize_for_inference, CUDA graphs) and quantization can take
         merge_lora(load_adapter(gen.model, adapter)).eval()
         gen.adapter = Path(adapter)
+    if quantization is not None and gen.model.quantization is None:  # a model object, or an adapter applied
+        gen.model.quantize(quantization)
     return gen
 
 
@@ -377,10 +398,7 @@ _LOADED: dict[str | None, Generator] = {}
 def generate_text(prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 50,
                   model: str | Path | None = None, **more: Any) -> str:
     """The seed's ``generate_text`` as one call: load ``model`` once (default ``gpt2``) and complete ``prompt``."""
-    from ..model import optimize_for_inference
-
     key = None if model is None else str(model)
-    if key not in _LOADED:  # kept for later calls, and only ever used to generate: optimise it
+    if key not in _LOADED:  # kept for later calls
         _LOADED[key] = load(model)
-        optimize_for_inference(_LOADED[key].model)
     return _LOADED[key].generate_text(prompt, max_length=max_length, temperature=temperature, top_k=top_k, **more)

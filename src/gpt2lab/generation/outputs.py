@@ -46,9 +46,10 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finished: bool
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" | None
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" | "error" | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # finish_reason "error": why this sequence (only) was stopped
 
 
 @dataclass

@@ -75,9 +75,7 @@ def static_decode(model: GPT2, idx: torch.Tensor, pos: torch.Tensor, kv_len: int
         x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
         x = x + block.mlp(block.ln_2(x))
     x = model.ln_f(x)[:, 0]  # [B, C]
-    if model.fast_head is not None:
-        return model.fast_head(x)
-    return F.linear(x, model.lm_head_weight)
+    return model.head_logits(x)
 
 
 class _Graph:

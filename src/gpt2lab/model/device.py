@@ -16,6 +16,28 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+# torch accepts any count but crashes (SIGSEGV, no message) creating ~100k threads; llama.cpp's cap is 512
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int, name: str = "threads") -> int:
+    """``threads``, or ``ValueError`` naming ``name`` unless it is an integer in [1, MAX_THREADS]."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_THREADS}], got {threads!r}")
+    return threads
+
+
+def set_threads(threads: int, name: str = "threads") -> None:
+    """Set torch's intra-op (and, while still settable, inter-op) CPU thread count.
+
+    Raises ``ValueError`` naming ``name`` unless ``threads`` is an integer in [1, MAX_THREADS].
+    """
+    check_threads(threads, name)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # only settable before the first inter-op parallel work; the intra-op count matters
+        pass
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -13,8 +13,10 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,30 @@ _ACTIVATIONS = {
 }
 
 
+@contextlib.contextmanager
+def meta_skeleton() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers (transformers' ``no_init_weights``
+    trick): initialising meta tensors goes through PyTorch's reference ops, whose first use imports
+    ``torch._dynamo`` (seconds of start-up for nothing). Use for shapes and for models filled by
+    ``load_state_dict(..., assign=True)``."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 class ConfigError(ValueError):
     """A config.json that describes something this GPT-2 implementation does not support."""
 
 
 class InferenceOnlyError(RuntimeError):
-    """Training mode requested on a model optimised for inference (``model.fast.optimize_for_inference``)."""
+    """Training mode requested on a model that can only run inference (a quantized one, ``model.quantize``)."""
 
 
 @dataclass
@@ -272,22 +292,20 @@ class GPT2(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.max_batch = self.max_seq = 0
-        self.inference_only = False  # set by optimize_for_inference: packed weights cannot train
-        self.fast_head: nn.Module | None = None  # LM head module installed by optimize_for_inference
-        self.decoder = None  # one-call decode step for a few rows (fast.Decoder), ditto
+        self.quantization: str | None = None  # "int8" / "bf16" once model.quantize swapped the weights
 
     def train(self, mode: bool = True) -> GPT2:
-        if mode and self.inference_only:
-            raise InferenceOnlyError("this GPT2 was optimised for inference (optimize_for_inference) and cannot "
-                                     "be trained; load the checkpoint again (gpt2lab.checkpoints.load_model)")
+        if mode and self.quantization is not None:
+            raise InferenceOnlyError(f"this GPT2 is {self.quantization}-quantized and can only run inference; load "
+                                     f"the checkpoint without quantization to train it")
         return super().train(mode)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        if any(hasattr(m, "packed") for m in self.modules()):  # check before converting anything
-            from .fast import check_conversion
+    def quantize(self, quantization: str) -> GPT2:
+        """Quantize the weights in place (``"int8"`` or ``"bf16"``, see :mod:`gpt2lab.model.quantize`);
+        returns the model, now inference-only."""
+        from .quantize import quantize_
 
-            check_conversion(fn)
-        return super()._apply(fn, recurse)
+        return quantize_(self, quantization)
 
     # -- construction -------------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> None:
@@ -304,13 +322,24 @@ class GPT2(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
     def num_parameters(self) -> int:
-        # prepacked inference linears (model/fast.py) hold their weight outside parameters()
-        packed = sum(getattr(m, "packed_numel", 0) for m in self.modules())
-        return sum(p.numel() for p in self.parameters()) + packed
+        # quantized modules (model/quantize.py) hold their weights as buffers, outside parameters()
+        quantized = sum(m.weight.numel() for m in self.modules() if getattr(m, "is_quantized", False))
+        return sum(p.numel() for p in self.parameters()) + quantized
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+        """The LM head's fp32 weight ``[V, C]`` (the tied embedding unless untied; dequantized, a copy,
+        when quantized: use :meth:`head_logits` to apply the head)."""
+        head = self.wte if self.lm_head is None else self.lm_head
+        return head.dequantized() if getattr(head, "is_quantized", False) else head.weight
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., V]`` of final hidden states ``[..., C]`` (the LM head, tied or not, quantized or not)."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if getattr(self.wte, "is_quantized", False):
+            return self.wte.linear(hidden)
+        return F.linear(hidden, self.wte.weight)
 
     # -- KV cache ------------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
@@ -320,7 +349,7 @@ class GPT2(nn.Module):
             raise ValueError(f"max_seq {max_seq} exceeds the model's context n_positions={self.config.n_positions}")
         if max_batch <= self.max_batch and max_seq <= self.max_seq:
             return
-        param = self.wte.weight
+        param = self.wpe.weight  # float even when the other weights are quantized
         for block in self.h:
             block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_seq, self.config.head_dim,
                                           dtype=param.dtype, device=param.device)
@@ -340,16 +369,21 @@ class GPT2(nn.Module):
         ``logits_index [B]``: compute logits only at this position of each row -> ``[B, V]``
         (generation needs just the next-token logits; the LM head is the largest matmul).
         Returns ``[B, T, V]`` otherwise.
+
+        A cached forward in eval mode outside autograd runs as one call of gpt2lab's C kernels where
+        they can run this model (``fast.inference_runner`` decides): the same logits within fp32
+        rounding, and each row's bit-identical whatever the rest of the batch.
         """
-        if self.decoder is not None and input_pos is not None and self.decoder.handles(idx):
-            logits = self.decoder(idx, input_pos, (rows.start or 0) if rows is not None else 0)  # [B, V]
-            return logits if logits_index is not None else logits[:, None]
+        if input_pos is not None:
+            from .fast import inference_runner
+
+            runner = inference_runner(self)
+            if runner is not None:
+                return runner(idx, input_pos, rows, logits_index)
         x = self.hidden_states(idx, input_pos=input_pos, rows=rows)  # [B, T, C]
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=idx.device), logits_index]  # [B, C]
-        if self.fast_head is not None:
-            return self.fast_head(x)
-        return F.linear(x, self.lm_head_weight)  # [B, T, V] or [B, V]
+        return self.head_logits(x)  # [B, T, V] or [B, V]
 
     def hidden_states(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None,
                       rows: slice | None = None) -> torch.Tensor:

@@ -32,28 +32,49 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+# -ffp-contract=off: the compiler fuses no multiply-add on its own, so every fused one is written out
+# and the arithmetic of a row is the same in every code path (batch invariance, see kernels.c)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
 DISABLE_ENV = "GPT2LAB_CPU_KERNELS"
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-class Layer(ctypes.Structure):
-    """``gpt2lab_layer``: one block's weights ([out, in], contiguous) and its KV cache, as pointers."""
+KIND_F32, KIND_INT8, KIND_BF16 = 0, 1, 2
+_KINDS = {torch.float32: KIND_F32, torch.int8: KIND_INT8, torch.bfloat16: KIND_BF16}
+WEIGHT_DTYPES = tuple(_KINDS)  # the weight dtypes the kernels read
+# GPT2Config.activation_function -> the kernels' epilogue number (kernels.c), for every activation gpt2.py knows
+ACTIVATIONS = {"gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu_fast": 2, "gelu": 3, "relu": 4, "silu": 5, "swish": 5}
 
-    _fields_ = [(name, _ptr) for name in ("ln_1_w", "ln_1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
-                                          "ln_2_w", "ln_2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b",
-                                          "k_cache", "v_cache")] + [("attn_scale", ctypes.c_float)]
+
+class Matrix(ctypes.Structure):
+    """``gpt2lab_matrix``: a ``[out, in]`` weight, fp32, bf16, or int8 with one fp32 scale per output
+    row, and an optional bias."""
+
+    _fields_ = [("w", _ptr), ("scale", _ptr), ("bias", _ptr), ("kind", _i64)]
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> Matrix:
+        """The pointers of contiguous CPU tensors (the caller keeps them alive)."""
+        return cls(weight.data_ptr(), None if scale is None else scale.data_ptr(),
+                   None if bias is None else bias.data_ptr(), _KINDS[weight.dtype])
+
+
+class Layer(ctypes.Structure):
+    """``gpt2lab_layer``: one block's weights and its KV cache, as pointers."""
+
+    _fields_ = [("ln_1_w", _ptr), ("ln_1_b", _ptr), ("attn", Matrix), ("attn_proj", Matrix),
+                ("ln_2_w", _ptr), ("ln_2_b", _ptr), ("fc", Matrix), ("mlp_proj", Matrix),
+                ("k_cache", _ptr), ("v_cache", _ptr), ("attn_scale", ctypes.c_float)]
 
 
 _SIGNATURES = {
-    "gpt2lab_linear": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int],
-    "gpt2lab_decode": [ctypes.POINTER(Layer), _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
-                       _i64, _i64, _i64, ctypes.c_float, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
+    "gpt2lab_linear": [_ptr, ctypes.POINTER(Matrix), _ptr, _i64, _i64, _i64, ctypes.c_int],
+    "gpt2lab_forward": [ctypes.POINTER(Layer), _i64, ctypes.POINTER(Matrix), _ptr, _ptr, _ptr,
+                        ctypes.POINTER(Matrix), _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
+                        ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
 }
-# Up to this many rows the kernels beat oneDNN (1.2-1.5x on GPT-2 124M's weights at 2-16 rows); past it
-# the products are big enough for oneDNN's blocked GEMM to win.
-MAX_ROWS = 16
 _library: ctypes.CDLL | None = None
 _loaded = False
 
@@ -127,6 +148,10 @@ def library() -> ctypes.CDLL | None:
                     for name, argtypes in _SIGNATURES.items():
                         getattr(lib, name).argtypes = argtypes
                         getattr(lib, name).restype = None
+                    lib.gpt2lab_has_avx2.restype = ctypes.c_int
+                    if not lib.gpt2lab_has_avx2():
+                        logger.warning("gpt2lab's CPU kernels were built without AVX2/FMA (this CPU or compiler "
+                                       "lacks them): results are the same, decoding is several times slower")
                     _library = lib
             except OSError as exc:  # unwritable cache, a library that does not load
                 logger.warning("gpt2lab's CPU kernels are unavailable (%s); torch's kernels are used instead", exc)
@@ -137,19 +162,29 @@ def available() -> bool:
     return library() is not None
 
 
+def has_avx2() -> bool:
+    """Whether the built kernels use AVX2/FMA (else a portable path with the same results, slower)."""
+    return available() and bool(_library.gpt2lab_has_avx2())
+
+
 def usable(t: torch.Tensor) -> bool:
     """Whether a tensor can go through the kernels: CPU fp32 outside autograd."""
     return t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad and available()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for up to :data:`MAX_ROWS` rows of ``x`` (any leading shape).
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight * scale[:, None], bias)`` for any number of rows of ``x`` (any leading shape).
 
-    ``weight [out, in]`` and ``bias`` must be contiguous CPU fp32; check :func:`usable` first.
+    ``weight [out, in]``: contiguous CPU fp32 or bf16, or int8 with ``scale [out]`` (fp32, one per
+    output row). ``x`` and ``bias`` fp32. Check :func:`usable` first. Each output element is reduced in the
+    same order whatever the number of rows (see kernels.c), so a row's result never depends on the
+    others.
     """
     n_out, n_in = weight.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n_out)
-    _library.gpt2lab_linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                            y.data_ptr(), x.numel() // n_in, n_out, n_in, torch.get_num_threads())
+    matrix = Matrix.of(weight, bias, scale)
+    _library.gpt2lab_linear(x.data_ptr(), ctypes.byref(matrix), y.data_ptr(), x.numel() // n_in, n_out, n_in,
+                            torch.get_num_threads())
     return y

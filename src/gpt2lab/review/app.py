@@ -27,15 +27,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .log import JudgementLog
+from .log import CHOICES, DECISIONS, JudgementLog
 from .reviewset import FLAGS, MAX_NAME_CHARS, MAX_TEXT_CHARS, ReviewSet, read_review_set
 from .screening import screen_texts
 
 MAX_COMMENT_CHARS = 2000
 MAX_BODY_BYTES = 256 * 1024
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1," + str(MAX_NAME_CHARS) + "}")
-CHOICES = ("A", "B", "tie", "both-bad")
-DECISIONS = ("accept", "reject", "edit")
 
 
 class APIError(Exception):

@@ -14,11 +14,50 @@ import threading
 from pathlib import Path
 from typing import Any
 
+CHOICES = ("A", "B", "tie", "both-bad")
+DECISIONS = ("accept", "reject", "edit")
+
+
+def record_problem(rec: dict[str, Any]) -> str | None:
+    """What makes ``rec`` not a judgement record (docs/review.md), or None when it is one.
+
+    Checked on reading, so that ``summary``/``export``/``serve`` never count or append to another file
+    (a review file given as the log, say) and a hand-edited log fails naming the line.
+    """
+    if rec.get("format") == "gpt2lab-review":
+        return "this is a review file's header, not a judgement: give the log (default: REVIEW_FILE.log.jsonl)"
+    if not isinstance(rec.get("reviewer"), str) or not isinstance(rec.get("item"), str):
+        return "a judgement needs \"reviewer\" and \"item\" strings"
+    mode = rec.get("mode")
+    if mode == "pairwise":
+        sources = rec.get("sources")
+        if not (isinstance(sources, list) and len(sources) == 2 and all(isinstance(s, str) for s in sources)):
+            return "a pairwise judgement needs \"sources\": [two source names]"
+        if rec.get("choice") not in CHOICES:
+            return f"\"choice\" must be one of {', '.join(CHOICES)}"
+    elif mode == "ratings":
+        scores = rec.get("scores")
+        if not isinstance(rec.get("source"), str) or not isinstance(scores, dict) or not scores or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 5 for v in scores.values()):
+            return "a ratings judgement needs \"source\" and \"scores\": {criterion: integer 1 to 5}"
+    elif mode == "curation":
+        decision = rec.get("decision")
+        if decision not in DECISIONS or not isinstance(rec.get("row"), int):
+            return f"a curation judgement needs \"row\" and \"decision\" ({', '.join(DECISIONS)})"
+        if decision == "edit" and not isinstance(rec.get("text"), str):
+            return "an edit judgement needs its \"text\""
+    else:
+        return f"\"mode\" must be pairwise, ratings or curation, got {mode!r}"
+    if not isinstance(rec.get("flags", []), list) or not isinstance(rec.get("comment", ""), str):
+        return "\"flags\" must be a list and \"comment\" a string"
+    return None
+
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """Every judgement of a log, in order; a torn last line is skipped.
 
-    Raises ``FileNotFoundError``, or ``ValueError`` naming ``file:line`` for a bad line that is not the last.
+    Raises ``FileNotFoundError``, or ``ValueError`` naming ``file:line`` for a bad line that is not the last
+    or a whole line that is not a judgement record.
     """
     path = Path(path)
     try:
@@ -50,6 +89,9 @@ def _parse(raw: bytes, source: str) -> tuple[list[dict[str, Any]], int]:
             raise ValueError(f"{source}:{number}: not a review log record ({exc})") from None
         if last:
             break  # no newline yet: not known to be complete
+        problem = record_problem(value)
+        if problem:
+            raise ValueError(f"{source}:{number}: not a review log record ({problem})")
         records.append(value)
         good += len(line) + 1
     return records, good

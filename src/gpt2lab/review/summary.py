@@ -140,8 +140,12 @@ def _agreement_one(what: str, labels: dict[tuple[str, str], Any], level: str,
 
 def _agreement(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    pair = {(r["reviewer"], r["item"]): (r.get("winner") or r["choice"]) for r in records
-            if r.get("mode") == "pairwise"}
+    # the winner as the first or second of the item's two sources in name order (not the source's name: with
+    # three or more sources an item's pair offers only two of them, and pooling names across items would
+    # make chance look like agreement; nor the A/B position, which differs between reviewers)
+    pair = {(r["reviewer"], r["item"]): (("first", "second")[sorted(r["sources"]).index(r["winner"])]
+                                         if r.get("winner") in r["sources"] else r["choice"])
+            for r in records if r.get("mode") == "pairwise"}
     out.append(_agreement_one("pairwise choice", pair, "nominal", None))
     ratings = [r for r in records if r.get("mode") == "ratings"]
     criteria = list(dict.fromkeys(c for r in ratings for c in r["scores"]))

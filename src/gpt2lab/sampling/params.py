@@ -162,6 +162,18 @@ class SamplingParams:
         for name in ("ignore_eos", "truncate_prompt", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Check the token ids these params hold against a model's vocabulary of ``vocab_size`` tokens.
+
+        Raises ValueError naming the field (``logit_bias``, ``stop_token_ids``) before any work is done:
+        an out-of-vocabulary id would otherwise only fail inside a decoding step.
+        """
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary "
+                                 f"[0, {vocab_size - 1}]")
+
     # -- helpers ------------------------------------------------------------------------------
     @property
     def greedy(self) -> bool:

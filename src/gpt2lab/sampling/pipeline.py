@@ -172,6 +172,14 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     if not rows:
         return scores.argmax(dim=-1)
     device = scores.device
+    index = None if len(rows) == batch else torch.tensor(rows, device=device)
+    sub = scores if index is None else scores[index]
+    cdf = sub.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)  # float64: exact enough over 50k terms
+    total = cdf[:, -1:]
+    if bool(torch.isnan(total).any() | (total <= 0).any()):
+        raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
+    # drawn only once the rows are known to be sound: a call that raises consumes no random numbers,
+    # so a batch retried row by row (the engine's fault isolation) draws the same tokens
     uniforms = torch.empty(len(rows), dtype=torch.float64, device=device)
     unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
     if unseeded:
@@ -179,12 +187,6 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     for j, i in enumerate(rows):
         if generators[i] is not None:
             uniforms[j] = torch.rand(1, dtype=torch.float64, device=device, generator=generators[i])[0]
-    index = None if len(rows) == batch else torch.tensor(rows, device=device)
-    sub = scores if index is None else scores[index]
-    cdf = sub.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)  # float64: exact enough over 50k terms
-    total = cdf[:, -1:]
-    if bool(torch.isnan(total).any() | (total <= 0).any()):
-        raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
     # u * total < total, so the pick is a token whose probability is > 0 (cdf strictly rises there).
     target = torch.minimum(uniforms.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1)

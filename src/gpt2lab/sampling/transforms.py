@@ -282,7 +282,13 @@ class RepetitionPenalty(LogitsTransform):
         # an empty history's padding is no seen token: no penalty for that row
         penalty = _column([p if n else 1.0 for p, n in zip(penalties, lengths)], scores)
         score = scores.gather(1, ids)
-        score = torch.where(score < 0, score * penalty, score / penalty)
+        # A tiny penalty would overflow float32 (score / 1e-40 = inf, and inf - inf = nan later). Divide
+        # by no less than what keeps the largest seen score finite: the same value wherever the plain
+        # division is finite, and otherwise the limit as the penalty goes to 0 (the largest seen
+        # positive score dominates every other token), finitely and in the same order.
+        ceiling = torch.finfo(scores.dtype).max / 4
+        divisor = torch.maximum(penalty, score.clamp(min=0).amax(dim=1, keepdim=True) / ceiling)
+        score = torch.where(score < 0, score * penalty, score / divisor)
         return scores.scatter_(1, ids, score)
 
 
@@ -390,7 +396,17 @@ class Temperature(LogitsTransform):
 
     def apply_(self, scores, histories=None, prompt_lens=None):
         _check_rows("temperature", self.temperature, scores)
-        return scores.div_(_column(self.temperature, scores))
+        # a temperature below float32's smallest normal number would round to 0 (0 / 0 = nan)
+        temperature = _column(self.temperature, scores).clamp_(min=torch.finfo(scores.dtype).tiny)
+        row_max = scores.amax(dim=-1, keepdim=True)
+        out = scores / temperature
+        # Where the plain division overflows (a tiny temperature), divide the distance to the row's
+        # maximum instead: softmax does not change, and the limit as the temperature goes to 0
+        # (all mass on the maximum) comes out finite. Elsewhere the scores are transformers' exactly.
+        overflow = ~torch.isfinite(out.amax(dim=-1, keepdim=True)) & torch.isfinite(row_max)
+        if bool(overflow.any()):
+            out = torch.where(overflow, (scores - row_max) / temperature, out)
+        return scores.copy_(out)
 
 
 class TopK(LogitsTransform):

@@ -21,13 +21,16 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation.engine import truncate_prompt_tokens
 from ..sampling import SamplingParams
+from . import limits as lim
 from . import protocol as p
+from .http import LimitBody
 from .metrics import ServerMetrics
-from .scheduler import EngineFailure, RequestHandle, Scheduler, iterate
+from .scheduler import EngineFailure, RequestFailed, RequestHandle, Scheduler, iterate
 
 log = logging.getLogger("gpt2lab.server")
 
@@ -67,36 +70,47 @@ class _CountRequests:
 def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None,
                device: str = "auto", dtype: str = "auto", quantization: str | None = None,
-               cors_allow_origins: Sequence[str] = ()) -> FastAPI:
+               cors_allow_origins: Sequence[str] = (), max_body_mb: float = lim.MAX_BODY_MB,
+               limits: lim.Limits | None = None) -> FastAPI:
     """The server app.
 
     ``generator_or_model_ref``: a loaded :class:`~gpt2lab.generation.Generator`, or anything
     :func:`gpt2lab.load` accepts (a directory, a bundled name, a Hub id, ``None`` for the default),
-    loaded on the engine thread at startup and optimised for inference (``optimize_for_inference``).
+    loaded on the engine thread at startup (it decodes through gpt2lab's kernels without further setup).
     ``api_key``: required as ``Authorization: Bearer KEY`` on every ``/v1`` route and the tokenizer
     routes. ``max_batch`` sequences decode together, up to
     ``max_queue`` more wait; beyond that requests get 429. ``request_timeout`` (seconds) ends a
     request that runs longer. ``device``, ``dtype``, ``quantization``: how a model loaded here runs (as in
     :func:`gpt2lab.load`; ``quantization`` is passed only when given). ``cors_allow_origins``: origins
     (``https://host:port``, or ``*``) whose browser pages may call the API (CORS, off when empty).
+    ``max_body_mb``: larger request bodies get 413; ``limits``: the other per-request bounds
+    (:class:`~gpt2lab.server.limits.Limits`).
+
+    Every client-controlled size is bounded, and tokenizing runs on worker threads, never on the
+    event loop: ``/health`` and running streams go on while a big prompt is checked.
     """
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
+    if not (isinstance(max_body_mb, (int, float)) and 0 < max_body_mb <= 1024):
+        raise ValueError(f"max_body_mb must be in (0, 1024] megabytes, got {max_body_mb!r}")
+    from dataclasses import replace
+
+    limits = replace(limits or lim.Limits(), max_body_bytes=int(max_body_mb * 2**20))
+    prompt_chars: dict[str, int] = {}  # "max": the longest prompt text that can fit (set when the model loads)
 
     def load() -> Any:
         from ..generation import Generator
         from ..generation import load as load_generator
-        from ..model import optimize_for_inference
 
         if isinstance(generator_or_model_ref, Generator):
-            return generator_or_model_ref  # the caller's model: left as it is (it may still train)
-        more = {} if quantization is None else {"quantization": quantization}
-        gen = load_generator(generator_or_model_ref, device=device, dtype=dtype, **more)
-        # ours, and it only ever generates and scores: pack the weights for batched decoding
-        optimize_for_inference(gen.model, batch_size=max_batch)
+            gen = generator_or_model_ref  # the caller's model: left as it is (it may still train)
+        else:
+            more = {} if quantization is None else {"quantization": quantization}
+            gen = load_generator(generator_or_model_ref, device=device, dtype=dtype, **more)
+        prompt_chars["max"] = lim.max_prompt_chars(gen.tokenizer, gen.config.n_positions)
         return gen
 
     metrics = ServerMetrics()
@@ -112,7 +126,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     app = FastAPI(title="gpt2lab", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible GPT-2 server with continuous batching.")
     app.state.scheduler, app.state.metrics = scheduler, metrics
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(LimitBody, limits=limits)
+    app.add_middleware(_CountRequests, metrics=metrics)  # outside LimitBody: 413s are counted too
     if cors_allow_origins:  # added last: outermost, so preflights are answered before auth and routing
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -164,7 +179,14 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
         if scheduler.load_error is not None:
             return JSONResponse({"status": "error", "error": str(scheduler.load_error)}, status_code=503)
-        return JSONResponse({"status": "ok", "model": served_name(scheduler.generator)})
+        # a failed step (out of memory, a broken model) ended every request in flight: still serving,
+        # but "degraded" until a step succeeds again
+        body = {"status": "degraded" if scheduler.last_engine_error else "ok",
+                "model": served_name(scheduler.generator), "engine_failures": scheduler.engine_failures,
+                "request_failures": scheduler.request_failures}
+        if scheduler.last_engine_error:
+            body["last_engine_error"] = scheduler.last_engine_error
+        return JSONResponse(body)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -172,7 +194,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
 
     def model_card(gen: Any) -> p.ModelCard:
         return p.ModelCard(id=served_name(gen), created=created, max_model_len=gen.config.n_positions,
-                           generation_config=gen.generation_config)
+                           generation_config=gen.generation_config,
+                           quantization=getattr(gen, "quantization", None))
 
     @app.get("/v1/models", dependencies=auth, response_model=p.ModelList)
     async def list_models() -> p.ModelList:
@@ -192,23 +215,49 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
         gen = ready()
         check_model(gen, body.model)
-        ids = gen.tokenizer.encode(body.prompt)
+        lim.check_text(body.prompt, limits.max_tokenize_chars, "prompt")
+        ids = await run_in_threadpool(gen.tokenizer.encode, body.prompt)
         return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=gen.config.n_positions)
 
     @app.post("/detokenize", dependencies=auth, response_model=p.DetokenizeResponse, responses=errors)
     async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
         gen = ready()
         check_model(gen, body.model)
-        _check_token_ids(body.tokens, gen.config.vocab_size, "tokens")
-        return p.DetokenizeResponse(prompt=gen.tokenizer.decode(body.tokens))
+        if len(body.tokens) > limits.max_detokenize_tokens:
+            raise p.invalid(f"tokens: at most {limits.max_detokenize_tokens} token ids per request (this server's "
+                            f"limit), got {len(body.tokens)}", "tokens", "limit_exceeded")
+
+        def decode() -> str:
+            _check_token_ids(body.tokens, gen.config.vocab_size, "tokens")
+            return gen.tokenizer.decode(body.tokens)
+
+        return p.DetokenizeResponse(prompt=await run_in_threadpool(decode))
 
     # -- generation -----------------------------------------------------------------------------
-    async def start(gen: Any, prompts: list[list[int]], params: SamplingParams, prefix: str) -> RequestHandle:
-        """Reserve capacity and queue every prompt as one engine request; 429 when full."""
-        sequences = len(prompts) * params.n
+    def check_capacity(num_prompts: int, params: SamplingParams) -> None:
+        sequences = num_prompts * params.n
         if sequences > scheduler.capacity:
             raise p.invalid(f"this request needs {sequences} sequences (prompts x n) but the server holds at "
                             f"most {scheduler.capacity} (max_batch + max_queue)", "n")
+
+    def check_params(params: SamplingParams) -> SamplingParams:
+        lim.check_params(params, limits)
+        return params
+
+    async def start(gen: Any, prompts: list[list[int]], params: SamplingParams, prefix: str) -> RequestHandle:
+        """Check the request against the model (off the loop), reserve capacity and queue every prompt as
+        one engine request; 400 naming the field the engine refuses, 429 when full."""
+        sequences = len(prompts) * params.n
+        check_capacity(len(prompts), params)
+
+        def admissible() -> None:  # the engine's own admission checks, before any capacity is taken
+            for ids in prompts:
+                scheduler.engine.check_request(ids, params)
+
+        try:
+            await run_in_threadpool(admissible)
+        except ValueError as exc:
+            raise p.params_error(exc) from None
         if not scheduler.reserve(sequences):
             metrics.rejected.inc()
             raise p.APIError(429, "the server is at capacity (running batch and queue are full); retry "
@@ -228,13 +277,17 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         body.check_common()
         if body.suffix is not None:
             raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")
-        params = body.sampling_params(body.max_tokens, body.logprobs, resolve=_defaults(gen, DEFAULT_MAX_TOKENS))
+        params = check_params(body.sampling_params(body.max_tokens, body.logprobs,
+                                                   resolve=_defaults(gen, DEFAULT_MAX_TOKENS)))
         max_tokens = params.max_new_tokens
         if body.best_of is not None and body.best_of != params.n:
             raise p.invalid(f"best_of must equal n ({params.n}) when given; ranking candidates is not "
                             "supported", "best_of")
         _check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
-        prompts, texts = _encode_prompts(gen, body.prompt)
+        check_capacity(_count_prompts(body.prompt), params)  # before tokenizing any of them
+        # a prompt cut to its last k tokens may be longer than the context: then only the body limit bounds it
+        max_chars = prompt_chars["max"] if params.truncate_prompt_tokens is None else None
+        prompts, texts = await run_in_threadpool(_encode_prompts, gen, body.prompt, max_chars)
         if params.truncate_prompt_tokens is not None:  # vLLM: the prompt is its last k tokens, echo included
             cut = [truncate_prompt_tokens(ids, params, gen.config.n_positions) for ids in prompts]
             texts = [t if len(c) == len(ids) else gen.tokenizer.decode(c) for t, c, ids in zip(texts, cut, prompts)]
@@ -277,10 +330,12 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
             raise p.invalid(f"{param_name} ({max_tokens}) leaves no room for the conversation in the model's "
                             f"context of {n_pos} tokens", param_name, "context_length_exceeded")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, logprobs, param_name,
-                                      resolve=_defaults(gen, DEFAULT_CHAT_MAX_TOKENS))
+        params = check_params(body.sampling_params(max_tokens, logprobs, param_name,
+                                                   resolve=_defaults(gen, DEFAULT_CHAT_MAX_TOKENS)))
         _check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
-        chat, style = _render_chat(gen, body.messages, n_pos - (max_tokens if max_tokens is not None else 1))
+        _check_messages(body.messages, limits, prompt_chars["max"], n_pos)
+        chat, style = await run_in_threadpool(_render_chat, gen, body.messages,
+                                              n_pos - (max_tokens if max_tokens is not None else 1))
         prompt_ids = truncate_prompt_tokens(chat.token_ids, params, n_pos)
         if max_tokens is None:  # default: as much as fits, at most the checkpoint's or DEFAULT_CHAT_MAX_TOKENS
             params = params.with_(max_new_tokens=max(params.min_tokens,
@@ -325,9 +380,10 @@ class _RequestContext:
                              f"({self.timeout:g} s) and was stopped", type="timeout_error", code="request_timeout")
         except ConnectionAbortedError:
             pass
-        except EngineFailure as exc:
+        except (EngineFailure, RequestFailed) as exc:
             reason = "error"
-            yield p.APIError(500, str(exc), type="server_error")
+            message = str(exc) if isinstance(exc, EngineFailure) else f"generation failed for this request: {exc}"
+            yield p.APIError(500, message, type="server_error", code="generation_failed")
         finally:
             if reason:
                 self.metrics.aborted.labels(reason).inc()
@@ -407,8 +463,29 @@ def _check_context(prompt_len: int, max_tokens: int, n_positions: int) -> None:
                         "shorten the prompt or lower max_tokens", param, "context_length_exceeded")
 
 
-def _encode_prompts(gen: Any, prompt: str | list) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt (a string, strings, token ids, or lists of token ids)."""
+def _count_prompts(prompt: str | list) -> int:
+    return 1 if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else len(prompt)
+
+
+def _check_messages(messages: list[p.ChatMessage], limits: lim.Limits, max_chars: int, n_positions: int) -> None:
+    """Bounds on a conversation, checked before it is rendered and tokenized."""
+    if len(messages) > limits.max_messages:
+        raise p.invalid(f"messages: at most {limits.max_messages} messages per request (this server's limit), "
+                        f"got {len(messages)}", "messages", "limit_exceeded")
+    total = 0
+    for i, message in enumerate(messages):
+        text = message.text()
+        lim.check_text(text, max_chars, f"messages[{i}].content", n_positions)
+        total += len(text)
+    if total > limits.chat_context_factor * max_chars:
+        raise p.invalid(f"messages hold {total} characters in all, more than this server's limit of "
+                        f"{limits.chat_context_factor * max_chars} ({limits.chat_context_factor} contexts' worth)",
+                        "messages", "limit_exceeded")
+
+
+def _encode_prompts(gen: Any, prompt: str | list, max_chars: int | None) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt (a string, strings, token ids, or lists of token ids); a text
+    longer than ``max_chars`` is refused before it is tokenized. Runs on a worker thread."""
     if isinstance(prompt, str):
         items: list = [prompt]
     elif not prompt:
@@ -420,6 +497,8 @@ def _encode_prompts(gen: Any, prompt: str | list) -> tuple[list[list[int]], list
     ids, texts = [], []
     for item in items:
         if isinstance(item, str):
+            if max_chars is not None:
+                lim.check_text(item, max_chars, "prompt", gen.config.n_positions)
             ids.append(gen.encode_prompt(item))  # "" starts from <|endoftext|>, as GPT-2 was trained
             texts.append(item)
         else:
@@ -672,7 +751,8 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     """pydantic's error list -> one message naming the field (OpenAI errors carry a single ``param``)."""
     if not errors:
         return "invalid request body", None
-    first = errors[0]
+    # our validators' own messages (e.g. invalid Unicode) say more than the union's "wrong type" ones
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail})".replace(" ()", ""), None
@@ -684,6 +764,8 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     param = str(path[0]) + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in path[1:])
     if first.get("type") == "extra_forbidden":
         return f"unknown parameter {param!r}", param
+    if first.get("type") == "value_error":  # our validators' messages, without pydantic's prefix
+        return f"{param}: {first.get('msg', '').removeprefix('Value error, ')}", param
     same_field = [e for e in errors if [x for x in e.get("loc", ()) if x != "body"][:1] == loc[:1]]
     if len(same_field) > 1 and first.get("type", "").endswith("_type"):
         return f"{param}: wrong type ({first['msg'].lower()} or one of the other accepted forms)", param

@@ -22,6 +22,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("gpt2lab_generation_tokens", "Tokens generated", registry=r)
         self.aborted = Counter("gpt2lab_aborted_requests", "Requests ended before finishing, by reason",
                                ["reason"], registry=r)
+        self.engine_failures = Counter("gpt2lab_engine_failures", "Engine steps that failed as a whole (not "
+                                       "attributable to one request); every request in flight ended", registry=r)
         self.rejected = Counter("gpt2lab_rejected_requests", "Requests refused with 429 (queue full)", registry=r)
         self.running = Gauge("gpt2lab_running_sequences", "Sequences in the running batch", registry=r)
         self.queue_depth = Gauge("gpt2lab_queue_depth", "Sequences admitted but not yet in the running batch",

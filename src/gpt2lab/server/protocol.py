@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..sampling import SamplingParams
 
@@ -43,7 +43,39 @@ class APIError(Exception):
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    # a message or param may quote the client's text: a lone surrogate in it could not be encoded
+    # as UTF-8 (the error would become a 500), so such characters are written as \udXXX escapes
+    return {"error": {"message": _printable(message), "type": type,
+                      "param": None if param is None else _printable(param), "code": code}}
+
+
+def _printable(text: str) -> str:
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unicode_problem(value: Any) -> str | None:
+    """Where ``value`` (a str, or lists / dicts of them) holds a character that is not valid Unicode
+    text (a lone surrogate, which JSON's ``\\ud800`` escapes can carry), or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"a lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = unicode_problem(key) or unicode_problem(item)
+            if where:
+                return f"{where} (in key {_printable(repr(key))})"
+        return None
+    if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
+        for i, item in enumerate(value):
+            where = unicode_problem(item)
+            if where:
+                return f"{where} of item {i}"
+    return None
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -54,6 +86,16 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt parameter ("temprature") is an error naming it, not silently ignored
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every text field of every request model holds valid Unicode (400 naming the field, not a
+        500 from the tokenizer or the JSON encoder)."""
+        where = unicode_problem(value)
+        if where:
+            raise ValueError(f"must be valid Unicode text; it holds {where}")
+        return value
 
 
 class StreamOptions(_Strict):
@@ -158,8 +200,9 @@ def params_error(exc: Exception, renames: dict[str, str] | None = None) -> APIEr
     (``renames``: SamplingParams name -> field, over the defaults of the completions API)."""
     table = {**_PARAMS_TO_API, **(renames or {})}
     message = str(exc)
-    head = message.split(" ", 1)[0].split("[", 1)[0]
-    param = table.get(head, head) if head in SamplingParams.field_names() else None
+    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    known = head in SamplingParams.field_names() or head == "prompt"  # the engine's admission checks name it
+    param = table.get(head, head) if known else None
     if param is not None and head in table:
         message = param + message[len(head):]
     return invalid(message, param)
@@ -380,6 +423,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "gpt2lab"
     max_model_len: int
+    quantization: str | None = Field(None, description="Weight quantization the model runs with: null (as stored), "
+                                                       "int8 or bf16 (vLLM's names).")
     # the checkpoint's generation_config.json: the defaults of request fields a client does not send
     generation_config: dict[str, Any] = Field(default_factory=dict)
 

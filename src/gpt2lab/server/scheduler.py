@@ -28,7 +28,12 @@ log = logging.getLogger("gpt2lab.server")
 
 
 class EngineFailure(RuntimeError):
-    """The engine raised while stepping; every request in flight ends with this (a server error)."""
+    """The engine raised while stepping (a fault no one request caused: out of memory, a broken
+    model); every request in flight ends with this (a server error), and the server keeps serving."""
+
+
+class RequestFailed(RuntimeError):
+    """One of this request's sequences faulted inside a step; this request alone ends with it."""
 
 
 @dataclass
@@ -87,6 +92,9 @@ class Scheduler:
         self._lock = threading.Lock()
         self._reserved = 0
         self._stopping = False
+        self.engine_failures = 0  # steps that failed as a whole (not attributable to one request)
+        self.last_engine_error: str | None = None  # cleared by the next step that succeeds
+        self.request_failures = 0  # requests ended by a fault of their own inside a step
         self._thread = threading.Thread(target=self._run, name="gpt2lab-engine", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -233,6 +241,9 @@ class Scheduler:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - a bug, not a client error: fail what is in flight
             log.exception("gpt2lab: engine step failed")
+            self.engine_failures += 1
+            self.last_engine_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.engine_failures.inc()
             for request_id in list(self._streams):
                 try:
                     self.engine.abort(request_id)
@@ -240,8 +251,12 @@ class Scheduler:
                     log.exception("gpt2lab: abort after a failed step failed")
             self._fail_all(EngineFailure(f"generation failed: {exc}"))
             return
+        self.last_engine_error = None
         self.metrics.step_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(max(running, self.engine.num_running))
+        for out in outputs:  # a sequence that faulted ends its whole HTTP request, and nothing else
+            if out.error is not None and out.request_id in self._streams:
+                self._fail_request(self._streams[out.request_id], out.error)
         grouped: dict[int, tuple[_Stream, list[Any]]] = {}  # one queue item per HTTP request per step
         for out in outputs:
             self.metrics.generation_tokens.inc(len(out.token_ids))
@@ -262,6 +277,15 @@ class Scheduler:
         if not stream.released:
             stream.released = True
             self.release(stream.sequences)
+
+    def _fail_request(self, stream: _Stream, error: str) -> None:
+        self.request_failures += 1
+        log.error("gpt2lab: request %s failed inside a step: %s", stream.request_ids[0].rsplit("-", 1)[0], error)
+        for request_id in stream.request_ids:
+            if self._streams.pop(request_id, None) is not None:
+                self.engine.abort(request_id)  # its other prompts and samples
+        self._release_stream(stream)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RequestFailed(error))
 
     def _fail_all(self, exc: BaseException) -> None:
         for stream in {id(s): s for s in self._streams.values()}.values():

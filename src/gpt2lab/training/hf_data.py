@@ -101,8 +101,8 @@ def arrow_documents(path: Path, text_field: str) -> Iterator[str]:
 
 def json_documents(path: Path, text_field: str) -> Iterator[str]:
     """The texts of ``.json`` (an array of objects, or JSON Lines) and gzip-compressed JSON / JSON Lines."""
-    opener: Callable[[], Any] = (lambda: gzip.open(path, "rt", encoding="utf-8", errors="replace")) \
-        if path.name.lower().endswith(".gz") else (lambda: open(path, encoding="utf-8", errors="replace"))
+    opener: Callable[[], Any] = (lambda: gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")) \
+        if path.name.lower().endswith(".gz") else (lambda: open(path, encoding="utf-8-sig", errors="replace"))
     try:
         with opener() as fh:
             head = fh.read(4096).lstrip("\ufeff \t\r\n")

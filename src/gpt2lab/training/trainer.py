@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..checkpoints import save_model, write_atomic_dir
 from ..checkpoints.io import load_model
 from ..model import GPT2
+from ..model.device import set_threads
 from ..outputs import check_output_dir
 from ..readers import complete_lines
 from . import lora as lora_mod
@@ -327,7 +328,7 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+            set_threads(cfg.threads, "--threads")
         self.dist, self.device = _init_distributed(cfg.device)
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cuda"
         if self.deterministic and self.device.type == "cuda":

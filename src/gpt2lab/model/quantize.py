@@ -1,0 +1,232 @@
+"""Weight-only quantization of :class:`GPT2`, as a swap of modules (gpt-fast's ``WeightOnlyInt8Linear``).
+
+``quantization="int8"`` (vLLM's option name): every block projection, the token embedding and the LM
+head (tied or not) hold int8 weights with one symmetric fp32 scale per output row (per channel;
+``w ≈ q * scale``, ``scale = max|w_row| / 127``); activations and arithmetic stay fp32. A decode
+step of GPT-2 124M reads about 130 MB instead of 500 MB. ``quantization="bf16"``: the same modules
+store bfloat16 weights (16-bit storage, fp32 arithmetic: AVX2 has no bf16 math).
+
+The quantized modules run through gpt2lab's C kernels (``kernels.linear``, and the whole cached
+forward through ``fast.KernelRunner``); without the kernels they dequantize on the fly through
+PyTorch (same results up to fp32 rounding, slower). A quantized model is inference-only:
+``model.train()`` raises :class:`InferenceOnlyError`.
+
+``state_dict()`` presents the dequantized fp32 weights under ``nn.Linear``'s names, so
+``save_model`` writes a Hugging Face checkpoint, and ``load_state_dict`` quantizes fp32 weights as
+they come (which is how ``checkpoints.load_model(..., quantization=...)`` loads tensor by tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .gpt2 import GPT2, GPT2Config, meta_skeleton
+
+QUANTIZATIONS = ("int8", "bf16")
+_CHUNK_ROWS = 2048  # rows quantized at a time
+
+
+def check_quantization(quantization: str | None) -> str | None:
+    """``quantization`` normalised (``None``, ``"int8"`` or ``"bf16"``); ValueError for anything else."""
+    if quantization is None:
+        return None
+    if not isinstance(quantization, str) or quantization.lower() not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or one of {', '.join(repr(q) for q in QUANTIZATIONS)}, "
+                         f"got {quantization!r}")
+    return quantization.lower()
+
+
+def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(stored, scales)`` for a float ``weight [out, in]``: int8 with fp32 ``scales [out]`` (symmetric,
+    per output row, rounded to nearest, so ``|w - q * scale| <= scale / 2``), or bf16 and None."""
+    weight = weight.detach()
+    if quantization == "bf16":
+        return weight.to(torch.bfloat16).contiguous(), None
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _CHUNK_ROWS):  # chunks: temporaries stay small (peak memory at load)
+        rows = weight[start:start + _CHUNK_ROWS].to(torch.float32)
+        amax = rows.abs().amax(dim=1)
+        chunk_scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row keeps 1
+        q[start:start + _CHUNK_ROWS] = torch.round(rows / chunk_scales[:, None]).clamp_(-127, 127)
+        scales[start:start + _CHUNK_ROWS] = chunk_scales
+    return q, scales
+
+
+class _Quantized(nn.Module):
+    """Shared by the quantized modules: int8/bf16 ``weight`` buffer, fp32 ``scales`` (int8 only)."""
+
+    is_quantized = True
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        stored, scales = quantize_weight(weight, self.quantization)
+        self.register_buffer("weight", stored)
+        self.register_buffer("scales", scales)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight the quantized one stands for (``q * scale``, or bf16 widened)."""
+        weight = self.weight.to(torch.float32)
+        return weight * self.scales[:, None] if self.scales is not None else weight
+
+    def train(self, mode: bool = True) -> _Quantized:
+        if mode:
+            from .gpt2 import InferenceOnlyError
+
+            raise InferenceOnlyError(f"a {self.quantization}-quantized model is inference-only; load the checkpoint "
+                                     f"without quantization to train it")
+        return super().train(False)
+
+    def _kernels_read(self, x: torch.Tensor) -> bool:
+        return kernels.usable(x) and self.weight.device.type == "cpu" and self.weight.is_contiguous()
+
+    # state dict: the dequantized fp32 weight under nn.Linear's / nn.Embedding's name
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
+        destination[prefix + "weight"] = self.dequantized()
+        if getattr(self, "bias", None) is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs):
+        for name, shape in self._expected_shapes().items():
+            key = prefix + name
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                  f"the shape in current model is {shape}.")
+            elif name == "weight":
+                self._set_weight(value)
+            else:
+                self.bias = nn.Parameter(value.detach().to(torch.float32).contiguous(), requires_grad=False)
+
+
+class QuantizedLinear(_Quantized):
+    """An inference-only ``nn.Linear`` with int8 (per-output-channel scales) or bf16 weights.
+
+    ``forward`` runs gpt2lab's kernel for any number of rows, each reduced in a fixed order (the same
+    result alone or in a batch); without the kernels, PyTorch on the dequantized weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quantization: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quantization = check_quantization(quantization)
+        self.register_buffer("weight", torch.zeros(out_features, in_features,
+                                                   dtype=torch.int8 if quantization == "int8" else torch.bfloat16))
+        self.register_buffer("scales", torch.ones(out_features) if quantization == "int8" else None)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.training = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantization: str) -> QuantizedLinear:
+        out_features, in_features = linear.weight.shape
+        with torch.device("meta"):  # no throwaway allocation
+            module = cls(in_features, out_features, linear.bias is not None, quantization)
+        module._set_weight(linear.weight)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().to(torch.float32).contiguous(), requires_grad=False)
+        return module
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {"weight": (self.out_features, self.in_features)}
+        if self.bias is not None:
+            shapes["bias"] = (self.out_features,)
+        return shapes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernels_read(x):
+            return kernels.linear(x, self.weight, self.bias, self.scales)
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quantization={self.quantization}")
+
+
+class QuantizedEmbedding(_Quantized):
+    """The token embedding with int8 (one scale per token row) or bf16 weights; as the tied LM head,
+    :meth:`linear` gives the logits (the per-row scale is then a per-output-channel scale)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, quantization: str) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.quantization = check_quantization(quantization)
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim,
+                                                   dtype=torch.int8 if quantization == "int8" else torch.bfloat16))
+        self.register_buffer("scales", torch.ones(num_embeddings) if quantization == "int8" else None)
+        self.training = False
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, quantization: str) -> QuantizedEmbedding:
+        with torch.device("meta"):
+            module = cls(embedding.num_embeddings, embedding.embedding_dim, quantization)
+        module._set_weight(embedding.weight)
+        return module
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.num_embeddings, self.embedding_dim)}
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(idx, self.weight).to(torch.float32)  # [..., C]
+        return rows * self.scales[idx][..., None] if self.scales is not None else rows
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``x @ W.T`` (``x [..., C]`` -> ``[..., V]``)."""
+        if self._kernels_read(x):
+            return kernels.linear(x, self.weight, None, self.scales)
+        return F.linear(x, self.dequantized().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, quantization={self.quantization}"
+
+
+def _targets(model: GPT2) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every module quantization replaces."""
+    out: list[tuple[nn.Module, str]] = [(model, "wte")]
+    if model.lm_head is not None:
+        out.append((model, "lm_head"))
+    for block in model.h:
+        out += [(block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")]
+    return out
+
+
+@torch.no_grad()
+def quantize_(model: GPT2, quantization: str) -> GPT2:
+    """Quantize ``model``'s weights in place (one module at a time: the float copy of each is freed as
+    soon as its quantized one exists); returns it, in eval mode and inference-only. ``model`` may be on
+    the meta device (a skeleton that ``load_state_dict`` then fills, quantizing as tensors arrive).
+    Raises ValueError for an unknown ``quantization`` or a model already quantized differently."""
+    quantization = check_quantization(quantization)
+    if quantization is None:
+        return model
+    if model.quantization is not None:
+        if model.quantization != quantization:
+            raise ValueError(f"this model is already quantized to {model.quantization}; load the checkpoint again "
+                             f"to quantize it to {quantization}")
+        return model
+    model.eval()
+    for parent, name in _targets(model):
+        module = getattr(parent, name)
+        if isinstance(module, nn.Embedding):
+            new = QuantizedEmbedding.from_embedding(module, quantization)
+        else:
+            new = QuantizedLinear.from_linear(module, quantization)
+        setattr(parent, name, new)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.quantization = quantization
+    return model
+
+
+def quantized_skeleton(config: GPT2Config, quantization: str) -> GPT2:
+    """A quantized :class:`GPT2` of ``config`` with no weights yet (meta tensors), for
+    ``load_state_dict(..., assign=True)`` to fill one tensor at a time."""
+    with meta_skeleton():
+        model = GPT2(config)
+    return quantize_(model, quantization)

@@ -1,0 +1,125 @@
+"""Batch invariance, bit for bit: a seeded request gives the same token ids alone or batched.
+
+The kernels compute each token's row with the same operations in the same order whatever else is in
+the batch (kernels.c), in prefill and decode, fp32 and int8. Checked here for 100 seeds in several
+batch mixes: alone; all at once through continuous batching (neighbours shorter and longer, joining
+and leaving mid-decode); another order and batch limit with n=2; long-prompt neighbours; and through
+a real ``gpt2lab serve`` under concurrent traffic.
+"""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import gpt2lab
+from gpt2lab.generation import Engine
+from gpt2lab.model import kernels
+from gpt2lab.sampling import SamplingParams
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not kernels.available(), reason="gpt2lab's C kernels did not build here")]
+
+WORDS = ("the king queen night sea sword crown ghost father mother love death sleep dream speak "
+         "word heart soul lord lady fair foul time world").split()
+NEW_TOKENS = 8
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """Prompts of 1 to about 40 tokens."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def params(seed: int, **kw) -> SamplingParams:
+    return SamplingParams(**{"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 50, "seed": seed,
+                             "ignore_eos": True, **kw})
+
+
+def run(gen, requests: list[tuple[list[int], SamplingParams]], max_batch: int) -> list[list[list[int]]]:
+    """Token ids of every sample of every request, run through one continuous-batching engine."""
+    engine = Engine(gen.model, gen.tokenizer, max_batch=max_batch)
+    for i, (ids, p) in enumerate(requests):
+        engine.add_request(ids, p, request_id=str(i))
+    out = [[[] for _ in range(p.n)] for _, p in requests]
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[int(o.request_id)][o.index] += o.token_ids
+    return out
+
+
+def check_mixes(gen, n_seeds: int) -> None:
+    texts = prompts(n_seeds)
+    encoded = [gen.encode_prompt(t) for t in texts]
+    alone = [run(gen, [(ids, params(s))], 1)[0][0] for s, ids in enumerate(encoded)]
+    assert len({tuple(a) for a in alone}) > n_seeds // 2  # really sampled, not one fixed output
+    # 1. all together, 16 rows at a time: every neighbour mix of lengths, rows joining and leaving
+    together = run(gen, [(ids, params(s)) for s, ids in enumerate(encoded)], 16)
+    assert [r[0] for r in together] == alone
+    # 2. reversed order, 7 rows, two samples each (sample 0 is the request's seed itself)
+    reverse = run(gen, [(ids, params(s, n=2)) for s, ids in reversed(list(enumerate(encoded)))], 7)[::-1]
+    assert [r[0] for r in reverse] == alone
+    # 3. every request between long-prompt neighbours with other budgets
+    long_ids = gen.encode_prompt(" ".join(WORDS * 4))
+    mixed = []
+    for s, ids in enumerate(encoded):
+        mixed += [(long_ids, params(1000 + s, max_new_tokens=3 + s % 7)), (ids, params(s))]
+    got = run(gen, mixed, 5)
+    assert [got[2 * s + 1][0] for s in range(n_seeds)] == alone
+
+
+@pytest.mark.usefixtures("one_thread")  # a tiny model: one thread is faster
+def test_100_seeds_in_every_batch_mix_fp32(tiny_checkpoint):
+    check_mixes(gpt2lab.load(tiny_checkpoint), 100)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_100_seeds_in_every_batch_mix_int8(tiny_checkpoint):
+    check_mixes(gpt2lab.load(tiny_checkpoint, quantization="int8"), 100)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_seeds_on_the_bundled_model(quantization):
+    """Two threads, the bundled model's real weights."""
+    kw = {"quantization": quantization} if quantization else {}
+    check_mixes(gpt2lab.load("shakespeare-gpt2", **kw), 12)
+
+
+def test_through_the_server_under_concurrent_traffic(tmp_path, tiny_checkpoint):
+    """Seeded completions sent 12 at a time to a real ``gpt2lab serve`` (max batch 8): the same text
+    as each prompt alone in this process."""
+    import httpx
+
+    from .server_helpers import get, launch
+
+    launch("invariance", tiny_checkpoint, tmp_path, "--max-batch", "8")
+    gen = gpt2lab.load(tiny_checkpoint)
+    texts = prompts(40, seed=1)
+    want = [gen.generate(t, max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=50, seed=s)[0].text
+            for s, t in enumerate(texts)]
+    server = get("invariance")
+
+    def complete(s: int) -> str:
+        body = {"model": str(tiny_checkpoint), "prompt": texts[s], "max_tokens": NEW_TOKENS, "temperature": 1.0,
+                "top_k": 50, "seed": s}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(complete, range(len(texts))))
+    assert got == want
+
+
+def test_prefill_rows_do_not_depend_on_padding(tiny_checkpoint):
+    """One forward: a prompt's next-token logits are bit-identical alone and right-padded in a batch."""
+    model = gpt2lab.load(tiny_checkpoint, quantization="int8").model
+    ids = torch.randint(0, 50257, (3, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.setup_cache(max_batch=3, max_seq=32)
+        alone = model(ids[:1, :9], input_pos=torch.arange(9)[None], logits_index=torch.tensor([8]))
+        batched = model(ids, input_pos=torch.arange(30)[None].expand(3, 30), logits_index=torch.tensor([8, 29, 3]))
+    assert torch.equal(alone[0], batched[0])
