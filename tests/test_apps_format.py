@@ -32,7 +32,7 @@ def test_transcript_layout_and_stop():
     style = ChatStyle()
     text = render("You are Zed.", TURNS, style)
     assert text == "You are Zed.\n\nUser: Hi there\nBot: Hello! How are you?\nUser: Fine, and you?\nBot:"
-    assert style.stop == ["User:", "\nBot:"]
+    assert style.stop == ["\n", "User:"]
     named = ChatStyle(user_name="Ann", bot_name="Zed")
     assert render("", TURNS[:1], named) == "Ann: Hi there\nZed:"
     assert "Zed" in named.default_persona() and "Ann" in named.default_persona()

@@ -128,3 +128,20 @@ def test_bad_runtime_values_exit_2(args, message):
 def test_cuda_without_a_gpu_is_a_clear_error(command):
     r = _invoke(*command, "--device", "cuda")
     assert r.exit_code == 2 and "no CUDA GPU is available" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_arguments_of_every_generating_command_understand_escapes(tiny_checkpoint, tmp_path):
+    """`explore` and `review make` took their prompt arguments literally ('A\\tB' stayed 5 characters) while
+    `generate` turned escapes into characters: the README promises it for prompt arguments in every command."""
+    model = str(tiny_checkpoint)
+    r = _invoke("review", "make", r"A\tB", "-m", model, "--setting", "temperature=0", "--setting", "temperature=1",
+                "--max-new-tokens", "2", "-o", str(tmp_path / "r.jsonl"))
+    assert r.exit_code == 0, r.output
+    from gpt2lab.review import read_review_set
+
+    assert {it.prompt for it in read_review_set(tmp_path / "r.jsonl").items} == {"A\tB"}
+    r = _invoke("explore", r"A\tB", "--model", model, "-t", "1.0", "-k", "0", "-p", "1.0", "--max-length", "6",
+                "--samples", "1", "--out", str(tmp_path / "ex"))
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "ex" / "results.json").read_text(encoding="utf-8"))
+    assert {x["prompt"] for s in results["settings"] for x in s["samples"]} == {"A\tB"}

@@ -164,3 +164,35 @@ def test_make_with_two_models_shared_settings(tiny_checkpoint, tmp_path):
     assert list(rs.sources) == [tiny_checkpoint.name, "other-model"]
     assert all(d["params"]["temperature"] == 0 for d in rs.sources.values())
     assert len(rs.items) == 6 and {it.candidates[0].source for it in rs.items} == set(rs.sources)
+
+
+def test_near_duplicates_are_exact_and_do_not_compare_every_pair(monkeypatch):
+    """The same answer as comparing every pair in Python (at several thresholds, near-copies made by edits),
+    without doing that: it took minutes for a few thousand texts, so `review serve` took that long to start."""
+    import random
+
+    from gpt2lab.apps.augment import jaccard, shingles
+    from gpt2lab.review import screening
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(400)] + "the of and to a in that is was he".split()
+    base = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 25))) for _ in range(60)]
+    texts = base + [t.replace("w1", "x1", 1) + rng.choice(["", " w3", "!"]) for t in base[:40]] + ["", "  ", "ab"]
+    keys = [f"i{k // 2}" for k in range(len(texts))]
+    for t in (0.3, 0.7, 0.9, 1.0):
+        got = [s.near_duplicates for s in screening.screen_texts(keys, texts, similarity=t)]
+        want = [sorted({keys[j] for j in range(len(texts)) if keys[j] != keys[i] and texts[i].strip()
+                        and texts[j].strip() and jaccard(shingles(texts[i]), shingles(texts[j])) >= t})
+                [:screening.MAX_SHOWN] for i in range(len(texts))]
+        assert got == want, t
+    calls = 0
+
+    def counted(a, b):
+        nonlocal calls
+        calls += 1
+        return jaccard(a, b)
+
+    monkeypatch.setattr(screening, "jaccard", counted, raising=False)
+    many = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(1500)]
+    assert all(not s.near_duplicates for s in screening.screen_texts([f"i{k}" for k in range(1500)], many))
+    assert calls < 1500

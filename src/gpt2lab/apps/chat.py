@@ -96,7 +96,8 @@ class ChatSession:
         self.generator = generator
         self.style = style or style_for_model(generator.name, generator.path, user_name=user_name or USER_NAME,
                                               bot_name=bot_name or BOT_NAME)
-        self.persona = self.style.default_persona() if persona is None else persona.strip()
+        # None: the template's own choice (a checkpoint's template without a system message)
+        self.persona: str | None = self.style.default_persona() if persona is None else persona.strip()
         self.turns: list[Turn] = []
         self.params = params if params is not None else SamplingParams(**DEFAULTS)
         self.last_prompt: ChatPrompt | None = None

@@ -40,8 +40,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 MODEL_CARD_FILE = "README.md"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", TOKENIZER_CONFIG_FILE,
-                   SPECIAL_TOKENS_FILE, GENERATION_CONFIG_FILE)
+                   SPECIAL_TOKENS_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub's and transformers' default
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
@@ -405,10 +406,30 @@ def _tokenizer_config(tokenizer_dir: Path | None, n_positions: int) -> dict[str,
     return cfg
 
 
+def write_chat_template(directory: str | Path, template: str, model_max_length: int) -> None:
+    """Put ``template`` into ``directory/tokenizer_config.json`` under ``chat_template`` (transformers'
+    key), creating a GPT-2 tokenizer config when there is none; a ``chat_template.jinja`` there (which
+    transformers would prefer) is removed so the two cannot disagree."""
+    path = Path(directory) / TOKENIZER_CONFIG_FILE
+    config: dict = {}
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            config = {}
+    if not isinstance(config, dict) or not config:
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                  "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": model_max_length}
+    config["chat_template"] = template
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (Path(directory) / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+
+
 def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path | None = None,
                dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
                generation_config: Mapping[str, Any] | None = None,
-               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None) -> Path:
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None,
+               chat_template: str | None = None) -> Path:
     """Write ``model`` in HF layout (atomically) so ``transformers`` loads it back unchanged.
 
     ``tokenizer_dir``: copy the tokenizer files found there (``tokenizer_config.json`` completed with
@@ -418,6 +439,7 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
     split into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` by
     ``huggingface_hub.save_torch_state_dict``. ``card``: the model card (README.md); default: a short
     card saying how the folder was made. ``extra_files``: more text files to write (name -> content).
+    ``chat_template``: the Jinja chat template to record in ``tokenizer_config.json``.
     """
     from huggingface_hub import save_torch_state_dict
 
@@ -455,6 +477,8 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
             (tmp / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content, encoding="utf-8")
+        if chat_template is not None:
+            write_chat_template(tmp, chat_template, config.n_positions)
 
     return write_atomic_dir(directory, fill)
 

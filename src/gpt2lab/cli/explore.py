@@ -9,7 +9,7 @@ import typer
 
 from .common import check_output, fail, require_extra, user_errors
 from .eval import fmt_value, load_for_eval, print_json
-from .options import Runtime, model_option, runtime_options
+from .options import Runtime, model_option, process_escapes, runtime_options
 
 _HEADERS = {"perplexity": "ppl", "repeated_4gram_rate": "rep-4", "distinct_1": "dist-1", "distinct_2": "dist-2",
             "distinct_3": "dist-3", "self_bleu": "self-BLEU", "mean_length": "words", "mean_tokens": "tokens"}
@@ -47,7 +47,7 @@ def explore(
     temperatures = _numbers("--temperature", temperature, float)
     top_ks = _numbers("--top-k", top_k, int)
     top_ps = _numbers("--top-p", top_p, float)
-    prompts = [] if prompt is None else [prompt]
+    prompts = [] if prompt is None else [process_escapes(prompt)]
     if prompts_file is not None:
         from ..readers import iter_lines
 

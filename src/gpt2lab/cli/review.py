@@ -16,7 +16,7 @@ import typer
 
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import Runtime, runtime_options, sampling_options
+from .options import Runtime, process_escapes_all, runtime_options, sampling_options
 
 app = typer.Typer(help="Blind side-by-side ratings, 1-5 ratings and curation of generated text, in the browser.",
                   no_args_is_help=True)
@@ -52,7 +52,7 @@ def _described(params: SamplingParams) -> dict[str, Any]:
 
 
 def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
-    out = list(prompts or [])
+    out = process_escapes_all(prompts) or []
     if prompts_file is not None:
         from ..evaluation.perplexity import read_text_file
 
@@ -181,7 +181,7 @@ def serve(
 
         from ..review.app import create_app
     except ImportError as exc:
-        fail(f"gpt2lab review serve needs {exc.name}: pip install 'gpt2lab[server]'")
+        fail(f"gpt2lab review serve needs {exc.name}: pip install 'gpt2lab[review]'")
     from ..review import read_review_set
     from ..review.reviewset import check_criteria
     from ..review.screening import read_blocklist

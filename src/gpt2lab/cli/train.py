@@ -15,7 +15,15 @@ from .options import device_option, dtype_option, threads_option
 # Options shared by both commands (typer reads these as metadata; one definition, two signatures).
 DATA = typer.Argument(..., help="Training text: .txt files, folders of them, .jsonl, .csv, .json, .jsonl.gz, "
                       ".parquet files, datasets folders (save_to_disk), or a dataset name from the local Hugging "
-                      "Face datasets cache.", show_default=False)
+                      "Face datasets cache; or conversations in .jsonl (messages, conversations or "
+                      "prompt/completion records).", show_default=False)
+FORMAT = typer.Option("auto", "--format", help="text (language modelling over documents), chat (conversations, "
+                      "loss on the assistant's turns) or auto (chat when every file is .jsonl conversations).")
+CHAT_TEMPLATE = typer.Option(None, "--chat-template", help="Chat data: a Jinja chat template file to lay "
+                             "conversations out with (default: the model's own, else gpt2lab's transcript); "
+                             "saved with the model.")
+ASSISTANT_ONLY = typer.Option(True, "--assistant-only-loss/--all-tokens-loss", help="Chat data: train on the "
+                              "assistant's tokens only (default), or on every token of the conversation.")
 OUT = typer.Option(..., "--out", "-o", help="Output folder: the trained model (HF layout), metrics, checkpoints.")
 VAL = typer.Option(None, "--val", help="Validation file or folder (default: hold out --val-share of the documents).")
 VAL_SHARE = typer.Option(0.05, "--val-share", help="Share of documents held out for validation (0 disables).")
@@ -64,8 +72,9 @@ def _run(**settings) -> None:
 
         settings["data"] = [str(p) for p in settings["data"]]
         settings["out"] = str(settings["out"])
-        if settings.get("val") is not None:
-            settings["val"] = str(settings["val"])
+        for key in ("val", "chat_template"):
+            if settings.get(key) is not None:
+                settings[key] = str(settings[key])
         settings["progress"] = not settings.pop("no_progress")
         train(TrainConfig(**settings))
 
@@ -75,7 +84,9 @@ def finetune(
     model: str = typer.Option(..., "--model", "-m",
                               help="Model to fine-tune: local directory, bundled name or Hub id."),
     out: Path = OUT, val: Path = VAL, val_share: float = VAL_SHARE, text_field: str = TEXT_FIELD,
-    text_column: str = TEXT_COLUMN, epochs: float = EPOCHS, max_steps: int = MAX_STEPS, batch_size: int = BATCH,
+    text_column: str = TEXT_COLUMN, format: str = FORMAT, chat_template: Path = CHAT_TEMPLATE,
+    assistant_only_loss: bool = ASSISTANT_ONLY,
+    epochs: float = EPOCHS, max_steps: int = MAX_STEPS, batch_size: int = BATCH,
     grad_accum: int = ACCUM, lr: float = LR, warmup_steps: int = WARMUP, weight_decay: float = WD,
     grad_clip: float = CLIP, block_size: int = BLOCK, dropout: float = DROPOUT, eval_every: int = EVAL_EVERY,
     eval_blocks: int = EVAL_BLOCKS, save_every: int = SAVE_EVERY, keep_checkpoints: int = KEEP,
@@ -90,7 +101,8 @@ def finetune(
     threads: int = THREADS, device: str = DEVICE, dtype: str = DTYPE, compile: bool = COMPILE,  # noqa: A002
     deterministic: bool = DETERMINISTIC, no_progress: bool = NO_PROGRESS, report_to: list[str] = REPORT_TO,
 ) -> None:
-    """Fine-tune a GPT-2 checkpoint on your own text (all weights, or a LoRA adapter)."""
+    """Fine-tune a GPT-2 checkpoint on your own text (all weights, or a LoRA adapter), or into a chatbot on
+    conversations (loss on the assistant's turns; the model is saved with its chat template)."""
     _run(**locals())
 
 
@@ -100,7 +112,9 @@ def train(
                                help="A preset (gpt2, gpt2-medium, distilgpt2, gpt2-mini, gpt2-tiny, ...) and/or "
                                     "settings: 'n_layer=6,n_head=6,n_embd=384,n_positions=256'."),
     out: Path = OUT, val: Path = VAL, val_share: float = VAL_SHARE, text_field: str = TEXT_FIELD,
-    text_column: str = TEXT_COLUMN, epochs: float = EPOCHS, max_steps: int = MAX_STEPS, batch_size: int = BATCH,
+    text_column: str = TEXT_COLUMN, format: str = FORMAT, chat_template: Path = CHAT_TEMPLATE,
+    assistant_only_loss: bool = ASSISTANT_ONLY,
+    epochs: float = EPOCHS, max_steps: int = MAX_STEPS, batch_size: int = BATCH,
     grad_accum: int = ACCUM, lr: float = LR, warmup_steps: int = WARMUP, weight_decay: float = WD,
     grad_clip: float = CLIP, block_size: int = BLOCK, dropout: float = DROPOUT, eval_every: int = EVAL_EVERY,
     eval_blocks: int = EVAL_BLOCKS, save_every: int = SAVE_EVERY, keep_checkpoints: int = KEEP,

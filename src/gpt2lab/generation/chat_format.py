@@ -1,9 +1,12 @@
-"""How a conversation becomes a GPT-2 prompt, shared by ``gpt2lab chat`` and the server's chat endpoint.
+"""How a conversation becomes a GPT-2 prompt, shared by ``gpt2lab chat``, the server's chat endpoint and
+chat fine-tuning.
 
-GPT-2 is not an instruction model: it continues text. So a conversation is laid out as a transcript
-that the model can plausibly continue with the bot's next line::
+A conversation is rendered by a chat template (Jinja, transformers' ``chat_template`` convention, see
+:mod:`gpt2lab.generation.chat_template`). A checkpoint's own template wins. Without one, GPT-2 -- which
+is not an instruction model: it continues text -- gets a transcript that it can plausibly continue with
+the bot's next line::
 
-    The following is a conversation between User and Bot, ...   <- persona preamble
+    The following is a conversation between User and Bot, ...   <- persona (the system message)
 
     User: Hello!
     Bot: Hi, how can I help?
@@ -12,21 +15,25 @@ that the model can plausibly continue with the bot's next line::
 
 and generation stops where the model starts the next ``User:`` turn. Models of the DialoGPT family
 were trained on turns separated by ``<|endoftext|>`` (``hello<|endoftext|>hi there<|endoftext|>``) and
-end their reply with ``<|endoftext|>``, so they get that layout instead.
+end their reply with ``<|endoftext|>``, so they get that layout instead. Other templates stop at their
+end-of-turn marker (``<|im_end|>`` for ChatML).
 
-When the conversation outgrows the context window, the oldest turns are dropped; the persona never is.
+When the conversation outgrows the context window, the oldest turns are dropped; the system messages
+(the persona) never are.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..tokenizer import EOS_TOKEN
+from .chat_template import DEFAULT_CHAT_TEMPLATE, DIALOGPT_CHAT_TEMPLATE, ChatTemplate, load_chat_template
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -46,11 +53,15 @@ class Turn:
 
 @dataclass(frozen=True)
 class ChatStyle:
-    """The layout: ``transcript`` (``User:`` / bot-name lines) or ``dialogpt`` (EOS-separated turns)."""
+    """The layout: ``transcript`` (``User:`` / bot-name lines), ``dialogpt`` (EOS-separated turns) or
+    ``template`` (a checkpoint's own Jinja chat template, ``template``). The first two are templates too
+    (:data:`~gpt2lab.generation.chat_template.DEFAULT_CHAT_TEMPLATE` and ``DIALOGPT_CHAT_TEMPLATE``);
+    ``user_name`` and ``bot_name`` are passed to every template as variables of those names."""
 
-    kind: Literal["transcript", "dialogpt"] = "transcript"
+    kind: Literal["transcript", "dialogpt", "template"] = "transcript"
     user_name: str = USER_NAME
     bot_name: str = BOT_NAME
+    template: str | None = None
 
     def __post_init__(self) -> None:
         for what, name in (("user name", self.user_name), ("bot name", self.bot_name)):
@@ -58,6 +69,8 @@ class ChatStyle:
                 raise ValueError(f"{what} must be a non-empty single line without ':' or outer spaces, got {name!r}")
         if self.user_name == self.bot_name:
             raise ValueError(f"user name and bot name must differ, both are {self.user_name!r}")
+        if (self.kind == "template") != (self.template is not None):
+            raise ValueError("a template style needs its template source, and only it")
 
     @property
     def dialogpt(self) -> bool:
@@ -67,17 +80,41 @@ class ChatStyle:
         return self.user_name if role == "user" else self.bot_name
 
     @property
+    def chat_template(self) -> ChatTemplate:
+        """The compiled template of this layout, with the names as variables."""
+        return _chat_template(self.source, self.user_name, self.bot_name)
+
+    @property
+    def source(self) -> str:
+        """The Jinja source of this layout's template."""
+        if self.template is not None:
+            return self.template
+        return DIALOGPT_CHAT_TEMPLATE if self.dialogpt else DEFAULT_CHAT_TEMPLATE
+
+    @property
     def stop(self) -> list[str]:
-        """Stop strings for the bot's reply: the start of the next user turn (or of another bot turn).
+        """Stop strings for the bot's reply: the template's end-of-turn marker; for the transcript the start
+        of the next user turn (or of another bot turn). A DialoGPT reply ends with ``<|endoftext|>``,
+        which stops generation by itself."""
+        return list(self.chat_template.stop)
 
-        A DialoGPT reply ends with ``<|endoftext|>``, which stops generation by itself.
-        """
-        if self.dialogpt:
-            return []
-        return [f"{self.user_name}:", f"\n{self.bot_name}:"]
+    def default_persona(self) -> str | None:
+        """The transcript's introduction of the speakers; DialoGPT has none (""); a checkpoint's own
+        template decides for itself what a conversation without a system message looks like (None)."""
+        if self.kind == "transcript":
+            return DEFAULT_PERSONA.format(user=self.user_name, bot=self.bot_name)
+        return "" if self.dialogpt else None
 
-    def default_persona(self) -> str:
-        return "" if self.dialogpt else DEFAULT_PERSONA.format(user=self.user_name, bot=self.bot_name)
+    def messages(self, persona: str | None, turns: Sequence[Turn]) -> list[dict[str, str]]:
+        """``turns`` as template messages, the persona first as the system message (none when it is
+        None; an empty one means "no persona" to gpt2lab's templates)."""
+        head = [] if persona is None else [{"role": "system", "content": persona}]
+        return head + [{"role": t.role, "content": t.text} for t in turns]
+
+
+@lru_cache(maxsize=32)
+def _chat_template(source: str, user_name: str, bot_name: str) -> ChatTemplate:
+    return ChatTemplate(source, {"user_name": user_name, "bot_name": bot_name})
 
 
 @dataclass
@@ -109,7 +146,10 @@ def is_dialogpt(name: str | None = None, path: str | Path | None = None) -> bool
 
 def style_for_model(name: str | None = None, path: str | Path | None = None, *, user_name: str = USER_NAME,
                     bot_name: str = BOT_NAME) -> ChatStyle:
-    """The layout a model expects (DialoGPT's own, else the transcript)."""
+    """The layout a model expects: its own chat template, else DialoGPT's, else the transcript."""
+    own = load_chat_template(path)
+    if own is not None:
+        return ChatStyle(kind="template", user_name=user_name, bot_name=bot_name, template=own)
     kind = "dialogpt" if is_dialogpt(name, path) else "transcript"
     return ChatStyle(kind=kind, user_name=user_name, bot_name=bot_name)
 
@@ -134,32 +174,10 @@ def from_messages(messages: Iterable[Mapping[str, str]]) -> tuple[str | None, li
     return ("\n".join(p for p in persona if p) if persona else None), turns
 
 
-def _one_line(text: str) -> str:
-    # a turn is one paragraph of the transcript; inner blank lines would look like a new section
-    return re.sub(r"\n\s*\n+", "\n", text.strip())
-
-
-def _persona_segment(persona: str, style: ChatStyle) -> str:
-    if not persona:
-        return ""
-    return persona.strip() + (EOS_TOKEN if style.dialogpt else "\n\n")
-
-
-def _turn_segment(turn: Turn, style: ChatStyle) -> str:
-    if style.dialogpt:
-        return _one_line(turn.text) + EOS_TOKEN
-    return f"{style.label(turn.role)}: {_one_line(turn.text)}\n"
-
-
-def _cue(style: ChatStyle) -> str:
-    return "" if style.dialogpt else f"{style.bot_name}:"
-
-
 def render(persona: str | None, turns: Sequence[Turn], style: ChatStyle, *, cue: bool = True) -> str:
     """The prompt text for ``turns`` (all of them), ending with the bot's cue when ``cue``."""
     persona = style.default_persona() if persona is None else persona
-    text = _persona_segment(persona, style) + "".join(_turn_segment(t, style) for t in turns)
-    return text + (_cue(style) if cue else "")
+    return style.chat_template.render(style.messages(persona, turns), add_generation_prompt=cue)
 
 
 def build_prompt(persona: str | None, turns: Sequence[Turn], tokenizer: Tokenizer, style: ChatStyle,
@@ -170,40 +188,74 @@ def build_prompt(persona: str | None, turns: Sequence[Turn], tokenizer: Tokenize
     fits; the persona and the last turn are always kept (``ValueError`` if even they do not fit).
     """
     persona = style.default_persona() if persona is None else persona
-    head = _persona_segment(persona, style)
-    segments = [_turn_segment(t, style) for t in turns]
-    cue = _cue(style)
-    sizes = [len(tokenizer.encode(s)) for s in segments]
-    # keep the longest suffix of turns whose summed sizes fit; BPE can merge across a boundary, so the
-    # exact count of the joined text is checked below and one more turn dropped if needed
-    fixed = len(tokenizer.encode(head)) + len(tokenizer.encode(cue))
-    start, total = len(segments), fixed
-    while start > 0 and total + sizes[start - 1] <= max_tokens:
-        start -= 1
-        total += sizes[start]
-    start = min(start, max(len(segments) - 1, 0))  # the last turn is never dropped: fail instead
+    return build_prompt_messages(style.messages(persona, turns), tokenizer, style, max_tokens)
 
-    def user_first(i: int) -> int:  # a kept history opens with a user turn, not half an exchange
-        return i + 1 if 0 < i < len(turns) - 1 and turns[i].role == "assistant" else i
 
-    start = user_first(start)
-    while True:
-        text = head + "".join(segments[start:]) + cue
-        ids = tokenizer.encode(text)
-        if len(ids) <= max_tokens:
-            return ChatPrompt(text=text, n_tokens=len(ids), stop=style.stop, turns_kept=len(segments) - start,
-                              turns_dropped=start, token_ids=ids)
-        if start >= len(segments) - 1:
-            raise ValueError(f"the persona and the last message need {len(ids)} tokens but only {max_tokens} fit "
-                             "in the context window after the room kept for the reply; shorten them or lower "
-                             "max_new_tokens")
-        start = user_first(start + 1)
+def fit_messages(messages: Sequence[Mapping[str, str]], fits: Callable[[list[Mapping[str, str]]], bool],
+                 *, keep_last: int = 1) -> tuple[int, list[Mapping[str, str]]] | None:
+    """The longest suffix of the conversation that ``fits``, as (turns dropped, messages), or None.
+
+    System messages are always kept (in place); the kept turns start with a user message when one
+    of the candidate turns is; the last ``keep_last`` turns are never dropped (None when even they do
+    not fit). Binary search over the cut: O(log n) renders for n turns.
+    """
+    turn_at = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+
+    def kept(cut: int) -> list[Mapping[str, str]]:
+        first = turn_at[cut] if cut < len(turn_at) else len(messages)
+        return [m for i, m in enumerate(messages) if i >= first or m.get("role") == "system"]
+
+    def user_first(cut: int) -> int:  # a kept history opens with a user turn, not half an exchange
+        while 0 < cut < len(turn_at) - keep_last and messages[turn_at[cut]].get("role") != "user":
+            cut += 1
+        return cut
+
+    last = max(len(turn_at) - keep_last, 0)
+    low, high = 0, last  # find the smallest cut that fits
+    if not fits(kept(user_first(last))):
+        return None
+    while low < high:
+        mid = (low + high) // 2
+        if fits(kept(user_first(mid))):
+            high = mid
+        else:
+            low = mid + 1
+    cut = user_first(low)
+    return cut, kept(cut)
+
+
+def build_prompt_messages(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, style: ChatStyle,
+                          max_tokens: int) -> ChatPrompt:
+    """The prompt (with the generation cue) for OpenAI-style ``messages`` in at most ``max_tokens`` tokens:
+    the oldest non-system messages are dropped until it fits (``ValueError`` if even the last does not)."""
+    template = style.chat_template
+    rendered: dict[int, tuple[str, list[int]]] = {}
+
+    def encode(kept: list[Mapping[str, str]]) -> tuple[str, list[int]]:
+        key = len(kept)
+        if key not in rendered:
+            text = template.render(kept, add_generation_prompt=True)
+            rendered[key] = (text, tokenizer.encode(text))
+        return rendered[key]
+
+    found = fit_messages(messages, lambda kept: len(encode(kept)[1]) <= max_tokens)
+    n_turns = sum(1 for m in messages if m.get("role") != "system")
+    if found is None:
+        turn_at = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+        minimal = [m for i, m in enumerate(messages) if m.get("role") == "system" or i == (turn_at or [-1])[-1]]
+        need = len(encode(minimal)[1])
+        raise ValueError(f"the persona and the last message need {need} tokens but only {max_tokens} fit "
+                         "in the context window after the room kept for the reply; shorten them or lower "
+                         "max_new_tokens")
+    dropped, kept = found
+    text, ids = encode(kept)
+    return ChatPrompt(text=text, n_tokens=len(ids), stop=style.stop, turns_kept=n_turns - dropped,
+                      turns_dropped=dropped, token_ids=ids)
 
 
 def clean_reply(text: str, style: ChatStyle) -> str:
     """The bot's reply alone: cut at the next turn (if the engine stopped past it) and trimmed."""
-    cuts = [EOS_TOKEN] if style.dialogpt else style.stop
-    for marker in cuts:
+    for marker in (EOS_TOKEN, *style.stop):
         pos = text.find(marker)
         if pos >= 0:
             text = text[:pos]

@@ -313,7 +313,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     @app.post("/v1/chat/completions", dependencies=auth, response_model=p.ChatCompletionResponse,
               responses=errors)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
-        """OpenAI chat completions: messages rendered into GPT-2's dialogue layout (as ``gpt2lab chat``)."""
+        """OpenAI chat completions: messages rendered by the model's chat template (as ``gpt2lab chat``)."""
         arrival = time.monotonic()
         gen = ready()
         check_model(gen, body.model)
@@ -514,19 +514,19 @@ _LAYOUT_ROLE = {"developer": "system", "tool": "user"}
 
 
 def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int) -> tuple[Any, Any]:
-    """The conversation as a prompt in the dialogue layout ``gpt2lab chat`` uses (oldest turns dropped
-    to fit ``max_prompt_tokens``), and that layout's style."""
+    """The conversation as a prompt rendered by the model's chat template, as ``gpt2lab chat`` renders it
+    (oldest turns dropped to fit ``max_prompt_tokens``, system messages kept), and that layout's style."""
     from ..generation import chat_format
 
     try:
         # developer = system (OpenAI's newer name); a tool result is a line on the user's side
-        persona, turns = chat_format.from_messages(
-            {"role": _LAYOUT_ROLE.get(m.role, m.role),
-             "content": f"Tool result: {m.text()}" if m.role == "tool" else m.text()} for m in messages)
-        if not turns:
+        plain = [{"role": _LAYOUT_ROLE.get(m.role, m.role),
+                  "content": f"Tool result: {m.text()}" if m.role == "tool" else m.text()} for m in messages]
+        chat_format.from_messages(plain)  # checks roles and contents
+        if all(m["role"] == "system" for m in plain):
             raise p.invalid("messages needs at least one user or assistant message", "messages")
         style = chat_format.style_for_model(gen.name, gen.path)
-        return chat_format.build_prompt(persona, turns, gen.tokenizer, style, max_prompt_tokens), style
+        return chat_format.build_prompt_messages(plain, gen.tokenizer, style, max_prompt_tokens), style
     except ValueError as exc:
         raise p.invalid(str(exc), "messages", "context_length_exceeded" if "fit" in str(exc) else None) from None
 

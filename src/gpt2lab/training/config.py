@@ -80,6 +80,9 @@ class TrainConfig:
     val_share: float = 0.05
     text_field: str = "text"
     text_column: str = "text"
+    format: str = "auto"  # "text" (causal LM over documents), "chat" (conversations), "auto" (by the data)
+    chat_template: str | None = None  # a Jinja file for chat data (default: the model's own, else gpt2lab's)
+    assistant_only_loss: bool = True  # chat data: loss on the assistant's tokens only
     epochs: float | None = None
     max_steps: int | None = None
     batch_size: int = 8
@@ -151,6 +154,10 @@ class TrainConfig:
             raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.format not in ("auto", "text", "chat"):
+            raise ValueError(f"--format must be auto, text or chat, got {self.format!r}")
+        if self.chat_template is not None and self.format == "text":
+            raise ValueError("--chat-template is for chat data; it cannot be used with --format text")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.bf16 and self.dtype not in ("auto", "bfloat16"):
@@ -169,7 +176,8 @@ class TrainConfig:
 
 
 # settings that must not change when a run is resumed (others, like --max-time, may)
-RESUME_IDENTITY = ("model", "config", "data", "val", "val_share", "text_field", "text_column", "batch_size",
+RESUME_IDENTITY = ("model", "config", "data", "val", "val_share", "text_field", "text_column", "format",
+                   "chat_template", "assistant_only_loss", "batch_size",
                    "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip",
                    "block_size", "dropout", "seed", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
                    "bf16", "eval_blocks", "dtype")

@@ -32,11 +32,14 @@ import torch.nn.functional as F
 
 from ..checkpoints import save_model, write_atomic_dir
 from ..checkpoints.io import load_model
+from ..generation.chat_format import style_for_model
+from ..generation.chat_template import ChatTemplate, ChatTemplateError
 from ..model import GPT2
 from ..model.device import set_threads
 from ..outputs import check_output_dir
 from ..readers import complete_lines
 from . import lora as lora_mod
+from .chat_data import IGNORE_INDEX, ConversationData, ConversationSampler, looks_like_chat, prepare_chat_data
 from .checkpoint import MODEL_DIR, STATE_FILE, CheckpointDir, crash_point
 from .config import RESUME_IDENTITY, TrainConfig, parse_model_config
 from .data import DataError, TokenData, prepare_data
@@ -362,17 +365,29 @@ class Trainer:
             lora_mod.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_targets,
                                 cfg.lora_dropout, seed=cfg.seed)
         self.model = model.to(self.device)
-        self.data = self._load_data()
-        self.sampler = BlockSampler(self.data.train, self.block_size, cfg.seed)
-        if self.sampler.n_blocks < 1:
-            raise DataError(f"the training text has {len(self.data.train)} tokens, fewer than one block of "
-                            f"--block-size {self.block_size} (+1); give more text or a smaller --block-size")
-        self.val = val_blocks(self.data.val, self.block_size, cfg.eval_blocks) if self.data.val is not None else []
+        self.chat_template = self._chat_template()  # None: plain causal LM over documents
+        if self.chat_template is None:
+            self.data = self._load_data()
+            self.sampler = BlockSampler(self.data.train, self.block_size, cfg.seed)
+            if self.sampler.n_blocks < 1:
+                raise DataError(f"the training text has {len(self.data.train)} tokens, fewer than one block of "
+                                f"--block-size {self.block_size} (+1); give more text or a smaller --block-size")
+            self.val = val_blocks(self.data.val, self.block_size, cfg.eval_blocks) if self.data.val is not None \
+                else []
+            n_samples = self.sampler.n_blocks
+        else:
+            self.data = self._load_chat_data()
+            self.sampler = ConversationSampler(self.data.train, cfg.seed, cfg.assistant_only_loss,
+                                               self.tokenizer.eos_token_id or 0)
+            n_val = len(self.data.val) if self.data.val is not None else 0
+            self.val = [(int(i), 0) for i in np.unique(np.linspace(0, n_val - 1, min(n_val, cfg.eval_blocks))
+                                                       .round().astype(np.int64))] if n_val else []
+            n_samples = self.sampler.n_samples
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
         if cfg.max_steps is not None:
             self.max_steps = cfg.max_steps
         else:
-            self.max_steps = max(1, math.ceil((cfg.epochs or 1.0) * self.sampler.n_blocks / self.global_batch))
+            self.max_steps = max(1, math.ceil((cfg.epochs or 1.0) * n_samples / self.global_batch))
         default_lr = 1e-3 if cfg.lora_rank else (1e-4 if cfg.model is not None else 6e-4)
         self.lr = cfg.lr or default_lr
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, self.max_steps // 20)
@@ -384,6 +399,7 @@ class Trainer:
         self.bad_evals = 0
         self.tokens_seen = 0
         self.last_loss: float | None = None
+        self.step_tokens = 0  # inputs fed by this rank in the last step
 
     # -- setup helpers ---------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -403,6 +419,37 @@ class Trainer:
             data = prepare_data(self.cfg.data, cache, progress=False, **kwargs)
         return data
 
+    def _chat_template(self) -> ChatTemplate | None:
+        """The template of a chat run (``--chat-template``, else the model's own, else gpt2lab's layout),
+        or None when the data is plain text (``--format text``, or ``auto`` and not conversations)."""
+        cfg = self.cfg
+        if cfg.format == "text" or (cfg.format == "auto" and cfg.chat_template is None
+                                    and not looks_like_chat(cfg.data)):
+            return None
+        if cfg.chat_template is not None:
+            path = Path(cfg.chat_template)
+            try:
+                source = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"--chat-template {path}: cannot read it ({exc})") from None
+            try:
+                return ChatTemplate(source)
+            except ChatTemplateError as exc:
+                raise ValueError(f"--chat-template {path}: {exc}") from None
+        return style_for_model(self.base_name, Path(cfg.model) if cfg.model and Path(cfg.model).is_dir()
+                               else self.tokenizer_dir).chat_template
+
+    def _load_chat_data(self) -> ConversationData:
+        kwargs = dict(tokenizer=self.tokenizer, template=self.chat_template, max_tokens=self.block_size + 1,
+                      val=self.cfg.val, val_share=self.cfg.val_share, seed=self.cfg.seed, log=self._log)
+        data = None
+        if self.dist.main:
+            data = prepare_chat_data(self.cfg.data, self.out / "data", **kwargs)
+        self.dist.barrier()
+        if data is None:
+            data = prepare_chat_data(self.cfg.data, self.out / "data", **kwargs)
+        return data
+
     def _identity(self) -> dict:
         d = self.cfg.to_dict()
         ident = {k: d[k] for k in RESUME_IDENTITY}
@@ -419,6 +466,11 @@ class Trainer:
         import copy
 
         return lora_mod.merge_lora(copy.deepcopy(self.model))
+
+    @property
+    def _template_source(self) -> str | None:
+        """The chat template a chat run's model is saved with (it was trained on that layout)."""
+        return self.chat_template.source if self.chat_template is not None else None
 
     def save_checkpoint(self) -> None:
         """``trainer/``: the latest weights (HF layout) and everything needed to continue exactly."""
@@ -438,7 +490,7 @@ class Trainer:
         plain = self._plain_model()
 
         def fill(tmp: Path) -> None:
-            save_model(plain, tmp / MODEL_DIR, tokenizer_dir=self.tokenizer_dir)
+            save_model(plain, tmp / MODEL_DIR, tokenizer_dir=self.tokenizer_dir, chat_template=self._template_source)
             crash_point("writing")
             torch.save(state, tmp / STATE_FILE)
 
@@ -459,6 +511,11 @@ class Trainer:
             how = f"Trained from scratch with `gpt2lab train --config {cfg.config}`."
         details: dict[str, object] = {"peak learning rate": self.lr, "block size": self.block_size,
                                       "global batch (blocks)": self.global_batch, "seed": cfg.seed}
+        if self.chat_template is not None:
+            details["data format"] = ("chat conversations, laid out by the chat template saved in "
+                                      "tokenizer_config.json; loss on "
+                                      + ("the assistant's tokens" if cfg.assistant_only_loss else "every token")
+                                      + "; validation loss over the assistant's tokens")
         return model_card(how=how, config=self.model.config, dtype=dtype, base_model=self.base_name,
                           data=cfg.data, steps=self.step, val_loss=self.best_val, details=details)
 
@@ -468,7 +525,7 @@ class Trainer:
         staging = self.out / ".publish"
         dtype = _DTYPES[self.cfg.save_dtype]
         save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
-                   generation_config=self.generation_config)
+                   generation_config=self.generation_config, chat_template=self._template_source)
         for f in staging.iterdir():
             os.replace(f, self.out / f.name)
         staging.rmdir()
@@ -526,24 +583,41 @@ class Trainer:
         model.eval()
         mine = self.val[self.dist.rank::self.dist.world]
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        bs = self.cfg.batch_size
-        for i in range(0, len(mine), bs):
-            chunk = mine[i:i + bs]
-            by_len: dict[int, list[int]] = {}
-            for start, length in chunk:
-                by_len.setdefault(length, []).append(start)
-            for length, starts in by_len.items():
-                rows = np.stack([self.data.val[s:s + length + 1].astype(np.int64) for s in starts])
-                batch = torch.from_numpy(rows).to(self.device)
-                with self._autocast():
-                    logits = model(batch[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-                total += torch.stack([loss.double(), torch.tensor(float(batch[:, 1:].numel()), dtype=torch.float64,
-                                                                  device=self.device)])
+        for x, y in self._val_batches(mine):
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            total += torch.stack([loss.double(), (y != IGNORE_INDEX).sum().double()])
         if self.dist.world > 1:
             torch.distributed.all_reduce(total)
         model.train()
         return float(total[0] / total[1])
+
+    def _val_batches(self, mine: list[tuple[int, int]]):
+        """(inputs, labels) batches over this rank's validation items: text blocks grouped by length, or
+        conversations (labels on the assistant's tokens only, whatever the training loss covers)."""
+        bs = self.cfg.batch_size
+        for i in range(0, len(mine), bs):
+            chunk = mine[i:i + bs]
+            if self.chat_template is not None:
+                yield self.data.val.rows([c for c, _ in chunk], True, self.tokenizer.eos_token_id or 0)
+                continue
+            by_len: dict[int, list[int]] = {}
+            for start, length in chunk:
+                by_len.setdefault(length, []).append(start)
+            for length, starts in by_len.items():
+                rows = torch.from_numpy(np.stack([self.data.val[s:s + length + 1].astype(np.int64) for s in starts]))
+                yield rows[:, :-1], rows[:, 1:]
+
+    def _batch(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of the micro-batch starting at global sample index ``first``."""
+        if self.chat_template is not None:
+            x, y = self.sampler.batch(first, self.cfg.batch_size)
+        else:
+            rows = self.sampler.batch(first, self.cfg.batch_size)
+            x, y = rows[:, :-1], rows[:, 1:]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -567,7 +641,12 @@ class Trainer:
             (self.out / "training.json").write_text(json.dumps(
                 {"settings": cfg.to_dict(), "max_steps": self.max_steps, "lr": self.lr, "warmup": self.warmup,
                  "global_batch": self.global_batch, "world_size": dist.world, "base_model": self.base_name,
-                 "train_tokens": int(len(self.data.train)), "val_tokens": int(self.data.meta["val_tokens"]),
+                 "train_tokens": int(self.data.meta["train_tokens"]), "val_tokens": int(self.data.meta["val_tokens"]),
+                 **({"format": "chat", "chat_template": self.chat_template.source,
+                     "train_conversations": self.data.meta["train_conversations"],
+                     "val_conversations": self.data.meta["val_conversations"],
+                     "loss_on": self._loss_on("train")["loss_on"], "val_loss_on": "assistant_tokens"}
+                    if self.chat_template is not None else {"format": "text"}),
                  "parameters": sum(p.numel() for p in self.model.parameters()),
                  "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
                 indent=2, default=str) + "\n")
@@ -604,6 +683,8 @@ class Trainer:
                     group["lr"] = lr
                 loss_sum = self.optimizer_step(net, params)
                 self.step += 1
+                if self.chat_template is not None:  # rows are conversations: count what this rank fed
+                    tokens_per_step = self.step_tokens * dist.world
                 self.tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
                 stop_now = self._should_stop(t_start, stop_signal)
@@ -619,7 +700,7 @@ class Trainer:
                     if metrics:
                         metrics.write({"step": self.step, "loss": round(self.last_loss, 6), "lr": lr,
                                        "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1),
-                                       "time_s": round(now - t_start, 2)})
+                                       "time_s": round(now - t_start, 2), **self._loss_on("train")})
                     bar.update(self.step, f"loss {self.last_loss:.4f}  {tps:,.0f} tok/s")
                 else:
                     bar.update(self.step)
@@ -654,19 +735,27 @@ class Trainer:
     def optimizer_step(self, net: nn.Module, params: list[torch.Tensor]) -> torch.Tensor:
         """One optimizer step at ``self.step``: the micro-batches of this rank, clipping, AdamW.
 
-        Returns the summed (not yet averaged) micro-batch losses, without a device sync.
+        The loss is the mean over every labelled token of the step -- all micro-batches on all ranks
+        (the count is summed first) -- so the gradient does not depend on how the step is split into
+        micro-batches and processes, even when rows carry different numbers of labels (chat data).
+        Returns this rank's share scaled so that the loop's average over micro-batches and ranks is that
+        mean; no device sync.
         """
         cfg, dist = self.cfg, self.dist
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            first = self.step * self.global_batch + (micro * dist.world + dist.rank) * cfg.batch_size
-            batch = self.sampler.batch(first, cfg.batch_size).to(self.device, non_blocking=True)
+        batches = [self._batch(self.step * self.global_batch + (micro * dist.world + dist.rank) * cfg.batch_size)
+                   for micro in range(cfg.grad_accum)]
+        count = sum((y != IGNORE_INDEX).sum() for _, y in batches).double()
+        if dist.world > 1:
+            torch.distributed.all_reduce(count)
+        scale = dist.world / count.clamp(min=1).float()  # DDP averages gradients over the ranks
+        self.step_tokens = sum(int(x.numel()) for x, _ in batches)
+        for micro, (x, y) in enumerate(batches):
             sync = dist.world == 1 or micro == cfg.grad_accum - 1
             with (nullcontext() if sync else net.no_sync()), self._autocast():
-                logits = net(batch[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-            scaled = loss / cfg.grad_accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                logits = net(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum") * scale
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
@@ -678,7 +767,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum
+        return loss_sum * cfg.grad_accum
 
     def _should_stop(self, t_start: float, stop_signal: list[int]) -> bool:
         over = bool(stop_signal) or (self.cfg.max_time is not None
@@ -689,20 +778,28 @@ class Trainer:
             over = bool(flag.item())
         return over
 
+    def _loss_on(self, split: str) -> dict:
+        """What a chat run's losses average over (text runs: every token, said by nothing)."""
+        if self.chat_template is None:
+            return {}
+        return {"loss_on": "assistant_tokens" if split == "val" or self.cfg.assistant_only_loss else "all_tokens"}
+
     def _record_eval(self, val: float | None, metrics: Metrics | None, bar: _Bar, save_best: bool) -> bool:
         """Log a validation result, publish a new best; True when early stopping says stop."""
         if val is None:
             return False
         ppl = math.exp(min(val, 50.0))
+        what = " (assistant tokens)" if self.chat_template is not None else ""
         if metrics:
-            metrics.write({"step": self.step, "val_loss": round(val, 6), "val_ppl": round(ppl, 4)})
+            metrics.write({"step": self.step, "val_loss": round(val, 6), "val_ppl": round(ppl, 4),
+                           **self._loss_on("val")})
         if not save_best:  # the starting point: logged, not a candidate for "best"
             if self.dist.main:
-                bar.print(f"step {self.step}: validation loss {val:.4f} (perplexity {ppl:.2f})")
+                bar.print(f"step {self.step}: validation loss{what} {val:.4f} (perplexity {ppl:.2f})")
             return False
         improved = self.best_val is None or val < self.best_val
         if self.dist.main:
-            bar.print(f"step {self.step}: validation loss {val:.4f} (perplexity {ppl:.2f})"
+            bar.print(f"step {self.step}: validation loss{what} {val:.4f} (perplexity {ppl:.2f})"
                       + (f", train loss {self.last_loss:.4f}" if self.last_loss is not None else "")
                       + (" (best)" if improved else ""))
         if improved:
