@@ -77,7 +77,7 @@ def test_explicit_model_never_falls_back(tmp_path, command):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpt2lab: error: model 'gpt2'"), r.stderr
-    assert "huggingface-cli download gpt2" in lines[0] and "shakespeare" not in r.stdout
+    assert "hf download gpt2" in lines[0] and "shakespeare" not in r.stdout
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

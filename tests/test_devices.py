@@ -173,6 +173,7 @@ def test_training_resume_is_bit_exact(tmp_path, device):
     from safetensors.torch import load_file
 
     from gpt2lab.training import TrainConfig, train
+    from gpt2lab.training.checkpoint import CheckpointDir
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60, encoding="utf-8")
@@ -187,8 +188,8 @@ def test_training_resume_is_bit_exact(tmp_path, device):
     first = train(cfg(tmp_path / "cut", max_time=1e-9))  # stops cleanly after its first step, checkpointed
     assert first.stopped == "max_time" and first.steps < 8
     train(cfg(tmp_path / "cut", resume=True))
-    a = load_file(str(tmp_path / "ref" / "trainer" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "trainer" / "model" / "model.safetensors"))
+    a = load_file(str(CheckpointDir(tmp_path / "ref" / "trainer").latest() / "model" / "model.safetensors"))
+    b = load_file(str(CheckpointDir(tmp_path / "cut" / "trainer").latest() / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

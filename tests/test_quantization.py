@@ -100,3 +100,12 @@ def test_int8_quality_on_the_bundled_model():
     print(f"int8 vs fp32 on {HELDOUT.name}: perplexity {ppl32:.3f} -> {ppl8:.3f} ({ppl8 / ppl32 - 1:+.3%}); "
           f"greedy 64-token continuations identical {agree}/20; mean KL(fp32 || int8) {kl:.2e} nats")
     assert kl < 5e-3
+
+
+def test_int8_loads_the_same_from_safetensors_and_a_torch_pickle(tmp_path):
+    from .conftest import SHAPES, make_hf_checkpoint
+
+    safe = load_model(make_hf_checkpoint(tmp_path / "s", seed=4, **SHAPES["tiny"]), quantization="int8")
+    pickled = load_model(make_hf_checkpoint(tmp_path / "b", seed=4, safe=False, **SHAPES["tiny"]), quantization="int8")
+    for (name, a), (_, b) in zip(safe.state_dict().items(), pickled.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -121,7 +121,8 @@ def _from_hub(repo_id: str) -> Path:
             f"not in the local cache and the Hugging Face Hub is unreachable ({type(exc).__name__})"
         raise ModelNotFoundError(
             f"model {repo_id!r}: {why}. To get it, download it once with network access "
-            f"(`huggingface-cli download {repo_id}`, or any gpt2lab command without HF_HUB_OFFLINE=1), "
+            f"(`hf download {repo_id}`; `huggingface-cli download` before huggingface_hub 1.0; or any gpt2lab "
+            f"command without HF_HUB_OFFLINE=1), "
             f"or pass a local checkpoint folder or a bundled model ({', '.join(BUNDLED_MODELS)}).",
             reason=why) from exc
 
@@ -154,5 +155,6 @@ def resolve_model(ref: str | os.PathLike[str] | None = None, *, quiet: bool = Fa
             raise
         if not quiet:
             print(f"gpt2lab: model '{DEFAULT_MODEL}' is {exc.reason}; using the bundled model "
-                  f"'{BUNDLED_DEFAULT}' instead (choose another with --model DIR_OR_HUB_ID).", file=sys.stderr)
+                  f"'{BUNDLED_DEFAULT}' instead (choose another with --model DIR_OR_HUB_ID, in Python "
+                  "gpt2lab.load(DIR_OR_HUB_ID)).", file=sys.stderr)
         return ResolvedModel(name=BUNDLED_DEFAULT, path=fallback, source="bundled")

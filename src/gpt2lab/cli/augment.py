@@ -9,14 +9,13 @@ from pathlib import Path
 import typer
 
 from ..apps.augment import DEFAULTS, METHODS
-from ..sampling import SamplingParams
 from .common import check_output, load_generator, user_errors
-from .options import BEAM_OPTIONS, Runtime, model_option, runtime_options, sampling_options
+from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 
-@sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
+@sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE, defaults_win=True)
 @runtime_options()
 def augment(
     data: Path = typer.Argument(..., help="Dataset: .csv / .tsv (with a header) or .jsonl."),
@@ -36,7 +35,7 @@ def augment(
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     runtime: Runtime = None,
-    sampling: SamplingParams = None,
+    sampling: SamplingChoice = None,
 ) -> None:
     """Make --per-example new rows from each row of a labelled dataset, with the same label.
 
@@ -53,8 +52,8 @@ def augment(
     gen = load_generator(model, runtime)
     with user_errors():
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
-                        per_example=per_example, methods=method or METHODS, params=sampling, similarity=similarity,
-                        min_words=min_words, max_words=max_words, opening=opening, shots=shots)
+                        per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),
+                        similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

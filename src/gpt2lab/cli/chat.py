@@ -9,9 +9,8 @@ from pathlib import Path
 import typer
 
 from ..apps.chat import DEFAULTS, UNSUPPORTED
-from ..sampling import SamplingParams
 from .common import check_output, fail, load_generator, user_errors
-from .options import Runtime, model_option, process_escapes, runtime_options, sampling_options
+from .options import Runtime, SamplingChoice, model_option, process_escapes, runtime_options, sampling_options
 
 HELP = """commands:
   /reset              forget the conversation (the persona stays)
@@ -102,7 +101,7 @@ def chat(
     user_name: str = typer.Option(None, "--user-name", help="The user's name in the transcript (default: User)."),
     model: str = model_option(),
     runtime: Runtime = None,
-    sampling: SamplingParams = None,
+    sampling: SamplingChoice = None,
 ) -> None:
     """Chat with a model in the terminal (/help lists the slash commands), or answer one --message.
 
@@ -121,7 +120,8 @@ def chat(
         check_output(save, "--save", kind="file")
     gen = load_generator(model, runtime)
     with user_errors((OSError,)):
-        session = ChatSession(gen, persona=persona, params=sampling, user_name=user_name, bot_name=bot_name)
+        session = ChatSession(gen, persona=persona, params=sampling.resolve(gen), user_name=user_name,
+                              bot_name=bot_name)
         if transcript is not None:
             session.load(transcript, keep_persona=persona is not None)
     if message is not None:

@@ -11,9 +11,8 @@ from typing import Any
 import typer
 
 from ..jsonl import json_lines
-from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import Runtime, model_option, process_escapes_all, runtime_options, sampling_options
+from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
 
@@ -63,7 +62,7 @@ def generate(
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
     runtime: Runtime = None,
-    sampling: SamplingParams = None,
+    sampling: SamplingChoice = None,
 ) -> None:
     """Complete prompts with a GPT-2 model, streaming the text as it is generated.
 
@@ -71,11 +70,13 @@ def generate(
 
     Prompt arguments and text options understand backslash escapes (\\n, \\t, \\\\, \\xNN, \\uNNNN).
 
-    Defaults follow the classic recipe: temperature 0.8, top-k 50, 100 tokens in all unless --max-new-tokens.
+    Defaults: the model's generation_config.json, else the classic recipe: temperature 0.8, top-k 50,
+    100 tokens in all unless --max-new-tokens. Options given here win over both.
     """
-    params = sampling
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
     gen = load_generator(model, runtime)
+    with user_errors():
+        params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
     from ..generation import fit_prompt
 
     with user_errors():

@@ -80,7 +80,8 @@ def process_escapes_all(values: list[str] | None) -> list[str] | None:
 
 # -- where and how a model runs -------------------------------------------------------------------
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
-DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16."
+DTYPE_HELP = ("auto (a checkpoint stored in float16/bfloat16 keeps its dtype; else bfloat16 on a GPU that "
+              "supports it, else float32), float32, bfloat16 or float16.")
 QUANTIZATION_CHOICES = ("none", "int8", "bf16")
 QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
 THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
@@ -273,6 +274,39 @@ def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] 
     from ..sampling import SamplingParams
 
     values = dict(defaults or {})
+    values.update(explicit_values(given))
+    if given.get("max_length") is not None and given.get("max_new_tokens") is not None:
+        raise ValueError("give --max-length or --max-new-tokens, not both")
+    if "max_length" in values and "max_new_tokens" in values:
+        # the user's choice of one length wins over the command's default for the other
+        drop = "max_new_tokens" if given.get("max_length") is not None else "max_length"
+        values.pop(drop)
+    return SamplingParams.from_kwargs(**values)
+
+
+@dataclass(frozen=True)
+class SamplingChoice:
+    """A command's generation settings before its model is loaded: the flags the user gave and the
+    command's own defaults. :meth:`resolve` adds the checkpoint's ``generation_config.json`` once the model
+    is known (:meth:`gpt2lab.generation.Generator.resolve_sampling`: flags > checkpoint > command defaults;
+    ``defaults_win``: flags > command defaults > checkpoint). ``params`` is the checkpoint-blind result,
+    built at parse time so a bad flag fails before any model loads."""
+
+    explicit: Mapping[str, Any]
+    defaults: Mapping[str, Any]
+    params: Any  # SamplingParams
+    defaults_win: bool = False
+    skip: frozenset[str] = frozenset()
+
+    def resolve(self, gen: Any) -> Any:
+        """The :class:`SamplingParams` for ``gen`` (a :class:`~gpt2lab.generation.Generator`)."""
+        return gen.resolve_sampling(self.explicit, self.defaults, defaults_win=self.defaults_win, skip=self.skip)
+
+
+def explicit_values(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options the user gave (``None`` / empty = not given), parsed: ``--logit-bias`` pairs,
+    backslash escapes in text options."""
+    values = {}
     for name, value in given.items():
         if value is None or (isinstance(value, list) and not value):
             continue
@@ -285,13 +319,7 @@ def build_sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] 
         elif name == "bad_words_ids":
             value = [_parse_token_ids(item) for item in value]
         values[name] = value
-    if given.get("max_length") is not None and given.get("max_new_tokens") is not None:
-        raise ValueError("give --max-length or --max-new-tokens, not both")
-    if "max_length" in values and "max_new_tokens" in values:
-        # the user's choice of one length wins over the command's default for the other
-        drop = "max_new_tokens" if given.get("max_length") is not None else "max_length"
-        values.pop(drop)
-    return SamplingParams.from_kwargs(**values)
+    return values
 
 
 def _help(opt: _Opt, defaults: Mapping[str, Any]) -> str:
@@ -305,12 +333,15 @@ def _help(opt: _Opt, defaults: Mapping[str, Any]) -> str:
     return f"{opt.help} (default: {default})"  # [..] would be rich markup
 
 
-def sampling_options(*, defaults: Mapping[str, Any] | None = None,
-                     exclude: Collection[str] = ()) -> Callable[[Callable], Callable]:
-    """Add every generation option to a typer command; it receives ``sampling: SamplingParams``.
+def sampling_options(*, defaults: Mapping[str, Any] | None = None, exclude: Collection[str] = (),
+                     defaults_win: bool = False) -> Callable[[Callable], Callable]:
+    """Add every generation option to a typer command; it receives ``sampling: SamplingParams``, or
+    ``sampling: SamplingChoice`` when annotated so (resolved against the model's ``generation_config.json``
+    after loading it: see :class:`SamplingChoice`).
 
     ``defaults`` are the command's own defaults (shown in --help); ``exclude`` names options that make
-    no sense for the command (e.g. ``n`` where the command has its own count).
+    no sense for the command (e.g. ``n`` where the command has its own count; a checkpoint cannot set
+    them either). ``defaults_win``: the command's defaults go above the checkpoint's.
     """
     defaults = dict(defaults or {})
     opts = [o for o in SAMPLING_OPTIONS if o.name not in set(exclude)]
@@ -322,6 +353,7 @@ def sampling_options(*, defaults: Mapping[str, Any] | None = None,
             raise TypeError(f"{func.__name__} needs a 'sampling' parameter to receive SamplingParams")
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
                for p in sig.parameters.values() if p.name != "sampling"]
+        choice = hints.get("sampling") is SamplingChoice
         taken = {p.name for p in own}
         clash = taken & {o.name for o in opts}
         if clash:
@@ -341,6 +373,8 @@ def sampling_options(*, defaults: Mapping[str, Any] | None = None,
                 params = build_sampling_params(given, defaults)
             except (ValueError, TypeError) as exc:
                 fail(str(exc))
+            if choice:
+                params = SamplingChoice(explicit_values(given), defaults, params, defaults_win, frozenset(exclude))
             return func(*args, sampling=params, **kwargs)
 
         own_positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if

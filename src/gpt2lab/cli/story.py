@@ -8,15 +8,22 @@ from pathlib import Path
 import typer
 
 from ..apps.story import DEFAULTS
-from ..sampling import SamplingParams
 from .common import check_output, fail, load_generator, user_errors
-from .options import BEAM_OPTIONS, Runtime, model_option, process_escapes, runtime_options, sampling_options
+from .options import (
+    BEAM_OPTIONS,
+    Runtime,
+    SamplingChoice,
+    model_option,
+    process_escapes,
+    runtime_options,
+    sampling_options,
+)
 
 # story counts its length with --length, makes --drafts samples and cannot beam-search varied drafts
 _EXCLUDE = {"n", "logprobs", "max_new_tokens", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 
-@sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE)
+@sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE, defaults_win=True)
 @runtime_options()
 def story(
     premise: str = typer.Argument("", help="What the story is about; it starts the story and stays in view."),
@@ -27,7 +34,7 @@ def story(
     model: str = model_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the first draft to the terminal."),
     runtime: Runtime = None,
-    sampling: SamplingParams = None,
+    sampling: SamplingChoice = None,
 ) -> None:
     """Write story drafts from a premise (or continue a text file); each draft goes to a file in --out.
 
@@ -63,7 +70,8 @@ def story(
         sys.stdout.flush()
 
     with user_errors((OSError,)):
-        stories = write_stories(gen, premise, drafts=drafts, length=length, params=sampling, continue_from=start,
+        stories = write_stories(gen, premise, drafts=drafts, length=length, params=sampling.resolve(gen),
+                                continue_from=start,
                                 on_text=None if quiet else show)
         stem = slug(premise or continue_file.stem)
         paths = save_stories(stories, out, stem)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class Generator:
         self.tokenizer_dir = tokenizer_dir
         # transformers' field names, as in generation_config.json: the defaults of every generate call
         self.generation_config: dict[str, Any] = dict(generation_config or {})
+        self.adapter: Path | None = None  # a LoRA adapter merged into the weights at load (for the model card)
         hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
                             source=GENERATION_CONFIG_FILE)  # a bad value fails at load, not at first use
 
@@ -204,10 +205,48 @@ class Generator:
             return params.with_(**explicit) if explicit else params
         if override is not None:
             defaults = hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos, source="generation_config")
-        else:
-            defaults = hf_compat.translate(self.generation_config, eos_token_id=eos, strict=False,
-                                           source=GENERATION_CONFIG_FILE)
-        return SamplingParams.from_kwargs(**hf_compat.merge(defaults, explicit))
+            return SamplingParams.from_kwargs(**hf_compat.merge(defaults, explicit))
+        return self._layered(explicit, {})
+
+    def checkpoint_defaults(self) -> dict[str, Any]:
+        """The checkpoint's ``generation_config.json`` as :class:`SamplingParams` keyword arguments (fields
+        gpt2lab has no use for are skipped; see :mod:`gpt2lab.sampling.hf_compat`)."""
+        return hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
+                                   source=GENERATION_CONFIG_FILE)
+
+    def resolve_sampling(self, explicit: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
+                         *, defaults_win: bool = False, skip: Collection[str] = ()) -> SamplingParams:
+        """The one merge of a call's generation settings, used by the library, the CLI and the server.
+
+        Precedence, as in transformers and vLLM (``--generation-config auto``): ``explicit`` (what the user
+        gave: keyword arguments, command-line flags, request fields) > the checkpoint's
+        ``generation_config.json`` > ``defaults`` (a command's or endpoint's own) > :class:`SamplingParams`'
+        defaults. ``defaults_win``: the caller's defaults go above the checkpoint's (commands whose defaults
+        are their purpose, such as varied drafts). ``skip``: SamplingParams fields the checkpoint may not
+        set (a command's own length or count). Either length (``max_new_tokens`` / ``max_length``) given at a
+        level replaces both below it. Names may be ours or transformers'; ``ValueError`` / ``TypeError``
+        name a bad or unknown parameter.
+        """
+        eos = self.eos_token_id
+        base = hf_compat.translate(defaults or {}, eos_token_id=eos, source="defaults")
+        checkpoint = {k: v for k, v in self.checkpoint_defaults().items() if v is not None}
+        for name in skip:
+            checkpoint.pop(name, None)
+        if "n" in skip:
+            checkpoint.pop("num_beams", None)  # beams return n sequences: a command without n cannot take them
+        given = hf_compat.translate(explicit or {}, eos_token_id=eos, source="generation parameters")
+        return self._layered(given, base, checkpoint, defaults_win=defaults_win)
+
+    def _layered(self, given: Mapping[str, Any], base: Mapping[str, Any], checkpoint: Mapping[str, Any] | None = None,
+                 *, defaults_win: bool = False) -> SamplingParams:
+        checkpoint = self.checkpoint_defaults() if checkpoint is None else checkpoint
+        lower, upper = (checkpoint, base) if defaults_win else (base, checkpoint)
+        below = hf_compat.merge(lower, upper)
+        merged = hf_compat.merge(below, given)
+        if given.get("_sample") and "temperature" not in given and below.get("temperature") == 0 \
+                and base.get("temperature"):
+            merged["temperature"] = base["temperature"]  # do_sample=True over a greedy checkpoint: the caller's
+        return SamplingParams.from_kwargs(**merged)
 
     def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None,
              max_shard_size: int | str = "5GB") -> Path:
@@ -225,6 +264,8 @@ class Generator:
 
             model = merge_lora(copy.deepcopy(model)).eval()
             how += " Its LoRA adapter is merged into the weights."
+        elif self.adapter is not None:
+            how += f" Its LoRA adapter is merged into the weights (from `{self.adapter}`)."
         card = model_card(how=how, config=self.config, dtype=stored, base_model=self.name)
         return save_model(model, path, tokenizer_dir=self.tokenizer_dir, dtype=dtype,
                           generation_config=self.generation_config, max_shard_size=max_shard_size, card=card)
@@ -249,7 +290,8 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     ``model=None`` asks for ``gpt2`` and falls back to the bundled model when it cannot be had; a model
     named explicitly (``"gpt2"`` included) never does: it loads or raises ``ModelNotFoundError`` saying
     how to get it. A folder holding only a LoRA adapter (``adapter_config.json``, peft's format) loads its
-    ``base_model_name_or_path`` with the adapter; ``adapter=DIR`` applies one to any base.
+    ``base_model_name_or_path`` with the adapter; ``adapter=DIR`` applies one to any base. The adapter is
+    merged into the weights (the model is a plain GPT-2 afterwards; ``save`` writes the merged model).
 
     ``device``: ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``,
     ``"cuda:N"`` (:func:`gpt2lab.model.device.resolve_device`: ``ValueError`` when it is not there).
@@ -284,10 +326,12 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         gen = Generator(net, tok, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir,
                         generation_config=read_generation_config(resolved.path))
     if adapter is not None:
-        from ..training.lora import load_adapter
+        from ..training.lora import load_adapter, merge_lora
 
-        load_adapter(gen.model, adapter)
-        gen.model.eval()
+        # merged into the weights: the same logits as peft's, and the model stays a plain GPT-2 that the
+        # inference fast paths (optimize_for_inference, CUDA graphs) and quantization can take
+        merge_lora(load_adapter(gen.model, adapter)).eval()
+        gen.adapter = Path(adapter)
     if quantization is not None and gen.model.quantization is None:  # a model object, or an adapter applied
         gen.model.quantize(quantization)
     return gen

@@ -194,6 +194,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
 
     def model_card(gen: Any) -> p.ModelCard:
         return p.ModelCard(id=served_name(gen), created=created, max_model_len=gen.config.n_positions,
+                           generation_config=gen.generation_config,
                            quantization=getattr(gen, "quantization", None))
 
     @app.get("/v1/models", dependencies=auth, response_model=p.ModelList)
@@ -276,8 +277,9 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         body.check_common()
         if body.suffix is not None:
             raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")
-        max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        params = check_params(body.sampling_params(max_tokens, body.logprobs))
+        params = check_params(body.sampling_params(body.max_tokens, body.logprobs,
+                                                   resolve=_defaults(gen, DEFAULT_MAX_TOKENS)))
+        max_tokens = params.max_new_tokens
         if body.best_of is not None and body.best_of != params.n:
             raise p.invalid(f"best_of must equal n ({params.n}) when given; ranking candidates is not "
                             "supported", "best_of")
@@ -328,16 +330,16 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
             raise p.invalid(f"{param_name} ({max_tokens}) leaves no room for the conversation in the model's "
                             f"context of {n_pos} tokens", param_name, "context_length_exceeded")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = check_params(body.sampling_params(DEFAULT_CHAT_MAX_TOKENS if max_tokens is None else max_tokens,
-                                                   logprobs, param_name))
+        params = check_params(body.sampling_params(max_tokens, logprobs, param_name,
+                                                   resolve=_defaults(gen, DEFAULT_CHAT_MAX_TOKENS)))
         _check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
         _check_messages(body.messages, limits, prompt_chars["max"], n_pos)
         chat, style = await run_in_threadpool(_render_chat, gen, body.messages,
                                               n_pos - (max_tokens if max_tokens is not None else 1))
         prompt_ids = truncate_prompt_tokens(chat.token_ids, params, n_pos)
-        if max_tokens is None:  # default: as much as fits, at most DEFAULT_CHAT_MAX_TOKENS
+        if max_tokens is None:  # default: as much as fits, at most the checkpoint's or DEFAULT_CHAT_MAX_TOKENS
             params = params.with_(max_new_tokens=max(params.min_tokens,
-                                                     min(DEFAULT_CHAT_MAX_TOKENS, n_pos - len(prompt_ids))))
+                                                     min(params.max_new_tokens, n_pos - len(prompt_ids))))
         params = params.with_(stop=[*params.stop, *chat.stop])
         rid = p.new_id("chatcmpl")
         name = served_name(gen)
@@ -440,6 +442,17 @@ def _check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise p.invalid(f"{param} holds token id {bad}, outside the vocabulary [0, {vocab_size - 1}]", param)
+
+
+# what a checkpoint's generation_config.json cannot set for a request: the response's shape (n, beams) and
+# transformers' prompt-inclusive max_length (the API counts new tokens only)
+_NOT_FROM_CHECKPOINT = frozenset({"n", "num_beams", "max_length"})
+
+
+def _defaults(gen: Any, max_tokens: int) -> Callable[[dict[str, Any]], SamplingParams]:
+    """Request fields -> SamplingParams: fields the client did not send take the checkpoint's
+    generation_config.json, then the endpoint's default length (``max_tokens``), then SamplingParams'."""
+    return lambda given: gen.resolve_sampling(given, {"max_new_tokens": max_tokens}, skip=_NOT_FROM_CHECKPOINT)
 
 
 def _check_context(prompt_len: int, max_tokens: int, n_positions: int) -> None:

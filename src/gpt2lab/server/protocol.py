@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -155,9 +156,13 @@ class _SamplingFields(_Strict):
         if self.prompt_logprobs is not None and self.stream:
             raise invalid("prompt_logprobs is not available with stream=true (as in vLLM)", "prompt_logprobs")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        max_tokens_field: str = "max_tokens") -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, max_tokens_field: str = "max_tokens",
+                        resolve: Callable[[dict[str, Any]], SamplingParams] | None = None) -> SamplingParams:
         """The validated SamplingParams; a bad value raises :class:`APIError` 400 naming the field.
+
+        ``resolve``: turns the fields the client sent (SamplingParams names) into SamplingParams with the
+        server's defaults (:meth:`gpt2lab.generation.Generator.resolve_sampling`: the checkpoint's
+        ``generation_config.json`` for fields not sent). ``max_tokens=None``: not sent.
 
         ``use_beam_search`` (vLLM): beam search of width ``n`` returning all ``n`` beams, best first
         (width 1 is greedy decoding); the sampling controls are then ignored."""
@@ -180,8 +185,12 @@ class _SamplingFields(_Strict):
                     raise invalid(f"logit_bias keys must be token ids (integers as strings), got {key!r}",
                                   "logit_bias") from None
             kwargs["logit_bias"] = bias
+        if max_tokens is not None:
+            kwargs["max_new_tokens"] = max_tokens
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
         try:
-            return SamplingParams(max_new_tokens=max_tokens, logprobs=logprobs, **kwargs)
+            return resolve(kwargs) if resolve is not None else SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
             raise params_error(exc, {**self._RENAMES, "max_new_tokens": max_tokens_field}) from None
 
@@ -416,6 +425,8 @@ class ModelCard(BaseModel):
     max_model_len: int
     quantization: str | None = Field(None, description="Weight quantization the model runs with: null (as stored), "
                                                        "int8 or bf16 (vLLM's names).")
+    # the checkpoint's generation_config.json: the defaults of request fields a client does not send
+    generation_config: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):
