@@ -88,6 +88,23 @@ def test_the_runner_follows_replaced_and_rewritten_weights(tmp_path):
         assert torch.equal(last_logits(), before)
 
 
+@pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
+def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_path, name):
+    """The kernels index memory by the config's shapes: a tensor of another shape must send the forward
+    to PyTorch's code (a clear error), never let C read past its end (it used to return logits)."""
+    model = load_model(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"]))
+    ids = torch.randint(0, 50257, (1, 4), generator=torch.Generator().manual_seed(2))
+    model.setup_cache(max_batch=1, max_seq=8)
+    with torch.no_grad():
+        model(ids, input_pos=torch.arange(4)[None])  # the kernels ran on the good weights
+        *path, last = name.split(".")
+        owner = model.get_submodule(".".join(path))
+        setattr(owner, last, torch.nn.Parameter(torch.ones(3, *getattr(owner, last).shape[1:])))
+        assert inference_runner(model) is None
+        with pytest.raises((RuntimeError, IndexError)):
+            model(ids, input_pos=torch.arange(4)[None])
+
+
 def test_a_model_used_for_generation_still_fine_tunes(tiny_checkpoint):
     """Generate, train a few steps, generate again: the loss falls, and generation (through the
     kernels) follows the new weights exactly as the PyTorch forward of the trained model predicts."""

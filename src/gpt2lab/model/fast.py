@@ -50,6 +50,32 @@ def _readable(t: torch.Tensor | None) -> bool:
     return t is None or (t.device.type == "cpu" and t.is_contiguous() and t.dtype in kernels.WEIGHT_DTYPES)
 
 
+def _expected_shapes(model: GPT2) -> list[tuple[torch.Tensor | None, tuple[int, ...]]]:
+    """Every tensor the C code reads, with the shape the config implies (it indexes memory by these)."""
+    cfg = model.config
+    C, V, F = cfg.n_embd, cfg.vocab_size, cfg.mlp_dim
+    head = model.wte if model.lm_head is None else model.lm_head
+    pairs: list[tuple[torch.Tensor | None, tuple[int, ...]]] = [
+        (model.wte.weight, (V, C)), (head.weight, (V, C)), (model.wpe.weight, (cfg.n_positions, C)),
+        (model.ln_f.weight, (C,)), (model.ln_f.bias, (C,))]
+    pairs += [(getattr(m, "scales", None), (V,)) for m in (model.wte, head) if getattr(m, "scales", None) is not None]
+    for block in model.h:
+        pairs += [(block.ln_1.weight, (C,)), (block.ln_1.bias, (C,)), (block.ln_2.weight, (C,)),
+                  (block.ln_2.bias, (C,))]
+        for module, (out, inp) in zip(_block_linears(block), ((3 * C, C), (C, C), (F, C), (C, F))):
+            pairs += [(module.weight, (out, inp)), (getattr(module, "bias", None), (out,))]
+            if getattr(module, "scales", None) is not None:
+                pairs.append((module.scales, (out,)))
+    return pairs
+
+
+def _shapes_match(model: GPT2) -> bool:
+    """Whether every tensor has its config's shape: a replaced tensor of another shape must make the
+    PyTorch code run (and raise its clear error), never let the kernels read past its end."""
+    return len(model.h) == model.config.n_layer and all(
+        t is not None and tuple(t.shape) == shape for t, shape in _expected_shapes(model))
+
+
 class KernelRunner:
     """A cached forward of any tokens (a prefill, a decode step, ragged rows) as a single call of the C
     kernel ``gpt2lab_forward``, the same arithmetic as :meth:`GPT2.forward` with the KV cache.
@@ -93,6 +119,7 @@ class KernelRunner:
         floats += [m.bias for m in linears]
         floats += [t for m in [*linears, model.wte, head] if (t := getattr(m, "scales", None)) is not None]
         return (model.config.activation_function in kernels.ACTIVATIONS and kernels.available()
+                and _shapes_match(model)
                 and all(getattr(m, "bias", None) is not None for m in linears)
                 and all(_readable(w) for w in weights)
                 and all(w.dtype != torch.int8 or getattr(m, "scales", None) is not None
