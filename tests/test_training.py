@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2lab.checkpoints import load_model
+from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.tokenizer import Tokenizer
 from gpt2lab.training import DataError, TrainConfig, prepare_data, train
 from gpt2lab.training.checkpoint import CheckpointDir
@@ -297,6 +298,26 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 
 # -- LoRA ---------------------------------------------------------------------------------------------------
+def test_lora_merge_leaves_the_global_rng_alone():
+    # a merge runs at every checkpoint and publish of a LoRA run, after the checkpoint recorded the RNG
+    # state: drawing from the global RNG there shifted the dropout stream, so a resumed run diverged
+    from gpt2lab.training.lora import apply_lora, merge_lora
+
+    model = GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    apply_lora(model, 2, 4.0, "c_attn,mlp.c_proj")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero: give the adapters an update to merge
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        before = model.eval()(ids)
+    state = torch.get_rng_state()
+    merged = merge_lora(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), before, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     from gpt2lab.training.lora import load_adapter

@@ -54,9 +54,15 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
     def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the update folded into its weight."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        """A plain ``nn.Linear`` with the update folded into its weight.
+
+        Built with ``skip_init``: ``nn.Linear``'s own initialisation would draw from the global torch RNG,
+        so every merge (each checkpoint and publish of a LoRA run) would shift the dropout stream after
+        the checkpoint had recorded it, and a resumed run would not continue exactly.
+        """
+        out = torch.nn.utils.skip_init(nn.Linear, self.base.in_features, self.base.out_features,
+                                       bias=self.base.bias is not None, device=self.base.weight.device,
+                                       dtype=self.base.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(self.base.weight + (self.lora_B @ self.lora_A) * self.scale)
             if self.base.bias is not None:
