@@ -176,7 +176,7 @@ def start_all(tmp_path_factory, tiny_checkpoint: Path) -> None:
       served from a thread of the test process;
     - ``robust``: the tiny model with ``--max-body-mb 1`` (fault isolation and limits).
     """
-    if _STARTED:
+    if "main" in _STARTED:  # its own servers, not any other test's (launch() by name puts those here too)
         return
     from .conftest import SHAPES, make_hf_checkpoint
 
