@@ -131,13 +131,7 @@ def check_state_shapes(config: GPT2Config, shapes: Mapping[str, Sequence[int]], 
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{weights}: does not match {config_path}: {'; '.join(detail)}")
+    check_tensor_names(weights, config_path, missing, unexpected)
     for key, shape in ours.items():
         if shape != expected[key]:
             raise CheckpointError(f"{weights}: tensor {key} has shape {shape} but {config_path} implies "
@@ -485,3 +479,14 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_tensor_names(source: object, config_source: object, missing: list[str], unexpected: list[str]) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` when a checkpoint lacks or adds tensors."""
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{source}: does not match {config_source}: {'; '.join(detail)}")

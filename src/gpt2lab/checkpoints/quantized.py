@@ -19,6 +19,7 @@ import torch
 from ..errors import CheckpointError
 from ..model import GPT2, GPT2Config
 from ..model.quantize import quantized_skeleton
+from .io import check_tensor_names
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -117,11 +118,5 @@ def load_quantized(config: GPT2Config, files: list[Path], quantization: str, *, 
         tensor = value = None  # freed before the heap is trimmed
         _trim_heap()
     missing = sorted(expected - seen)
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{source}: does not match {config_source}: {'; '.join(detail)}")
+    check_tensor_names(source, config_source, missing, unexpected)
     return model.to(device).eval()
