@@ -14,6 +14,7 @@ import torch
 
 from gpt2lab.checkpoints import load_model
 from gpt2lab.model import inference_runner, kernels
+from gpt2lab.model.quantize import int8_linear
 
 from .conftest import make_hf_checkpoint
 
@@ -41,23 +42,35 @@ def _weights(kind: str, n_out: int, n_in: int, gen: torch.Generator):
 
 @needs_kernels
 @pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
-@pytest.mark.parametrize("n_out,n_in", [(1, 1), (7, 13), (5, 768), (1001, 64), (67, 3072), (33, 7), (24, 40)])
+@pytest.mark.parametrize("n_out,n_in", [(1, 1), (7, 13), (5, 768), (1001, 64), (67, 3072), (33, 7), (24, 40),
+                                         (9, 4133)])
 def test_linear_matches_a_float_reference_and_every_row_is_independent(kind, n_out, n_in):
-    """Awkward shapes (odd sizes, a k % 8 tail) at 1..16 rows and more: within fp32 rounding of an fp64
-    product with the dequantized weight, and each row bit-identical to the same row computed alone."""
+    """Awkward shapes (odd sizes, a k % 8 and k % 16 tail, more than one 2048-long integer chunk) at
+    1..16 rows and more: fp32/bf16 within fp32 rounding of an fp64 product with the (dequantized) weight;
+    int8 bit for bit what int8_linear (the PyTorch twin) computes and within the bound its int16
+    activations allow; each row bit-identical to the same row computed alone."""
     gen = torch.Generator().manual_seed(n_out * 7 + n_in)
     w, scales, ref_w = _weights(kind, n_out, n_in, gen)
     b = torch.randn(n_out, generator=gen)
-    x = torch.randn(37, n_in, generator=gen)
+    x = torch.randn(37, n_in, generator=gen) * torch.rand(37, 1, generator=gen) * 8  # rows of different scales
     full = kernels.linear(x, w, b, scales)  # 37 rows: the many-row tiles
-    torch.testing.assert_close(full, (x.double() @ ref_w.T + b.double()).float(), rtol=1e-5, atol=1e-5)
+    want = (x.double() @ ref_w.T + b.double())
+    if kind == "int8":
+        assert torch.equal(full, int8_linear(x, w, scales, b))
+        # |x - q * s| <= s / 2 per element (s = max|x| / 32767), so the product moves by at most
+        # s / 2 * sum|w_row|; plus fp32 rounding of the result
+        bound = x.abs().amax(1, keepdim=True).double() / 32767 / 2 * ref_w.abs().sum(1) + 1e-5 * want.abs() + 1e-6
+        assert ((full.double() - want).abs() <= bound).all()
+    else:
+        torch.testing.assert_close(full, want.float(), rtol=1e-5, atol=1e-5)
     alone = [kernels.linear(x[i:i + 1], w, b, scales) for i in range(16)]
     for rows in (1, 2, 3, 5, 8, 16):
         got = kernels.linear(x[:rows, None], w, None if rows == 3 else b, scales)  # any leading shape
         assert got.shape == (rows, 1, n_out)
         want = torch.cat(alone[:rows]) if rows != 3 else torch.cat(alone[:3]) - b
         if rows == 3:  # no bias: compare with the reference instead
-            torch.testing.assert_close(got[:, 0], (x[:3].double() @ ref_w.T).float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[:, 0], (x[:3].double() @ ref_w.T).float(), rtol=1e-5,
+                                       atol=1e-5 if kind != "int8" else 2e-3)
         else:
             assert torch.equal(got[:, 0], want)  # bit for bit, whatever the number of rows
     assert torch.equal(full[:16], torch.cat(alone))

@@ -105,6 +105,7 @@ class KernelRunner:
                 self.tensors += held
             layer.attn_scale = block.attn.scale
         self.caches: list | None = None
+        self.quantized = any(t.dtype == torch.int8 for t in self.tensors)
 
     @staticmethod
     def supports(model: GPT2) -> bool:
@@ -167,6 +168,9 @@ class KernelRunner:
         x, h = torch.empty(n_tok, C), torch.empty(n_tok, C)
         big = torch.empty(n_tok, max(3 * C, cfg.mlp_dim))
         hl, scores = torch.empty(n_logits, C), torch.empty(threads, model.max_seq)
+        # int8 weights: their inputs' int16 copies (unused, and left tiny, otherwise)
+        xq = torch.empty(n_tok, max(C, cfg.mlp_dim) if self.quantized else 1, dtype=torch.int16)
+        xs = torch.empty(n_tok)
         logits = torch.empty(n_logits, cfg.vocab_size)
         ln_f = model.ln_f
         kernels.library().gpt2lab_forward(
@@ -174,7 +178,8 @@ class KernelRunner:
             ln_f.bias.data_ptr(), ctypes.byref(self.head), tokens.data_ptr(), positions.data_ptr(),
             cache_rows.data_ptr(), n_tok, logit_tokens.data_ptr(), n_logits, C, cfg.n_head, cfg.mlp_dim,
             cfg.vocab_size, model.max_seq, cfg.layer_norm_epsilon, kernels.ACTIVATIONS[cfg.activation_function],
-            x.data_ptr(), h.data_ptr(), big.data_ptr(), hl.data_ptr(), scores.data_ptr(), logits.data_ptr(), threads)
+            x.data_ptr(), h.data_ptr(), big.data_ptr(), hl.data_ptr(), scores.data_ptr(), xq.data_ptr(), xs.data_ptr(),
+            logits.data_ptr(), threads)
         return logits if logits_index is not None else logits.view(B, T, cfg.vocab_size)
 
 

@@ -1,20 +1,30 @@
-/* gpt2lab's CPU kernels for inference: fp32 and weight-only int8. Built by kernels.py on first use
+/* gpt2lab's CPU kernels for inference: fp32, int8 and bf16 weights. Built by kernels.py on first use
  * (cc -O3 -march=native -fopenmp -ffp-contract=off) and called through ctypes.
  *
  * Why: a decode step of a few rows reads every weight once and is bound by memory bandwidth (one row)
  * or by loads from cache (a few rows). BLAS/oneDNN kernels stream a weight at 60-80% of what a plain
- * sum() reaches for one row on AVX2 CPUs, and are tuned for bigger matrices than 2-16 rows. Int8
- * weights (one scale per output channel) quarter the bytes per token; they are widened to fp32 in
- * registers and accumulate in fp32. The whole cached forward (embedding to logits, prefill or decode)
- * is one call, so Python's per-op cost is paid once per step.
+ * sum() reaches for one row on AVX2 CPUs, and are tuned for bigger matrices than 2-16 rows. The tiles
+ * here keep their accumulators in named registers (gcc spills an array of vectors), and prefetch the
+ * weight rows of the next tile: with int8 weights the hardware prefetcher alone keeps too few cache
+ * misses in flight to reach the memory bandwidth. The whole cached forward (embedding to logits, prefill
+ * or decode) is one call, so Python's per-op cost is paid once per step.
+ *
+ * Int8 weights (one scale per output channel) quarter the bytes per token. Their products run on
+ * integers, as llama.cpp's q8_0 does, but with 16-bit activations: each input row is quantized to
+ * int16 with one scale (max|x| / 32767, a relative error near 1e-5 of the row's largest element, far
+ * below the int8 weights' own), and vpmaddwd sums int8 x int16 pairs exactly in int32 (two products
+ * per instruction, 16 per register), chunks of 2048 in int32 lanes (no overflow: 2048 / 16 * 2 *
+ * 128 * 32768 < 2^31), chunks in int64. That is 3 instructions per 16 weights where widening int8 to
+ * fp32 takes 6, and the sum is exact, so its order cannot matter.
  *
  * Batch invariance: every output element y[m, n] = x[m] . w[n] is computed by the same sequence of
- * operations whatever the number of rows, the tile that holds it or the thread that runs it: one
- * 8-lane fp32 accumulator over k in steps of 8 (fused multiply-add), a fixed horizontal sum, then the
- * k % 8 tail one fused multiply-add at a time, then the scale and the bias. Attention runs per token
+ * operations whatever the number of rows, the tile that holds it or the thread that runs it: for fp32
+ * and bf16, one 8-lane accumulator over k in steps of 8 (fused multiply-add), a fixed horizontal sum,
+ * then the k % 8 tail one fused multiply-add at a time, then the bias; for int8 an exact integer sum,
+ * then sum * x_scale[m] * w_scale[n] in double, rounded once, then the bias. Attention runs per token
  * (query) over its own row's cache slots 0..pos in order. So a sequence's logits are bit-identical
  * alone or in any batch, in prefill and in decode. Without AVX2/FMA the same operations run on an
- * 8-float array with fmaf (same results, slower).
+ * 8-float array with fmaf and on plain integers (same results, slower).
  */
 #include <math.h>
 #include <stddef.h>
@@ -34,8 +44,8 @@
 int gpt2lab_has_avx2(void) { return GPT2LAB_AVX2; }
 
 /* A weight matrix [n_out, n_in], row-major (nn.Linear's layout), of one of three kinds: fp32; int8
- * with one fp32 scale per output row (w[n, k] = q[n, k] * scale[n]); bf16 (16-bit storage, fp32
- * arithmetic). bias may be NULL. */
+ * with one fp32 scale per output row (w[n, k] = q[n, k] * scale[n]; integer arithmetic, see the top);
+ * bf16 (16-bit storage, fp32 arithmetic). bias may be NULL. */
 enum { KIND_F32 = 0, KIND_Q8 = 1, KIND_BF16 = 2 };
 typedef struct {
     const void *w;
@@ -64,9 +74,6 @@ static inline float epilogue_apply(float v, const float *out, int epilogue) {
 typedef __m256 vec8;
 static inline vec8 v_zero(void) { return _mm256_setzero_ps(); }
 static inline vec8 v_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline vec8 v_load_q(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
 static inline vec8 v_load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -82,7 +89,6 @@ static inline float v_hsum(vec8 v) { /* ((l0 + l1) + (l2 + l3)) with l_i = v_i +
 typedef struct { float f[8]; } vec8;
 static inline vec8 v_zero(void) { vec8 v; for (int i = 0; i < 8; i++) v.f[i] = 0.f; return v; }
 static inline vec8 v_load(const float *p) { vec8 v; for (int i = 0; i < 8; i++) v.f[i] = p[i]; return v; }
-static inline vec8 v_load_q(const int8_t *p) { vec8 v; for (int i = 0; i < 8; i++) v.f[i] = (float)p[i]; return v; }
 static inline float bf16_to_f32(uint16_t h) { union { uint32_t u; float f; } v = {(uint32_t)h << 16}; return v.f; }
 static inline vec8 v_load_bf16(const uint16_t *p) { vec8 v; for (int i = 0; i < 8; i++) v.f[i] = bf16_to_f32(p[i]); return v; }
 static inline vec8 v_fma(vec8 a, vec8 b, vec8 c) { for (int i = 0; i < 8; i++) c.f[i] = fmaf(a.f[i], b.f[i], c.f[i]); return c; }
@@ -103,7 +109,6 @@ static inline __attribute__((always_inline)) float w_at(const void *w, int64_t k
     return ((const float *)w)[k];
 }
 static inline __attribute__((always_inline)) vec8 w_load(const void *w, int64_t k, int kind) {
-    if (kind == KIND_Q8) return v_load_q((const int8_t *)w + k);
     if (kind == KIND_BF16) return v_load_bf16((const uint16_t *)w + k);
     return v_load((const float *)w + k);
 }
@@ -111,8 +116,10 @@ static inline __attribute__((always_inline)) const void *w_row(const void *w, in
     const int64_t size = kind == KIND_Q8 ? 1 : kind == KIND_BF16 ? 2 : 4;
     return (const char *)w + row * n_in * size;
 }
+/* a hint to bring the cache line at p in; it never faults, so it may point past a matrix's end */
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 
-/* the end of every dot product: fixed horizontal sum, then the tail k0..n_in-1 in order */
+/* the end of every float dot product: fixed horizontal sum, then the tail k0..n_in-1 in order */
 static inline __attribute__((always_inline)) float finish(vec8 acc, const void *w, const float *x, int64_t k0,
                                                           int64_t n_in, int kind) {
     float s = v_hsum(acc);
@@ -120,11 +127,13 @@ static inline __attribute__((always_inline)) float finish(vec8 acc, const void *
     return s;
 }
 
-/* A register tile: R input rows x C weight rows (outputs), each with its own accumulator. Always
- * inlined with constant R, C and kind, so the arrays live in registers. out[r * C + c] = x[r] . w[c]. */
+/* ---- fp32 and bf16 weights: fp32 products ----
+ * A register tile: R input rows x C weight rows (outputs), each with its own accumulator. Always
+ * inlined with constant R, C and kind. out[r * C + c] = x[r] . w[c]. The edges of a matrix take these;
+ * the bulk of fp32 work takes the two tiles below with named accumulators (same arithmetic). */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const void *w, int64_t n_in,
                                                        int R, int C, int kind, float *out) {
-    vec8 acc[16]; /* R * C <= 16: a fixed size, so the compiler keeps it in registers */
+    vec8 acc[16]; /* R * C <= 16 */
     for (int i = 0; i < R * C; i++) acc[i] = v_zero();
     const int64_t k8 = n_in & ~(int64_t)7;
     for (int64_t k = 0; k < k8; k += 8) {
@@ -140,28 +149,75 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
             out[r * C + c] = finish(acc[r * C + c], w_row(w, c, n_in, kind), x + r * ldx, k8, n_in, kind);
 }
 
-/* the dot products of R rows x C outputs starting at output n, then scale, bias and epilogue */
+#if GPT2LAB_AVX2
+#define F_W(c) _mm256_loadu_ps(w + (c) * n_in + k)
+#define F_X(r) _mm256_loadu_ps(x + (r) * ldx + k)
+#define F_FMA(acc, a, b) acc = _mm256_fmadd_ps(a, b, acc)
+/* 4 rows x 3 outputs (12 accumulators, 3 weights and 1 input: the 16 ymm registers); prefetches the
+ * next tile's weight rows */
+static inline __attribute__((always_inline)) void f32_4x3(const float *x, int64_t ldx, const float *w, int64_t n_in,
+                                                          float *out) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+    __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+    const int64_t k8 = n_in & ~(int64_t)7;
+    for (int64_t k = 0; k < k8; k += 8) {
+        if ((k & 15) == 0)
+            for (int c = 3; c < 6; c++) PREFETCH(w + c * n_in + k);
+        const __m256 w0 = F_W(0), w1 = F_W(1), w2 = F_W(2);
+        __m256 xv = F_X(0);
+        F_FMA(a00, w0, xv); F_FMA(a01, w1, xv); F_FMA(a02, w2, xv);
+        xv = F_X(1);
+        F_FMA(a10, w0, xv); F_FMA(a11, w1, xv); F_FMA(a12, w2, xv);
+        xv = F_X(2);
+        F_FMA(a20, w0, xv); F_FMA(a21, w1, xv); F_FMA(a22, w2, xv);
+        xv = F_X(3);
+        F_FMA(a30, w0, xv); F_FMA(a31, w1, xv); F_FMA(a32, w2, xv);
+    }
+    const __m256 acc[12] = {a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32};
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 3; c++) out[r * 3 + c] = finish(acc[r * 3 + c], w + c * n_in, x + r * ldx, k8, n_in, KIND_F32);
+}
+/* 1 row x 8 outputs: eight weight streams, the next eight rows prefetched */
+static inline __attribute__((always_inline)) void f32_1x8(const float *x, const float *w, int64_t n_in, float *out) {
+    const int64_t ldx = 0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const int64_t k8 = n_in & ~(int64_t)7;
+    for (int64_t k = 0; k < k8; k += 8) {
+        if ((k & 15) == 0)
+            for (int c = 8; c < 16; c++) PREFETCH(w + c * n_in + k);
+        const __m256 xv = F_X(0);
+        F_FMA(a0, F_W(0), xv); F_FMA(a1, F_W(1), xv); F_FMA(a2, F_W(2), xv); F_FMA(a3, F_W(3), xv);
+        F_FMA(a4, F_W(4), xv); F_FMA(a5, F_W(5), xv); F_FMA(a6, F_W(6), xv); F_FMA(a7, F_W(7), xv);
+    }
+    const __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int c = 0; c < 8; c++) out[c] = finish(acc[c], w + c * n_in, x, k8, n_in, KIND_F32);
+}
+#endif
+
+/* the dot products of R rows x C outputs starting at output n, then bias and epilogue (fp32, bf16) */
 static inline __attribute__((always_inline)) void tile_store(const float *x, int64_t ldx, const gpt2lab_matrix *W,
                                                              int64_t n_in, int64_t n_out, int64_t n, float *y,
                                                              int R, int C, int epilogue) {
     float out[16];
-    if (W->kind == KIND_Q8) tile(x, ldx, w_row(W->w, n, n_in, KIND_Q8), n_in, R, C, KIND_Q8, out);
-    else if (W->kind == KIND_BF16) tile(x, ldx, w_row(W->w, n, n_in, KIND_BF16), n_in, R, C, KIND_BF16, out);
+    if (W->kind == KIND_BF16) tile(x, ldx, w_row(W->w, n, n_in, KIND_BF16), n_in, R, C, KIND_BF16, out);
+#if GPT2LAB_AVX2
+    else if (R == 4 && C == 3) f32_4x3(x, ldx, (const float *)W->w + n * n_in, n_in, out);
+    else if (R == 1 && C == 8) f32_1x8(x, (const float *)W->w + n * n_in, n_in, out);
+#endif
     else tile(x, ldx, w_row(W->w, n, n_in, KIND_F32), n_in, R, C, KIND_F32, out);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             float v = out[r * C + c];
-            if (W->kind == KIND_Q8) v *= W->scale[n + c];
             if (W->bias) v += W->bias[n + c];
             float *dst = y + r * n_out + n + c;
             *dst = epilogue_apply(v, dst, epilogue);
         }
 }
 
-/* rows m0..m1-1 x outputs n0..n1-1 of y = epilogue(x W^T + b): tiles of 4 rows x 3 outputs (12
- * accumulators), edges with smaller tiles; the arithmetic per element is the same in every tile */
-static void block_many(const float *x, const gpt2lab_matrix *W, float *y, int64_t m0, int64_t m1, int64_t n0,
-                       int64_t n1, int64_t n_out, int64_t n_in, int epilogue) {
+/* rows m0..m1-1 x outputs n0..n1-1 of y = epilogue(x W^T + b): tiles of 4 rows x 3 outputs, edges with
+ * smaller tiles; the arithmetic per element is the same in every tile */
+static void block_float(const float *x, const gpt2lab_matrix *W, float *y, int64_t m0, int64_t m1, int64_t n0,
+                        int64_t n1, int64_t n_out, int64_t n_in, int epilogue) {
     int64_t m = m0;
     for (; m + 4 <= m1; m += 4) {
         const float *xm = x + m * n_in;
@@ -186,13 +242,167 @@ static void block_many(const float *x, const gpt2lab_matrix *W, float *y, int64_
     }
 }
 
+/* ---- int8 weights: integer products with int16 activations (see the top) ---- */
+
+/* The int16 copy of a layer input: rows of n_in values and one scale per row (x ~ q * scale). */
+typedef struct {
+    int16_t *q;
+    float *scale;
+} q16_rows;
+
+/* q = round(x * 32767 / max|x|) (ties to even, the default rounding of lrintf and of cvtps2dq, so both
+ * paths agree). A row holding NaN or infinity gets a NaN scale: its outputs are NaN, as fp32's would
+ * be, never finite numbers made from garbage. */
+static void quantize_row_q16(const float *x, int64_t n, int16_t *q, float *scale) {
+    float amax = 0.f;
+    int64_t i = 0;
+#if GPT2LAB_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 vmax = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    for (int l = 0; l < 8; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+#endif
+    int finite = 1;
+    for (int64_t j = 0; j < n; j++) finite &= isfinite(x[j]) != 0; /* max_ps drops NaN: look at every value */
+    for (; i < n; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    if (!finite) {
+        *scale = NAN;
+        memset(q, 0, (size_t)n * sizeof *q);
+        return;
+    }
+    *scale = amax / 32767.f;
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    i = 0;
+#if GPT2LAB_AVX2
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (; i + 16 <= n; i += 16) {
+        const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
+        const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vinv));
+        /* packs works per 128-bit lane: put the 64-bit quarters back in order */
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+        _mm256_storeu_si256((__m256i *)(q + i), packed);
+    }
+#endif
+    for (; i < n; i++) q[i] = (int16_t)lrintf(x[i] * inv);
+}
+
+#if GPT2LAB_AVX2
+static inline int64_t hsum_i32(__m256i v) {
+    const __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                       _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+    const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
+}
+#define Q_W(c) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (c) * n_in + k)))
+#define Q_X(r) _mm256_loadu_si256((const __m256i *)(x + (r) * ldx + k))
+#define Q_MADD(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define Q_CHUNK 2048 /* elements summed in int32 lanes before they go to int64 (see the top) */
+/* 4 rows x 2 outputs over k0..k1 (a multiple of 16, at most Q_CHUNK long), added to out[r * 2 + c] */
+static inline __attribute__((always_inline)) void q16_4x2(const int16_t *x, int64_t ldx, const int8_t *w,
+                                                          int64_t n_in, int64_t k0, int64_t k1, int64_t *out) {
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t k = k0; k < k1; k += 16) {
+        if ((k & 63) == 0) { PREFETCH(w + 4 * n_in + k); PREFETCH(w + 5 * n_in + k); }
+        const __m256i w0 = Q_W(0), w1 = Q_W(1);
+        __m256i xv = Q_X(0);
+        Q_MADD(a00, w0, xv); Q_MADD(a01, w1, xv);
+        xv = Q_X(1);
+        Q_MADD(a10, w0, xv); Q_MADD(a11, w1, xv);
+        xv = Q_X(2);
+        Q_MADD(a20, w0, xv); Q_MADD(a21, w1, xv);
+        xv = Q_X(3);
+        Q_MADD(a30, w0, xv); Q_MADD(a31, w1, xv);
+    }
+    out[0] += hsum_i32(a00); out[1] += hsum_i32(a01); out[2] += hsum_i32(a10); out[3] += hsum_i32(a11);
+    out[4] += hsum_i32(a20); out[5] += hsum_i32(a21); out[6] += hsum_i32(a30); out[7] += hsum_i32(a31);
+}
+/* 1 row x 8 outputs over k0..k1, the next eight weight rows prefetched */
+static inline __attribute__((always_inline)) void q16_1x8(const int16_t *x, const int8_t *w, int64_t n_in,
+                                                          int64_t k0, int64_t k1, int64_t *out) {
+    const int64_t ldx = 0;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t k = k0; k < k1; k += 16) {
+        if ((k & 63) == 0)
+            for (int c = 8; c < 16; c++) PREFETCH(w + c * n_in + k);
+        const __m256i xv = Q_X(0);
+        Q_MADD(a0, Q_W(0), xv); Q_MADD(a1, Q_W(1), xv); Q_MADD(a2, Q_W(2), xv); Q_MADD(a3, Q_W(3), xv);
+        Q_MADD(a4, Q_W(4), xv); Q_MADD(a5, Q_W(5), xv); Q_MADD(a6, Q_W(6), xv); Q_MADD(a7, Q_W(7), xv);
+    }
+    out[0] += hsum_i32(a0); out[1] += hsum_i32(a1); out[2] += hsum_i32(a2); out[3] += hsum_i32(a3);
+    out[4] += hsum_i32(a4); out[5] += hsum_i32(a5); out[6] += hsum_i32(a6); out[7] += hsum_i32(a7);
+}
+#endif
+
+/* out[r * C + c] = sum_k x[r][k] * w[c][k], exactly, for R rows x C outputs. Always inlined with
+ * constant R and C: 4 x 2 and 1 x 8 take the register tiles, anything else (the edges, a CPU without
+ * AVX2) plain integers, with the same result. */
+static inline __attribute__((always_inline)) void tile_q16(const int16_t *x, int64_t ldx, const int8_t *w,
+                                                           int64_t n_in, int R, int C, int64_t *out) {
+    for (int i = 0; i < R * C; i++) out[i] = 0;
+    int64_t k16 = 0;
+#if GPT2LAB_AVX2
+    if ((R == 4 && C == 2) || (R == 1 && C == 8)) {
+        k16 = n_in & ~(int64_t)15;
+        for (int64_t k0 = 0; k0 < k16; k0 += Q_CHUNK) {
+            const int64_t k1 = k0 + Q_CHUNK < k16 ? k0 + Q_CHUNK : k16;
+            if (R == 4) q16_4x2(x, ldx, w, n_in, k0, k1, out);
+            else q16_1x8(x, w, n_in, k0, k1, out);
+        }
+    }
+#endif
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            int64_t sum = 0;
+            for (int64_t k = k16; k < n_in; k++) sum += (int32_t)x[r * ldx + k] * w[c * n_in + k];
+            out[r * C + c] += sum;
+        }
+}
+
+static inline __attribute__((always_inline)) void tile_q16_store(const q16_rows *xq, int64_t m, const gpt2lab_matrix *W,
+                                                                 int64_t n_in, int64_t n_out, int64_t n, float *y,
+                                                                 int R, int C, int epilogue) {
+    int64_t out[8];
+    tile_q16(xq->q + m * n_in, n_in, (const int8_t *)W->w + n * n_in, n_in, R, C, out);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float v = (float)((double)out[r * C + c] * ((double)xq->scale[m + r] * (double)W->scale[n + c]));
+            if (W->bias) v += W->bias[n + c];
+            float *dst = y + (m + r) * n_out + n + c;
+            *dst = epilogue_apply(v, dst, epilogue);
+        }
+}
+
+/* rows m0..m1-1 x outputs n0..n1-1 of y = epilogue(x W^T + b) for int8 W, from x's int16 copy */
+static void block_q16(const q16_rows *xq, const gpt2lab_matrix *W, float *y, int64_t m0, int64_t m1, int64_t n0,
+                      int64_t n1, int64_t n_out, int64_t n_in, int epilogue) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) {
+        int64_t n = n0;
+        for (; n + 2 <= n1; n += 2) tile_q16_store(xq, m, W, n_in, n_out, n, y, 4, 2, epilogue);
+        for (; n < n1; n++) tile_q16_store(xq, m, W, n_in, n_out, n, y, 4, 1, epilogue);
+    }
+    for (; m < m1; m++) {
+        int64_t n = n0;
+        for (; n + 8 <= n1; n += 8) tile_q16_store(xq, m, W, n_in, n_out, n, y, 1, 8, epilogue);
+        for (; n < n1; n++) tile_q16_store(xq, m, W, n_in, n_out, n, y, 1, 1, epilogue);
+    }
+}
+
 /* y[n_rows, n_out] = epilogue(x[n_rows, n_in] W^T + b), called inside a parallel region: the team
  * splits the outputs into column blocks small enough to stay in L2 while every row passes over them
  * (rows go in chunks of 64, so x stays in cache too). One row: blocks of 8 outputs, eight weight
- * streams in flight per thread. */
+ * streams in flight per thread. For int8 W the rows are first quantized to xq (scratch of n_rows *
+ * n_in), unless `quantized` says xq holds them already. */
 static void team_linear(const float *x, const gpt2lab_matrix *W, float *y, int64_t n_rows, int64_t n_out,
-                        int64_t n_in, int epilogue) {
-    const int64_t elem = W->kind == KIND_Q8 ? 1 : W->kind == KIND_BF16 ? 2 : 4;
+                        int64_t n_in, int epilogue, const q16_rows *xq, int quantized) {
+    const int q8 = W->kind == KIND_Q8;
+    if (q8 && !quantized) {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < n_rows; m++) quantize_row_q16(x + m * n_in, n_in, xq->q + m * n_in, xq->scale + m);
+    }
+    const int64_t elem = q8 ? 1 : W->kind == KIND_BF16 ? 2 : 4;
     int64_t nb = n_rows == 1 ? 8 : (int64_t)(196608 / (n_in * elem)) / 24 * 24;
     if (nb < 24 && n_rows > 1) nb = 24;
     const int64_t n_blocks = (n_out + nb - 1) / nb;
@@ -203,16 +413,19 @@ static void team_linear(const float *x, const gpt2lab_matrix *W, float *y, int64
         for (int64_t blk = 0; blk < n_blocks; blk++) {
             const int64_t n0 = blk * nb, n1 = n0 + nb < n_out ? n0 + nb : n_out;
             const int64_t m0 = rc * row_chunk, m1 = m0 + row_chunk < n_rows ? m0 + row_chunk : n_rows;
-            block_many(x, W, y, m0, m1, n0, n1, n_out, n_in, epilogue);
+            if (q8) block_q16(xq, W, y, m0, m1, n0, n1, n_out, n_in, epilogue);
+            else block_float(x, W, y, m0, m1, n0, n1, n_out, n_in, epilogue);
         }
 }
 
-/* F.linear(x, W, b) for x [n_rows, n_in] -> y [n_rows, n_out]; W of any kind (see gpt2lab_matrix) */
+/* F.linear(x, W, b) for x [n_rows, n_in] -> y [n_rows, n_out]; W of any kind (see gpt2lab_matrix).
+ * xq_scratch: n_rows * n_in int16 and xs_scratch n_rows floats when W is int8 (else unused). */
 void gpt2lab_linear(const float *x, const gpt2lab_matrix *W_in, float *y, int64_t n_rows, int64_t n_out,
-                    int64_t n_in, int n_threads) {
+                    int64_t n_in, int16_t *xq_scratch, float *xs_scratch, int n_threads) {
     const gpt2lab_matrix W = *W_in;
+    const q16_rows xq = {xq_scratch, xs_scratch};
 #pragma omp parallel num_threads(n_threads)
-    team_linear(x, &W, y, n_rows, n_out, n_in, EPILOGUE_NONE);
+    team_linear(x, &W, y, n_rows, n_out, n_in, EPILOGUE_NONE, &xq, 0);
 }
 
 
@@ -253,14 +466,16 @@ typedef struct {
 /* logits [n_logits, vocab] for tokens t = logit_tokens[i], after writing every token's keys and values
  * into the cache (token t at positions[t] of cache row cache_rows[t]). wte: the embedding, of any
  * kind (int8: its scale per row); head: the LM head (no bias). Scratch: x and h of n_tok * n_embd floats, big of
- * n_tok * max(3 * n_embd, n_inner), hl of n_logits * n_embd, scores of n_threads * max_seq. */
+ * n_tok * max(3 * n_embd, n_inner), hl of n_logits * n_embd, scores of n_threads * max_seq; for int8
+ * weights xq of n_tok * max(n_embd, n_inner) int16 and xs of n_tok floats (else unused). */
 void gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_matrix *wte, const float *wpe,
                      const float *ln_f_w, const float *ln_f_b, const gpt2lab_matrix *head, const int64_t *tokens,
                      const int64_t *positions, const int64_t *cache_rows, int64_t n_tok, const int64_t *logit_tokens,
                      int64_t n_logits, int64_t n_embd, int64_t n_head, int64_t n_inner, int64_t vocab, int64_t max_seq,
                      float eps, int64_t activation, float *x, float *h, float *big, float *hl, float *scores_all,
-                     float *logits, int n_threads) {
+                     int16_t *xq_scratch, float *xs_scratch, float *logits, int n_threads) {
     const int64_t C = n_embd, D = n_embd / n_head;
+    const q16_rows xq = {xq_scratch, xs_scratch};
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(static)
@@ -280,9 +495,13 @@ void gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab
         }
         for (int64_t l = 0; l < n_layer; l++) {
             const gpt2lab_layer *L = &layers[l];
+            const int q_attn = L->attn.kind == KIND_Q8, q_fc = L->fc.kind == KIND_Q8;
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < n_tok; t++) layer_norm(x + t * C, L->ln_1_w, L->ln_1_b, h + t * C, C, eps);
-            team_linear(h, &L->attn, big, n_tok, 3 * C, C, EPILOGUE_NONE); /* [q | k | v] rows */
+            for (int64_t t = 0; t < n_tok; t++) { /* an int8 product's input is quantized here, saving a barrier */
+                layer_norm(x + t * C, L->ln_1_w, L->ln_1_b, h + t * C, C, eps);
+                if (q_attn) quantize_row_q16(h + t * C, C, xq.q + t * C, xq.scale + t);
+            }
+            team_linear(h, &L->attn, big, n_tok, 3 * C, C, EPILOGUE_NONE, &xq, q_attn); /* [q | k | v] rows */
 #pragma omp for schedule(static)
             for (int64_t th = 0; th < n_tok * n_head; th++) { /* keys and values of every token first */
                 const int64_t t = th / n_head, hd = th % n_head, pos = positions[t];
@@ -315,15 +534,18 @@ void gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab
                     for (int64_t d = 0; d < D; d++) out[d] = fmaf(weight, vs[d], out[d]);
                 }
             }
-            team_linear(h, &L->attn_proj, x, n_tok, C, C, EPILOGUE_ADD);
+            team_linear(h, &L->attn_proj, x, n_tok, C, C, EPILOGUE_ADD, &xq, 0);
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < n_tok; t++) layer_norm(x + t * C, L->ln_2_w, L->ln_2_b, h + t * C, C, eps);
-            team_linear(h, &L->fc, big, n_tok, n_inner, C, (int)activation);
-            team_linear(big, &L->mlp_proj, x, n_tok, C, n_inner, EPILOGUE_ADD);
+            for (int64_t t = 0; t < n_tok; t++) {
+                layer_norm(x + t * C, L->ln_2_w, L->ln_2_b, h + t * C, C, eps);
+                if (q_fc) quantize_row_q16(h + t * C, C, xq.q + t * C, xq.scale + t);
+            }
+            team_linear(h, &L->fc, big, n_tok, n_inner, C, (int)activation, &xq, q_fc);
+            team_linear(big, &L->mlp_proj, x, n_tok, C, n_inner, EPILOGUE_ADD, &xq, 0);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n_logits; i++)
             layer_norm(x + logit_tokens[i] * C, ln_f_w, ln_f_b, hl + i * C, C, eps);
-        team_linear(hl, head, logits, n_logits, vocab, C, EPILOGUE_NONE);
+        team_linear(hl, head, logits, n_logits, vocab, C, EPILOGUE_NONE, &xq, 0);
     }
 }

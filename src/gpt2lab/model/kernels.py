@@ -70,10 +70,10 @@ class Layer(ctypes.Structure):
 
 
 _SIGNATURES = {
-    "gpt2lab_linear": [_ptr, ctypes.POINTER(Matrix), _ptr, _i64, _i64, _i64, ctypes.c_int],
+    "gpt2lab_linear": [_ptr, ctypes.POINTER(Matrix), _ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int],
     "gpt2lab_forward": [ctypes.POINTER(Layer), _i64, ctypes.POINTER(Matrix), _ptr, _ptr, _ptr,
                         ctypes.POINTER(Matrix), _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                        ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
+                        ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
 }
 _library: ctypes.CDLL | None = None
 _loaded = False
@@ -183,8 +183,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """
     n_out, n_in = weight.shape
     x = x.contiguous()
+    n_rows = x.numel() // n_in
     y = torch.empty(*x.shape[:-1], n_out)
     matrix = Matrix.of(weight, bias, scale)
-    _library.gpt2lab_linear(x.data_ptr(), ctypes.byref(matrix), y.data_ptr(), x.numel() // n_in, n_out, n_in,
+    # int8 weights: the kernel quantizes x's rows to int16 here (see kernels.c)
+    xq, xs = (torch.empty(n_rows, n_in, dtype=torch.int16), torch.empty(n_rows)) if scale is not None else (None, None)
+    _library.gpt2lab_linear(x.data_ptr(), ctypes.byref(matrix), y.data_ptr(), n_rows, n_out, n_in,
+                            None if xq is None else xq.data_ptr(), None if xs is None else xs.data_ptr(),
                             torch.get_num_threads())
     return y

@@ -2,13 +2,14 @@
 
 ``quantization="int8"`` (vLLM's option name): every block projection, the token embedding and the LM
 head (tied or not) hold int8 weights with one symmetric fp32 scale per output row (per channel;
-``w ≈ q * scale``, ``scale = max|w_row| / 127``); activations and arithmetic stay fp32. A decode
-step of GPT-2 124M reads about 130 MB instead of 500 MB. ``quantization="bf16"``: the same modules
+``w ≈ q * scale``, ``scale = max|w_row| / 127``). Their products run on integers: each input row is
+quantized to int16 with one scale (``max|x| / 32767``) and the int8 x int16 products are summed exactly
+(:func:`int8_linear`; why in ``kernels.c``). A decode step of GPT-2 124M reads about 130 MB instead of 500 MB. ``quantization="bf16"``: the same modules
 store bfloat16 weights (16-bit storage, fp32 arithmetic: AVX2 has no bf16 math).
 
 The quantized modules run through gpt2lab's C kernels (``kernels.linear``, and the whole cached
-forward through ``fast.KernelRunner``); without the kernels they dequantize on the fly through
-PyTorch (same results up to fp32 rounding, slower). A quantized model is inference-only:
+forward through ``fast.KernelRunner``); without the kernels, on CPU, :func:`int8_linear` computes the same
+numbers bit for bit with PyTorch (slower), and on other devices they dequantize on the fly. A quantized model is inference-only:
 ``model.train()`` raises :class:`InferenceOnlyError`.
 
 ``state_dict()`` presents the dequantized fp32 weights under ``nn.Linear``'s names, so
@@ -110,7 +111,8 @@ class QuantizedLinear(_Quantized):
     """An inference-only ``nn.Linear`` with int8 (per-output-channel scales) or bf16 weights.
 
     ``forward`` runs gpt2lab's kernel for any number of rows, each reduced in a fixed order (the same
-    result alone or in a batch); without the kernels, PyTorch on the dequantized weight.
+    result alone or in a batch); without the kernels, :func:`int8_linear` (the same numbers) or, for bf16
+    and off the CPU, PyTorch on the dequantized weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quantization: str) -> None:
@@ -142,6 +144,8 @@ class QuantizedLinear(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernels_read(x):
             return kernels.linear(x, self.weight, self.bias, self.scales)
+        if self.scales is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            return int8_linear(x, self.weight, self.scales, self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -180,10 +184,34 @@ class QuantizedEmbedding(_Quantized):
         """Logits ``x @ W.T`` (``x [..., C]`` -> ``[..., V]``)."""
         if self._kernels_read(x):
             return kernels.linear(x, self.weight, None, self.scales)
+        if self.scales is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            return int8_linear(x, self.weight, self.scales)
         return F.linear(x, self.dequantized().to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, quantization={self.quantization}"
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x W^T + b`` for int8 ``W = weight * scales[:, None]``, computed as gpt2lab's C kernel does, bit
+    for bit: each row of ``x`` quantized to int16 (``q = round(x * 32767 / max|x|)``, ties to even, scale
+    ``max|x| / 32767``; a row with NaN or infinity gives NaN outputs), the products summed exactly (in
+    float64, exact for integers below 2**53: ``n_in`` up to 2**21), times ``x_scale * w_scale`` in
+    float64, rounded once to fp32, plus the bias.
+
+    ``x [..., n_in]`` fp32, ``weight [n_out, n_in]`` int8, ``scales [n_out]`` and ``bias [n_out]`` fp32, on the
+    CPU; returns ``[..., n_out]`` fp32. The kernels' PyTorch twin, used where they are unavailable.
+    """
+    amax = x.abs().amax(-1, keepdim=True)
+    finite = torch.isfinite(x).all(-1, keepdim=True)
+    # fp32 divisions of two tensors, as the C code's (a Python number on the left would take a reciprocal)
+    inv = torch.where(amax > 0, torch.full_like(amax, 32767.0) / amax, torch.zeros_like(amax))
+    q = torch.round(torch.where(finite, x, torch.zeros_like(x)) * inv)  # exactly the kernel's int16 values
+    x_scale = torch.where(finite, amax / torch.full_like(amax, 32767.0), torch.full_like(amax, float("nan")))
+    sums = q.double() @ weight.double().T
+    y = (sums * (x_scale.double() * scales.double())).float()
+    return y + bias if bias is not None else y
 
 
 def _targets(model: GPT2) -> list[tuple[nn.Module, str]]:
