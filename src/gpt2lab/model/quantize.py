@@ -1,16 +1,16 @@
 """Weight-only quantization of :class:`GPT2`, as a swap of modules (gpt-fast's ``WeightOnlyInt8Linear``).
 
-``quantization="int8"`` (vLLM's option name): every block projection, the token embedding and the LM
-head (tied or not) hold int8 weights with one symmetric fp32 scale per output row (per channel;
-``w ≈ q * scale``, ``scale = max|w_row| / 127``). Their products run on integers: each input row is
-quantized to int16 with one scale (``max|x| / 32767``) and the int8 x int16 products are summed exactly
-(:func:`int8_linear`; why in ``kernels.c``). A decode step of GPT-2 124M reads about 130 MB instead of 500 MB. ``quantization="bf16"``: the same modules
-store bfloat16 weights (16-bit storage, fp32 arithmetic: AVX2 has no bf16 math).
+``quantization="int8"`` (vLLM's option name): every block projection, the token embedding and the LM head
+(tied or not) hold int8 weights with one symmetric fp32 scale per output row (per channel; ``w ≈ q * scale``,
+``scale = max|w_row| / 127``). Their products run on integers: each input row is quantized to int16 with one
+scale (``max|x| / 32767``) and the int8 x int16 products are summed exactly (:func:`int8_linear`; why in
+``kernels.c``). A decode step of GPT-2 124M reads about 130 MB instead of 500 MB. ``quantization="bf16"``: the
+same modules store bfloat16 weights (16-bit storage, fp32 arithmetic: AVX2 has no bf16 math).
 
-The quantized modules run through gpt2lab's C kernels (``kernels.linear``, and the whole cached
-forward through ``fast.KernelRunner``); without the kernels, on CPU, :func:`int8_linear` computes the same
-numbers bit for bit with PyTorch (slower), and on other devices they dequantize on the fly. A quantized model is inference-only:
-``model.train()`` raises :class:`InferenceOnlyError`.
+The quantized modules run through gpt2lab's C kernels (``kernels.linear``, and the whole cached forward
+through ``fast.KernelRunner``); without the kernels, on CPU, :func:`int8_linear` computes the same numbers bit
+for bit with PyTorch (slower), and on other devices they dequantize on the fly. A quantized model is
+inference-only: ``model.train()`` raises :class:`InferenceOnlyError`.
 
 ``state_dict()`` presents the dequantized fp32 weights under ``nn.Linear``'s names, so
 ``save_model`` writes a Hugging Face checkpoint, and ``load_state_dict`` quantizes fp32 weights as
