@@ -10,8 +10,8 @@ for the positions that need logits. Nothing has to be switched on: ``gpt2lab.loa
 The kernels read the model's own parameters in place (no packed or transposed copy), so the same
 model trains: in training mode or when autograd needs gradients the runner is not used, an
 optimizer step writes the tensors the kernels read, and a runner is rebuilt whenever a parameter is
-replaced (``load_state_dict(assign=True)``, ``.to()``), keyed on the identity and address of every
-tensor it reads.
+replaced (``load_state_dict(assign=True)``, ``.to()``, a swapped module), found by a cheap check of the
+identity and address of every tensor it reads before each forward.
 
 Batch invariance: the kernels compute every token's row with the same arithmetic, in the same order,
 whatever the other rows of the batch are (see ``kernels.c``), and attention per token over its own
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .gpt2 import GPT2
+from .gpt2 import GPT2, KVCache
 
 
 def _block_linears(block: nn.Module) -> list[nn.Module]:
@@ -79,14 +79,14 @@ def _shapes_match(model: GPT2) -> bool:
 class KernelRunner:
     """A cached forward of any tokens (a prefill, a decode step, ragged rows) as a single call of the C
     kernel ``gpt2lab_forward``, the same arithmetic as :meth:`GPT2.forward` with the KV cache.
-    Made by :func:`inference_runner`; holds the addresses of the model's weights (``key`` says which
-    tensors) and of the KV cache (taken again whenever ``setup_cache`` allocates a new one).
+    Made by :func:`inference_runner`, which drops it when the model's tensors change (:class:`_WeightsWatch`);
+    holds the addresses of the model's weights and of the KV cache (taken again whenever ``setup_cache``
+    allocates a new one).
     """
 
     def __init__(self, model: GPT2) -> None:
         cfg = model.config
         self.config, self.model = cfg, model
-        self.key = weights_key(model)
         self.layers = (kernels.Layer * cfg.n_layer)()
         self.tensors: list[torch.Tensor] = []  # keeps every bound address valid
         self.wte, held = _matrix(model.wte)
@@ -183,14 +183,34 @@ class KernelRunner:
         return logits if logits_index is not None else logits.view(B, T, cfg.vocab_size)
 
 
-def weights_key(model: GPT2) -> tuple:
-    """Which tensors a runner reads: the identity and address of every parameter and buffer it binds.
+class _WeightsWatch:
+    """Whether the tensors a runner reads are still the model's, checked in tens of microseconds (it runs
+    before every forward; walking ``model.parameters()`` took about 2 ms, a quarter of an int8 decode step).
 
-    The kernels read the tensors in place, so writes into them (an optimizer step, a
-    ``load_state_dict`` that copies) need nothing; a replaced tensor changes the key.
+    It remembers every module's parameter, buffer and submodule tables with their entries and sizes, and
+    every tensor's address. A replaced parameter or submodule (``load_state_dict(assign=True)``,
+    ``model.wte = ...``), an added one, or a tensor whose storage moved (``.to()``, ``param.data = ...``)
+    makes it stale; writes into the tensors (an optimizer step, a copying ``load_state_dict``) do not,
+    since the kernels read them in place. KV caches are left out: ``setup_cache`` replaces them freely.
     """
-    tensors = [*model.parameters(), *(t for name, t in model.named_buffers() if ".kv_cache." not in name)]
-    return tuple((id(t), t.data_ptr()) for t in tensors)
+
+    def __init__(self, model: GPT2) -> None:
+        self.entries: list[tuple[dict, str, object]] = []
+        self.sizes: list[tuple[dict, int]] = []
+        self.tensors: list[tuple[torch.Tensor, int]] = []
+        for module in model.modules():
+            if isinstance(module, KVCache):
+                continue
+            for table in (module._parameters, module._buffers, module._modules):
+                kept = {name: v for name, v in table.items() if name != "kv_cache"}
+                self.sizes.append((table, len(table)))
+                self.entries += [(table, name, v) for name, v in kept.items()]
+                self.tensors += [(v, v.data_ptr()) for v in kept.values() if isinstance(v, torch.Tensor)]
+
+    def fresh(self) -> bool:
+        return (all(len(table) == n for table, n in self.sizes)
+                and all(table.get(name) is v for table, name, v in self.entries)
+                and all(t.data_ptr() == ptr for t, ptr in self.tensors))
 
 
 def inference_runner(model: GPT2) -> KernelRunner | None:
@@ -202,12 +222,12 @@ def inference_runner(model: GPT2) -> KernelRunner | None:
     """
     if model.training or torch.is_grad_enabled() or not kernels.available():
         return None
-    key = weights_key(model)
     cached = model.__dict__.get("_runner")
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0].fresh():
         return cached[1]
+    watch = _WeightsWatch(model)
     runner = KernelRunner(model) if KernelRunner.supports(model) else None
-    model.__dict__["_runner"] = (key, runner)  # not a submodule: kept out of state_dict and .modules()
+    model.__dict__["_runner"] = (watch, runner)  # not a submodule: kept out of state_dict and .modules()
     return runner
 
 

@@ -150,19 +150,20 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
 }
 
 #if GPT2LAB_AVX2
-#define F_W(c) _mm256_loadu_ps(w + (c) * n_in + k)
+#define F_W(c) w_load(w_row(w, c, n_in, kind), k, kind)
 #define F_X(r) _mm256_loadu_ps(x + (r) * ldx + k)
 #define F_FMA(acc, a, b) acc = _mm256_fmadd_ps(a, b, acc)
-/* 4 rows x 3 outputs (12 accumulators, 3 weights and 1 input: the 16 ymm registers); prefetches the
- * next tile's weight rows */
-static inline __attribute__((always_inline)) void f32_4x3(const float *x, int64_t ldx, const float *w, int64_t n_in,
-                                                          float *out) {
+#define F_PREFETCH(c) PREFETCH((const char *)w_row(w, c, n_in, kind) + k * (kind == KIND_BF16 ? 2 : 4))
+/* 4 rows x 3 outputs (12 accumulators, 3 weights and 1 input: the 16 ymm registers), fp32 or bf16
+ * weights; prefetches the next tile's weight rows */
+static inline __attribute__((always_inline)) void float_4x3(const float *x, int64_t ldx, const void *w, int64_t n_in,
+                                                            int kind, float *out) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
     const int64_t k8 = n_in & ~(int64_t)7;
     for (int64_t k = 0; k < k8; k += 8) {
         if ((k & 15) == 0)
-            for (int c = 3; c < 6; c++) PREFETCH(w + c * n_in + k);
+            for (int c = 3; c < 6; c++) F_PREFETCH(c);
         const __m256 w0 = F_W(0), w1 = F_W(1), w2 = F_W(2);
         __m256 xv = F_X(0);
         F_FMA(a00, w0, xv); F_FMA(a01, w1, xv); F_FMA(a02, w2, xv);
@@ -175,22 +176,24 @@ static inline __attribute__((always_inline)) void f32_4x3(const float *x, int64_
     }
     const __m256 acc[12] = {a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32};
     for (int r = 0; r < 4; r++)
-        for (int c = 0; c < 3; c++) out[r * 3 + c] = finish(acc[r * 3 + c], w + c * n_in, x + r * ldx, k8, n_in, KIND_F32);
+        for (int c = 0; c < 3; c++)
+            out[r * 3 + c] = finish(acc[r * 3 + c], w_row(w, c, n_in, kind), x + r * ldx, k8, n_in, kind);
 }
 /* 1 row x 8 outputs: eight weight streams, the next eight rows prefetched */
-static inline __attribute__((always_inline)) void f32_1x8(const float *x, const float *w, int64_t n_in, float *out) {
+static inline __attribute__((always_inline)) void float_1x8(const float *x, const void *w, int64_t n_in, int kind,
+                                                            float *out) {
     const int64_t ldx = 0;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     const int64_t k8 = n_in & ~(int64_t)7;
     for (int64_t k = 0; k < k8; k += 8) {
         if ((k & 15) == 0)
-            for (int c = 8; c < 16; c++) PREFETCH(w + c * n_in + k);
+            for (int c = 8; c < 16; c++) F_PREFETCH(c);
         const __m256 xv = F_X(0);
         F_FMA(a0, F_W(0), xv); F_FMA(a1, F_W(1), xv); F_FMA(a2, F_W(2), xv); F_FMA(a3, F_W(3), xv);
         F_FMA(a4, F_W(4), xv); F_FMA(a5, F_W(5), xv); F_FMA(a6, F_W(6), xv); F_FMA(a7, F_W(7), xv);
     }
     const __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-    for (int c = 0; c < 8; c++) out[c] = finish(acc[c], w + c * n_in, x, k8, n_in, KIND_F32);
+    for (int c = 0; c < 8; c++) out[c] = finish(acc[c], w_row(w, c, n_in, kind), x, k8, n_in, kind);
 }
 #endif
 
@@ -199,12 +202,19 @@ static inline __attribute__((always_inline)) void tile_store(const float *x, int
                                                              int64_t n_in, int64_t n_out, int64_t n, float *y,
                                                              int R, int C, int epilogue) {
     float out[16];
-    if (W->kind == KIND_BF16) tile(x, ldx, w_row(W->w, n, n_in, KIND_BF16), n_in, R, C, KIND_BF16, out);
+    const int kind = W->kind == KIND_BF16 ? KIND_BF16 : KIND_F32;
+    const void *w = w_row(W->w, n, n_in, kind);
 #if GPT2LAB_AVX2
-    else if (R == 4 && C == 3) f32_4x3(x, ldx, (const float *)W->w + n * n_in, n_in, out);
-    else if (R == 1 && C == 8) f32_1x8(x, (const float *)W->w + n * n_in, n_in, out);
+    if (R == 4 && C == 3) {
+        if (kind == KIND_BF16) float_4x3(x, ldx, w, n_in, KIND_BF16, out);
+        else float_4x3(x, ldx, w, n_in, KIND_F32, out);
+    } else if (R == 1 && C == 8) {
+        if (kind == KIND_BF16) float_1x8(x, w, n_in, KIND_BF16, out);
+        else float_1x8(x, w, n_in, KIND_F32, out);
+    } else
 #endif
-    else tile(x, ldx, w_row(W->w, n, n_in, KIND_F32), n_in, R, C, KIND_F32, out);
+    if (kind == KIND_BF16) tile(x, ldx, w, n_in, R, C, KIND_BF16, out);
+    else tile(x, ldx, w, n_in, R, C, KIND_F32, out);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             float v = out[r * C + c];
