@@ -14,7 +14,7 @@ import torch
 
 from gpt2lab.checkpoints import load_model
 from gpt2lab.model import inference_runner, kernels
-from gpt2lab.model.quantize import int8_linear
+from gpt2lab.model.quantize import int8_linear, quantize_
 
 from .conftest import make_hf_checkpoint
 
@@ -87,13 +87,18 @@ DECODER_SHAPES = {
 
 
 @needs_kernels
-@pytest.mark.parametrize("quantization", [None, "int8", "bf16"])
+@pytest.mark.parametrize("quantization", [None, "int8", "bf16", "int8-head"])
 @pytest.mark.parametrize("shape", list(DECODER_SHAPES))
 def test_the_kernel_forward_matches_the_torch_forward(shape, quantization, tmp_path):
     """Ragged prefills into different cache rows, then ragged decode steps: the one-call forward equals
-    the model's own PyTorch code (uncached) for fp32, int8 and bf16 weights."""
+    the model's own PyTorch code (uncached) for fp32, int8 and bf16 weights, and with an int8 embedding
+    and LM head too."""
     ckpt = make_hf_checkpoint(tmp_path, seed=3, **DECODER_SHAPES[shape])
-    model = load_model(ckpt, quantization=quantization)
+    if quantization == "int8-head":
+        model = quantize_(load_model(ckpt), "int8", lm_head="int8")
+        assert model.wte.weight.dtype == torch.int8
+    else:
+        model = load_model(ckpt, quantization=quantization)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (3, 40), generator=torch.Generator().manual_seed(0))
     lens = [20, 27, 33]
