@@ -1,6 +1,6 @@
 """Start-up time of ``gpt2lab generate`` against ``python -c "import torch"`` (issue 18, item 1).
 
-    PYTHONPATH=src python benchmarks/startup.py                    # 5 alternating rounds, a few tokens
+    PYTHONPATH=src python benchmarks/startup.py                  # 5 alternating rounds, 8 tokens, ~1 minute
     PYTHONPATH=src python benchmarks/startup.py --repeats 9 --model shakespeare-gpt2   # a named model
 
 The bar: the first run of ``gpt2lab generate`` (C kernels already compiled and cached) takes at most 0.6 s
@@ -13,15 +13,21 @@ turn (a burst of load elsewhere hits all alike); best and median count. Commands
 - ``python -m gpt2lab generate``: the same through ``-m``.
 
 The generate commands run ``PROMPT`` with ``--max-new-tokens`` tokens and ``--seed 0`` with
-``HF_HUB_OFFLINE=1``, so nothing touches the network: on the command's default model (gpt2 when it is in the
-Hugging Face cache, else the bundled model) unless ``--model`` names one. One untimed run of
-each comes first: it compiles the kernels if they are not cached yet and warms the page cache.
+``HF_HUB_OFFLINE=1``, so nothing touches the network: on the command's default model (gpt2 when it is in
+the Hugging Face cache, else the bundled model) unless ``--model`` names one. One untimed run of each
+comes first: it compiles the kernels if they are not cached yet and warms the page cache.
+
+Other processes distort this badly: torch runs its operators and gpt2lab's kernels on one OpenMP thread
+per core, and a core that another process holds stalls every parallel region. So each run also records
+how many cores' worth of CPU the rest of the machine used meanwhile (Linux: ``/proc/stat`` minus the
+run's own CPU time), and the table is printed once for every run and once for the quiet runs only.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,6 +36,7 @@ import time
 from pathlib import Path
 
 PROMPT = "The quick brown fox"
+QUIET = 0.15  # a run is quiet when other processes used less than this many cores meanwhile
 
 
 def commands(model: str | None, max_new_tokens: int) -> dict[str, list[str]]:
@@ -48,14 +55,42 @@ def commands(model: str | None, max_new_tokens: int) -> dict[str, list[str]]:
     }
 
 
-def run_once(argv: list[str], env: dict[str, str]) -> float:
-    """Wall seconds of one run of ``argv``; raises if it fails."""
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``), None where unknown."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float | None]:
+    """``(wall seconds, cores used by other processes meanwhile)`` of one run of ``argv``; exits if it fails."""
+    before, busy_before = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_seconds()
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
+    after, busy_after = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_seconds()
     if proc.returncode:
         raise SystemExit(f"{' '.join(argv)} failed with exit status {proc.returncode}:\n{proc.stderr}")
-    return seconds
+    if busy_before is None or busy_after is None:
+        return seconds, None
+    own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, max(0.0, busy_after - busy_before - own) / seconds
+
+
+def print_table(times: dict[str, list[float]]) -> None:
+    floor = times["import torch"]
+    print(f"  {'command':40} {'runs':>4} {'best s':>7} {'median s':>9} {'- torch best':>13} {'- torch median':>15}")
+    for label, seconds in times.items():
+        if not seconds or not floor:
+            print(f"  {label:40} {len(seconds):4}")
+            continue
+        best, median = min(seconds), statistics.median(seconds)
+        print(f"  {label:40} {len(seconds):4} {best:7.3f} {median:9.3f} {best - min(floor):+13.3f} "
+              f"{median - statistics.median(floor):+15.3f}")
 
 
 def main() -> None:
@@ -70,18 +105,20 @@ def main() -> None:
     cmds = commands(args.model, args.max_new_tokens)
     for argv in cmds.values():  # untimed: kernels compiled and cached, files in the page cache
         run_once(argv, env)
-    times: dict[str, list[float]] = {label: [] for label in cmds}
+    runs: dict[str, list[tuple[float, float | None]]] = {label: [] for label in cmds}
     for _ in range(args.repeats):
         for label, argv in cmds.items():
-            times[label].append(run_once(argv, env))
+            runs[label].append(run_once(argv, env))
 
-    floor_best, floor_median = min(times["import torch"]), statistics.median(times["import torch"])
-    print(f"{args.repeats} alternating rounds, {args.max_new_tokens} new tokens, model {args.model or '(default)'}, "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'command':40} {'best s':>7} {'median s':>9} {'- torch best':>13} {'- torch median':>15}")
-    for label, seconds in times.items():
-        best, median = min(seconds), statistics.median(seconds)
-        print(f"{label:40} {best:7.3f} {median:9.3f} {best - floor_best:+13.3f} {median - floor_median:+15.3f}")
+    print(f"{args.repeats} alternating rounds, {args.max_new_tokens} new tokens, model "
+          f"{args.model or '(default)'}, {os.cpu_count()} CPUs")
+    print("all runs:")
+    print_table({label: [s for s, _ in r] for label, r in runs.items()})
+    others = [o for r in runs.values() for _, o in r if o is not None]
+    if others:
+        print(f"other processes used {statistics.mean(others):.2f} cores on average during the runs "
+              f"(max {max(others):.2f}); quiet runs only (under {QUIET} cores):")
+        print_table({label: [s for s, o in r if o is not None and o < QUIET] for label, r in runs.items()})
     print("bar (issue 18): gpt2lab generate at most +0.600 s over import torch")
 
 
