@@ -6,8 +6,10 @@
 
 Models: randomly initialised GPT-2 124M and a GPT-2 medium-shaped 355M (``transformers.GPT2Config``
 defaults / 24 layers x 1024), saved by transformers in Hugging Face layout under
-``~/.cache/gpt2lab/bench/`` on first use. Every contender samples ``--new-tokens`` tokens with top_k=50
-from 16-token prompts (EOS ignored, so every row makes them all), fp32 activations, ``--threads`` threads.
+``~/.cache/gpt2lab/bench/`` on first use. Every contender samples ``--new-tokens`` tokens with top_k=50 at
+temperature 1 (top_p, min_p and every penalty off) from 16-token prompts (EOS ignored, so every row makes them
+all), fp32 activations (the int8 formats of CTranslate2 and llama.cpp quantize them on the fly for their integer
+products, as they always do), ``--threads`` threads. Only generation is timed (prefill and decode, not loading).
 Runs alternate between the contenders (a burst of load elsewhere hits all alike); best and median count.
 
 Contenders (each skipped with a note when its package is missing):
@@ -16,24 +18,35 @@ Contenders (each skipped with a note when its package is missing):
 - ``transformers``: ``GPT2LMHeadModel.generate`` (124M only: it is the slow reference);
 - ``ct2``, ``ct2-int8``: CTranslate2 ``float32`` / ``int8_float32`` (``pip install ctranslate2``), converted with
   ``TransformersConverter``, ``Generator.generate_batch(..., sampling_topk=50)``;
-- ``llama-f32``, ``llama-q8``: llama.cpp through ``llama-cpp-python`` at batch 1 (``Llama.generate``), on GGUF files
-  converted by llama.cpp's ``convert_hf_to_gguf.py`` (``--outtype f32`` / ``q8_0``): pass ``--gguf-dir DIR`` holding
-  ``<model>-f32.gguf`` and ``<model>-q8_0.gguf`` (e.g. ``gpt2-124m-random-q8_0.gguf``), or ``--convert-script PATH``
-  to convert them here (``pip install gguf``).
+- ``llama-f32``, ``llama-q8``: llama.cpp through ``llama-cpp-python`` at batch 1 (``Llama.generate``, fp32 KV cache,
+  an empty context for each run), on GGUF files made by llama.cpp's ``convert_hf_to_gguf.py`` (``--outtype f32`` /
+  ``q8_0``): read from ``--gguf-dir DIR`` (default: next to the checkpoints) as ``<model>-f32.gguf`` and
+  ``<model>-q8_0.gguf`` (e.g. ``gpt2-124m-random-q8_0.gguf``), or converted there once with ``--convert-script
+  PATH`` (default: ``convert_hf_to_gguf.py`` on PATH). Both come in llama-cpp-python's source distribution;
+  the build takes about 10 minutes on 2 cores, and the converter also needs ``pip install mistral-common``::
 
-Printed per model and batch: tokens/s best (median) per contender, the ratios the issue's bars name, and at
-batch 1 the fraction of the memory-bandwidth limit reached (a decode step streams every weight once: the
-measured bandwidth divided by the bytes of weights per token, int8 and fp32).
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.16 -d /tmp/lcp
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install /tmp/lcp/llama_cpp_python-0.3.16.tar.gz
+    tar xzf /tmp/lcp/llama_cpp_python-0.3.16.tar.gz -C /tmp/lcp
+    PYTHONPATH=src python benchmarks/generate.py \\
+        --convert-script /tmp/lcp/llama_cpp_python-0.3.16/vendor/llama.cpp/convert_hf_to_gguf.py
+
+Printed per model and batch: tokens/s best (median) per contender, the ratios the issue's bars name (each
+with its bar, met or MISSED), and at batch 1 the fraction of the memory-bandwidth limit reached (a decode step
+streams every weight once: the measured bandwidth divided by the bytes of weights per token, int8 and fp32).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,26 +174,58 @@ def ct2_runner(directory: Path, compute_type: str, threads: int):
     return run
 
 
+def convert_to_gguf(directory: Path, outtype: str, script: Path, out: Path) -> None:
+    """Write ``out``, the HF GPT-2 folder ``directory`` in GGUF ``outtype`` (``f32``, ``q8_0``), with llama.cpp's
+    ``convert_hf_to_gguf.py`` at ``script`` (it needs ``transformers``, ``torch`` and ``mistral-common``).
+
+    The converter reads GPT-2's context length from ``config.json``'s ``n_ctx``, which transformers 5 no longer
+    writes (it keeps ``n_positions``): it runs on a staging folder of links to the checkpoint's files with a
+    config that has ``n_ctx`` added; the checkpoint is never touched. ``out`` appears only once complete.
+    Raises SkipContender naming the converter's last error line if it fails.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp:
+        staged = Path(tmp) / "hf"
+        staged.mkdir()
+        for f in directory.iterdir():
+            if f.is_file() and f.name != "config.json":
+                (staged / f.name).symlink_to(f.resolve())
+        config = json.loads((directory / "config.json").read_text())
+        config.setdefault("n_ctx", config["n_positions"])
+        (staged / "config.json").write_text(json.dumps(config, indent=2))
+        print(f"converting {directory.name} to {out} with {script} ...", flush=True)
+        done = subprocess.run([sys.executable, str(script), str(staged), "--outtype", outtype,
+                               "--outfile", str(Path(tmp) / out.name)], capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            raise SkipContender(f"{script.name} failed (exit {done.returncode}): {lines[-1]}")
+        os.replace(Path(tmp) / out.name, out)
+
+
 def llama_runner(directory: Path, outtype: str, threads: int, gguf_dir: Path | None, convert: Path | None):
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError as exc:
-        raise SkipContender("llama-cpp-python is not installed (pip install llama-cpp-python: a source build)") \
-            from exc
+        raise SkipContender("llama-cpp-python is not installed (a source build: see docs/performance.md)") from exc
     gguf = (gguf_dir or BENCH_DIR) / f"{directory.name}-{outtype}.gguf"
     if not gguf.is_file():
         if convert is None:
             raise SkipContender(f"no {gguf} (give --gguf-dir, or --convert-script: llama.cpp's "
                                 f"convert_hf_to_gguf.py)")
-        subprocess.run([sys.executable, str(convert), str(directory), "--outtype", outtype, "--outfile", str(gguf)],
-                       check=True)
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False, seed=1234)
+        convert_to_gguf(directory, outtype, convert, gguf)
+    # fp32 KV cache like the others (llama.cpp's default is f16); the 16-token prompt is one decode call
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, seed=1234, verbose=False)
 
     def run(prompts: list[list[int]], new: int) -> list[list[int]]:
         assert len(prompts) == 1, "llama.cpp runs at batch 1 here"
+        # an empty context: generate() would otherwise reuse the KV cache of the same prompt's previous run
         llm.reset()
         out = []
-        for token in llm.generate(prompts[0], top_k=TOP_K, top_p=1.0, temp=1.0, reset=True):
+        # the others' settings: top-k 50 at temperature 1 and every other filter and penalty off (min_p's
+        # default is 0.05); generate() never stops at EOS, so it yields exactly `new` tokens
+        for token in llm.generate(prompts[0], top_k=TOP_K, top_p=1.0, min_p=0.0, typical_p=1.0, temp=1.0,
+                                  repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, reset=True):
             out.append(token)
             if len(out) == new:
                 break
@@ -215,10 +260,25 @@ def measure(runners: dict[str, Callable], prompts: list[list[int]], new: int, re
     return {k: (tokens / min(v), tokens / statistics.median(v)) for k, v in times.items()}
 
 
-def _ratio(rates: dict, a: str, b: str, what: str) -> str | None:
-    if a in rates and b in rates:
-        return f"{what} {rates[a][0] / rates[b][0]:.2f}x"
-    return None
+# issue 18's bars: (numerator, denominator, batch) -> (at least, goal or None)
+BARS = {("gpt2lab-int8", "llama-q8", 1): (1.0, 1.5), ("gpt2lab-int8", "ct2-int8", 1): (1.5, None),
+        ("gpt2lab-int8", "ct2-int8", 8): (1.25, None), ("gpt2lab", "llama-f32", 1): (1.0, None),
+        ("gpt2lab", "ct2", 1): (1.0, None), ("gpt2lab", "ct2", 8): (1.2, None)}
+RATIOS = (("gpt2lab-int8", "llama-q8"), ("gpt2lab-int8", "ct2-int8"), ("gpt2lab", "llama-f32"), ("gpt2lab", "ct2"),
+          ("gpt2lab", "transformers"), ("gpt2lab-int8", "gpt2lab"))
+
+
+def _ratio(rates: dict, a: str, b: str, batch: int) -> str | None:
+    """``a``'s best tokens/s over ``b``'s, with the issue's bar for it at this batch size if it has one."""
+    if a not in rates or b not in rates:
+        return None
+    ratio = rates[a][0] / rates[b][0]
+    line = f"  {a + ' / ' + b:28s} {ratio:5.2f}x"
+    if (a, b, batch) in BARS:
+        bar, goal = BARS[a, b, batch]
+        verdict = "met" if ratio >= bar else "MISSED"
+        line += f"  (bar {bar:.2f}x: {verdict}" + (f"; goal {goal:.2f}x" if goal else "") + ")"
+    return line
 
 
 def main() -> None:
@@ -230,8 +290,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per contender (best and median count)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gguf-dir", type=Path, help="folder with <model>-f32.gguf / <model>-q8_0.gguf for llama.cpp")
-    ap.add_argument("--convert-script", type=Path, help="llama.cpp's convert_hf_to_gguf.py, to make the GGUF files")
+    ap.add_argument("--gguf-dir", type=Path, help="folder with <model>-f32.gguf / <model>-q8_0.gguf for llama.cpp "
+                                                  f"(default: {BENCH_DIR})")
+    found = shutil.which("convert_hf_to_gguf.py")
+    ap.add_argument("--convert-script", type=Path, default=found and Path(found),
+                    help="llama.cpp's convert_hf_to_gguf.py, to write missing GGUF files into the GGUF folder once "
+                         "(default: the one on PATH, if any)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -262,13 +326,9 @@ def main() -> None:
             print(f"\nGPT-2 {model}, batch {batch}:")
             for name, (best, median) in rates.items():
                 print(f"  {name:14s} {best:8.1f} ({median:6.1f}) tok/s")
-            ratios = [_ratio(rates, "gpt2lab-int8", "llama-q8", "int8/llama.cpp q8_0"),
-                      _ratio(rates, "gpt2lab-int8", "ct2-int8", "int8/CT2 int8"),
-                      _ratio(rates, "gpt2lab", "llama-f32", "fp32/llama.cpp f32"),
-                      _ratio(rates, "gpt2lab", "ct2", "fp32/CT2 float32"),
-                      _ratio(rates, "gpt2lab", "transformers", "fp32/transformers"),
-                      _ratio(rates, "gpt2lab-int8", "gpt2lab", "int8/fp32")]
-            print("  ratios (best): " + ", ".join(r for r in ratios if r))
+            ratios = [line for a, b in RATIOS if (line := _ratio(rates, a, b, batch))]
+            if ratios:
+                print("  ratios of best tokens/s:\n" + "\n".join(ratios))
             if batch == 1:
                 for name in ("gpt2lab", "gpt2lab-int8", "gpt2lab-bf16"):
                     if name in rates:
