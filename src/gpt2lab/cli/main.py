@@ -1,4 +1,9 @@
-"""Entry point of the ``gpt2lab`` command. Subcommand modules import torch and friends lazily."""
+"""Entry point of the ``gpt2lab`` command.
+
+Start-up time matters here (``gpt2lab generate`` should cost little more than importing torch): a
+subcommand's module is imported only when that subcommand runs, or when help or shell completion
+lists every command (:class:`LazyGroup`), and the modules import torch and friends lazily.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +11,14 @@ import importlib
 import logging
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(
-    name="gpt2lab",
-    help="Explore, control, fine-tune, evaluate and serve GPT-2-family text generation.",
-    no_args_is_help=True,
-    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
-    pretty_exceptions_enable=False,
-)
-
-
-
-def _version(value: bool) -> None:
-    if value:
-        from .. import __version__
-
-        print(f"gpt2lab {__version__}")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print gpt2lab's version and exit.", callback=_version,
-                                 is_eager=True),
-) -> None:
-    """Explore, control, fine-tune, evaluate and serve GPT-2-family text generation."""
-
+if TYPE_CHECKING:
+    from typer import _click as click  # the click typer vendors: its Command type
 
 # (command name, module, function) -- each module under gpt2lab.cli
 COMMANDS: list[tuple[str, str, str]] = [
@@ -55,16 +39,86 @@ GROUPS: list[tuple[str, str]] = [
 ]
 
 
-def _register() -> None:
-    for name, module, func in COMMANDS:
-        mod = importlib.import_module(f"gpt2lab.cli.{module}")
-        app.command(name)(getattr(mod, func))
-    for name, module in GROUPS:
-        mod = importlib.import_module(f"gpt2lab.cli.{module}")
-        app.add_typer(mod.app, name=name)
+def _build_command(name: str) -> click.Command:
+    """The click command of subcommand ``name``, its module imported now; typer converts the function
+    (or the module's Typer, for a group) exactly as ``app.command`` / ``app.add_typer`` would."""
+    holder = typer.Typer(add_completion=False)
+    functions = {command: (module, func) for command, module, func in COMMANDS}
+    if name in functions:
+        module, func = functions[name]
+        holder.command(name)(getattr(importlib.import_module(f"gpt2lab.cli.{module}"), func))
+    else:
+        holder.add_typer(importlib.import_module(f"gpt2lab.cli.{dict(GROUPS)[name]}").app, name=name)
+    return typer.main.get_group(holder).commands[name]
 
 
-_register()
+class _LazyCommands(MutableMapping):
+    """The root group's ``commands`` mapping (name -> click command) that builds each command the first
+    time it is looked up: listing names imports nothing, ``get`` imports only that command's module."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+        self._built: dict[str, click.Command] = {}
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._built:
+            self._built[name] = _build_command(name)
+        return self._built[name]
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        if name not in self._names:
+            self._names.append(name)
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        self._names.remove(name)
+        self._built.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class LazyGroup(TyperGroup):
+    """The ``gpt2lab`` group: subcommands load on demand (click's "lazily loading subcommands" pattern),
+    so ``gpt2lab generate`` never imports the server, training, review or evaluation commands."""
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003 - TyperGroup's
+        super().__init__(**kwargs)
+        lazy = _LazyCommands([name for name, _, _ in COMMANDS] + [name for name, _ in GROUPS])
+        for name, command in self.commands.items():  # any registered on ``app`` directly
+            lazy[name] = command
+        self.commands = lazy
+
+
+app = typer.Typer(
+    name="gpt2lab",
+    help="Explore, control, fine-tune, evaluate and serve GPT-2-family text generation.",
+    cls=LazyGroup,
+    no_args_is_help=True,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"gpt2lab {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print gpt2lab's version and exit.", callback=_version,
+                                 is_eager=True),
+) -> None:
+    """Explore, control, fine-tune, evaluate and serve GPT-2-family text generation."""
 
 
 # Commands that may leave work to interpreter shutdown (DataLoader workers, DDP process groups,
