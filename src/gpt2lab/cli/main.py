@@ -76,6 +76,9 @@ class _LazyCommands(MutableMapping):
         self._names.remove(name)
         self._built.pop(name, None)
 
+    def __contains__(self, name: object) -> bool:  # without building it (Mapping's would)
+        return name in self._names
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
