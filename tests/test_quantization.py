@@ -129,3 +129,10 @@ def test_a_nan_weight_gives_nan_logits_never_finite_ones(tiny_checkpoint, lm_hea
         with torch.no_grad():
             for logits in (model(ids), model(ids, input_pos=torch.arange(4)[None])):  # PyTorch code; the kernels
                 assert logits.isnan().all(), name
+
+
+def test_perplexity_says_which_quantization_it_measured(tiny_checkpoint):
+    """`gpt2lab eval perplexity --quantization int8` prints the int8 figure: the result (and --json) name it."""
+    text = "To be, or not to be, that is the question. " * 4
+    assert perplexity(text, model=tiny_checkpoint, quantization="int8").to_dict()["quantization"] == "int8"
+    assert perplexity(text, model=tiny_checkpoint).quantization is None
