@@ -13,7 +13,8 @@ products, as they always do), ``--threads`` threads. Only generation is timed (p
 Runs alternate between the contenders (a burst of load elsewhere hits all alike); best and median count.
 
 Contenders (each skipped with a note when its package is missing):
-- ``gpt2lab``, ``gpt2lab-int8``, ``gpt2lab-bf16``: ``gpt2lab.load(dir[, quantization=...])`` then ``generate``
+- ``gpt2lab``, ``gpt2lab-int8``, ``gpt2lab-bf16``: ``gpt2lab.load(dir[, quantization=...])`` then ``generate``;
+  ``gpt2lab-int8-head``: int8 with the LM head in int8 too (``quantize_(model, "int8", lm_head="int8")``)
   (no other call: this is what every user gets);
 - ``transformers``: ``GPT2LMHeadModel.generate`` (124M only: it is the slow reference);
 - ``ct2``, ``ct2-int8``: CTranslate2 ``float32`` / ``int8_float32`` (``pip install ctranslate2``), converted with
@@ -59,7 +60,8 @@ PROMPT_LEN, TOP_K = 16, 50
 # common words that are one GPT-2 token each with a leading space: prompts of exactly PROMPT_LEN tokens
 WORDS = ("the cat dog house river old new city light water people time year world day man woman child "
          "music story night road king book small great long green black white red field tree").split()
-ALL = ("gpt2lab", "gpt2lab-int8", "gpt2lab-bf16", "transformers", "ct2", "ct2-int8", "llama-f32", "llama-q8")
+ALL = ("gpt2lab", "gpt2lab-int8", "gpt2lab-int8-head", "gpt2lab-bf16", "transformers", "ct2", "ct2-int8",
+       "llama-f32", "llama-q8")
 DEFAULT = ("gpt2lab", "gpt2lab-int8", "transformers", "ct2", "ct2-int8", "llama-f32", "llama-q8")
 
 
@@ -117,7 +119,13 @@ class SkipContender(Exception):
 def gpt2lab_runner(directory: Path, quantization: str | None):
     import gpt2lab
 
-    gen = gpt2lab.load(directory, quantization=quantization)
+    if quantization == "int8-head":  # the LM head in int8 too (int8 keeps it in bf16 by default)
+        from gpt2lab.model.quantize import quantize_
+
+        gen = gpt2lab.load(directory)
+        quantize_(gen.model, "int8", lm_head="int8")
+    else:
+        gen = gpt2lab.load(directory, quantization=quantization)
 
     def run(prompts: list[list[int]], new: int) -> list[list[int]]:
         texts = [gen.tokenizer.decode(p) for p in prompts]
@@ -264,7 +272,8 @@ def measure(runners: dict[str, Callable], prompts: list[list[int]], new: int, re
 BARS = {("gpt2lab-int8", "llama-q8", 1): (1.0, 1.5), ("gpt2lab-int8", "ct2-int8", 1): (1.5, None),
         ("gpt2lab-int8", "ct2-int8", 8): (1.25, None), ("gpt2lab", "llama-f32", 1): (1.0, None),
         ("gpt2lab", "ct2", 1): (1.0, None), ("gpt2lab", "ct2", 8): (1.2, None)}
-RATIOS = (("gpt2lab-int8", "llama-q8"), ("gpt2lab-int8", "ct2-int8"), ("gpt2lab", "llama-f32"), ("gpt2lab", "ct2"),
+RATIOS = (("gpt2lab-int8", "llama-q8"), ("gpt2lab-int8", "ct2-int8"), ("gpt2lab-int8-head", "llama-q8"),
+          ("gpt2lab-int8-head", "ct2-int8"), ("gpt2lab", "llama-f32"), ("gpt2lab", "ct2"),
           ("gpt2lab", "transformers"), ("gpt2lab-int8", "gpt2lab"))
 
 
@@ -325,12 +334,12 @@ def main() -> None:
             rates = measure(active, prompts, args.new_tokens, args.repeats)
             print(f"\nGPT-2 {model}, batch {batch}:")
             for name, (best, median) in rates.items():
-                print(f"  {name:14s} {best:8.1f} ({median:6.1f}) tok/s")
+                print(f"  {name:17s} {best:8.1f} ({median:6.1f}) tok/s")
             ratios = [line for a, b in RATIOS if (line := _ratio(rates, a, b, batch))]
             if ratios:
                 print("  ratios of best tokens/s:\n" + "\n".join(ratios))
             if batch == 1:
-                for name in ("gpt2lab", "gpt2lab-int8", "gpt2lab-bf16"):
+                for name in ("gpt2lab", "gpt2lab-int8", "gpt2lab-int8-head", "gpt2lab-bf16"):
                     if name in rates:
                         step = runners[name].weight_bytes
                         limit = bandwidth * 1e9 / step

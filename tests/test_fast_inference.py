@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import gpt2lab
 from gpt2lab.checkpoints import load_model
-from gpt2lab.model import InferenceOnlyError, KernelRunner, inference_runner, kernels, optimize_for_inference
+from gpt2lab.model import InferenceOnlyError, KernelRunner, fast, inference_runner, kernels, optimize_for_inference
 
 from .conftest import SHAPES, make_hf_checkpoint
 
@@ -180,3 +180,35 @@ def test_a_model_with_lora_adapters_generates_through_its_own_modules(tiny_check
     merge_lora(model)
     with torch.no_grad():
         assert isinstance(inference_runner(model), KernelRunner)
+
+
+@pytest.mark.skipif(not kernels.available() or not fast._huge_pages_available(),
+                    reason="needs the kernels and Linux transparent huge pages")
+def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, monkeypatch):
+    """The first kernel forward moves every tensor of 2 MB or more into 2 MB-aligned huge-page memory in
+    place: same Parameter objects (tied weights stay tied), same values, same logits, and the model
+    still trains afterwards (the copies are ordinary tensors, not inference-mode ones)."""
+    ckpt = make_hf_checkpoint(tmp_path, seed=5, n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    gen = gpt2lab.load(ckpt)
+    model = gen.model
+    wte = model.wte.weight  # 50257 x 16 fp32: 3.2 MB
+    before, small = wte.detach().clone(), model.h[0].mlp.c_fc.weight
+    small_ptr = small.data_ptr()
+    with torch.no_grad():
+        reference = model(torch.tensor([[1, 2, 3]]))  # PyTorch forward, before any move
+    out = gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids
+    assert model.wte.weight is wte and wte.data_ptr() % fast.HUGE_PAGE == 0 and torch.equal(wte, before)
+    assert small.data_ptr() == small_ptr  # under 2 MB: left where it was
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([[1, 2, 3]])), reference)
+    model.train()
+    loss = model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean()
+    loss.backward()  # an inference-mode copy would raise here
+    assert wte.grad is not None and wte.grad.abs().sum() > 0
+    model.eval()
+    assert gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids == out
+
+    monkeypatch.setenv("GPT2LAB_HUGE_PAGES", "0")
+    other = gpt2lab.load(ckpt)
+    other.generate("Hello", max_new_tokens=2)
+    assert not getattr(other.model.wte.weight, "_gpt2lab_huge_pages", False)

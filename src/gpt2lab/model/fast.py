@@ -25,6 +25,9 @@ kernel one in :func:`inference_runner`.
 from __future__ import annotations
 
 import ctypes
+import mmap
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -232,10 +235,66 @@ def inference_runner(model: GPT2) -> KernelRunner | None:
     cached = model.__dict__.get("_runner")
     if cached is not None and cached[0].fresh():
         return cached[1]
-    watch = _WeightsWatch(model)
-    runner = KernelRunner(model) if KernelRunner.supports(model) else None
-    model.__dict__["_runner"] = (watch, runner)  # not a submodule: kept out of state_dict and .modules()
+    runner = None
+    if KernelRunner.supports(model):
+        place_on_huge_pages(model)
+        runner = KernelRunner(model)
+    model.__dict__["_runner"] = (_WeightsWatch(model), runner)  # not a submodule: out of state_dict, .modules()
     return runner
+
+
+HUGE_PAGE = 2 << 20  # bytes: x86-64's transparent huge page
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _huge_pages_available() -> bool:
+    try:
+        mode = _THP_MODE.read_text()
+    except OSError:  # not Linux, or no transparent huge pages
+        return False
+    return "[never]" not in mode and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor ``t`` in anonymous memory, 2 MB aligned, that the kernel backs with huge pages
+    (``madvise(MADV_HUGEPAGE)`` before the first touch). Freed when the tensor is."""
+    nbytes = t.numel() * t.element_size()
+    # private: an anonymous shared mapping is shmem, which has its own (usually off) huge page setting
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(area, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -raw.data_ptr() % HUGE_PAGE
+    out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def place_on_huge_pages(model: nn.Module) -> None:
+    """Move every CPU parameter and buffer of at least 2 MB into memory backed by 2 MB pages, in place
+    (``tensor.data = copy``: the same Parameter objects, tied weights stay tied; optimizers and training
+    are unaffected). Done once, when the kernels first run a model; KV caches are left alone.
+
+    Why: a decode step streams every weight once, and with 4 KB pages that is a TLB miss every 4 KB (40,000
+    a step for GPT-2 124M in int8). Measured here (2 threads): a plain read of 512 MB goes from 29-30 to
+    33-37 GB/s, an fp32 decode step from 17.4 to 15.6 ms. Linux's transparent huge pages in ``madvise`` or
+    ``always`` mode only; elsewhere nothing changes. ``GPT2LAB_HUGE_PAGES=0`` switches it off.
+    """
+    if os.environ.get("GPT2LAB_HUGE_PAGES", "1") == "0" or not _huge_pages_available():
+        return
+    # outside inference mode: the copies must be ordinary tensors, or training this model later would fail
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, KVCache):
+                continue
+            for t in [*module._parameters.values(), *module._buffers.values()]:
+                if (t is None or t.device.type != "cpu" or getattr(t, "_gpt2lab_huge_pages", False)
+                        or t.numel() * t.element_size() < HUGE_PAGE or not t.is_contiguous()):
+                    continue
+                try:
+                    t.data = _huge_page_copy(t)
+                except (OSError, ValueError, RuntimeError):  # no memory for a mapping: keep the tensor as it is
+                    continue
+                t._gpt2lab_huge_pages = True
 
 
 def optimize_for_inference(model: GPT2, batch_size: int = 1) -> GPT2:
