@@ -34,6 +34,7 @@ def test_runtime_options_are_checked():
     assert build_runtime("CUDA:1", "bf16", "INT8", 2).load_kwargs() == {"device": "cuda:1", "dtype": "bf16",
                                                                        "quantization": "int8"}
     assert build_runtime("auto", "auto", None, None).load_kwargs() == {"device": "auto", "dtype": "auto"}
+    assert build_runtime("auto", None, None, None).load_kwargs() == {"device": "auto", "dtype": None}  # the default
     assert build_runtime("cpu", "auto", "none", None).load_kwargs()["quantization"] is None
     for args, message in [(("gpu", "auto", None, None), "--device"), (("cpu", "int4", None, None), "--dtype"),
                           (("cpu", "auto", "int4", None), "--quantization"), (("cpu", "auto", None, 0), "--threads")]:
@@ -145,3 +146,19 @@ def test_prompt_arguments_of_every_generating_command_understand_escapes(tiny_ch
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "ex" / "results.json").read_text(encoding="utf-8"))
     assert {x["prompt"] for s in results["settings"] for x in s["samples"]} == {"A\tB"}
+
+
+@pytest.mark.slow
+def test_a_half_precision_checkpoint_loads_as_the_library_loads_it():
+    """The bundled model is stored in float16. Without --dtype a command loads it as gpt2lab.load() does,
+    float32 on a CPU, which gpt2lab's kernels run (it used to stay float16: PyTorch's code, 2-3x slower in
+    batches and not batch invariant); --dtype auto keeps float16; info shows the quantization."""
+    def info(*args: str) -> tuple[str, str | None]:
+        r = _run("info", "--model", "shakespeare-gpt2", "--device", "cpu", "--json", *args)
+        assert r.returncode == 0, r.stderr
+        record = json.loads(r.stdout)
+        return record["dtype"], record["quantization"]
+
+    assert info() == ("float32", None)
+    assert info("--dtype", "auto") == ("float16", None)
+    assert info("--quantization", "int8") == ("float32", "int8")  # it said bfloat16: the embedding's dtype

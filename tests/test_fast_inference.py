@@ -153,6 +153,35 @@ def test_a_quantized_model_refuses_training(tiny_checkpoint):
     assert not any(p.requires_grad for p in gen.model.parameters())
 
 
+@needs_kernels
+def test_a_model_with_lora_adapters_generates_through_its_own_modules(tiny_checkpoint):
+    """LoRA wrappers (unmerged adapters, as during LoRA training) have their own forward: the cached forward
+    must run it (it used to raise AttributeError: 'LoRALinear' object has no attribute 'weight'), and the
+    kernels take over again once the adapters are merged into plain linears."""
+    from gpt2lab.training.lora import apply_lora, lora_modules, merge_lora
+
+    gen = gpt2lab.load(tiny_checkpoint)
+    prompt = "Hello there"
+    before = gen.generate(prompt, max_new_tokens=6, temperature=0.0, ignore_eos=True)[0].token_ids  # kernels
+    model = gen.model
+    apply_lora(model, rank=4, alpha=8, targets="c_attn,c_fc")
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        assert inference_runner(model) is None
+    after = gen.generate(prompt, max_new_tokens=6, temperature=0.0, ignore_eos=True)[0].token_ids
+    ids = gen.encode_prompt(prompt)  # greedy decoding with the plain, uncached forward of the adapted model
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert after == ids[-6:] != before
+    merge_lora(model)
+    with torch.no_grad():
+        assert isinstance(inference_runner(model), KernelRunner)
+
+
 @pytest.mark.skipif(not kernels.available() or not fast._huge_pages_available(),
                     reason="needs the kernels and Linux transparent huge pages")
 def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, monkeypatch):

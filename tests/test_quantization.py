@@ -110,3 +110,29 @@ def test_int8_loads_the_same_from_safetensors_and_a_torch_pickle(tmp_path):
     pickled = load_model(make_hf_checkpoint(tmp_path / "b", seed=4, safe=False, **SHAPES["tiny"]), quantization="int8")
     for (name, a), (_, b) in zip(safe.state_dict().items(), pickled.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("lm_head", [None, "int8"])
+def test_a_nan_weight_gives_nan_logits_never_finite_ones(tiny_checkpoint, lm_head):
+    """A NaN in a weight makes fp32 logits NaN; int8 must not turn it into finite numbers (its row's scale
+    used to become 1, as for an all-zero row), with the kernels, without them (int8_linear) and in the
+    embedding/head."""
+    from gpt2lab.model.quantize import quantize_
+
+    ids = torch.tensor([[464, 5822, 286, 262]])
+    for name in ("h.0.mlp.c_fc.weight", "h.1.attn.c_proj.weight", "wte.weight"):
+        model = load_model(tiny_checkpoint)
+        with torch.no_grad():
+            model.get_parameter(name)[464 if name == "wte.weight" else 3, 5] = float("nan")
+        quantize_(model, "int8", lm_head=lm_head)
+        model.setup_cache(max_batch=1, max_seq=8)
+        with torch.no_grad():
+            for logits in (model(ids), model(ids, input_pos=torch.arange(4)[None])):  # PyTorch code; the kernels
+                assert logits.isnan().all(), name
+
+
+def test_perplexity_says_which_quantization_it_measured(tiny_checkpoint):
+    """`gpt2lab eval perplexity --quantization int8` prints the int8 figure: the result (and --json) name it."""
+    text = "To be, or not to be, that is the question. " * 4
+    assert perplexity(text, model=tiny_checkpoint, quantization="int8").to_dict()["quantization"] == "int8"
+    assert perplexity(text, model=tiny_checkpoint).quantization is None

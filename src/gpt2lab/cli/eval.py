@@ -61,7 +61,8 @@ def perplexity_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"perplexity of {result.model} (block {result.block_size}, stride {result.stride})")
+    weights = f", {result.quantization}" if result.quantization else ""
+    table = Table(title=f"perplexity of {result.model}{weights} (block {result.block_size}, stride {result.stride})")
     for column in ("file", "perplexity", "bits/byte", "tokens", "bytes"):
         table.add_column(column, justify="left" if column == "file" else "right")
     rows = [(doc.name, doc) for doc in result.files]

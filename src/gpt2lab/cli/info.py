@@ -22,7 +22,8 @@ def info(
     record = {"model": gen.name, "path": str(gen.path), "n_layer": c.n_layer, "n_head": c.n_head,
               "n_embd": c.n_embd, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
               "parameters": gen.model.num_parameters(), "device": str(gen.device),
-              "dtype": str(gen.model.wte.weight.dtype).removeprefix("torch.")}
+              # the float dtype the model computes in (wpe stays float when the weights are quantized)
+              "dtype": str(gen.model.wpe.weight.dtype).removeprefix("torch."), "quantization": gen.quantization}
     if as_json:
         print(json.dumps(record))
     else:

@@ -82,6 +82,10 @@ def process_escapes_all(values: list[str] | None) -> list[str] | None:
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
 DTYPE_HELP = ("auto (a checkpoint stored in float16/bfloat16 keeps its dtype; else bfloat16 on a GPU that "
               "supports it, else float32), float32, bfloat16 or float16.")
+# the commands that load a model default to gpt2lab.load's dtype=None: a half-precision checkpoint would
+# otherwise stay fp16 on the CPU, where gpt2lab's kernels (fp32, or --quantization) do not run it
+LOAD_DTYPE_HELP = ("float32, bfloat16, float16, or auto (a checkpoint stored in float16/bfloat16 keeps its "
+                   "dtype). Default: bfloat16 on a GPU that supports it, else float32.")
 QUANTIZATION_CHOICES = ("none", "int8", "bf16")
 QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
 THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
@@ -93,7 +97,7 @@ def device_option(default: str = "auto") -> Any:
     return typer.Option(default, "--device", help=DEVICE_HELP, rich_help_panel=RUNTIME_PANEL)
 
 
-def dtype_option(default: str = "auto", help: str = DTYPE_HELP) -> Any:  # noqa: A002 - typer's word
+def dtype_option(default: str | None = "auto", help: str = DTYPE_HELP) -> Any:  # noqa: A002 - typer's word
     """``--dtype``, spelled the same in every command."""
     return typer.Option(default, "--dtype", help=help, rich_help_panel=RUNTIME_PANEL)
 
@@ -108,7 +112,7 @@ class Runtime:
     """Where and how a command runs its model: ``--device``, ``--dtype``, ``--quantization``, ``--threads``."""
 
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str | None = None  # None: gpt2lab.load's default (float32 on a CPU, whatever the checkpoint stores)
     quantization: str | None = None  # None: not asked for (the library's default)
     threads: int | None = None
 
@@ -128,13 +132,13 @@ def apply_threads(threads: int | None) -> None:
         set_threads(threads, "--threads")
 
 
-def build_runtime(device: str, dtype: str, quantization: str | None, threads: int | None) -> Runtime:
+def build_runtime(device: str, dtype: str | None, quantization: str | None, threads: int | None) -> Runtime:
     """Check the runtime options (the device is checked when the model loads)."""
     import re
 
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device.strip().lower()):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if dtype.lower() not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+    if dtype is not None and dtype.lower() not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if quantization is not None and quantization.lower() not in QUANTIZATION_CHOICES:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {quantization!r}")
@@ -142,7 +146,7 @@ def build_runtime(device: str, dtype: str, quantization: str | None, threads: in
         from ..model.device import check_threads
 
         check_threads(threads, "--threads")
-    return Runtime(device=device.strip().lower(), dtype=dtype.lower(),
+    return Runtime(device=device.strip().lower(), dtype=dtype.lower() if dtype is not None else None,
                    quantization=quantization.lower() if quantization is not None else None, threads=threads)
 
 
@@ -151,7 +155,7 @@ def runtime_options(*, quantization: bool = True, threads: bool = True) -> Calla
 
     The command receives them checked as ``runtime: Runtime``; ``--threads`` is applied before it runs.
     """
-    added = [("device", str, device_option()), ("dtype", str, dtype_option())]
+    added = [("device", str, device_option()), ("dtype", str | None, dtype_option(None, LOAD_DTYPE_HELP))]
     if quantization:
         added.append(("quantization", str | None, typer.Option(None, "--quantization", help=QUANTIZATION_HELP,
                                                                rich_help_panel=RUNTIME_PANEL)))

@@ -38,6 +38,7 @@ class PerplexityResult:
     block_size: int
     stride: int
     files: list[DocumentPerplexity] = field(default_factory=list)
+    quantization: str | None = None  # the model's weight quantization ("int8", "bf16"), None as stored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,4 +117,4 @@ def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str 
     nll, tokens, n_bytes = sum(nlls), sum(counts), sum(d.bytes for d in per_doc)
     return PerplexityResult(perplexity=perplexity_of(nll, tokens), tokens=tokens, nll=nll, bytes=n_bytes,
                             bits_per_byte=_bits_per_byte(nll, n_bytes), model=gen.name, block_size=block_size,
-                            stride=stride, files=per_doc)
+                            stride=stride, files=per_doc, quantization=gen.quantization)

@@ -34,6 +34,9 @@ import torch.nn as nn
 
 from . import kernels
 from .gpt2 import GPT2, KVCache
+from .quantize import QuantizedEmbedding, QuantizedLinear
+
+_KERNEL_MODULES = (nn.Linear, nn.Embedding, QuantizedLinear, QuantizedEmbedding)
 
 
 def _block_linears(block: nn.Module) -> list[nn.Module]:
@@ -116,6 +119,10 @@ class KernelRunner:
         bf16), fp32 LayerNorms and embeddings of positions, biases on every block linear."""
         linears = [m for block in model.h for m in _block_linears(block)]
         head = model.wte if model.lm_head is None else model.lm_head
+        # the kernels compute what these modules' own forward does; any other module in their place (a
+        # LoRA wrapper, a user's subclass) has its own forward, which only the PyTorch code runs
+        if not all(type(m) in _KERNEL_MODULES for m in [*linears, model.wte, head]):
+            return False
         weights = [m.weight for m in [*linears, model.wte, head]]
         floats = [model.wpe.weight, model.ln_f.weight, model.ln_f.bias]
         for block in model.h:

@@ -61,8 +61,10 @@ def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tens
     for start in range(0, weight.shape[0], _CHUNK_ROWS):  # chunks: temporaries stay small (peak memory at load)
         rows = weight[start:start + _CHUNK_ROWS].to(torch.float32)
         amax = rows.abs().amax(dim=1)
-        chunk_scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row keeps 1
-        q[start:start + _CHUNK_ROWS] = torch.round(rows / chunk_scales[:, None]).clamp_(-127, 127)
+        # an all-zero row keeps 1; a row holding NaN gets a NaN scale (inf: an inf one), so its outputs are
+        # NaN as the float weight's would be, never finite numbers (NaN > 0 is False: it used to get 1)
+        chunk_scales = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
+        q[start:start + _CHUNK_ROWS] = torch.round(rows / chunk_scales[:, None]).nan_to_num_(0.0).clamp_(-127, 127)
         scales[start:start + _CHUNK_ROWS] = chunk_scales
     return q, scales
 

@@ -69,7 +69,7 @@ class _CountRequests:
 
 def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None,
-               device: str = "auto", dtype: str = "auto", quantization: str | None = None,
+               device: str = "auto", dtype: str | None = None, quantization: str | None = None,
                cors_allow_origins: Sequence[str] = (), max_body_mb: float = lim.MAX_BODY_MB,
                limits: lim.Limits | None = None) -> FastAPI:
     """The server app.
