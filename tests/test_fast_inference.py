@@ -188,7 +188,7 @@ def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, mon
     """The first kernel forward moves every tensor of 2 MB or more into 2 MB-aligned huge-page memory in
     place: same Parameter objects (tied weights stay tied), same values, same logits, and the model
     still trains afterwards (the copies are ordinary tensors, not inference-mode ones)."""
-    ckpt = make_hf_checkpoint(tmp_path, seed=5, n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    ckpt = make_hf_checkpoint(tmp_path / "ckpt", seed=5, n_layer=1, n_head=2, n_embd=16, n_positions=64)
     gen = gpt2lab.load(ckpt)
     model = gen.model
     wte = model.wte.weight  # 50257 x 16 fp32: 3.2 MB
@@ -198,6 +198,10 @@ def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, mon
         reference = model(torch.tensor([[1, 2, 3]]))  # PyTorch forward, before any move
     out = gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids
     assert model.wte.weight is wte and wte.data_ptr() % fast.HUGE_PAGE == 0 and torch.equal(wte, before)
+    # its storage is exactly its bytes: safetensors saves it (it refuses a view into a larger storage)
+    assert wte.untyped_storage().nbytes() == wte.numel() * wte.element_size()
+    gen.save(tmp_path / "saved")
+    assert torch.equal(gpt2lab.load(tmp_path / "saved").model.wte.weight, before)
     assert small.data_ptr() == small_ptr  # under 2 MB: left where it was
     with torch.no_grad():
         assert torch.equal(model(torch.tensor([[1, 2, 3]])), reference)

@@ -268,9 +268,10 @@ def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     # private: an anonymous shared mapping is shmem, which has its own (usually off) huge page setting
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     area.madvise(mmap.MADV_HUGEPAGE)
-    raw = torch.frombuffer(area, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    start = -raw.data_ptr() % HUGE_PAGE
-    out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+    start = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
+    # a storage of exactly the tensor's bytes (a view into a larger one is refused by safetensors' save, as
+    # a tensor sharing memory); the tensor keeps the mapping alive
+    out = torch.frombuffer(area, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
     out.copy_(t)
     return out
 
