@@ -102,13 +102,7 @@ def test_generate_imports_nothing_it_does_not_use(imported_by, run):
     assert not unneeded, f"gpt2lab generate imported {', '.join(unneeded)}"
 
 
-@pytest.mark.parametrize("run", [
-    "fp32",
-    pytest.param("int8", marks=pytest.mark.xfail(
-        strict=True, reason="model/quantize.py quantizes the meta skeleton's weights (quantize_weight, and "
-                            "dequantized() via state_dict() in checkpoints/quantized.py): torch's Python meta "
-                            "kernels import torch._dynamo and sympy, ~1.5 s")),
-])
+@pytest.mark.parametrize("run", RUNS)
 def test_generate_does_not_load_torch_compiler(imported_by, run):
     beyond_torch = imported_by(*RUNS[run]) - modules_of_import_torch()
     compiler = offending(beyond_torch, TORCH_COMPILER)

@@ -5,7 +5,9 @@ Importing ``gpt2lab`` is cheap: torch and everything heavy load on first use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -23,13 +25,4 @@ _LAZY = {
 __all__ = ["__version__", "load", "Generator", "generate_text", "evaluate"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = importlib.import_module(module)
-        value = getattr(value, attr) if attr else value
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gpt2lab' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import operator
 import os
 from pathlib import Path
 
@@ -216,25 +217,30 @@ class _WeightsWatch:
     """
 
     def __init__(self, model: GPT2) -> None:
-        self.entries: list[tuple[dict, str, object]] = []
-        self.sizes: list[tuple[dict, int]] = []
-        self.tensors: list[tuple[torch.Tensor, int]] = []
+        tables, keys, values, tensors = [], [], [], []
         for module in model.modules():
             if isinstance(module, KVCache):
                 continue
             # and the forward hooks: a hook added later must send the forward to the modules' own code
             for table in (module._parameters, module._buffers, module._modules, module._forward_hooks,
                           module._forward_pre_hooks):
-                kept = {name: v for name, v in table.items() if name != "kv_cache"}
-                self.sizes.append((table, len(table)))
-                self.entries += [(table, name, v) for name, v in kept.items()]
-                self.tensors += [(v, v.data_ptr()) for v in kept.values() if isinstance(v, torch.Tensor)]
-        self.sizes += [(table, len(table)) for table in _global_hooks()]
+                tables.append(table)
+                for name, value in table.items():
+                    if name != "kv_cache":
+                        keys.append((table, name))
+                        values.append(value)
+                        if isinstance(value, torch.Tensor):
+                            tensors.append(value)
+        tables += _global_hooks()
+        self.tables, self.sizes = tables, [len(table) for table in tables]
+        self.keys, self.values = keys, values
+        self.tensors, self.addresses = tensors, [t.data_ptr() for t in tensors]
 
     def fresh(self) -> bool:
-        return (all(len(table) == n for table, n in self.sizes)
-                and all(table.get(name) is v for table, name, v in self.entries)
-                and all(t.data_ptr() == ptr for t, ptr in self.tensors))
+        # map() and list equality run in C: about 25 us for GPT-2 124M's 800 checks
+        return ([len(table) for table in self.tables] == self.sizes
+                and all(map(operator.is_, [table.get(name) for table, name in self.keys], self.values))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.addresses)
 
 
 def inference_runner(model: GPT2) -> KernelRunner | None:

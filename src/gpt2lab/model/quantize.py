@@ -54,6 +54,11 @@ def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tens
     """``(stored, scales)`` for a float ``weight [out, in]``: int8 with fp32 ``scales [out]`` (symmetric,
     per output row, rounded to nearest, so ``|w - q * scale| <= scale / 2``), or bf16 and None."""
     weight = weight.detach()
+    if weight.is_meta:  # a skeleton's (load_quantized): shapes only. PyTorch's meta kernels for the arithmetic
+        # below are Python references whose first use imports torch._dynamo, 1.5 s of every quantized load
+        return (torch.empty(weight.shape, dtype=torch.int8 if quantization == "int8" else torch.bfloat16,
+                            device="meta"),
+                torch.empty(weight.shape[0], device="meta") if quantization == "int8" else None)
     if quantization == "bf16":
         return weight.to(torch.bfloat16).contiguous(), None
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
@@ -81,6 +86,8 @@ class _Quantized(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight the quantized one stands for (``q * scale``, or bf16 widened)."""
+        if self.weight.is_meta:  # a skeleton's: shapes only (no Python meta kernels, see quantize_weight)
+            return torch.empty(self.weight.shape, device="meta")
         weight = self.weight.to(torch.float32)
         return weight * self.scales[:, None] if self.scales is not None else weight
 

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_getattr
 from .params import SamplingParams
 
 if TYPE_CHECKING:
@@ -35,11 +36,4 @@ _PIPELINE = {"LogitsPipeline", "sample", "bad_words_ids"}
 _LAZY = {name: "pipeline" if name in _PIPELINE else "transforms" for name in __all__[1:]}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {name: (f".{module}", name) for name, module in _LAZY.items()})

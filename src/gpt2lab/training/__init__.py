@@ -6,7 +6,9 @@ The names below load on first use: loading a model with a LoRA adapter needs onl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .config import PRESETS, TrainConfig, parse_model_config
@@ -20,11 +22,4 @@ _LAZY = {"PRESETS": "config", "TrainConfig": "config", "parse_model_config": "co
          "TrainResult": "trainer", "Trainer": "trainer", "train": "trainer"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {name: (f".{module}", name) for name, module in _LAZY.items()})
