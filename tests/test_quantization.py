@@ -129,6 +129,12 @@ def test_a_nan_weight_gives_nan_logits_never_finite_ones(tiny_checkpoint, lm_hea
         with torch.no_grad():
             for logits in (model(ids), model(ids, input_pos=torch.arange(4)[None])):  # PyTorch code; the kernels
                 assert logits.isnan().all(), name
+    gen = gpt2lab.load(tiny_checkpoint)
+    with torch.no_grad():
+        gen.model.h[0].mlp.c_fc.weight[3, 5] = float("nan")
+    quantize_(gen.model, "int8", lm_head=lm_head)
+    with pytest.raises(RuntimeError, match="scores are NaN"):  # not token 0 over and over
+        gen.generate("Hello", max_new_tokens=3, temperature=0)
 
 
 def test_perplexity_says_which_quantization_it_measured(tiny_checkpoint):
