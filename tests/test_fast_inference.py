@@ -216,3 +216,55 @@ def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, mon
     other = gpt2lab.load(ckpt)
     other.generate("Hello", max_new_tokens=2)
     assert not getattr(other.model.wte.weight, "_gpt2lab_huge_pages", False)
+
+
+@pytest.mark.skipif(not kernels.available() or not fast._huge_pages_available(),
+                    reason="needs the kernels and Linux transparent huge pages")
+def test_a_model_saves_and_copies_after_generating(tmp_path):
+    """Generation moves big weights to huge pages and caches a runner on the model: neither may stop a save
+    (safetensors refused tensors that were views into a larger mapping), a torch.save of the state dict
+    from carrying the mapping's slack, or a deepcopy (the runner's ctypes pointers cannot be copied)."""
+    import copy
+    import io
+
+    ckpt = make_hf_checkpoint(tmp_path / "ckpt", seed=5, n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    gen = gpt2lab.load(ckpt)
+    out = gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids
+    assert getattr(gen.model.wte.weight, "_gpt2lab_huge_pages", False)
+    saved = gpt2lab.load(gen.save(tmp_path / "saved"))
+    assert saved.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids == out
+    buffer = io.BytesIO()
+    torch.save(gen.model.state_dict(), buffer)
+    raw = sum(t.numel() * t.element_size() for t in gen.model.state_dict().values())
+    assert buffer.tell() < raw + 1_000_000  # no 2 MB of slack per moved tensor
+    twin = copy.deepcopy(gen.model)
+    assert torch.equal(twin.wte.weight, gen.model.wte.weight)
+    gen.model = twin
+    assert gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids == out
+
+
+@needs_kernels
+def test_forward_hooks_on_submodules_fire_during_generation(tiny_checkpoint):
+    """A hook on a block (activation capture, steering) runs the modules' own code, as it did before the
+    kernels (which call no module); once removed, the kernels take over again."""
+    gen = gpt2lab.load(tiny_checkpoint)
+    prompt = "Hello there"
+    plain = gen.generate(prompt, max_new_tokens=5, temperature=0.0, ignore_eos=True)[0].token_ids
+    seen = []
+    steer = torch.randn(gen.config.n_embd, generator=torch.Generator().manual_seed(0)) * 20
+    handle = gen.model.h[1].register_forward_hook(lambda module, args, out: seen.append(1) or out + steer)
+    steered = gen.generate(prompt, max_new_tokens=5, temperature=0.0, ignore_eos=True)[0].token_ids
+    assert len(seen) == 5 and steered != plain  # a prefill and four decode steps, each through the hook
+    handle.remove()
+    with torch.no_grad():
+        assert isinstance(inference_runner(gen.model), KernelRunner)
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    calls = []
+    handle = register_module_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with torch.no_grad():
+            assert inference_runner(gen.model) is None
+    finally:
+        handle.remove()
+    assert gen.generate(prompt, max_new_tokens=5, temperature=0.0, ignore_eos=True)[0].token_ids == plain

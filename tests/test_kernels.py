@@ -76,6 +76,21 @@ def test_linear_matches_a_float_reference_and_every_row_is_independent(kind, n_o
     assert torch.equal(full[:16], torch.cat(alone))
 
 
+@needs_kernels
+def test_int8_rows_of_tiny_values_are_zero_rows_in_the_kernel_and_its_twin():
+    """A row whose largest value is below 32767 / FLT_MAX (~1e-34) gets an infinite int16 factor: the twin
+    returned NaN for it and the kernel packed +inf as -32768; both now take it as a zero row (the bias),
+    which is what the float product rounds to."""
+    gen = torch.Generator().manual_seed(0)
+    w, scales, ref_w = _weights("int8", 9, 40, gen)
+    b = torch.randn(9, generator=gen)
+    x = torch.randn(4, 40, generator=gen) * torch.tensor([[1e-36], [1e-40], [1e-30], [1.0]])
+    got = kernels.linear(x, w, b, scales)
+    assert torch.equal(got, int8_linear(x, w, scales, b)) and not got.isnan().any()
+    assert torch.equal(got[:2], b.expand(2, 9))
+    torch.testing.assert_close(got, (x.double() @ ref_w.T + b.double()).float(), rtol=1e-4, atol=1e-4)
+
+
 DECODER_SHAPES = {
     # awkward sizes on purpose: head_dim 12, an MLP width and vocabulary that are not multiples of 4 or 8
     "odd": dict(n_layer=2, n_head=3, n_embd=36, n_inner=70, vocab_size=1001, n_positions=64,

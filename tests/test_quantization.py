@@ -10,7 +10,7 @@ import torch
 import gpt2lab
 from gpt2lab.checkpoints import load_model
 from gpt2lab.evaluation import perplexity
-from gpt2lab.model import QuantizedEmbedding, QuantizedLinear
+from gpt2lab.model import QuantizedEmbedding, QuantizedLinear, kernels
 
 from .test_kernels import run_python
 
@@ -129,6 +129,12 @@ def test_a_nan_weight_gives_nan_logits_never_finite_ones(tiny_checkpoint, lm_hea
         with torch.no_grad():
             for logits in (model(ids), model(ids, input_pos=torch.arange(4)[None])):  # PyTorch code; the kernels
                 assert logits.isnan().all(), name
+    gen = gpt2lab.load(tiny_checkpoint)
+    with torch.no_grad():
+        gen.model.h[0].mlp.c_fc.weight[3, 5] = float("nan")
+    quantize_(gen.model, "int8", lm_head=lm_head)
+    with pytest.raises(RuntimeError, match="scores are NaN"):  # not token 0 over and over
+        gen.generate("Hello", max_new_tokens=3, temperature=0)
 
 
 def test_perplexity_says_which_quantization_it_measured(tiny_checkpoint):
@@ -136,3 +142,24 @@ def test_perplexity_says_which_quantization_it_measured(tiny_checkpoint):
     text = "To be, or not to be, that is the question. " * 4
     assert perplexity(text, model=tiny_checkpoint, quantization="int8").to_dict()["quantization"] == "int8"
     assert perplexity(text, model=tiny_checkpoint).quantization is None
+
+
+def test_a_half_precision_model_object_or_adapter_base_quantizes_to_what_the_kernels_read(tmp_path, tiny_checkpoint):
+    """Quantizing after loading (a transformers model object, a base with an adapter) keeps the unquantized
+    tensors float32, as loading a folder does, whatever dtype says: in float16 the kernels did not run it."""
+    from transformers import GPT2LMHeadModel
+
+    from gpt2lab.model import KernelRunner, inference_runner
+    from gpt2lab.training.lora import apply_lora, fill_adapter_dir
+
+    base = load_model(tiny_checkpoint)
+    apply_lora(base, rank=2, alpha=4, targets="c_attn")
+    fill_adapter_dir(base, tmp_path, str(tiny_checkpoint), "c_attn")
+    for gen in (gpt2lab.load(GPT2LMHeadModel.from_pretrained(tiny_checkpoint, dtype=torch.float16),
+                             quantization="int8", dtype="auto"),
+                gpt2lab.load(tiny_checkpoint, adapter=tmp_path, quantization="int8", dtype="float16")):
+        assert gen.model.wpe.weight.dtype == gen.model.ln_f.weight.dtype == torch.float32
+        with torch.no_grad():
+            assert isinstance(inference_runner(gen.model), KernelRunner) or not kernels.available()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        gpt2lab.load(tiny_checkpoint, quantization="int8", dtype="int4")

@@ -441,6 +441,17 @@ def test_sample_rejects_rows_with_nothing_left():
         sample(torch.full((1, 5), float("-inf")), [SamplingParams()], [None])
 
 
+def test_sample_rejects_nan_scores_instead_of_picking_a_token():
+    """NaN logits (a NaN weight) made greedy rows return token 0 and sampled rows blame masking."""
+    scores = torch.zeros(2, 5)
+    scores[1, 3] = float("nan")
+    for params in ([SamplingParams(temperature=0)] * 2, [SamplingParams(temperature=0), SamplingParams(seed=1)],
+                   [SamplingParams(seed=1), SamplingParams(temperature=0)]):
+        with pytest.raises(ValueError, match="scores are NaN"):
+            sample(scores, params, [None, None])
+    assert sample(scores[:1], [SamplingParams(temperature=0)], [None]).tolist() == [0]
+
+
 # -- SamplingParams validation ------------------------------------------------------------------------
 
 

@@ -301,12 +301,19 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     ``quantization``: ``None`` (weights as stored, trainable), ``"int8"`` (weight-only int8 with
     per-output-channel scales, about 4x fewer bytes per decoded token) or ``"bf16"`` (16-bit weights,
     fp32 arithmetic), vLLM's option name; quantized while loading, tensor by tensor, and
-    inference-only; ``dtype`` then only sets the activations' dtype off the CPU. ValueError for any
+    inference-only; ``dtype`` is then unused (what is not quantized, LayerNorms, biases and positions, stays
+    float32, as the kernels read it). ValueError for any
     other value. No call is needed to make generation fast: the model picks gpt2lab's kernels
     whenever it runs inference (``gpt2lab.model.inference_runner``).
     """
     quantization = check_quantization(quantization)  # before any file is read
     device = resolve_device(device)
+    if quantization is not None:
+        device_dtype(dtype, device)  # a bad name still fails
+        # what the quantized loader keeps for every tensor it does not quantize (LayerNorms, biases, positions),
+        # and what gpt2lab's kernels read: a model object or an adapter's base quantized after loading in
+        # float16 kept float16 there, so the kernels did not run it
+        dtype = torch.float32
     if _is_transformers_model(model):
         gen = _from_transformers(model, tokenizer, device=device,
                                  dtype=device_dtype(None, device) if dtype is None else dtype)

@@ -124,6 +124,10 @@ class KernelRunner:
         # LoRA wrapper, a user's subclass) has its own forward, which only the PyTorch code runs
         if not all(type(m) in _KERNEL_MODULES for m in [*linears, model.wte, head]):
             return False
+        # likewise a forward hook on a submodule (activation capture, steering) must run: the kernels call none
+        if any(_global_hooks()) or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()
+                                       if m is not model):
+            return False
         weights = [m.weight for m in [*linears, model.wte, head]]
         floats = [model.wpe.weight, model.ln_f.weight, model.ln_f.bias]
         for block in model.h:
@@ -194,6 +198,13 @@ class KernelRunner:
         return logits if logits_index is not None else logits.view(B, T, cfg.vocab_size)
 
 
+def _global_hooks() -> tuple[dict, dict]:
+    """torch's forward hooks on every module (``register_module_forward_hook``, ``..._pre_hook``)."""
+    from torch.nn.modules import module
+
+    return module._global_forward_hooks, module._global_forward_pre_hooks
+
+
 class _WeightsWatch:
     """Whether the tensors a runner reads are still the model's, checked in tens of microseconds (it runs
     before every forward; walking ``model.parameters()`` took about 2 ms, a quarter of an int8 decode step).
@@ -210,7 +221,9 @@ class _WeightsWatch:
         for module in model.modules():
             if isinstance(module, KVCache):
                 continue
-            for table in (module._parameters, module._buffers, module._modules):
+            # and the forward hooks: a hook added later must send the forward to the modules' own code
+            for table in (module._parameters, module._buffers, module._modules, module._forward_hooks,
+                          module._forward_pre_hooks):
                 tables.append(table)
                 for name, value in table.items():
                     if name != "kv_cache":
@@ -218,6 +231,7 @@ class _WeightsWatch:
                         values.append(value)
                         if isinstance(value, torch.Tensor):
                             tensors.append(value)
+        tables += _global_hooks()
         self.tables, self.sizes = tables, [len(table) for table in tables]
         self.keys, self.values = keys, values
         self.tensors, self.addresses = tensors, [t.data_ptr() for t in tensors]
@@ -269,9 +283,10 @@ def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     area.madvise(mmap.MADV_HUGEPAGE)
     start = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
-    # a storage of exactly the tensor's bytes (a view into a larger one is refused by safetensors' save, as
-    # a tensor sharing memory); the tensor keeps the mapping alive
-    out = torch.frombuffer(area, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
+    # a storage of exactly the tensor's bytes (the memoryview keeps the mapping alive): a view into a larger
+    # one made safetensors refuse to save the model ("None is covering the entire storage") and torch.save
+    # write the 2 MB of slack with every tensor
+    out = torch.frombuffer(memoryview(area)[start:start + nbytes], dtype=t.dtype).view(t.shape)
     out.copy_(t)
     return out
 

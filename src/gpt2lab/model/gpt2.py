@@ -300,6 +300,13 @@ class GPT2(nn.Module):
                                      f"the checkpoint without quantization to train it")
         return super().train(mode)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # fast.inference_runner's cache (ctypes pointers into this model's tensors, which cannot be pickled)
+        # stays behind: a deepcopy or an unpickled model makes its own on its first cached forward
+        state = super().__getstate__()
+        state.pop("_runner", None)
+        return state
+
     def quantize(self, quantization: str) -> GPT2:
         """Quantize the weights in place (``"int8"`` or ``"bf16"``, see :mod:`gpt2lab.model.quantize`);
         returns the model, now inference-only."""

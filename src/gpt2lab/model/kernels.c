@@ -290,7 +290,9 @@ static void quantize_row_q16(const float *x, int64_t n, int16_t *q, float *scale
         return;
     }
     *scale = amax / 32767.f;
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    /* a row below 32767 / FLT_MAX (~1e-34) would get an infinite inv (inf * x: -32768 after packs, whatever
+     * x's sign, and lrintf(inf) is undefined): such a row counts as zero, as the PyTorch twin does */
+    const float inv = amax > 0.f && isfinite(32767.f / amax) ? 32767.f / amax : 0.f;
     i = 0;
 #if GPT2LAB_AVX2
     const __m256 vinv = _mm256_set1_ps(inv);

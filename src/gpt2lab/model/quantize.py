@@ -225,7 +225,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     amax = x.abs().amax(-1, keepdim=True)
     finite = torch.isfinite(x).all(-1, keepdim=True)
     # fp32 divisions of two tensors, as the C code's (a Python number on the left would take a reciprocal)
-    inv = torch.where(amax > 0, torch.full_like(amax, 32767.0) / amax, torch.zeros_like(amax))
+    inv = torch.full_like(amax, 32767.0) / amax
+    inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))  # max|x| < ~1e-34: a zero row
     q = torch.round(torch.where(finite, x, torch.zeros_like(x)) * inv)  # exactly the kernel's int16 values
     x_scale = torch.where(finite, amax / torch.full_like(amax, 32767.0), torch.full_like(amax, float("nan")))
     sums = q.double() @ weight.double().T

@@ -170,13 +170,15 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
                          f"{tuple(scores.shape)}, {len(params)} params, {len(generators)} generators")
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
-        return scores.argmax(dim=-1)
+        return _argmax(scores)
     device = scores.device
     index = None if len(rows) == batch else torch.tensor(rows, device=device)
     sub = scores if index is None else scores[index]
     cdf = sub.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)  # float64: exact enough over 50k terms
     total = cdf[:, -1:]
     if bool(torch.isnan(total).any() | (total <= 0).any()):
+        if bool(torch.isnan(sub).any()):
+            raise ValueError(_NAN_SCORES)
         raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
     # drawn only once the rows are known to be sound: a call that raises consumes no random numbers,
     # so a batch retried row by row (the engine's fault isolation) draws the same tokens
@@ -192,6 +194,18 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
     if index is None:
         return picked
-    tokens = scores.argmax(dim=-1)
+    tokens = _argmax(scores)
     tokens[index] = picked
+    return tokens
+
+
+_NAN_SCORES = "the model's scores are NaN (NaN or infinite weights or activations?); no token to pick"
+
+
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """The greedy pick of every row; ValueError when a row holds NaN (argmax picks a NaN where there is
+    one, so one value per row tells): its token would be a meaningless index, usually 0."""
+    tokens = scores.argmax(dim=-1)
+    if bool(scores.gather(-1, tokens.unsqueeze(-1)).isnan().any()):
+        raise ValueError(_NAN_SCORES)
     return tokens
