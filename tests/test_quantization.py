@@ -135,6 +135,8 @@ def test_a_nan_weight_gives_nan_logits_never_finite_ones(tiny_checkpoint, lm_hea
     quantize_(gen.model, "int8", lm_head=lm_head)
     with pytest.raises(RuntimeError, match="scores are NaN"):  # not token 0 over and over
         gen.generate("Hello", max_new_tokens=3, temperature=0)
+    with pytest.raises((RuntimeError, ValueError), match="scores are NaN"):  # beam search returned garbage beams
+        gen.generate("Hello", max_new_tokens=3, num_beams=2)
 
 
 def test_perplexity_says_which_quantization_it_measured(tiny_checkpoint):

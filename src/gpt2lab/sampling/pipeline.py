@@ -178,7 +178,7 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     total = cdf[:, -1:]
     if bool(torch.isnan(total).any() | (total <= 0).any()):
         if bool(torch.isnan(sub).any()):
-            raise ValueError(_NAN_SCORES)
+            raise ValueError(NAN_SCORES_ERROR)
         raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
     # drawn only once the rows are known to be sound: a call that raises consumes no random numbers,
     # so a batch retried row by row (the engine's fault isolation) draws the same tokens
@@ -199,7 +199,7 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     return tokens
 
 
-_NAN_SCORES = "the model's scores are NaN (NaN or infinite weights or activations?); no token to pick"
+NAN_SCORES_ERROR = "the model's scores are NaN (NaN or infinite weights or activations?); no token to pick"
 
 
 def _argmax(scores: torch.Tensor) -> torch.Tensor:
@@ -207,5 +207,5 @@ def _argmax(scores: torch.Tensor) -> torch.Tensor:
     one, so one value per row tells): its token would be a meaningless index, usually 0."""
     tokens = scores.argmax(dim=-1)
     if bool(scores.gather(-1, tokens.unsqueeze(-1)).isnan().any()):
-        raise ValueError(_NAN_SCORES)
+        raise ValueError(NAN_SCORES_ERROR)
     return tokens
