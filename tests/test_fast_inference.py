@@ -185,7 +185,7 @@ def test_a_model_with_lora_adapters_generates_through_its_own_modules(tiny_check
 @pytest.mark.skipif(not kernels.available() or not fast._huge_pages_available(),
                     reason="needs the kernels and Linux transparent huge pages")
 def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, monkeypatch):
-    """The first kernel forward moves every tensor of 2 MB or more into 2 MB-aligned huge-page memory in
+    """The first kernel forward moves every tensor of 1 MB or more into 2 MB-aligned huge-page memory in
     place: same Parameter objects (tied weights stay tied), same values, same logits, and the model
     still trains afterwards (the copies are ordinary tensors, not inference-mode ones)."""
     ckpt = make_hf_checkpoint(tmp_path / "ckpt", seed=5, n_layer=1, n_head=2, n_embd=16, n_positions=64)
@@ -202,7 +202,7 @@ def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, mon
     assert wte.untyped_storage().nbytes() == wte.numel() * wte.element_size()
     gen.save(tmp_path / "saved")
     assert torch.equal(gpt2lab.load(tmp_path / "saved").model.wte.weight, before)
-    assert small.data_ptr() == small_ptr  # under 2 MB: left where it was
+    assert small.data_ptr() == small_ptr  # under 1 MB: left where it was
     with torch.no_grad():
         assert torch.equal(model(torch.tensor([[1, 2, 3]])), reference)
     model.train()
