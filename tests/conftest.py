@@ -82,3 +82,24 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def device(request) -> str:
     """Each device present: ``"cpu"``, then ``"cuda"`` (skipped with a reason where there is no GPU)."""
     return request.param
+
+
+def sigkill_after_first_checkpoint(cmd: list[str], env: dict, trainer_dir: Path, *, timeout: float,
+                                   settle: float = 0.0) -> None:
+    """Run the training command ``cmd``, wait until it has written its first checkpoint under ``trainer_dir``
+    (at most ``timeout`` seconds), wait ``settle`` seconds more, and SIGKILL it. Fails if it finished first."""
+    import signal
+    import subprocess
+    import time
+
+    from gpt2lab.training.checkpoint import CheckpointDir
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = CheckpointDir(trainer_dir)
+    deadline = time.monotonic() + timeout
+    while checkpoints.latest() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    time.sleep(settle)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +30,9 @@ from gpt2lab.training.chat_data import (
     prepare_chat_data,
     read_conversations,
 )
-from gpt2lab.training.checkpoint import CheckpointDir
 from gpt2lab.training.data import DataError, DataStats
 
+from .conftest import sigkill_after_first_checkpoint
 from .test_chat_template import CHATML
 
 TOK = Tokenizer.gpt2()
@@ -199,15 +197,7 @@ def test_chat_lora_run_resumes_exactly_after_sigkill(tmp_path, tiny_checkpoint):
     assert info["format"] == "chat" and info["loss_on"] == "assistant_tokens"
     assert all(r["loss_on"] == "assistant_tokens" for r in _metrics(ref))
     assert (ref / "adapter").is_dir()
-    proc = subprocess.Popen(_finetune(data, killed, *args), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoints = CheckpointDir(killed / "trainer")
-    deadline = time.monotonic() + 300
-    while checkpoints.latest() is None and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_after_first_checkpoint(_finetune(data, killed, *args), _env(), killed / "trainer", timeout=300)
     subprocess.run(_finetune(data, killed, *args, "--resume"), check=True, env=_env(), capture_output=True,
                    timeout=600)
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(killed / "model.safetensors"))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from gpt2lab.training.checkpoint import CheckpointDir
 from gpt2lab.training.data import split_documents
 from gpt2lab.training.trainer import BlockSampler, lr_at, param_groups
 
-from .conftest import make_hf_checkpoint
+from .conftest import make_hf_checkpoint, sigkill_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=64"
@@ -240,17 +238,10 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     corpus = _corpus(tmp_path, repeats=60)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_train_cmd(corpus, ref), check=True, env=_env(), capture_output=True, timeout=300)
-    proc = subprocess.Popen(_train_cmd(corpus, killed), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoints = CheckpointDir(killed / "trainer")
-    deadline = time.monotonic() + 240
-    while checkpoints.latest() is None and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    time.sleep(0.3)  # somewhere after the first checkpoint, mid-step or mid-save
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = torch.load(checkpoints.latest() / "state.pt", weights_only=False)["step"]
+    # settle: somewhere after the first checkpoint, mid-step or mid-save
+    sigkill_after_first_checkpoint(_train_cmd(corpus, killed), _env(), killed / "trainer", timeout=240,
+                                   settle=0.3)
+    saved = torch.load(CheckpointDir(killed / "trainer").latest() / "state.pt", weights_only=False)["step"]
     assert 4 <= saved < 16
     subprocess.run(_train_cmd(corpus, killed, "--resume"), check=True, env=_env(), capture_output=True, timeout=300)
     for sub in ("trainer", "."):

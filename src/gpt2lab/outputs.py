@@ -59,3 +59,28 @@ def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Pa
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{option} {path}: cannot write there (permission denied)")
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename: a crash leaves the old file or
+    the new one, never a part."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .reviewset import ReviewSet, write_text_atomic
+from ..outputs import write_text_atomic
+from .reviewset import ReviewSet
 from .summary import latest
 
 

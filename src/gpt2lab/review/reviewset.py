@@ -15,9 +15,7 @@ the candidate is. Item ids are opaque (``i0001``...), so they tell a reviewer no
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..jsonl import json_objects
+from ..outputs import write_text_atomic
 
 if TYPE_CHECKING:
     from ..generation import Generator
@@ -218,31 +217,6 @@ def from_augment(path: str | Path, text_column: str = "text") -> ReviewSet:
 
 
 # -- files ---------------------------------------------------------------------------------------------
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename: a crash leaves the old file or
-    the new one, never a part."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_review_set(review: ReviewSet, path: str | Path) -> Path:
     """Write the review file atomically."""
     lines = [json.dumps(review.header(), ensure_ascii=False)]

@@ -306,7 +306,7 @@ def render_html(summary: dict[str, Any], png: bytes | None = None, title: str = 
 
 def write_outputs(summary: dict[str, Any], out: str | Path, title: str = "review") -> dict[str, Path]:
     """summary.json, plot.png (when there is something to plot) and report.html in directory ``out``."""
-    from .reviewset import write_text_atomic
+    from ..outputs import write_text_atomic
 
     out = Path(out)
     if out.exists() and not out.is_dir():

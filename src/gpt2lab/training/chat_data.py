@@ -33,7 +33,17 @@ import torch
 from ..generation.chat_format import fit_messages
 from ..generation.chat_template import ChatTemplate, ChatTemplateError
 from ..readers import ReadError, read_records
-from .data import DataError, DataStats, _source_key, expand_paths, split_documents, token_dtype
+from .data import (
+    DataError,
+    DataStats,
+    _cached_meta,
+    _source_key,
+    _vocab_hash,
+    _write_meta,
+    expand_paths,
+    split_documents,
+    token_dtype,
+)
 
 CHAT_CACHE_VERSION = 1
 ROLES = ("system", "user", "assistant")
@@ -247,19 +257,10 @@ def prepare_chat_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | 
            "val_share": val_share if val is None else None, "seed": seed, "max_tokens": max_tokens,
            "template": hashlib.blake2b(json.dumps([template.source, template.variables], sort_keys=True).encode(),
                                        digest_size=8).hexdigest(),
-           "vocab_hash": hashlib.blake2b(json.dumps(tokenizer.backend.get_vocab(), sort_keys=True).encode(),
-                                         digest_size=8).hexdigest()}
+           "vocab_hash": _vocab_hash(tokenizer)}
     cache = Path(cache_dir)
-    meta_path = cache / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError:
-            meta = {}
-        if meta.get("key") == key:
-            return _open(cache, meta, dtype)
-    cache.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)
+    if (meta := _cached_meta(cache, key)) is not None:
+        return _open(cache, meta, dtype)
 
     def tokenize(fs: Sequence[Path]) -> tuple[list[tuple[list[int], list[int]]], list[int], int, int]:
         convs, hashes, skipped, trimmed = [], [], 0, 0
@@ -315,9 +316,7 @@ def prepare_chat_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | 
             "val_conversations": len(val_convs), "train_tokens": n_tok, "train_assistant_tokens": n_asst,
             "val_tokens": v_tok, "val_assistant_tokens": v_asst, "trimmed": trimmed, "skipped": skipped,
             "note": note}
-    tmp = cache / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    _write_meta(cache, meta)
     if trimmed or skipped:
         log(f"gpt2lab: {trimmed} conversation(s) lost their oldest turns to fit {max_tokens} tokens; "
             f"{skipped} skipped (even their last exchange is longer)")

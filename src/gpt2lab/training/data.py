@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outputs import write_text_atomic
 from ..readers import ReadError, ReadStats, iter_csv, iter_text_chunks, read_records, split_text
 from . import hf_data
 
@@ -269,6 +270,32 @@ def _source_key(files: Sequence[Path]) -> list[list]:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def _vocab_hash(tokenizer) -> str:  # noqa: ANN001 - a gpt2lab Tokenizer
+    """A short digest of the tokenizer's vocabulary: part of a token cache's key."""
+    return hashlib.blake2b(json.dumps(tokenizer.backend.get_vocab(), sort_keys=True).encode(),
+                           digest_size=8).hexdigest()
+
+
+def _cached_meta(cache: Path, key: dict) -> dict | None:
+    """The ``meta.json`` of a token cache in ``cache`` built for ``key``, or None. On None the folder exists
+    and holds no ``meta.json``: a cache is valid only once :func:`_write_meta` has written it, last."""
+    meta_path = cache / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:  # unreadable JSON (or text): rebuild
+            meta = {}
+        if meta.get("key") == key:
+            return meta
+    cache.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    return None
+
+
+def _write_meta(cache: Path, meta: dict) -> None:
+    write_text_atomic(cache / "meta.json", json.dumps(meta, indent=2))
+
+
 def prepare_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | os.PathLike[str], *,
                  tokenizer, val: str | os.PathLike[str] | None = None, val_share: float = 0.05,
                  text_field: str = "text", text_column: str = "text", seed: int = 0,
@@ -286,19 +313,10 @@ def prepare_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | os.Pa
     key = {"version": CACHE_VERSION, "sources": _source_key(files), "val_sources": _source_key(val_files),
            "val_share": val_share if val is None else None, "seed": seed, "text_field": text_field,
            "text_column": text_column, "vocab_size": tokenizer.vocab_size, "eos": eos, "dtype": dtype.name,
-           "vocab_hash": hashlib.blake2b(json.dumps(tokenizer.backend.get_vocab(), sort_keys=True).encode(),
-                                         digest_size=8).hexdigest()}
+           "vocab_hash": _vocab_hash(tokenizer)}
     cache = Path(cache_dir)
-    meta_path = cache / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-        if meta.get("key") == key:
-            return _open(cache, meta, dtype)
-    cache.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # the cache is valid only once meta.json is written last
+    if (meta := _cached_meta(cache, key)) is not None:
+        return _open(cache, meta, dtype)
 
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer.encode_batch(texts)
@@ -349,9 +367,7 @@ def prepare_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | os.Pa
     n_val = os.path.getsize(cache / "val.bin") // dtype.itemsize if (cache / "val.bin").exists() else 0
     meta = {"key": key, "train_tokens": n_train, "val_tokens": n_val, "train_documents": n_train_docs,
             "val_documents": n_val_docs, "replaced_bytes": stats.replaced_bytes, "note": note}
-    tmp = cache / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    _write_meta(cache, meta)
     if stats.replaced_bytes:
         log(f"gpt2lab: replaced {stats.replaced_bytes} invalid UTF-8 sequence(s) with U+FFFD")
     log(f"gpt2lab: {n_train:,} training tokens ({n_train_docs} documents), {n_val:,} validation tokens; {note}")
