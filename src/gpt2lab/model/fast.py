@@ -237,7 +237,7 @@ class _WeightsWatch:
         self.tensors, self.addresses = tensors, [t.data_ptr() for t in tensors]
 
     def fresh(self) -> bool:
-        # map() and list equality run in C: about 25 us for GPT-2 124M's 800 checks
+        # map() and list equality run in C: about 60-75 us for GPT-2 124M (800 entries and the hook tables)
         return ([len(table) for table in self.tables] == self.sizes
                 and all(map(operator.is_, [table.get(name) for table, name in self.keys], self.values))
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.addresses)
