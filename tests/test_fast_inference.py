@@ -88,6 +88,33 @@ def test_the_runner_follows_replaced_and_rewritten_weights(tmp_path):
         assert torch.equal(last_logits(), before)
 
 
+@needs_kernels
+def test_unchanged_weights_checks_once_and_recheck_weights_follows_a_replacement(tmp_path):
+    """Inside fast.unchanged_weights the runner is checked at the first forward only (the promise is the
+    caller's: a tensor replaced without recheck_weights is not seen); recheck_weights and leaving the block
+    bring the check back."""
+    model = load_model(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"]))
+    other = load_model(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"]))
+    ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = other(ids)[0, -1]
+
+        def last_logits():
+            model.setup_cache(max_batch=1, max_seq=16)
+            return model(ids, input_pos=torch.arange(12)[None], logits_index=torch.tensor([11]))[0]
+
+        before = last_logits()
+        with fast.unchanged_weights(model), fast.unchanged_weights(model):  # blocks nest
+            assert torch.equal(last_logits(), before)
+            model.load_state_dict(other.state_dict(), assign=True)  # new tensors, the promise broken
+            assert torch.equal(last_logits(), before)  # not checked again: the old tensors are still read
+            fast.recheck_weights(model)
+            assert (last_logits() - want).abs().max() < 1e-4
+            model.load_state_dict(load_model(tmp_path / "a").state_dict(), assign=True)
+        assert "_unchanged" not in model.__dict__
+        assert torch.equal(last_logits(), before)  # checked again outside the block
+
+
 @pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
 def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_path, name):
     """The kernels index memory by the config's shapes: a tensor of another shape must send the forward

@@ -197,3 +197,64 @@ def test_build_is_cached_and_a_missing_or_broken_compiler_falls_back(tmp_path):
     assert not list((tmp_path / "c3" / "gpt2lab" / "kernels").glob("*.so"))
     again = run_python(probe, XDG_CACHE_HOME=str(tmp_path / "c3"), CC=shutil.which("false") or "false")
     assert again.stdout.strip() == "False" and "failed" not in again.stderr  # remembered, not retried
+
+
+def _torch_top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """transformers' TopKLogitsWarper, row by row (the reference the kernel must equal)."""
+    out = scores.clone()
+    for row, k in zip(out, ks):
+        if k:
+            row.masked_fill_(row < torch.topk(row, k).values[-1], float("-inf"))
+    return out
+
+
+def _hard_rows(gen: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    """Scores with what makes selection and sums tricky: ties, -inf, +inf, repeated maxima, rounded values."""
+    scores = torch.randn(rows, vocab, generator=gen) * 3
+    scores[0] = torch.round(scores[0])  # many ties
+    scores[1, 1::3] = float("-inf")  # masked by an earlier processor
+    scores[2, :7] = 5.0  # a tie at the top
+    if rows > 3:
+        scores[3, min(5, vocab - 1)] = float("inf")
+    return scores
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 100, 50257])
+def test_the_top_k_kernel_equals_torch_topk_then_masked_fill(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    scores = _hard_rows(gen, 5, vocab)
+    for ks in ([1] * 5, [min(50, vocab)] * 5, [vocab, 0, 1, min(3, vocab), min(40, vocab)], [0] * 5):
+        out = scores.clone()
+        assert kernels.top_k_(out, ks)
+        torch.testing.assert_close(out, _torch_top_k(scores, ks), rtol=0, atol=0, equal_nan=True)
+
+
+@needs_kernels
+def test_the_top_k_kernel_leaves_a_nan_row_to_torch():
+    scores = torch.randn(2, 300)
+    scores[1, 200] = float("nan")
+    out = scores.clone()
+    assert not kernels.top_k_(out, [5, 5])
+    torch.testing.assert_close(out, scores, rtol=0, atol=0, equal_nan=True)  # untouched
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [1, 9, 1000, 50257])
+def test_the_inverse_cdf_kernel_equals_cumsum_and_searchsorted(vocab):
+    gen = torch.Generator().manual_seed(vocab + 1)
+    scores = _hard_rows(gen, 4, vocab)
+    scores[3] = torch.randn(vocab, generator=gen)  # no inf: a full row
+    for ks in ([min(50, vocab)] * 4, [0] * 4):
+        probs = _torch_top_k(scores, ks).softmax(-1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        assert torch.equal(kernels.row_totals(probs), cdf[:, -1])
+        # the draws that decide a row: 0, every cdf step exactly (right=True: the next token), just below
+        # and above steps, and the largest target allowed
+        for j in range(min(vocab, 60)):
+            targets = torch.stack([cdf[r, min(j, vocab - 1)] for r in range(4)])
+            for t in (targets, torch.nextafter(targets, torch.zeros(())), torch.nextafter(targets, cdf[:, -1]),
+                      torch.zeros(4, dtype=torch.float64), torch.nextafter(cdf[:, -1], torch.zeros(()))):
+                t = torch.minimum(t, torch.nextafter(cdf[:, -1], torch.zeros(())))
+                expected = torch.searchsorted(cdf, t[:, None], right=True)[:, 0]
+                assert torch.equal(kernels.inverse_cdf(probs, t), expected), (j, t)

@@ -16,6 +16,7 @@ from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
 from ..model import GPT2, GPT2Config, check_quantization
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
+from ..model.fast import unchanged_weights
 from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
@@ -129,23 +130,29 @@ class Generator:
             engine.add_request(ids, params, request_id=str(i))
         parts: dict[tuple[str, int], list] = {}
         prompt_lp: dict[str, list[TokenLogprob]] = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.error is not None:
-                    raise RuntimeError(f"generation failed for prompt {out.request_id}: {out.error}")
-                acc = parts.setdefault((out.request_id, out.index), [[], [], [] if out.logprobs is not None else None,
-                                                                     None])
-                acc[0] += out.token_ids
-                acc[1].append(out.text)
-                if out.logprobs is not None:
-                    acc[2] += out.logprobs
-                acc[3] = out.finish_reason
-                if out.prompt_logprobs is not None:  # the prompt's, shared by its samples
-                    prompt_lp[out.request_id] = out.prompt_logprobs
+        with unchanged_weights(self.model):  # no other code runs between the steps of this loop
+            while engine.has_unfinished():
+                self._collect(engine.step(), parts, prompt_lp)
         return [Completion(text="".join(acc[1]), token_ids=acc[0], finish_reason=acc[3], logprobs=acc[2],
                            prompt=p, index=j, prompt_logprobs=prompt_lp.get(str(i)))
                 for i, p in enumerate(prompt_list) for j in range(params.n)
                 for acc in [parts[(str(i), j)]]]
+
+    @staticmethod
+    def _collect(outputs: list, parts: dict[tuple[str, int], list], prompt_lp: dict[str, list[TokenLogprob]]) -> None:
+        """Add one engine step's outputs to ``parts`` (token ids, texts, logprobs, finish reason per sample)."""
+        for out in outputs:
+            if out.error is not None:
+                raise RuntimeError(f"generation failed for prompt {out.request_id}: {out.error}")
+            acc = parts.setdefault((out.request_id, out.index), [[], [], [] if out.logprobs is not None else None,
+                                                                 None])
+            acc[0] += out.token_ids
+            acc[1].append(out.text)
+            if out.logprobs is not None:
+                acc[2] += out.logprobs
+            acc[3] = out.finish_reason
+            if out.prompt_logprobs is not None:  # the prompt's, shared by its samples
+                prompt_lp[out.request_id] = out.prompt_logprobs
 
     def stream(self, prompt: str, params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the completion's text as it is produced; the pieces join to ``generate(prompt)[0].text``."""

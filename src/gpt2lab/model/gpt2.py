@@ -305,6 +305,7 @@ class GPT2(nn.Module):
         # stays behind: a deepcopy or an unpickled model makes its own on its first cached forward
         state = super().__getstate__()
         state.pop("_runner", None)
+        state.pop("_unchanged", None)
         return state
 
     def quantize(self, quantization: str) -> GPT2:

@@ -486,7 +486,9 @@ typedef struct {
  * kind (int8: its scale per row); head: the LM head (no bias). Scratch: x and h of n_tok * n_embd floats, big of
  * n_tok * max(3 * n_embd, n_inner), hl of n_logits * n_embd, scores of n_threads * max_seq; for int8
  * weights xq of n_tok * max(n_embd, n_inner) int16 and xs of n_tok floats (else unused). */
-void gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_matrix *wte, const float *wpe,
+/* Returns 0, or without doing anything 1 when a token id is outside [0, vocab), 2 when a position is outside
+ * [0, max_seq) (the caller says which: it indexes memory). */
+int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_matrix *wte, const float *wpe,
                      const float *ln_f_w, const float *ln_f_b, const gpt2lab_matrix *head, const int64_t *tokens,
                      const int64_t *positions, const int64_t *cache_rows, int64_t n_tok, const int64_t *logit_tokens,
                      int64_t n_logits, int64_t n_embd, int64_t n_head, int64_t n_inner, int64_t vocab, int64_t max_seq,
@@ -494,6 +496,10 @@ void gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab
                      int16_t *xq_scratch, float *xs_scratch, float *logits, int n_threads) {
     const int64_t C = n_embd, D = n_embd / n_head;
     const q16_rows xq = {xq_scratch, xs_scratch};
+    for (int64_t t = 0; t < n_tok; t++) {
+        if (tokens[t] < 0 || tokens[t] >= vocab) return 1;
+        if (positions[t] < 0 || positions[t] >= max_seq) return 2;
+    }
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(static)
@@ -565,5 +571,117 @@ void gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab
         for (int64_t i = 0; i < n_logits; i++)
             layer_norm(x + logit_tokens[i] * C, ln_f_w, ln_f_b, hl + i * C, C, eps);
         team_linear(hl, head, logits, n_logits, vocab, C, EPILOGUE_NONE, &xq, 0);
+    }
+    return 0;
+}
+
+/* ---- Sampling: the two full-vocabulary scans of a sampling step (sampling/transforms.py TopK,
+ * sampling/pipeline.py sample) ----
+ * Their results equal the PyTorch code's exactly: a selection and comparisons do not round, and the
+ * inverse-CDF sums are the same float64 additions in the same order (torch's CPU cumsum adds in index
+ * order). They only skip work: after top-k, all but k of 50k probabilities are zero, and adding 0.0 to
+ * a sum leaves it unchanged, so blocks of zeros are skipped; the scan for the k-th value only looks at
+ * a value beating the k-th best so far, which a block of 8 rules out with one comparison. */
+
+static void heap_sift_down(float *heap, int64_t n, int64_t i) { /* min-heap: heap[0] the smallest */
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= n) return;
+        if (c + 1 < n && heap[c + 1] < heap[c]) c++;
+        if (!(heap[c] < heap[i])) return;
+        const float t = heap[c];
+        heap[c] = heap[i];
+        heap[i] = t;
+        i = c;
+    }
+}
+
+/* The k-th highest value of row[0..n), repeats counted (torch.topk(row, k).values[k - 1]), 1 <= k <= n;
+ * heap has room for k floats. Returns NAN, and *has_nan = 1, when the row holds a NaN. */
+static float kth_highest(const float *row, int64_t n, int64_t k, float *heap, int *has_nan) {
+    for (int64_t i = 0; i < k; i++) {
+        if (isnan(row[i])) { *has_nan = 1; return NAN; }
+        heap[i] = row[i];
+    }
+    for (int64_t i = k / 2 - 1; i >= 0; i--) heap_sift_down(heap, k, i);
+    int64_t i = k;
+#if GPT2LAB_AVX2
+    for (; i + 8 <= n; i += 8) {
+        /* lanes above the k-th best so far, or NaN (unordered): usually none */
+        int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(heap[0]), _CMP_NLE_UQ));
+        while (bits) {
+            const float v = row[i + __builtin_ctz(bits)];
+            bits &= bits - 1;
+            if (isnan(v)) { *has_nan = 1; return NAN; }
+            if (v > heap[0]) { heap[0] = v; heap_sift_down(heap, k, 0); }
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        const float v = row[i];
+        if (isnan(v)) { *has_nan = 1; return NAN; }
+        if (v > heap[0]) { heap[0] = v; heap_sift_down(heap, k, 0); }
+    }
+    return heap[0];
+}
+
+/* transformers' TopKLogitsWarper on rows [rows, vocab], in place: every score below the row's
+ * ks[row]-th highest becomes -inf (ties with it stay); ks[row] == 0 leaves the row alone, else
+ * 1 <= ks[row] <= vocab. heap: room for max(ks) floats; thresholds: for rows floats. Returns 0, or 1 without
+ * changing anything when a row holds a NaN (torch.topk's order for NaN is the PyTorch code's to keep: the
+ * caller runs it). */
+int gpt2lab_top_k_(float *scores, int64_t rows, int64_t vocab, const int64_t *ks, float *heap, float *thresholds) {
+    int has_nan = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if (ks[r] == 0) continue;
+        thresholds[r] = kth_highest(scores + r * vocab, vocab, ks[r], heap, &has_nan);
+        if (has_nan) return 1;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        if (ks[r] == 0) continue;
+        float *row = scores + r * vocab;
+        const float threshold = thresholds[r];
+        for (int64_t i = 0; i < vocab; i++) row[i] = row[i] < threshold ? -INFINITY : row[i];
+    }
+    return 0;
+}
+
+/* The float64 running sum of row[0..n) in index order, stopped at the first index where it exceeds
+ * target (returned; *sum is the sum so far), or the whole sum (returns n). Zeros are skipped: x + 0.0 == x. */
+static int64_t running_sum(const float *row, int64_t n, double target, double *sum) {
+    double acc = 0.0;
+    int64_t i = 0;
+#if GPT2LAB_AVX2
+    for (; i + 8 <= n; i += 8) {
+        int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+        while (bits) {
+            const int64_t j = i + __builtin_ctz(bits);
+            bits &= bits - 1;
+            acc += (double)row[j];
+            if (acc > target) { *sum = acc; return j; }
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        acc += (double)row[i];
+        if (acc > target) { *sum = acc; return i; }
+    }
+    *sum = acc;
+    return n;
+}
+
+/* Per row of probabilities [rows, vocab]: totals[r], the float64 sum in index order (the last entry of
+ * torch.cumsum(row, dtype=float64); NaN if the row holds one). */
+void gpt2lab_row_totals(const float *probs, int64_t rows, int64_t vocab, double *totals) {
+    for (int64_t r = 0; r < rows; r++) running_sum(probs + r * vocab, vocab, INFINITY, totals + r);
+}
+
+/* Per row: the first index whose float64 running sum exceeds targets[r] (torch.searchsorted(cumsum,
+ * target, right=True)); targets[r] < the row's total, so that index holds a probability above 0. */
+void gpt2lab_inverse_cdf(const float *probs, int64_t rows, int64_t vocab, const double *targets, int64_t *picked) {
+    double sum;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t i = running_sum(probs + r * vocab, vocab, targets[r], &sum);
+        picked[r] = i < vocab ? i : vocab; /* vocab: past the end, as searchsorted would say */
     }
 }

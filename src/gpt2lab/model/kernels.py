@@ -69,11 +69,16 @@ class Layer(ctypes.Structure):
                 ("k_cache", _ptr), ("v_cache", _ptr), ("attn_scale", ctypes.c_float)]
 
 
-_SIGNATURES = {
-    "gpt2lab_linear": [_ptr, ctypes.POINTER(Matrix), _ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int],
-    "gpt2lab_forward": [ctypes.POINTER(Layer), _i64, ctypes.POINTER(Matrix), _ptr, _ptr, _ptr,
-                        ctypes.POINTER(Matrix), _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                        ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int],
+_c_int = ctypes.c_int
+_SIGNATURES = {  # name: (argument types, return type)
+    "gpt2lab_linear": ([_ptr, ctypes.POINTER(Matrix), _ptr, _i64, _i64, _i64, _ptr, _ptr, _c_int], None),
+    "gpt2lab_forward": ([ctypes.POINTER(Layer), _i64, ctypes.POINTER(Matrix), _ptr, _ptr, _ptr,
+                         ctypes.POINTER(Matrix), _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
+                         ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _c_int], _c_int),
+    "gpt2lab_top_k_": ([_ptr, _i64, _i64, _ptr, _ptr, _ptr], _c_int),
+    "gpt2lab_row_totals": ([_ptr, _i64, _i64, _ptr], None),
+    "gpt2lab_inverse_cdf": ([_ptr, _i64, _i64, _ptr, _ptr], None),
+    "gpt2lab_has_avx2": ([], _c_int),
 }
 _library: ctypes.CDLL | None = None
 _loaded = False
@@ -145,10 +150,9 @@ def library() -> ctypes.CDLL | None:
                 path = _build()
                 if path is not None:
                     lib = ctypes.CDLL(str(path))
-                    for name, argtypes in _SIGNATURES.items():
+                    for name, (argtypes, restype) in _SIGNATURES.items():
                         getattr(lib, name).argtypes = argtypes
-                        getattr(lib, name).restype = None
-                    lib.gpt2lab_has_avx2.restype = ctypes.c_int
+                        getattr(lib, name).restype = restype
                     if not lib.gpt2lab_has_avx2():
                         logger.warning("gpt2lab's CPU kernels were built without AVX2/FMA (this CPU or compiler "
                                        "lacks them): results are the same, decoding is several times slower")
@@ -192,3 +196,48 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             None if xq is None else xq.data_ptr(), None if xs is None else xs.data_ptr(),
                             torch.get_num_threads())
     return y
+
+
+def _rows(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``[rows, vocab]`` matrix the sampling kernels can scan."""
+    return t.dim() == 2 and t.is_contiguous() and usable(t)
+
+
+def top_k_(scores: torch.Tensor, ks: list[int]) -> bool:
+    """transformers' top-k filter on ``scores [B, V]``, in place: every score below row ``b``'s
+    ``ks[b]``-th highest becomes -inf, ties with it stay (``ks[b] == 0``: row left alone, else
+    ``1 <= ks[b] <= V``). The same result as ``torch.topk`` then ``masked_fill``, exactly, at a fraction of
+    the cost (one pass that rarely looks closer than one comparison per 8 scores).
+
+    Returns False, having changed nothing, when the kernels cannot do it (unavailable, not a contiguous
+    CPU fp32 matrix, a NaN in a row): the caller runs the PyTorch code instead.
+    """
+    if not _rows(scores) or len(ks) != scores.shape[0]:
+        return False
+    rows, vocab = scores.shape
+    heap, thresholds = torch.empty(max(ks)), torch.empty(rows)
+    k = (ctypes.c_int64 * rows)(*ks)
+    return _library.gpt2lab_top_k_(scores.data_ptr(), rows, vocab, k, heap.data_ptr(), thresholds.data_ptr()) == 0
+
+
+def row_totals(probs: torch.Tensor) -> torch.Tensor | None:
+    """The float64 sum of each row of ``probs [B, V]`` in index order, ``[B]`` (exactly the last column of
+    ``probs.cumsum(-1, dtype=torch.float64)``; NaN where a row holds one), or None where the kernels cannot
+    scan ``probs`` (see :func:`top_k_`)."""
+    if not _rows(probs):
+        return None
+    totals = torch.empty(probs.shape[0], dtype=torch.float64)
+    _library.gpt2lab_row_totals(probs.data_ptr(), probs.shape[0], probs.shape[1], totals.data_ptr())
+    return totals
+
+
+def inverse_cdf(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs [B, V]``, the first index whose float64 running sum exceeds ``targets [B]``
+    (float64, each below its row's :func:`row_totals`): exactly ``torch.searchsorted(probs.cumsum(-1,
+    dtype=torch.float64), targets[:, None], right=True)[:, 0]``, ``[B]`` int64. Only for ``probs`` that
+    :func:`row_totals` scanned."""
+    targets = targets.to(torch.float64).contiguous()
+    picked = torch.empty(probs.shape[0], dtype=torch.int64)
+    _library.gpt2lab_inverse_cdf(probs.data_ptr(), probs.shape[0], probs.shape[1], targets.data_ptr(),
+                                 picked.data_ptr())
+    return picked

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..model import kernels
 from .params import SamplingParams
 from .transforms import (
     NEG_INF,
@@ -174,9 +175,13 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     device = scores.device
     index = None if len(rows) == batch else torch.tensor(rows, device=device)
     sub = scores if index is None else scores[index]
-    cdf = sub.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)  # float64: exact enough over 50k terms
-    total = cdf[:, -1:]
-    if bool(torch.isnan(total).any() | (total <= 0).any()):
+    probs = sub.softmax(dim=-1)
+    # the running sums in float64 (exact enough over 50k terms); the kernels add the same numbers in the same
+    # order, skipping the zeros that top-k and the other filters leave (most of the vocabulary)
+    totals = kernels.row_totals(probs)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64) if totals is None else None
+    total = (cdf[:, -1] if totals is None else totals).unsqueeze(1)  # [R, 1]
+    if not bool((total > 0).all()):  # NaN or nothing left
         if bool(torch.isnan(sub).any()):
             raise ValueError(NAN_SCORES_ERROR)
         raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
@@ -191,7 +196,8 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
             uniforms[j] = torch.rand(1, dtype=torch.float64, device=device, generator=generators[i])[0]
     # u * total < total, so the pick is a token whose probability is > 0 (cdf strictly rises there).
     target = torch.minimum(uniforms.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    picked = (torch.searchsorted(cdf, target, right=True).squeeze(1) if cdf is not None
+              else kernels.inverse_cdf(probs, target.squeeze(1)))
     if index is None:
         return picked
     tokens = _argmax(scores)

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..model import kernels
+
 ParamValues = float | Sequence[float]
 
 NEG_INF = float("-inf")
@@ -423,6 +425,8 @@ class TopK(LogitsTransform):
         vocab = scores.shape[-1]
         ks = [min(max(k, self.min_tokens_to_keep), vocab) if k else 0 for k in self.top_k]
         if not any(ks):
+            return scores
+        if kernels.top_k_(scores, ks * scores.shape[0] if len(ks) == 1 else ks):  # the same, in one C pass
             return scores
         kth = torch.topk(scores, max(ks)).values  # [B, max k], descending
         pick = _column([max(k, 1) - 1 for k in ks], scores, torch.long).expand(scores.shape[0], 1)

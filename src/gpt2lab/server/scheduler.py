@@ -178,7 +178,11 @@ class Scheduler:
         self.ready.set()
         import torch
 
-        with torch.inference_mode():  # the KV cache holds inference tensors; aborts move its rows too
+        from ..model.fast import unchanged_weights
+
+        # the KV cache holds inference tensors, and aborts move its rows too; only this thread runs the model, and
+        # only a "call" command may change it (recheck_weights after each)
+        with torch.inference_mode(), unchanged_weights(self.generator.model):
             self._loop()
         self._fail_all(EngineFailure("the server is shutting down"))
 
@@ -228,11 +232,15 @@ class Scheduler:
                     self.engine.abort(request_id)
                     self._release_stream(stream)
         elif kind == "call":
+            from ..model.fast import recheck_weights
+
             fn, future = payload
             try:
                 future.set_result(fn(self.generator))
             except Exception as exc:  # noqa: BLE001
                 future.set_exception(exc)
+            finally:
+                recheck_weights(self.generator.model)  # fn may have changed the model
 
     def _step(self) -> None:
         running = self.engine.num_running
