@@ -257,4 +257,16 @@ def test_the_inverse_cdf_kernel_equals_cumsum_and_searchsorted(vocab):
                       torch.zeros(4, dtype=torch.float64), torch.nextafter(cdf[:, -1], torch.zeros(()))):
                 t = torch.minimum(t, torch.nextafter(cdf[:, -1], torch.zeros(())))
                 expected = torch.searchsorted(cdf, t[:, None], right=True)[:, 0]
-                assert torch.equal(kernels.inverse_cdf(probs, t), expected), (j, t)
+                assert torch.equal(kernels.inverse_cdf(probs, t.tolist()), expected), (j, t)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_linear_refuses_a_wrong_input_width_and_takes_zero_rows(kind):
+    """A mismatched x once made the C code see zero rows and die of SIGFPE, taking the process with it."""
+    gen = torch.Generator().manual_seed(0)
+    weight, scales, _ = _weights(kind, 768, 3072, gen)
+    with pytest.raises(ValueError, match="x has 768 features"):
+        kernels.linear(torch.randn(1, 768), weight, torch.zeros(768), scales)
+    assert kernels.linear(torch.randn(0, 3072), weight, torch.zeros(768), scales).shape == (0, 768)
+    assert kernels.linear(torch.randn(2, 0, 3072), weight, None, scales).shape == (2, 0, 768)

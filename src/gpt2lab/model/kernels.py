@@ -186,9 +186,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     others.
     """
     n_out, n_in = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight [{n_out}, {n_in}] takes {n_in}")
     x = x.contiguous()
     n_rows = x.numel() // n_in
     y = torch.empty(*x.shape[:-1], n_out)
+    if n_rows == 0:
+        return y
     matrix = Matrix.of(weight, bias, scale)
     # int8 weights: the kernel quantizes x's rows to int16 here (see kernels.c)
     xq, xs = (torch.empty(n_rows, n_in, dtype=torch.int16), torch.empty(n_rows)) if scale is not None else (None, None)
@@ -231,13 +235,11 @@ def row_totals(probs: torch.Tensor) -> torch.Tensor | None:
     return totals
 
 
-def inverse_cdf(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per row of ``probs [B, V]``, the first index whose float64 running sum exceeds ``targets [B]``
-    (float64, each below its row's :func:`row_totals`): exactly ``torch.searchsorted(probs.cumsum(-1,
-    dtype=torch.float64), targets[:, None], right=True)[:, 0]``, ``[B]`` int64. Only for ``probs`` that
-    :func:`row_totals` scanned."""
-    targets = targets.to(torch.float64).contiguous()
+def inverse_cdf(probs: torch.Tensor, targets: list[float]) -> torch.Tensor:
+    """Per row of ``probs [B, V]``, the first index whose float64 running sum exceeds ``targets[b]`` (each
+    below its row's :func:`row_totals`): exactly ``torch.searchsorted(probs.cumsum(-1, dtype=torch.float64),
+    targets[:, None], right=True)[:, 0]``, ``[B]`` int64. Only for ``probs`` that :func:`row_totals` scanned."""
     picked = torch.empty(probs.shape[0], dtype=torch.int64)
-    _library.gpt2lab_inverse_cdf(probs.data_ptr(), probs.shape[0], probs.shape[1], targets.data_ptr(),
-                                 picked.data_ptr())
+    _library.gpt2lab_inverse_cdf(probs.data_ptr(), probs.shape[0], probs.shape[1],
+                                 (ctypes.c_double * len(targets))(*targets), picked.data_ptr())
     return picked

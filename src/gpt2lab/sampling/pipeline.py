@@ -11,6 +11,7 @@ fraction of the cost, since sorting 50k logits per row is the most expensive thi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -187,17 +188,18 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
         raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
     # drawn only once the rows are known to be sound: a call that raises consumes no random numbers,
     # so a batch retried row by row (the engine's fault isolation) draws the same tokens
-    uniforms = torch.empty(len(rows), dtype=torch.float64, device=device)
     unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
-    if unseeded:
-        uniforms[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=device)
-    for j, i in enumerate(rows):
-        if generators[i] is not None:
-            uniforms[j] = torch.rand(1, dtype=torch.float64, device=device, generator=generators[i])[0]
-    # u * total < total, so the pick is a token whose probability is > 0 (cdf strictly rises there).
-    target = torch.minimum(uniforms.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    picked = (torch.searchsorted(cdf, target, right=True).squeeze(1) if cdf is not None
-              else kernels.inverse_cdf(probs, target.squeeze(1)))
+    seeded = [j for j, i in enumerate(rows) if generators[i] is not None]
+    draws = [torch.rand(len(unseeded), dtype=torch.float64, device=device)] if unseeded else []
+    draws += [torch.rand(1, dtype=torch.float64, device=device, generator=generators[rows[j]]) for j in seeded]
+    uniforms = [0.0] * len(rows)
+    for j, u in zip(unseeded + seeded, torch.cat(draws).tolist()):  # one copy to the host, not one per row
+        uniforms[j] = u
+    # u * total < total, so the pick is a token whose probability is > 0 (cdf strictly rises there); Python
+    # floats are float64, so these are the same roundings as on tensors
+    targets = [min(u * t, math.nextafter(t, 0.0)) for u, t in zip(uniforms, total[:, 0].tolist())]
+    picked = (torch.searchsorted(cdf, torch.tensor(targets, dtype=torch.float64, device=device)[:, None],
+                                 right=True)[:, 0] if cdf is not None else kernels.inverse_cdf(probs, targets))
     if index is None:
         return picked
     tokens = _argmax(scores)
