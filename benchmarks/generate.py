@@ -141,7 +141,8 @@ def memory_bandwidth_gbs(rounds: int = 8) -> float:
             subprocess.run([compiler, "-O2", "-mavx2", "-fopenmp", "-shared", "-fPIC", str(tmp / "read.c"), "-o",
                             str(tmp / "read.so")], check=True, capture_output=True)
             lib = ctypes.CDLL(str(tmp / "read.so"))
-            lib.read_all.argtypes, lib.read_all.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_float
+            lib.read_all.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            lib.read_all.restype = ctypes.c_float
             threads = torch.get_num_threads()
 
             def read() -> float:

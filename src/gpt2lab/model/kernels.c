@@ -509,6 +509,44 @@ typedef struct {
  * kind (int8: its scale per row); head: the LM head (no bias). Scratch: x and h of n_tok * n_embd floats, big of
  * n_tok * max(3 * n_embd, n_inner), hl of n_logits * n_embd, scores of n_threads * max_seq; for int8
  * weights xq of n_tok * max(n_embd, n_inner) int16 and xs of n_tok floats (else unused). */
+/* token th / n_head's key and value for head th % n_head (from its [q | k | v] row of big) into its cache slot */
+static inline void store_kv(const gpt2lab_layer *L, const float *big, const int64_t *positions,
+                            const int64_t *cache_rows, int64_t th, int64_t n_head, int64_t C, int64_t D,
+                            int64_t max_seq) {
+    const int64_t t = th / n_head, hd = th % n_head;
+    const float *qkv = big + t * 3 * C;
+    const int64_t offset = ((cache_rows[t] * n_head + hd) * max_seq + positions[t]) * D;
+    memcpy(L->k_cache + offset, qkv + C + hd * D, D * sizeof(float));
+    memcpy(L->v_cache + offset, qkv + 2 * C + hd * D, D * sizeof(float));
+}
+
+/* token th / n_head's attention output for head th % n_head, over slots 0..position of its cache row, into h */
+static inline void attend(const gpt2lab_layer *L, const float *big, float *h, const int64_t *positions,
+                          const int64_t *cache_rows, int64_t th, int64_t n_head, int64_t C, int64_t D,
+                          int64_t max_seq, float *scores_all) {
+    const int64_t t = th / n_head, hd = th % n_head, len = positions[t] + 1;
+    const float *q = big + t * 3 * C + hd * D;
+    const int64_t offset = (cache_rows[t] * n_head + hd) * max_seq * D;
+    const float *kh = L->k_cache + offset, *vh = L->v_cache + offset;
+    float *scores = scores_all;
+#ifdef _OPENMP
+    scores += (int64_t)omp_get_thread_num() * max_seq;
+#endif
+    float top = -INFINITY, total = 0.f;
+    for (int64_t s = 0; s < len; s++) {
+        scores[s] = dot(q, kh + s * D, D) * L->attn_scale;
+        if (scores[s] > top) top = scores[s];
+    }
+    for (int64_t s = 0; s < len; s++) total += (scores[s] = exp_approx(scores[s] - top));
+    float *out = h + t * C + hd * D; /* h is free again: it takes the attention output */
+    for (int64_t d = 0; d < D; d++) out[d] = 0.f;
+    for (int64_t s = 0; s < len; s++) {
+        const float weight = scores[s] / total;
+        const float *vs = vh + s * D;
+        for (int64_t d = 0; d < D; d++) out[d] = fmaf(weight, vs[d], out[d]);
+    }
+}
+
 /* Returns 0, or without doing anything 1 when a token id is outside [0, vocab), 2 when a position is outside
  * [0, max_seq) (the caller says which: it indexes memory). */
 int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_matrix *wte, const float *wpe,
@@ -519,9 +557,11 @@ int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_
                      int16_t *xq_scratch, float *xs_scratch, float *logits, int n_threads) {
     const int64_t C = n_embd, D = n_embd / n_head;
     const q16_rows xq = {xq_scratch, xs_scratch};
+    int one_per_row = 1; /* every token in a cache row of its own (rows are given in increasing order) */
     for (int64_t t = 0; t < n_tok; t++) {
         if (tokens[t] < 0 || tokens[t] >= vocab) return 1;
         if (positions[t] < 0 || positions[t] >= max_seq) return 2;
+        if (t > 0 && cache_rows[t] <= cache_rows[t - 1]) one_per_row = 0;
     }
 #pragma omp parallel num_threads(n_threads)
     {
@@ -549,37 +589,19 @@ int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_
                 if (q_attn) quantize_row_q16(h + t * C, C, xq.q + t * C, xq.scale + t);
             }
             team_linear(h, &L->attn, big, n_tok, 3 * C, C, EPILOGUE_NONE, &xq, q_attn); /* [q | k | v] rows */
+            if (one_per_row) { /* a decode step: a token attends to its own row only, whose new slot it writes */
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t th = 0; th < n_tok * n_head; th++) {
+                    store_kv(L, big, positions, cache_rows, th, n_head, C, D, max_seq);
+                    attend(L, big, h, positions, cache_rows, th, n_head, C, D, max_seq, scores_all);
+                }
+            } else {
 #pragma omp for schedule(static)
-            for (int64_t th = 0; th < n_tok * n_head; th++) { /* keys and values of every token first */
-                const int64_t t = th / n_head, hd = th % n_head, pos = positions[t];
-                const float *qkv = big + t * 3 * C;
-                const int64_t offset = ((cache_rows[t] * n_head + hd) * max_seq + pos) * D;
-                memcpy(L->k_cache + offset, qkv + C + hd * D, D * sizeof(float));
-                memcpy(L->v_cache + offset, qkv + 2 * C + hd * D, D * sizeof(float));
-            }
+                for (int64_t th = 0; th < n_tok * n_head; th++) /* keys and values of every token first */
+                    store_kv(L, big, positions, cache_rows, th, n_head, C, D, max_seq);
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t th = 0; th < n_tok * n_head; th++) {
-                const int64_t t = th / n_head, hd = th % n_head, len = positions[t] + 1;
-                const float *q = big + t * 3 * C + hd * D;
-                const int64_t offset = (cache_rows[t] * n_head + hd) * max_seq * D;
-                const float *kh = L->k_cache + offset, *vh = L->v_cache + offset;
-                float *scores = scores_all;
-#ifdef _OPENMP
-                scores += (int64_t)omp_get_thread_num() * max_seq;
-#endif
-                float top = -INFINITY, total = 0.f;
-                for (int64_t s = 0; s < len; s++) {
-                    scores[s] = dot(q, kh + s * D, D) * L->attn_scale;
-                    if (scores[s] > top) top = scores[s];
-                }
-                for (int64_t s = 0; s < len; s++) total += (scores[s] = expf(scores[s] - top));
-                float *out = h + t * C + hd * D; /* h is free again: it takes the attention output */
-                for (int64_t d = 0; d < D; d++) out[d] = 0.f;
-                for (int64_t s = 0; s < len; s++) {
-                    const float weight = scores[s] / total;
-                    const float *vs = vh + s * D;
-                    for (int64_t d = 0; d < D; d++) out[d] = fmaf(weight, vs[d], out[d]);
-                }
+                for (int64_t th = 0; th < n_tok * n_head; th++)
+                    attend(L, big, h, positions, cache_rows, th, n_head, C, D, max_seq, scores_all);
             }
             team_linear(h, &L->attn_proj, x, n_tok, C, C, EPILOGUE_ADD, &xq, 0);
 #pragma omp for schedule(static)
