@@ -67,25 +67,33 @@ def test_cached_forward_matches_the_torch_forward(model):
         assert (chunk - full[:, 10:16]).abs().max() < 1e-4
 
 
-@needs_kernels
-def test_the_runner_follows_replaced_and_rewritten_weights(tmp_path):
-    """load_state_dict copying in place, and with assign=True (new tensors): the kernels see the new weights."""
+def _two_models(tmp_path):
+    """Model a (seed 1), model b's next-token logits for 12 ids (``want``), and a function giving a's
+    through the kernels (a prefill of the 12 ids): a test of which weights the kernels read."""
     model = load_model(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"]))
     other = load_model(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"]))
     ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = other(ids)[0, -1]
 
-        def last_logits():
+    def last_logits():
+        with torch.no_grad():
             model.setup_cache(max_batch=1, max_seq=16)
             return model(ids, input_pos=torch.arange(12)[None], logits_index=torch.tensor([11]))[0]
 
-        before = last_logits()
-        assert (before - want).abs().max() > 1e-2
-        model.load_state_dict(other.state_dict())  # copies into the same tensors
-        assert (last_logits() - want).abs().max() < 1e-4
-        model.load_state_dict(load_model(tmp_path / "a").state_dict(), assign=True)  # new tensors
-        assert torch.equal(last_logits(), before)
+    return model, other, want, last_logits
+
+
+@needs_kernels
+def test_the_runner_follows_replaced_and_rewritten_weights(tmp_path):
+    """load_state_dict copying in place, and with assign=True (new tensors): the kernels see the new weights."""
+    model, other, want, last_logits = _two_models(tmp_path)
+    before = last_logits()
+    assert (before - want).abs().max() > 1e-2
+    model.load_state_dict(other.state_dict())  # copies into the same tensors
+    assert (last_logits() - want).abs().max() < 1e-4
+    model.load_state_dict(load_model(tmp_path / "a").state_dict(), assign=True)  # new tensors
+    assert torch.equal(last_logits(), before)
 
 
 @needs_kernels
@@ -93,26 +101,17 @@ def test_unchanged_weights_checks_once_and_recheck_weights_follows_a_replacement
     """Inside fast.unchanged_weights the runner is checked at the first forward only (the promise is the
     caller's: a tensor replaced without recheck_weights is not seen); recheck_weights and leaving the block
     bring the check back."""
-    model = load_model(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"]))
-    other = load_model(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"]))
-    ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = other(ids)[0, -1]
-
-        def last_logits():
-            model.setup_cache(max_batch=1, max_seq=16)
-            return model(ids, input_pos=torch.arange(12)[None], logits_index=torch.tensor([11]))[0]
-
-        before = last_logits()
-        with fast.unchanged_weights(model), fast.unchanged_weights(model):  # blocks nest
-            assert torch.equal(last_logits(), before)
-            model.load_state_dict(other.state_dict(), assign=True)  # new tensors, the promise broken
-            assert torch.equal(last_logits(), before)  # not checked again: the old tensors are still read
-            fast.recheck_weights(model)
-            assert (last_logits() - want).abs().max() < 1e-4
-            model.load_state_dict(load_model(tmp_path / "a").state_dict(), assign=True)
-        assert "_unchanged" not in model.__dict__
-        assert torch.equal(last_logits(), before)  # checked again outside the block
+    model, other, want, last_logits = _two_models(tmp_path)
+    before = last_logits()
+    with fast.unchanged_weights(model), fast.unchanged_weights(model):  # blocks nest
+        assert torch.equal(last_logits(), before)
+        model.load_state_dict(other.state_dict(), assign=True)  # new tensors, the promise broken
+        assert torch.equal(last_logits(), before)  # not checked again: the old tensors are still read
+        fast.recheck_weights(model)
+        assert (last_logits() - want).abs().max() < 1e-4
+        model.load_state_dict(load_model(tmp_path / "a").state_dict(), assign=True)
+    assert "_unchanged" not in model.__dict__
+    assert torch.equal(last_logits(), before)  # checked again outside the block
 
 
 @pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
