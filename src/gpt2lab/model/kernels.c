@@ -360,42 +360,36 @@ static inline __attribute__((always_inline)) void q16_4x2(const int16_t *x, int6
     out[0] += hsum_i32(a00); out[1] += hsum_i32(a01); out[2] += hsum_i32(a10); out[3] += hsum_i32(a11);
     out[4] += hsum_i32(a20); out[5] += hsum_i32(a21); out[6] += hsum_i32(a30); out[7] += hsum_i32(a31);
 }
-/* 1 row x 1 output over k0..k1 (a multiple of 16), four accumulators (the sum is exact: any order gives it).
- * One row goes output after output, so a thread's weights are one sequential stream, which the memory
- * system runs ahead on best (llama.cpp's q8_0 product goes row by row too); eight rows side by side (a
- * 1 x 8 tile) were eight streams 768 bytes apart and 3.5% slower at batch 1. The explicit prefetch 2 KB
- * ahead adds to the hardware's. */
-#define Q_PREFETCH_AHEAD 2048
-#define Q_DOT16(acc, off) acc = _mm256_add_epi32(acc, _mm256_madd_epi16( \
-        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k + (off)))), \
-        _mm256_loadu_si256((const __m256i *)(x + k + (off)))))
-static inline __attribute__((always_inline)) void q16_1x1(const int16_t *x, const int8_t *w, int64_t k0, int64_t k1,
-                                                          int64_t *out) {
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) {
-        PREFETCH(w + k + Q_PREFETCH_AHEAD);
-        Q_DOT16(a0, 0); Q_DOT16(a1, 16); Q_DOT16(a2, 32); Q_DOT16(a3, 48);
+/* 1 row x 8 outputs over k0..k1, the next eight weight rows prefetched */
+static inline __attribute__((always_inline)) void q16_1x8(const int16_t *x, const int8_t *w, int64_t n_in,
+                                                          int64_t k0, int64_t k1, int64_t *out) {
+    const int64_t ldx = 0;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t k = k0; k < k1; k += 16) {
+        PREFETCH_NEXT(w, 8 * n_in, k / 16 * 128, 128);
+        const __m256i xv = Q_X(0);
+        Q_MADD(a0, Q_W(0), xv); Q_MADD(a1, Q_W(1), xv); Q_MADD(a2, Q_W(2), xv); Q_MADD(a3, Q_W(3), xv);
+        Q_MADD(a4, Q_W(4), xv); Q_MADD(a5, Q_W(5), xv); Q_MADD(a6, Q_W(6), xv); Q_MADD(a7, Q_W(7), xv);
     }
-    for (; k < k1; k += 16) Q_DOT16(a0, 0);
-    out[0] += hsum_i32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)));
+    out[0] += hsum_i32(a0); out[1] += hsum_i32(a1); out[2] += hsum_i32(a2); out[3] += hsum_i32(a3);
+    out[4] += hsum_i32(a4); out[5] += hsum_i32(a5); out[6] += hsum_i32(a6); out[7] += hsum_i32(a7);
 }
 #endif
 
 /* out[r * C + c] = sum_k x[r][k] * w[c][k], exactly, for R rows x C outputs. Always inlined with
- * constant R and C: 4 x 2 and 1 x 1 take the vector code, anything else (the edges, a CPU without
+ * constant R and C: 4 x 2 and 1 x 8 take the register tiles, anything else (the edges, a CPU without
  * AVX2) plain integers, with the same result. */
 static inline __attribute__((always_inline)) void tile_q16(const int16_t *x, int64_t ldx, const int8_t *w,
                                                            int64_t n_in, int R, int C, int64_t *out) {
     for (int i = 0; i < R * C; i++) out[i] = 0;
     int64_t k16 = 0;
 #if GPT2LAB_AVX2
-    if ((R == 4 && C == 2) || (R == 1 && C == 1)) {
+    if ((R == 4 && C == 2) || (R == 1 && C == 8)) {
         k16 = n_in & ~(int64_t)15;
         for (int64_t k0 = 0; k0 < k16; k0 += Q_CHUNK) {
             const int64_t k1 = k0 + Q_CHUNK < k16 ? k0 + Q_CHUNK : k16;
             if (R == 4) q16_4x2(x, ldx, w, n_in, k0, k1, out);
-            else q16_1x1(x, w, k0, k1, out);
+            else q16_1x8(x, w, n_in, k0, k1, out);
         }
     }
 #endif
@@ -432,6 +426,7 @@ static void block_q16(const q16_rows *xq, const gpt2lab_matrix *W, float *y, int
     }
     for (; m < m1; m++) {
         int64_t n = n0;
+        for (; n + 8 <= n1; n += 8) tile_q16_store(xq, m, W, n_in, n_out, n, y, 1, 8, epilogue);
         for (; n < n1; n++) tile_q16_store(xq, m, W, n_in, n_out, n, y, 1, 1, epilogue);
     }
 }
@@ -439,7 +434,7 @@ static void block_q16(const q16_rows *xq, const gpt2lab_matrix *W, float *y, int
 /* y[n_rows, n_out] = epilogue(x[n_rows, n_in] W^T + b), called inside a parallel region: the team
  * splits the outputs into column blocks small enough to stay in L2 while every row passes over them
  * (rows go in chunks of 64, so x stays in cache too). One row: blocks of 8 outputs, eight weight
- * streams in flight per thread for fp32 and bf16, output after output (one stream) for int8. For int8 W the rows are first quantized to xq (scratch of n_rows *
+ * streams in flight per thread. For int8 W the rows are first quantized to xq (scratch of n_rows *
  * n_in), unless `quantized` says xq holds them already. */
 static void team_linear(const float *x, const gpt2lab_matrix *W, float *y, int64_t n_rows, int64_t n_out,
                         int64_t n_in, int epilogue, const q16_rows *xq, int quantized) {
