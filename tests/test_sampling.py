@@ -436,6 +436,12 @@ def test_seeded_row_does_not_depend_on_its_batch():
     assert len(set(alone)) > 5  # it really is sampling
 
 
+def test_top_k_takes_an_empty_batch():
+    """A batch of no rows: torch.topk gives no rows back; the C top-k's wrapper died of max([])."""
+    for top_k in (3, [3]):
+        assert TopK(top_k).apply_(torch.empty(0, 10)).shape == (0, 10)
+
+
 def test_sample_rejects_rows_with_nothing_left():
     with pytest.raises(ValueError, match="every token masked"):
         sample(torch.full((1, 5), float("-inf")), [SamplingParams()], [None])

@@ -216,7 +216,7 @@ def top_k_(scores: torch.Tensor, ks: list[int]) -> bool:
     Returns False, having changed nothing, when the kernels cannot do it (unavailable, not a contiguous
     CPU fp32 matrix, a NaN in a row): the caller runs the PyTorch code instead.
     """
-    if not _rows(scores) or len(ks) != scores.shape[0]:
+    if not _rows(scores) or len(ks) != scores.shape[0] or not ks:  # no rows: nothing for the kernels to do
         return False
     rows, vocab = scores.shape
     heap, thresholds = torch.empty(max(ks)), torch.empty(rows)
