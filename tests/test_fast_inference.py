@@ -115,6 +115,26 @@ def test_unchanged_weights_checks_once_and_recheck_weights_follows_a_replacement
         assert torch.equal(last_logits(), before)  # checked again outside the block
 
 
+@needs_kernels
+def test_a_nested_unchanged_weights_block_checks_again(tmp_path):
+    """A server "call" runs inside the engine thread's block: one that swaps the weights and then generates
+    (generate() opens its own block) must generate with the new weights, not the runner of the old ones."""
+    from gpt2lab.generation.generator import load
+
+    generator = load(str(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"])))
+    other = load(str(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"])))
+    model = generator.model
+    with torch.inference_mode():
+        want = other.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids
+        before = generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids
+        assert before != want  # the two models tell apart
+        with fast.unchanged_weights(model):  # the engine thread's
+            assert generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids == before
+            model.load_state_dict(other.model.state_dict(), assign=True)
+            assert generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids == want
+        assert "_unchanged" not in model.__dict__
+
+
 @pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
 def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_path, name):
     """The kernels index memory by the config's shapes: a tensor of another shape must send the forward
