@@ -149,6 +149,22 @@ def test_the_kernel_forward_refuses_what_would_read_outside_memory(tmp_path):
             model(torch.tensor([[1, 2]]), input_pos=torch.tensor([[0, 1]]), logits_index=torch.tensor([2]))
 
 
+@needs_kernels
+@pytest.mark.parametrize("shape", ["untied", "relu", "silu"])
+@pytest.mark.parametrize("where", ["h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.bias"])
+def test_a_nan_weight_before_the_activation_gives_nan_logits_as_in_torch(shape, where, tmp_path):
+    """A NaN into the MLP's activation: torch's relu/silu/gelu_new keep it, and every logit comes out NaN.
+    The kernels' relu was ``v > 0 ? v : 0``, which turns NaN into 0: finite logits from a broken model."""
+    model = load_model(make_hf_checkpoint(tmp_path, seed=3, **DECODER_SHAPES[shape]))
+    with torch.no_grad():
+        dict(model.named_parameters())[where].view(-1)[0] = float("nan")
+        ids = torch.tensor([[1, 2, 3]])
+        assert model(ids).isnan().all()  # PyTorch
+        model.setup_cache(max_batch=1, max_seq=8)
+        assert inference_runner(model) is not None
+        assert model(ids, input_pos=torch.arange(3)[None]).isnan().all()
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
