@@ -177,6 +177,25 @@ def test_bad_ids_and_positions_raise_before_any_work_and_shapes_alternate(tmp_pa
         assert all(torch.equal(a, b) for a, b in kept)
 
 
+@needs_kernels
+def test_a_failed_generate_leaves_no_unchanged_weights_block_behind(tmp_path):
+    """generate() raising inside its unchanged_weights block (NaN logits) ends the block: weights swapped
+    afterwards are the ones the next generate() uses."""
+    from gpt2lab.generation.generator import load
+
+    generator = load(str(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"])))
+    other = load(str(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"])))
+    model = generator.model
+    with torch.no_grad():
+        want = other.generate("Hello there", max_new_tokens=6, temperature=0)[0].token_ids
+        model.ln_f.weight[0] = float("nan")
+        with pytest.raises(RuntimeError, match="NaN"):
+            generator.generate("Hello there", max_new_tokens=6, temperature=0)
+        assert "_unchanged" not in model.__dict__
+        model.load_state_dict(other.model.state_dict(), assign=True)
+        assert generator.generate("Hello there", max_new_tokens=6, temperature=0)[0].token_ids == want
+
+
 @pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
 def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_path, name):
     """The kernels index memory by the config's shapes: a tensor of another shape must send the forward
