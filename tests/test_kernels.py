@@ -256,6 +256,26 @@ def test_the_top_k_kernel_leaves_a_nan_row_to_torch():
 
 
 @needs_kernels
+def test_the_sampling_kernels_refuse_arguments_that_would_read_outside_memory():
+    """k beyond the row (or negative) made the C top-k read past the row; too few targets or a non-contiguous
+    matrix made the inverse CDF read past its arrays."""
+    scores = torch.randn(2, 10)
+    for ks in ([11, 1], [1, -1], [3, 10**6]):
+        out = scores.clone()
+        with pytest.raises(ValueError, match="0 <= k <= 10"):
+            kernels.top_k_(out, ks)
+        assert torch.equal(out, scores)
+    probs = scores.softmax(-1)
+    with pytest.raises(ValueError, match="one target per row"):
+        kernels.inverse_cdf(probs, [0.5])
+    with pytest.raises(ValueError, match="contiguous CPU fp32"):
+        kernels.inverse_cdf(probs.t(), [0.5] * 10)
+    with pytest.raises(ValueError, match="contiguous CPU fp32"):
+        kernels.inverse_cdf(probs.double(), [0.5, 0.5])
+    assert kernels.inverse_cdf(probs, [0.0, 0.999]).tolist()[0] == 0
+
+
+@needs_kernels
 @pytest.mark.parametrize("vocab", [1, 9, 1000, 50257])
 def test_the_inverse_cdf_kernel_equals_cumsum_and_searchsorted(vocab):
     gen = torch.Generator().manual_seed(vocab + 1)
