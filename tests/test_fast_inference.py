@@ -114,6 +114,87 @@ def test_unchanged_weights_checks_once_and_recheck_weights_follows_a_replacement
     assert torch.equal(last_logits(), before)  # checked again outside the block
 
 
+@needs_kernels
+def test_a_nested_unchanged_weights_block_checks_again(tmp_path):
+    """A server "call" runs inside the engine thread's block: one that swaps the weights and then generates
+    (generate() opens its own block) must generate with the new weights, not the runner of the old ones."""
+    from gpt2lab.generation.generator import load
+
+    generator = load(str(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"])))
+    other = load(str(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"])))
+    model = generator.model
+    with torch.inference_mode():
+        want = other.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids
+        before = generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids
+        assert before != want  # the two models tell apart
+        with fast.unchanged_weights(model):  # the engine thread's
+            assert generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids == before
+            model.load_state_dict(other.model.state_dict(), assign=True)
+            assert generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids == want
+        assert "_unchanged" not in model.__dict__
+
+
+@needs_kernels
+def test_bad_ids_and_positions_raise_before_any_work_and_shapes_alternate(tmp_path):
+    """The C code checks token ids and positions (negative and huge too) before touching the KV cache; plans
+    kept per shape serve prefills and decodes of alternating shapes, cache rows and thread counts, and a
+    call's logits are its own (the next call does not write into them)."""
+    model = load_model(make_hf_checkpoint(tmp_path, seed=1, **SHAPES["tiny"]))
+    ref = load_model(tmp_path)
+    threads = torch.get_num_threads()
+    ids = torch.randint(0, 50257, (4, 22), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ref(ids)  # PyTorch, uncached
+        model.setup_cache(max_batch=4, max_seq=24)
+        model(torch.tensor([[5, 6, 7]]), input_pos=torch.arange(3)[None], rows=slice(1, 2))
+        caches = [(c.k.clone(), c.v.clone()) for c in model.caches()]
+        for token, pos in [(-1, 3), (50257, 3), (2**40, 3), (-(2**40), 3)]:
+            with pytest.raises(IndexError, match=r"token ids must be in \[0, 50257\)"):
+                model(torch.tensor([[1], [token]]), input_pos=torch.tensor([[3], [pos]]), rows=slice(1, 3))
+        for pos in (-1, 24, 2**62, -(2**62)):
+            with pytest.raises(ValueError, match="beyond the KV cache"):
+                model(torch.tensor([[1], [2]]), input_pos=torch.tensor([[3], [pos]]), rows=slice(1, 3))
+        assert all(torch.equal(c.k, k) and torch.equal(c.v, v) for c, (k, v) in zip(model.caches(), caches))
+        kept = []
+        try:
+            shapes = [(1, 4, 6, 0), (2, 2, 9, 1), (1, 4, 6, 0), (2, 1, 20, 3)]  # threads, rows, length, first row
+            for step, (n_threads, rows, T, first) in enumerate(shapes):
+                torch.set_num_threads(n_threads)
+                if step == 3:
+                    model.setup_cache(max_batch=6, max_seq=40)  # grown between calls: new caches, new plan
+                out = model(ids[first:first + rows, :T], input_pos=torch.arange(T)[None].expand(rows, T),
+                            rows=slice(first, first + rows))
+                assert (out - full[first:first + rows, :T]).abs().max() < 1e-4
+                kept.append((out, out.clone()))
+                for p in range(T, T + 2):  # decode steps, alternating with the prefills' shapes
+                    step_out = model(ids[first:first + rows, p:p + 1], input_pos=torch.full((rows, 1), p),
+                                     rows=slice(first, first + rows))
+                    assert (step_out[:, 0] - full[first:first + rows, p]).abs().max() < 1e-4
+                    kept.append((step_out, step_out.clone()))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in kept)
+
+
+@needs_kernels
+def test_a_failed_generate_leaves_no_unchanged_weights_block_behind(tmp_path):
+    """generate() raising inside its unchanged_weights block (NaN logits) ends the block: weights swapped
+    afterwards are the ones the next generate() uses."""
+    from gpt2lab.generation.generator import load
+
+    generator = load(str(make_hf_checkpoint(tmp_path / "a", seed=1, **SHAPES["tiny"])))
+    other = load(str(make_hf_checkpoint(tmp_path / "b", seed=2, **SHAPES["tiny"])))
+    model = generator.model
+    with torch.no_grad():
+        want = other.generate("Hello there", max_new_tokens=6, temperature=0)[0].token_ids
+        model.ln_f.weight[0] = float("nan")
+        with pytest.raises(RuntimeError, match="NaN"):
+            generator.generate("Hello there", max_new_tokens=6, temperature=0)
+        assert "_unchanged" not in model.__dict__
+        model.load_state_dict(other.model.state_dict(), assign=True)
+        assert generator.generate("Hello there", max_new_tokens=6, temperature=0)[0].token_ids == want
+
+
 @pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
 def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_path, name):
     """The kernels index memory by the config's shapes: a tensor of another shape must send the forward

@@ -149,6 +149,22 @@ def test_the_kernel_forward_refuses_what_would_read_outside_memory(tmp_path):
             model(torch.tensor([[1, 2]]), input_pos=torch.tensor([[0, 1]]), logits_index=torch.tensor([2]))
 
 
+@needs_kernels
+@pytest.mark.parametrize("shape", ["untied", "relu", "silu"])
+@pytest.mark.parametrize("where", ["h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.bias"])
+def test_a_nan_weight_before_the_activation_gives_nan_logits_as_in_torch(shape, where, tmp_path):
+    """A NaN into the MLP's activation: torch's relu/silu/gelu_new keep it, and every logit comes out NaN.
+    The kernels' relu was ``v > 0 ? v : 0``, which turns NaN into 0: finite logits from a broken model."""
+    model = load_model(make_hf_checkpoint(tmp_path, seed=3, **DECODER_SHAPES[shape]))
+    with torch.no_grad():
+        dict(model.named_parameters())[where].view(-1)[0] = float("nan")
+        ids = torch.tensor([[1, 2, 3]])
+        assert model(ids).isnan().all()  # PyTorch
+        model.setup_cache(max_batch=1, max_seq=8)
+        assert inference_runner(model) is not None
+        assert model(ids, input_pos=torch.arange(3)[None]).isnan().all()
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
@@ -237,6 +253,26 @@ def test_the_top_k_kernel_leaves_a_nan_row_to_torch():
     out = scores.clone()
     assert not kernels.top_k_(out, [5, 5])
     torch.testing.assert_close(out, scores, rtol=0, atol=0, equal_nan=True)  # untouched
+
+
+@needs_kernels
+def test_the_sampling_kernels_refuse_arguments_that_would_read_outside_memory():
+    """k beyond the row (or negative) made the C top-k read past the row; too few targets or a non-contiguous
+    matrix made the inverse CDF read past its arrays."""
+    scores = torch.randn(2, 10)
+    for ks in ([11, 1], [1, -1], [3, 10**6]):
+        out = scores.clone()
+        with pytest.raises(ValueError, match="0 <= k <= 10"):
+            kernels.top_k_(out, ks)
+        assert torch.equal(out, scores)
+    probs = scores.softmax(-1)
+    with pytest.raises(ValueError, match="one target per row"):
+        kernels.inverse_cdf(probs, [0.5])
+    with pytest.raises(ValueError, match="contiguous CPU fp32"):
+        kernels.inverse_cdf(probs.t(), [0.5] * 10)
+    with pytest.raises(ValueError, match="contiguous CPU fp32"):
+        kernels.inverse_cdf(probs.double(), [0.5, 0.5])
+    assert kernels.inverse_cdf(probs, [0.0, 0.999]).tolist()[0] == 0
 
 
 @needs_kernels

@@ -436,6 +436,61 @@ def test_seeded_row_does_not_depend_on_its_batch():
     assert len(set(alone)) > 5  # it really is sampling
 
 
+def test_top_k_takes_an_empty_batch():
+    """A batch of no rows: torch.topk gives no rows back; the C top-k's wrapper died of max([])."""
+    for top_k in (3, [3]):
+        assert TopK(top_k).apply_(torch.empty(0, 10)).shape == (0, 10)
+
+
+def _hard_scores(i: int, rows: int, vocab: int) -> torch.Tensor:
+    """Scores that make selection and sums tricky, by case: ties, -inf, +inf, one finite token, zeros of both
+    signs, huge spreads (subnormal probabilities)."""
+    gen = torch.Generator().manual_seed(i)
+    s = torch.randn(rows, vocab, generator=gen)
+    kind = i % 7
+    if kind == 1:
+        s = torch.randint(-3, 3, (rows, vocab), generator=gen).float()
+    elif kind == 2:
+        s[torch.rand(rows, vocab, generator=gen) < 0.6] = float("-inf")
+        s[:, 0] = 0.0  # never every token
+    elif kind == 3:
+        s[torch.rand(rows, vocab, generator=gen) < 0.05] = float("inf")
+    elif kind == 4:
+        s.fill_(float("-inf"))
+        s[:, vocab // 2] = 1.0
+    elif kind == 5:
+        s[:, ::3], s[:, 1::5] = 0.0, -0.0
+    elif kind == 6:
+        s *= 60
+    return s
+
+
+@pytest.mark.parametrize("vocab", [1, 9, 100, 50257])
+def test_top_k_and_sample_give_the_same_results_through_the_kernels_and_torch(vocab):
+    """The C top-k and inverse-CDF (contiguous fp32 rows) against the PyTorch code (the same scores, but a
+    non-contiguous view, which the kernels refuse): the same scores, bit for bit, and the same tokens for the
+    same seeds, with mixed per-row k (0, 1, beyond the vocabulary), greedy and seeded and unseeded rows."""
+    for i in range(14 if vocab < 50257 else 7):
+        scores = _hard_scores(i, 4, vocab)
+        ks = [0, 1, vocab + 5, 1 + i % vocab]
+        fast, slow = scores.clone(), scores.t().contiguous().t()
+        assert fast.is_contiguous() and not slow.is_contiguous() or vocab == 1
+        TopK(ks).apply_(fast)
+        TopK(ks).apply_(slow)
+        assert torch.equal(fast, slow) and torch.equal(fast.signbit(), slow.signbit())
+        params = [SamplingParams(seed=7), SamplingParams(), SamplingParams(temperature=0), SamplingParams(seed=i)]
+        picks = []
+        for x in (fast, slow, scores.clone(), scores.t().contiguous().t()):
+            torch.manual_seed(i)  # the unseeded row's draw
+            gens = [torch.Generator().manual_seed(7), None, None, torch.Generator().manual_seed(i)]
+            try:
+                picks.append(sample(x, params, gens).tolist())
+            except ValueError as exc:  # +inf scores: NaN probabilities, the same error either way
+                picks.append(str(exc))
+        assert picks[0] == picks[1] and picks[2] == picks[3], (i, picks)
+        assert not isinstance(picks[2], str) or i % 7 == 3
+
+
 def test_sample_rejects_rows_with_nothing_left():
     with pytest.raises(ValueError, match="every token masked"):
         sample(torch.full((1, 5), float("-inf")), [SamplingParams()], [None])

@@ -297,11 +297,14 @@ def unchanged_weights(model: GPT2) -> Iterator[GPT2]:
 
     For a loop that owns the model from step to step (``Generator.generate``, the server's engine
     thread): the check costs 0.15 ms of an int8 decode step of GPT-2 124M that takes 3-9 ms, almost
-    all of it cache misses, the weights having just streamed through the caches. Blocks nest. Code in the
-    block that may change the model calls :func:`recheck_weights` after it.
+    all of it cache misses, the weights having just streamed through the caches. Blocks nest, and every
+    block's first forward checks (a server "call" that swaps the weights and then generates holds the engine
+    thread's block and generate()'s). Code in the block that may change the model calls :func:`recheck_weights`
+    after it.
     """
     held = model.__dict__.setdefault("_unchanged", [0, False])
     held[0] += 1
+    held[1] = False  # a block's first forward checks, a nested one's too: code before it may have changed the model
     try:
         yield model
     finally:

@@ -86,7 +86,7 @@ static inline float epilogue_apply(float v, const float *out, int epilogue) {
      * of 2u) without libm's tanhf, which took 16% of an 8-row int8 step; no cancellation near u = 0 */
     case EPILOGUE_GELU_TANH: return v / (1.f + exp_approx(-2.f * (0.7978845608028654f * (v + 0.044715f * v * v * v))));
     case EPILOGUE_GELU: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-    case EPILOGUE_RELU: return v > 0.f ? v : 0.f;
+    case EPILOGUE_RELU: return v <= 0.f ? 0.f : v; /* NaN stays NaN, as in torch.relu */
     case EPILOGUE_SILU: return v / (1.f + expf(-v));
     default: return v;
     }

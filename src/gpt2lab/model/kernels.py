@@ -216,9 +216,11 @@ def top_k_(scores: torch.Tensor, ks: list[int]) -> bool:
     Returns False, having changed nothing, when the kernels cannot do it (unavailable, not a contiguous
     CPU fp32 matrix, a NaN in a row): the caller runs the PyTorch code instead.
     """
-    if not _rows(scores) or len(ks) != scores.shape[0]:
+    if not _rows(scores) or len(ks) != scores.shape[0] or not ks:  # no rows: nothing for the kernels to do
         return False
     rows, vocab = scores.shape
+    if not all(0 <= k <= vocab for k in ks):  # the C code reads k scores of a row, and keeps k in its heap
+        raise ValueError(f"top-k needs 0 <= k <= {vocab} (the vocabulary) per row, got {ks}")
     heap, thresholds = torch.empty(max(ks)), torch.empty(rows)
     k = (ctypes.c_int64 * rows)(*ks)
     return _library.gpt2lab_top_k_(scores.data_ptr(), rows, vocab, k, heap.data_ptr(), thresholds.data_ptr()) == 0
@@ -239,6 +241,9 @@ def inverse_cdf(probs: torch.Tensor, targets: list[float]) -> torch.Tensor:
     """Per row of ``probs [B, V]``, the first index whose float64 running sum exceeds ``targets[b]`` (each
     below its row's :func:`row_totals`): exactly ``torch.searchsorted(probs.cumsum(-1, dtype=torch.float64),
     targets[:, None], right=True)[:, 0]``, ``[B]`` int64. Only for ``probs`` that :func:`row_totals` scanned."""
+    if not _rows(probs) or len(targets) != probs.shape[0]:  # the C code reads rows * vocab floats, rows targets
+        raise ValueError(f"inverse_cdf needs contiguous CPU fp32 probabilities [rows, vocab] and one target per "
+                         f"row, got {tuple(probs.shape)} {probs.dtype} and {len(targets)} targets")
     picked = torch.empty(probs.shape[0], dtype=torch.int64)
     _library.gpt2lab_inverse_cdf(probs.data_ptr(), probs.shape[0], probs.shape[1],
                                  (ctypes.c_double * len(targets))(*targets), picked.data_ptr())

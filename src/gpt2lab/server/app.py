@@ -114,7 +114,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
         return gen
 
     metrics = ServerMetrics()
-    scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+    scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, metrics=metrics,
+                          model_is_callers=not isinstance(generator_or_model_ref, (str, Path, type(None))))
     created = int(time.time())
 
     @asynccontextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -79,8 +80,11 @@ class Scheduler:
     only when the weights are in memory)."""
 
     def __init__(self, load: Callable[[], Any], *, max_batch: int, max_queue: int,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, model_is_callers: bool = False) -> None:
         self._load = load
+        # the caller's own Generator (create_app(generator)): other threads may change its model at any time
+        # (train it, swap its tensors), so every forward checks the runner against it
+        self.model_is_callers = model_is_callers
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
         self.generator: Any = None
@@ -180,9 +184,11 @@ class Scheduler:
 
         from ..model.fast import unchanged_weights
 
-        # the KV cache holds inference tensors, and aborts move its rows too; only this thread runs the model, and
-        # only a "call" command may change it (recheck_weights after each)
-        with torch.inference_mode(), unchanged_weights(self.generator.model):
+        # the KV cache holds inference tensors, and aborts move its rows too. A model the server loaded is this
+        # thread's alone, and only a "call" command may change it (recheck_weights after each); the caller's may
+        # change between any two forwards
+        held = contextlib.nullcontext() if self.model_is_callers else unchanged_weights(self.generator.model)
+        with torch.inference_mode(), held:
             self._loop()
         self._fail_all(EngineFailure("the server is shutting down"))
 
