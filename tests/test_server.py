@@ -350,10 +350,12 @@ def test_overload_gives_429_then_disconnects_free_the_slots(guarded):
 
 def test_non_streaming_disconnect_frees_the_slot(guarded):
     before = guarded.metric("gpt2lab_aborted_requests_total", reason="disconnect")
+    # 2 x 1000 tokens take seconds (one took under 1 s once decoding got faster: the client's 1 s read
+    # timeout then came after the answer); the client gives up after 0.25 s
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{guarded.url}/v1/completions", json={"prompt": "long", "max_tokens": 1000,
+        httpx.post(f"{guarded.url}/v1/completions", json={"prompt": "long", "max_tokens": 1000, "n": 2,
                                                           "logit_bias": {"50256": -100}},
-                   headers=guarded.headers, timeout=httpx.Timeout(60, read=1.0))
+                   headers=guarded.headers, timeout=httpx.Timeout(60, read=0.25))
     assert _wait_for(lambda: guarded.metric("gpt2lab_aborted_requests_total", reason="disconnect") == before + 1)
     assert _wait_for(lambda: guarded.metric("gpt2lab_in_flight_sequences") == 0)
 
