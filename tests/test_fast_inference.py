@@ -330,9 +330,10 @@ def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, mon
 def test_a_model_saves_and_copies_after_generating(tmp_path):
     """Generation moves big weights to huge pages and caches a runner on the model: neither may stop a save
     (safetensors refused tensors that were views into a larger mapping), a torch.save of the state dict
-    from carrying the mapping's slack, or a deepcopy (the runner's ctypes pointers cannot be copied)."""
+    from carrying the mapping's slack, a deepcopy (the runner's ctypes pointers cannot be copied) or a pickle."""
     import copy
     import io
+    import pickle
 
     ckpt = make_hf_checkpoint(tmp_path / "ckpt", seed=5, n_layer=1, n_head=2, n_embd=16, n_positions=64)
     gen = gpt2lab.load(ckpt)
@@ -347,6 +348,9 @@ def test_a_model_saves_and_copies_after_generating(tmp_path):
     twin = copy.deepcopy(gen.model)
     assert torch.equal(twin.wte.weight, gen.model.wte.weight)
     gen.model = twin
+    assert gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids == out
+    # the whole model pickles too, as multiprocessing does (its activation was a lambda: "Can't pickle <lambda>")
+    gen.model = pickle.loads(pickle.dumps(gen.model))
     assert gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids == out
 
 

@@ -25,12 +25,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's ``gelu_new``: GELU with the tanh approximation. A named function, not a lambda, so that a
+    whole model pickles (``torch.save(model)``, multiprocessing)."""
+    return F.gelu(x, approximate="tanh")
+
+
 # activation names accepted in config.json -> our implementation. GPT-2 checkpoints use "gelu_new"
 # (the tanh approximation); the others appear in community fine-tunes of the same architecture.
 _ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,
