@@ -11,7 +11,8 @@ The kernels read the model's own parameters in place (no packed or transposed co
 model trains: in training mode or when autograd needs gradients the runner is not used, an
 optimizer step writes the tensors the kernels read, and a runner is rebuilt whenever a parameter is
 replaced (``load_state_dict(assign=True)``, ``.to()``, a swapped module), found by a cheap check of the
-identity and address of every tensor it reads before each forward.
+identity and address of every tensor it reads before each forward (once per block inside
+:func:`unchanged_weights`, which loops that own the model hold).
 
 Batch invariance: the kernels compute every token's row with the same arithmetic, in the same order,
 whatever the other rows of the batch are (see ``kernels.c``), and attention per token over its own
