@@ -225,6 +225,37 @@ def test_stream_uses_weights_replaced_between_its_tokens(tmp_path, monkeypatch):
     assert swapped[0] != plain[0] and swapped[1] == load(str(b)).generate("Hello there", **kw)[0].token_ids
 
 
+@needs_kernels
+def test_generators_on_two_threads_give_what_they_give_alone(tmp_path):
+    """Two Generators generating at the same time on two threads (each in its own unchanged_weights block, each
+    runner with its own scratch): every call gives the tokens and logprobs of a lone call."""
+    import threading
+
+    from gpt2lab.generation.generator import load
+
+    gens = [load(str(make_hf_checkpoint(tmp_path / name, seed=seed, **shape)))
+            for name, seed, shape in (("a", 1, SHAPES["tiny"]), ("b", 2, SHAPES["wide"]))]
+    kw = dict(max_new_tokens=16, seed=5, n=2, top_k=20, top_p=0.9, repetition_penalty=1.2, logprobs=2,
+              ignore_eos=True)
+
+    def result(generator):
+        return [(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in generator.generate(["Hello", "The sea"], **kw)]
+
+    alone = [result(g) for g in gens]
+    got: dict[int, list] = {0: [], 1: []}
+
+    def work(i):
+        for _ in range(3):
+            got[i].append(result(gens[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {i: [alone[i]] * 3 for i in (0, 1)}
+
+
 @pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
 def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_path, name):
     """The kernels index memory by the config's shapes: a tensor of another shape must send the forward
