@@ -239,7 +239,8 @@ def test_generators_on_two_threads_give_what_they_give_alone(tmp_path):
               ignore_eos=True)
 
     def result(generator):
-        return [(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in generator.generate(["Hello", "The sea"], **kw)]
+        completions = generator.generate(["Hello", "The sea"], **kw)
+        return [(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in completions]
 
     alone = [result(g) for g in gens]
     got: dict[int, list] = {0: [], 1: []}
