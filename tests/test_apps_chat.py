@@ -106,6 +106,31 @@ def test_message_mode_with_transcript(chat_model, tmp_path):
         assert "Traceback" not in result.output
 
 
+def test_a_reply_that_fails_is_one_error_line_and_the_repl_goes_on(chat_model, monkeypatch, capsys):
+    """A reply the engine ends with an error (here NaN scores): --message exits 2 in one line and the REPL
+    prints the error and reads the next line; both ended in a GenerationFailed traceback."""
+    import builtins
+
+    import torch
+
+    from gpt2lab.cli.chat import _repl
+
+    path, _ = chat_model
+    gen = gpt2lab.load(path)
+    with torch.no_grad():
+        gen.model.ln_f.weight[:] = float("nan")
+    monkeypatch.setattr("gpt2lab.cli.chat.load_generator", lambda *args, **kwargs: gen)
+    result = CliRunner().invoke(app, ["chat", "--model", str(path), "--message", "hi", "--max-new-tokens", "8"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("gpt2lab: error: generation failed") and "scores are NaN" in last, result.output
+    lines = iter(["hello", "again"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))  # then EOF: StopIteration
+    with pytest.raises(StopIteration):
+        _repl(ChatSession(gen, persona=PERSONA, params=SamplingParams(max_new_tokens=8, seed=1)), "User> ", None)
+    assert capsys.readouterr().out.count("error: generation failed: ValueError: the model's scores are NaN") == 2
+
+
 @pytest.mark.slow
 def test_repl_in_a_terminal(chat_model, tmp_path):
     pexpect = pytest.importorskip("pexpect")

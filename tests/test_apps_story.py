@@ -80,6 +80,30 @@ def test_story_errors(short_window):
         write_stories(gen, "", length=5)
 
 
+def test_a_draft_whose_settings_ban_every_token_fails_instead_of_looping(short_window):
+    """A chunk that ended with an error (every token banned, NaN scores) was submitted again, failing again,
+    forever: write_stories never returned, nor did `gpt2lab story`."""
+    import threading
+
+    from gpt2lab.errors import GenerationFailed
+
+    _, gen = short_window
+    params = SamplingParams(seed=1, top_k=5, bad_words_ids=[[t] for t in range(gen.config.vocab_size)])
+    got = []
+
+    def run():
+        try:
+            write_stories(gen, "Once upon a time", length=10, drafts=2, params=params)
+        except GenerationFailed as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "write_stories is still looping"
+    assert len(got) == 1 and "every token masked" in str(got[0])
+
+
 @pytest.mark.slow
 def test_story_cli_continue_file(short_window, tmp_path):
     path, gen = short_window

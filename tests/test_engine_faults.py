@@ -94,6 +94,22 @@ def test_a_fault_inside_the_step_ends_only_its_request(gen):
         assert last.finish_reason in ("stop", "length") and last.error is None
 
 
+@pytest.mark.parametrize("banned", [SamplingParams(max_new_tokens=6, temperature=0),
+                                    SamplingParams(max_new_tokens=6, top_k=5, seed=3, logprobs=2)])
+def test_a_request_that_bans_every_token_ends_alone_greedy_or_sampled(gen, banned):
+    """bad_words_ids that ban the whole vocabulary: the request ends with an error, never a banned token (a
+    greedy one generated token 0 each step), and the batch's other rows give the tokens they give alone."""
+    banned.bad_words_ids = [[t] for t in range(gen.config.vocab_size)]
+    others = [([15496, 995], _seeded(1)), ([40], SamplingParams(max_new_tokens=6, temperature=0, logprobs=1))]
+    alone = [_run(gen.engine(max_batch=1), [r])[("r0", 0)][0] for r in others]
+    got = _run(gen.engine(max_batch=4), [others[0], ([464, 3797], banned), others[1]])
+    tokens, last = got[("r1", 0)]
+    assert tokens == [] and last.finish_reason == "error" and "every token masked" in last.error
+    assert [got[("r0", 0)][0], got[("r2", 0)][0]] == alone
+    with pytest.raises(RuntimeError, match="every token masked"):
+        gen.generate("Hello", banned)
+
+
 def test_a_fault_in_a_prefill_ends_only_that_prompt(gen):
     """A prompt that breaks the model's forward (an id past the embedding, put there after admission):
     the prefill is retried one prompt at a time and only that prompt ends with an error."""
@@ -125,4 +141,7 @@ def test_sample_draws_nothing_when_it_raises():
     params = [SamplingParams(seed=5), SamplingParams(seed=6)]
     with pytest.raises(ValueError):
         sample(bad, params, [g, None])
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(5).get_state())
+    with pytest.raises(ValueError, match="every token masked"):  # the fully masked row is a greedy one
+        sample(bad, [SamplingParams(seed=5), SamplingParams(temperature=0)], [g, None])
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(5).get_state())

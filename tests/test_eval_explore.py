@@ -99,6 +99,19 @@ def test_separate_scoring_model_scores_the_text(tiny, tiny_checkpoint):
     assert r.perplexity > 1 and all(s.tokens > 0 for s in r.samples)
 
 
+def test_a_failed_generation_raises_instead_of_being_scored_as_empty(tiny_checkpoint):
+    """A sample the engine ended with an error (NaN scores here) was scored as an empty continuation."""
+    import torch
+
+    from gpt2lab.errors import GenerationFailed
+
+    broken = gpt2lab.load(tiny_checkpoint)
+    with torch.no_grad():
+        broken.model.ln_f.weight[:] = float("nan")
+    with pytest.raises(GenerationFailed, match="scores are NaN"):
+        explore("Hello", broken, temperatures=[1.0], top_ks=[0], top_ps=[1.0], max_length=8, samples=2, seed=1)
+
+
 def test_grid_validation_names_the_parameter():
     assert len(grid([0.7, 0.7, 1.0], [0], [1.0])) == 2
     with pytest.raises(ValueError, match="top_p must be in"):

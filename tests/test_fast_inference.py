@@ -195,6 +195,68 @@ def test_a_failed_generate_leaves_no_unchanged_weights_block_behind(tmp_path):
         assert generator.generate("Hello there", max_new_tokens=6, temperature=0)[0].token_ids == want
 
 
+@needs_kernels
+def test_stream_uses_weights_replaced_between_its_tokens(tmp_path, monkeypatch):
+    """stream() holds no unchanged_weights block: weights replaced (load_state_dict(assign=True)) while it is
+    paused between two pieces are the ones its next steps read, as in PyTorch's code (kernels switched off),
+    seeded sampling with top-k included; and generate() afterwards, in its own block, reads them too."""
+    from gpt2lab.generation.generator import load
+
+    a, b = (make_hf_checkpoint(tmp_path / name, seed=seed, **SHAPES["tiny"]) for name, seed in (("a", 1), ("b", 2)))
+    states = [load(str(path)).model.state_dict() for path in (a, b)]
+    kw = dict(max_new_tokens=12, ignore_eos=True, seed=4, top_k=3, temperature=0.7)
+
+    def run(swaps: bool) -> tuple[list[str], list[int]]:
+        generator = load(str(a))
+        pieces, stream = [], generator.stream("Hello there", **kw)
+        for i, piece in enumerate(stream):
+            pieces.append(piece)
+            if swaps and i in (1, 4):  # to b's weights, then back to a's (new tensors each time)
+                generator.model.load_state_dict({k: v.clone() for k, v in states[i == 1].items()}, assign=True)
+        if swaps:
+            generator.model.load_state_dict({k: v.clone() for k, v in states[1].items()}, assign=True)
+        return pieces, generator.generate("Hello there", **kw)[0].token_ids
+
+    plain, swapped = run(False), run(True)
+    monkeypatch.setattr(kernels, "available", lambda: False)  # PyTorch's forward and sampling code
+    with torch.no_grad():
+        assert inference_runner(load_model(a).eval()) is None
+    assert run(True) == swapped
+    assert swapped[0] != plain[0] and swapped[1] == load(str(b)).generate("Hello there", **kw)[0].token_ids
+
+
+@needs_kernels
+def test_generators_on_two_threads_give_what_they_give_alone(tmp_path):
+    """Two Generators generating at the same time on two threads (each in its own unchanged_weights block, each
+    runner with its own scratch): every call gives the tokens and logprobs of a lone call."""
+    import threading
+
+    from gpt2lab.generation.generator import load
+
+    gens = [load(str(make_hf_checkpoint(tmp_path / name, seed=seed, **shape)))
+            for name, seed, shape in (("a", 1, SHAPES["tiny"]), ("b", 2, SHAPES["wide"]))]
+    kw = dict(max_new_tokens=16, seed=5, n=2, top_k=20, top_p=0.9, repetition_penalty=1.2, logprobs=2,
+              ignore_eos=True)
+
+    def result(generator):
+        completions = generator.generate(["Hello", "The sea"], **kw)
+        return [(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in completions]
+
+    alone = [result(g) for g in gens]
+    got: dict[int, list] = {0: [], 1: []}
+
+    def work(i):
+        for _ in range(3):
+            got[i].append(result(gens[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {i: [alone[i]] * 3 for i in (0, 1)}
+
+
 @pytest.mark.parametrize("name", ["ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.weight", "wpe.weight"])
 def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_path, name):
     """The kernels index memory by the config's shapes: a tensor of another shape must send the forward

@@ -85,3 +85,17 @@ def test_generator_beam(tiny_checkpoint):
     stop = both[0].text[3:6]
     cut = gen.generate("Hello world", num_beams=4, max_new_tokens=8, stop=[stop])[0]
     assert cut.text == both[0].text[:both[0].text.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_a_beam_request_that_bans_every_token_fails_instead_of_returning_nothing(tiny_checkpoint):
+    """Every token banned (one-token bad words, or two-token ones the prompt starts): an error, like
+    greedy and sampled requests, where the beams ended with no tokens and finish_reason "length"."""
+    gen = gpt2lab.load(tiny_checkpoint)
+    everything = [[t] for t in range(gen.config.vocab_size)]
+    with pytest.raises(RuntimeError, match="every token masked"):
+        gen.generate("Hello world", num_beams=3, max_new_tokens=4, bad_words_ids=everything)
+    # banned after the prompt's last token: every beam is stopped at the first step
+    last = gen.encode_prompt("Hello world")[-1]
+    with pytest.raises(RuntimeError, match="every token masked"):
+        gen.generate("Hello world", num_beams=3, max_new_tokens=4, bad_words_ids=[[last, t] for t in
+                                                                                range(gen.config.vocab_size)])

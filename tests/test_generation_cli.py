@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import gpt2lab
+from gpt2lab.sampling.pipeline import NAN_SCORES_ERROR
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +70,28 @@ def test_bad_values_exit_2(tiny_checkpoint, args, message):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("gpt2lab: error: ") and message in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(tmp_path_factory):
+    """A tiny checkpoint whose final LayerNorm weight is NaN: every step's scores are NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import SHAPES, make_hf_checkpoint
+
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("nan"), seed=3, **SHAPES["tiny"])
+    state = load_file(folder / "model.safetensors")
+    state["transformer.ln_f.weight"][:] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--n", "2", "--temperature", "0"]])
+def test_a_request_the_engine_ends_with_an_error_fails_in_one_line(nan_checkpoint, mode):
+    """The streaming path printed the prompt and exited 0 (the error output was dropped, as if the completion
+    were empty); --json ended in a RuntimeError traceback."""
+    r = _run("Hello", "--model", str(nan_checkpoint), "--max-new-tokens", "4", "--seed", "1", *mode)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == ("gpt2lab: error: generation failed" + (" for prompt 0" if mode ==
+                                                 ["--json"] else "") + ": ValueError: " + NAN_SCORES_ERROR)
+    assert "Traceback" not in r.stderr

@@ -215,6 +215,26 @@ def test_build_is_cached_and_a_missing_or_broken_compiler_falls_back(tmp_path):
     assert again.stdout.strip() == "False" and "failed" not in again.stderr  # remembered, not retried
 
 
+def test_threads_that_first_use_the_kernels_together_all_get_them():
+    """The first load was not locked: threads calling in while another loaded got None (their forward and
+    sampling step ran through torch's kernels instead, and a seeded sample could part from a lone run)."""
+    probe = textwrap.dedent("""
+        import threading
+        from gpt2lab.model import kernels
+        got, barrier = [], threading.Barrier(4)
+        def first_use():
+            barrier.wait()
+            got.append(kernels.available())
+        threads = [threading.Thread(target=first_use) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(got.count(True), kernels.available())
+    """)
+    out = run_python(probe)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == (["4", "True"] if kernels.available() else ["0", "False"])
+
+
 def _torch_top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """transformers' TopKLogitsWarper, row by row (the reference the kernel must equal)."""
     out = scores.clone()

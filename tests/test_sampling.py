@@ -496,6 +496,16 @@ def test_sample_rejects_rows_with_nothing_left():
         sample(torch.full((1, 5), float("-inf")), [SamplingParams()], [None])
 
 
+def test_greedy_rows_with_every_token_masked_are_rejected_not_given_token_0():
+    """A greedy row whose every token is banned took argmax's 0 (a banned token) where a sampling row raised."""
+    scores = torch.zeros(2, 5)
+    scores[1] = float("-inf")
+    for params in ([SamplingParams(temperature=0)] * 2, [SamplingParams(seed=1), SamplingParams(temperature=0)]):
+        with pytest.raises(ValueError, match="every token masked"):
+            sample(scores, params, [None, None])
+    assert sample(scores[:1], [SamplingParams(temperature=0)], [None]).tolist() == [0]
+
+
 def test_sample_rejects_nan_scores_instead_of_picking_a_token():
     """NaN logits (a NaN weight) made greedy rows return token 0 and sampled rows blame masking."""
     scores = torch.zeros(2, 5)

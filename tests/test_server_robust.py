@@ -315,3 +315,47 @@ def test_half_open_connections_and_slow_bodies_are_closed(local):
     with ThreadPoolExecutor(4) as pool:  # and the server still serves
         codes = list(pool.map(lambda _: _post(url, {"prompt": "x", "max_tokens": 2}).status_code, range(4)))
     assert codes == [200] * 4
+
+
+# -- a request whose own settings leave nothing to sample -------------------------------------------
+@pytest.fixture(scope="module")
+def byte_server(tmp_path_factory) -> Server:
+    """A 257-token model (the 256 bytes and <|endoftext|>) and its byte-level tokenizer: 256 stop_token_ids
+    (the request limit) with min_tokens, which holds back EOS too, ban every token."""
+    import tokenizers
+
+    from .conftest import make_hf_checkpoint
+    from .server_helpers import launch_in_thread
+
+    folder = tmp_path_factory.mktemp("bytes")
+    make_hf_checkpoint(folder, seed=5, n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=257,
+                       bos_token_id=256, eos_token_id=256)
+    vocab = {ch: i for i, ch in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
+    (folder / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": 256}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    launch_in_thread("bytes", folder, tmp_path_factory.mktemp("bytes-logs"))
+    return get("bytes")
+
+
+def test_a_request_that_bans_every_token_is_a_400_and_hurts_no_other(byte_server):
+    """It was a 500 server_error (generation_failed); greedy ones took token 0, a banned one, each step."""
+    url = byte_server.url
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 1.0, "top_k": 20, "seed": 7,
+            "logit_bias": {"256": -100}}
+    alone = _alone(url, body)
+    stream = _Stream(url, body)
+    assert stream.started.wait(60)
+    ban = {"prompt": "Hi", "max_tokens": 5, "min_tokens": 2, "stop_token_ids": list(range(256))}
+    for extra in ({"temperature": 0}, {"seed": 1, "top_k": 5, "logprobs": 2}, {"temperature": 0, "n": 2}):
+        r = _post(url, {**ban, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert "every token masked" in r.json()["error"]["message"]
+        banned = _Stream(url, {**ban, **extra})
+        banned.thread.join(60)
+        assert banned.text == "" and banned.events[-1] == "[DONE]"
+        assert banned.error["type"] == "invalid_request_error", banned.error
+    assert stream.result() == alone
+    assert _post(url, {"prompt": "Hi", "max_tokens": 3, "temperature": 0}).status_code == 200
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["engine_failures"] == 0

@@ -7,3 +7,8 @@ class CheckpointError(RuntimeError):
 
 class TokenizerError(RuntimeError):
     """Tokenizer files that are missing or unreadable; the message names the file."""
+
+
+class GenerationFailed(RuntimeError):
+    """A request that the engine ended with an error (its settings left nothing to sample, NaN scores): the
+    message says why. Other requests of the batch are unaffected."""

@@ -23,6 +23,7 @@ HELP = """commands:
 
 def _repl(session, prompt: str, save: Path | None) -> None:
     from ..apps.chat import describe
+    from ..errors import GenerationFailed
 
     try:
         import readline  # noqa: F401 - line editing and history for input()
@@ -76,7 +77,7 @@ def _repl(session, prompt: str, save: Path | None) -> None:
         sys.stdout.flush()
         try:
             reply = session.reply(line, on_text=lambda d: (sys.stdout.write(d), sys.stdout.flush()))
-        except ValueError as exc:
+        except (ValueError, GenerationFailed) as exc:  # the latter ended the session with a traceback
             print(f"\nerror: {exc}")
             continue
         except KeyboardInterrupt:
@@ -125,7 +126,9 @@ def chat(
         if transcript is not None:
             session.load(transcript, keep_persona=persona is not None)
     if message is not None:
-        with user_errors((OSError,)):
+        from ..errors import GenerationFailed
+
+        with user_errors((OSError, GenerationFailed)):
             print(session.reply(message))
             if save is not None:
                 session.save(save)

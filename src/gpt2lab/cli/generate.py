@@ -77,9 +77,10 @@ def generate(
     gen = load_generator(model, runtime)
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
+    from ..errors import GenerationFailed
     from ..generation import fit_prompt
 
-    with user_errors():
+    with user_errors((GenerationFailed,)):  # a request the engine ended with an error: its reason, in one line
         for p in prompt_list:  # fail on an unusable prompt before printing anything
             fit_prompt(gen.encode_prompt(p), params, gen.config.n_positions)
         if as_json:
@@ -139,6 +140,11 @@ def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
     print(prompt, end="", flush=True)
     while engine.has_unfinished():
         for out in engine.step():
+            if out.error is not None:  # printed nothing more and exited 0, as if the completion were empty
+                print()
+                from ..errors import GenerationFailed
+
+                raise GenerationFailed(f"generation failed: {out.error}")
             texts[out.index].append(out.text)
             logprobs[out.index] += out.logprobs or []
             if out.index == 0 and out.text:

@@ -69,7 +69,9 @@ def story(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    with user_errors((OSError,)):
+    from ..errors import GenerationFailed
+
+    with user_errors((OSError, GenerationFailed)):
         stories = write_stories(gen, premise, drafts=drafts, length=length, params=sampling.resolve(gen),
                                 continue_from=start,
                                 on_text=None if quiet else show)

@@ -22,7 +22,7 @@ import torch
 from ..model import GPT2
 from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams
-from ..sampling.pipeline import NAN_SCORES_ERROR
+from ..sampling.pipeline import ALL_MASKED_ERROR, NAN_SCORES_ERROR
 from ..tokenizer import Tokenizer
 from .engine import fit_prompt
 from .outputs import Completion, token_logprobs
@@ -88,6 +88,8 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
         topk_scores, topk_idx = torch.topk(acc, k=keep)
         if bool(topk_scores[0].isnan()):  # topk ranks NaN first: one value tells (it returned garbage beams)
             raise ValueError(NAN_SCORES_ERROR)
+        if bool(topk_scores[0] == float("-inf")):  # every beam has every token banned: it returned no tokens
+            raise ValueError(ALL_MASKED_ERROR)
         source = topk_idx // vocab
         tokens = topk_idx % vocab
         cand = running[source]

@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -82,6 +83,7 @@ _SIGNATURES = {  # name: (argument types, return type)
 }
 _library: ctypes.CDLL | None = None
 _loaded = False
+_load_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -141,10 +143,20 @@ def _build() -> Path | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, built on the first call; None where the kernels are unavailable."""
-    global _library, _loaded
+    """The loaded kernel library, built on the first call; None where the kernels are unavailable.
+
+    Thread-safe: a first call made while another thread is loading it waits for that load (it answered None,
+    and the model ran that forward and sampling step through torch's kernels)."""
     if not _loaded:
-        _loaded = True
+        with _load_lock:
+            if not _loaded:
+                _load()
+    return _library
+
+
+def _load() -> None:
+    global _library, _loaded
+    try:
         if os.environ.get(DISABLE_ENV, "1") != "0":
             try:
                 path = _build()
@@ -159,7 +171,8 @@ def library() -> ctypes.CDLL | None:
                     _library = lib
             except OSError as exc:  # unwritable cache, a library that does not load
                 logger.warning("gpt2lab's CPU kernels are unavailable (%s); torch's kernels are used instead", exc)
-    return _library
+    finally:
+        _loaded = True  # set last: another thread seeing it reads the final _library
 
 
 def available() -> bool:

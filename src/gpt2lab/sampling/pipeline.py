@@ -185,7 +185,9 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     if not bool((total > 0).all()):  # NaN or nothing left
         if bool(torch.isnan(sub).any()):
             raise ValueError(NAN_SCORES_ERROR)
-        raise ValueError("a sampling row has every token masked (all scores are -inf); nothing to sample")
+        raise ValueError(ALL_MASKED_ERROR)
+    # the greedy rows' picks first: they raise where a row is NaN or fully masked
+    tokens = None if index is None else _argmax(scores)
     # drawn only once the rows are known to be sound: a call that raises consumes no random numbers,
     # so a batch retried row by row (the engine's fault isolation) draws the same tokens
     unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
@@ -200,20 +202,24 @@ def sample(scores: torch.Tensor, params: Sequence[SamplingParams],
     targets = [min(u * t, math.nextafter(t, 0.0)) for u, t in zip(uniforms, total[:, 0].tolist())]
     picked = (torch.searchsorted(cdf, torch.tensor(targets, dtype=torch.float64, device=device)[:, None],
                                  right=True)[:, 0] if cdf is not None else kernels.inverse_cdf(probs, targets))
-    if index is None:
+    if tokens is None:
         return picked
-    tokens = _argmax(scores)
     tokens[index] = picked
     return tokens
 
 
+ALL_MASKED_ERROR = "a row has every token masked (all scores are -inf); nothing to sample"
 NAN_SCORES_ERROR = "the model's scores are NaN (NaN or infinite weights or activations?); no token to pick"
 
 
 def _argmax(scores: torch.Tensor) -> torch.Tensor:
     """The greedy pick of every row; ValueError when a row holds NaN (argmax picks a NaN where there is
-    one, so one value per row tells): its token would be a meaningless index, usually 0."""
+    one, so one value per row tells) or has every token masked (its maximum is -inf): either way its token
+    would be a meaningless index, usually 0, and a banned one."""
     tokens = scores.argmax(dim=-1)
-    if bool(scores.gather(-1, tokens.unsqueeze(-1)).isnan().any()):
-        raise ValueError(NAN_SCORES_ERROR)
+    picked = scores.gather(-1, tokens.unsqueeze(-1))
+    if not bool((picked > NEG_INF).all()):  # false for NaN and for -inf
+        if bool(picked.isnan().any()):
+            raise ValueError(NAN_SCORES_ERROR)
+        raise ValueError(ALL_MASKED_ERROR)
     return tokens

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation.engine import truncate_prompt_tokens
 from ..sampling import SamplingParams
+from ..sampling.pipeline import ALL_MASKED_ERROR
 from . import limits as lim
 from . import protocol as p
 from .http import LimitBody
@@ -384,7 +385,12 @@ class _RequestContext:
         except (EngineFailure, RequestFailed) as exc:
             reason = "error"
             message = str(exc) if isinstance(exc, EngineFailure) else f"generation failed for this request: {exc}"
-            yield p.APIError(500, message, type="server_error", code="generation_failed")
+            if isinstance(exc, RequestFailed) and ALL_MASKED_ERROR in str(exc):
+                # the request's own settings banned every token (stop_token_ids with min_tokens, bad_words,
+                # logit_bias...): the client's to change, not a server fault (it was a 500)
+                yield p.APIError(400, message, type="invalid_request_error", code="nothing_to_sample")
+            else:
+                yield p.APIError(500, message, type="server_error", code="generation_failed")
         finally:
             if reason:
                 self.metrics.aborted.labels(reason).inc()
