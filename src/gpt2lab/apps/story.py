@@ -112,10 +112,7 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
         submit(st)
     while engine.has_unfinished():
         for out in engine.step():
-            if out.error is not None:  # it was submitted again, failing again, forever
-                from ..errors import GenerationFailed
-
-                raise GenerationFailed(f"generation failed: {out.error}")
+            out.raise_for_error()  # a failed chunk was submitted again, failing again, forever
             st = states[int(out.request_id.split(":")[0])]
             if st.finish_reason is not None:
                 continue

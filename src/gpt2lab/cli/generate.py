@@ -142,9 +142,7 @@ def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
         for out in engine.step():
             if out.error is not None:  # printed nothing more and exited 0, as if the completion were empty
                 print()
-                from ..errors import GenerationFailed
-
-                raise GenerationFailed(f"generation failed: {out.error}")
+                out.raise_for_error()
             texts[out.index].append(out.text)
             logprobs[out.index] += out.logprobs or []
             if out.index == 0 and out.text:

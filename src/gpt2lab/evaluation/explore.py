@@ -148,10 +148,7 @@ def explore(prompts: str | Sequence[str], model: ModelLike = None, *,
     with progress_bar(total, "sampling", progress) as advance:
         while engine.has_unfinished():
             for o in engine.step():
-                if o.error is not None:  # it was scored as an empty continuation
-                    from ..errors import GenerationFailed
-
-                    raise GenerationFailed(f"generation failed for setting/prompt {o.request_id}: {o.error}")
+                o.raise_for_error(f"setting/prompt {o.request_id}")  # it was scored as an empty continuation
                 token_ids.setdefault((o.request_id, o.index), []).extend(o.token_ids)
                 pieces.setdefault((o.request_id, o.index), []).append(o.text)
                 if o.finished:

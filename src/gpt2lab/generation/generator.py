@@ -13,7 +13,6 @@ import torch
 
 from ..checkpoints import CheckpointError, load_model, resolve_model, save_model
 from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
-from ..errors import GenerationFailed
 from ..model import GPT2, GPT2Config, check_quantization
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
@@ -143,8 +142,7 @@ class Generator:
     def _collect(outputs: list, parts: dict[tuple[str, int], list], prompt_lp: dict[str, list[TokenLogprob]]) -> None:
         """Add one engine step's outputs to ``parts`` (token ids, texts, logprobs, finish reason per sample)."""
         for out in outputs:
-            if out.error is not None:
-                raise GenerationFailed(f"generation failed for prompt {out.request_id}: {out.error}")
+            out.raise_for_error(f"prompt {out.request_id}")
             acc = parts.setdefault((out.request_id, out.index), [[], [], [] if out.logprobs is not None else None,
                                                                  None])
             acc[0] += out.token_ids
@@ -164,8 +162,7 @@ class Generator:
         engine.add_request(self.encode_prompt(prompt), params)
         while engine.has_unfinished():
             for out in engine.step():
-                if out.error is not None:
-                    raise GenerationFailed(f"generation failed: {out.error}")
+                out.raise_for_error()
                 if out.text:
                     yield out.text
 
