@@ -126,9 +126,7 @@ def chat(
         if transcript is not None:
             session.load(transcript, keep_persona=persona is not None)
     if message is not None:
-        from ..errors import GenerationFailed
-
-        with user_errors((OSError, GenerationFailed)):
+        with user_errors((OSError,)):
             print(session.reply(message))
             if save is not None:
                 session.save(save)

@@ -38,12 +38,13 @@ def require_extra(extra: str, command: str, modules: tuple[str, ...] | None = No
 @contextmanager
 def user_errors(extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Turn the errors a user can cause into a one-line message and exit code 2 (no traceback)."""
-    from ..errors import CheckpointError, TokenizerError
+    from ..errors import CheckpointError, GenerationFailed, TokenizerError
     from ..outputs import describe_os_error
 
     try:
         yield
-    except (ValueError, TypeError, CheckpointError, TokenizerError, FileNotFoundError, *extra) as exc:
+    except (ValueError, TypeError, CheckpointError, TokenizerError, GenerationFailed, FileNotFoundError,
+            *extra) as exc:
         fail(str(exc))
     except OSError as exc:  # a full disk, a read-only file system ... while reading or writing
         fail(describe_os_error(exc))

@@ -63,9 +63,7 @@ def explore(
     check_output(out, "--out")
     gen = load_for_eval(model, runtime)
     scorer = load_for_eval(scoring_model, runtime) if scoring_model else None
-    from ..errors import GenerationFailed
-
-    with user_errors((GenerationFailed,)):
+    with user_errors():
         result = run_explore(prompts, gen, temperatures=temperatures, top_ks=top_ks, top_ps=top_ps,
                              max_length=max_length, samples=samples, seed=seed, scoring_model=scorer, out=out,
                              max_batch=max_batch, progress=sys.stderr.isatty())

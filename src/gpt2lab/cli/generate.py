@@ -77,10 +77,9 @@ def generate(
     gen = load_generator(model, runtime)
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
-    from ..errors import GenerationFailed
     from ..generation import fit_prompt
 
-    with user_errors((GenerationFailed,)):  # a request the engine ended with an error: its reason, in one line
+    with user_errors():  # a request the engine ended with an error (GenerationFailed) too: its reason, in one line
         for p in prompt_list:  # fail on an unusable prompt before printing anything
             fit_prompt(gen.encode_prompt(p), params, gen.config.n_positions)
         if as_json:

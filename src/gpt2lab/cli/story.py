@@ -69,9 +69,7 @@ def story(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    from ..errors import GenerationFailed
-
-    with user_errors((OSError, GenerationFailed)):
+    with user_errors((OSError,)):
         stories = write_stories(gen, premise, drafts=drafts, length=length, params=sampling.resolve(gen),
                                 continue_from=start,
                                 on_text=None if quiet else show)
