@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import gpt2lab
@@ -259,3 +260,20 @@ def test_bad_input_errors(aug_model, tmp_path):
     assert result.exit_code == 2 and "taken.csv exists and has no progress log" in result.output
     result = runner.invoke(app, ["augment", str(good), "--out", str(good), "--model", str(path)])
     assert result.exit_code == 2 and "is the input file" in result.output
+
+
+def test_a_candidate_whose_settings_ban_every_token_fails_instead_of_counting_as_empty(aug_model, tmp_path):
+    """A candidate the engine ended with an error (every token banned, NaN scores) was filtered as "empty",
+    and the run reported success with nothing generated; the CLI now says why in one line, exit 2."""
+    from gpt2lab.errors import GenerationFailed
+
+    path, gen = aug_model
+    data = write_csv(tmp_path / "d.csv", [(1, "the cat sat on the mat", "a"), (2, "a dog ran in the park", "a")])
+    params = SamplingParams(seed=1, top_k=5, bad_words_ids=[[t] for t in range(gen.config.vocab_size)])
+    with pytest.raises(GenerationFailed, match="every token masked"):
+        augment(gen, data, tmp_path / "out.jsonl", label_column="label", per_example=1, params=params)
+    nan = gpt2lab.load(path)
+    with torch.no_grad():
+        nan.model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(GenerationFailed, match="NaN"):
+        augment(nan, data, tmp_path / "out2.jsonl", label_column="label", per_example=1)

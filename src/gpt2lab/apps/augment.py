@@ -443,6 +443,7 @@ class Augmenter:
         texts: dict[tuple[int, int], list[str]] = defaultdict(list)
         while engine.has_unfinished():
             for o in engine.step():
+                o.raise_for_error(f"candidate {o.request_id}")  # it was dropped as an "empty" candidate
                 texts[(int(o.request_id), o.index)].append(o.text)
         result: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for c_id, c in enumerate(cands):
