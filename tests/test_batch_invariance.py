@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import gpt2lab
+from gpt2lab import runtime
 from gpt2lab.generation import Engine
 from gpt2lab.model import kernels
 from gpt2lab.sampling import SamplingParams
@@ -120,8 +121,9 @@ def test_prefill_rows_do_not_depend_on_padding(tiny_checkpoint):
     ids = torch.randint(0, 50257, (3, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.setup_cache(max_batch=3, max_seq=32)
-        alone = model(ids[:1, :9], input_pos=torch.arange(9)[None], logits_index=torch.tensor([8]))
-        batched = model(ids, input_pos=torch.arange(30)[None].expand(3, 30), logits_index=torch.tensor([8, 29, 3]))
+        alone = runtime.forward(model, ids[:1, :9], input_pos=torch.arange(9)[None], logits_index=torch.tensor([8]))
+        batched = runtime.forward(model, ids, input_pos=torch.arange(30)[None].expand(3, 30),
+                                  logits_index=torch.tensor([8, 29, 3]))
     assert torch.equal(alone[0], batched[0])
 
 
@@ -140,15 +142,15 @@ def test_a_decode_step_equals_the_prefill_of_the_same_tokens(tiny_checkpoint, qu
         with torch.no_grad():
             model.setup_cache(max_batch=6, max_seq=32)
             for r, n in enumerate(lens):
-                model(ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(1 + r, 2 + r))
+                runtime.forward(model, ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(1 + r, 2 + r))
             for step, (a, b) in enumerate([(0, 4), (1, 3), (0, 2), (2, 4), (3, 4), (0, 4)]):
                 live = list(range(a, b))  # contiguous cache rows 1 + a .. b; the others sit this step out
                 pos = torch.tensor([lens[r] for r in live])[:, None]
-                out = model(ids[live, pos[:, 0]][:, None], input_pos=pos, rows=slice(1 + a, 1 + b))
+                out = runtime.forward(model, ids[live, pos[:, 0]][:, None], input_pos=pos, rows=slice(1 + a, 1 + b))
                 for j, r in enumerate(live):
                     n = lens[r] + 1
                     lens[r] = n
-                    alone = model(ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(5, 6),
+                    alone = runtime.forward(model, ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(5, 6),
                                   logits_index=torch.tensor([n - 1]))
                     assert torch.equal(out[j, 0], alone[0]), (step, r)
     finally:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt2lab
+from gpt2lab import runtime
 from gpt2lab.checkpoints import load_model
 from gpt2lab.model import InferenceOnlyError, KernelRunner, fast, inference_runner, kernels, optimize_for_inference
 
@@ -48,22 +49,22 @@ def test_cached_forward_matches_the_torch_forward(model):
         assert inference_runner(model) is not None
         rows = slice(1, 4)  # not starting at row 0
         pos = torch.arange(20)[None].expand(3, 20)
-        last = model(ids[:, :20], input_pos=pos, rows=rows, logits_index=torch.tensor([19, 19, 19]))
+        last = runtime.forward(model, ids[:, :20], input_pos=pos, rows=rows, logits_index=torch.tensor([19, 19, 19]))
         assert (last - full[:, 19]).abs().max() < 1e-4
         for t in range(20, 24):  # every row at the same position
-            step = model(ids[:, t:t + 1], input_pos=torch.full((3, 1), t), rows=rows)
+            step = runtime.forward(model, ids[:, t:t + 1], input_pos=torch.full((3, 1), t), rows=rows)
             assert (step[:, 0] - full[:, t]).abs().max() < 1e-4
         lens = torch.tensor([24, 26, 28])  # ragged: rows at different positions in one step
         for r in (1, 2):
             for t in range(24, int(lens[r])):
                 one = slice(rows.start + r, rows.start + r + 1)
-                model(ids[r:r + 1, t:t + 1], input_pos=torch.tensor([[t]]), rows=one)
-        step = model(ids[torch.arange(3), lens][:, None], input_pos=lens[:, None], rows=rows)
+                runtime.forward(model, ids[r:r + 1, t:t + 1], input_pos=torch.tensor([[t]]), rows=one)
+        step = runtime.forward(model, ids[torch.arange(3), lens][:, None], input_pos=lens[:, None], rows=rows)
         for r in range(3):
             assert (step[r, 0] - full[r, lens[r]]).abs().max() < 1e-4
         model.setup_cache(max_batch=4, max_seq=32)  # a second prefill chunk starting past 0
-        model(ids[:, :10], input_pos=torch.arange(10)[None].expand(3, 10))
-        chunk = model(ids[:, 10:16], input_pos=torch.arange(10, 16)[None].expand(3, 6))
+        runtime.forward(model, ids[:, :10], input_pos=torch.arange(10)[None].expand(3, 10))
+        chunk = runtime.forward(model, ids[:, 10:16], input_pos=torch.arange(10, 16)[None].expand(3, 6))
         assert (chunk - full[:, 10:16]).abs().max() < 1e-4
 
 
@@ -79,7 +80,7 @@ def _two_models(tmp_path):
     def last_logits():
         with torch.no_grad():
             model.setup_cache(max_batch=1, max_seq=16)
-            return model(ids, input_pos=torch.arange(12)[None], logits_index=torch.tensor([11]))[0]
+            return runtime.forward(model, ids, input_pos=torch.arange(12)[None], logits_index=torch.tensor([11]))[0]
 
     return model, other, want, last_logits
 
@@ -146,14 +147,15 @@ def test_bad_ids_and_positions_raise_before_any_work_and_shapes_alternate(tmp_pa
     with torch.no_grad():
         full = ref(ids)  # PyTorch, uncached
         model.setup_cache(max_batch=4, max_seq=24)
-        model(torch.tensor([[5, 6, 7]]), input_pos=torch.arange(3)[None], rows=slice(1, 2))
+        runtime.forward(model, torch.tensor([[5, 6, 7]]), input_pos=torch.arange(3)[None], rows=slice(1, 2))
         caches = [(c.k.clone(), c.v.clone()) for c in model.caches()]
         for token, pos in [(-1, 3), (50257, 3), (2**40, 3), (-(2**40), 3)]:
             with pytest.raises(IndexError, match=r"token ids must be in \[0, 50257\)"):
-                model(torch.tensor([[1], [token]]), input_pos=torch.tensor([[3], [pos]]), rows=slice(1, 3))
+                runtime.forward(model, torch.tensor([[1], [token]]), input_pos=torch.tensor([[3], [pos]]),
+                                rows=slice(1, 3))
         for pos in (-1, 24, 2**62, -(2**62)):
             with pytest.raises(ValueError, match="beyond the KV cache"):
-                model(torch.tensor([[1], [2]]), input_pos=torch.tensor([[3], [pos]]), rows=slice(1, 3))
+                runtime.forward(model, torch.tensor([[1], [2]]), input_pos=torch.tensor([[3], [pos]]), rows=slice(1, 3))
         assert all(torch.equal(c.k, k) and torch.equal(c.v, v) for c, (k, v) in zip(model.caches(), caches))
         kept = []
         try:
@@ -162,13 +164,13 @@ def test_bad_ids_and_positions_raise_before_any_work_and_shapes_alternate(tmp_pa
                 torch.set_num_threads(n_threads)
                 if step == 3:
                     model.setup_cache(max_batch=6, max_seq=40)  # grown between calls: new caches, new plan
-                out = model(ids[first:first + rows, :T], input_pos=torch.arange(T)[None].expand(rows, T),
-                            rows=slice(first, first + rows))
+                out = runtime.forward(model, ids[first:first + rows, :T],
+                                      input_pos=torch.arange(T)[None].expand(rows, T), rows=slice(first, first + rows))
                 assert (out - full[first:first + rows, :T]).abs().max() < 1e-4
                 kept.append((out, out.clone()))
                 for p in range(T, T + 2):  # decode steps, alternating with the prefills' shapes
-                    step_out = model(ids[first:first + rows, p:p + 1], input_pos=torch.full((rows, 1), p),
-                                     rows=slice(first, first + rows))
+                    step_out = runtime.forward(model, ids[first:first + rows, p:p + 1],
+                                               input_pos=torch.full((rows, 1), p), rows=slice(first, first + rows))
                     assert (step_out[:, 0] - full[first:first + rows, p]).abs().max() < 1e-4
                     kept.append((step_out, step_out.clone()))
         finally:
@@ -265,13 +267,13 @@ def test_a_tensor_replaced_with_another_shape_raises_instead_of_being_read(tmp_p
     ids = torch.randint(0, 50257, (1, 4), generator=torch.Generator().manual_seed(2))
     model.setup_cache(max_batch=1, max_seq=8)
     with torch.no_grad():
-        model(ids, input_pos=torch.arange(4)[None])  # the kernels ran on the good weights
+        runtime.forward(model, ids, input_pos=torch.arange(4)[None])  # the kernels ran on the good weights
         *path, last = name.split(".")
         owner = model.get_submodule(".".join(path))
         setattr(owner, last, torch.nn.Parameter(torch.ones(3, *getattr(owner, last).shape[1:])))
         assert inference_runner(model) is None
         with pytest.raises((RuntimeError, IndexError)):
-            model(ids, input_pos=torch.arange(4)[None])
+            runtime.forward(model, ids, input_pos=torch.arange(4)[None])
 
 
 def test_a_model_used_for_generation_still_fine_tunes(tiny_checkpoint):

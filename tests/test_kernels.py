@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from gpt2lab import runtime
 from gpt2lab.checkpoints import load_model
 from gpt2lab.model import inference_runner, kernels
 from gpt2lab.model.quantize import int8_linear, quantize_
@@ -122,11 +123,11 @@ def test_the_kernel_forward_matches_the_torch_forward(shape, quantization, tmp_p
         full = model(ids)  # [3, 40, V], PyTorch
         model.setup_cache(max_batch=5, max_seq=40)
         for r, n in enumerate(lens):  # rows 2..4 of the cache, prefilled to different lengths
-            pre = model(ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(2 + r, 3 + r))
+            pre = runtime.forward(model, ids[r:r + 1, :n], input_pos=torch.arange(n)[None], rows=slice(2 + r, 3 + r))
             assert (pre[0] - full[r, :n]).abs().max() < 1e-4
         for step in range(4):  # ragged decode steps
             pos = torch.tensor(lens)[:, None] + step
-            logits = model(ids[torch.arange(3), pos[:, 0]][:, None], input_pos=pos, rows=slice(2, 5))
+            logits = runtime.forward(model, ids[torch.arange(3), pos[:, 0]][:, None], input_pos=pos, rows=slice(2, 5))
             assert logits.shape == (3, 1, vocab)
             for r in range(3):
                 assert (logits[r, 0] - full[r, pos[r, 0]]).abs().max() < 1e-4
@@ -137,16 +138,17 @@ def test_the_kernel_forward_refuses_what_would_read_outside_memory(tmp_path):
     model = load_model(make_hf_checkpoint(tmp_path, **DECODER_SHAPES["untied"]))
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="setup_cache"):
-            model(torch.tensor([[1]]), input_pos=torch.tensor([[0]]))
+            runtime.forward(model, torch.tensor([[1]]), input_pos=torch.tensor([[0]]))
         model.setup_cache(max_batch=2, max_seq=16)
         with pytest.raises(IndexError, match=r"token ids must be in \[0, 50257\)"):
-            model(torch.tensor([[50257]]), input_pos=torch.tensor([[0]]))
+            runtime.forward(model, torch.tensor([[50257]]), input_pos=torch.tensor([[0]]))
         with pytest.raises(ValueError, match="beyond the KV cache"):
-            model(torch.tensor([[1]]), input_pos=torch.tensor([[16]]))
+            runtime.forward(model, torch.tensor([[1]]), input_pos=torch.tensor([[16]]))
         with pytest.raises(ValueError, match="beyond the KV cache"):
-            model(torch.tensor([[1], [2]]), input_pos=torch.tensor([[0], [0]]), rows=slice(1, 3))
+            runtime.forward(model, torch.tensor([[1], [2]]), input_pos=torch.tensor([[0], [0]]), rows=slice(1, 3))
         with pytest.raises(IndexError, match="logits_index"):
-            model(torch.tensor([[1, 2]]), input_pos=torch.tensor([[0, 1]]), logits_index=torch.tensor([2]))
+            runtime.forward(model, torch.tensor([[1, 2]]), input_pos=torch.tensor([[0, 1]]),
+                            logits_index=torch.tensor([2]))
 
 
 @needs_kernels
@@ -162,7 +164,7 @@ def test_a_nan_weight_before_the_activation_gives_nan_logits_as_in_torch(shape, 
         assert model(ids).isnan().all()  # PyTorch
         model.setup_cache(max_batch=1, max_seq=8)
         assert inference_runner(model) is not None
-        assert model(ids, input_pos=torch.arange(3)[None]).isnan().all()
+        assert runtime.forward(model, ids, input_pos=torch.arange(3)[None]).isnan().all()
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import runtime
 from ..model import GPT2
-from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams
 from ..sampling.pipeline import ALL_MASKED_ERROR, NAN_SCORES_ERROR
 from ..tokenizer import Tokenizer
@@ -73,8 +73,8 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
     improvable = True
 
     _ensure_cache(model, num_beams, max_length)
-    logits = model(running[:1, :L], input_pos=torch.arange(L, device=dev)[None],
-                   logits_index=torch.tensor([L - 1], device=dev))  # one row: the beams all share the prompt
+    logits = runtime.forward(model, running[:1, :L], input_pos=torch.arange(L, device=dev)[None],
+                             logits_index=torch.tensor([L - 1], device=dev))  # one row: the beams all share the prompt
     for cache in model.caches():
         cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=dev), L)
     logits = logits.expand(num_beams, -1)
@@ -122,12 +122,7 @@ def beam_search(model: GPT2, tokenizer: Tokenizer, prompt_ids: list[int], params
             break
         for cache in model.caches():
             cache.reorder(reorder, cur_len - 1)
-        graphs = graph_decoder(model)
-        if graphs is not None:  # on a GPU: a captured CUDA graph (the tokens stay on the device)
-            logits = graphs.decode(running[:, cur_len - 1], cur_len - 1)
-        else:
-            pos = torch.full((num_beams, 1), cur_len - 1, device=dev)
-            logits = model(running[:, cur_len - 1:cur_len], input_pos=pos, rows=slice(0, num_beams))[:, -1]
+        logits = runtime.decode(model, running[:, cur_len - 1], cur_len - 1)  # the tokens stay on the device
 
     results = []
     for i in range(params.n):

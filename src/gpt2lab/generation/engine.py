@@ -27,8 +27,8 @@ from collections import deque
 
 import torch
 
+from .. import runtime
 from ..model import GPT2
-from ..model.cuda_graphs import graph_decoder
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..sampling.pipeline import bad_words_ids
 from ..tokenizer import Tokenizer
@@ -214,14 +214,7 @@ class Engine:
                                              error=f"{type(exc).__name__}: {exc}"))
         if self._running:
             seqs = list(self._running)
-            n = len(seqs)
-            graphs = graph_decoder(self.model)
-            if graphs is not None:  # on a GPU: the step replays a captured CUDA graph
-                logits = graphs.decode([s.output_ids[-1] for s in seqs], [s.cached for s in seqs])
-            else:
-                idx = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-                pos = torch.tensor([[s.cached] for s in seqs], device=self.device)
-                logits = self.model(idx, input_pos=pos, rows=slice(0, n))[:, -1]
+            logits = runtime.decode(self.model, [s.output_ids[-1] for s in seqs], [s.cached for s in seqs])
             outputs += self._advance(seqs, logits)
         free = self.max_batch - len(self._running)
         if self._waiting and free > 0:
@@ -319,8 +312,9 @@ class Engine:
         for i, s in enumerate(seqs):
             idx[i, :lens[i]] = torch.tensor(s.prompt_ids)
         pos = torch.arange(width, device=self.device)[None].expand(len(seqs), width)
-        return self.model(idx.to(self.device), input_pos=pos, rows=slice(first_row, first_row + len(seqs)),
-                          logits_index=torch.tensor(lens, device=self.device) - 1)
+        return runtime.forward(self.model, idx.to(self.device), input_pos=pos,
+                               rows=slice(first_row, first_row + len(seqs)),
+                               logits_index=torch.tensor(lens, device=self.device) - 1)
 
     def _ensure_cache(self, rows: int, seq_len: int) -> None:
         """Grow the static cache when needed, keeping the running rows' contents."""

@@ -16,7 +16,7 @@ from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
 from ..model import GPT2, GPT2Config, check_quantization
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
-from ..model.fast import unchanged_weights
+from ..runtime import unchanged_weights
 from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine

@@ -385,16 +385,9 @@ class GPT2(nn.Module):
         (generation needs just the next-token logits; the LM head is the largest matmul).
         Returns ``[B, T, V]`` otherwise.
 
-        A cached forward in eval mode outside autograd runs as one call of gpt2lab's C kernels where
-        they can run this model (``fast.inference_runner`` decides): the same logits within fp32
-        rounding, and each row's bit-identical whatever the rest of the batch.
+        This is the model's own PyTorch code, always; :mod:`gpt2lab.runtime` decides when a cached
+        forward runs on gpt2lab's C kernels or a CUDA graph instead (the same logits within fp32 rounding).
         """
-        if input_pos is not None:
-            from .fast import inference_runner
-
-            runner = inference_runner(self)
-            if runner is not None:
-                return runner(idx, input_pos, rows, logits_index)
         x = self.hidden_states(idx, input_pos=input_pos, rows=rows)  # [B, T, C]
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=idx.device), logits_index]  # [B, C]

@@ -182,7 +182,7 @@ class Scheduler:
         self.ready.set()
         import torch
 
-        from ..model.fast import unchanged_weights
+        from ..runtime import unchanged_weights
 
         # the KV cache holds inference tensors, and aborts move its rows too. A model the server loaded is this
         # thread's alone, and only a "call" command may change it (recheck_weights after each); the caller's may
@@ -238,7 +238,7 @@ class Scheduler:
                     self.engine.abort(request_id)
                     self._release_stream(stream)
         elif kind == "call":
-            from ..model.fast import recheck_weights
+            from ..runtime import recheck_weights
 
             fn, future = payload
             try:
