@@ -434,21 +434,17 @@ class Augmenter:
 
     def _generate(self, cands: list[_Candidate]) -> dict[int, list[tuple[str, str]]]:
         """Run every candidate prompt in one continuous batch: row -> [(method, text)]."""
-        engine = self.gen.engine(max_batch=16)
+        runner = self.gen.runner()
         stop = [*self.params.stop, "\n"]  # an example is one line
         for c_id, c in enumerate(cands):
             p = self.params.with_(max_new_tokens=c.max_new_tokens, max_length=None, n=c.n, seed=c.seed, stop=stop,
                                   truncate_prompt=True)
-            engine.add_request(self.gen.encode_prompt(c.prompt), p, request_id=str(c_id))
-        texts: dict[tuple[int, int], list[str]] = defaultdict(list)
-        while engine.has_unfinished():
-            for o in engine.step():
-                o.raise_for_error(f"candidate {o.request_id}")  # it was dropped as an "empty" candidate
-                texts[(int(o.request_id), o.index)].append(o.text)
+            runner.add(self.gen.encode_prompt(c.prompt), p, request_id=str(c_id), source=f"candidate {c_id}")
+        runner.run()  # a failed candidate raises GenerationFailed (it was dropped as an "empty" one)
         result: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for c_id, c in enumerate(cands):
-            for k in range(c.n):
-                body = "".join(texts[(c_id, k)])
+            for completion in runner.completions(str(c_id)):
+                body = completion.text
                 result[c.row].append((c.method, _one_line(c.prefix + body) if c.prefix else _one_line(body)))
         return result
 

@@ -113,16 +113,12 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
 
 
 def _stream(gen, prompts: list[str], params) -> None:
-    """Print each prompt with its completions (blank line between them); sample 0 streams live."""
+    """Print each prompt with its completions (blank line between them); sample 0 streams live (beams are
+    only known at the end)."""
     for k, prompt in enumerate(prompts):
         if k:
             print()
-        if params.num_beams > 1:  # beams are only known at the end
-            completions = [(c.text, c.logprobs) for c in gen.generate(prompt, params)]
-            print(prompt + completions[0][0], flush=True)
-        else:
-            completions = _stream_first(gen, prompt, params)
-        for j, (text, logprobs) in enumerate(completions):
+        for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, params)):
             if j:
                 print()
                 print(prompt + text, flush=True)
@@ -131,20 +127,18 @@ def _stream(gen, prompts: list[str], params) -> None:
 
 
 def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
-    """Run one prompt's ``n`` samples together, printing sample 0 as it comes; return all of them."""
-    engine = gen.engine(max_batch=min(16, params.n))
-    engine.add_request(gen.encode_prompt(prompt), params)
-    texts: list[list[str]] = [[] for _ in range(params.n)]
-    logprobs: list[list] = [[] for _ in range(params.n)]
+    """Run one prompt's ``n`` samples (or beams) together, printing sample 0 as it comes; return all of them."""
+    from ..errors import GenerationFailed
+
+    runner = gen.runner(num_beams=params.num_beams)
+    request_id = runner.add(gen.encode_prompt(prompt), params)
     print(prompt, end="", flush=True)
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.error is not None:  # printed nothing more and exited 0, as if the completion were empty
-                print()
-                out.raise_for_error()
-            texts[out.index].append(out.text)
-            logprobs[out.index] += out.logprobs or []
+    try:
+        for out in runner.outputs():
             if out.index == 0 and out.text:
                 print(out.text, end="", flush=True)
+    except GenerationFailed:  # the error goes on a line of its own
+        print()
+        raise
     print()
-    return [("".join(t), lp) for t, lp in zip(texts, logprobs)]
+    return [(c.text, c.logprobs) for c in runner.completions(request_id)]

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import GenerationFailed
-
 if TYPE_CHECKING:
     import torch
 
@@ -51,14 +49,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" | "error" | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
-    error: str | None = None  # finish_reason "error": why this sequence (only) was stopped
-
-    def raise_for_error(self, source: str | None = None) -> None:
-        """Raise :class:`gpt2lab.errors.GenerationFailed` when the engine ended this sequence with an error
-        (``"generation failed[ for SOURCE]: <error>"``), for loops that drive the engine for one caller and
-        must not take a failed sequence for an empty one."""
-        if self.error is not None:
-            raise GenerationFailed(f"generation failed{f' for {source}' if source else ''}: {self.error}")
+    error: str | None = None  # finish_reason "error": why this sequence (only) was stopped (see Runner)
 
 
 @dataclass
