@@ -104,7 +104,8 @@ def test_abort_a_running_and_a_waiting_request(gen):
     assert seen["a"] == 3 and "waiting" not in seen
     assert _seen(runner.completions("b")) == _alone(gen, "Once upon a time", params.with_(seed=1))
     assert _seen(runner.completions("c")) == _alone(gen, "Once upon a time", params.with_(seed=1))
-    assert [len(c.token_ids) for c in runner.completions("a")] == [3]
+    assert [(len(c.token_ids), c.finish_reason) for c in runner.completions("a")] == [(3, None)]
+    runner.add(gen.encode_prompt("x"), params, request_id="a")  # an aborted request's id is free again
 
 
 def test_requests_added_while_it_runs_give_what_they_give_alone(gen):

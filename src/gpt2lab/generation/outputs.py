@@ -38,7 +38,8 @@ class RequestOutput:
     (when asked for) follow the text: a token's entry comes with the step that releases its text,
     so one step may carry none or several, and tokens after a stop-string cut have none.
     ``prompt_logprobs`` (``SamplingParams.prompt_logprobs``) comes with a sample's first output:
-    the entries of prompt tokens 1.. (the first token has none).
+    the entries of prompt tokens 1.. (the first token has none). A beam request's beams are not streamed:
+    each of its ``n`` best comes whole, in one output, when the search ends (``prompt_logprobs`` with beam 0).
     """
 
     request_id: str

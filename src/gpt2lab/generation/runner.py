@@ -68,6 +68,7 @@ class _Request:
     def __init__(self, n: int, prompt: str, source: str | None, logprobs: bool, collect: bool) -> None:
         self.n, self.prompt, self.source, self.done = n, prompt, source, 0
         self.error: str | None = None
+        self.aborted = False
         self.collect = collect
         if collect:
             self.token_ids: list[list[int]] = [[] for _ in range(n)]
@@ -92,7 +93,8 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return self.done >= self.n or self.error is not None
+        """Every sequence finished, or the request failed or was aborted: nothing more will come."""
+        return self.done >= self.n or self.error is not None or self.aborted
 
     def completion(self, index: int) -> Completion:
         reason = self.reasons[index] or ("error" if self.error is not None else None)
@@ -129,11 +131,14 @@ class Runner:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        """Stop a request, waiting or running: no further output for it (its collected parts stay)."""
+        """Stop a request, waiting or running: no further output for it (its collected parts stay; a
+        sequence it stopped has ``finish_reason`` None)."""
         self.engine.abort(request_id)
         request = self._requests.get(request_id)
-        if request is not None and not self.collect:
-            del self._requests[request_id]
+        if request is not None:
+            request.aborted = True
+            if not self.collect:
+                del self._requests[request_id]
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished()
