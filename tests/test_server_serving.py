@@ -25,29 +25,39 @@ def _start(state: ServerState) -> ServerState:
 
 
 @pytest.fixture(scope="module")
-def state(gen):
+def run():
+    """``run(coroutine)`` on one event loop for the whole module, as a server has one: the engine thread
+    hands a request's outputs to the loop it came from, so that loop outlives the engine thread."""
+    loop = asyncio.new_event_loop()
+    yield loop.run_until_complete
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def state(gen, run):
     """A started server, without HTTP, on this module's Generator: 2 running and 1 waiting sequence at most."""
     state = _start(ServerState.create(gen, max_batch=2, max_queue=1, model_name=NAME))
     yield state
     state.scheduler.stop()
 
 
-def completion(state: ServerState, **fields):
-    return asyncio.run(state.completion.create_completion(p.CompletionRequest.model_validate(fields)))
+def completion(run, state: ServerState, **fields):
+    return run(state.completion.create_completion(p.CompletionRequest.model_validate(fields)))
 
 
-def chat(state: ServerState, **fields):
-    return asyncio.run(state.chat.create_chat_completion(p.ChatCompletionRequest.model_validate(fields)))
+def chat(run, state: ServerState, **fields):
+    return run(state.chat.create_chat_completion(p.ChatCompletionRequest.model_validate(fields)))
 
 
-def events(method, request) -> list[str]:
+def events(run, method, request) -> list[str]:
     """The server-sent events a streaming request gives, read to the end."""
     async def read() -> list[str]:
         stream = await method(request)
         assert not isinstance(stream, p.APIError), stream.body()
         return [event async for event in stream]
 
-    return asyncio.run(read())
+    return run(read())
 
 
 def chunks(sse: list[str]) -> list[dict]:
@@ -61,23 +71,23 @@ def sample(state: ServerState, name: str) -> float:
 
 
 # -- completions ---------------------------------------------------------------------------------------
-def test_completion_request_in_response_object_out(state):
-    out = completion(state, prompt="Hello world", max_tokens=5, temperature=0)
+def test_completion_request_in_response_object_out(state, run):
+    out = completion(run, state, prompt="Hello world", max_tokens=5, temperature=0)
     assert isinstance(out, p.CompletionResponse)
     assert out.model == NAME and out.id.startswith("cmpl-")
     (choice,) = out.choices
-    expected = asyncio.run(state.scheduler.call(
+    expected = run(state.scheduler.call(
         lambda g: g.generate("Hello world", max_new_tokens=5, temperature=0)[0]))
     assert (choice.index, choice.text, choice.finish_reason) == (0, expected.text, expected.finish_reason)
     done = len(expected.token_ids)
     assert out.usage == p.Usage(prompt_tokens=2, completion_tokens=done, total_tokens=2 + done)  # "Hello world": 2
 
 
-def test_streamed_completion_is_the_whole_one_in_events(state):
+def test_streamed_completion_is_the_whole_one_in_events(state, run):
     fields = dict(prompt=["The cat", "A dog"], max_tokens=6, seed=3, temperature=1.0, logprobs=1)
-    whole = completion(state, **fields)
+    whole = completion(run, state, **fields)
     request = p.CompletionRequest.model_validate({**fields, "stream": True, "stream_options": {"include_usage": True}})
-    *steps, usage = chunks(events(state.completion.create_completion, request))
+    *steps, usage = chunks(events(run, state.completion.create_completion, request))
     assert usage["choices"] == [] and usage["usage"] == whole.usage.model_dump()
     for choice in whole.choices:
         mine = [c["choices"][0] for c in steps if c["choices"][0]["index"] == choice.index]
@@ -96,48 +106,53 @@ def test_streamed_completion_is_the_whole_one_in_events(state):
     ({"prompt": "x", "n": 4}, "n", None),  # more sequences than max_batch + max_queue
     ({"prompt": "x", "stop": ["a"] * 17}, "stop", "limit_exceeded"),
 ])
-def test_bad_request_in_error_object_out(state, fields, param, code):
-    err = completion(state, **fields)
+def test_bad_request_in_error_object_out(state, fields, param, code, run):
+    err = completion(run, state, **fields)
     assert isinstance(err, p.APIError) and err.status == 400
     assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error", "param": param,
                                     "code": code}}
 
 
-def test_full_server_answers_429_with_retry_after(state):
+def test_full_server_answers_429_with_retry_after(state, run):
     rejected = sample(state, "gpt2lab_rejected_requests_total")
     assert state.scheduler.reserve(state.scheduler.capacity)
     try:
-        err = completion(state, prompt="x", max_tokens=2)
+        err = completion(run, state, prompt="x", max_tokens=2)
     finally:
         state.scheduler.release(state.scheduler.capacity)
     assert isinstance(err, p.APIError)
     assert (err.status, err.type, err.code) == (429, "rate_limit_error", "queue_full")
     assert err.headers == {"Retry-After": "1"}
     assert sample(state, "gpt2lab_rejected_requests_total") == rejected + 1
-    assert isinstance(completion(state, prompt="x", max_tokens=2), p.CompletionResponse)  # room again
+    assert isinstance(completion(run, state, prompt="x", max_tokens=2), p.CompletionResponse)  # room again
 
 
-def test_request_timeout_is_408_and_gives_the_capacity_back(gen, state):
+def test_request_timeout_is_408_and_gives_the_capacity_back(gen, state, run):
     # a deadline already past when the first output could come: the request ends at its first check
     late = _start(ServerState.create(gen, max_batch=2, max_queue=0, request_timeout=1e-6))
     try:
-        err = completion(late, prompt="x", max_tokens=20)
+        err = completion(run, late, prompt="x", max_tokens=20)
         assert isinstance(err, p.APIError) and (err.status, err.code) == (408, "request_timeout")
         request = p.CompletionRequest(prompt="x", max_tokens=20, stream=True)
-        sse = events(late.completion.create_completion, request)
+        sse = events(run, late.completion.create_completion, request)
         assert [c["error"]["code"] for c in chunks(sse)] == ["request_timeout"]  # one error event, then [DONE]
-        assert late.metrics.registry.get_sample_value("gpt2lab_aborted_requests_total", {"reason": "timeout"}) == 2
+
+        def timeouts() -> float:
+            return late.metrics.registry.get_sample_value("gpt2lab_aborted_requests_total", {"reason": "timeout"})
+
+        # the stream's request is closed by the loop once the events stopped, and the engine thread gives its
+        # capacity back once it has seen the abort: both a moment later
         deadline = time.monotonic() + 30
-        while sample(late, "gpt2lab_in_flight_sequences") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sample(late, "gpt2lab_in_flight_sequences") == 0
+        while (timeouts() != 2 or sample(late, "gpt2lab_in_flight_sequences")) and time.monotonic() < deadline:
+            run(asyncio.sleep(0.05))
+        assert timeouts() == 2 and sample(late, "gpt2lab_in_flight_sequences") == 0
     finally:
         late.scheduler.stop()
 
 
 # -- chat completions ------------------------------------------------------------------------------------
-def test_chat_request_in_response_object_out(state):
-    out = chat(state, messages=HELLO, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+def test_chat_request_in_response_object_out(state, run):
+    out = chat(run, state, messages=HELLO, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     assert isinstance(out, p.ChatCompletionResponse)
     assert out.model == NAME and out.id.startswith("chatcmpl-")
     (choice,) = out.choices
@@ -146,9 +161,9 @@ def test_chat_request_in_response_object_out(state):
     assert all(len(token.top_logprobs) >= 2 for token in choice.logprobs.content)
 
 
-def test_streamed_chat_opens_with_the_role(state):
+def test_streamed_chat_opens_with_the_role(state, run):
     request = p.ChatCompletionRequest.model_validate({"messages": HELLO, "max_tokens": 3, "n": 2, "stream": True})
-    steps = chunks(events(state.chat.create_chat_completion, request))
+    steps = chunks(events(run, state.chat.create_chat_completion, request))
     assert [c["choices"][0]["delta"] for c in steps[:2]] == [{"role": "assistant", "content": ""}] * 2
     assert {c["object"] for c in steps} == {"chat.completion.chunk"}
     assert sorted(c["choices"][0]["index"] for c in steps if c["choices"][0]["finish_reason"]) == [0, 1]
@@ -160,36 +175,36 @@ def test_streamed_chat_opens_with_the_role(state):
     ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
     ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
 ])
-def test_bad_chat_request_in_error_object_out(state, fields, param):
-    err = chat(state, **fields)
+def test_bad_chat_request_in_error_object_out(state, fields, param, run):
+    err = chat(run, state, **fields)
     assert isinstance(err, p.APIError) and (err.status, err.param) == (400, param)
 
 
 # -- models, tokenizer, health ---------------------------------------------------------------------------
-def test_models_list_and_retrieve(state):
-    models = asyncio.run(state.models.show_available_models())
+def test_models_list_and_retrieve(state, run):
+    models = run(state.models.show_available_models())
     assert isinstance(models, p.ModelList)
     (card,) = models.data
     assert (card.id, card.max_model_len) == (NAME, 128)
-    assert asyncio.run(state.models.retrieve_model(NAME)) == card
-    err = asyncio.run(state.models.retrieve_model("gpt-4"))
+    assert run(state.models.retrieve_model(NAME)) == card
+    err = run(state.models.retrieve_model("gpt-4"))
     assert isinstance(err, p.APIError) and (err.status, err.code) == (404, "model_not_found")
 
 
-def test_tokenize_and_detokenize(state):
-    tokens = asyncio.run(state.tokenization.create_tokenize(p.TokenizeRequest(prompt="Hello world")))
+def test_tokenize_and_detokenize(state, run):
+    tokens = run(state.tokenization.create_tokenize(p.TokenizeRequest(prompt="Hello world")))
     assert tokens == p.TokenizeResponse(tokens=[15496, 995], count=2, max_model_len=128)
-    text = asyncio.run(state.tokenization.create_detokenize(p.DetokenizeRequest(tokens=[15496, 995])))
+    text = run(state.tokenization.create_detokenize(p.DetokenizeRequest(tokens=[15496, 995])))
     assert text == p.DetokenizeResponse(prompt="Hello world")
-    err = asyncio.run(state.tokenization.create_detokenize(p.DetokenizeRequest(tokens=[1, 70000])))
+    err = run(state.tokenization.create_detokenize(p.DetokenizeRequest(tokens=[1, 70000])))
     assert isinstance(err, p.APIError) and (err.status, err.param) == (400, "tokens")
 
 
-def test_health_and_models_while_loading_then_serving(gen, state):
+def test_health_and_models_while_loading_then_serving(gen, state, run):
     loading = ServerState.create(gen)  # never started: its model is not loaded
     report = loading.health.check_health()
     assert (report.status_code, report.body, report.headers) == (503, {"status": "loading"}, {"Retry-After": "1"})
-    err = asyncio.run(loading.models.show_available_models())
+    err = run(loading.models.show_available_models())
     assert isinstance(err, p.APIError) and (err.status, err.code, err.headers) == (503, "model_loading",
                                                                                   {"Retry-After": "1"})
     report = state.health.check_health()

@@ -27,13 +27,11 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: p.ChatCompletionRequest,
                                      disconnected: Disconnected | None = None,
                                      ) -> p.ChatCompletionResponse | AsyncIterator[str]:
-        """The replies to ``request``: a :class:`~.protocol.ChatCompletionResponse`, or with ``stream`` an
-        async iterator of server-sent events; or the :class:`~.protocol.APIError` that answers it (400
-        naming the field, 429 when full, 503 while loading, 408 past the request timeout, 500 when a
-        step fails). ``disconnected``: asked while generating; when true the request is aborted."""
+        """``n`` replies to the conversation ``request.messages`` (rendered by the model's chat template, the
+        oldest turns dropped to fit), as one response or (``stream``) server-sent events, or the APIError
+        (see :class:`OpenAIServing`)."""
         arrival = time.monotonic()
-        gen = self.models.generator()
-        self.models.check_model(gen, request.model)
+        gen = self.generator_for(request)
         request.check_common()
         request.check_openai_fields()
         if request.max_tokens is not None and request.max_completion_tokens is not None:

@@ -25,13 +25,10 @@ class OpenAIServingCompletion(OpenAIServing):
     @p.returns_errors
     async def create_completion(self, request: p.CompletionRequest, disconnected: Disconnected | None = None,
                                 ) -> p.CompletionResponse | AsyncIterator[str]:
-        """The completions of ``request``: a :class:`~.protocol.CompletionResponse`, or with ``stream`` an
-        async iterator of server-sent events; or the :class:`~.protocol.APIError` that answers it (400
-        naming the field, 429 when full, 503 while loading, 408 past the request timeout, 500 when a
-        step fails). ``disconnected``: asked while generating; when true the request is aborted."""
+        """``n`` completions of each prompt of ``request`` (text, texts, token ids or lists of them), as one
+        response or (``stream``) server-sent events, or the APIError (see :class:`OpenAIServing`)."""
         arrival = time.monotonic()
-        gen = self.models.generator()
-        self.models.check_model(gen, request.model)
+        gen = self.generator_for(request)
         request.check_common()
         if request.suffix is not None:
             raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")

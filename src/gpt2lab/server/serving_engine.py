@@ -34,7 +34,14 @@ Disconnected = Callable[[], Awaitable[bool]]  # async predicate: the client went
 
 class OpenAIServing:
     """The base of the serving classes. ``scheduler``: the engine thread; ``models``: the served model;
-    ``limits``: the per-request bounds; ``request_timeout``: seconds a request may run."""
+    ``limits``: the per-request bounds; ``request_timeout``: seconds a request may run.
+
+    A generating method (``create_completion(request, disconnected)``, ...) returns the response object,
+    or with ``stream`` an async iterator of server-sent events, or the :class:`~.protocol.APIError` that
+    answers the request: 400 naming the field, 429 when full, 503 while loading, 408 past the request
+    timeout, 500 when a step fails (400 ``nothing_to_sample`` when the request's own settings banned every
+    token). ``disconnected`` (an async predicate, None: never asked) is polled while generating; when it
+    says the client left, the request is aborted."""
 
     endpoint = ""  # this endpoint's label in the latency metrics
 
@@ -46,6 +53,13 @@ class OpenAIServing:
     @property
     def metrics(self) -> ServerMetrics:
         return self.scheduler.metrics
+
+    def generator_for(self, request: Any) -> Any:
+        """The loaded Generator, if ``request.model`` (None: not sent) names it: 503 while loading, 400
+        ``model_not_found`` for another model."""
+        gen = self.models.generator()
+        self.models.check_model(gen, request.model)
+        return gen
 
     def check_capacity(self, num_prompts: int, params: SamplingParams) -> None:
         """400 naming ``n`` if ``num_prompts x n`` sequences exceed what the server can ever hold."""
