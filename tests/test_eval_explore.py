@@ -45,7 +45,7 @@ def test_batched_grid_equals_generating_each_setting_alone(gen, run):
     for r in result.settings[::3]:
         s = r.setting
         alone = gen.generate(PROMPTS, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_length=14, n=3,
-                              seed=7)
+                             seed=7)
         assert [c.text for c in alone] == [x.text for x in r.samples]
         # each sample's perplexity is its completion's, given the prompt, under the model
         c, x = alone[0], r.samples[0]
