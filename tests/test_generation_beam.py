@@ -105,10 +105,9 @@ def _result(completions) -> list:
     return [(c.token_ids, c.text, c.finish_reason, [e.logprob for e in c.logprobs or []]) for c in completions]
 
 
-def test_beams_are_rows_of_the_batch_beside_sampled_requests(tiny_checkpoint):
+def test_beams_are_rows_of_the_batch_beside_sampled_requests(gen):
     """Beam requests decode in the same steps as sampled ones (their beams are rows of the batch, moved when
     the rows before them finish) and each request gives what it gives alone: tokens, text and logprobs."""
-    gen = gpt2lab.load(tiny_checkpoint)
     sampled = [(p, SamplingParams(temperature=1.0, top_k=20, seed=s, logprobs=2, ignore_eos=True,
                                   max_new_tokens=budget))
                for s, (p, budget) in enumerate([("The king", 3), ("A ship", 14), ("Night", 6), ("Why", 9)])]
@@ -130,8 +129,7 @@ def test_beams_are_rows_of_the_batch_beside_sampled_requests(tiny_checkpoint):
     assert [_result(runner.completions(str(i))) for i in range(len(requests))] == alone
 
 
-def test_a_beam_request_that_fails_or_is_aborted_ends_alone(tiny_checkpoint):
-    gen = gpt2lab.load(tiny_checkpoint)
+def test_a_beam_request_that_fails_or_is_aborted_ends_alone(gen):
     everything = [[t] for t in range(gen.config.vocab_size)]
     sampled = SamplingParams(temperature=1.0, top_k=20, seed=3, logprobs=0, ignore_eos=True, max_new_tokens=12)
     beam = SamplingParams(num_beams=3, n=3, max_new_tokens=10)

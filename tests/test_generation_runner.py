@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gpt2lab
 from gpt2lab.errors import GenerationFailed
 from gpt2lab.generation import Generator, Runner, max_batch_for
 from gpt2lab.sampling import SamplingParams
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # gen: tests/conftest.py
 
 PROMPTS = ["Hello world", "A much longer prompt about cats, dogs and the weather in Paris", "x"]
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_checkpoint) -> Generator:
-    return gpt2lab.load(tiny_checkpoint)
 
 
 def _seeded(seed: int, **kw) -> SamplingParams:

@@ -18,7 +18,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from .server_helpers import GUARD_KEY, _env, get, server_fixture, start_all  # noqa: E402
+from .server_helpers import GUARD_KEY, Server, _env, get, server_fixture, start_all  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
