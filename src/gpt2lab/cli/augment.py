@@ -10,6 +10,7 @@ import typer
 
 from ..apps.augment import DEFAULTS, METHODS
 from .common import check_output, load_generator, user_errors
+from .distributed import actor_resources, actors_option, ray_option, ray_session, rows_bar
 from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
@@ -34,6 +35,8 @@ def augment(
     shots: int = typer.Option(3, "--shots", help="Examples shown in a few-shot prompt."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    ray: str = ray_option(),
+    actors: int = actors_option(),
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -43,6 +46,9 @@ def augment(
     examples with the same label. Empty, too short/long and (near-)duplicate texts are dropped. The
     output keeps every original column plus aug_origin (original/generated), aug_source_row and
     aug_method; it is written row by row and an interrupted run resumes where it stopped.
+
+    With --ray, Ray Data actors generate the texts and this process filters and writes them, row by row:
+    the same file as without it.
     """
     from ..apps.augment import Augmenter, read_dataset
 
@@ -54,14 +60,18 @@ def augment(
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),
                         similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("augment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:  # the bar goes to stderr: stdout is the summary (JSON with --json)
-        with Progress(*columns, transient=True, console=Console(stderr=True)) as bar, user_errors():
-            task = bar.add_task("rows", total=len(dataset.rows))
-            summary = job.run(lambda done, total: bar.update(task, completed=done))
+        with rows_bar("augment", len(dataset.rows)) as advance, user_errors():
+            if ray is None:
+                summary = job.run(lambda done, total: advance(done))
+            else:
+                prompt_kwargs = {"data": str(data), "text_column": text_column, "label_column": label_column,
+                                 "per_example": per_example, "methods": method or METHODS,
+                                 "params": job.params, "opening": opening, "shots": shots}
+                with ray_session(ray, "gpt2lab augment --ray") as gray:
+                    resources = actor_resources(runtime, actors)
+                    summary = job.run(lambda done, total: advance(done), generated=lambda start: gray.data.augment_rows(
+                        model, start, len(dataset.rows), prompt_kwargs, **resources))
     except typer.Exit as exc:
         if exc.exit_code == 130:
             print(f"gpt2lab: interrupted; rerun the same command to resume {out}", file=sys.stderr)

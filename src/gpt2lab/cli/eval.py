@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from .common import fail, load_generator, require_extra, user_errors
+from .distributed import actor_resources, actors_option, ray_option, ray_session, rows_bar
 from .options import Runtime, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
@@ -46,15 +47,24 @@ def perplexity_cmd(
     block_size: int = typer.Option(None, "--block-size", help="Tokens per window (default: the model's context)."),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Tokens per forward pass (memory vs speed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ray: str = ray_option(),
+    actors: int = actors_option(),
     runtime: Runtime = None,
 ) -> None:
-    """Sliding-window perplexity and bits per byte of text files (the Hugging Face guide's method)."""
+    """Sliding-window perplexity and bits per byte of text files (the Hugging Face guide's method).
+
+    With --ray, Ray Data actors score the files (each on its own, as here) and their sums give exactly the
+    one-process figures."""
     from ..evaluation import perplexity
 
     gen = load_for_eval(model, runtime)
     with user_errors():
-        result = perplexity(files=files, model=gen, stride=stride, block_size=block_size, batch_tokens=batch_tokens,
-                            progress=sys.stderr.isatty())
+        if ray is None:
+            result = perplexity(files=files, model=gen, stride=stride, block_size=block_size,
+                                batch_tokens=batch_tokens, progress=sys.stderr.isatty())
+        else:
+            result = _perplexity_on_ray(gen, files, model, ray, actors, runtime, block_size=block_size,
+                                        stride=stride, batch_tokens=batch_tokens)
     if as_json:
         print_json(result.to_dict())
         return
@@ -71,6 +81,22 @@ def perplexity_cmd(
     for name, r in rows:
         table.add_row(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
     Console().print(table)
+
+
+def _perplexity_on_ray(gen, files: list[Path], model: str | None, address: str, actors: int | None, runtime,
+                       **settings: Any):  # noqa: ANN001, ANN202
+    """:func:`gpt2lab.evaluation.perplexity`'s result, the files scored on Ray Data actors."""
+    from ..evaluation.perplexity import combine, document_perplexity, read_text_file, window_settings
+
+    block_size, stride = window_settings(gen.config.n_positions, settings["block_size"], settings["stride"],
+                                         settings["batch_tokens"])
+    texts, names = [read_text_file(path) for path in files], [str(path) for path in files]
+    with ray_session(address, "gpt2lab eval perplexity --ray") as gray, rows_bar("perplexity", len(texts)) as bar:
+        scores = gray.data.score_rows(model, texts, names, block_size=block_size, stride=stride,
+                                      batch_tokens=settings["batch_tokens"], progress=bar,
+                                      **actor_resources(runtime, actors))
+    docs = [document_perplexity(name, *score) for name, score in zip(names, scores)]
+    return combine(docs, model=gen.name, block_size=block_size, stride=stride, quantization=gen.quantization)
 
 
 @app.command("text")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import codecs
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from ..jsonl import json_lines
-from .common import fail, load_generator, user_errors
+from .common import check_output, fail, load_generator, user_errors
+from .distributed import actor_resources, actors_option, no_ray_without, ray_option, ray_session, rows_bar
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
@@ -36,13 +38,6 @@ def read_prompts(lines: list[str], source: str) -> list[str]:
     return prompts
 
 
-def _logprobs_json(logprobs: list | None) -> list[dict[str, Any]] | None:
-    if logprobs is None:
-        return None
-    return [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
-             "top": [{"token_id": i, "token": s, "logprob": v} for i, s, v in t.top]} for t in logprobs]
-
-
 def _print_logprobs(logprobs: list) -> None:
     for t in logprobs:
         alternatives = ", ".join(f"{s!r} {v:.3f}" for _, s, v in t.top)
@@ -61,6 +56,10 @@ def generate(
                               "objects with a \"prompt\" field. '-' reads stdin."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the --json objects (JSONL) to this file instead, "
+                             "atomically (it appears when every prompt is done)."),
+    ray: str = ray_option(),
+    actors: int = actors_option(),
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -72,8 +71,15 @@ def generate(
 
     Defaults: the model's generation_config.json, else the classic recipe: temperature 0.8, top-k 50,
     100 tokens in all unless --max-new-tokens. Options given here win over both.
+
+    With --seed, prompt i (0-based, in input order) is seeded with row_seed(seed, i): the same text
+    whichever batch, process or Ray actor completes it (prompt 0 uses the seed itself).
     """
+    if ray is not None:
+        no_ray_without("--out FILE", out is not None)
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
+    if out is not None:
+        check_output(out, "--out", kind="file")
     gen = load_generator(model, runtime)
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
@@ -82,15 +88,50 @@ def generate(
     with user_errors():  # a request the engine ended with an error (GenerationFailed) too: its reason, in one line
         for p in prompt_list:  # fail on an unusable prompt before printing anything
             fit_prompt(gen.encode_prompt(p), params, gen.config.n_positions)
-        if as_json:
-            for start in range(0, len(prompt_list), _CHUNK):
-                for c in gen.generate(prompt_list[start:start + _CHUNK], params):
-                    record = {"model": gen.name, "prompt": c.prompt, "index": c.index, "text": c.text,
-                              "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                              "logprobs": _logprobs_json(c.logprobs)}
-                    print(json.dumps(record, ensure_ascii=False), flush=True)
+        if out is not None:
+            from ..outputs import atomic_writer
+
+            with rows_bar("generate", len(prompt_list)) as advance, atomic_writer(out) as f:
+                records = (_ray_records(gen, prompt_list, params, model, ray, actors, runtime, advance)
+                           if ray is not None else _records(gen, prompt_list, params, advance))
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif as_json:
+            for record in _records(gen, prompt_list, params):
+                print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
             _stream(gen, prompt_list, params)
+
+
+def _records(gen, prompts: list[str], params, advance=None) -> Iterator[dict[str, Any]]:  # noqa: ANN001
+    """The --json objects of every completion, prompt by prompt, ``_CHUNK`` prompts in one batch."""
+    from ..generation.batch import completion_record, generate_rows
+
+    for start in range(0, len(prompts), _CHUNK):
+        chunk = prompts[start:start + _CHUNK]
+        for row in generate_rows(gen, chunk, range(start, start + len(chunk)), params):
+            for c in row:
+                yield completion_record(gen.name, c)
+        if advance:
+            advance(start + len(chunk))
+
+
+def _ray_records(gen, prompts: list[str], params, model: str | None, address: str, actors: int | None, runtime,
+                 advance) -> Iterator[dict[str, Any]]:  # noqa: ANN001
+    """The same objects as :func:`_records`, from Ray Data actors (each loads ``model`` as this process did)."""
+    from ..generation.batch import completion_record
+    from ..generation.outputs import Completion
+
+    with ray_session(address, "gpt2lab generate --ray") as gray:
+        rows = gray.data.generation_rows(model, prompts, params, progress=advance,
+                                         **actor_resources(runtime, actors))
+        for row in rows:
+            for r in row:
+                c = Completion(text=r["text"], token_ids=[int(t) for t in r["token_ids"]],
+                               finish_reason=r["finish_reason"], prompt=r["prompt"], index=int(r["index"]))
+                record = completion_record(gen.name, c)
+                record["logprobs"] = None if r["logprobs"] is None else json.loads(r["logprobs"])
+                yield record
 
 
 def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
@@ -115,10 +156,12 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
 def _stream(gen, prompts: list[str], params) -> None:
     """Print each prompt with its completions (blank line between them); sample 0 streams live (beams are
     only known at the end)."""
+    from ..generation.batch import row_params
+
     for k, prompt in enumerate(prompts):
         if k:
             print()
-        for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, params)):
+        for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, row_params(params, k))):
             if j:
                 print()
                 print(prompt + text, flush=True)

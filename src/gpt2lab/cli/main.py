@@ -130,6 +130,9 @@ _NORMAL_EXIT = {"train", "finetune", "serve"}
 
 
 def main() -> None:
+    from .distributed import optional_value
+
+    sys.argv = optional_value(sys.argv)  # a bare --ray: a local cluster
     try:
         app()  # typer ends with sys.exit in standalone mode
     except SystemExit as exc:

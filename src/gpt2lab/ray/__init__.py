@@ -27,7 +27,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     ``"host:6379"``), or ``None``/``"local"`` for a new one on this machine (``num_cpus`` of its cores, default
     all). Already initialised: nothing is done. Returns whether this call initialised Ray (the caller then
     calls ``ray.shutdown()`` when done). This process's ``PYTHONPATH`` (made absolute) is passed on to
-    the workers, so a source checkout's gpt2lab runs there too. Raises ``ConnectionError`` naming the address when it cannot connect."""
+    the workers, so a source checkout's gpt2lab runs there too. Raises ``ConnectionError`` naming the
+    address when it cannot connect."""
     import logging
     import os
 

@@ -178,11 +178,17 @@ def map_rows(items: list[dict[str, Any]], fn: type, kwargs: dict[str, Any], *, k
     for name, value in (("actors", actors), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-dataset INFO lines: the command has a bar
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in input order: the output streams to disk
     ctx.enable_progress_bars = False  # the command draws one bar, from the rows that come back
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), actors * 4)))
-    ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, concurrency=actors, batch_size=batch_size,
+    ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+                        batch_size=batch_size,
                         num_cpus=num_cpus, num_gpus=num_gpus, batch_format="pandas")
     expected, pending = 0, []
     for row in ds.iter_rows():

@@ -42,7 +42,8 @@ def deployment(model: Any = None, *, num_replicas: int = 1, autoscaling: dict[st
     if autoscaling is not None:
         unknown = sorted(set(autoscaling) - set(AUTOSCALING_KEYS))
         if unknown:
-            raise ValueError(f"autoscaling: unknown field(s) {', '.join(unknown)}; known: {', '.join(AUTOSCALING_KEYS)}")
+            raise ValueError(f"autoscaling: unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(AUTOSCALING_KEYS)}")
     elif not isinstance(num_replicas, int) or num_replicas < 1:
         raise ValueError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
     options: dict[str, Any] = {"name": name, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
