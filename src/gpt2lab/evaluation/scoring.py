@@ -9,7 +9,6 @@ scored exactly once, with up to ``block_size - 1`` tokens of context.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,7 +80,6 @@ def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[
     another code path, rounded differently).
     """
     import torch
-    import torch.nn.functional as F
 
     n_docs = len(docs)
     nll = torch.zeros(n_docs, dtype=torch.float64)
@@ -96,9 +94,11 @@ def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[
         while i < len(order):
             width = padded_width(order[i].end - order[i].begin, n_positions)
             rows = max(1, batch_tokens // width)
-            batch = list(itertools.takewhile(
-                lambda w: padded_width(w.end - w.begin, n_positions) == width, order[i:i + rows]))
-            i += len(batch)
+            end = i + 1
+            while end < min(len(order), i + rows) and \
+                    padded_width(order[end].end - order[end].begin, n_positions) == width:
+                end += 1
+            batch, i = order[i:end], end
             idx = torch.zeros(len(batch), width, dtype=torch.long)
             # select[b, p]: the logits at position p of row b predict a scored token (at p + 1)
             select = torch.zeros(len(batch), width, dtype=torch.bool)
