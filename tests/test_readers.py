@@ -13,7 +13,15 @@ import pytest
 
 from gpt2lab.apps.augment import read_dataset
 from gpt2lab.evaluation.text import read_predictions
-from gpt2lab.readers import CHUNK_CHARS, ReadError, iter_csv, iter_text_chunks, read_records, split_text
+from gpt2lab.readers import (
+                             CHUNK_CHARS,
+                             ReadError,
+                             iter_csv,
+                             iter_text_chunks,
+                             parse_jsonl,
+                             read_records,
+                             split_text,
+)
 from gpt2lab.tokenizer import Tokenizer
 from gpt2lab.training.data import BATCH_CHARS, DataError, DataStats, iter_documents, tokenize_documents
 
@@ -197,7 +205,7 @@ def test_read_records_by_suffix_and_unknown_format(tmp_path):
     path = _write(tmp_path / "d.jsonl", "jsonl", ["a", "b"], bom=True)
     assert [r["text"] for _, r in read_records(path)] == ["a", "b"]
     with pytest.raises(ReadError, match="unknown format"):
-        list(read_records(tmp_path / "d.parquet"))
+        list(read_records(tmp_path / "d.xlsx"))
 
 
 def test_training_reports_broken_jsonl_as_data_error(tmp_path):
@@ -215,3 +223,20 @@ def test_training_jsonl_gz_with_bom_and_odd_separators(tmp_path):
     body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ODD)
     path.write_bytes(gzip.compress(codecs.BOM_UTF8 + body.encode("utf-8")))
     assert _training(path) == ODD
+
+
+# -- JSON Lines text already split into lines (stdin prompts): the same parser as the files ----------------
+def test_parse_jsonl_numbers_lines_and_skips_blanks():
+    lines = ['{"a": 1}', "", "   ", "[2, 3]", '"text"']
+    assert list(parse_jsonl(lines, "f.jsonl")) == [(1, {"a": 1}), (4, [2, 3]), (5, "text")]
+
+
+def test_parse_jsonl_bad_line_is_named():
+    with pytest.raises(ReadError, match=r"^f\.jsonl:3: not valid JSON \("):
+        list(parse_jsonl(['{"a": 1}', "", '{"a": '], "f.jsonl"))
+
+
+def test_parse_jsonl_objects_only():
+    assert list(parse_jsonl(['{"x": "y"}'], "d", objects=True)) == [(1, {"x": "y"})]
+    with pytest.raises(ReadError, match=r"^d:2: expected a JSON object, got array$"):
+        list(parse_jsonl(['{"x": 1}', "[1]"], "d", objects=True))

@@ -16,19 +16,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
-import tempfile
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import crash_point, write_dir, write_file
 from ..errors import CheckpointError
 from ..model import GPT2, ConfigError, GPT2Config, check_quantization
 from ..model.gpt2 import meta_skeleton
+from ..readers import ReadError, parse_json, read_json
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -52,16 +55,105 @@ _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+# -- reading tensors -------------------------------------------------------------------------------------
+# safetensors dtype names -> torch (the format's own table, as far as torch has the type)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the limit the safetensors library itself enforces
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its dtype, shape and byte range in the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _unreadable(path: Path, detail: object) -> CheckpointError:
+    size = path.stat().st_size if path.is_file() else 0
+    return CheckpointError(f"{path}: cannot read weights ({size} bytes; truncated or corrupt?): {detail}")
+
+
+def safetensors_header(path: str | Path) -> tuple[list[TensorEntry], int]:
+    """The tensors a safetensors file declares (in file order) and the offset of its data section, from
+    the header alone (the format: an 8-byte little-endian header size, a JSON header of dtype / shape /
+    data_offsets per tensor, then the data). Every entry is checked against the file's size, so reading
+    it cannot go out of bounds; :class:`CheckpointError` names the file and what is wrong."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        first = fh.read(8)
+        if len(first) < 8:
+            raise _unreadable(path, "shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", first)
+        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise _unreadable(path, f"header size {length:,} does not fit the file")
+        raw = fh.read(length)
+    try:
+        header = parse_json(raw.decode("utf-8"), path)
+    except (ReadError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, f"the header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "the header is not a JSON object")
+    data = size - 8 - length
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            start, end = info["data_offsets"]
+            ok = all(type(n) is int and n >= 0 for n in (*shape, start, end)) and start <= end <= data
+        except (KeyError, TypeError, ValueError):
+            raise _unreadable(path, f"tensor {name}: not a safetensors entry ({str(info)[:80]})") from None
+        if not ok or (end - start) != math.prod(shape) * dtype.itemsize:
+            raise _unreadable(path, f"tensor {name}: shape {list(shape)} of {info['dtype']} does not match its "
+                                    f"data range {info['data_offsets']}")
+        entries.append(TensorEntry(name, dtype, shape, start, end))
+    return sorted(entries, key=lambda e: e.start), 8 + length
+
+
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor read (not memory-mapped) straight into its own torch buffer, one ``read`` each: the
+    caller decides what stays in memory (a quantizing loader keeps only the quantized copy; a mapped
+    file's touched pages would stay resident until it is closed)."""
+    entries, base = safetensors_header(path)
+    with open(path, "rb") as fh:
+        for e in entries:
+            tensor = torch.empty(e.shape, dtype=e.dtype)
+            if e.end > e.start:
+                fh.seek(base + e.start)
+                view = tensor.view(-1).view(torch.uint8).numpy()
+                if fh.readinto(memoryview(view)) != e.end - e.start:
+                    raise _unreadable(path, f"tensor {e.name} is cut short")
+            yield e.name, tensor
+
+
+def read_tensors(path: str | Path, *, mmap: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a weights file, one tensor at a time: the one tensor reader of gpt2lab
+    (plain and quantized loads, LoRA adapters).
+
+    ``.safetensors``: read tensor by tensor (see :func:`safetensors_header`). A torch pickle (``.bin``):
+    ``torch.load(weights_only=True)``, so it cannot run code; ``mmap``: map it instead of reading it
+    (zip-format files; the older format is read). Raises :class:`CheckpointError` naming the file: not
+    found, truncated or corrupt, "refused: loading this pickle would run code", not a state dict.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        yield from _safetensors_tensors(path)
+        return
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        import zipfile
 
-            return load_file(str(path))
-        # weights_only: a pickled checkpoint cannot run code when loaded
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - every parser error means the same to the user
         # torch's weights_only unpickler met a reference to code (a global or a call), not a tensor
         if re.search(r"Unsupported global|unrecognized function|Unsupported class", str(exc)):
@@ -71,23 +163,19 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused: loading this pickle would run code{what}; only "
                 "plain tensors are loaded (torch.load weights_only=True). If you trust the file, convert it "
                 "to safetensors yourself") from None
-        size = path.stat().st_size
-        raise CheckpointError(f"{path}: cannot read weights ({size} bytes; truncated or corrupt?): {exc}") from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return state
+    yield from state.items()
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return dict(read_tensors(path))
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's header only (nothing else is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-    except Exception as exc:  # noqa: BLE001 - a header that does not parse
-        raise CheckpointError(f"{path}: cannot read weights ({path.stat().st_size} bytes; truncated or "
-                              f"corrupt?): {exc}") from exc
+    return {e.name: e.shape for e in safetensors_header(path)[0]}
 
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
@@ -141,9 +229,11 @@ def check_state_shapes(config: GPT2Config, shapes: Mapping[str, Sequence[int]], 
 def _read_index(index: Path) -> list[Path]:
     """The shard files an index names, in order of first appearance, each checked to exist."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         shards = list(dict.fromkeys(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except ReadError as exc:  # not JSON, nested too deep ...: named by the reader
+        raise CheckpointError(f"{exc}; expected a shard index (a JSON object with a 'weight_map')") from None
+    except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{index}: not a valid shard index (expected a JSON object with a "
                               f"'weight_map' of tensor name -> shard file): {exc}") from exc
     if not shards or not all(isinstance(s, str) and "/" not in s and s not in (".", "..") for s in shards):
@@ -194,7 +284,7 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
     """
     directory = Path(directory)
     try:
-        raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        raw = read_json(directory / CONFIG_FILE)
     except (OSError, ValueError):
         raw = {}
     for key in ("torch_dtype", "dtype"):
@@ -323,43 +413,6 @@ def model_from_tensors(config: GPT2Config, shards: Iterable[Mapping[str, torch.T
     return model
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic_dir(target: str | Path, fill) -> Path:
-    """Create directory ``target`` by calling ``fill(tmpdir)`` and renaming it into place.
-
-    A crash at any moment leaves either the previous ``target`` or the complete new one, never a mix.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 @contextlib.contextmanager
 def _write_errors_as_os_errors(path: Path) -> Iterator[None]:
     """safetensors reports a failed write (a full disk ...) as ``SafetensorError``: raise the ``OSError``
@@ -382,8 +435,7 @@ def _tokenizer_config(tokenizer_dir: Path | None, n_positions: int) -> dict[str,
     src = tokenizer_dir / TOKENIZER_CONFIG_FILE if tokenizer_dir is not None else None
     if src is not None and src.is_file():
         try:
-            loaded = json.loads(src.read_text(encoding="utf-8"))
-            cfg = loaded if isinstance(loaded, dict) else {}
+            cfg = read_json(src, expect=dict)
         except ValueError:
             cfg = {}  # a broken file is replaced by a good one
     limit = cfg.get("model_max_length")
@@ -407,14 +459,14 @@ def write_chat_template(directory: str | Path, template: str, model_max_length: 
     config: dict = {}
     if path.is_file():
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = read_json(path, expect=dict)
         except ValueError:
             config = {}
     if not isinstance(config, dict) or not config:
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                   "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": model_max_length}
     config["chat_template"] = template
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_file(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (Path(directory) / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
 
@@ -423,7 +475,9 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
                generation_config: Mapping[str, Any] | None = None,
                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None,
                chat_template: str | None = None) -> Path:
-    """Write ``model`` in HF layout (atomically) so ``transformers`` loads it back unchanged.
+    """Write ``model`` in HF layout so ``transformers`` loads it back unchanged, atomically: the folder
+    is filled under a temporary name and swapped in (:func:`gpt2lab.atomic.write_dir`), so at every
+    instant ``directory`` holds the previous complete model or the new one.
 
     ``tokenizer_dir``: copy the tokenizer files found there (``tokenizer_config.json`` completed with
     ``model_max_length`` = ``n_positions``). ``dtype``: storage dtype (e.g. fp16; recorded as
@@ -432,10 +486,27 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
     split into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` by
     ``huggingface_hub.save_torch_state_dict``. ``card``: the model card (README.md); default: a short
     card saying how the folder was made. ``extra_files``: more text files to write (name -> content).
-    ``chat_template``: the Jinja chat template to record in ``tokenizer_config.json``.
+    ``chat_template``: the Jinja chat template to record in ``tokenizer_config.json``. Raises
+    ``OSError`` naming the file that could not be written (a full disk ...), ``NotADirectoryError``
+    when ``directory`` is a file. Crash stages (tests): ``model.writing`` (part of the files written)
+    and ``model.`` + :data:`gpt2lab.atomic.DIR_STAGES`.
     """
+    kwargs = dict(tokenizer_dir=tokenizer_dir, dtype=dtype, extra_files=extra_files,
+                  generation_config=generation_config, max_shard_size=max_shard_size, card=card,
+                  chat_template=chat_template)
+    return write_dir(directory, lambda tmp: write_model_files(model, tmp, **kwargs), scope="model")
+
+
+def write_model_files(model: GPT2, folder: str | Path, *, tokenizer_dir: str | Path | None = None,
+                      dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
+                      generation_config: Mapping[str, Any] | None = None,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None,
+                      chat_template: str | None = None) -> None:
+    """The files of :func:`save_model` written into the existing folder ``folder``, not atomically:
+    for a folder that an atomic write fills (:func:`save_model`, a training run's published model)."""
     from huggingface_hub import save_torch_state_dict
 
+    folder = Path(folder)
     config = model.config
     state = model.state_dict()
     if dtype is not None:
@@ -446,37 +517,34 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
         from .card import model_card
 
         card = model_card(how="Saved with gpt2lab.", config=config, dtype=stored)
-
-    def fill(tmp: Path) -> None:
-        hf_config = config.to_hf_dict()
-        hf_config["torch_dtype"] = str(stored).removeprefix("torch.")
-        _write_json(tmp / CONFIG_FILE, hf_config)
-        with _write_errors_as_os_errors(tmp):
-            save_torch_state_dict(gpt2lab_to_hf(state, config.tie_word_embeddings), tmp,
-                                  max_shard_size=max_shard_size, metadata={"format": "pt"})
-        if tok_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = tok_dir / name
-                if src.is_file() and name not in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
-                    shutil.copyfile(src, tmp / name)
-            tok_cfg = _tokenizer_config(tok_dir, config.n_positions)
-            _write_json(tmp / TOKENIZER_CONFIG_FILE, tok_cfg)
-            if not (tmp / SPECIAL_TOKENS_FILE).is_file() and "eos_token" in tok_cfg:
-                _write_json(tmp / SPECIAL_TOKENS_FILE, {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token")})
-        gen_cfg = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-        gen_cfg.update(generation_config or {})
-        _write_json(tmp / GENERATION_CONFIG_FILE, gen_cfg)
-        if card is not None:
-            (tmp / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(content, encoding="utf-8")
-        if chat_template is not None:
-            write_chat_template(tmp, chat_template, config.n_positions)
-
-    return write_atomic_dir(directory, fill)
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = str(stored).removeprefix("torch.")
+    _write_json(folder / CONFIG_FILE, hf_config)
+    crash_point("model.writing")
+    with _write_errors_as_os_errors(folder):
+        save_torch_state_dict(gpt2lab_to_hf(state, config.tie_word_embeddings), folder,
+                              max_shard_size=max_shard_size, metadata={"format": "pt"})
+    if tok_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = tok_dir / name
+            if src.is_file() and name not in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
+                shutil.copyfile(src, folder / name)
+        tok_cfg = _tokenizer_config(tok_dir, config.n_positions)
+        _write_json(folder / TOKENIZER_CONFIG_FILE, tok_cfg)
+        if not (folder / SPECIAL_TOKENS_FILE).is_file() and "eos_token" in tok_cfg:
+            _write_json(folder / SPECIAL_TOKENS_FILE, {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token")})
+    gen_cfg = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    gen_cfg.update(generation_config or {})
+    _write_json(folder / GENERATION_CONFIG_FILE, gen_cfg)
+    if card is not None:
+        (folder / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
+    for name, content in (extra_files or {}).items():
+        (folder / name).write_text(content, encoding="utf-8")
+    if chat_template is not None:
+        write_chat_template(folder, chat_template, config.n_positions)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any) -> None:  # inside a folder that is written atomically as a whole
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
