@@ -240,3 +240,71 @@ def test_parse_jsonl_objects_only():
     assert list(parse_jsonl(['{"x": "y"}'], "d", objects=True)) == [(1, {"x": "y"})]
     with pytest.raises(ReadError, match=r"^d:2: expected a JSON object, got array$"):
         list(parse_jsonl(['{"x": 1}', "[1]"], "d", objects=True))
+
+
+# -- one suffix table for every command ----------------------------------------------------------------------
+def _write_format(path: Path, texts: list[str]) -> Path:
+    """``texts`` as records with a "text" field, in the format ``path``'s suffix names."""
+    import gzip
+
+    from gpt2lab.readers import format_of
+
+    fmt = format_of(path)
+    if fmt in ("parquet", "arrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"text": texts, "n": list(range(len(texts)))})
+        if fmt == "parquet":
+            pq.write_table(table, path, row_group_size=2)
+        else:
+            with pa.ipc.new_stream(str(path), table.schema) as writer:
+                writer.write_table(table)
+        return path
+    if fmt == "txt":
+        body = "".join(t + "\n" for t in texts)
+    elif fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        body = f"text{sep}n\n" + "".join(f'"{t}"{sep}{i}\n' for i, t in enumerate(texts))
+    elif fmt == "json" and ".array" in path.name:
+        body = json.dumps([{"text": t, "n": i} for i, t in enumerate(texts)], ensure_ascii=False)
+    else:
+        body = "".join(json.dumps({"text": t, "n": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
+    data = codecs.BOM_UTF8 + body.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def _suffix_files(tmp_path: Path) -> list[Path]:
+    from gpt2lab.readers import FORMATS
+
+    names = [f"d{suffix}" for suffix in FORMATS] + ["d.array.json", "d.array.json.gz"]
+    return [_write_format(tmp_path / name, ODD) for name in names]
+
+
+def test_every_format_of_the_table_reads_the_same_records(tmp_path):
+    from gpt2lab.readers import FORMATS, format_of
+
+    files = _suffix_files(tmp_path)
+    assert {format_of(f) for f in files} == set(FORMATS.values())
+    for path in files:
+        records = [r for _, r in read_records(path)]
+        texts = records if format_of(path) == "txt" else [r["text"] for r in records]
+        assert texts == ODD, path.name
+
+
+@pytest.mark.parametrize("consumer, formats", [
+    ("training", {"txt", "jsonl", "json", "csv", "tsv", "parquet", "arrow"}),
+    ("augment", {"jsonl", "json", "csv", "tsv"}),
+    ("eval", {"txt", "jsonl"}),
+])
+def test_each_command_reads_its_formats_through_the_table(tmp_path, consumer, formats):
+    """Training, augment and eval decide a file's format by the one table (a .tsv is a table for training
+    too, a .ndjson or .jsonl.gz is JSON Lines for every command that reads JSON Lines)."""
+    from gpt2lab.readers import format_of
+
+    read = {"training": _training, "augment": _augment, "eval": _eval}[consumer]
+    for path in _suffix_files(tmp_path):
+        if format_of(path) not in formats or (consumer == "training" and format_of(path) == "txt"):
+            continue
+        assert read(path) == ODD, path.name

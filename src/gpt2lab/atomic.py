@@ -143,7 +143,7 @@ def recover_dir(target: str | os.PathLike[str]) -> Path | None:
     for old, m in _dead_copies(target.parent, target.name, "old"):
         new = target.parent / f".{target.name}.tmp-{m['pid']}-{m['tag']}"
         os.rename(new if new.is_dir() else old, target)
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
         return target
     return None
 
@@ -189,9 +189,24 @@ def naming(path: str | os.PathLike[str]) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _undone_on_error(tmp: Path, target: Path) -> Iterator[None]:
+    """On any error inside: remove the temporary ``tmp`` and raise an ``OSError`` as naming ``target``
+    (see :func:`_renamed`), anything else as it is."""
+    try:
+        yield
+    except BaseException as exc:
+        _remove(tmp)
+        err = _renamed(exc, tmp, target)
+        if err is not None:
+            raise err from None
+        raise
+
+
 # -- durability ----------------------------------------------------------------------------------------
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """``fsync`` a folder, so that the renames and new names in it are on disk."""
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a file, or a folder (so that the renames and new names in it are on disk), through a
+    read-only descriptor: no write access is needed."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -205,8 +220,8 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
         for name in files:
             path = os.path.join(folder, name)
             if not os.path.islink(path):
-                fsync_dir(path)  # a read-only descriptor: fsync needs no write access
-        fsync_dir(folder)
+                fsync_path(path)
+        fsync_path(folder)
 
 
 def _keep_mode(replaced: Path, new: Path) -> None:
@@ -236,7 +251,7 @@ def write_file(path: str | os.PathLike[str], content: str | bytes | Callable[[Bi
     clean_stale(path.parent, path.name)
     tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
+    with _undone_on_error(tmp, path):
         with os.fdopen(fd, "wb") as fh:
             if callable(content):
                 content(fh)
@@ -248,14 +263,8 @@ def write_file(path: str | os.PathLike[str], content: str | bytes | Callable[[Bi
         _keep_mode(path, tmp)
         crash_point(f"{scope}.synced")
         os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        err = _renamed(exc, tmp, path)
-        if err is not None:
-            raise err from None
-        raise
     crash_point(f"{scope}.replaced")
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -284,19 +293,13 @@ def write_dir(target: str | os.PathLike[str], fill: Callable[[Path], Any], *, sc
     recover_dir(target)
     clean_stale(target.parent, target.name)
     tmp = make_temp_dir(target)
-    try:
+    with _undone_on_error(tmp, target):
         fill(tmp)
         crash_point(f"{scope}.filled")
         fsync_tree(tmp)
         crash_point(f"{scope}.synced")
         old = swap_dir(tmp, target, scope=scope)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        err = _renamed(exc, tmp, target)
-        if err is not None:
-            raise err from None
-        raise
-    fsync_dir(target.parent)
+    fsync_path(target.parent)
     crash_point(f"{scope}.placed")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -363,7 +366,7 @@ def remove_dir(path: str | os.PathLike[str], *, scope: str = "dir") -> None:
     path = Path(path)
     doomed = temp_path(path, "del")
     os.rename(path, doomed)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     crash_point(f"{scope}.removing")
     shutil.rmtree(doomed, ignore_errors=True)
 
@@ -380,7 +383,7 @@ def replace_files(folder: str | os.PathLike[str], fill: Callable[[Path], Any], *
     clean_stale(folder, scope)
     tmp = make_temp_dir(folder / scope)
     written = []
-    try:
+    with _undone_on_error(tmp, folder):
         fill(tmp)
         crash_point(f"{scope}.filled")
         fsync_tree(tmp)
@@ -388,13 +391,7 @@ def replace_files(folder: str | os.PathLike[str], fill: Callable[[Path], Any], *
         for entry in sorted(tmp.iterdir()):
             os.replace(entry, folder / entry.name)
             written.append(folder / entry.name)
-        fsync_dir(folder)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        err = _renamed(exc, tmp, folder)
-        if err is not None:
-            raise err from None
-        raise
+        fsync_path(folder)
     crash_point(f"{scope}.placed")
     shutil.rmtree(tmp, ignore_errors=True)
     return written

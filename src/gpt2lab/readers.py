@@ -302,15 +302,28 @@ def read_json(path: str | os.PathLike[str], *, expect: type | None = None, max_b
     deep, another type).
     """
     path = Path(path)
+    gz = path.name.lower().endswith(".gz")
     with _open_binary(path) as fh:
-        if max_bytes is not None and not path.name.lower().endswith(".gz"):
-            size = os.fstat(fh.fileno()).st_size
-            if size > max_bytes:
-                raise ReadError(f"{path}: {size:,} bytes; a JSON file of this kind is at most {max_bytes:,}")
-        raw = _guarded(path, lambda: fh.read(max_bytes + 1) if max_bytes is not None else fh.read())
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise ReadError(f"{path}: more than {max_bytes:,} bytes; a JSON file of this kind is at most {max_bytes:,}")
+        if max_bytes is None or not gz:
+            raw = None if max_bytes is not None and os.fstat(fh.fileno()).st_size > max_bytes else \
+                _guarded(path, fh.read)
+        else:  # the decompressed size is unknown: read up to the bound, never past it
+            raw = _guarded(path, lambda: _read_at_most(fh, max_bytes + 1))
+            raw = None if len(raw) > max_bytes else raw
+    if raw is None:
+        raise ReadError(f"{path}: more than {max_bytes:,} bytes, the most a JSON file of this kind may have")
     return _check_type(parse_json(_decode_whole(raw, path, errors, stats), path), expect, str(path))
+
+
+def _read_at_most(fh, limit: int) -> bytes:
+    parts, size = [], 0
+    while size < limit:
+        block = fh.read(min(1 << 20, limit - size))
+        if not block:
+            break
+        parts.append(block)
+        size += len(block)
+    return b"".join(parts)
 
 
 def parse_jsonl(lines: Iterable[str], source: str | os.PathLike[str], *, objects: bool = False) -> Iterator[Record]:

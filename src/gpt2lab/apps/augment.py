@@ -141,7 +141,8 @@ class _Output:
             os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        with naming(self.path):  # after a failed write, closing flushes (and fails) again
+            self._file.close()
 
 
 def _cell(value: Any) -> str:

@@ -1,7 +1,7 @@
 """Loading a checkpoint straight into a quantized :class:`GPT2`, one tensor at a time.
 
 The model starts as a skeleton of meta tensors with quantized modules (``model.quantize``); each
-tensor is read from the file by the one tensor reader (:func:`gpt2lab.checkpoints.io.read_tensors`),
+tensor is read from the file by the one tensor reader (:func:`gpt2lab.checkpoints.tensors.read_tensors`),
 converted to fp32, quantized by its module's ``load_state_dict`` and dropped before the next is
 read, so the peak memory is the quantized model plus one fp32 tensor (GPT-2 XL, 1.5B parameters:
 about 1.9 GB in int8 instead of 6.2 GB in fp32).
@@ -17,7 +17,7 @@ import torch
 from ..errors import CheckpointError
 from ..model import GPT2, GPT2Config
 from ..model.quantize import quantized_skeleton
-from .io import check_tensor_names, hf_to_gpt2lab, read_tensors
+from .tensors import check_tensor_names, hf_to_gpt2lab, read_tensors
 
 
 def _trim_heap() -> None:

@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import DIR_STAGES, FILE_STAGES, clean_stale, fsync_dir, remove_dir, write_dir, write_file
+from ..atomic import DIR_STAGES, FILE_STAGES, clean_stale, fsync_path, remove_dir, write_dir, write_file
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
@@ -98,4 +98,4 @@ class CheckpointDir:
         if (self.root / STATE_FILE).is_file():  # a checkpoint of the old layout, now superseded
             (self.root / STATE_FILE).unlink()
             shutil.rmtree(self.root / MODEL_DIR, ignore_errors=True)
-        fsync_dir(self.root)
+        fsync_path(self.root)

@@ -215,7 +215,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     Reads peft's format (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``), whether
     made by peft or by gpt2lab, and gpt2lab's earlier format (names ``h.0.attn.c_attn.lora_A``).
     """
-    from ..checkpoints.io import read_tensors
+    from ..checkpoints.tensors import read_tensors
 
     directory = Path(directory)
     cfg = read_adapter_config(directory)

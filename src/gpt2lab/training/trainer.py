@@ -249,7 +249,8 @@ class Metrics:
             self.writer.flush()
 
     def close(self) -> None:
-        self.fh.close()
+        with naming(self.path):
+            self.fh.close()
         if self.writer is not None:
             self.writer.close()
 
