@@ -308,3 +308,20 @@ def test_each_command_reads_its_formats_through_the_table(tmp_path, consumer, fo
         if format_of(path) not in formats or (consumer == "training" and format_of(path) == "txt"):
             continue
         assert read(path) == ODD, path.name
+
+
+def test_a_json_file_read_whole_is_bounded_in_size(tmp_path):
+    """A JSON file gpt2lab parses whole (a config, an index) is refused past its bound, not parsed into
+    memory; a compressed one is not even decompressed past it."""
+    import gzip
+
+    from gpt2lab.readers import read_json
+
+    body = json.dumps({"pad": "x" * 1000})
+    (tmp_path / "big.json").write_text(body)
+    (tmp_path / "big.json.gz").write_bytes(gzip.compress(body.encode()))
+    assert read_json(tmp_path / "big.json", max_bytes=len(body)) == {"pad": "x" * 1000}
+    for name in ("big.json", "big.json.gz"):
+        with pytest.raises(ReadError, match=rf"{name}: more than 100 bytes"):
+            read_json(tmp_path / name, max_bytes=100)
+    assert read_json(tmp_path / "big.json.gz", max_bytes=None)["pad"] == "x" * 1000
