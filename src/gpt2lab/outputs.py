@@ -1,8 +1,9 @@
-"""Output files: checks that a location can be written, made before any long work starts, and atomic writes.
+"""Checks that an output location can be written, made before any long work starts.
 
 A read-only file system, a full disk or a path under a regular file should fail in the first second
-with one line naming the path and the reason, not after an hour of training or generation. Every output
-file is written through :func:`atomic_writer` (or :func:`write_text_atomic`): it appears whole or not at all.
+with one line naming the path and the reason, not after an hour of training or generation. (The
+writes themselves are :mod:`gpt2lab.atomic`'s; a write that fails later says the same, through
+:func:`describe_os_error`.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
 
 
 class OutputError(ValueError):
@@ -63,39 +61,3 @@ def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Pa
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{option} {path}: cannot write there (permission denied)")
     return path
-
-
-@contextmanager
-def atomic_writer(path: str | Path) -> Iterator[TextIO]:
-    """A text file (UTF-8, ``\\n`` line ends) that appears at ``path`` only when the ``with`` block ends without
-    an error: written to a temporary file in the same folder, fsynced and renamed over ``path``. A crash or an
-    exception leaves the old file (or none), never a part; the temporary file is removed. For outputs written
-    piece by piece (a million generated rows); :func:`write_text_atomic` is the one-string form.
-    Raises ``ValueError`` when ``path`` is a directory."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename: a crash leaves the old file or
-    the new one, never a part."""
-    with atomic_writer(path) as f:
-        f.write(text)
-    return Path(path)

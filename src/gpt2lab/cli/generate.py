@@ -7,11 +7,10 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import typer
 
-from ..jsonl import json_lines
 from .common import check_output, fail, load_generator, user_errors
 from .distributed import actor_resources, actors_option, no_ray_without, ray_option, ray_session, rows_bar
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
@@ -27,9 +26,11 @@ def read_prompts(lines: list[str], source: str) -> list[str]:
         fail(f"{source}: no prompts (expected one prompt per line, or JSONL with a \"prompt\" field)")
     if not numbered[0][1].lstrip().startswith("{"):
         return [line for _, line in numbered]
+    from ..readers import parse_jsonl
+
     prompts = []
     try:
-        for number, record in json_lines(lines, source):
+        for number, record in parse_jsonl(lines, source):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 fail(f"{source}:{number}: expected a JSON object with a string \"prompt\" field")
             prompts.append(record["prompt"])
@@ -89,13 +90,16 @@ def generate(
         for p in prompt_list:  # fail on an unusable prompt before printing anything
             fit_prompt(gen.encode_prompt(p), params, gen.config.n_positions)
         if out is not None:
-            from ..outputs import atomic_writer
+            from ..atomic import write_file
 
-            with rows_bar("generate", len(prompt_list)) as advance, atomic_writer(out) as f:
-                records = (_ray_records(gen, prompt_list, params, model, ray, actors, runtime, advance)
-                           if ray is not None else _records(gen, prompt_list, params, advance))
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            def write(f: BinaryIO) -> None:
+                with rows_bar("generate", len(prompt_list)) as advance:
+                    records = (_ray_records(gen, prompt_list, params, model, ray, actors, runtime, advance)
+                               if ray is not None else _records(gen, prompt_list, params, advance))
+                    for record in records:
+                        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+            write_file(out, write)  # the file appears when every prompt is done
         elif as_json:
             for record in _records(gen, prompt_list, params):
                 print(json.dumps(record, ensure_ascii=False), flush=True)
