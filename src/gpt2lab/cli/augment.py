@@ -10,7 +10,7 @@ import typer
 
 from ..apps.augment import DEFAULTS, METHODS
 from .common import check_output, load_generator, user_errors
-from .distributed import actor_resources, actors_option, ray_option, ray_session, rows_bar
+from .distributed import actor_resources, actors_option, check_ray, ray_option, ray_session, rows_bar
 from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
@@ -52,6 +52,7 @@ def augment(
     """
     from ..apps.augment import Augmenter, read_dataset
 
+    check_ray(ray, "gpt2lab augment --ray")
     with user_errors():
         dataset = read_dataset(data, text_column, label_column)
     check_output(out, "--out", kind="file")

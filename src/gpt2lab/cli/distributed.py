@@ -47,11 +47,17 @@ def optional_value(argv: list[str], flag: str = RAY_FLAG, value: str = LOCAL) ->
     return out
 
 
+def check_ray(address: str | None, command: str) -> None:
+    """With ``--ray``: fail now, before any work, in one line naming the extra when ``ray`` is not installed."""
+    if address is not None:
+        require_extra("ray", command)
+
+
 @contextmanager
 def ray_session(address: str, command: str) -> Iterator[Any]:
     """Ray initialised for ``command`` (``address`` as ``--ray`` gave it); a cluster it started is stopped
     at the end. Yields :mod:`gpt2lab.ray`. Fails in one line without the ``ray`` extra or the cluster."""
-    require_extra("ray", command)
+    check_ray(address, command)
     import gpt2lab.ray as gray
 
     with user_errors((ConnectionError,)):

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 import typer
 
 from .common import check_output, fail, load_generator, user_errors
-from .distributed import actor_resources, actors_option, no_ray_without, ray_option, ray_session, rows_bar
+from .distributed import actor_resources, actors_option, check_ray, no_ray_without, ray_option, ray_session, rows_bar
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
@@ -76,6 +76,7 @@ def generate(
     With --seed, prompt i (0-based, in input order) is seeded with row_seed(seed, i): the same text
     whichever batch, process or Ray actor completes it (prompt 0 uses the seed itself).
     """
+    check_ray(ray, "gpt2lab generate --ray")
     if ray is not None:
         no_ray_without("--out FILE", out is not None)
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)

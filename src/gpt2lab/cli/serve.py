@@ -9,6 +9,7 @@ import socket
 import typer
 
 from .common import fail, load_kwargs, require_extra, user_errors
+from .distributed import LOCAL, RAY_PANEL
 from .options import Runtime, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
@@ -59,10 +60,30 @@ def serve(
                                                 help="Let browser pages from this origin (e.g. "
                                                      "https://app.example:3000, or * for any) call the API; "
                                                      "repeatable. Off by default."),
+    replicas: int = typer.Option(None, "--replicas", min=1, rich_help_panel=RAY_PANEL,
+                                 help="Serve N replicas of this server (each its own engine) behind Ray Serve's "
+                                      "HTTP proxy. Needs pip install 'gpt2lab[ray]'."),
+    ray: str = typer.Option(None, "--ray", metavar="[ADDRESS]", rich_help_panel=RAY_PANEL,
+                            help="The Ray cluster for the replicas (auto, ray://HOST:10001); default: one "
+                                 "started on this machine."),
+    min_replicas: int = typer.Option(None, "--min-replicas", min=0, rich_help_panel=RAY_PANEL,
+                                     help="Autoscale the replicas from this many ..."),
+    max_replicas: int = typer.Option(None, "--max-replicas", min=1, rich_help_panel=RAY_PANEL,
+                                     help="... to this many (Ray Serve's autoscaling)."),
+    target_ongoing_requests: float = typer.Option(None, "--target-ongoing-requests", min=0.1,
+                                                  rich_help_panel=RAY_PANEL,
+                                                  help="Requests per replica the autoscaler aims for."),
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
     require_extra("server", "gpt2lab serve")
+    autoscaling = {k: v for k, v in (("min_replicas", min_replicas), ("max_replicas", max_replicas),
+                                     ("target_ongoing_requests", target_ongoing_requests)) if v is not None}
+    on_ray = replicas is not None or ray is not None or bool(autoscaling)
+    if on_ray:
+        require_extra("ray", "gpt2lab serve --replicas")
+        if autoscaling and replicas is not None:
+            fail("give --replicas N, or autoscaling (--min-replicas, --max-replicas), not both")
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")
@@ -84,6 +105,9 @@ def serve(
         sock = bind(host, port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    if on_ray:  # Ray Serve's proxy listens there instead
+        port = sock.getsockname()[1]
+        sock.close()
 
     from ..checkpoints import resolve_model
     from ..model.device import resolve_device, resolve_dtype
@@ -97,6 +121,11 @@ def serve(
     from ..server.http import serve as serve_http
     from ..server.limits import Limits
 
+    if on_ray:
+        _serve_on_ray(model, ray or LOCAL, host, port, replicas or 1, autoscaling or None,
+                      dict(api_key=api_key, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
+                           cors_allow_origins=origins, max_body_mb=max_body_mb, **load))
+        return
     limits = Limits()
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
@@ -106,3 +135,32 @@ def serve(
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))
     serve_http(app, sock, log_level=log_level, limits=limits)
+
+
+def _serve_on_ray(model: str | None, address: str, host: str, port: int, replicas: int,
+                  autoscaling: dict | None, app_kwargs: dict) -> None:
+    """``gpt2lab serve --replicas``: the app in Ray Serve replicas behind its proxy on ``host:port``, until
+    Ctrl-C (then the application and a cluster started here are shut down)."""
+    import time
+
+    from .distributed import ray_session
+
+    with ray_session(address, "gpt2lab serve --replicas") as gray:
+        from ray import serve
+
+        gpu = str(app_kwargs.get("device", "")).startswith("cuda")
+        try:
+            with user_errors():
+                application = gray.deployment(model, num_replicas=replicas, autoscaling=autoscaling,
+                                              num_gpus=1 if gpu else 0, **app_kwargs)
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(application, name="gpt2lab", route_prefix="/")
+            scale = (f"autoscaling {autoscaling}" if autoscaling else f"{replicas} replica(s)")
+            print(f"gpt2lab: serving {model or 'the default model'} on http://{host}:{port} ({scale}, Ray Serve); "
+                  "Ctrl-C stops", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
