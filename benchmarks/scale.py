@@ -1,10 +1,11 @@
 """Ray Data generation against one process: rows/s and Ray's per-row overhead (docs/scaling.md).
 
-Same random GPT-2 (saved by transformers), same prompts, same seeded sampling. Times, on a local Ray cluster:
-one-process generation with 2 threads (``generate_rows``), then Ray Data generation with 1 and 2 actors of
-1 thread each (start-up, the actors loading the model, measured apart from the rows). Prints rows/s of each,
-the actor start-up, and the per-row overhead: (Ray's time for the rows - one 1-thread process's time for the
-same rows) / rows. On a 2-core machine no speed-up is expected: these are the costs, not a bar.
+Same random GPT-2 (saved by transformers), same prompts, same seeded sampling. Times one-process generation
+(``generate_rows``, 2 threads and 1 thread), then Ray Data generation on a local cluster with 1 and 2 actors
+of 1 thread each, each job twice: over ``rows // 4`` and over ``rows`` rows. The difference gives Ray's
+marginal time per row (start-up cancels out) and the rest its start-up (actors started, model loaded,
+dataset planned). Per-row overhead: actor-seconds per row on Ray minus a 1-thread process's seconds per
+row. On a 2-core machine no speed-up is expected: these are the costs, not a bar.
 
     PYTHONPATH=src python benchmarks/scale.py [--rows 64 --tokens 16 --layers 2 --embd 128]
 """
@@ -45,16 +46,14 @@ def _one_process(model: Path, prompts: list[str], params, threads: int) -> float
     return time.perf_counter() - start
 
 
-def _ray(model: Path, prompts: list[str], params, actors: int, batch_size: int) -> tuple[float, float]:
-    """(seconds to the first row: actors started and loaded, seconds for all the rows)."""
+def _ray(model: Path, prompts: list[str], params, actors: int, batch_size: int) -> float:
+    """Seconds for a whole Ray Data generation job over ``prompts``, start-up included."""
     from gpt2lab.ray.data import generation_rows
 
     start = time.perf_counter()
-    first = None
     for _ in generation_rows(str(model), prompts, params, actors=actors, batch_size=batch_size):
-        if first is None:
-            first = time.perf_counter() - start
-    return first or 0.0, time.perf_counter() - start
+        pass
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -86,13 +85,16 @@ def main() -> None:
         print(f"ray cluster ready in {time.perf_counter() - t0:.1f} s after init")
         print(f"{'one process, 2 threads':28} {args.rows / one2:8.1f} rows/s")
         print(f"{'one process, 1 thread':28} {args.rows / one1:8.1f} rows/s")
+        small = max(1, args.rows // 4)
         for actors in (1, 2):
-            start_up, total = _ray(model, prompts, params, actors, args.batch_size)
-            rows_time = total - start_up
-            overhead = (total * actors - one1) / args.rows  # actor-seconds beyond one 1-thread process's
-            print(f"{f'ray data, {actors} actor(s) x 1 thread':28} {args.rows / total:8.1f} rows/s "
-                  f"(first row after {start_up:.1f} s: actor start + model load; the rest {rows_time:.1f} s); "
-                  f"overhead {1000 * overhead:.1f} ms per row")
+            t_small = _ray(model, prompts[:small], params, actors, args.batch_size)
+            t_all = _ray(model, prompts, params, actors, args.batch_size)
+            per_row = max(t_all - t_small, 1e-9) / (args.rows - small)
+            start_up = t_small - small * per_row
+            overhead = per_row * actors - one1 / args.rows  # actor-seconds per row beyond a 1-thread process's
+            print(f"{f'ray data, {actors} actor(s) x 1 thread':28} {1 / per_row:8.1f} rows/s after start-up "
+                  f"({args.rows / t_all:.1f} rows/s with it); start-up {start_up:.1f} s; "
+                  f"overhead {1000 * overhead:+.1f} ms per row")
         ray.shutdown()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
