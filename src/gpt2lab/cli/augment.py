@@ -10,7 +10,7 @@ import typer
 
 from ..apps.augment import DEFAULTS, METHODS
 from .common import check_output, load_generator, user_errors
-from .distributed import actor_resources, actors_option, check_ray, ray_option, ray_session, rows_bar
+from .distributed import actor_resources, actors_option, check_ray, driver_runtime, ray_option, ray_session, rows_bar
 from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
@@ -56,7 +56,7 @@ def augment(
     with user_errors():
         dataset = read_dataset(data, text_column, label_column)
     check_output(out, "--out", kind="file")
-    gen = load_generator(model, runtime)
+    gen = load_generator(model, driver_runtime(runtime, ray))
     with user_errors():
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),

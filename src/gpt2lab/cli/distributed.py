@@ -53,6 +53,16 @@ def check_ray(address: str | None, command: str) -> None:
         require_extra("ray", command)
 
 
+def driver_runtime(runtime: Any, address: str | None) -> Any:
+    """The runtime of the command's own copy of the model: with ``--ray`` the CPU (the actors use the
+    device; the driver's machine may have none), else ``runtime`` itself."""
+    if address is None:
+        return runtime
+    from dataclasses import replace
+
+    return replace(runtime, device="cpu")
+
+
 @contextmanager
 def ray_session(address: str, command: str) -> Iterator[Any]:
     """Ray initialised for ``command`` (``address`` as ``--ray`` gave it); a cluster it started is stopped

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from .common import fail, load_generator, require_extra, user_errors
-from .distributed import actor_resources, actors_option, check_ray, ray_option, ray_session, rows_bar
+from .distributed import actor_resources, actors_option, check_ray, driver_runtime, ray_option, ray_session, rows_bar
 from .options import Runtime, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
@@ -58,7 +58,7 @@ def perplexity_cmd(
     from ..evaluation import perplexity
 
     check_ray(ray, "gpt2lab eval perplexity --ray")
-    gen = load_for_eval(model, runtime)
+    gen = load_for_eval(model, driver_runtime(runtime, ray))
     with user_errors():
         if ray is None:
             result = perplexity(files=files, model=gen, stride=stride, block_size=block_size,

@@ -12,7 +12,16 @@ from typing import Any, BinaryIO
 import typer
 
 from .common import check_output, fail, load_generator, user_errors
-from .distributed import actor_resources, actors_option, check_ray, no_ray_without, ray_option, ray_session, rows_bar
+from .distributed import (
+    actor_resources,
+    actors_option,
+    check_ray,
+    driver_runtime,
+    no_ray_without,
+    ray_option,
+    ray_session,
+    rows_bar,
+)
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
@@ -82,7 +91,7 @@ def generate(
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
     if out is not None:
         check_output(out, "--out", kind="file")
-    gen = load_generator(model, runtime)
+    gen = load_generator(model, driver_runtime(runtime, ray))
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
     from ..generation import fit_prompt
