@@ -10,7 +10,16 @@ import typer
 
 from ..apps.augment import DEFAULTS, METHODS
 from .common import check_output, load_generator, user_errors
-from .distributed import actor_resources, actors_option, check_ray, driver_runtime, ray_option, ray_session, rows_bar
+from .distributed import (
+    actor_resources,
+    actors_option,
+    check_ray,
+    driver_runtime,
+    model_ref,
+    ray_option,
+    ray_session,
+    rows_bar,
+)
 from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
@@ -66,13 +75,17 @@ def augment(
             if ray is None:
                 summary = job.run(lambda done, total: advance(done))
             else:
-                prompt_kwargs = {"data": str(data), "text_column": text_column, "label_column": label_column,
+                prompt_kwargs = {"data": str(data.resolve()), "text_column": text_column, "label_column": label_column,
                                  "per_example": per_example, "methods": method or METHODS,
                                  "params": job.params, "opening": opening, "shots": shots}
                 with ray_session(ray, "gpt2lab augment --ray") as gray:
                     resources = actor_resources(runtime, actors)
-                    summary = job.run(lambda done, total: advance(done), generated=lambda start: gray.data.augment_rows(
-                        model, start, len(dataset.rows), prompt_kwargs, **resources))
+
+                    def generated(start: int):  # noqa: ANN202 - the actors' texts of rows start..
+                        return gray.data.augment_rows(model_ref(model), start, len(dataset.rows), prompt_kwargs,
+                                                      **resources)
+
+                    summary = job.run(lambda done, total: advance(done), generated=generated)
     except typer.Exit as exc:
         if exc.exit_code == 130:
             print(f"gpt2lab: interrupted; rerun the same command to resume {out}", file=sys.stderr)

@@ -53,6 +53,14 @@ def check_ray(address: str | None, command: str) -> None:
         require_extra("ray", command)
 
 
+def model_ref(model: str | None) -> str | None:
+    """``--model`` as the actors should see it: a local folder as an absolute path (their working folder
+    is not this one's; on a cluster the folder must exist on every node), anything else as given."""
+    from pathlib import Path
+
+    return str(Path(model).resolve()) if model and Path(model).is_dir() else model
+
+
 def driver_runtime(runtime: Any, address: str | None) -> Any:
     """The runtime of the command's own copy of the model: with ``--ray`` the CPU (the actors use the
     device; the driver's machine may have none), else ``runtime`` itself."""

@@ -11,7 +11,16 @@ from typing import Any
 import typer
 
 from .common import fail, load_generator, require_extra, user_errors
-from .distributed import actor_resources, actors_option, check_ray, driver_runtime, ray_option, ray_session, rows_bar
+from .distributed import (
+    actor_resources,
+    actors_option,
+    check_ray,
+    driver_runtime,
+    model_ref,
+    ray_option,
+    ray_session,
+    rows_bar,
+)
 from .options import Runtime, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
@@ -93,7 +102,7 @@ def _perplexity_on_ray(gen, files: list[Path], model: str | None, address: str, 
                                          settings["batch_tokens"])
     texts, names = [read_text_file(path) for path in files], [str(path) for path in files]
     with ray_session(address, "gpt2lab eval perplexity --ray") as gray, rows_bar("perplexity", len(texts)) as bar:
-        scores = gray.data.score_rows(model, texts, names, block_size=block_size, stride=stride,
+        scores = gray.data.score_rows(model_ref(model), texts, names, block_size=block_size, stride=stride,
                                       batch_tokens=settings["batch_tokens"], progress=bar,
                                       **actor_resources(runtime, actors))
     docs = [document_perplexity(name, *score) for name, score in zip(names, scores)]

@@ -17,6 +17,7 @@ from .distributed import (
     actors_option,
     check_ray,
     driver_runtime,
+    model_ref,
     no_ray_without,
     ray_option,
     ray_session,
@@ -137,7 +138,7 @@ def _ray_records(gen, prompts: list[str], params, model: str | None, address: st
     from ..generation.outputs import Completion
 
     with ray_session(address, "gpt2lab generate --ray") as gray:
-        rows = gray.data.generation_rows(model, prompts, params, progress=advance,
+        rows = gray.data.generation_rows(model_ref(model), prompts, params, progress=advance,
                                          **actor_resources(runtime, actors))
         for row in rows:
             for r in row:

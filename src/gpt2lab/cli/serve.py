@@ -143,7 +143,7 @@ def _serve_on_ray(model: str | None, address: str, host: str, port: int, replica
     Ctrl-C (then the application and a cluster started here are shut down)."""
     import time
 
-    from .distributed import ray_session
+    from .distributed import model_ref, ray_session
 
     with ray_session(address, "gpt2lab serve --replicas") as gray:
         from ray import serve
@@ -151,7 +151,7 @@ def _serve_on_ray(model: str | None, address: str, host: str, port: int, replica
         gpu = str(app_kwargs.get("device", "")).startswith("cuda")
         try:
             with user_errors():
-                application = gray.deployment(model, num_replicas=replicas, autoscaling=autoscaling,
+                application = gray.deployment(model_ref(model), num_replicas=replicas, autoscaling=autoscaling,
                                               num_gpus=1 if gpu else 0, **app_kwargs)
             serve.start(http_options={"host": host, "port": port})
             serve.run(application, name="gpt2lab", route_prefix="/")
