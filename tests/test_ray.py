@@ -187,3 +187,28 @@ def test_serve_replicas_answer_the_openai_client_and_a_killed_one_is_replaced(cl
             assert again.choices[0].text == out.choices[0].text
     finally:
         serve.shutdown()
+
+
+def test_a_bare_ray_flag_means_a_local_cluster():
+    from gpt2lab.cli.distributed import optional_value
+
+    assert optional_value(["gpt2lab", "generate", "-f", "x", "--ray"]) == \
+        ["gpt2lab", "generate", "-f", "x", "--ray", "local"]
+    assert optional_value(["gpt2lab", "eval", "perplexity", "a.txt", "--ray", "--actors", "2"]) == \
+        ["gpt2lab", "eval", "perplexity", "a.txt", "--ray", "local", "--actors", "2"]
+    assert optional_value(["gpt2lab", "generate", "--ray", "auto"]) == ["gpt2lab", "generate", "--ray", "auto"]
+    assert optional_value(["gpt2lab", "generate", "--", "--ray"]) == ["gpt2lab", "generate", "--", "--ray"]
+
+
+def test_deployment_checks_its_arguments_and_passes_autoscaling_through():
+    from gpt2lab.ray import deployment
+
+    with pytest.raises(ValueError, match="num_replicas must be an integer >= 1"):
+        deployment("m", num_replicas=0)
+    with pytest.raises(ValueError, match="autoscaling: unknown field.*max_replica"):
+        deployment("m", autoscaling={"max_replica": 4})
+    app = deployment("m", autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8},
+                     max_batch=4, max_queue=2)
+    config = app._bound_deployment._deployment_config
+    assert config.autoscaling_config.max_replicas == 3 and config.autoscaling_config.target_ongoing_requests == 8
+    assert config.max_ongoing_requests == 4 + 2 + 16  # the replica, not the proxy, answers 429
