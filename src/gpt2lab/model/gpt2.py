@@ -71,7 +71,7 @@ class ConfigError(ValueError):
 
 
 class InferenceOnlyError(RuntimeError):
-    """Training mode requested on a model that can only run inference (a quantized one, ``model.quantize``)."""
+    """Training mode requested on a model that can only run inference (a quantized one, ``quantize.quantize_``)."""
 
 
 @dataclass
@@ -302,7 +302,7 @@ class GPT2(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.max_batch = self.max_seq = 0
-        self.quantization: str | None = None  # "int8" / "bf16" once model.quantize swapped the weights
+        self.quantization: str | None = None  # "int8" / "bf16" once quantize.quantize_ swapped the weights
 
     def train(self, mode: bool = True) -> GPT2:
         if mode and self.quantization is not None:
