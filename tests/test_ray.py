@@ -71,12 +71,17 @@ def test_generate_with_ray_writes_the_one_process_file(cluster, tiny_checkpoint,
     assert [c.token_ids for c in alone] == [r["token_ids"] for r in records[6:8]]
 
 
-def test_augment_with_ray_writes_the_one_process_file(cluster, tiny_checkpoint, tmp_path):
+def _labelled(tmp_path: Path) -> Path:
     data = tmp_path / "data.csv"
     data.write_text("text,label\n" + "".join(f"\"{t}\",{label}\n" for t, label in [
         ("the food was great and warm", "pos"), ("a lovely evening with friends", "pos"),
         ("service was slow and rude", "neg"), ("cold soup and a long wait", "neg"),
         ("we will come back soon", "pos"), ("never again at this place", "neg")]), encoding="utf-8")
+    return data
+
+
+def test_augment_with_ray_writes_the_one_process_file(cluster, tiny_checkpoint, tmp_path):
+    data = _labelled(tmp_path)
     common = ["augment", str(data), "--label-column", "label", "--model", str(tiny_checkpoint), "--seed", "3",
               "--max-new-tokens", "8", "--min-words", "1", "--json"]
     one = json.loads(_gpt2lab(*common, "--out", str(tmp_path / "one.csv")).stdout)
@@ -85,6 +90,42 @@ def test_augment_with_ray_writes_the_one_process_file(cluster, tiny_checkpoint, 
     assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
     assert on_ray["generated"] == one["generated"] and one["attempts"] == 12
     assert on_ray["rows_out"] == one["rows_out"] > 6
+
+
+def test_an_interrupted_augment_resumed_on_ray_equals_an_uninterrupted_run(cluster, tiny_checkpoint, tmp_path):
+    import gpt2lab
+    from gpt2lab.apps.augment import Augmenter, read_dataset
+    from gpt2lab.ray.data import augment_rows
+
+    data, gen = _labelled(tmp_path), gpt2lab.load(tiny_checkpoint)
+
+    def job(out: Path) -> Augmenter:
+        return Augmenter(gen, read_dataset(data, "text", "label"), out, text_column="text", label_column="label",
+                         params=gen.sampling_params(seed=3, max_new_tokens=8, temperature=0.9, top_k=50),
+                         min_words=1)
+
+    job(tmp_path / "one.csv").run()
+    first = job(tmp_path / "ray.csv")
+
+    def interrupted(start: int):  # this process generates; the run stops after 3 rows
+        for i, item in enumerate(first._generate_here(start)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run(generated=interrupted)
+    resumed, starts = job(tmp_path / "ray.csv"), []
+
+    def on_ray(start: int):
+        starts.append(start)
+        return augment_rows(str(tiny_checkpoint), start, 6, {"data": str(data), "text_column": "text",
+                                                             "label_column": "label", "params": resumed.params},
+                            actors=2, batch_size=2)
+
+    summary = resumed.run(generated=on_ray)
+    assert starts == [3] and summary.rows_resumed == 3
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
 
 
 def test_perplexity_with_ray_equals_one_process(cluster, tiny_checkpoint, tmp_path):

@@ -170,14 +170,16 @@ def map_rows(items: list[dict[str, Any]], fn: type, kwargs: dict[str, Any], *, k
              batch_size: int = DEFAULT_BATCH_SIZE, num_cpus: float = 1, num_gpus: float = 0,
              progress: Progress | None = None) -> Iterator[list[dict[str, Any]]]:
     """Run ``fn`` (one of this module's classes) over ``items`` on ``actors`` Ray actors, ``batch_size`` rows a
-    call; yield, in input order, each input row's output rows (those sharing its ``key`` value; input
-    ``key`` values are 0, 1, 2 ...). Ray must be initialised (:func:`gpt2lab.ray.connect`). Raises
+    call; yield, in input order, each input row's output rows (those sharing its ``key`` value, an int
+    distinct per input row). Ray must be initialised (:func:`gpt2lab.ray.connect`). Raises
     ``ValueError`` for ``actors`` or ``batch_size`` < 1; an actor's exception comes back as Ray raised it."""
     import ray
 
     for name, value in (("actors", actors), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not items:  # e.g. a resumed augment job with every row done: no actor to start
+        return
     import logging
 
     import ray.data
@@ -190,23 +192,24 @@ def map_rows(items: list[dict[str, Any]], fn: type, kwargs: dict[str, Any], *, k
     ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
                         batch_size=batch_size,
                         num_cpus=num_cpus, num_gpus=num_gpus, batch_format="pandas")
-    expected, pending = 0, []
+    keys = [int(item[key]) for item in items]
+    j, pending = 0, []  # pending: the output rows of input row j
     for row in ds.iter_rows():
         k = int(row[key])
-        if k != expected:  # the next input row's outputs begin
-            if k != expected + 1:
-                raise RuntimeError(f"Ray Data returned row {k} after row {expected}: rows lost or out of order")
+        if k != keys[j]:  # the next input row's outputs begin
+            if not pending or j + 1 == len(keys) or k != keys[j + 1]:
+                raise RuntimeError(f"Ray Data returned row {k} where row {keys[j]}'s outputs were due: "
+                                   "rows lost or out of order")
             yield pending
+            j, pending = j + 1, []
             if progress:
-                progress(expected + 1)
-            expected, pending = k, []
+                progress(j)
         pending.append(row)
-    if items:
-        if expected != len(items) - 1:
-            raise RuntimeError(f"Ray Data returned {expected + 1} of {len(items)} rows")
-        yield pending
-        if progress:
-            progress(len(items))
+    if j != len(keys) - 1 or not pending:
+        raise RuntimeError(f"Ray Data returned {j + bool(pending)} of {len(keys)} rows")
+    yield pending
+    if progress:
+        progress(len(keys))
 
 
 def generation_rows(model: Any, prompts: Sequence[str], params: SamplingParams, *, actors: int = 1,
