@@ -196,7 +196,7 @@ def test_serve_replicas_answer_the_openai_client_and_a_killed_one_is_replaced(cl
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(deployment(str(tiny_checkpoint), num_replicas=2, num_cpus=0.5, max_queue=4),
+        serve.run(deployment(str(tiny_checkpoint), num_replicas=2, num_cpus=0.5, max_batch=1, max_queue=1),
                   name="gpt2lab", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
@@ -211,6 +211,15 @@ def test_serve_replicas_answer_the_openai_client_and_a_killed_one_is_replaced(cl
                                                                          temperature=0, stream=True) if c.choices]
         assert "".join(pieces) == out.choices[0].text
         assert "gpt2lab" in httpx.get(f"{url}/metrics", timeout=30).text
+
+        # back-pressure per replica: 1 running + 1 waiting each; the rest of a burst gets the replicas' 429
+        from concurrent.futures import ThreadPoolExecutor
+
+        body = {"model": model, "prompt": "Hello", "max_tokens": 100, "ignore_eos": True}
+        with ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code,
+                                  range(10)))
+        assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
 
         replicas = _actor_pids("ServeReplica:gpt2lab")
         assert len(replicas) == 2, replicas

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..readers import read_text, split_text
 from .common import ModelLike, as_generator, progress_bar
+from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
 
 if TYPE_CHECKING:
     from ..generation import Generator
-from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
 
 
 @dataclass
