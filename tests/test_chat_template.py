@@ -211,8 +211,8 @@ def test_bounds_leave_ordinary_templates_alone():
     from gpt2lab.generation.jinja_sandbox import RenderLimits
 
     ok = ChatTemplate("{% for i in range(1000) %}{{ '%5d' % i }}{{ '{:>3}'.format('x') }}{% endfor %}"
-                      "{{ 'ab' * 3 }}{{ 2 ** 100 }}{{ [1, 2] + [3] }}{{ 'a\nb' | indent(4) }}{{ lipsum(2) | length > 0 }}"
-                      "{{ messages | tojson(indent=2) | length > 0 }}{{ range(5) | sum }}",
+                      "{{ 'ab' * 3 }}{{ 2 ** 100 }}{{ [1, 2] + [3] }}{{ 'a\nb' | indent(4) }}"
+                      "{{ lipsum(2) | length > 0 }}{{ messages | tojson(indent=2) | length > 0 }}{{ range(5) | sum }}",
                       limits=RenderLimits(timeout_s=30))
     text = ok.render(CONVERSATIONS[1])
     assert text.startswith("    0  x    1  x") and "ababab" in text and str(2 ** 100) in text and text.endswith("10")

@@ -19,8 +19,11 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print ``gpt2lab: error: message`` on stderr and exit with ``code``."""
-    print(f"gpt2lab: error: {message}", file=sys.stderr)
+    """Print ``gpt2lab: error: message`` on stderr (as text: see :mod:`gpt2lab.console`) and exit with
+    ``code``."""
+    from ..console import error
+
+    error(message)
     raise typer.Exit(code)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from ..console import echo, write
 from ..jsonl import json_lines
 from .common import fail, load_generator, user_errors
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
@@ -46,7 +47,7 @@ def _logprobs_json(logprobs: list | None) -> list[dict[str, Any]] | None:
 def _print_logprobs(logprobs: list) -> None:
     for t in logprobs:
         alternatives = ", ".join(f"{s!r} {v:.3f}" for _, s, v in t.top)
-        print(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
+        echo(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
 
 
 # the seed's recipe: generate_text(prompt, max_length=100, temperature=0.8, top_k=50)
@@ -88,7 +89,7 @@ def generate(
                     record = {"model": gen.name, "prompt": c.prompt, "index": c.index, "text": c.text,
                               "token_ids": c.token_ids, "finish_reason": c.finish_reason,
                               "logprobs": _logprobs_json(c.logprobs)}
-                    print(json.dumps(record, ensure_ascii=False), flush=True)
+                    echo(json.dumps(record, ensure_ascii=False))
         else:
             _stream(gen, prompt_list, params)
 
@@ -113,19 +114,20 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
 
 
 def _stream(gen, prompts: list[str], params) -> None:
-    """Print each prompt with its completions (blank line between them); sample 0 streams live."""
+    """Print each prompt with its completions (blank line between them); sample 0 streams live. The text
+    is written as :mod:`gpt2lab.console` writes: exactly to a file or pipe, controls escaped on a terminal."""
     for k, prompt in enumerate(prompts):
         if k:
-            print()
+            echo()
         if params.num_beams > 1:  # beams are only known at the end
             completions = [(c.text, c.logprobs) for c in gen.generate(prompt, params)]
-            print(prompt + completions[0][0], flush=True)
+            echo(prompt + completions[0][0])
         else:
             completions = _stream_first(gen, prompt, params)
         for j, (text, logprobs) in enumerate(completions):
             if j:
-                print()
-                print(prompt + text, flush=True)
+                echo()
+                echo(prompt + text)
             if logprobs:
                 _print_logprobs(logprobs)
 
@@ -136,15 +138,15 @@ def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
     engine.add_request(gen.encode_prompt(prompt), params)
     texts: list[list[str]] = [[] for _ in range(params.n)]
     logprobs: list[list] = [[] for _ in range(params.n)]
-    print(prompt, end="", flush=True)
+    write(prompt)
     while engine.has_unfinished():
         for out in engine.step():
             if out.error is not None:  # printed nothing more and exited 0, as if the completion were empty
-                print()
+                echo()
                 out.raise_for_error()
             texts[out.index].append(out.text)
             logprobs[out.index] += out.logprobs or []
             if out.index == 0 and out.text:
-                print(out.text, end="", flush=True)
-    print()
+                write(out.text)
+    echo()
     return [("".join(t), lp) for t, lp in zip(texts, logprobs)]
