@@ -37,28 +37,28 @@ class Terminal(io.StringIO):
 
 
 @contextmanager
-def on_terminal():
+def on_terminal(term: str = "dumb"):
     """stdout and stderr as terminals (TERM=dumb: rich draws no colours, so any escape would be the text's)."""
-    out, err = Terminal(), Terminal()
-    saved = sys.stdout, sys.stderr
     import os
 
-    term = os.environ.get("TERM")
-    os.environ["TERM"] = "dumb"
+    out, err = Terminal(), Terminal()
+    saved = sys.stdout, sys.stderr
+    old_term = os.environ.get("TERM")
+    os.environ["TERM"] = term
     sys.stdout, sys.stderr = out, err
     try:
         yield out, err
     finally:
         sys.stdout, sys.stderr = saved
-        if term is None:
+        if old_term is None:
             del os.environ["TERM"]
         else:
-            os.environ["TERM"] = term
+            os.environ["TERM"] = old_term
 
 
-def run_on_terminal(*args: str) -> tuple[int, str, str]:
+def run_on_terminal(*args: str, term: str = "dumb") -> tuple[int, str, str]:
     """``gpt2lab ARGS`` in this process with a terminal for stdout and stderr: (exit code, stdout, stderr)."""
-    with on_terminal() as (out, err):
+    with on_terminal(term) as (out, err):
         try:
             typer.main.get_command(app).main(list(args), prog_name="gpt2lab")
             code = 0

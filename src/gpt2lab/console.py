@@ -20,6 +20,7 @@ Light to import (rich loads only for tables), so the CLI's error path can use it
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -129,8 +130,8 @@ def progress_bar(total: int | None, description: str, enabled: bool | None = Non
     (with ``.update(completed, total)``). ``enabled``: default, only where stderr is a terminal (a log
     file gets no bar); a no-op when off. ``description`` is shown literally. Nothing else should be
     printed while the bar runs (it would be drawn over): let errors leave the ``with`` block first."""
-    if enabled is None:
-        enabled = is_terminal(sys.stderr)
+    if enabled is None:  # a dumb terminal cannot redraw a line: rich would leave blank lines
+        enabled = is_terminal(sys.stderr) and os.environ.get("TERM") not in ("dumb", "unknown")
     if not enabled:
         yield _Bar()
         return
