@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny randomly initialised GPT-2 checkpoints in Hugging Face layout."""
+"""Shared fixtures: tiny randomly initialised GPT-2 checkpoints in Hugging Face layout, their Generator and
+tokenizer, and the test servers with an ``openai`` client on them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from gpt2lab.tokenizer import gpt2_tokenizer_dir  # noqa: E402
+
+from .server_helpers import server_fixture  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -69,6 +72,60 @@ def one_thread():
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer 64-dim GPT-2 with the real GPT-2 vocabulary and tokenizer."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1, **SHAPES["tiny"])
+
+
+@pytest.fixture()
+def ckpt(tmp_path, tiny_checkpoint) -> Path:
+    """A copy of ``tiny_checkpoint`` in this test's ``tmp_path``, for a test that damages its files."""
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, out)
+    return out
+
+
+def tiny_model(tmp_path_factory, name: str, *, seed: int, **shape) -> tuple[Path, object]:
+    """A new tiny checkpoint (``SHAPES["tiny"]`` updated with ``shape``) in a fresh folder ``name``, and its
+    Generator: ``(path, gpt2lab.load(path))``."""
+    import gpt2lab
+
+    path = make_hf_checkpoint(tmp_path_factory.mktemp(name), seed=seed, **{**SHAPES["tiny"], **shape})
+    return path, gpt2lab.load(path)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_checkpoint):
+    """``tiny_checkpoint`` loaded by :func:`gpt2lab.load`, once per test module."""
+    import gpt2lab
+
+    return gpt2lab.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """GPT-2's tokenizer (:meth:`gpt2lab.tokenizer.Tokenizer.gpt2`), once per test module."""
+    from gpt2lab.tokenizer import Tokenizer
+
+    return Tokenizer.gpt2()
+
+
+# -- servers (tests/server_helpers.py) ------------------------------------------------------------------
+# ``server`` is the ``main`` test server; a module that tests another one names it with
+# ``server = server_fixture("robust")``, and ``client`` and ``model`` then follow that one.
+server = server_fixture("main")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The real ``openai`` client on ``server``'s ``/v1`` (no retries: a failure shows at once)."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    """The model id ``server`` serves (its ``/v1/models``)."""
+    return client.models.list().data[0].id
 
 
 # -- devices ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 _STARTED: dict[str, Server] = {}
 STARTUP_TIMEOUT_S = 180  # the CI machine is small and shared: importing torch can take a while
@@ -90,20 +91,43 @@ def launch_in_thread(name: str, model: Path, log_dir: Path, **app_kwargs: Any) -
     _STARTED[name] = Server(f"http://127.0.0.1:{port}", None, log_dir / f"server-{name}.log", uvicorn=server)
 
 
-def get(name: str) -> Server:
-    """The started server ``name``, once its /health says ready."""
-    server = _STARTED[name]
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_healthy(url: str, timeout: float = STARTUP_TIMEOUT_S, process: subprocess.Popen | None = None) -> bool:
+    """Poll ``url``/health until it answers 200 (True) or ``timeout`` seconds pass (False); raises RuntimeError
+    if ``process`` (the server's, when it has one) exits meanwhile."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.process is not None and server.process.poll() is not None:
-            raise RuntimeError(f"server {name} exited with {server.process.returncode}:\n{server.log_tail()}")
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.2)
+    return False
+
+
+def get(name: str) -> Server:
+    """The started server ``name``, once its /health says ready."""
+    server = _STARTED[name]
+    try:
+        if wait_healthy(server.url, STARTUP_TIMEOUT_S, server.process):
+            return server
+    except RuntimeError as exc:
+        raise RuntimeError(f"server {name}: {exc}:\n{server.log_tail()}") from None
     raise RuntimeError(f"server {name} not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+def server_fixture(name: str) -> Any:
+    """A module-scoped fixture giving the test server ``name`` of :func:`start_all` once ready: a test module
+    assigns it to a fixture name (``server = server_fixture("robust")``)."""
+
+    def started(tmp_path_factory, tiny_checkpoint) -> Server:
+        start_all(tmp_path_factory, tiny_checkpoint)
+        return get(name)
+
+    started.__doc__ = f"The test server {name!r} (server_helpers.start_all), once its /health says ready."
+    return pytest.fixture(scope="module")(started)
 
 
 @atexit.register

@@ -16,7 +16,7 @@ from gpt2lab.apps.chat import ChatSession
 from gpt2lab.cli.main import app
 from gpt2lab.sampling import SamplingParams
 
-from .conftest import SHAPES, make_hf_checkpoint
+from .conftest import tiny_model
 
 WINDOW = 64
 PERSONA = "You are Captain Zed, a cheerful pirate."
@@ -26,9 +26,7 @@ USER_TURN_BIAS = {12982: 100.0, 25: 100.0, 198: 100.0}
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    shape = {**SHAPES["tiny"], "n_positions": WINDOW}
-    path = make_hf_checkpoint(tmp_path_factory.mktemp("chat-model"), seed=3, **shape)
-    return path, gpt2lab.load(path)
+    return tiny_model(tmp_path_factory, "chat-model", seed=3, n_positions=WINDOW)
 
 
 def test_reply_stops_before_next_user_turn(chat_model):

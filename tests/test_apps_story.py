@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-import gpt2lab
 from gpt2lab.apps.story import write_stories
 from gpt2lab.cli.main import app
 from gpt2lab.sampling import SamplingParams
 
-from .conftest import SHAPES, make_hf_checkpoint
+from .conftest import tiny_model
 
 WINDOW = 64
 
@@ -18,9 +17,7 @@ WINDOW = 64
 @pytest.fixture(scope="module")
 def short_window(tmp_path_factory):
     """A tiny random GPT-2 (real GPT-2 tokenizer) with a 64-token window, so stories outgrow it quickly."""
-    shape = {**SHAPES["tiny"], "n_positions": WINDOW}
-    path = make_hf_checkpoint(tmp_path_factory.mktemp("story-model"), seed=2, **shape)
-    return path, gpt2lab.load(path)
+    return tiny_model(tmp_path_factory, "story-model", seed=2, n_positions=WINDOW)
 
 
 def test_story_longer_than_window_keeps_premise(short_window):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,6 @@ import gpt2lab
 from gpt2lab.checkpoints import CheckpointError, ModelNotFoundError, load_model, resolve_model, save_model
 
 from .conftest import SHAPES, make_hf_checkpoint
-
-
-@pytest.fixture()
-def ckpt(tmp_path, tiny_checkpoint) -> Path:
-    out = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    return out
 
 
 def test_truncated_safetensors_names_file(ckpt):

@@ -10,18 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gpt2lab
-from gpt2lab.generation import Engine, Generator
+from gpt2lab.generation import Engine
 from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.sampling import SamplingParams
 from gpt2lab.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_checkpoint) -> Generator:
-    return gpt2lab.load(tiny_checkpoint)
 
 
 def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], after_add=None) -> dict:

@@ -22,14 +22,9 @@ PROMPTS = ["Once upon a time", 'Tags like <b>bold</b> & "quotes"']
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return gpt2lab.load(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def run(tiny, tmp_path_factory):
+def run(gen, tmp_path_factory):
     out = tmp_path_factory.mktemp("explore") / "out"
-    result = explore(PROMPTS, tiny, temperatures=[0.5, 1.5], top_ks=[0, 20], top_ps=[0.9], max_length=14, samples=3,
+    result = explore(PROMPTS, gen, temperatures=[0.5, 1.5], top_ks=[0, 20], top_ps=[0.9], max_length=14, samples=3,
                      seed=7, out=out)
     return result, out
 
@@ -45,17 +40,17 @@ def test_every_setting_is_scored_with_its_samples(run):
         assert r.mean_tokens == pytest.approx(sum(s.tokens for s in r.samples) / len(r.samples))
 
 
-def test_batched_grid_equals_generating_each_setting_alone(tiny, run):
+def test_batched_grid_equals_generating_each_setting_alone(gen, run):
     result, _ = run
     for r in result.settings[::3]:
         s = r.setting
-        alone = tiny.generate(PROMPTS, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_length=14, n=3,
-                              seed=7)
+        alone = gen.generate(PROMPTS, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_length=14, n=3,
+                             seed=7)
         assert [c.text for c in alone] == [x.text for x in r.samples]
         # each sample's perplexity is its completion's, given the prompt, under the model
         c, x = alone[0], r.samples[0]
-        prompt_ids = tiny.encode_prompt(c.prompt)
-        logprobs = [t.logprob for t in tiny.score(prompt_ids + c.token_ids)][len(prompt_ids) - 1:]
+        prompt_ids = gen.encode_prompt(c.prompt)
+        logprobs = [t.logprob for t in gen.score(prompt_ids + c.token_ids)][len(prompt_ids) - 1:]
         assert x.tokens == len(c.token_ids) == len(logprobs)
         assert x.perplexity == pytest.approx(math.exp(-sum(logprobs) / len(logprobs)), rel=1e-4)
 
@@ -88,10 +83,10 @@ def test_writes_csv_json_png_html(run):
     assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
 
 
-def test_separate_scoring_model_scores_the_text(tiny, tiny_checkpoint):
+def test_separate_scoring_model_scores_the_text(gen, tiny_checkpoint):
     scorer = gpt2lab.load(tiny_checkpoint)
     scorer.name = "scorer"
-    result = explore("Hello", tiny, temperatures=[1.0], top_ks=[0], top_ps=[1.0], max_length=8, samples=2, seed=1,
+    result = explore("Hello", gen, temperatures=[1.0], top_ks=[0], top_ps=[1.0], max_length=8, samples=2, seed=1,
                      scoring_model=scorer)
     (r,) = result.settings
     assert result.scoring_model == "scorer" and result.model != "scorer"

@@ -21,11 +21,6 @@ PROMPTS = ["Hello world", "A much longer prompt about cats, dogs and the weather
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_checkpoint) -> Generator:
-    return gpt2lab.load(tiny_checkpoint)
-
-
 def _hf_greedy(ref, ids: list[int], new: int, **kw) -> list[int]:
     x = torch.tensor([ids])
     with torch.no_grad():

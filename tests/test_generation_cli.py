@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-import gpt2lab
 from gpt2lab.sampling.pipeline import NAN_SCORES_ERROR
 
 pytestmark = pytest.mark.slow
@@ -19,11 +18,6 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "gpt2lab", "generate", *args], input=stdin, capture_output=True,
                           text=True, env=env, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_checkpoint):
-    return gpt2lab.load(tiny_checkpoint)
 
 
 def test_streams_text_with_seed_defaults(tiny_checkpoint, gen):

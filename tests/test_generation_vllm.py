@@ -11,13 +11,7 @@ from gpt2lab.generation.stopping import SequenceText, StopTextStream
 from gpt2lab.sampling import SamplingParams
 
 EOS = 50256
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_checkpoint, one_thread):
-    from gpt2lab.generation import load
-
-    return load(str(tiny_checkpoint))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread costs more than it gives
 
 
 def test_params_validation_and_vllm_top_k():

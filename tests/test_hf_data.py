@@ -14,16 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2lab.tokenizer import Tokenizer
 from gpt2lab.training import DataError, prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [f"document number {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(12)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.gpt2()
 
 
 def _tokens(paths, tmp_path: Path, tokenizer, name: str, **kw) -> np.ndarray:

@@ -158,8 +158,8 @@ def test_logit_bias_matches_hf_sequence_bias():
     same(LogitBias([bias, bias], V)(x), hf_bias(torch.zeros(2, 1, dtype=torch.long), x.clone()))
 
 
-def test_bad_words_strings_are_tokenized_with_and_without_a_space(gpt2_tokenizer):
-    tok = gpt2_tokenizer
+def test_bad_words_strings_are_tokenized_with_and_without_a_space(tokenizer):
+    tok = tokenizer
     ids = bad_words_ids(tok, ["hello world", "Paris"])
     assert tok.encode("hello world") in ids and tok.encode(" hello world") in ids
     assert tok.encode("Paris") in ids and tok.encode(" Paris") in ids
@@ -172,13 +172,6 @@ def test_bad_words_strings_are_tokenized_with_and_without_a_space(gpt2_tokenizer
     pipe = LogitsPipeline([SamplingParams(temperature=0, bad_words=["hello world"])] * 2, tok.vocab_size, tok)
     out = pipe(randn(2, tok.vocab_size), [tok.encode("say hello"), tok.encode("say goodbye")], [2, 2])
     assert torch.isinf(out[0, world]) and torch.isfinite(out[1, world])
-
-
-@pytest.fixture(scope="module")
-def gpt2_tokenizer():
-    from gpt2lab.tokenizer import Tokenizer
-
-    return Tokenizer.gpt2()
 
 
 # -- per-row parameters ---------------------------------------------------------------------------
@@ -314,7 +307,7 @@ def test_pipeline_skips_transforms_no_row_uses():
                      "TypicalP"]
 
 
-def test_pipeline_rejects_bad_input(gpt2_tokenizer):
+def test_pipeline_rejects_bad_input(tokenizer):
     with pytest.raises(ValueError, match="bad_words needs a tokenizer"):
         LogitsPipeline([SamplingParams(bad_words=["x"])], V)
     with pytest.raises(ValueError, match="logit_bias"):

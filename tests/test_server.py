@@ -14,37 +14,12 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from .server_helpers import GUARD_KEY, Server, _env, get, start_all  # noqa: E402
+from .server_helpers import GUARD_KEY, _env, get, server_fixture, start_all  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint) -> Server:
-    start_all(tmp_path_factory, tiny_checkpoint)
-    return get("main")
-
-
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory, tiny_checkpoint) -> Server:
-    start_all(tmp_path_factory, tiny_checkpoint)
-    return get("guarded")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_checkpoint):
-    from gpt2lab.generation import load
-    return load(str(tiny_checkpoint))
+guarded = server_fixture("guarded")  # server, client, model (the main server) and gen: tests/conftest.py
 
 
 # -- completions ---------------------------------------------------------------------------------
@@ -64,7 +39,7 @@ def test_models_health_and_single_completion(server, client):
     assert again.choices[0].text == choice.text  # greedy is deterministic
 
 
-def test_list_prompts_and_n(model, client, generator):
+def test_list_prompts_and_n(model, client, gen):
     out = client.completions.create(model=model, prompt=["The cat", "A dog", "Why"], n=2,
                                     max_tokens=5, seed=11, temperature=1.0)
     assert [c.index for c in out.choices] == list(range(6))
@@ -72,7 +47,7 @@ def test_list_prompts_and_n(model, client, generator):
     # order: prompt by prompt, n each; each prompt's first sample equals that prompt alone with the seed
     alone = client.completions.create(model=model, prompt="A dog", max_tokens=5, seed=11, temperature=1.0)
     assert out.choices[2].text == alone.choices[0].text
-    assert out.usage.prompt_tokens == sum(len(generator.tokenizer.encode(p)) for p in ["The cat", "A dog", "Why"])
+    assert out.usage.prompt_tokens == sum(len(gen.tokenizer.encode(p)) for p in ["The cat", "A dog", "Why"])
 
 
 def test_token_id_prompt_matches_text_prompt(model, client):
@@ -90,10 +65,10 @@ def test_stop_string_cuts_the_text(model, client):
     assert out.choices[0].finish_reason == "stop"
 
 
-def test_logprobs_match_the_library(model, client, generator):
+def test_logprobs_match_the_library(model, client, gen):
     out = client.completions.create(model=model, prompt="The quick brown", max_tokens=6, temperature=0, logprobs=3)
     lp = out.choices[0].logprobs
-    local = generator.generate("The quick brown", max_new_tokens=6, temperature=0, logprobs=3)[0]
+    local = gen.generate("The quick brown", max_new_tokens=6, temperature=0, logprobs=3)[0]
     assert lp.tokens == [e.token for e in local.logprobs]
     assert lp.token_logprobs == pytest.approx([e.logprob for e in local.logprobs], abs=1e-4)
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
@@ -102,21 +77,21 @@ def test_logprobs_match_the_library(model, client, generator):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
-def test_echo_with_logprobs_scores_the_prompt(model, client, generator):
+def test_echo_with_logprobs_scores_the_prompt(model, client, gen):
     prompt = "Scoring text through the API works"
     out = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
     choice = out.choices[0]
     assert choice.text == prompt
-    ids = generator.tokenizer.encode(prompt)
-    assert choice.logprobs.tokens == [generator.tokenizer.id_to_token(i) for i in ids]
+    ids = gen.tokenizer.encode(prompt)
+    assert choice.logprobs.tokens == [gen.tokenizer.id_to_token(i) for i in ids]
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
-    expected = [e.logprob for e in generator.score(ids)]
+    expected = [e.logprob for e in gen.score(ids)]
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
     assert out.usage.completion_tokens == 0
     # echo while generating: prompt first, then the completion, logprobs for both
-    gen = client.completions.create(model=model, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)
-    assert gen.choices[0].text.startswith(prompt)
-    assert len(gen.choices[0].logprobs.tokens) == len(ids) + 3
+    echoed = client.completions.create(model=model, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)
+    assert echoed.choices[0].text.startswith(prompt)
+    assert len(echoed.choices[0].logprobs.tokens) == len(ids) + 3
 
 
 def test_streaming_completion_equals_non_streaming(model, server, client):

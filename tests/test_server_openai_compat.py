@@ -12,7 +12,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from .server_helpers import Server, _env, get, launch, start_all  # noqa: E402
+from .server_helpers import Server, _env, get, launch  # noqa: E402
 
 pytestmark = pytest.mark.slow
 EOS = 50256
@@ -20,26 +20,10 @@ APP_ORIGIN = "http://app.example:3000"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint) -> Server:
-    start_all(tmp_path_factory, tiny_checkpoint)
-    return get("main")
-
-
-@pytest.fixture(scope="module")
 def cors_server(tmp_path_factory, tiny_checkpoint, server) -> Server:
     launch("cors", tiny_checkpoint, tmp_path_factory.mktemp("cors-logs"), "--cors-allow-origin", APP_ORIGIN,
            "--cors-allow-origin", "https://other.example")
     return get("cors")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
 
 
 @pytest.fixture(scope="module")

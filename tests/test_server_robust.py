@@ -25,17 +25,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from .server_helpers import HealthPoller, Server, _env, free_port, get, start_all  # noqa: E402
+from .server_helpers import HealthPoller, Server, _env, free_port, get, server_fixture, wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 LONG = {"max_tokens": 100, "temperature": 1.0, "seed": 7, "logit_bias": {"50256": -100}}  # no early end
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint) -> Server:
-    start_all(tmp_path_factory, tiny_checkpoint)
-    return get("robust")
+server = server_fixture("robust")
 
 
 def _post(url: str, body: dict, path: str = "/v1/completions", timeout: float = 120) -> httpx.Response:
@@ -238,15 +235,13 @@ def test_a_busy_port_fails_at_once_in_one_line(tiny_checkpoint):
 
 # -- in-process server: a broken model, half-open connections -------------------------------------
 @pytest.fixture(scope="module")
-def local(tiny_checkpoint):
-    """``create_app`` on our own Generator (so the test can break its model), served by
+def local(gen):
+    """``create_app`` on this module's own Generator (so the test can break its model), served by
     ``gpt2lab.server.http.serve`` with 1-second header and body timeouts, on a thread."""
-    import gpt2lab
     from gpt2lab.server import create_app
     from gpt2lab.server.http import serve
     from gpt2lab.server.limits import Limits
 
-    gen = gpt2lab.load(tiny_checkpoint)
     limits = Limits(header_timeout_s=1.0, body_timeout_s=1.0)
     app = create_app(gen, limits=limits)
     sock = socket.socket()
@@ -255,13 +250,7 @@ def local(tiny_checkpoint):
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     threading.Thread(target=serve, args=(app, sock), kwargs={"log_level": "critical", "limits": limits},
                      daemon=True).start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    assert wait_healthy(url, 60), "the in-process server did not start"
     return url, gen
 
 

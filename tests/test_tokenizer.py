@@ -34,18 +34,13 @@ def mixed_corpus(size: int = 300_000) -> list[str]:
     return pieces
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.gpt2()
+def test_hello_world(tokenizer):
+    assert tokenizer.encode("Hello world") == [15496, 995]
+    assert tokenizer.eos_token_id == 50256 and tokenizer.vocab_size == 50257
+    assert tokenizer.decode([15496, 995]) == "Hello world"
 
 
-def test_hello_world(tok):
-    assert tok.encode("Hello world") == [15496, 995]
-    assert tok.eos_token_id == 50256 and tok.vocab_size == 50257
-    assert tok.decode([15496, 995]) == "Hello world"
-
-
-def test_matches_transformers_and_tiktoken(tok):
+def test_matches_transformers_and_tiktoken(tokenizer):
     import tiktoken
     from transformers import GPT2TokenizerFast
 
@@ -60,39 +55,39 @@ def test_matches_transformers_and_tiktoken(tok):
     texts = mixed_corpus()
     total = sum(len(t.encode()) for t in texts)
     assert total > 250_000
-    ours = tok.encode_batch(texts)
+    ours = tokenizer.encode_batch(texts)
     for text, ids in zip(texts, ours):
-        assert ids == tok.encode(text)
+        assert ids == tokenizer.encode(text)
         assert ids == hf(text)["input_ids"]
         assert ids == enc.encode_ordinary(text)
-        assert tok.decode(ids) == text
+        assert tokenizer.decode(ids) == text
 
 
-def test_detokenizer_streams_whole_characters(tok):
+def test_detokenizer_streams_whole_characters(tokenizer):
     text = "emoji 👨‍👩‍👧‍👦 and 你好世界, then 🇫🇷!"
-    ids = tok.encode(text)
+    ids = tokenizer.encode(text)
     assert len(ids) > len(text.split())  # multi-byte characters really are split across tokens
-    detok = tok.detokenizer()
+    detok = tokenizer.detokenizer()
     deltas = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(deltas) == text
     for d in deltas:
         assert "\ufffd" not in d
 
 
-def test_detokenizer_equals_decode_on_invalid_tail(tok):
-    ids = tok.encode("你好")[:-1]  # cut inside a character
-    detok = tok.detokenizer()
+def test_detokenizer_equals_decode_on_invalid_tail(tokenizer):
+    ids = tokenizer.encode("你好")[:-1]  # cut inside a character
+    detok = tokenizer.detokenizer()
     streamed = "".join(detok.push(i) for i in ids) + detok.flush()
-    assert streamed == tok.decode(ids)
+    assert streamed == tokenizer.decode(ids)
     assert streamed.endswith("\ufffd")
 
 
-def test_tokenizer_json_and_missing_files(tmp_path, tok):
+def test_tokenizer_json_and_missing_files(tmp_path, tokenizer):
     from transformers import GPT2TokenizerFast
 
     GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir()).save_pretrained(tmp_path / "fast")
     via_json = Tokenizer.from_dir(tmp_path / "fast")
-    assert via_json.encode("Hello world 😀") == tok.encode("Hello world 😀")
+    assert via_json.encode("Hello world 😀") == tokenizer.encode("Hello world 😀")
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match=r"vocab\.json: file not found"):
         Tokenizer.from_dir(tmp_path / "empty")

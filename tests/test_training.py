@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from gpt2lab.checkpoints import load_model
 from gpt2lab.model import GPT2, GPT2Config
-from gpt2lab.tokenizer import Tokenizer
 from gpt2lab.training import DataError, TrainConfig, prepare_data, train
 from gpt2lab.training.checkpoint import CheckpointDir
 from gpt2lab.training.data import split_documents
@@ -41,11 +40,6 @@ def _corpus(tmp_path: Path, name: str = "corpus.txt", repeats: int = 80) -> Path
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.gpt2()
 
 
 # -- data ----------------------------------------------------------------------------------------------

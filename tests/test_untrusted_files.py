@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ from gpt2lab.model import GPT2Config
 from gpt2lab.tokenizer import Tokenizer, gpt2_tokenizer_dir
 
 from .conftest import SHAPES, make_hf_checkpoint
-
-
-@pytest.fixture()
-def ckpt(tmp_path, tiny_checkpoint) -> Path:
-    out = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    return out
 
 
 def _truncate(path: Path) -> None:

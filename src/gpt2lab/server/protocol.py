@@ -14,10 +14,11 @@ any other name is a 400 too, so a misspelt parameter never passes silently.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -26,6 +27,7 @@ from ..sampling import SamplingParams
 # SamplingParams name -> API field, where they differ (chat renames more: see ChatCompletionRequest)
 _PARAMS_TO_API = {"max_new_tokens": "max_tokens", "num_beams": "n"}
 MAX_LIST_ITEMS = 256  # stop_token_ids, bad_words: client-controlled sizes stay bounded
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -79,7 +81,23 @@ def unicode_problem(value: Any) -> str | None:
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 ``invalid_request_error`` naming ``param`` (the request field at fault)."""
     return APIError(400, message, param=param, code=code)
+
+
+def returns_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T | APIError]]:
+    """A serving method that answers a client's mistake with the :class:`APIError` it raised, returned as
+    its result (vLLM's serving methods return an ``ErrorResponse`` likewise): the HTTP layer sends it as
+    is, and a test calls the method without a server."""
+
+    @functools.wraps(method)
+    async def answer(*args: Any, **kwargs: Any) -> T | APIError:
+        try:
+            return await method(*args, **kwargs)
+        except APIError as exc:
+            return exc
+
+    return answer
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -445,4 +463,5 @@ class DetokenizeResponse(BaseModel):
 
 
 def new_id(prefix: str) -> str:
+    """A response id: ``prefix-`` and 32 random hex digits (``cmpl-...``, ``chatcmpl-...``, as OpenAI's)."""
     return f"{prefix}-{uuid.uuid4().hex}"

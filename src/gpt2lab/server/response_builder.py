@@ -1,0 +1,241 @@
+"""Response building: engine outputs (``RequestOutput`` per step) -> OpenAI response objects and stream chunks.
+
+A builder collects one request's choices (choice index = prompt * n + sample): ``add`` each step's
+outputs then ``response()`` for a whole body, or ``first_chunks()``, ``chunks(outputs)`` and
+``usage_chunk()`` for server-sent events (:func:`sse_event`, ending with :data:`SSE_DONE`). The layouts
+are OpenAI's (choices, ``logprobs``, ``usage``) plus vLLM's ``prompt_logprobs``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from . import protocol as p
+
+SSE_DONE = "data: [DONE]\n\n"  # the last event of every stream (OpenAI's)
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying ``payload`` as JSON (non-ASCII text as is, as OpenAI sends it)."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class ResponseBuilder:
+    """Accumulates engine outputs into choices (index = prompt * n + sample), for a whole response
+    (``add`` then ``response``) or as stream chunks (``first_chunks``, ``chunks``, ``usage_chunk``).
+
+    ``gen``: the Generator (its tokenizer names tokens); ``rid``: the response id; ``name``: the served
+    model name; ``count``: choices; ``prompt_tokens``: the prompt tokens of the whole request (usage)."""
+
+    chunk_object = ""
+
+    def __init__(self, gen: Any, rid: str, name: str, count: int, prompt_tokens: int) -> None:
+        self.tok, self.rid, self.name, self.prompt_tokens = gen.tokenizer, rid, name, prompt_tokens
+        self.text = [""] * count
+        self.reason: list[str | None] = [None] * count
+        self.generated = [0] * count
+        self.prompt_logprobs: list[p.PromptLogprobs | None] = [None] * count  # vLLM's prompt_logprobs
+
+    def _index(self, out: Any) -> int:
+        return out.index
+
+    def add(self, outs: list[Any]) -> None:
+        """Take one step's outputs (``RequestOutput`` list) into the whole response."""
+        raise NotImplementedError
+
+    def response(self) -> Any:
+        """The whole response object, once every sequence finished."""
+        raise NotImplementedError
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        """The stream's opening chunks, sent before any token (the echoed prompts; chat's role)."""
+        raise NotImplementedError
+
+    def chunks(self, outs: list[Any]) -> list[dict[str, Any]]:
+        """One step's outputs as stream chunks (one per choice that has something new)."""
+        raise NotImplementedError
+
+    def usage(self) -> p.Usage:
+        """Token counts so far: the prompts', the completions' and their sum."""
+        done = sum(self.generated)
+        return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+    def _keep_prompt_logprobs(self, i: int, out: Any) -> None:
+        """vLLM's layout: one entry per prompt token (the first is null), each keyed by token id and
+        holding the prompt's own token (with its rank) and the top alternatives."""
+        if out.prompt_logprobs is None:
+            return
+        entries: p.PromptLogprobs = [None]
+        for e in out.prompt_logprobs:
+            entry = {str(e.token_id): p.PromptLogprob(logprob=e.logprob, rank=e.rank, decoded_token=e.token)}
+            for rank, (tid, token, value) in enumerate(e.top, 1):
+                entry.setdefault(str(tid), p.PromptLogprob(logprob=value, rank=rank, decoded_token=token))
+            entries.append(entry)
+        self.prompt_logprobs[i] = entries
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """The stream's last chunk with ``stream_options.include_usage``: no choices, the usage."""
+        return {"id": self.rid, "object": self.chunk_object, "created": int(time.time()), "model": self.name,
+                "choices": [], "usage": self.usage().model_dump()}
+
+
+class CompletionResponseBuilder(ResponseBuilder):
+    """``/v1/completions``: ``n`` choices per prompt of ``prompts`` (token ids). ``echo_texts``: each prompt's
+    text, put before its completions (``echo``); ``prompt_lp``: each prompt's scored tokens
+    (:meth:`~gpt2lab.generation.Generator.score`), their logprobs then lead the choice's (``echo`` with
+    ``logprobs``)."""
+
+    chunk_object = "text_completion"
+
+    def __init__(self, gen: Any, rid: str, name: str, n: int, echo_texts: list[str] | None,
+                 prompt_lp: list[list] | None, prompts: list[list[int]]) -> None:
+        super().__init__(gen, rid, name, len(prompts) * n, sum(map(len, prompts)))
+        self.n, self.echo_texts = n, echo_texts
+        self.logprobs: list[p.CompletionLogprobs | None] = [None] * len(self.text)
+        self.offset = [0] * len(self.text)  # text_offset of the next token, per choice
+        for i in range(len(self.text) if echo_texts is not None else 0):
+            self.text[i] = echo_texts[i // n]
+            self.offset[i] = len(self.text[i])
+            if prompt_lp is not None:
+                self.logprobs[i] = self._prompt_logprobs(prompts[i // n], prompt_lp[i // n])
+
+    def _index(self, out: Any) -> int:
+        return int(out.request_id.rsplit("-", 1)[1]) * self.n + out.index
+
+    def _prompt_logprobs(self, ids: list[int], scored: list[Any]) -> p.CompletionLogprobs:
+        first = self.tok.id_to_token(ids[0])  # the first token has no logprob (nothing before it)
+        lp = p.CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        self._extend(lp, scored, len(first))
+        return lp
+
+    @staticmethod
+    def _extend(lp: p.CompletionLogprobs, entries: list[Any], offset: int) -> int:
+        for entry in entries:
+            lp.tokens.append(entry.token)
+            lp.token_logprobs.append(entry.logprob)
+            top = {t: v for _, t, v in entry.top}
+            top.setdefault(entry.token, entry.logprob)  # the chosen token always (up to k + 1 entries, as OpenAI)
+            lp.top_logprobs.append(top)
+            lp.text_offset.append(offset)
+            offset += len(entry.token)
+        return offset
+
+    def _step(self, out: Any) -> tuple[int, p.CompletionLogprobs | None]:
+        i = self._index(out)
+        self.generated[i] += len(out.token_ids)
+        self.reason[i] = out.finish_reason
+        self._keep_prompt_logprobs(i, out)
+        if out.logprobs is None:
+            return i, None
+        lp = p.CompletionLogprobs()
+        self.offset[i] = self._extend(lp, out.logprobs, self.offset[i])
+        return i, lp
+
+    def _chunk(self, choice: p.CompletionChoice) -> dict[str, Any]:
+        return p.CompletionResponse(id=self.rid, model=self.name, choices=[choice]).model_dump()
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        if self.echo_texts is None:
+            return []
+        return [self._chunk(p.CompletionChoice(text=t, index=i, logprobs=lp))
+                for i, (t, lp) in enumerate(zip(self.text, self.logprobs))]
+
+    def chunks(self, outs: list[Any]) -> list[dict[str, Any]]:
+        chunks = []
+        for out in outs:
+            i, lp = self._step(out)
+            if out.text or out.finished or (lp is not None and lp.tokens):
+                chunks.append(self._chunk(p.CompletionChoice(text=out.text, index=i, logprobs=lp,
+                                                             finish_reason=out.finish_reason)))
+        return chunks
+
+    def add(self, outs: list[Any]) -> None:
+        for out in outs:
+            i, lp = self._step(out)
+            self.text[i] += out.text
+            if lp is not None:
+                acc = self.logprobs[i] = self.logprobs[i] or p.CompletionLogprobs()
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(acc, key).extend(getattr(lp, key))
+
+    def response(self) -> p.CompletionResponse:
+        choices = [p.CompletionChoice(text=t, index=i, logprobs=lp, finish_reason=r, prompt_logprobs=plp)
+                   for i, (t, lp, r, plp) in enumerate(zip(self.text, self.logprobs, self.reason,
+                                                           self.prompt_logprobs))]
+        return p.CompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage())
+
+
+class ChatCompletionResponseBuilder(ResponseBuilder):
+    """``/v1/chat/completions``: ``n`` replies to one rendered conversation of ``prompt_tokens`` tokens, in the
+    chat layout ``style``; ``top_logprobs``: alternatives per token when logprobs were asked for.
+
+    The reply's leading space (after ``Bot:``) is dropped; whole replies go through ``clean_reply``."""
+
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int, style: Any,
+                 top_logprobs: int | None = None) -> None:
+        super().__init__(gen, rid, name, n, prompt_tokens)
+        self.style, self.top_n = style, top_logprobs
+        self.logprobs: list[list[p.ChatTokenLogprob] | None] = [None] * n
+
+    def _logprobs(self, out: Any) -> list[p.ChatTokenLogprob] | None:
+        if out.logprobs is None:
+            return None
+        raw = self.tok.token_bytes
+
+        def top(e: Any) -> list[p.TopLogprob]:
+            if not self.top_n:
+                return []
+            alternatives = list(e.top)
+            if all(i != e.token_id for i, _, _ in alternatives):  # the chosen token always: up to k + 1
+                alternatives.append((e.token_id, e.token, e.logprob))
+            return [p.TopLogprob(token=t, logprob=v, bytes=list(raw(i))) for i, t, v in alternatives]
+
+        return [p.ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(raw(e.token_id)), top_logprobs=top(e))
+                for e in out.logprobs]
+
+    def _step(self, out: Any) -> str:
+        self._keep_prompt_logprobs(0, out)  # the conversation's: the same for every choice
+        text = out.text if self.text[out.index] else out.text.lstrip()
+        self.text[out.index] += text
+        self.generated[out.index] += len(out.token_ids)
+        self.reason[out.index] = out.finish_reason
+        return text
+
+    def _chunk(self, choice: p.ChatChunkChoice) -> dict[str, Any]:
+        chunk = p.ChatCompletionChunk(id=self.rid, model=self.name, choices=[choice]).model_dump()
+        chunk["choices"][0]["delta"] = choice.delta.model_dump(exclude_none=True)  # OpenAI omits unset keys
+        return chunk
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [self._chunk(p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content="")))
+                for i in range(len(self.text))]
+
+    def chunks(self, outs: list[Any]) -> list[dict[str, Any]]:
+        chunks = []
+        for out in outs:
+            text, lp = self._step(out), self._logprobs(out)
+            if text or out.finished or lp:
+                chunks.append(self._chunk(p.ChatChunkChoice(
+                    index=out.index, delta=p.ChatDelta(content=text or None), finish_reason=out.finish_reason,
+                    logprobs=p.ChatLogprobs(content=lp) if lp is not None else None)))
+        return chunks
+
+    def add(self, outs: list[Any]) -> None:
+        for out in outs:
+            self._step(out)
+            lp = self._logprobs(out)
+            if lp is not None:
+                self.logprobs[out.index] = (self.logprobs[out.index] or []) + lp
+
+    def response(self) -> p.ChatCompletionResponse:
+        from ..generation.chat_format import clean_reply
+
+        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=clean_reply(t, self.style)),
+                                logprobs=p.ChatLogprobs(content=lp) if lp is not None else None, finish_reason=r)
+                   for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
+        return p.ChatCompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage(),
+                                        prompt_logprobs=self.prompt_logprobs[0])

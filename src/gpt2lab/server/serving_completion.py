@@ -1,0 +1,96 @@
+"""``POST /v1/completions`` (vLLM's ``OpenAIServingCompletion``): prompt(s) in, ``n`` completions each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from ..generation.engine import truncate_prompt_tokens
+from . import limits as lim
+from . import protocol as p
+from .response_builder import CompletionResponseBuilder
+from .serving_engine import Disconnected, OpenAIServing, check_context_length, check_token_ids, sampling_defaults
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """OpenAI's (legacy) completions API with vLLM's extra sampling fields."""
+
+    endpoint = "/v1/completions"
+
+    @p.returns_errors
+    async def create_completion(self, request: p.CompletionRequest, disconnected: Disconnected | None = None,
+                                ) -> p.CompletionResponse | AsyncIterator[str]:
+        """``n`` completions of each prompt of ``request`` (text, texts, token ids or lists of them), as one
+        response or (``stream``) server-sent events, or the APIError (see :class:`OpenAIServing`)."""
+        arrival = time.monotonic()
+        gen = self.generator_for(request)
+        request.check_common()
+        if request.suffix is not None:
+            raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")
+        params = self.check_params(request.sampling_params(request.max_tokens, request.logprobs,
+                                                           resolve=sampling_defaults(gen, DEFAULT_MAX_TOKENS)))
+        max_tokens = params.max_new_tokens
+        if request.best_of is not None and request.best_of != params.n:
+            raise p.invalid(f"best_of must equal n ({params.n}) when given; ranking candidates is not "
+                            "supported", "best_of")
+        check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
+        self.check_capacity(_count_prompts(request.prompt), params)  # before tokenizing any of them
+        # a prompt cut to its last k tokens may be longer than the context: then only the body limit bounds it
+        max_chars = self.models.max_prompt_chars if params.truncate_prompt_tokens is None else None
+        prompts, texts = await run_in_threadpool(_encode_prompts, gen, request.prompt, max_chars)
+        if params.truncate_prompt_tokens is not None:  # vLLM: the prompt is its last k tokens, echo included
+            cut = [truncate_prompt_tokens(ids, params, gen.config.n_positions) for ids in prompts]
+            texts = [t if len(c) == len(ids) else gen.tokenizer.decode(c) for t, c, ids in zip(texts, cut, prompts)]
+            prompts = cut
+        for ids in prompts:
+            check_context_length(len(ids), max_tokens, gen.config.n_positions)
+        echo = bool(request.echo)
+        rid = p.new_id("cmpl")
+        handle = await self.start(prompts, params, rid)
+        prompt_lp = None
+        if echo and request.logprobs is not None:  # prompt logprobs: scored on the model thread between steps
+            top = request.logprobs
+            try:
+                prompt_lp = [await self.scheduler.call(lambda g, ids=ids: g.score(ids, top_n=top)) for ids in prompts]
+            except BaseException:
+                handle.abort()
+                raise
+        builder = CompletionResponseBuilder(gen, rid, self.models.served_name(gen), params.n,
+                                            texts if echo else None, prompt_lp, prompts)
+        return await self.respond(handle, arrival, builder, request.stream, request.stream_options, disconnected)
+
+
+def _count_prompts(prompt: str | list) -> int:
+    return 1 if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else len(prompt)
+
+
+def _encode_prompts(gen: Any, prompt: str | list, max_chars: int | None) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt (a string, strings, token ids, or lists of token ids); a text
+    longer than ``max_chars`` is refused before it is tokenized. Runs on a worker thread."""
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif not prompt:
+        raise p.invalid("prompt is an empty list", "prompt")
+    elif isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    ids, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            if max_chars is not None:
+                lim.check_text(item, max_chars, "prompt", gen.config.n_positions)
+            ids.append(gen.encode_prompt(item))  # "" starts from <|endoftext|>, as GPT-2 was trained
+            texts.append(item)
+        else:
+            if not item:
+                raise p.invalid("prompt holds an empty list of token ids", "prompt")
+            check_token_ids(item, gen.config.vocab_size, "prompt")
+            ids.append(list(item))
+            texts.append(gen.tokenizer.decode(item))
+    return ids, texts
