@@ -274,7 +274,8 @@ def test_templates_see_what_transformers_passes(saved, tmp_path):
               "{% for d in documents or [] %}{{ d['title'] }};{% endfor %}"
               "{{ namespace(a=1).a }}|{{ dict(a=2)['a'] }}")
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = source
+    config["chat_template"] = source + "|{{ pad_token }}|{{ sep_token is defined }}"
+    config["pad_token"] = "<|endoftext|>"  # a fine-tune's usual pad = eos, which transformers passes too
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tok = AutoTokenizer.from_pretrained(folder)
     ours = style_for_model(None, folder).chat_template

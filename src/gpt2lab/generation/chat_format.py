@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..tokenizer import EOS_TOKEN
-from .chat_template import DEFAULT_CHAT_TEMPLATE, DIALOGPT_CHAT_TEMPLATE, ChatTemplate, find_chat_template
+from .chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    DIALOGPT_CHAT_TEMPLATE,
+    ChatTemplate,
+    find_chat_template,
+    special_tokens,
+)
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -63,6 +69,8 @@ class ChatStyle:
     bot_name: str = BOT_NAME
     template: str | None = None
     origin: str | None = field(default=None, compare=False)  # where ``template`` comes from, for its errors
+    # the checkpoint's special tokens (tokenizer_config.json), passed to its template as transformers does
+    special_tokens: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for what, name in (("user name", self.user_name), ("bot name", self.bot_name)):
@@ -86,7 +94,7 @@ class ChatStyle:
         :class:`~gpt2lab.generation.chat_template.ChatTemplate`)."""
         origin = self.origin or ("the chat template" if self.kind == "template" else f"gpt2lab's {self.kind} "
                                                                                        "chat template")
-        return _chat_template(self.source, self.user_name, self.bot_name, origin)
+        return _chat_template(self.source, self.user_name, self.bot_name, origin, self.special_tokens)
 
     @property
     def source(self) -> str:
@@ -117,8 +125,9 @@ class ChatStyle:
 
 
 @lru_cache(maxsize=32)
-def _chat_template(source: str, user_name: str, bot_name: str, origin: str) -> ChatTemplate:
-    return ChatTemplate(source, {"user_name": user_name, "bot_name": bot_name}, origin=origin)
+def _chat_template(source: str, user_name: str, bot_name: str, origin: str,
+                   specials: tuple[tuple[str, str], ...] = ()) -> ChatTemplate:
+    return ChatTemplate(source, {**dict(specials), "user_name": user_name, "bot_name": bot_name}, origin=origin)
 
 
 @dataclass
@@ -154,7 +163,8 @@ def style_for_model(name: str | None = None, path: str | Path | None = None, *, 
     :class:`~gpt2lab.generation.chat_template.ChatTemplateFault` for a template file that cannot be read."""
     own = find_chat_template(path)
     if own is not None:
-        return ChatStyle(kind="template", user_name=user_name, bot_name=bot_name, template=own[0], origin=own[1])
+        return ChatStyle(kind="template", user_name=user_name, bot_name=bot_name, template=own[0], origin=own[1],
+                         special_tokens=tuple(special_tokens(path).items()))
     kind = "dialogpt" if is_dialogpt(name, path) else "transcript"
     return ChatStyle(kind=kind, user_name=user_name, bot_name=bot_name)
 

@@ -213,6 +213,29 @@ def find_chat_template(directory: str | Path | None) -> tuple[str, str] | None:
     return (_bounded(value, config), _origin(config)) if isinstance(value, str) and value.strip() else None
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def special_tokens(directory: str | Path | None) -> dict[str, Any]:
+    """The special tokens ``tokenizer_config.json`` sets (``eos_token``, ``pad_token``, ...), as strings:
+    what transformers' ``apply_chat_template`` passes a template besides its arguments (its
+    ``special_tokens_map``; a token may be written as ``{"content": ...}``). Empty when there is no
+    readable config (GPT-2's ``<|endoftext|>`` defaults then apply)."""
+    config = Path(directory) / TOKENIZER_CONFIG_FILE if directory is not None else None
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8")) if config is not None and config.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+
+    def text(token: Any) -> str | None:
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) else None
+
+    return {key: text(raw[key]) for key in SPECIAL_TOKENS if text(raw.get(key)) is not None}
+
+
 def load_chat_template(directory: str | Path | None) -> str | None:
     """A checkpoint folder's own chat template source (see :func:`find_chat_template`), or None."""
     found = find_chat_template(directory)
