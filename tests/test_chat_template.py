@@ -241,7 +241,7 @@ def test_template_faults_and_refusals_are_told_apart(tmp_path, saved):
                                                     f"{problem}"):
             style_for_model(None, folder).chat_template.probe()
     (folder / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
-    with pytest.raises(ChatTemplateFault, match=r"chat_template\.jinja: not UTF-8 text"):
+    with pytest.raises(ChatTemplateFault, match=r"chat_template\.jinja: cannot be read \(.*not valid UTF-8"):
         style_for_model(None, folder)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import write_file
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class Story:
 
 @dataclass(frozen=True)
 class StoryProgress:
-    """Where a :func:`write_stories` run stands, after each engine step: ``tokens`` of ``total_tokens``
+    """Where a :func:`write_stories` run stands, as its drafts advance: ``tokens`` of ``total_tokens``
     written (all drafts together; a draft that ended early counts as complete), ``finished`` the drafts
     (0-based) that are done."""
 
@@ -74,7 +75,7 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
     story continues that text instead, the premise then only steering it (when empty, the text's
     opening is kept in the window as the premise). ``params`` are the sampling controls (their
     length fields are ignored: ``length`` counts); ``on_text`` receives the first draft's text as it is
-    written, ``on_progress`` a :class:`StoryProgress` after each step. Drafts stop early only at
+    written, ``on_progress`` a :class:`StoryProgress` as the drafts advance. Drafts stop early only at
     ``<|endoftext|>`` (unless ``ignore_eos``) or a stop string.
     """
     from ..generation.engine import sample_seed
@@ -107,14 +108,13 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
     for d in range(drafts):
         seed = None if base.seed is None else (base.seed + d) % 2**63
         states.append(_Draft(d, base.with_(seed=seed), list(body), StopTextStream(tok, base.stop)))
-    engine = generator.engine(max_batch=min(16, drafts))
+    runner = generator.runner(collect=False)  # chunks are submitted as the ones before them finish
 
     def submit(st: _Draft) -> None:
         chunk, keep = _plan_chunk(len(head), len(st.body), length - st.generated, window)
         context = head + (st.body[len(st.body) - keep:] if keep else [])
         seed = None if st.params.seed is None else sample_seed(st.params.seed, st.chunk)
-        engine.add_request(context, st.params.with_(max_new_tokens=chunk, seed=seed),
-                           request_id=f"{st.index}:{st.chunk}")
+        runner.add(context, st.params.with_(max_new_tokens=chunk, seed=seed), request_id=f"{st.index}:{st.chunk}")
         st.chunk += 1
 
     def emit(st: _Draft, delta: str) -> None:
@@ -123,31 +123,31 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
 
     for st in states:
         submit(st)
-    while engine.has_unfinished():
-        for out in engine.step():
-            out.raise_for_error()  # a failed chunk was submitted again, failing again, forever
-            st = states[int(out.request_id.split(":")[0])]
-            if st.finish_reason is not None:
-                continue
-            for token in out.token_ids:
-                if (token == eos and not st.params.ignore_eos) or token in st.params.stop_token_ids:
-                    st.finish_reason = "stop"
-                    break
-                st.body.append(token)
-                st.generated += 1
-                delta, stopped = st.stream.push(token)
-                emit(st, delta)
-                if stopped:  # a stop string, possibly across a chunk boundary the engine did not see
-                    st.finish_reason = "stop"
-                    engine.abort(out.request_id)
-                    break
-            if st.finish_reason is None and out.finished:
-                if st.generated >= length:
-                    st.finish_reason = "length"
-                else:
-                    submit(st)
-            if st.finish_reason is not None:
-                emit(st, st.stream.flush())
+    # on_text runs between the steps: the weights are promised unchanged one step at a time. A failed chunk
+    # raises GenerationFailed (it used to be submitted again, failing again, forever)
+    for out in runner.outputs():
+        st = states[int(out.request_id.split(":")[0])]
+        if st.finish_reason is not None:
+            continue
+        for token in out.token_ids:
+            if (token == eos and not st.params.ignore_eos) or token in st.params.stop_token_ids:
+                st.finish_reason = "stop"
+                break
+            st.body.append(token)
+            st.generated += 1
+            delta, stopped = st.stream.push(token)
+            emit(st, delta)
+            if stopped:  # a stop string, possibly across a chunk boundary the engine did not see
+                st.finish_reason = "stop"
+                runner.abort(out.request_id)
+                break
+        if st.finish_reason is None and out.finished:
+            if st.generated >= length:
+                st.finish_reason = "length"
+            else:
+                submit(st)
+        if st.finish_reason is not None:
+            emit(st, st.stream.flush())
         if on_progress is not None:
             finished = frozenset(st.index for st in states if st.finish_reason is not None)
             on_progress(StoryProgress(sum(length if st.index in finished else st.generated for st in states),
@@ -179,6 +179,5 @@ def save_stories(stories: list[Story], out_dir: str | Path, stem: str = "story")
         while (out / f"{stem}-{n}.txt").exists():
             n += 1
         path = out / f"{stem}-{n}.txt"
-        path.write_text(story.text if story.text.endswith("\n") else story.text + "\n", encoding="utf-8")
-        paths.append(path)
+        paths.append(write_file(path, story.text if story.text.endswith("\n") else story.text + "\n"))
     return paths

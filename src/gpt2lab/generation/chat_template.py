@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
+from ..readers import read_json, read_text
 from ..tokenizer import EOS_TOKEN
 
 if TYPE_CHECKING:
@@ -190,22 +191,25 @@ def find_chat_template(directory: str | Path | None) -> tuple[str, str] | None:
     """A checkpoint folder's own chat template and where it comes from (``"the chat template of PATH"``):
     ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (a string, or the entry
     named ``default`` of a list); None when it has none. :class:`ChatTemplateFault` for a template file
-    that is not UTF-8 text or longer than ``MAX_TEMPLATE_CHARS``."""
+    that cannot be read (not UTF-8 text, binary) or is longer than ``MAX_TEMPLATE_CHARS``."""
     if directory is None:
         return None
     directory = Path(directory)
     jinja_file = directory / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
+        if jinja_file.stat().st_size > 4 * MAX_TEMPLATE_CHARS:  # more bytes than the most characters can take
+            raise ChatTemplateFault(_origin(jinja_file), f"{jinja_file.stat().st_size} bytes, more than "
+                                    f"{MAX_TEMPLATE_CHARS} characters can take")
         try:
-            return _bounded(jinja_file.read_text(encoding="utf-8"), jinja_file), _origin(jinja_file)
-        except UnicodeDecodeError as exc:
-            raise ChatTemplateFault(_origin(jinja_file), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            return _bounded(read_text(jinja_file), jinja_file), _origin(jinja_file)
+        except ValueError as exc:  # the reader's error says where: not UTF-8, binary ...
+            raise ChatTemplateFault(_origin(jinja_file), f"cannot be read ({exc})") from None
     config = directory / TOKENIZER_CONFIG_FILE
     if not config.is_file():
         return None
     try:
-        value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        value = read_json(config, expect=dict).get("chat_template")
+    except ValueError:
         return None  # an unreadable tokenizer_config.json is the tokenizer loader's to report
     if isinstance(value, list):
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
@@ -223,11 +227,9 @@ def special_tokens(directory: str | Path | None) -> dict[str, Any]:
     readable config (GPT-2's ``<|endoftext|>`` defaults then apply)."""
     config = Path(directory) / TOKENIZER_CONFIG_FILE if directory is not None else None
     try:
-        raw = json.loads(config.read_text(encoding="utf-8")) if config is not None and config.is_file() else {}
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    if not isinstance(raw, dict):
-        return {}
+        raw = read_json(config, expect=dict) if config is not None and config.is_file() else {}
+    except ValueError:
+        return {}  # an unreadable tokenizer_config.json is the tokenizer loader's to report
 
     def text(token: Any) -> str | None:
         token = token.get("content") if isinstance(token, dict) else token
