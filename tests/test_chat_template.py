@@ -392,7 +392,8 @@ def test_cli_reports_a_template_fault_in_one_line(tmp_path, saved):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": CONVERSATIONS[1][:3]}) + "\n")
     for source, problem in (("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "it calls itself too deeply"),
-                            ("{% for %}", "not valid Jinja")):
+                            ("{% for %}", "not valid Jinja"),
+                            ("\x00\x01binary", "cannot be read (")):
         template = tmp_path / "t.jinja"
         template.write_text(source)
         result = CliRunner().invoke(app, ["finetune", str(data), "--model", str(saved["chatml"]), "--out",

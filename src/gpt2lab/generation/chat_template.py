@@ -200,13 +200,7 @@ def find_chat_template(directory: str | Path | None) -> tuple[str, str] | None:
     directory = Path(directory)
     jinja_file = directory / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
-        if jinja_file.stat().st_size > 4 * MAX_TEMPLATE_CHARS:  # more bytes than the most characters can take
-            raise ChatTemplateFault(_origin(jinja_file), f"{jinja_file.stat().st_size} bytes, more than "
-                                    f"{MAX_TEMPLATE_CHARS} characters can take")
-        try:
-            return _bounded(read_text(jinja_file), jinja_file), _origin(jinja_file)
-        except ValueError as exc:  # the reader's error says where: not UTF-8, binary ...
-            raise ChatTemplateFault(_origin(jinja_file), f"cannot be read ({exc})") from None
+        return read_template_file(jinja_file), _origin(jinja_file)
     config = directory / TOKENIZER_CONFIG_FILE
     if not config.is_file():
         return None
@@ -218,6 +212,25 @@ def find_chat_template(directory: str | Path | None) -> tuple[str, str] | None:
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
         value = named.get("default")
     return (_bounded(value, config), _origin(config)) if isinstance(value, str) and value.strip() else None
+
+
+def read_template_file(path: str | Path, origin: str | None = None) -> str:
+    """The source of a Jinja template file (``chat_template.jinja``, ``finetune --chat-template``), read
+    as the untrusted input it is: :class:`ChatTemplateFault` naming ``origin`` (default: ``"the chat
+    template of PATH"``) when it cannot be read (missing, not UTF-8 text, binary) or holds more than
+    ``MAX_TEMPLATE_CHARS`` characters."""
+    path = Path(path)
+    origin = origin or _origin(path)
+    try:
+        size = path.stat().st_size
+        if size > 4 * MAX_TEMPLATE_CHARS:  # more bytes than the most characters can take
+            raise ChatTemplateFault(origin, f"{size} bytes, more than {MAX_TEMPLATE_CHARS} characters can take")
+        source = read_text(path)
+    except (OSError, ValueError) as exc:  # the reader's error says where: not UTF-8, binary ...
+        raise ChatTemplateFault(origin, f"cannot be read ({exc})") from None
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateFault(origin, f"{len(source)} characters, more than {MAX_TEMPLATE_CHARS}")
+    return source
 
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
