@@ -18,7 +18,6 @@ from .distributed import (
     model_ref,
     ray_option,
     ray_session,
-    rows_bar,
 )
 from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
 
@@ -70,14 +69,18 @@ def augment(
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),
                         similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots)
+    from ..console import echo, progress_bar
+
     try:  # the bar goes to stderr: stdout is the summary (JSON with --json)
-        with rows_bar("augment", len(dataset.rows)) as advance, user_errors():
+        # errors are printed by user_errors after the bar is gone (a bar redrawn over them would hide them)
+        with user_errors(), progress_bar(len(dataset.rows), "augment") as bar:
             if ray is None:
-                summary = job.run(lambda done, total: advance(done))
+                summary = job.run(lambda done, total: bar.update(done, total))
             else:
-                prompt_kwargs = {"data": str(data.resolve()), "text_column": text_column, "label_column": label_column,
-                                 "per_example": per_example, "methods": method or METHODS,
-                                 "params": job.params, "opening": opening, "shots": shots}
+                prompt_kwargs = {"data": str(data.resolve()), "text_column": text_column,
+                                 "label_column": label_column, "per_example": per_example,
+                                 "methods": method or METHODS, "params": job.params, "opening": opening,
+                                 "shots": shots}
                 with ray_session(ray, "gpt2lab augment --ray") as gray:
                     resources = actor_resources(runtime, actors)
 
@@ -85,19 +88,19 @@ def augment(
                         return gray.data.augment_rows(model_ref(model), start, len(dataset.rows), prompt_kwargs,
                                                       **resources)
 
-                    summary = job.run(lambda done, total: advance(done), generated=generated)
+                    summary = job.run(lambda done, total: bar.update(done, total), generated=generated)
     except typer.Exit as exc:
         if exc.exit_code == 130:
-            print(f"gpt2lab: interrupted; rerun the same command to resume {out}", file=sys.stderr)
+            echo(f"gpt2lab: interrupted; rerun the same command to resume {out}", sys.stderr)
         raise
     if as_json:
-        print(json.dumps(summary.to_dict()))
+        echo(json.dumps(summary.to_dict()))
         return
     filtered = sum(summary.filtered.values())
-    print(f"rows in          {summary.rows_in}" + (f" ({summary.rows_resumed} done by an earlier run)"
-                                                   if summary.rows_resumed else ""))
-    print(f"attempts         {summary.attempts} ({summary.per_example} per row)")
-    print(f"generated, kept  {summary.generated}")
-    print(f"filtered         {filtered}" + "".join(f"\n  {reason:15}{count}" for reason, count in
-                                                   summary.filtered.items() if count))
-    print(f"rows out         {summary.rows_out} -> {summary.output}")
+    echo(f"rows in          {summary.rows_in}" + (f" ({summary.rows_resumed} done by an earlier run)"
+                                                  if summary.rows_resumed else ""))
+    echo(f"attempts         {summary.attempts} ({summary.per_example} per row)")
+    echo(f"generated, kept  {summary.generated}")
+    echo(f"filtered         {filtered}" + "".join(f"\n  {reason:15}{count}" for reason, count in
+                                                  summary.filtered.items() if count))
+    echo(f"rows out         {summary.rows_out} -> {summary.output}")

@@ -7,7 +7,7 @@ extra is found (else one line says which extra to install).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -103,18 +103,6 @@ def actor_resources(runtime: Any, actors: int | None) -> dict[str, Any]:
     return {"device": "cuda" if gpu else "cpu" if runtime.device == "auto" else runtime.device,
             "dtype": load["dtype"], "quantization": load.get("quantization"), "num_gpus": 1 if gpu else 0,
             "actors": actors}
-
-
-@contextmanager
-def rows_bar(label: str, total: int, done: int = 0) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr of rows done (stdout stays for the command's output); yields ``update(done)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("rows", total=total, completed=done)
-        yield lambda n: bar.update(task, completed=n)
 
 
 def no_ray_without(option: str, given: bool) -> None:

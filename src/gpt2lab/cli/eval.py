@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from ..console import echo, print_table
 from .common import fail, load_generator, require_extra, user_errors
 from .distributed import (
     actor_resources,
@@ -19,7 +20,6 @@ from .distributed import (
     model_ref,
     ray_option,
     ray_session,
-    rows_bar,
 )
 from .options import Runtime, model_option, runtime_options
 
@@ -44,7 +44,7 @@ def print_json(record: dict[str, Any]) -> None:
     """One JSON object on stdout (NaN, which JSON lacks, as null)."""
     from ..evaluation.common import json_safe
 
-    print(json.dumps(json_safe(record)))
+    echo(json.dumps(json_safe(record)))
 
 
 @app.command("perplexity")
@@ -78,19 +78,16 @@ def perplexity_cmd(
     if as_json:
         print_json(result.to_dict())
         return
-    from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
     weights = f", {result.quantization}" if result.quantization else ""
-    table = Table(title=f"perplexity of {result.model}{weights} (block {result.block_size}, stride {result.stride})")
-    for column in ("file", "perplexity", "bits/byte", "tokens", "bytes"):
-        table.add_column(column, justify="left" if column == "file" else "right")
     rows = [(doc.name, doc) for doc in result.files]
     if len(result.files) > 1:
-        rows.append(("[bold]all[/bold]", result))
-    for name, r in rows:
-        table.add_row(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
-    Console().print(table)
+        rows.append((Text("all", style="bold"), result))
+    print_table(f"perplexity of {result.model}{weights} (block {result.block_size}, stride {result.stride})",
+                ("file", "perplexity", "bits/byte", "tokens", "bytes"),
+                [(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
+                 for name, r in rows])
 
 
 def _perplexity_on_ray(gen, files: list[Path], model: str | None, address: str, actors: int | None, runtime,
@@ -101,9 +98,11 @@ def _perplexity_on_ray(gen, files: list[Path], model: str | None, address: str, 
     block_size, stride = window_settings(gen.config.n_positions, settings["block_size"], settings["stride"],
                                          settings["batch_tokens"])
     texts, names = [read_text_file(path) for path in files], [str(path) for path in files]
-    with ray_session(address, "gpt2lab eval perplexity --ray") as gray, rows_bar("perplexity", len(texts)) as bar:
+    from ..console import progress_bar
+
+    with ray_session(address, "gpt2lab eval perplexity --ray") as gray, progress_bar(len(texts), "perplexity") as bar:
         scores = gray.data.score_rows(model_ref(model), texts, names, block_size=block_size, stride=stride,
-                                      batch_tokens=settings["batch_tokens"], progress=bar,
+                                      batch_tokens=settings["batch_tokens"], progress=bar.update,
                                       **actor_resources(runtime, actors))
     docs = [document_perplexity(name, *score) for name, score in zip(names, scores)]
     return combine(docs, model=gen.name, block_size=block_size, stride=stride, quantization=gen.quantization)
@@ -136,12 +135,5 @@ def text_cmd(
     if as_json:
         print_json(metrics)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{len(preds)} predictions" + (f", {len(refs)} references" if refs else ""))
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, fmt_value(value))
-    Console().print(table)
+    print_table(f"{len(preds)} predictions" + (f", {len(refs)} references" if refs else ""), ("metric", "value"),
+                [(key, fmt_value(value)) for key, value in metrics.items()])

@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 
 import typer
 
+from ..console import echo, progress_bar, write
 from .common import check_output, fail, load_generator, user_errors
 from .distributed import (
     actor_resources,
@@ -21,7 +22,6 @@ from .distributed import (
     no_ray_without,
     ray_option,
     ray_session,
-    rows_bar,
 )
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 
@@ -52,7 +52,7 @@ def read_prompts(lines: list[str], source: str) -> list[str]:
 def _print_logprobs(logprobs: list) -> None:
     for t in logprobs:
         alternatives = ", ".join(f"{s!r} {v:.3f}" for _, s, v in t.top)
-        print(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
+        echo(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
 
 
 # the seed's recipe: generate_text(prompt, max_length=100, temperature=0.8, top_k=50)
@@ -103,17 +103,18 @@ def generate(
         if out is not None:
             from ..atomic import write_file
 
-            def write(f: BinaryIO) -> None:
-                with rows_bar("generate", len(prompt_list)) as advance:
+            def write_records(f: BinaryIO) -> None:
+                with progress_bar(len(prompt_list), "generate") as bar:
+                    advance = bar.update
                     records = (_ray_records(gen, prompt_list, params, model, ray, actors, runtime, advance)
                                if ray is not None else _records(gen, prompt_list, params, advance))
                     for record in records:
                         f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
-            write_file(out, write)  # the file appears when every prompt is done
+            write_file(out, write_records)  # the file appears when every prompt is done
         elif as_json:
             for record in _records(gen, prompt_list, params):
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+                echo(json.dumps(record, ensure_ascii=False))
         else:
             _stream(gen, prompt_list, params)
 
@@ -170,16 +171,17 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
 
 def _stream(gen, prompts: list[str], params) -> None:
     """Print each prompt with its completions (blank line between them); sample 0 streams live (beams are
-    only known at the end)."""
+    only known at the end). The text is written as :mod:`gpt2lab.console` writes: exactly to a file or a
+    pipe, its control characters escaped on a terminal. Prompt ``k`` is seeded with ``row_seed(seed, k)``."""
     from ..generation.batch import row_params
 
     for k, prompt in enumerate(prompts):
         if k:
-            print()
+            echo()
         for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, row_params(params, k))):
             if j:
-                print()
-                print(prompt + text, flush=True)
+                echo()
+                echo(prompt + text)
             if logprobs:
                 _print_logprobs(logprobs)
 
@@ -190,13 +192,13 @@ def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
 
     runner = gen.runner(num_beams=params.num_beams)
     request_id = runner.add(gen.encode_prompt(prompt), params)
-    print(prompt, end="", flush=True)
+    write(prompt)
     try:
         for out in runner.outputs():
             if out.index == 0 and out.text:
-                print(out.text, end="", flush=True)
+                write(out.text)
     except GenerationFailed:  # the error goes on a line of its own
-        print()
+        echo()
         raise
-    print()
+    echo()
     return [(c.text, c.logprobs) for c in runner.completions(request_id)]

@@ -134,6 +134,7 @@ def serve(
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))
+    _announce_when_ready(app, sock)
     serve_http(app, sock, log_level=log_level, limits=limits)
 
 
@@ -141,8 +142,10 @@ def _serve_on_ray(model: str | None, address: str, host: str, port: int, replica
                   autoscaling: dict | None, app_kwargs: dict) -> None:
     """``gpt2lab serve --replicas``: the app in Ray Serve replicas behind its proxy on ``host:port``, until
     Ctrl-C (then the application and a cluster started here are shut down)."""
+    import sys
     import time
 
+    from ..console import echo
     from .distributed import model_ref, ray_session
 
     with ray_session(address, "gpt2lab serve --replicas") as gray:
@@ -156,11 +159,35 @@ def _serve_on_ray(model: str | None, address: str, host: str, port: int, replica
             serve.start(http_options={"host": host, "port": port})
             serve.run(application, name="gpt2lab", route_prefix="/")
             scale = (f"autoscaling {autoscaling}" if autoscaling else f"{replicas} replica(s)")
-            print(f"gpt2lab: serving {model or 'the default model'} on http://{host}:{port} ({scale}, Ray Serve); "
-                  "Ctrl-C stops", flush=True)
+            echo(f"gpt2lab: serving {model or 'the default model'} on http://{host}:{port} ({scale}, Ray Serve); "
+                 "Ctrl-C stops", sys.stderr)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
         finally:
             serve.shutdown()
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a listening socket (the port it really got, for ``--port 0``)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _announce_when_ready(app, sock: socket.socket) -> None:  # noqa: ANN001 - the FastAPI app
+    """Print ``gpt2lab: serving MODEL on http://HOST:PORT`` on stderr once the model has loaded (it loads on
+    the engine thread when the server starts; the socket already accepts connections)."""
+    import sys
+    import threading
+
+    from ..console import echo
+
+    scheduler, url = app.state.scheduler, url_of(sock)
+
+    def announce() -> None:
+        scheduler.ready.wait()
+        if scheduler.load_error is None:  # a failed load is reported by the server itself
+            echo(f"gpt2lab: serving {scheduler.generator.name} on {url}", sys.stderr)
+
+    threading.Thread(target=announce, name="gpt2lab-announce", daemon=True).start()
