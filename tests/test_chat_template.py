@@ -355,6 +355,14 @@ def test_templates_see_what_transformers_passes(saved, tmp_path):
         for cue in (True, False):
             theirs = tok.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=cue, **kwargs)
             assert ours.render(CONVERSATIONS[1], add_generation_prompt=cue, **kwargs) == theirs, kwargs
+    # a key set to None (OpenAI's content=None, tool_calls=None) is left out, as transformers leaves it out:
+    # templates test `'tool_calls' in message` and would write "None"
+    config["chat_template"] = ("{% for m in messages %}{{ m['role'] }}:{{ 'tool_calls' in m }}:"
+                               "{{ m['content'] if 'content' in m else '-' }};{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": None}]
+    theirs = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False)
+    assert style_for_model(None, folder).chat_template.render(messages) == theirs == "user:False:hi;assistant:False:-;"
 
 
 def _work(source: str, content: str) -> int:
