@@ -16,7 +16,7 @@ import typer
 
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
-from .options import Runtime, process_escapes_all, runtime_options, sampling_options
+from .options import Runtime, allowed_host_option, host_names, process_escapes_all, runtime_options, sampling_options
 
 app = typer.Typer(help="Blind side-by-side ratings, 1-5 ratings and curation of generated text, in the browser.",
                   no_args_is_help=True)
@@ -165,9 +165,10 @@ def serve(
     criteria: str = typer.Option(None, "--criteria", help="Comma-separated rating criteria (default: the review "
                                  "file's)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    allowed_host: list[str] = allowed_host_option(),
 ) -> None:
     """Serve the review page: reviewers judge in the browser; every judgement is appended to --log at once."""
-    from .serve import is_loopback
+    from ..http_guard import is_loopback
 
     if not is_loopback(host) and not allow_remote:
         fail(f"--host {host} is reachable from other machines and the page has no login; add --allow-remote "
@@ -176,6 +177,7 @@ def serve(
         fail(f"--port must be in [0, 65535], got {port}")
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
+    hosts = host_names(host, allowed_host)
     try:
         import uvicorn
 
@@ -192,7 +194,8 @@ def serve(
         if criteria:
             review.criteria = check_criteria(criteria.split(","))
         words = read_blocklist(blocklist) if blocklist else []
-        app_ = create_app(review, log, blocklist=words, similarity=similarity, title=review_file.name)
+        app_ = create_app(review, log, blocklist=words, similarity=similarity, title=review_file.name,
+                          allowed_hosts=hosts)
     if port == 0:  # pick the free port here, so the address printed is the one served
         import socket
 

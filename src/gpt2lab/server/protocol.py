@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from ..http_guard import error_body, printable  # noqa: F401  (error_body: re-exported, the one error body)
 from ..sampling import SamplingParams
 
 # SamplingParams name -> API field, where they differ (chat renames more: see ChatCompletionRequest)
@@ -43,18 +44,6 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    # a message or param may quote the client's text: a lone surrogate in it could not be encoded
-    # as UTF-8 (the error would become a 500), so such characters are written as \udXXX escapes
-    return {"error": {"message": _printable(message), "type": type,
-                      "param": None if param is None else _printable(param), "code": code}}
-
-
-def _printable(text: str) -> str:
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def unicode_problem(value: Any) -> str | None:
     """Where ``value`` (a str, or lists / dicts of them) holds a character that is not valid Unicode
     text (a lone surrogate, which JSON's ``\\ud800`` escapes can carry), or None."""
@@ -70,7 +59,7 @@ def unicode_problem(value: Any) -> str | None:
         for key, item in value.items():
             where = unicode_problem(key) or unicode_problem(item)
             if where:
-                return f"{where} (in key {_printable(repr(key))})"
+                return f"{where} (in key {printable(repr(key))})"
         return None
     if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
         for i, item in enumerate(value):
