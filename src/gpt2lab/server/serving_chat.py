@@ -51,7 +51,7 @@ class OpenAIServingChat(OpenAIServing):
                                                            resolve=sampling_defaults(gen, DEFAULT_CHAT_MAX_TOKENS)))
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
         _check_messages(request.messages, self.limits, self.models.max_prompt_chars, n_pos)
-        chat, style = await run_in_threadpool(_render_chat, gen, request.messages,
+        chat = await run_in_threadpool(_render_chat, gen, request.messages,
                                               n_pos - (max_tokens if max_tokens is not None else 1))
         prompt_ids = truncate_prompt_tokens(chat.token_ids, params, n_pos)
         if max_tokens is None:  # default: as much as fits, at most the checkpoint's or DEFAULT_CHAT_MAX_TOKENS
@@ -61,7 +61,7 @@ class OpenAIServingChat(OpenAIServing):
         rid = p.new_id("chatcmpl")
         handle = await self.start([prompt_ids], params, rid)
         builder = ChatCompletionResponseBuilder(gen, rid, self.models.served_name(gen), params.n, len(prompt_ids),
-                                                style, logprobs)
+                                                logprobs)
         return await self.respond(handle, arrival, builder, request.stream, request.stream_options, disconnected)
 
 
@@ -84,9 +84,9 @@ def _check_messages(messages: list[p.ChatMessage], limits: lim.Limits, max_chars
 _LAYOUT_ROLE = {"developer": "system", "tool": "user"}
 
 
-def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int) -> tuple[Any, Any]:
+def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int) -> Any:
     """The conversation as a prompt rendered by the model's chat template, as ``gpt2lab chat`` renders it
-    (oldest turns dropped to fit ``max_prompt_tokens``, system messages kept), and that layout's style."""
+    (oldest turns dropped to fit ``max_prompt_tokens``, system messages kept): a ChatPrompt."""
     from ..generation import chat_format
 
     try:
@@ -97,6 +97,6 @@ def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int
         if all(m["role"] == "system" for m in plain):
             raise p.invalid("messages needs at least one user or assistant message", "messages")
         style = chat_format.style_for_model(gen.name, gen.path)
-        return chat_format.build_prompt_messages(plain, gen.tokenizer, style, max_prompt_tokens), style
+        return chat_format.build_prompt_messages(plain, gen.tokenizer, style, max_prompt_tokens)
     except ValueError as exc:
         raise p.invalid(str(exc), "messages", "context_length_exceeded" if "fit" in str(exc) else None) from None
