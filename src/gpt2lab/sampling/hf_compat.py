@@ -14,14 +14,24 @@ Fields are taken from ``transformers.GenerationConfig``; each is listed here wit
 - accepted and without effect here: ``pad_token_id`` (gpt2lab never pads), ``bos_token_id``,
   ``decoder_start_token_id``, ``use_cache``, ``transformers_version``, ``_from_model_config``.
 
-Other ``GenerationConfig`` fields in a ``generation_config.json`` (``min_length``, ``diversity_penalty``,
-...) are ignored; as keyword arguments they raise ``TypeError`` like any unknown name.
+Other ``GenerationConfig`` fields in a ``generation_config.json`` or a ``generation_config=`` object
+(``min_length``, ``diversity_penalty``, ...) are ignored with one :class:`GenerationConfigWarning` naming
+them, as transformers ignores flags it cannot use; as keyword arguments they raise ``TypeError`` like
+any unknown name (a misspelt argument is an error, not a warning).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
+
+from ..errors import GPT2LabWarning
+
+
+class GenerationConfigWarning(GPT2LabWarning):
+    """Fields of a generation config (a ``generation_config.json`` or a ``generation_config=`` object) that
+    gpt2lab does not use and ignores."""
 
 # transformers name -> ours, same meaning
 RENAMED = {"num_return_sequences": "n", "min_new_tokens": "min_tokens"}
@@ -58,13 +68,15 @@ def _ids(name: str, value: Any) -> list[int]:
 
 
 def translate(settings: Mapping[str, Any], *, eos_token_id: int | None = None,
-              strict: bool = True, source: str = "generation settings") -> dict[str, Any]:
+              strict: bool = True, source: str = "generation settings", warn: bool = False) -> dict[str, Any]:
     """``settings`` in transformers' and/or gpt2lab's names -> :class:`SamplingParams` keyword arguments.
 
     ``eos_token_id``: the tokenizer's EOS (not repeated as a stop id). ``strict``: names neither ours
-    nor in the mapping raise ``TypeError``; otherwise they are skipped (a ``generation_config.json``
-    holds many fields gpt2lab has no use for). A transformers name and our name for the same
-    control given together raise ``TypeError``.
+    nor in the mapping raise ``TypeError`` (keyword arguments); otherwise they are skipped, as a
+    generation config's are (it may hold fields gpt2lab has no use for), and when both lengths are
+    given ``max_new_tokens`` wins over ``max_length`` (transformers' rule). ``warn``: skipped fields
+    are named in one :class:`GenerationConfigWarning` (from ``source``). A transformers name and our
+    name for the same control given together raise ``TypeError``.
     """
     from .params import SamplingParams
 
@@ -104,6 +116,10 @@ def translate(settings: Mapping[str, Any], *, eos_token_id: int | None = None,
     if unknown and strict:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}; known: "
                         f"{', '.join(SamplingParams.field_names())} and transformers' {', '.join(ALIASES)}")
+    if unknown and warn:
+        # repr: a file's field names are shown as written, control characters escaped
+        warnings.warn(f"{source}: ignoring field(s) gpt2lab does not use: {', '.join(map(repr, sorted(unknown)))}",
+                      GenerationConfigWarning, stacklevel=3)
     if out.get("max_new_tokens") is not None and "max_length" in out and not strict:
         del out["max_length"]  # transformers: max_new_tokens wins over a config's max_length
     return {k: v for k, v in out.items() if v is not None or k in _LENGTH}
