@@ -12,11 +12,14 @@ Fields are taken from ``transformers.GenerationConfig``; each is listed here wit
 - ``eos_token_id`` (an id or a list) -> ``stop_token_ids`` (ids other than the tokenizer's EOS, which
   stops anyway);
 - accepted and without effect here: ``pad_token_id`` (gpt2lab never pads), ``bos_token_id``,
-  ``decoder_start_token_id``, ``use_cache``, ``transformers_version``, ``_from_model_config``.
+  ``decoder_start_token_id``, ``use_cache``, ``transformers_version``, ``_from_model_config``, and what
+  only changes what transformers returns or how it computes (``output_scores``, ``output_attentions``,
+  ``return_dict_in_generate``, ``cache_implementation``, ...).
 
 Other ``GenerationConfig`` fields in a ``generation_config.json`` or a ``generation_config=`` object
 (``min_length``, ``diversity_penalty``, ...) are ignored with one :class:`GenerationConfigWarning` naming
-them, as transformers ignores flags it cannot use; as keyword arguments they raise ``TypeError`` like
+them (unless they hold the value that turns them off: ``min_length: 0``, ``num_beam_groups: 1``, null, ...),
+as transformers ignores flags it cannot use; as keyword arguments they raise ``TypeError`` like
 any unknown name (a misspelt argument is an error, not a warning).
 """
 
@@ -40,7 +43,14 @@ SAME = ("max_new_tokens", "max_length", "temperature", "top_k", "top_p", "min_p"
         "bad_words_ids")
 CONVERTED = ("do_sample", "eos_token_id")
 NO_EFFECT = ("pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version",
-             "_from_model_config")
+             "_from_model_config",
+             # what transformers returns or how it computes, not which tokens it picks
+             "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+             "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+             "low_memory", "prefill_chunk_size")
+# other GenerationConfig fields at the value that turns them off: nothing to warn about
+OFF_VALUES = {"min_length": 0, "num_beam_groups": 1, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+              "encoder_no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "guidance_scale": 1.0}
 # every transformers name this module understands
 HF_NAMES = (*RENAMED, *SAME, *CONVERTED, *NO_EFFECT)
 ALIASES = (*RENAMED, *CONVERTED, *NO_EFFECT)  # the ones that are not also our own names
@@ -116,9 +126,10 @@ def translate(settings: Mapping[str, Any], *, eos_token_id: int | None = None,
     if unknown and strict:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}; known: "
                         f"{', '.join(SamplingParams.field_names())} and transformers' {', '.join(ALIASES)}")
-    if unknown and warn:
+    ignored = [k for k in unknown if settings[k] not in (None, False, [], {}) and OFF_VALUES.get(k, ...) != settings[k]]
+    if ignored and warn:
         # repr: a file's field names are shown as written, control characters escaped
-        warnings.warn(f"{source}: ignoring field(s) gpt2lab does not use: {', '.join(map(repr, sorted(unknown)))}",
+        warnings.warn(f"{source}: ignoring field(s) gpt2lab does not use: {', '.join(map(repr, sorted(ignored)))}",
                       GenerationConfigWarning, stacklevel=3)
     if out.get("max_new_tokens") is not None and "max_length" in out and not strict:
         del out["max_length"]  # transformers: max_new_tokens wins over a config's max_length
