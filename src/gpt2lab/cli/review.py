@@ -61,6 +61,13 @@ def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return out
 
 
+def _is_chat_model(gen: Any) -> bool:
+    """A model with its own chat template (a chat fine-tune, an instruction model): it expects messages."""
+    from ..generation.chat_format import style_for_model
+
+    return style_for_model(gen.name, gen.path).kind == "template"
+
+
 @app.command("make")
 @runtime_options()
 @sampling_options(defaults=MAKE_DEFAULTS, exclude={"n", "logprobs"})
@@ -88,12 +95,22 @@ def make(
     criteria: str = typer.Option("fluency,coherence,relevance", "--criteria", help="Comma-separated rating "
                                  "criteria."),
     samples: int = typer.Option(1, "--samples", help="Completions per prompt and generating source."),
+    chat: bool = typer.Option(None, "--chat/--no-chat", help="Send each prompt to a model as the user's message "
+                              "of a chat and review its replies (default: for models with their own chat "
+                              "template, such as chat fine-tunes)."),
+    system: str = typer.Option(None, "--system", help="The system message of those chats (default: the model's "
+                               "own: a chat fine-tune's is the one it was trained with)."),
     max_items: int = typer.Option(None, "--max-items", help="Keep at most this many items (after shuffling)."),
     sampling: SamplingParams = None,
     runtime: Runtime = None,
 ) -> None:
     """Write a review file: the same prompts completed by two or more hidden sources (or an augment output)."""
+    from ..apps.chat import first_replies
     from ..review import reviewset as rv
+
+    if system is not None and chat is False:
+        fail("--system is the system message of a chat; it cannot be used with --no-chat")
+    system = None if system is None else process_escapes_all([system])[0]
 
     crit = [c for c in criteria.split(",")]
     if augment_file is not None:
@@ -139,8 +156,11 @@ def make(
                     name = Path(model).name if model and Path(model).is_dir() else model
                     label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
                         or gen.name
-                    rows = rv.generate_rows(gen, prompt_list, params, samples)
-                    add(label, rows, {"model": gen.name, "params": _described(params)})
+                    chatting = _is_chat_model(gen) if chat is None else chat
+                    rows = first_replies(gen, prompt_list, params, samples, system=system) if chatting \
+                        else rv.generate_rows(gen, prompt_list, params, samples)
+                    add(label, rows, {"model": gen.name, "params": _described(params),
+                                      **({"chat": True, "system": system} if chatting else {})})
         if len(sources) < 2:
             fail("give two or more sources: --model A --model B, --setting S1 --setting S2, --explore DIR or "
                  "--completions FILE (any mix)")
