@@ -184,7 +184,7 @@ def test_sixteen_concurrent_streams_seeded_equal_alone(model, server, client):
     ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", None),
     ({"prompt": "x", "logit_bias": {"5": 500}}, "logit_bias", None),
     ({"prompt": "x", "top_k": -2}, "top_k", None),
-    ({"prompt": "x", "seed": -1}, "seed", None),
+    ({"prompt": "x", "seed": 2**63}, "seed", None),  # int64: negative seeds are taken, as OpenAI does
     ({"prompt": "x", "n": 200}, "n", None),
     ({"prompt": "x", "suffix": "y"}, "suffix", None),
     ({"prompt": "x", "stop": [""]}, "stop", None),
@@ -203,7 +203,6 @@ def test_bad_completion_requests_are_400_naming_the_field(server, body, param, c
 @pytest.mark.parametrize("body, param", [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "system", "content": "only a persona"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x " * 300}], "max_tokens": 60}, "messages"),

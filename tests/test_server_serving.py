@@ -171,8 +171,8 @@ def test_streamed_chat_opens_with_the_role(state, run):
 
 @pytest.mark.parametrize("fields, param", [
     ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": HELLO, "max_tokens": 3, "max_completion_tokens": 3}, "max_completion_tokens"),
-    ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
+    ({"messages": HELLO, "max_tokens": 3, "max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"messages": HELLO, "functions": [{"name": "f"}]}, "functions"),
     ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
 ])
 def test_bad_chat_request_in_error_object_out(state, fields, param, run):

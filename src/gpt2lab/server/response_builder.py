@@ -27,12 +27,14 @@ class ResponseBuilder:
     (``add`` then ``response``) or as stream chunks (``first_chunks``, ``chunks``, ``usage_chunk``).
 
     ``gen``: the Generator (its tokenizer names tokens); ``rid``: the response id; ``name``: the served
-    model name; ``count``: choices; ``prompt_tokens``: the prompt tokens of the whole request (usage)."""
+    model name; ``count``: choices; ``prompt_tokens``: the prompt tokens of the whole request (usage);
+    ``token_ids``: logprob tokens shown as ``token_id:N``."""
 
     chunk_object = ""
 
-    def __init__(self, gen: Any, rid: str, name: str, count: int, prompt_tokens: int) -> None:
+    def __init__(self, gen: Any, rid: str, name: str, count: int, prompt_tokens: int, token_ids: bool = False) -> None:
         self.tok, self.rid, self.name, self.prompt_tokens = gen.tokenizer, rid, name, prompt_tokens
+        self.token_ids = token_ids
         self.text = [""] * count
         self.reason: list[str | None] = [None] * count
         self.generated = [0] * count
@@ -40,6 +42,10 @@ class ResponseBuilder:
 
     def _index(self, out: Any) -> int:
         return out.index
+
+    def _name(self, token_id: int, token: str) -> str:
+        """A token as logprobs show it: its text, or ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``)."""
+        return f"token_id:{token_id}" if self.token_ids else token
 
     def add(self, outs: list[Any]) -> None:
         """Take one step's outputs (``RequestOutput`` list) into the whole response."""
@@ -90,8 +96,8 @@ class CompletionResponseBuilder(ResponseBuilder):
     chunk_object = "text_completion"
 
     def __init__(self, gen: Any, rid: str, name: str, n: int, echo_texts: list[str] | None,
-                 prompt_lp: list[list] | None, prompts: list[list[int]]) -> None:
-        super().__init__(gen, rid, name, len(prompts) * n, sum(map(len, prompts)))
+                 prompt_lp: list[list] | None, prompts: list[list[int]], *, token_ids: bool = False) -> None:
+        super().__init__(gen, rid, name, len(prompts) * n, sum(map(len, prompts)), token_ids)
         self.n, self.echo_texts = n, echo_texts
         self.logprobs: list[p.CompletionLogprobs | None] = [None] * len(self.text)
         self.offset = [0] * len(self.text)  # text_offset of the next token, per choice
@@ -106,17 +112,18 @@ class CompletionResponseBuilder(ResponseBuilder):
 
     def _prompt_logprobs(self, ids: list[int], scored: list[Any]) -> p.CompletionLogprobs:
         first = self.tok.id_to_token(ids[0])  # the first token has no logprob (nothing before it)
-        lp = p.CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        lp = p.CompletionLogprobs(tokens=[self._name(ids[0], first)], token_logprobs=[None], top_logprobs=[None],
+                                  text_offset=[0])
         self._extend(lp, scored, len(first))
         return lp
 
-    @staticmethod
-    def _extend(lp: p.CompletionLogprobs, entries: list[Any], offset: int) -> int:
+    def _extend(self, lp: p.CompletionLogprobs, entries: list[Any], offset: int) -> int:
         for entry in entries:
-            lp.tokens.append(entry.token)
+            lp.tokens.append(self._name(entry.token_id, entry.token))
             lp.token_logprobs.append(entry.logprob)
-            top = {t: v for _, t, v in entry.top}
-            top.setdefault(entry.token, entry.logprob)  # the chosen token always (up to k + 1 entries, as OpenAI)
+            top = {self._name(i, t): v for i, t, v in entry.top}
+            # the chosen token always (up to k + 1 entries, as OpenAI)
+            top.setdefault(self._name(entry.token_id, entry.token), entry.logprob)
             lp.top_logprobs.append(top)
             lp.text_offset.append(offset)
             offset += len(entry.token)
@@ -178,11 +185,13 @@ class ChatCompletionResponseBuilder(ResponseBuilder):
 
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int,
-                 top_logprobs: int | None = None) -> None:
-        super().__init__(gen, rid, name, n, prompt_tokens)
-        self.top_n = top_logprobs
-        self.replies = [ReplyText() for _ in range(n)]
+    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int, top_logprobs: int | None = None,
+                 *, echo: str = "", token_ids: bool = False, continuing: bool = False) -> None:
+        super().__init__(gen, rid, name, n, prompt_tokens, token_ids)
+        self.top_n, self.echo = top_logprobs, echo
+        # continuing the last message (continue_final_message): its leading whitespace is the reply's own
+        self.replies = [ReplyText(trim_start=not continuing) for _ in range(n)]
+        self.text = [echo] * n  # vLLM's chat echo: the reply starts with the last message's content
         self.logprobs: list[list[p.ChatTokenLogprob] | None] = [None] * n
 
     def _entry(self, e: Any, piece: str | None) -> p.ChatTokenLogprob:
@@ -190,9 +199,11 @@ class ChatCompletionResponseBuilder(ResponseBuilder):
         top alternatives are exactly the ``top_logprobs`` most likely tokens, as OpenAI and vLLM give them
         for chat (the chosen token is not added: that is the legacy completions API's rule)."""
         raw = self.tok.token_bytes
-        top = [p.TopLogprob(token=t, logprob=v, bytes=list(raw(i))) for i, t, v in e.top[:self.top_n or 0]]
+        top = [p.TopLogprob(token=self._name(i, t), logprob=v, bytes=list(raw(i)))
+               for i, t, v in e.top[:self.top_n or 0]]
         token, data = (e.token, raw(e.token_id)) if piece is None else (piece, piece.encode("utf-8"))
-        return p.ChatTokenLogprob(token=token, logprob=e.logprob, bytes=list(data), top_logprobs=top)
+        return p.ChatTokenLogprob(token=self._name(e.token_id, token), logprob=e.logprob, bytes=list(data),
+                                  top_logprobs=top)
 
     def _step(self, out: Any) -> tuple[str, list[p.ChatTokenLogprob] | None]:
         """This step's content delta and the logprob entries now complete."""
@@ -212,7 +223,7 @@ class ChatCompletionResponseBuilder(ResponseBuilder):
         return chunk
 
     def first_chunks(self) -> list[dict[str, Any]]:
-        return [self._chunk(p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content="")))
+        return [self._chunk(p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=self.echo)))
                 for i in range(len(self.text))]
 
     def chunks(self, outs: list[Any]) -> list[dict[str, Any]]:
@@ -243,6 +254,7 @@ class ReplyText:
     """One chat reply's content as the engine's text arrives: the generated text without leading and
     trailing whitespace, given out in order (trailing whitespace is held back until text follows it,
     and dropped at the end), with each token's logprob entry once its text is given out.
+    ``trim_start=False``: the leading whitespace is kept (a continued message's own).
 
     ``push(text, logprobs, finished)`` -> (content delta, [(entry, piece)]): every token keeps its entry;
     ``piece`` is the part of the token's text inside the content when that is not all of it (the reply's
@@ -251,9 +263,10 @@ class ReplyText:
     the deltas join to the content, and so do the entries' texts (pieces, or whole tokens). Entries
     without a ``text_span`` (None) are given out as they come, whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, trim_start: bool = True) -> None:
         self.raw = ""  # the engine's text so far
-        self.start: int | None = None  # where the content starts (the first character that is not a space)
+        # where the content starts (the first character that is not a space; 0 when not trimmed)
+        self.start: int | None = None if trim_start else 0
         self.sent = 0  # the raw text up to here is given out
         self.held: list[Any] = []  # logprob entries whose text is not all given out yet
 

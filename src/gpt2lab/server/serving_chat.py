@@ -34,12 +34,10 @@ class OpenAIServingChat(OpenAIServing):
         gen = self.generator_for(request)
         request.check_common()
         request.check_openai_fields()
-        if request.max_tokens is not None and request.max_completion_tokens is not None:
-            raise p.invalid("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
         if request.top_logprobs is not None and not request.logprobs:
             raise p.invalid("top_logprobs needs logprobs=true", "top_logprobs")
         n_pos = gen.config.n_positions
-        if request.max_completion_tokens is not None:
+        if request.max_completion_tokens is not None:  # the newer name wins over max_tokens (vLLM)
             max_tokens, param_name = request.max_completion_tokens, "max_completion_tokens"
         else:
             max_tokens, param_name = request.max_tokens, "max_tokens"
@@ -51,17 +49,20 @@ class OpenAIServingChat(OpenAIServing):
                                                            resolve=sampling_defaults(gen, DEFAULT_CHAT_MAX_TOKENS)))
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
         _check_messages(request.messages, self.limits, self.models.max_prompt_chars, n_pos)
-        chat = await run_in_threadpool(_render_chat, gen, request.messages,
-                                              n_pos - (max_tokens if max_tokens is not None else 1))
+        chat = await run_in_threadpool(_render_chat, gen, request,
+                                       n_pos - (max_tokens if max_tokens is not None else 1))
         prompt_ids = truncate_prompt_tokens(chat.token_ids, params, n_pos)
         if max_tokens is None:  # default: as much as fits, at most the checkpoint's or DEFAULT_CHAT_MAX_TOKENS
             params = params.with_(max_new_tokens=max(params.min_tokens,
                                                      min(params.max_new_tokens, n_pos - len(prompt_ids))))
         params = params.with_(stop=[*params.stop, *chat.stop])
-        rid = p.new_id("chatcmpl")
+        rid = p.new_id("chatcmpl", request.request_id)
         handle = await self.start([prompt_ids], params, rid)
+        last = request.messages[-1]
+        echoed = last.text() if request.echo and last.role == "assistant" else ""  # vLLM's chat echo
         builder = ChatCompletionResponseBuilder(gen, rid, self.models.served_name(gen), params.n, len(prompt_ids),
-                                                logprobs)
+                                                logprobs, echo=echoed, continuing=bool(request.continue_final_message),
+                                                token_ids=bool(request.return_tokens_as_token_ids))
         return await self.respond(handle, arrival, builder, request.stream, request.stream_options, disconnected)
 
 
@@ -81,22 +82,25 @@ def _check_messages(messages: list[p.ChatMessage], limits: lim.Limits, max_chars
                         "messages", "limit_exceeded")
 
 
-_LAYOUT_ROLE = {"developer": "system", "tool": "user"}
+_LAYOUT_ROLE = {"developer": "system", "tool": "user", "function": "user"}
 
 
-def _render_chat(gen: Any, messages: list[p.ChatMessage], max_prompt_tokens: int) -> Any:
+def _render_chat(gen: Any, request: p.ChatCompletionRequest, max_prompt_tokens: int) -> Any:
     """The conversation as a prompt rendered by the model's chat template, as ``gpt2lab chat`` renders it
-    (oldest turns dropped to fit ``max_prompt_tokens``, system messages kept): a ChatPrompt."""
+    (oldest turns dropped to fit ``max_prompt_tokens``, system messages kept): a ChatPrompt. A conversation
+    of system messages only gets the assistant's first turn (as OpenAI answers it)."""
     from ..generation import chat_format
 
     try:
-        # developer = system (OpenAI's newer name); a tool result is a line on the user's side
+        # developer = system (OpenAI's newer name); a tool (or function) result is a line on the user's side
         plain = [{"role": _LAYOUT_ROLE.get(m.role, m.role),
-                  "content": f"Tool result: {m.text()}" if m.role == "tool" else m.text()} for m in messages]
+                  "content": f"Tool result: {m.text()}" if m.role in ("tool", "function") else m.text()}
+                 for m in request.messages]
         chat_format.from_messages(plain)  # checks roles and contents
-        if all(m["role"] == "system" for m in plain):
-            raise p.invalid("messages needs at least one user or assistant message", "messages")
         style = chat_format.style_for_model(gen.name, gen.path)
-        return chat_format.build_prompt_messages(plain, gen.tokenizer, style, max_prompt_tokens)
+        return chat_format.build_prompt_messages(
+            plain, gen.tokenizer, style, max_prompt_tokens,
+            add_generation_prompt=request.add_generation_prompt is not False and not request.continue_final_message,
+            continue_final_message=bool(request.continue_final_message))
     except ValueError as exc:
         raise p.invalid(str(exc), "messages", "context_length_exceeded" if "fit" in str(exc) else None) from None
