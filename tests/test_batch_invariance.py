@@ -89,6 +89,36 @@ def test_seeds_on_the_bundled_model(quantization):
     check_mixes(gpt2lab.load("shakespeare-gpt2", **kw), 12)
 
 
+def completions(gen, requests: list[tuple[list[int], SamplingParams]], max_batch: int) -> list[list[tuple]]:
+    """Token ids and logprobs of every completion of every request, run through one runner."""
+    runner = gen.runner(max_batch=max_batch)
+    for i, (ids, p) in enumerate(requests):
+        runner.add(ids, p, request_id=str(i))
+    runner.run()
+    return [[(c.token_ids, [e.logprob for e in c.logprobs or []]) for c in runner.completions(str(i))]
+            for i in range(len(requests))]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_beams_are_the_same_alone_or_beside_sampled_rows(tiny_checkpoint, quantization):
+    """Beams are rows of the batch, and each row's logits are bit-identical whatever the batch: a beam
+    request gives the same beams (tokens and logprobs) alone or beside sampled requests that join and
+    leave mid-search (rows moving under it), and the sampled ones give what they give alone."""
+    gen = gpt2lab.load(tiny_checkpoint, **({"quantization": quantization} if quantization else {}))
+    texts = prompts(12, seed=2)
+    beams = [SamplingParams(num_beams=4, n=2, max_new_tokens=12, logprobs=1),
+             SamplingParams(num_beams=3, max_new_tokens=9, length_penalty=0.5, early_stopping=True, logprobs=0),
+             SamplingParams(num_beams=2, n=2, max_new_tokens=14, repetition_penalty=1.2)]
+    requests = []
+    for s, text in enumerate(texts):
+        sampled = params(s, max_new_tokens=3 + s % 9, logprobs=1)
+        requests.append((gen.encode_prompt(text), beams[s // 4] if s % 4 == 1 else sampled))
+    alone = [completions(gen, [r], max(1, r[1].num_beams))[0] for r in requests]
+    assert completions(gen, requests, 16) == alone
+    assert completions(gen, requests[::-1], 9)[::-1] == alone  # another order, fewer rows: beams wait their turn
+
+
 def test_through_the_server_under_concurrent_traffic(tmp_path, tiny_checkpoint):
     """Seeded completions sent 12 at a time to a real ``gpt2lab serve`` (max batch 8): the same text
     as each prompt alone in this process."""

@@ -99,3 +99,53 @@ def test_a_beam_request_that_bans_every_token_fails_instead_of_returning_nothing
     with pytest.raises(RuntimeError, match="every token masked"):
         gen.generate("Hello world", num_beams=3, max_new_tokens=4, bad_words_ids=[[last, t] for t in
                                                                                 range(gen.config.vocab_size)])
+
+
+def _result(completions) -> list:
+    return [(c.token_ids, c.text, c.finish_reason, [e.logprob for e in c.logprobs or []]) for c in completions]
+
+
+def test_beams_are_rows_of_the_batch_beside_sampled_requests(gen):
+    """Beam requests decode in the same steps as sampled ones (their beams are rows of the batch, moved when
+    the rows before them finish) and each request gives what it gives alone: tokens, text and logprobs."""
+    sampled = [(p, SamplingParams(temperature=1.0, top_k=20, seed=s, logprobs=2, ignore_eos=True,
+                                  max_new_tokens=budget))
+               for s, (p, budget) in enumerate([("The king", 3), ("A ship", 14), ("Night", 6), ("Why", 9)])]
+    beams = [("Hello world", SamplingParams(num_beams=4, n=2, max_new_tokens=10, logprobs=1, length_penalty=0.5)),
+             ("Once upon a time", SamplingParams(num_beams=3, max_new_tokens=12, no_repeat_ngram_size=2,
+                                                 repetition_penalty=1.3, stop=["e"]))]
+    requests = [sampled[0], beams[0], sampled[1], sampled[2], beams[1], sampled[3]]
+    alone = [_result(gen.generate(p, params)) for p, params in requests]
+    runner = gen.runner(max_batch=10)
+    widths = []
+    for i, (p, params) in enumerate(requests[:3]):
+        runner.add(gen.encode_prompt(p), params, request_id=str(i))
+    for out in runner.outputs():
+        widths.append(runner.engine.num_running)
+        if out.request_id == "0" and out.finished:  # the others join mid-flight, beams among them
+            for i, (p, params) in enumerate(requests[3:], 3):
+                runner.add(gen.encode_prompt(p), params, request_id=str(i))
+    assert max(widths) >= 1 + 4 + 3  # sampled rows and both beam requests' rows decoded together
+    assert [_result(runner.completions(str(i))) for i in range(len(requests))] == alone
+
+
+def test_a_beam_request_that_fails_or_is_aborted_ends_alone(gen):
+    everything = [[t] for t in range(gen.config.vocab_size)]
+    sampled = SamplingParams(temperature=1.0, top_k=20, seed=3, logprobs=0, ignore_eos=True, max_new_tokens=12)
+    beam = SamplingParams(num_beams=3, n=3, max_new_tokens=10)
+    alone_sampled, alone_beam = _result(gen.generate("The sea", sampled)), _result(gen.generate("A ship", beam))
+    runner = gen.runner(errors="return")
+    runner.add(gen.encode_prompt("The sea"), sampled, request_id="sampled")
+    runner.add(gen.encode_prompt("Hi"), beam.with_(bad_words_ids=everything), request_id="banned")
+    runner.add(gen.encode_prompt("A ship"), beam, request_id="beam")
+    runner.add(gen.encode_prompt("Hello"), beam, request_id="aborted")
+    steps = 0
+    while runner.has_unfinished():
+        runner.step()
+        steps += 1
+        if steps == 4:
+            runner.abort("aborted")
+    assert "every token masked" in runner.error("banned")
+    assert [c.token_ids for c in runner.completions("aborted")] == [[], [], []]
+    assert _result(runner.completions("sampled")) == alone_sampled
+    assert _result(runner.completions("beam")) == alone_beam

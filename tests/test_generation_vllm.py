@@ -98,7 +98,7 @@ def test_truncate_prompt_tokens_and_prompt_logprobs(gen):
         gen.generate(prompt, temperature=0, max_new_tokens=4)[0].text
 
 
-def test_beam_search_between_engine_steps_keeps_running_rows(gen):
+def test_a_beam_request_joining_the_batch_keeps_running_rows(gen):
     long = SamplingParams(temperature=0, max_new_tokens=30, logit_bias={EOS: -100}, logprobs=0)
     alone = gen.generate("Meanwhile", params=long)[0]
     beam = SamplingParams(num_beams=3, n=3, max_new_tokens=8)
@@ -110,7 +110,7 @@ def test_beam_search_between_engine_steps_keeps_running_rows(gen):
     logprobs = []
     steps = 0
     while engine.has_unfinished():
-        if steps == 5:  # mid-generation: the beam search reuses the cache rows of the running request
+        if steps == 5:  # mid-generation: the beams take rows beside the running request and decode with it
             engine.add_request(gen.encode_prompt("It was a dark night"), beam, request_id="beam")
         for out in engine.step():
             texts[(out.request_id, out.index)] = texts.get((out.request_id, out.index), "") + out.text

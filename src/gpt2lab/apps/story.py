@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import write_file
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -94,14 +95,13 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
     for d in range(drafts):
         seed = None if base.seed is None else (base.seed + d) % 2**63
         states.append(_Draft(d, base.with_(seed=seed), list(body), StopTextStream(tok, base.stop)))
-    engine = generator.engine(max_batch=min(16, drafts))
+    runner = generator.runner(collect=False)  # chunks are submitted as the ones before them finish
 
     def submit(st: _Draft) -> None:
         chunk, keep = _plan_chunk(len(head), len(st.body), length - st.generated, window)
         context = head + (st.body[len(st.body) - keep:] if keep else [])
         seed = None if st.params.seed is None else sample_seed(st.params.seed, st.chunk)
-        engine.add_request(context, st.params.with_(max_new_tokens=chunk, seed=seed),
-                           request_id=f"{st.index}:{st.chunk}")
+        runner.add(context, st.params.with_(max_new_tokens=chunk, seed=seed), request_id=f"{st.index}:{st.chunk}")
         st.chunk += 1
 
     def emit(st: _Draft, delta: str) -> None:
@@ -110,31 +110,31 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
 
     for st in states:
         submit(st)
-    while engine.has_unfinished():
-        for out in engine.step():
-            out.raise_for_error()  # a failed chunk was submitted again, failing again, forever
-            st = states[int(out.request_id.split(":")[0])]
-            if st.finish_reason is not None:
-                continue
-            for token in out.token_ids:
-                if (token == eos and not st.params.ignore_eos) or token in st.params.stop_token_ids:
-                    st.finish_reason = "stop"
-                    break
-                st.body.append(token)
-                st.generated += 1
-                delta, stopped = st.stream.push(token)
-                emit(st, delta)
-                if stopped:  # a stop string, possibly across a chunk boundary the engine did not see
-                    st.finish_reason = "stop"
-                    engine.abort(out.request_id)
-                    break
-            if st.finish_reason is None and out.finished:
-                if st.generated >= length:
-                    st.finish_reason = "length"
-                else:
-                    submit(st)
-            if st.finish_reason is not None:
-                emit(st, st.stream.flush())
+    # on_text runs between the steps: the weights are promised unchanged one step at a time. A failed chunk
+    # raises GenerationFailed (it used to be submitted again, failing again, forever)
+    for out in runner.outputs():
+        st = states[int(out.request_id.split(":")[0])]
+        if st.finish_reason is not None:
+            continue
+        for token in out.token_ids:
+            if (token == eos and not st.params.ignore_eos) or token in st.params.stop_token_ids:
+                st.finish_reason = "stop"
+                break
+            st.body.append(token)
+            st.generated += 1
+            delta, stopped = st.stream.push(token)
+            emit(st, delta)
+            if stopped:  # a stop string, possibly across a chunk boundary the engine did not see
+                st.finish_reason = "stop"
+                runner.abort(out.request_id)
+                break
+        if st.finish_reason is None and out.finished:
+            if st.generated >= length:
+                st.finish_reason = "length"
+            else:
+                submit(st)
+        if st.finish_reason is not None:
+            emit(st, st.stream.flush())
     return [Story(text=prefix_text + st.stream.text, new_text=st.stream.text, new_tokens=st.generated,
                   finish_reason=st.finish_reason or "length", seed=st.params.seed, draft=st.index,
                   token_ids=st.body[len(st.body) - st.generated:])
@@ -162,6 +162,5 @@ def save_stories(stories: list[Story], out_dir: str | Path, stem: str = "story")
         while (out / f"{stem}-{n}.txt").exists():
             n += 1
         path = out / f"{stem}-{n}.txt"
-        path.write_text(story.text if story.text.endswith("\n") else story.text + "\n", encoding="utf-8")
-        paths.append(path)
+        paths.append(write_file(path, story.text if story.text.endswith("\n") else story.text + "\n"))
     return paths

@@ -10,7 +10,6 @@ from typing import Any
 
 import typer
 
-from ..jsonl import json_lines
 from .common import fail, load_generator, user_errors
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 
@@ -25,9 +24,11 @@ def read_prompts(lines: list[str], source: str) -> list[str]:
         fail(f"{source}: no prompts (expected one prompt per line, or JSONL with a \"prompt\" field)")
     if not numbered[0][1].lstrip().startswith("{"):
         return [line for _, line in numbered]
+    from ..readers import parse_jsonl
+
     prompts = []
     try:
-        for number, record in json_lines(lines, source):
+        for number, record in parse_jsonl(lines, source):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 fail(f"{source}:{number}: expected a JSON object with a string \"prompt\" field")
             prompts.append(record["prompt"])
@@ -113,16 +114,12 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
 
 
 def _stream(gen, prompts: list[str], params) -> None:
-    """Print each prompt with its completions (blank line between them); sample 0 streams live."""
+    """Print each prompt with its completions (blank line between them); sample 0 streams live (beams are
+    only known at the end)."""
     for k, prompt in enumerate(prompts):
         if k:
             print()
-        if params.num_beams > 1:  # beams are only known at the end
-            completions = [(c.text, c.logprobs) for c in gen.generate(prompt, params)]
-            print(prompt + completions[0][0], flush=True)
-        else:
-            completions = _stream_first(gen, prompt, params)
-        for j, (text, logprobs) in enumerate(completions):
+        for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, params)):
             if j:
                 print()
                 print(prompt + text, flush=True)
@@ -131,20 +128,18 @@ def _stream(gen, prompts: list[str], params) -> None:
 
 
 def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
-    """Run one prompt's ``n`` samples together, printing sample 0 as it comes; return all of them."""
-    engine = gen.engine(max_batch=min(16, params.n))
-    engine.add_request(gen.encode_prompt(prompt), params)
-    texts: list[list[str]] = [[] for _ in range(params.n)]
-    logprobs: list[list] = [[] for _ in range(params.n)]
+    """Run one prompt's ``n`` samples (or beams) together, printing sample 0 as it comes; return all of them."""
+    from ..errors import GenerationFailed
+
+    runner = gen.runner(num_beams=params.num_beams)
+    request_id = runner.add(gen.encode_prompt(prompt), params)
     print(prompt, end="", flush=True)
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.error is not None:  # printed nothing more and exited 0, as if the completion were empty
-                print()
-                out.raise_for_error()
-            texts[out.index].append(out.text)
-            logprobs[out.index] += out.logprobs or []
+    try:
+        for out in runner.outputs():
             if out.index == 0 and out.text:
                 print(out.text, end="", flush=True)
+    except GenerationFailed:  # the error goes on a line of its own
+        print()
+        raise
     print()
-    return [("".join(t), lp) for t, lp in zip(texts, logprobs)]
+    return [(c.text, c.logprobs) for c in runner.completions(request_id)]

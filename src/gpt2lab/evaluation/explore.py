@@ -137,27 +137,21 @@ def explore(prompts: str | Sequence[str], model: ModelLike = None, *,
     encoded = [gen.encode_prompt(p) for p in prompt_list]
 
     total = len(settings) * len(prompt_list) * samples
-    engine = gen.engine(max_batch=min(max_batch, total))
-    for s, setting in enumerate(settings):  # every request is validated before any work starts
+    runner = gen.runner(max_batch=min(max_batch, total))
+    for s, setting in enumerate(settings):  # every request is checked before any work starts
         params = SamplingParams(temperature=setting.temperature, top_k=setting.top_k, top_p=setting.top_p,
                                 max_length=max_length, n=samples, seed=seed)
         for p, ids in enumerate(encoded):
-            engine.add_request(ids, params, request_id=f"{s}/{p}")
-    token_ids: dict[tuple[str, int], list[int]] = {}
-    pieces: dict[tuple[str, int], list[str]] = {}
+            runner.add(ids, params, request_id=f"{s}/{p}", source=f"setting/prompt {s}/{p}")
     with progress_bar(total, "sampling", progress) as advance:
-        while engine.has_unfinished():
-            for o in engine.step():
-                o.raise_for_error(f"setting/prompt {o.request_id}")  # it was scored as an empty continuation
-                token_ids.setdefault((o.request_id, o.index), []).extend(o.token_ids)
-                pieces.setdefault((o.request_id, o.index), []).append(o.text)
-                if o.finished:
-                    advance(1)
+        runner.run(lambda out: advance(1) if out.finished else None)
+    completions = {(s, p): runner.completions(f"{s}/{p}") for s in range(len(settings))
+                   for p in range(len(prompt_list))}
 
     # (setting, prompt, sample) in order; one batched scoring pass over all of them
     keys = [(s, p, j) for s in range(len(settings)) for p in range(len(prompt_list)) for j in range(samples)]
-    ids = [token_ids.get((f"{s}/{p}", j), []) for s, p, j in keys]
-    texts = ["".join(pieces.get((f"{s}/{p}", j), [])) for s, p, j in keys]
+    ids = [completions[(s, p)][j].token_ids for s, p, j in keys]
+    texts = [completions[(s, p)][j].text for s, p, j in keys]
     if scorer is gen:
         scored = score_continuations(gen, [encoded[p] for _, p, _ in keys], ids, progress=progress)
     else:  # another tokenizer, perhaps: score the text

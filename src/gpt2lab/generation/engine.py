@@ -4,20 +4,26 @@ Every running sequence owns one row of the cache; rows ``0..n-1`` are always the
 finished sequence's row is refilled by moving the last row into it), so a decode step is one forward
 over ``rows=slice(0, n)``. Sequences of different lengths share a batch without padding: a row's
 token at position ``p`` sits in cache slot ``p`` and each row decodes at its own position. New
-requests are admitted between steps with one right-padded prefill of all their prompts.
+requests are admitted between steps with one right-padded prefill of all their prompts, first come
+first served (a request that needs more rows than are free waits, and so do the ones behind it).
 
-Each sequence samples with its own ``torch.Generator`` (seeded from the request's seed and the
+Each sampled sequence samples with its own ``torch.Generator`` (seeded from the request's seed and the
 sample index), so a seeded request gives the same text whether it runs alone or in a batch.
 
-Beam search (``num_beams > 1``) is not batched: a beam request runs whole, between two steps, on
-the same static cache; the running sequences' cache rows are saved before and put back after.
+Beam search (``num_beams > 1``) is part of the same step: a beam request takes ``num_beams`` rows (its
+prompt prefilled once and the row copied), each step's one decode forward covers sampled rows and beam
+rows together, then each beam request does transformers' selection step on its rows' logits
+(:class:`~.beam_scorer.BeamSearch`) and moves its rows' KV cache to follow the beams it kept. Its rows
+move like any other when others finish; its ``n`` best beams come out, whole, when the search ends.
 
 One request's fault ends only that request. Everything that can be checked against the model is
 checked by :meth:`Engine.add_request`, before any work (``ValueError`` naming the field). If a
-step still raises in the per-row work (logits transforms, sampling, detokenizing) or in a prefill,
-the rows are retried one by one and only the ones that fail alone end, with ``finish_reason
-"error"`` and ``RequestOutput.error``; the batch goes on. Only a fault of the batched decode
-forward itself (out of memory, a broken model) is not attributable: ``step()`` raises it.
+step still raises in the per-row work (logits transforms, sampling, a beam selection step,
+detokenizing) or in a prefill, the rows are retried one request at a time and only the ones that fail
+alone end, with ``finish_reason "error"`` and ``RequestOutput.error``; the batch goes on. Only a fault of
+the batched decode forward itself (out of memory, a broken model) is not attributable: ``step()`` raises it.
+
+:class:`~.runner.Runner` is the loop that drives an engine for one caller (submit, step, collect).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from ..model import GPT2
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..sampling.pipeline import bad_words_ids
 from ..tokenizer import Tokenizer
+from .beam_scorer import BeamSearch
 from .outputs import RequestOutput, TokenLogprob, token_logprobs
 from .stopping import SequenceText
 
@@ -85,6 +92,8 @@ class _Sequence:
     """One sample of one request: its tokens, sampler state and cache row."""
 
     _uids = itertools.count()
+    group = None  # a sampled sequence is its own unit of admission (a beam row belongs to a _BeamGroup)
+    width = 1  # cache rows it takes
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
                  budget: int, tokenizer: Tokenizer, device: torch.device, eos_token_id: int | None,
@@ -92,6 +101,7 @@ class _Sequence:
         self.uid = next(self._uids)  # identifies the batch composition for the cached LogitsPipeline
         self.request_id, self.index, self.params, self.budget = request_id, index, params, budget
         self.prompt_ids = prompt_ids
+        self.max_len = len(prompt_ids) + budget
         self.output_ids: list[int] = []
         self.row = -1
         self.text = SequenceText(tokenizer, params, eos_token_id)
@@ -101,13 +111,63 @@ class _Sequence:
             self.generator = torch.Generator(device=device).manual_seed(sample_seed(params.seed, index))
 
     @property
+    def rows(self) -> tuple[_Sequence]:
+        return (self,)
+
+    @property
     def history(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        """The token this sequence feeds to the next decode step."""
+        return self.output_ids[-1]
 
     @property
     def cached(self) -> int:
         """Tokens already in the KV cache (all but the last sampled one)."""
         return len(self.prompt_ids) + len(self.output_ids) - 1
+
+
+class _BeamRow:
+    """One beam of a beam request: a row of the running batch whose token the request's search picks."""
+
+    def __init__(self, group: _BeamGroup, beam: int) -> None:
+        self.group, self.beam, self.request_id = group, beam, group.request_id
+        self.prompt_ids, self.max_len = group.search.prompt_ids, group.max_len  # the group's one prompt list
+        self.row = -1
+
+    @property
+    def last_token(self) -> int:
+        return self.group.search.next_tokens[self.beam]
+
+    @property
+    def cached(self) -> int:
+        return self.group.search.cached
+
+
+class _BeamGroup:
+    """A beam request: its search (:class:`BeamSearch`) and its ``num_beams`` rows, admitted together."""
+
+    def __init__(self, request_id: str, search: BeamSearch, budget: int,
+                 prompt_logprobs: list[TokenLogprob] | None) -> None:
+        self.request_id, self.search, self.prompt_logprobs = request_id, search, prompt_logprobs
+        self.params = search.params
+        self.index = 0  # the index a fault of the whole request is reported under
+        self.prompt_ids, self.max_len, self.width = search.prompt_ids, len(search.prompt_ids) + budget, \
+            search.params.num_beams
+        self.rows = [_BeamRow(self, b) for b in range(self.width)]
+
+
+def _take(logits: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """``logits[index]``: a view when the rows are consecutive (they usually are), else a copy."""
+    if index == list(range(index[0], index[0] + len(index))):
+        return logits[index[0]:index[0] + len(index)]
+    return logits[index]
+
+
+_Unit = _Sequence | _BeamGroup  # what is admitted at once: a sampled sequence, or a beam request's rows
+_Row = _Sequence | _BeamRow  # what holds a row of the running batch
 
 
 class Engine:
@@ -123,10 +183,10 @@ class Engine:
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id)
         self.device = model.wte.weight.device
         self._decodable = min(tokenizer.vocab_size, model.config.vocab_size)
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # _running[i].row == i
+        self._waiting: deque[_Unit] = deque()
+        self._running: list[_Row] = []  # _running[i].row == i
+        self._groups: list[_BeamGroup] = []  # the running beam requests (their rows are in _running)
         self._ready: list[RequestOutput] = []  # finished before running (zero budget)
-        self._beams: deque[tuple[str, list[int], SamplingParams, list[TokenLogprob] | None]] = deque()
         self._ids = itertools.count()
         self._pipeline_key: tuple[int, ...] = ()
         self._pipeline: LogitsPipeline | None = None
@@ -134,14 +194,16 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
+        """Rows of the running batch (a beam request counts its ``num_beams`` rows)."""
         return len(self._running)
 
     @property
     def num_waiting(self) -> int:
+        """Sampled sequences and beam requests waiting for rows."""
         return len(self._waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running or self._ready or self._beams)
+        return bool(self._waiting or self._running or self._ready)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue ``params.n`` samples of a prompt (or, with ``num_beams > 1``, a beam search returning
@@ -152,22 +214,24 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         prompt_lp = self._prompt_logprobs(prompt_ids, params.prompt_logprobs) \
             if params.prompt_logprobs is not None else None
-        if params.num_beams > 1:
-            self._beams.append((request_id, prompt_ids, params, prompt_lp))
-            return request_id
-        for index in range(params.n):
-            if budget == 0:
-                self._ready.append(RequestOutput(request_id, index, [], "", True, "length",
-                                                 [] if params.logprobs is not None else None, prompt_lp))
-            else:
-                self._waiting.append(_Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer,
-                                               self.device, self.eos_token_id, prompt_lp))
+        if budget == 0:
+            self._ready += [RequestOutput(request_id, index, [], "", True, "length",
+                                          [] if params.logprobs is not None else None, prompt_lp)
+                            for index in range(params.n)]
+        elif params.num_beams > 1:
+            search = BeamSearch(prompt_ids, params, budget, self.tokenizer, self._decodable, self.eos_token_id,
+                                self.device)
+            self._waiting.append(_BeamGroup(request_id, search, budget, prompt_lp))
+        else:
+            self._waiting += [_Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer,
+                                        self.device, self.eos_token_id, prompt_lp) for index in range(params.n)]
         return request_id
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Check a request against this model (``add_request`` does): the prompt's token ids, the ids in
-        ``logit_bias`` and ``stop_token_ids``, the tokens ``bad_words`` encode to, and the length
-        (prompt + new tokens vs ``n_positions``). Raises ValueError naming the field; does no work."""
+        ``logit_bias`` and ``stop_token_ids``, the tokens ``bad_words`` encode to, the length (prompt + new
+        tokens vs ``n_positions``) and ``num_beams`` (its beams are rows: at most ``max_batch``). Raises
+        ValueError naming the field; does no work."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         vocab = self.model.config.vocab_size
@@ -181,6 +245,9 @@ class Engine:
             if bad is not None:
                 raise ValueError(f"bad_words holds {word!r}, whose token id {bad} is outside the model's "
                                  f"vocabulary [0, {vocab - 1}]")
+        if params.num_beams > self.max_batch:
+            raise ValueError(f"num_beams ({params.num_beams}) is more than the {self.max_batch} sequences this "
+                             "engine decodes together (max_batch): each beam is a row of the batch")
         fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
 
     @torch.inference_mode()
@@ -194,52 +261,48 @@ class Engine:
 
     @torch.inference_mode()  # the cache rows it moves are inference tensors
     def abort(self, request_id: str) -> None:
-        """Drop every sample of a request, waiting or running (no further output for it)."""
-        self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
+        """Drop every sample (or beam) of a request, waiting or running (no further output for it)."""
+        self._waiting = deque(u for u in self._waiting if u.request_id != request_id)
         self._ready = [o for o in self._ready if o.request_id != request_id]
-        self._beams = deque(b for b in self._beams if b[0] != request_id)
-        for seq in [s for s in self._running if s.request_id == request_id]:
-            self._release(seq)
+        self._groups = [g for g in self._groups if g.request_id != request_id]
+        for row in [r for r in self._running if r.request_id == request_id]:
+            self._release(row)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Decode one token for every running sequence, then admit waiting ones with one prefill."""
+        """Decode one token for every running row (sampled sequences and beams), then admit waiting
+        requests with one prefill."""
         outputs, self._ready = self._ready, []
-        if self._beams:  # one beam search per step, so sampled requests keep moving in between
-            beam = self._beams.popleft()
-            try:
-                outputs += self._beam_search(*beam)
-            except Exception as exc:  # noqa: BLE001 - a fault of this request's: it alone ends
-                outputs.append(RequestOutput(beam[0], 0, [], "", True, "error", None,
-                                             error=f"{type(exc).__name__}: {exc}"))
         if self._running:
-            seqs = list(self._running)
-            logits = runtime.decode(self.model, [s.output_ids[-1] for s in seqs], [s.cached for s in seqs])
-            outputs += self._advance(seqs, logits)
+            rows = list(self._running)
+            logits = runtime.decode(self.model, [r.last_token for r in rows], [r.cached for r in rows])
+            outputs += self._advance(rows, logits)
         free = self.max_batch - len(self._running)
-        if self._waiting and free > 0:
-            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        if self._waiting and free >= self._waiting[0].width:
+            new = []
+            while self._waiting and self._waiting[0].width <= free:  # first come, first served
+                free -= self._waiting[0].width
+                new.append(self._waiting.popleft())
             outputs += self._admit(new)
         return outputs
 
     # -- fault isolation ----------------------------------------------------------------------
-    def _admit(self, seqs: list[_Sequence]) -> list[RequestOutput]:
-        """Prefill ``seqs``; if that raises, retry them one by one: only those that fail alone end."""
+    def _admit(self, units: list[_Unit]) -> list[RequestOutput]:
+        """Prefill ``units``; if that raises, retry them one by one: only those that fail alone end."""
         try:
-            return self._prefill(seqs)
-        except Exception as exc:  # noqa: BLE001 - attributed below, one sequence at a time
-            for seq in seqs:  # free the rows they took (their cache contents are discarded)
-                if seq.row >= 0:
-                    self._release(seq)
-            if len(seqs) == 1:
-                return [self._failed(seqs[0], exc)]
+            return self._prefill(units)
+        except Exception as exc:  # noqa: BLE001 - attributed below, one request at a time
+            for unit in units:  # free the rows they took (their cache contents are discarded)
+                self._drop(unit)
+            if len(units) == 1:
+                return [self._failed(units[0], exc)]
         self._pipeline_key, self._pipeline = (), None
-        return [out for seq in seqs for out in self._admit([seq])]
+        return [out for unit in units for out in self._admit([unit])]
 
-    def _failed(self, seq: _Sequence, exc: BaseException) -> RequestOutput:
-        """The last output of a sequence stopped by a fault of its own (its row is already free)."""
-        return RequestOutput(seq.request_id, seq.index, [], "", True, "error",
-                             [] if seq.params.logprobs is not None else None,
+    def _failed(self, unit: _Sequence | _BeamGroup, exc: BaseException) -> RequestOutput:
+        """The last output of a sequence (or beam request) stopped by a fault of its own (its rows are free)."""
+        return RequestOutput(unit.request_id, unit.index, [], "", True, "error",
+                             [] if unit.params.logprobs is not None else None,
                              error=f"{type(exc).__name__}: {exc}")
 
     def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int | BaseException]:
@@ -258,27 +321,10 @@ class Engine:
         return tokens
 
     # -- internals ----------------------------------------------------------------------------
-    def _beam_search(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     prompt_lp: list[TokenLogprob] | None) -> list[RequestOutput]:
-        """Run a whole beam search on the shared cache, keeping the running rows' contents."""
-        from .beam import beam_search
-
-        n = len(self._running)
-        saved = []
-        if n:
-            length = max(len(s.prompt_ids) + len(s.output_ids) for s in self._running)
-            saved = [(c.k[:n, :, :length].clone(), c.v[:n, :, :length].clone()) for c in self.model.caches()]
-        try:
-            beams = beam_search(self.model, self.tokenizer, prompt_ids, params, eos_token_id=self.eos_token_id)
-        finally:
-            for cache, (k, v) in zip(self.model.caches(), saved):
-                cache.k[:n, :, :k.shape[2]] = k
-                cache.v[:n, :, :v.shape[2]] = v
-        return [RequestOutput(request_id, c.index, c.token_ids, c.text, True, c.finish_reason, c.logprobs,
-                              prompt_lp if i == 0 else None) for i, c in enumerate(beams)]
-
-    def _prefill(self, seqs: list[_Sequence]) -> list[RequestOutput]:
-        # The samples of one request share its prompt (the same list): prefill it once, copy the cache row.
+    def _prefill(self, units: list[_Unit]) -> list[RequestOutput]:
+        # The samples (or beams) of one request share its prompt (the same list): prefill it once, copy the row.
+        seqs: list[_Row] = [row for unit in units for row in unit.rows]
+        self._groups += [u for u in units if isinstance(u, _BeamGroup)]
         firsts: dict[int, int] = {}
         for i, seq in enumerate(seqs):
             firsts.setdefault(id(seq.prompt_ids), i)
@@ -286,7 +332,7 @@ class Engine:
         unique = sorted((seqs[i] for i in lead), key=lambda s: len(s.prompt_ids))  # similar lengths together
         seqs = unique + [s for i, s in enumerate(seqs) if i not in lead]
         start = len(self._running)
-        self._ensure_cache(start + len(seqs), max(len(s.prompt_ids) + s.budget for s in seqs + self._running))
+        self._ensure_cache(start + len(seqs), max(s.max_len for s in seqs + self._running))
         for i, seq in enumerate(seqs):
             seq.row = start + i
         self._running += seqs
@@ -304,7 +350,7 @@ class Engine:
                 cache.copy_row(start + source[id(seq.prompt_ids)], seq.row, len(seq.prompt_ids))
         return self._advance(seqs, logits[[source[id(s.prompt_ids)] for s in seqs]])
 
-    def _forward_prompts(self, seqs: list[_Sequence], first_row: int) -> torch.Tensor:
+    def _forward_prompts(self, seqs: list[_Row], first_row: int) -> torch.Tensor:
         """Prefill prompts into cache rows ``first_row...``; next-token logits ``[len(seqs), V]``."""
         lens = [len(s.prompt_ids) for s in seqs]
         width = max(lens)
@@ -341,7 +387,27 @@ class Engine:
             self._pipeline_key = key
         return self._pipeline(logits, [s.history for s in seqs], [len(s.prompt_ids) for s in seqs])
 
-    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[RequestOutput]:
+        """Advance every row by one token (``logits [len(rows), V]``, row ``i`` for ``rows[i]``): sampled
+        sequences sample theirs, each beam request selects its beams."""
+        if not self._groups:  # sampled rows only
+            return self._sample(rows, logits)
+        sampled: list[int] = []
+        beams: dict[int, list[int]] = {}  # id(group) -> the index in rows of each of its beams
+        for i, row in enumerate(rows):
+            if row.group is None:
+                sampled.append(i)
+            else:
+                beams.setdefault(id(row.group), [0] * row.group.width)[row.beam] = i
+        # each group's logits are taken before any row moves (a finishing sequence's row is refilled)
+        searches = [(row.group, _take(logits, beams[id(row.group)])) for row in rows
+                    if row.group is not None and row.beam == 0]
+        outputs = self._sample([rows[i] for i in sampled], _take(logits, sampled)) if sampled else []
+        for group, group_logits in searches:
+            outputs += self._beam_step(group, group_logits)
+        return outputs
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         """Sample one token for each sequence (``logits [B, V]``), apply stopping, emit outputs."""
         logits = logits.float()
         if self._decodable < logits.shape[-1]:  # padded embedding rows: ids the tokenizer cannot decode
@@ -365,6 +431,41 @@ class Engine:
                 outputs.append(self._failed(seq, exc))
         return outputs
 
+    def _beam_step(self, group: _BeamGroup, logits: torch.Tensor) -> list[RequestOutput]:
+        """One selection step of a beam request (``logits [num_beams, V]``): its rows' cache follows the
+        beams it keeps; when the search ends, its rows are freed and its ``n`` best beams come out."""
+        try:
+            if not group.search.step(logits):
+                if group.search.reordered:
+                    self._reorder_rows(group)
+                return []
+            outputs = group.search.outputs(self.model, group.request_id, group.prompt_logprobs)
+        except Exception as exc:  # noqa: BLE001 - this request's own fault: it alone ends
+            self._drop(group)
+            return [self._failed(group, exc)]
+        self._drop(group)
+        return outputs
+
+    def _reorder_rows(self, group: _BeamGroup) -> None:
+        """Move a beam request's cache rows after its selection step: new beam ``i`` continues old beam
+        ``reorder[i]`` (transformers' ``_reorder_cache``), over the slots its beams have cached."""
+        rows = [r.row for r in group.rows]
+        index = torch.tensor(rows, device=self.device)
+        target: slice | torch.Tensor = slice(rows[0], rows[0] + len(rows)) \
+            if rows == list(range(rows[0], rows[0] + len(rows))) else index
+        source, length = index[group.search.reorder], group.search.cached
+        for cache in self.model.caches():
+            cache.k[target, :, :length] = cache.k[source, :, :length]
+            cache.v[target, :, :length] = cache.v[source, :, :length]
+
+    def _drop(self, unit: _Unit) -> None:
+        """Free the rows a unit holds (a beam request leaves the running groups)."""
+        if isinstance(unit, _BeamGroup) and unit in self._groups:
+            self._groups.remove(unit)
+        for row in unit.rows:
+            if row.row >= 0:
+                self._release(row)
+
     def _emit(self, seq: _Sequence, token: int, raw_lp: torch.Tensor | None) -> RequestOutput:
         """Append ``token`` to ``seq``, apply stopping, free its row when it finishes."""
         seq.output_ids.append(token)
@@ -381,13 +482,13 @@ class Engine:
             self._release(seq)
         return output
 
-    def _release(self, seq: _Sequence) -> None:
-        """Free a finished sequence's row, moving the last running row into it."""
+    def _release(self, seq: _Row) -> None:
+        """Free a finished row, moving the last running row into it."""
         row = seq.row
         last = self._running.pop()
         if last is not seq:
             for cache in self.model.caches():
-                cache.copy_row(last.row, row, len(last.prompt_ids) + len(last.output_ids))
+                cache.copy_row(last.row, row, last.cached + 1)
             last.row = row
             self._running[row] = last
         seq.row = -1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -16,11 +15,12 @@ from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
 from ..model import GPT2, GPT2Config, check_quantization
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
-from ..runtime import unchanged_weights
+from ..readers import read_json
 from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
 from .outputs import Completion, TokenLogprob, token_logprobs
+from .runner import ErrorMode, Runner, max_batch_for
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, directory: Path | None = None) -> torch.dtype | None:
@@ -34,12 +34,9 @@ def read_generation_config(directory: Path | None) -> dict[str, Any]:
     if path is None or not path.is_file():
         return {}
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+        return read_json(path, expect=dict)
+    except (ValueError, OSError) as exc:  # the reader's message names the file and the problem
+        raise CheckpointError(str(exc)) from None
 
 
 class Generator:
@@ -97,9 +94,20 @@ class Generator:
         return self.model(ids[None])[0].float()
 
     # -- generation ---------------------------------------------------------------------------
-    def engine(self, max_batch: int = 16) -> Engine:
-        """A continuous-batching :class:`Engine` over this model (one at a time: they share the KV cache)."""
-        return Engine(self.model, self.tokenizer, max_batch=max_batch)
+    def engine(self, max_batch: int | None = None) -> Engine:
+        """A continuous-batching :class:`Engine` over this model (one at a time: they share the KV cache);
+        ``max_batch`` sequences decode together (default: :func:`~.runner.max_batch_for` this device)."""
+        return Engine(self.model, self.tokenizer, max_batch=max_batch if max_batch is not None
+                      else max_batch_for(self.device))
+
+    def runner(self, max_batch: int | None = None, *, num_beams: int = 1, errors: ErrorMode = "raise",
+               collect: bool = True) -> Runner:
+        """A :class:`~.runner.Runner` over a new :meth:`engine`: the loop every front end drives requests with.
+        ``max_batch`` default: :func:`~.runner.max_batch_for` this device, with room for ``num_beams`` rows (the
+        widest beam request it will run)."""
+        if max_batch is None:
+            max_batch = max_batch_for(self.device, at_least=num_beams)
+        return Runner(self.engine(max_batch=max_batch), errors=errors, collect=collect)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt token ids; an empty prompt starts from ``<|endoftext|>`` as GPT-2 did in training."""
@@ -122,53 +130,29 @@ class Generator:
         ``generation_config.json`` gives the defaults that these override.
         With ``seed``, each prompt gets its own seeded generator, so a prompt's completions do not
         depend on the other prompts of the batch. With ``num_beams > 1``, the ``n`` best beams.
+        Raises ``ValueError`` naming the field for a request that cannot run (before any work), and
+        :class:`gpt2lab.errors.GenerationFailed` naming the prompt when the engine ends one with an error.
         """
         params = self.sampling_params(params, **kwargs)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = [self.encode_prompt(p) for p in prompt_list]
-        # beam requests run in the engine too (one beam search per step; prompt_logprobs alike)
-        # a CPU step costs about rows x weights; a GPU step barely grows with rows (bounded by the KV cache)
-        limit = 16 if self.device.type == "cpu" else 128
-        engine = self.engine(max_batch=min(limit, max(1, len(prompt_list) * params.n)))
-        for i, ids in enumerate(encoded):  # every prompt is validated before any work starts
-            engine.add_request(ids, params, request_id=str(i))
-        parts: dict[tuple[str, int], list] = {}
-        prompt_lp: dict[str, list[TokenLogprob]] = {}
-        with unchanged_weights(self.model):  # no other code runs between the steps of this loop
-            while engine.has_unfinished():
-                self._collect(engine.step(), parts, prompt_lp)
-        return [Completion(text="".join(acc[1]), token_ids=acc[0], finish_reason=acc[3], logprobs=acc[2],
-                           prompt=p, index=j, prompt_logprobs=prompt_lp.get(str(i)))
-                for i, p in enumerate(prompt_list) for j in range(params.n)
-                for acc in [parts[(str(i), j)]]]
-
-    @staticmethod
-    def _collect(outputs: list, parts: dict[tuple[str, int], list], prompt_lp: dict[str, list[TokenLogprob]]) -> None:
-        """Add one engine step's outputs to ``parts`` (token ids, texts, logprobs, finish reason per sample)."""
-        for out in outputs:
-            out.raise_for_error(f"prompt {out.request_id}")
-            acc = parts.setdefault((out.request_id, out.index), [[], [], [] if out.logprobs is not None else None,
-                                                                 None])
-            acc[0] += out.token_ids
-            acc[1].append(out.text)
-            if out.logprobs is not None:
-                acc[2] += out.logprobs
-            acc[3] = out.finish_reason
-            if out.prompt_logprobs is not None:  # the prompt's, shared by its samples
-                prompt_lp[out.request_id] = out.prompt_logprobs
+        runner = self.runner(num_beams=params.num_beams)
+        for i, (text, ids) in enumerate(zip(prompt_list, encoded)):  # every prompt is checked before any work
+            runner.add(ids, params, request_id=str(i), prompt=text, source=f"prompt {i}")
+        runner.run()
+        return [c for i in range(len(prompt_list)) for c in runner.completions(str(i))]
 
     def stream(self, prompt: str, params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
-        """Yield the completion's text as it is produced; the pieces join to ``generate(prompt)[0].text``."""
+        """Yield the completion's text as it is produced; the pieces join to ``generate(prompt)[0].text``.
+        Raises :class:`gpt2lab.errors.GenerationFailed` when the engine ends it with an error."""
         params = self.sampling_params(params, **kwargs)
         if params.n != 1 or params.num_beams != 1:
             raise ValueError("stream() produces one completion: n and num_beams must be 1")
-        engine = self.engine(max_batch=1)
-        engine.add_request(self.encode_prompt(prompt), params)
-        while engine.has_unfinished():
-            for out in engine.step():
-                out.raise_for_error()
-                if out.text:
-                    yield out.text
+        runner = self.runner(max_batch=1)
+        runner.add(self.encode_prompt(prompt), params)
+        for out in runner.outputs():  # the weights may change between two tokens (they are followed)
+            if out.text:
+                yield out.text
 
     def generate_text(self, prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 50,
                       **more: Any) -> str:

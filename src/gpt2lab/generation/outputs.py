@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import GenerationFailed
-
 if TYPE_CHECKING:
     import torch
 
@@ -45,7 +43,8 @@ class RequestOutput:
     (when asked for) follow the text: a token's entry comes with the step that releases its text,
     so one step may carry none or several, and tokens after a stop-string cut have none.
     ``prompt_logprobs`` (``SamplingParams.prompt_logprobs``) comes with a sample's first output:
-    the entries of prompt tokens 1.. (the first token has none).
+    the entries of prompt tokens 1.. (the first token has none). A beam request's beams are not streamed:
+    each of its ``n`` best comes whole, in one output, when the search ends (``prompt_logprobs`` with beam 0).
     """
 
     request_id: str
@@ -56,14 +55,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length" | "error" | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
-    error: str | None = None  # finish_reason "error": why this sequence (only) was stopped
-
-    def raise_for_error(self, source: str | None = None) -> None:
-        """Raise :class:`gpt2lab.errors.GenerationFailed` when the engine ended this sequence with an error
-        (``"generation failed[ for SOURCE]: <error>"``), for loops that drive the engine for one caller and
-        must not take a failed sequence for an empty one."""
-        if self.error is not None:
-            raise GenerationFailed(f"generation failed{f' for {source}' if source else ''}: {self.error}")
+    error: str | None = None  # finish_reason "error": why this sequence (only) was stopped (see Runner)
 
 
 @dataclass

@@ -1,9 +1,13 @@
-"""The engine loop: ONE thread owns the model and runs ``engine.step()`` while anything is unfinished.
+"""The engine loop: ONE thread owns the model and steps its :class:`~gpt2lab.generation.Runner` while anything
+is unfinished.
 
 HTTP handlers live on the asyncio event loop and never touch the model. They send commands (add,
 abort, call) through a thread-safe inbox; the loop thread applies them between steps, so a new
 request joins the running batch at the next step and a finished or aborted one leaves it. Each
-step's outputs go back to the handler's ``asyncio.Queue`` with ``call_soon_threadsafe``.
+step's outputs go back to the handler's ``asyncio.Queue`` with ``call_soon_threadsafe``. Stepping,
+collecting and telling failed requests apart are the runner's (``Runner.step``, ``errors="return"``), as for
+every other front end; this module adds the thread, the inbox, capacity and the routing to HTTP requests.
+A beam request is ``n`` rows of the batch like ``n`` samples: it never stalls the other streams.
 
 Capacity is counted in sequences (prompts x n): at most ``max_batch`` run, at most ``max_queue``
 more wait; beyond that :meth:`Scheduler.reserve` says no and the handler answers 429.
@@ -19,7 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import SamplingParams
@@ -44,8 +48,8 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     request_ids: list[str]
-    sequences: int  # prompts x n: the request is done when this many sequences finished
-    finished: int = 0
+    sequences: int  # prompts x n: the capacity it reserved
+    unfinished: set[str] = field(default_factory=set)  # its engine requests still going
     released: bool = False  # its reserved capacity went back (finished, aborted or failed)
 
 
@@ -88,7 +92,8 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
         self.generator: Any = None
-        self.engine: Any = None
+        self.runner: Any = None  # the generation Runner (errors="return": a failed request is reported)
+        self.engine: Any = None  # the runner's Engine (its check_request is the handlers' admission check)
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -138,7 +143,7 @@ class Scheduler:
         outputs cannot leak capacity); if it raises, they have been given back already."""
         request_ids = [rid for _, _, rid in requests]
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request_ids,
-                         sum(params.n for _, params, _ in requests))
+                         sum(params.n for _, params, _ in requests), set(request_ids))
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("add", (requests, stream, accepted)))
         try:
@@ -170,10 +175,11 @@ class Scheduler:
     # -- the model thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            from ..generation import Engine
+            from ..generation import Engine, Runner
 
             self.generator = self._load()
-            self.engine = Engine(self.generator.model, self.generator.tokenizer, max_batch=self.max_batch)
+            engine = Engine(self.generator.model, self.generator.tokenizer, max_batch=self.max_batch)
+            self.runner, self.engine = Runner(engine, errors="return", collect=False), engine
         except BaseException as exc:  # noqa: BLE001 - reported by /health and the CLI
             self.load_error = exc
             log.error("gpt2lab: cannot load the model: %s", exc)
@@ -195,7 +201,7 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stopping:
             # block for a command only when there is nothing to decode
-            command = self._next_command(block=not self.engine.has_unfinished())
+            command = self._next_command(block=not self.runner.has_unfinished())
             while command is not None:
                 try:
                     self._apply(*command)
@@ -204,7 +210,7 @@ class Scheduler:
                 command = self._next_command(block=False)
             if self._stopping:
                 break
-            if self.engine.has_unfinished():
+            if self.runner.has_unfinished():
                 self._step()
             self._update_gauges()
 
@@ -220,11 +226,11 @@ class Scheduler:
             added = []
             try:
                 for prompt_ids, params, request_id in requests:
-                    self.engine.add_request(prompt_ids, params, request_id=request_id)
+                    self.runner.add(prompt_ids, params, request_id=request_id)
                     added.append(request_id)
             except Exception as exc:  # noqa: BLE001 - handed to the request's handler
                 for request_id in added:
-                    self.engine.abort(request_id)
+                    self.runner.abort(request_id)
                 accepted.set_exception(exc)
                 return
             for request_id in added:
@@ -235,7 +241,7 @@ class Scheduler:
             for request_id in payload:
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
-                    self.engine.abort(request_id)
+                    self.runner.abort(request_id)
                     self._release_stream(stream)
         elif kind == "call":
             from ..runtime import recheck_weights
@@ -252,7 +258,7 @@ class Scheduler:
         running = self.engine.num_running
         start = time.perf_counter()
         try:
-            outputs = self.engine.step()
+            step = self.runner.step()
         except Exception as exc:  # noqa: BLE001 - a bug, not a client error: fail what is in flight
             log.exception("gpt2lab: engine step failed")
             self.engine_failures += 1
@@ -260,7 +266,7 @@ class Scheduler:
             self.metrics.engine_failures.inc()
             for request_id in list(self._streams):
                 try:
-                    self.engine.abort(request_id)
+                    self.runner.abort(request_id)
                 except Exception:  # noqa: BLE001
                     log.exception("gpt2lab: abort after a failed step failed")
             self._fail_all(EngineFailure(f"generation failed: {exc}"))
@@ -268,22 +274,22 @@ class Scheduler:
         self.last_engine_error = None
         self.metrics.step_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(max(running, self.engine.num_running))
-        for out in outputs:  # a sequence that faulted ends its whole HTTP request, and nothing else
-            if out.error is not None and out.request_id in self._streams:
-                self._fail_request(self._streams[out.request_id], out.error)
+        for request_id, error in step.failed.items():  # it ends its whole HTTP request, and nothing else
+            if request_id in self._streams:
+                self._fail_request(self._streams[request_id], error)
         grouped: dict[int, tuple[_Stream, list[Any]]] = {}  # one queue item per HTTP request per step
-        for out in outputs:
+        for out in step.outputs:
             self.metrics.generation_tokens.inc(len(out.token_ids))
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
                 continue
             grouped.setdefault(id(stream), (stream, []))[1].append(out)
-            if out.finished:
-                stream.finished += 1
+        for request_id in step.finished:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.unfinished.discard(request_id)
         for stream, outs in grouped.values():
-            if stream.finished >= stream.sequences:
-                for request_id in stream.request_ids:
-                    self._streams.pop(request_id, None)
+            if not stream.unfinished:
                 self._release_stream(stream)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, outs)
 
@@ -297,7 +303,7 @@ class Scheduler:
         log.error("gpt2lab: request %s failed inside a step: %s", stream.request_ids[0].rsplit("-", 1)[0], error)
         for request_id in stream.request_ids:
             if self._streams.pop(request_id, None) is not None:
-                self.engine.abort(request_id)  # its other prompts and samples
+                self.runner.abort(request_id)  # its other prompts and samples
         self._release_stream(stream)
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RequestFailed(error))
 
