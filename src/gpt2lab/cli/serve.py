@@ -29,6 +29,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_chat_template(resolved) -> None:  # noqa: ANN001 - a checkpoints.ResolvedModel
+    """The model's chat template renders the probe conversation (before anything is served): a broken one
+    raises its CheckpointError or ValueError naming it, which the command reports in one line (exit 2)."""
+    from ..generation.chat_format import style_for_model
+    from ..generation.chat_worker import probe_style
+
+    try:
+        probe_style(style_for_model(resolved.name, resolved.path))
+    except ValueError as exc:  # the template refused the probe's plain conversation: its fault here
+        raise ValueError(f"the model's chat template cannot lay out a plain conversation: {exc}") from None
+
+
 @runtime_options()
 def serve(
     model: str = model_option(),
@@ -81,8 +93,9 @@ def serve(
     from ..model.device import resolve_device, resolve_dtype
 
     with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
-        resolve_model(model, quiet=True)
+        resolved = resolve_model(model, quiet=True)
         resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+        check_chat_template(resolved)
     load = load_kwargs(runtime)
 
     from ..server import create_app

@@ -103,7 +103,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.scheduler.start()
         yield
-        state.scheduler.stop()
+        state.close()
 
     app = FastAPI(title="gpt2lab", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible GPT-2 server with continuous batching.")
