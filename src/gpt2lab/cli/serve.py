@@ -30,15 +30,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check_chat_template(resolved) -> None:  # noqa: ANN001 - a checkpoints.ResolvedModel
-    """The model's chat template renders the probe conversation (before anything is served): a broken one
-    raises its CheckpointError or ValueError naming it, which the command reports in one line (exit 2)."""
+    """The model's chat template renders the probe conversation before anything loads or is served: a
+    broken one raises its ChatTemplateFault naming it, which the command reports in one line (exit 2).
+    The server renders it once more in its render process before it turns ready."""
     from ..generation.chat_format import style_for_model
     from ..generation.chat_worker import probe_style
 
-    try:
-        probe_style(style_for_model(resolved.name, resolved.path))
-    except ValueError as exc:  # the template refused the probe's plain conversation: its fault here
-        raise ValueError(f"the model's chat template cannot lay out a plain conversation: {exc}") from None
+    probe_style(style_for_model(resolved.name, resolved.path))
 
 
 @runtime_options()
@@ -110,4 +108,29 @@ def serve(
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))
+    _announce_when_ready(app, sock)
     serve_http(app, sock, log_level=log_level, limits=limits)
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a listening socket (the port it really got, for ``--port 0``)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _announce_when_ready(app, sock: socket.socket) -> None:  # noqa: ANN001 - the FastAPI app
+    """Print ``gpt2lab: serving MODEL on http://HOST:PORT`` on stderr once the model has loaded (it loads on
+    the engine thread when the server starts; the socket already accepts connections)."""
+    import sys
+    import threading
+
+    from ..console import echo
+
+    scheduler, url = app.state.scheduler, url_of(sock)
+
+    def announce() -> None:
+        scheduler.ready.wait()
+        if scheduler.load_error is None:  # a failed load is reported by the server itself
+            echo(f"gpt2lab: serving {scheduler.generator.name} on {url}", sys.stderr)
+
+    threading.Thread(target=announce, name="gpt2lab-announce", daemon=True).start()

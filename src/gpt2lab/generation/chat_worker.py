@@ -69,13 +69,10 @@ PROBE = "probe"  # the job that checks the template on a plain conversation (a s
 
 
 def probe_style(style: ChatStyle) -> str:
-    """The template's text for a plain conversation, and its end of turn worked out: what a server checks
-    at start-up. A broken template raises (a CheckpointError naming it, or the ValueError it raised)."""
-    template = style.chat_template
-    text = template.render([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."},
-                            {"role": "user", "content": "How are you?"}], add_generation_prompt=True)
-    template.stop  # noqa: B018 - computing the end-of-turn markers renders the template again
-    return text
+    """The template's text for a plain conversation, its end of turn worked out
+    (:meth:`~gpt2lab.generation.chat_template.ChatTemplate.probe`): what a server checks at start-up. A
+    broken template raises :class:`~gpt2lab.generation.chat_template.ChatTemplateFault` naming it."""
+    return style.chat_template.probe()
 
 
 def _kind(exc: BaseException) -> str:
