@@ -187,7 +187,7 @@ def with_default_system_message(template: ChatTemplate, message: str) -> ChatTem
                 "{%- for m in messages if m['role'] == 'system' -%}{%- set ns_system.found = true -%}{%- endfor -%}\n"
                 "{%- if not ns_system.found -%}{%- set messages = [{'role': 'system', 'content': "
                 + repr(message) + "}] + messages -%}{%- endif -%}\n" + _DEFAULT_SYSTEM_END)
-    out = ChatTemplate(preamble + source, template.variables)
+    out = ChatTemplate(preamble + source, template.variables, origin=template.origin, limits=template.limits)
     probe = [{"role": "user", "content": "x"}]
     if out.render(probe) != template.render([{"role": "system", "content": message}, *probe]):
         raise ValueError("the default system message could not be written into the chat template")
