@@ -95,6 +95,7 @@ def test_default_learning_rates_follow_the_size():
 
 # -- the user's scenario, smaller ------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # it trains a model for 120 steps: minutes on 2 busy cores, past the suite's 600 s
 def test_a_chat_fine_tune_works_with_the_defaults(tmp_path):
     """``gpt2lab finetune chats.jsonl --model shakespeare-gpt2`` with no --lr, then the model asked on turns
     whose first word it never saw first: chat, the server and review make all get the rule."""
