@@ -172,3 +172,30 @@ def test_a_template_that_cannot_lay_out_a_conversation_keeps_serve_from_starting
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("gpt2lab: error: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_renders_queued_behind_slow_ones_hold_no_threads(hostile_short):
+    """Many slow renders at once: 2 run in the workers and the others wait on the event loop, so a completion
+    (tokenized on the server's thread pool, 40 threads) is answered before any of them times out; renders
+    that each waited on a thread of the pool left none for it until their timeouts."""
+    import asyncio
+
+    url = hostile_short.url
+    slow = {"messages": [{"role": "user", "content": "slow"}], "max_tokens": 4}
+
+    async def main() -> tuple[list[float], float, int]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as client:
+            async def chat() -> float:
+                r = await client.post(f"{url}/v1/chat/completions", json=slow)
+                assert r.status_code == 408, r.text
+                return time.monotonic()
+
+            chats = [asyncio.create_task(chat()) for _ in range(48)]
+            await asyncio.sleep(0.5)  # they have all arrived and wait for a worker
+            r = await client.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+            answered = time.monotonic()
+            return await asyncio.gather(*chats), answered, r.status_code
+
+    timed_out, answered, status = asyncio.run(main())
+    assert status == 200
+    assert answered < min(timed_out), (answered, sorted(timed_out)[:3])

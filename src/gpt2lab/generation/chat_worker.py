@@ -17,6 +17,7 @@ render itself; :class:`RenderFailed` carries it.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import queue
 import threading
@@ -132,6 +133,8 @@ class ChatRenderPool:
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None  # see render_async
+        self.workers = workers
         self.stopped = 0
         for _ in range(workers):
             self._add()
@@ -187,6 +190,24 @@ class ChatRenderPool:
         if answer[0] == "ok":
             return answer[1]
         raise RenderFailed(answer[1], answer[2])
+
+    async def render_async(self, job: RenderJob, timeout: float) -> ChatPrompt:
+        """:meth:`render` from a coroutine: a request waits for a free worker on the event loop, not on a
+        thread, so renders queued behind slow ones hold at most ``workers`` threads (a server's thread pool
+        stays free for the other requests' tokenizing). ``timeout`` covers the wait."""
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:  # a semaphore belongs to one event loop
+            self._slots = (loop, asyncio.Semaphore(self.workers))
+        slots = self._slots[1]
+        try:
+            await asyncio.wait_for(slots.acquire(), max(timeout, 0))
+        except asyncio.TimeoutError:
+            raise RenderFailed("timeout", f"no chat render worker was free within {timeout:g} s") from None
+        try:
+            return await asyncio.to_thread(self.render, job, deadline - time.monotonic())
+        finally:
+            slots.release()
 
     def probe(self, timeout: float) -> str:
         """A worker renders the probe conversation (see :func:`probe_style`) within ``timeout`` seconds, its start

@@ -7,8 +7,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
-
 from ..generation.engine import truncate_prompt_tokens
 from . import limits as lim
 from . import protocol as p
@@ -84,7 +82,7 @@ class OpenAIServingChat(OpenAIServing):
                         continue_final_message=bool(request.continue_final_message))
         remaining = self.request_timeout - (time.monotonic() - arrival)
         try:
-            return await run_in_threadpool(self.models.chat_renderer.render, job, remaining)
+            return await self.models.chat_renderer.render_async(job, remaining)
         except RenderFailed as exc:
             message = str(exc)
             if exc.kind == "messages":
