@@ -210,6 +210,76 @@ def test_a_template_cannot_work_without_end(name):
     assert info.value.origin == "the chat template of ckpt/tokenizer_config.json"
 
 
+def test_one_long_filter_is_stopped_at_the_deadline():
+    """The hooks check the deadline between operations; one filter that is a long Python loop of its own
+    (Jinja's wordwrap, urlize, batch over a large value ran 15-80 s past a 2 s bound) is one operation
+    for them. The watchdog interrupts it: the loop here stops far short of its end, where without the
+    watchdog it ran to the end and only the next hook noticed the time."""
+    from gpt2lab.generation.jinja_sandbox import (
+        BoundedSandbox,
+        RenderLimitExceeded,
+        RenderLimits,
+        compile_source,
+        render,
+    )
+
+    steps = [0]
+    total = 10**9  # minutes of work
+
+    def spin(value):
+        for _ in range(total):
+            steps[0] += 1
+        return value
+
+    env = BoundedSandbox()
+    env.add_filter("spin", spin)
+    template = compile_source(env, "{{ x | spin }}")
+    with pytest.raises(RenderLimitExceeded, match="took more than 0.2 s"):
+        render(template, {"x": "x"}, RenderLimits(timeout_s=0.2))
+    assert 0 < steps[0] < total
+    # a filter over a constant runs while compiling (Jinja folds constant expressions): bounded too. Jinja's
+    # wordwrap over this literal takes seconds
+    with pytest.raises(ChatTemplateFault, match="^the chat template: compiling it took more than 0.2 s"):
+        ChatTemplate("{{ '" + "ab " * 330_000 + "' | wordwrap(1) }}", limits=RenderLimits(timeout_s=0.2))
+
+
+def test_a_deadline_is_raised_only_inside_its_block():
+    """The watchdog raises in the watched thread at most once, and never after the block is left."""
+    import threading
+    import time
+
+    from gpt2lab.generation.interrupt import Interrupted, deadline
+
+    with deadline(5):  # ends in time: nothing raised, then or later
+        pass
+    time.sleep(0.05)
+    caught = []
+    for _ in range(3):
+        try:
+            with deadline(0.05):
+                while True:
+                    pass
+        except Interrupted:
+            caught.append(True)
+    assert caught == [True, True, True]
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:  # a deadline per thread: the one that passes interrupts its own thread only
+        try:
+            with deadline(0.05):
+                time.sleep(0.01)
+                while True:
+                    pass
+        except Interrupted as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=other_thread)
+    with deadline(30):
+        worker.start()
+        worker.join(30)
+    assert len(errors) == 1 and not worker.is_alive()
+
+
 def test_bounds_leave_ordinary_templates_alone():
     from gpt2lab.generation.jinja_sandbox import RenderLimits
 
@@ -325,7 +395,8 @@ def test_cli_reports_a_template_fault_in_one_line(tmp_path, saved):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": CONVERSATIONS[1][:3]}) + "\n")
     for source, problem in (("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "it calls itself too deeply"),
-                            ("{% for %}", "not valid Jinja")):
+                            ("{% for %}", "not valid Jinja"),
+                            ("\x00\x01binary", "cannot be read (")):
         template = tmp_path / "t.jinja"
         template.write_text(source)
         result = CliRunner().invoke(app, ["finetune", str(data), "--model", str(saved["chatml"]), "--out",

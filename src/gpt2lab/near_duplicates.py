@@ -12,9 +12,14 @@ Two texts are near-duplicates when ``|A ∩ B| / |A ∪ B| >= threshold`` (Jacca
 **Few texts** (at most :data:`EXHAUSTIVE_PAIRS` pairs) are compared pair by pair: exact.
 
 **More texts** go through MinHash and locality-sensitive hashing, the standard way (Broder 1997; Leskovec,
-Rajaraman & Ullman, *Mining of Massive Datasets*, ch. 3; what ``datasketch``'s MinHashLSH does, here in a
-few numpy operations over all texts at once, where datasketch hashes shingle by shingle in Python and
-would add scipy to the base install):
+Rajaraman & Ullman, *Mining of Massive Datasets*, ch. 3), here in a few numpy operations over all texts at
+once. Why not ``datasketch`` (the well-kept library for it; its MinHashLSH is the same method): it hashes
+shingle by shingle in Python (SHA-1, then one affine permutation per bin), so its signatures alone cost
+about 20 times ours (5,000 texts of 60 words: 15 s against 0.8 s for the whole search here, rough, on a
+shared 2-core machine; a 100,000-item review file would take minutes again, the slowness this module
+removes); its buckets are unbounded (look-alike texts would make every query return thousands of
+candidates, so the bounds below would still have to be written here); and it requires scipy, which
+``augment`` (base install) does not otherwise need:
 
 * a signature of :data:`BINS` minimums per text by one-permutation hashing (Li, Owen & Zhang 2012: one
   64-bit hash per shingle, its top bits pick a bin), empty bins filled by rotation densification

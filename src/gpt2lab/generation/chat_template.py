@@ -132,11 +132,11 @@ _spans: ContextVar[list[tuple[int, int]] | None] = ContextVar("gpt2lab_generatio
 
 
 @lru_cache(maxsize=32)
-def _compiled(source: str):
+def _compiled(source: str, limits: RenderLimits | None = None):
     import jinja2
     import jinja2.ext
 
-    from .jinja_sandbox import BoundedSandbox, compile_source, written
+    from .jinja_sandbox import BoundedSandbox, RenderLimitExceeded, compile_source, written
 
     class GenerationBlocks(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}``: renders its body, and records where it landed in the
@@ -170,20 +170,23 @@ def _compiled(source: str):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return compile_source(env, source)
+        return compile_source(env, source, limits)
     except jinja2.TemplateError as exc:
-        raise _TemplateSyntax(str(exc)) from None
+        raise _TemplateSyntax(f"not valid Jinja: {exc}") from None
     except RecursionError:  # nesting deeper than Python's parser stack
-        raise _TemplateSyntax("nested too deeply to compile") from None
+        raise _TemplateSyntax("not valid Jinja: nested too deeply to compile") from None
+    except RenderLimitExceeded as exc:  # folding its constant expressions (Jinja does it while compiling)
+        raise _TemplateSyntax(str(exc)) from None
 
 
-def compile_template(source: str, origin: str = DEFAULT_ORIGIN):
+def compile_template(source: str, origin: str = DEFAULT_ORIGIN, limits: RenderLimits | None = None):
     """The compiled Jinja template for ``source`` (cached; a :class:`~.jinja_sandbox.BoundedSandbox`
-    template); :class:`ChatTemplateFault` naming ``origin`` if it is not valid Jinja."""
+    template), compiled within ``limits`` (Jinja computes constant expressions while compiling);
+    :class:`ChatTemplateFault` naming ``origin`` if it is not valid Jinja or crosses the limits."""
     try:
-        return _compiled(source)
+        return _compiled(source, limits)
     except _TemplateSyntax as exc:
-        raise ChatTemplateFault(origin, f"not valid Jinja: {exc}") from None
+        raise ChatTemplateFault(origin, str(exc)) from None
 
 
 # -- reading a checkpoint's template -------------------------------------------------------------------
@@ -197,13 +200,7 @@ def find_chat_template(directory: str | Path | None) -> tuple[str, str] | None:
     directory = Path(directory)
     jinja_file = directory / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
-        if jinja_file.stat().st_size > 4 * MAX_TEMPLATE_CHARS:  # more bytes than the most characters can take
-            raise ChatTemplateFault(_origin(jinja_file), f"{jinja_file.stat().st_size} bytes, more than "
-                                    f"{MAX_TEMPLATE_CHARS} characters can take")
-        try:
-            return _bounded(read_text(jinja_file), jinja_file), _origin(jinja_file)
-        except ValueError as exc:  # the reader's error says where: not UTF-8, binary ...
-            raise ChatTemplateFault(_origin(jinja_file), f"cannot be read ({exc})") from None
+        return read_template_file(jinja_file), _origin(jinja_file)
     config = directory / TOKENIZER_CONFIG_FILE
     if not config.is_file():
         return None
@@ -215,6 +212,25 @@ def find_chat_template(directory: str | Path | None) -> tuple[str, str] | None:
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
         value = named.get("default")
     return (_bounded(value, config), _origin(config)) if isinstance(value, str) and value.strip() else None
+
+
+def read_template_file(path: str | Path, origin: str | None = None) -> str:
+    """The source of a Jinja template file (``chat_template.jinja``, ``finetune --chat-template``), read
+    as the untrusted input it is: :class:`ChatTemplateFault` naming ``origin`` (default: ``"the chat
+    template of PATH"``) when it cannot be read (missing, not UTF-8 text, binary) or holds more than
+    ``MAX_TEMPLATE_CHARS`` characters."""
+    path = Path(path)
+    origin = origin or _origin(path)
+    try:
+        size = path.stat().st_size
+        if size > 4 * MAX_TEMPLATE_CHARS:  # more bytes than the most characters can take
+            raise ChatTemplateFault(origin, f"{size} bytes, more than {MAX_TEMPLATE_CHARS} characters can take")
+        source = read_text(path)
+    except (OSError, ValueError) as exc:  # the reader's error says where: not UTF-8, binary ...
+        raise ChatTemplateFault(origin, f"cannot be read ({exc})") from None
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateFault(origin, f"{len(source)} characters, more than {MAX_TEMPLATE_CHARS}")
+    return source
 
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -266,7 +282,7 @@ class ChatTemplate:
     keyword arguments of ``apply_chat_template``); ``eos_token``/``bos_token``/``unk_token`` default to
     GPT-2's ``<|endoftext|>``. ``origin`` names the template in errors (``"the chat template of
     ckpt/tokenizer_config.json"``). ``limits``: the bounds of each render
-    (:class:`~gpt2lab.generation.jinja_sandbox.RenderLimits`: 10 s, 16 Mi characters beyond 8 times the
+    (:class:`~gpt2lab.generation.jinja_sandbox.RenderLimits`: 10 s, 1 Mi characters beyond 8 times the
     input, ``range`` up to 100,000). Raises :class:`ChatTemplateFault` when ``source`` does not compile.
 
     Every render runs in the same bounded sandbox, wherever it is called from (``gpt2lab chat``, the
@@ -280,7 +296,7 @@ class ChatTemplate:
 
         self.source, self.origin = source, origin
         self.limits = limits or RenderLimits()
-        self.template = compile_template(source, origin)
+        self.template = compile_template(source, origin, limits)
         self.variables = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
                           **(variables or {})}
 

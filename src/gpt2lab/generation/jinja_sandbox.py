@@ -20,6 +20,11 @@ environment with bounds, and :func:`render` runs one of its templates under :cla
   hooks cannot stop one slow C-level operation, but no single operation here can be larger than the
   size bound.
 * **output**: it streams out chunk by chunk and stops past the size bound.
+* **a backstop**: between two hooks a template can still run one long filter of Jinja's own, a Python
+  loop (``wordwrap``, ``urlize``, ``batch`` over a value of the largest size allowed took 15-80 s);
+  :func:`~gpt2lab.generation.interrupt.deadline` interrupts the rendering thread's Python code just past
+  the deadline wherever it is. So a render never holds its caller much past ``timeout_s``: at most one C
+  call over a value within the size bound.
 
 A template that crosses a bound raises :class:`RenderLimitExceeded` (a recursion too deep and running
 out of memory are reported the same way); the caller decides whose fault that is.
@@ -43,6 +48,9 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace
 
+from .interrupt import Interrupted, deadline
+
+_BACKSTOP_S = 0.05  # the watchdog's deadline comes this long after the hooks' (whose message says more)
 MAX_INT_BITS = 1 << 16  # ~20,000 decimal digits: far past any count or id a template needs
 _CLOCK_EVERY = 64  # hooks between two looks at the clock
 
@@ -63,7 +71,7 @@ class RenderLimits:
     """
 
     timeout_s: float = 10.0
-    max_output_chars: int = 1 << 24
+    max_output_chars: int = 1 << 20  # a GPT-2 prompt is a few thousand characters; 8x the input comes on top
     input_factor: int = 8
     max_range: int = 100_000
 
@@ -507,9 +515,13 @@ def compile_source(environment: BoundedSandbox, source: str, limits: RenderLimit
     (``'%999999999d' | format(1)`` would run then): the compilation runs under ``limits`` too, and an
     expression that crosses them is left to the render, which then fails on it. Raises Jinja's
     ``TemplateSyntaxError`` for a source that does not compile."""
-    token = _active.set(_Budget(limits or RenderLimits(), len(source)))
+    limits = limits or RenderLimits()
+    token = _active.set(_Budget(limits, len(source)))
     try:
-        return environment.from_string(source)
+        with deadline(limits.timeout_s + _BACKSTOP_S):
+            return environment.from_string(source)
+    except Interrupted:
+        raise RenderLimitExceeded(f"compiling it took more than {limits.timeout_s:g} s") from None
     finally:
         _active.reset(token)
 
@@ -527,12 +539,16 @@ def render(template: jinja2.Template, context: Mapping[str, Any], limits: Render
     token = _active.set(budget)
     chunks: list[str] = []
     try:
-        for chunk in template.generate(**context):
-            budget.written += len(chunk)
-            if budget.written > budget.max_chars:
-                raise RenderLimitExceeded(f"the output would be longer than {budget.max_chars} characters")
-            chunks.append(chunk)
-            budget.tick()
+        with deadline(limits.timeout_s + _BACKSTOP_S):  # stops a long filter between two hooks
+            for chunk in template.generate(**context):
+                budget.written += len(chunk)
+                if budget.written > budget.max_chars:
+                    raise RenderLimitExceeded(f"the output would be longer than {budget.max_chars} characters")
+                chunks.append(chunk)
+                budget.tick()
+    except Interrupted:
+        raise RenderLimitExceeded(f"rendering took more than {limits.timeout_s:g} s (a filter over a very "
+                                  "large value?)") from None
     except RecursionError:
         raise RenderLimitExceeded("it calls itself too deeply (a recursion that does not end?)") from None
     except MemoryError:
