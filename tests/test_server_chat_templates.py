@@ -110,7 +110,8 @@ def test_a_slow_template_harms_no_other_stream_and_is_stopped(hostile):
     assert streamed == alone  # its text unharmed
     gaps, alone_gaps = [b - a for a, b in zip(times, times[1:])], [b - a for a, b in zip(alone_times, alone_times[1:])]
     # its timing unharmed: a render on a thread of the server held the GIL between every step of the engine
-    assert sum(gaps) / len(gaps) < 3 * sum(alone_gaps) / len(alone_gaps) + 0.01, (gaps, alone_gaps)
+    # (5x: the worker still takes a core of a busy machine; the GIL would cost far more)
+    assert sum(gaps) / len(gaps) < 5 * sum(alone_gaps) / len(alone_gaps) + 0.01, (gaps, alone_gaps)
     assert max(gaps) < 2.0, max(gaps)
     # a bounded error: the render's own time bound, the template named; the render stopped (its worker idle)
     r = answer["response"]
