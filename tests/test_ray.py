@@ -199,7 +199,10 @@ def test_serve_replicas_answer_the_openai_client_and_a_killed_one_is_replaced(cl
         serve.run(deployment(str(tiny_checkpoint), num_replicas=2, num_cpus=0.5, max_batch=1, max_queue=1),
                   name="gpt2lab", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        deadline = time.monotonic() + 120  # /health answers 503 ("loading") until a replica's model is loaded
+        while (codes := {httpx.get(f"{url}/health", timeout=30).status_code for _ in range(6)}) != {200}:
+            assert codes <= {200, 503} and time.monotonic() < deadline, codes  # 6 probes: both replicas, likely
+            time.sleep(0.5)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
         out = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0)
