@@ -15,6 +15,7 @@ EXIT_FAILURE = 1
 EXTRAS: dict[str, tuple[str, ...]] = {
     "server": ("fastapi", "uvicorn", "pydantic", "prometheus_client"),
     "eval": ("sacrebleu", "rouge_score", "matplotlib"),
+    "structured": ("llguidance",),
 }
 
 

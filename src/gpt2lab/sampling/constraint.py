@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .structured import StructuredOutputsParams, compiled_matcher
+from .structured import StructuredOutputsParams, compiled_matcher, one_line
 from .transforms import NEG_INF, LogitsTransform
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
+
+# how every error of a row's grammar starts (the server answers it as the client's: 400)
+GRAMMAR_ERROR = "structured output:"
 
 
 class GrammarState:
@@ -56,11 +59,11 @@ class GrammarState:
                     break
                 common += 1
             if not self.matcher.rollback(len(read) - common):
-                raise ValueError(f"structured output: cannot roll the grammar back ({self.matcher.get_error()})")
+                raise ValueError(f"{GRAMMAR_ERROR} cannot roll the grammar back ({self.matcher.get_error()})")
             del read[common:]
         for token in generated[len(read):]:
             if not self.matcher.consume_token(int(token)):
-                raise ValueError(f"structured output: token {int(token)} is not allowed by the "
+                raise ValueError(f"{GRAMMAR_ERROR} token {int(token)} is not allowed by the "
                                  f"{self.spec.kind} constraint ({self.matcher.get_error() or 'no match'})")
             read.append(int(token))
 
@@ -75,7 +78,7 @@ class GrammarState:
         error (a limit of its parser, say)."""
         self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
         if self.matcher.is_error():
-            raise ValueError(f"structured output: {self.matcher.get_error()}")
+            raise ValueError(f"{GRAMMAR_ERROR} {one_line(self.matcher.get_error())}")
         eos = self.eos_token_id
         if eos is not None and not self.matcher.is_stopped():
             words.view(np.uint32)[eos // 32] &= np.uint32(0xFFFFFFFF ^ (1 << (eos % 32)))

@@ -62,7 +62,8 @@ def parser_limits() -> Any:
                                        verbose_errors=False)
 
 
-def _one_line(message: str, limit: int = 400) -> str:
+def one_line(message: str, limit: int = 400) -> str:
+    """An engine message (often several lines, with a caret under the spot) as one line of at most ``limit``."""
     text = re.sub(r"\s+", " ", message).strip()
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -190,7 +191,7 @@ def _grammar_text(spec: StructuredOutputsParams) -> str:
             return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choice))
         return llg.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
     except ValueError as exc:
-        raise ValueError(f"structured_outputs.{kind}: {_one_line(str(exc))}") from None
+        raise ValueError(f"structured_outputs.{kind}: {one_line(str(exc))}") from None
 
 
 def _checked_grammar(spec: StructuredOutputsParams) -> str:
@@ -204,7 +205,7 @@ def _checked_grammar(spec: StructuredOutputsParams) -> str:
             grammar = _grammar_text(spec)
             failed, messages = llguidance().LLMatcher.validate_grammar_with_warnings(grammar, None,
                                                                                   limits=parser_limits())
-            known = ValueError(f"structured_outputs.{spec.kind}: {_one_line(messages[0])}") if failed else grammar
+            known = ValueError(f"structured_outputs.{spec.kind}: {one_line(messages[0])}") if failed else grammar
         except ValueError as exc:
             known = exc
         with _LOCK:
@@ -232,7 +233,9 @@ class _TokenizerGrammars:
 _BY_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _grammars_for(tokenizer: Tokenizer) -> _TokenizerGrammars:
+def tokenizer_grammars(tokenizer: Tokenizer) -> _TokenizerGrammars:
+    """``tokenizer``'s llguidance tokenizer and compiled grammars, built on first use (about a second for
+    GPT-2's vocabulary) and kept while the tokenizer lives."""
     with _LOCK:
         cached = _BY_TOKENIZER.get(tokenizer)
     if cached is None:
@@ -248,7 +251,7 @@ def compiled_matcher(spec: StructuredOutputsParams, tokenizer: Tokenizer) -> Any
     grammar needs up front is done by the caller (the server: off its event loop). ``ValueError`` naming
     the field when the grammar cannot be compiled or exceeds llguidance's limits."""
     grammar = spec.validate()
-    cache = _grammars_for(tokenizer)
+    cache = tokenizer_grammars(tokenizer)
     key = spec.key
     with _LOCK:
         matcher = cache.matchers.get(key)
@@ -260,7 +263,7 @@ def compiled_matcher(spec: StructuredOutputsParams, tokenizer: Tokenizer) -> Any
     if not matcher.is_error():
         matcher.deep_copy().compute_bitmask()
     if matcher.is_error():
-        raise ValueError(f"structured_outputs.{spec.kind}: {_one_line(matcher.get_error())}")
+        raise ValueError(f"structured_outputs.{spec.kind}: {one_line(matcher.get_error())}")
     with _LOCK:
         cache.matchers[key] = matcher
         while len(cache.matchers) > _MAX_CACHED:
