@@ -82,6 +82,9 @@ def generate(
     """
     structured = structured_outputs("gpt2lab generate", json_schema=json_schema, regex=regex, choice=choice,
                                     grammar=grammar)
+    if structured is not None:
+        with user_errors():  # with the flags given (beam search, say), before any model loads
+            sampling.params.with_(structured_outputs=structured)
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
     gen = load_generator(model, runtime)
     with user_errors():
