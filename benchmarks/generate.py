@@ -67,7 +67,7 @@ DEFAULT = ("gpt2lab", "gpt2lab-int8", "transformers", "ct2", "ct2-int8", "llama-
 
 def ensure_checkpoint(name: str) -> Path:
     """The random checkpoint ``name`` (HF's own save_pretrained), created unless already there."""
-    from gpt2lab.checkpoints import write_atomic_dir
+    from gpt2lab.atomic import write_dir
     from gpt2lab.tokenizer import gpt2_tokenizer_dir
 
     directory = BENCH_DIR / f"gpt2-{name}-random"
@@ -84,7 +84,7 @@ def ensure_checkpoint(name: str) -> Path:
         for f in ("vocab.json", "merges.txt"):
             (tmp / f).write_bytes((gpt2_tokenizer_dir() / f).read_bytes())
 
-    return write_atomic_dir(directory, fill)
+    return write_dir(directory, fill)
 
 
 def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:

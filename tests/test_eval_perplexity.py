@@ -30,8 +30,9 @@ def sharp_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    # about 450 GPT-2 tokens of varied text (code and prose)
-    return (Path(gpt2lab.__file__).parent / "checkpoints" / "resolve.py").read_text(encoding="utf-8")[:1600]
+    # about 450 GPT-2 tokens of varied text (code and prose): the head of a gpt2lab module, kept as a file of
+    # its own so that editing the module does not change what this test measures
+    return (Path(__file__).parent / "data" / "perplexity_code_and_prose.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

@@ -118,3 +118,72 @@ def test_disk_filling_up_during_training_is_one_line(files, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("gpt2lab: error: ") and "No space left on device" in errors[0]
     assert ".tmp-" not in result.stdout, result.stdout  # the listing of run/ and run/trainer/
+
+
+# -- a disk that fills up after the start-up check: every write says which file, in one line -------------------
+# 32 KB left: the start-up probe (one 4 KB page) passes, the outputs below do not fit
+_WRAP["nearly_full"] = 'mount -t tmpfs -o size=256k tmpfs "$1" && head -c 229376 /dev/zero > "$1/.filler"'
+LONG = "a long note to make the row big. " * 300  # ~10 KB
+
+
+def _late_command(name: str, mount: Path, base: Path, ckpt: Path) -> list[str]:
+    import json
+
+    if name == "review-make":
+        for src in ("a", "b"):
+            (base / f"{src}.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"{src} {LONG}"})
+                                                       + "\n" for i in range(4)), encoding="utf-8")
+        return ["review", "make", "--completions", str(base / "a.jsonl"), "--completions", str(base / "b.jsonl"),
+                "-o", str(mount / "review.jsonl")]
+    if name == "review-summary":
+        log = base / "log.jsonl"
+        log.write_text("".join(json.dumps({"reviewer": "r", "item": f"i{i}", "mode": "pairwise",
+                                           "sources": ["a", "b"], "choice": "AB"[i % 2]}) + "\n"
+                               for i in range(6)), encoding="utf-8")
+        return ["review", "summary", str(log), "-o", str(mount / "summary")]
+    if name == "review-export":
+        rows = [{"text": "first row", "notes": LONG, "aug_origin": "original", "aug_source_row": 0, "aug_method": ""},
+                *[{"text": f"made {i}", "notes": LONG, "aug_origin": "generated", "aug_source_row": 0,
+                   "aug_method": "continuation"} for i in range(4)]]
+        (base / "aug.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        from typer.testing import CliRunner
+
+        from gpt2lab.cli.main import app
+
+        made = CliRunner().invoke(app, ["review", "make", "--augment", str(base / "aug.jsonl"),
+                                        "-o", str(base / "curate.jsonl")])
+        assert made.exit_code == 0, made.output
+        (base / "curate.log.jsonl").write_text("")
+        return ["review", "export", str(base / "curate.jsonl"), "--log", str(base / "curate.log.jsonl"),
+                "--keep-unreviewed", "-o", str(mount / "curated.jsonl")]
+    if name == "augment":
+        (base / "big.csv").write_text("text,label,notes\n" + "".join(f"row number {i} here,a,{LONG}\n"
+                                                                     for i in range(5)), encoding="utf-8")
+        return ["augment", str(base / "big.csv"), "--out", str(mount / "aug.csv"), "--model", str(ckpt),
+                "--per-example", "1", "--max-new-tokens", "4"]
+    if name == "explore":
+        return _command("explore", mount, base, ckpt) + ["--temperature", "0.7", "--top-k", "0", "--top-p", "1.0"]
+    return _command(name, mount, base, ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAN_MOUNT, reason="needs unshare -rm and tmpfs mounts (user namespaces)")
+@pytest.mark.parametrize("command", ["review-make", "review-summary", "review-export", "augment", "explore",
+                                     "finetune"])
+def test_a_disk_filling_up_at_a_later_write_is_one_line_naming_the_file(files, tmp_path, command):
+    base, ckpt = files
+    work = tmp_path / "work"
+    shutil.copytree(base, work)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    args = _late_command(command, mount, work, ckpt)
+    wrap = _WRAP["nearly_full"] + ' && shift && "$@"; rc=$?; echo "--listing--" >&2; ls -AR "$0" >&2; exit $rc'
+    cmd = ["unshare", "-rm", "sh", "-c", wrap, str(mount), str(mount), sys.executable, "-m", "gpt2lab", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    output, _, listing = result.stderr.partition("--listing--")
+    lines = [line for line in output.splitlines() if "error" in line.lower()]  # training logs its steps too
+    assert result.returncode == 2 and "Traceback" not in output, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("gpt2lab: error: ") and f"{mount}/" in lines[0], output[-3000:]
+    assert "No space left on device" in lines[0], lines[0]
+    assert ".tmp-" not in listing, listing  # no temporary copy left behind

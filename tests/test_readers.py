@@ -13,7 +13,15 @@ import pytest
 
 from gpt2lab.apps.augment import read_dataset
 from gpt2lab.evaluation.text import read_predictions
-from gpt2lab.readers import CHUNK_CHARS, ReadError, iter_csv, iter_text_chunks, read_records, split_text
+from gpt2lab.readers import (
+                             CHUNK_CHARS,
+                             ReadError,
+                             iter_csv,
+                             iter_text_chunks,
+                             parse_jsonl,
+                             read_records,
+                             split_text,
+)
 from gpt2lab.tokenizer import Tokenizer
 from gpt2lab.training.data import BATCH_CHARS, DataError, DataStats, iter_documents, tokenize_documents
 
@@ -197,7 +205,7 @@ def test_read_records_by_suffix_and_unknown_format(tmp_path):
     path = _write(tmp_path / "d.jsonl", "jsonl", ["a", "b"], bom=True)
     assert [r["text"] for _, r in read_records(path)] == ["a", "b"]
     with pytest.raises(ReadError, match="unknown format"):
-        list(read_records(tmp_path / "d.parquet"))
+        list(read_records(tmp_path / "d.xlsx"))
 
 
 def test_training_reports_broken_jsonl_as_data_error(tmp_path):
@@ -215,3 +223,105 @@ def test_training_jsonl_gz_with_bom_and_odd_separators(tmp_path):
     body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ODD)
     path.write_bytes(gzip.compress(codecs.BOM_UTF8 + body.encode("utf-8")))
     assert _training(path) == ODD
+
+
+# -- JSON Lines text already split into lines (stdin prompts): the same parser as the files ----------------
+def test_parse_jsonl_numbers_lines_and_skips_blanks():
+    lines = ['{"a": 1}', "", "   ", "[2, 3]", '"text"']
+    assert list(parse_jsonl(lines, "f.jsonl")) == [(1, {"a": 1}), (4, [2, 3]), (5, "text")]
+
+
+def test_parse_jsonl_bad_line_is_named():
+    with pytest.raises(ReadError, match=r"^f\.jsonl:3: not valid JSON \("):
+        list(parse_jsonl(['{"a": 1}', "", '{"a": '], "f.jsonl"))
+
+
+def test_parse_jsonl_objects_only():
+    assert list(parse_jsonl(['{"x": "y"}'], "d", objects=True)) == [(1, {"x": "y"})]
+    with pytest.raises(ReadError, match=r"^d:2: expected a JSON object, got array$"):
+        list(parse_jsonl(['{"x": 1}', "[1]"], "d", objects=True))
+
+
+# -- one suffix table for every command ----------------------------------------------------------------------
+def _write_format(path: Path, texts: list[str]) -> Path:
+    """``texts`` as records with a "text" field, in the format ``path``'s suffix names."""
+    import gzip
+
+    from gpt2lab.readers import format_of
+
+    fmt = format_of(path)
+    if fmt in ("parquet", "arrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"text": texts, "n": list(range(len(texts)))})
+        if fmt == "parquet":
+            pq.write_table(table, path, row_group_size=2)
+        else:
+            with pa.ipc.new_stream(str(path), table.schema) as writer:
+                writer.write_table(table)
+        return path
+    if fmt == "txt":
+        body = "".join(t + "\n" for t in texts)
+    elif fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        body = f"text{sep}n\n" + "".join(f'"{t}"{sep}{i}\n' for i, t in enumerate(texts))
+    elif fmt == "json" and ".array" in path.name:
+        body = json.dumps([{"text": t, "n": i} for i, t in enumerate(texts)], ensure_ascii=False)
+    else:
+        body = "".join(json.dumps({"text": t, "n": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
+    data = codecs.BOM_UTF8 + body.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def _suffix_files(tmp_path: Path) -> list[Path]:
+    from gpt2lab.readers import FORMATS
+
+    names = [f"d{suffix}" for suffix in FORMATS] + ["d.array.json", "d.array.json.gz"]
+    return [_write_format(tmp_path / name, ODD) for name in names]
+
+
+def test_every_format_of_the_table_reads_the_same_records(tmp_path):
+    from gpt2lab.readers import FORMATS, format_of
+
+    files = _suffix_files(tmp_path)
+    assert {format_of(f) for f in files} == set(FORMATS.values())
+    for path in files:
+        records = [r for _, r in read_records(path)]
+        texts = records if format_of(path) == "txt" else [r["text"] for r in records]
+        assert texts == ODD, path.name
+
+
+@pytest.mark.parametrize("consumer, formats", [
+    ("training", {"txt", "jsonl", "json", "csv", "tsv", "parquet", "arrow"}),
+    ("augment", {"jsonl", "json", "csv", "tsv"}),
+    ("eval", {"txt", "jsonl"}),
+])
+def test_each_command_reads_its_formats_through_the_table(tmp_path, consumer, formats):
+    """Training, augment and eval decide a file's format by the one table (a .tsv is a table for training
+    too, a .ndjson or .jsonl.gz is JSON Lines for every command that reads JSON Lines)."""
+    from gpt2lab.readers import format_of
+
+    read = {"training": _training, "augment": _augment, "eval": _eval}[consumer]
+    for path in _suffix_files(tmp_path):
+        if format_of(path) not in formats or (consumer == "training" and format_of(path) == "txt"):
+            continue
+        assert read(path) == ODD, path.name
+
+
+def test_a_json_file_read_whole_is_bounded_in_size(tmp_path):
+    """A JSON file gpt2lab parses whole (a config, an index) is refused past its bound, not parsed into
+    memory; a compressed one is not even decompressed past it."""
+    import gzip
+
+    from gpt2lab.readers import read_json
+
+    body = json.dumps({"pad": "x" * 1000})
+    (tmp_path / "big.json").write_text(body)
+    (tmp_path / "big.json.gz").write_bytes(gzip.compress(body.encode()))
+    assert read_json(tmp_path / "big.json", max_bytes=len(body)) == {"pad": "x" * 1000}
+    for name in ("big.json", "big.json.gz"):
+        with pytest.raises(ReadError, match=rf"{name}: more than 100 bytes"):
+            read_json(tmp_path / name, max_bytes=100)
+    assert read_json(tmp_path / "big.json.gz", max_bytes=None)["pad"] == "x" * 1000

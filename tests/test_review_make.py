@@ -219,3 +219,78 @@ def test_export_refuses_the_log_of_another_review(tmp_path):
              "decision": "accept"}]
     result = export_curated(review, other + mine, tmp_path / "curated.csv")
     assert (result.rows_out, result.accepted, result.unreviewed) == (3, 1, 1)
+
+
+# -- U+2028, U+0085 and form feeds are text, not line breaks, from make to serve to export ------------------
+ODD = ["one\u2028two", "three\u0085four", "five\x0csix", "seven\u2029eight \x1c\x1d\x1e"]
+
+
+def test_odd_line_separators_in_candidates_round_trip_make_and_read(tmp_path):
+    """JSON allows these raw inside strings (and make writes them raw); str.splitlines() would cut the
+    line there and the review file could not be read back."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "completion": t} for i, t in enumerate(ODD)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"p{i}", "completion": t + "!"} for i, t in enumerate(ODD)])
+    out = tmp_path / "r.jsonl"
+    code, text = run("make", "--completions", a, "--completions", b, "-o", out)
+    assert code == 0, text
+    assert "\u2028" in out.read_text(encoding="utf-8")  # raw, not escaped: the case splitlines() broke
+    texts = {c.source: {} for c in read_review_set(out).items[0].candidates}
+    for it in read_review_set(out).items:
+        for c in it.candidates:
+            texts[c.source][it.prompt] = c.text
+    assert texts == {"a": {f"p{i}": t for i, t in enumerate(ODD)}, "b": {f"p{i}": t + "!" for i, t in enumerate(ODD)}}
+
+
+@pytest.mark.slow
+def test_odd_line_separators_round_trip_make_serve_export(tmp_path):
+    """A curation review of an augment output whose texts hold U+2028, U+0085 and form feeds: `review make`,
+    then the review server (loading the file as `review serve` does, on a real port) shows them and takes
+    an edit holding them, then `review export` writes them back into the curated dataset unchanged."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from gpt2lab.review.app import create_app
+
+    from .server_helpers import free_port
+
+    rows = [{"text": "an original \u2028 row", "label": "x", "aug_origin": "original", "aug_source_row": 0,
+             "aug_method": ""}]
+    rows += [{"text": t, "label": "x", "aug_origin": "generated", "aug_source_row": 0, "aug_method": "continuation"}
+             for t in ODD]
+    data = tmp_path / "augmented.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    review, log = tmp_path / "curate.jsonl", tmp_path / "curate.log.jsonl"
+    code, text = run("make", "--augment", data, "-o", review)
+    assert code == 0, text
+    app = create_app(review, log)  # what `review serve` runs: the review file read back from disk
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    shown, edited = [], "edited\u2028text\x0cwith\u0085breaks"
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            time.sleep(0.05)
+        for k in range(len(ODD)):
+            item = httpx.get(url + "/api/next", params={"reviewer": "ann"}, timeout=30).json()["item"]
+            shown.append(item["candidates"][0]["text"])
+            decision = {1: "edit", 2: "reject"}.get(k, "accept")
+            body = {"reviewer": "ann", "item": item["id"], "decision": decision,
+                    **({"text": edited} if decision == "edit" else {})}
+            assert httpx.post(url + "/api/judgements", json=body, timeout=30).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        app.state.log.close()
+    assert shown == ODD
+    curated = tmp_path / "curated.jsonl"
+    code, text = run("export", review, "--log", log, "-o", curated)
+    assert code == 0, text
+    got = [json.loads(line)["text"] for line in curated.read_text(encoding="utf-8").split("\n") if line]
+    assert got == ["an original \u2028 row", ODD[0], edited, ODD[3]]

@@ -21,6 +21,11 @@ TINY = "n_layer=2,n_head=2,n_embd=32,n_positions=64,dropout=0.1"
 SAVED_BEFORE, SAVING = 2, 4
 
 
+def _nth(stage: str) -> int:
+    """Which time the process reaches ``stage`` in the second save: pruning first happens there."""
+    return 1 if stage == "checkpoint.removing" else 2
+
+
 def _env(**more: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "GPT2LAB_CRASH_AT"}
     return dict(env, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **more)
@@ -75,12 +80,12 @@ def _stale(out: Path) -> list[str]:
 @pytest.mark.parametrize("stage", SAVE_STAGES)
 def test_sigkill_at_every_stage_of_a_save_then_resume(corpus, reference, tmp_path, stage, capsys):
     out = tmp_path / "out"
-    killed = _train(corpus, out, GPT2LAB_CRASH_AT=f"{stage}@2")
+    killed = _train(corpus, out, GPT2LAB_CRASH_AT=f"{stage}@{_nth(stage)}")
     assert killed.returncode == -9, f"the crash point {stage!r} was not reached: {killed.stderr[-2000:]}"
     latest = CheckpointDir(out / "trainer").latest()
     assert latest is not None, f"no complete checkpoint after a crash at {stage!r}"
     step = torch.load(latest / "state.pt", weights_only=True)["step"]
-    switched = SAVE_STAGES.index(stage) >= SAVE_STAGES.index("switched")
+    switched = SAVE_STAGES.index(stage) >= SAVE_STAGES.index("latest.replaced")
     assert step == (SAVING if switched else SAVED_BEFORE), stage
     assert (latest / "model" / "model.safetensors").is_file()
     left = _stale(out)
@@ -116,9 +121,14 @@ def test_latest_pointer_is_the_switch(tmp_path):
     (ck.root / "step-00000040").mkdir()
     (ck.root / "step-00000040" / "state.pt").write_bytes(b"40")
     assert ck.latest().name == "step-00000030"
-    (ck.root / ".step-00000050.tmp-x").mkdir()
-    (ck.root / ".latest.tmp").write_text("step-00000050\n")
-    assert sorted(p.name for p in ck.clean_stale()) == [".latest.tmp", ".step-00000050.tmp-x"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that is gone: what a kill leaves
+    (ck.root / f".step-00000050.tmp-{dead}-0123abcd").mkdir()
+    (ck.root / f".latest.tmp-{dead}-0123abcd").write_text("step-00000050\n")
+    (ck.root / f".step-00000060.tmp-{os.getpid()}-0123abcd").mkdir()  # a live writer's: left alone
+    assert sorted(p.name for p in ck.clean_stale()) == [f".latest.tmp-{dead}-0123abcd",
+                                                        f".step-00000050.tmp-{dead}-0123abcd"]
+    (ck.root / f".step-00000060.tmp-{os.getpid()}-0123abcd").rmdir()
     (ck.root / LATEST).unlink()  # no pointer (killed before the first switch): the newest complete folder
     assert ck.latest().name == "step-00000040"
 

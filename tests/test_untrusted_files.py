@@ -132,3 +132,143 @@ def test_refused_pickle_says_it_would_run_code(tmp_path):
 
 def test_gpt2_tokenizer_files_pass_the_checks():
     assert Tokenizer.from_dir(gpt2_tokenizer_dir()).encode("Hello world") == [15496, 995]
+
+
+def _evil_bin(path: Path, marker: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"x": Evil()}, path)
+
+
+def test_quantized_load_refuses_a_pickle_that_would_run_code(tmp_path):
+    """The quantized loader reads through the same tensor reader: the same refusal, not "truncated"."""
+    ckpt = make_hf_checkpoint(tmp_path / "evil", safe=False, **SHAPES["tiny"])
+    marker = tmp_path / "pwned"
+    _evil_bin(ckpt / "pytorch_model.bin", marker)
+    with pytest.raises(CheckpointError) as info:
+        load_model(ckpt, quantization="int8")
+    assert "pytorch_model.bin: refused: loading this pickle would run code" in str(info.value)
+    assert "truncated or corrupt" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_lora_adapter_pickle_that_would_run_code_is_refused(tmp_path, ckpt):
+    from gpt2lab.training.lora import apply_lora, fill_adapter_dir
+
+    gen = gpt2lab.load(ckpt)
+    apply_lora(gen.model, rank=2, alpha=4, targets="c_attn")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    fill_adapter_dir(gen.model, adapter, str(ckpt), "c_attn")
+    (adapter / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    _evil_bin(adapter / "adapter_model.bin", marker)
+    with pytest.raises(CheckpointError, match=r"adapter_model\.bin: refused: loading this pickle would run code"):
+        gpt2lab.load(ckpt, adapter=adapter)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("header size", r"model\.safetensors: cannot read weights .*header size"),
+    ("offsets past the end", r"model\.safetensors: cannot read weights .*does not match its data range"),
+    ("nested header", r"model\.safetensors: cannot read weights .*nested deeper than 128"),
+])
+def test_safetensors_header_is_checked_before_reading(ckpt, damage, message):
+    """The one tensor reader parses the header itself: every entry is checked against the file's size."""
+    import struct
+
+    path = ckpt / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if damage == "header size":
+        path.write_bytes(struct.pack("<Q", 1 << 40) + raw[8:])
+    else:
+        if damage == "offsets past the end":
+            name = next(k for k in header if k != "__metadata__")
+            header[name]["data_offsets"] = [0, len(raw) * 2]
+        else:
+            header = {"deep": json.loads("[" * 200 + "]" * 200), **header}
+        body = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    with pytest.raises(CheckpointError, match=message):
+        load_model(ckpt)
+
+
+# -- absurdly nested JSON in every kind of file gpt2lab reads: a clear error naming the file -----------------
+DEEP = "[" * 100_000 + "]" * 100_000  # past any recursion limit
+NOT_SO_DEEP = '{"a": ' * 200 + "1" + "}" * 200  # under the interpreter's limit, over gpt2lab's bound
+
+
+@pytest.mark.parametrize("text", [DEEP, NOT_SO_DEEP], ids=["100000", "200"])
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "vocab.json", "tokenizer.json",
+                                  "model.safetensors.index.json"])
+def test_nested_json_in_a_checkpoint_file_names_it(ckpt, name, text):
+    if name == "model.safetensors.index.json":
+        (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")
+    (ckpt / name).write_text(text, encoding="utf-8")
+    with pytest.raises((CheckpointError, TokenizerError)) as info:
+        gpt2lab.load(ckpt)
+    assert f"{name}: JSON nested deeper than 128 levels" in str(info.value)
+
+
+@pytest.mark.parametrize("text", [DEEP, NOT_SO_DEEP], ids=["100000", "200"])
+def test_nested_json_in_tokenizer_and_adapter_configs(ckpt, tmp_path, text):
+    from gpt2lab.generation.chat_template import load_chat_template
+    from gpt2lab.readers import ReadError, read_json
+    from gpt2lab.training.lora import read_adapter_config
+
+    (ckpt / "tokenizer_config.json").write_text(text, encoding="utf-8")
+    with pytest.raises(ReadError, match=r"tokenizer_config\.json: JSON nested deeper than 128 levels"):
+        read_json(ckpt / "tokenizer_config.json")
+    assert load_chat_template(ckpt) is None  # an unreadable tokenizer_config.json is ignored there, as before
+    saved = gpt2lab.load(ckpt).save(tmp_path / "saved")  # and replaced by a good one when saving
+    assert json.loads((saved / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2Tokenizer"
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: JSON nested deeper than 128 levels"):
+        read_adapter_config(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("text", [DEEP, NOT_SO_DEEP], ids=["100000", "200"])
+def test_nested_json_in_data_review_and_log_files_names_file_and_line(tmp_path, text):
+    from gpt2lab.apps.augment import read_dataset
+    from gpt2lab.review import read_log, read_review_set
+    from gpt2lab.review.reviewset import read_explore
+    from gpt2lab.training.data import DataError, DataStats, iter_documents
+
+    lines = '{"text": "fine"}\n' + text + "\n"
+    (tmp_path / "d.jsonl").write_text(lines, encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: JSON nested deeper than 128 levels"):
+        [list(doc) for doc in iter_documents(tmp_path / "d.jsonl", stats=DataStats())]
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: JSON nested deeper than 128 levels"):
+        read_dataset(tmp_path / "d.jsonl", "text")
+    (tmp_path / "arr.json").write_text("[" + text + "]", encoding="utf-8")
+    with pytest.raises(DataError, match=r"arr\.json: JSON nested deeper than 128 levels"):
+        [list(doc) for doc in iter_documents(tmp_path / "arr.json", stats=DataStats())]
+    review = tmp_path / "r.jsonl"
+    review.write_text('{"format": "gpt2lab-review", "version": 1, "mode": "ratings"}\n' + text + "\n")
+    with pytest.raises(ValueError, match=r"r\.jsonl:2: JSON nested deeper than 128 levels"):
+        read_review_set(review)
+    log = tmp_path / "log.jsonl"
+    log.write_text(text + "\n" + '{"reviewer": "a"}\n')
+    with pytest.raises(ValueError, match=r"log\.jsonl:1: not a review log record \(JSON nested deeper"):
+        read_log(log)
+    (tmp_path / "explore").mkdir()
+    (tmp_path / "explore" / "results.json").write_text(text)
+    with pytest.raises(ValueError, match=r"results\.json: JSON nested deeper than 128 levels"):
+        read_explore(tmp_path / "explore")
+
+
+def test_nesting_is_counted_outside_strings_only(tmp_path):
+    """Brackets inside strings (code in training data) are text: a shallow record full of them parses."""
+    from gpt2lab.readers import MAX_JSON_DEPTH, parse_json
+
+    depth = MAX_JSON_DEPTH - 1  # inside the record's object: MAX_JSON_DEPTH in all
+    record = {"text": "[[[{{{" * 1000 + '\\" [[[ \\\\"' * 100, "deep": json.loads("[" * depth + "]" * depth)}
+    assert parse_json(json.dumps(record), "f.jsonl", line=1) == record
+    record["deep"] = [record["deep"]]
+    with pytest.raises(ValueError, match="nested deeper"):
+        parse_json(json.dumps(record), "f.jsonl", line=1)

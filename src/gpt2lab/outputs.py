@@ -1,7 +1,9 @@
 """Checks that an output location can be written, made before any long work starts.
 
 A read-only file system, a full disk or a path under a regular file should fail in the first second
-with one line naming the path and the reason, not after an hour of training or generation.
+with one line naming the path and the reason, not after an hour of training or generation. (The
+writes themselves are :mod:`gpt2lab.atomic`'s; a write that fails later says the same, through
+:func:`describe_os_error`.)
 """
 
 from __future__ import annotations
@@ -58,29 +60,4 @@ def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Pa
     check_output_dir(path.parent if str(path.parent) else Path("."), option)
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{option} {path}: cannot write there (permission denied)")
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename: a crash leaves the old file or
-    the new one, never a part."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

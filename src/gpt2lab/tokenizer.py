@@ -8,7 +8,6 @@ character until the rest arrives; its output concatenates to exactly :meth:`Toke
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -141,21 +140,14 @@ class Tokenizer:
 
 
 def _check_json(path: Path, kind: type):
-    """The parsed content of a tokenizer JSON file; :class:`TokenizerError` says what is wrong with it."""
-    raw = path.read_bytes()
+    """The parsed content of a tokenizer JSON file; :class:`TokenizerError` says what is wrong with it
+    (the reader's message: binary, not UTF-8, not JSON or truncated, nested too deep, another type)."""
+    from .readers import ReadError, read_json
+
     try:
-        value = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise TokenizerError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                             "a binary or damaged file?") from None
-    except json.JSONDecodeError as exc:
-        # an error at the very end, or a string never closed, is what a cut-off download looks like
-        cut = " (truncated?)" if exc.pos >= len(raw.rstrip()) - 1 or exc.msg.startswith("Unterminated") else ""
-        raise TokenizerError(f"{path}: not valid JSON{cut}: {exc.msg} at line {exc.lineno} column {exc.colno} "
-                             f"({len(raw)} bytes)") from None
-    if not isinstance(value, kind):
-        raise TokenizerError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
-    return value
+        return read_json(path, expect=kind)
+    except ReadError as exc:
+        raise TokenizerError(f"{exc} ({path.stat().st_size} bytes)") from None
 
 
 _BAD_MERGE = re.compile(r"^(?=[^\n])(?:[^ \n]*|[^ \n]* [^ \n]* [^\n]*)$", re.M)  # no space, or two or more

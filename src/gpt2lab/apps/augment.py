@@ -35,8 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import naming, write_file
 from ..outputs import check_output_file
-from ..readers import complete_lines, iter_csv, read_records
+from ..readers import ReadError, complete_lines, format_of, iter_csv, parse_json, read_records
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -47,7 +48,9 @@ ADDED_COLUMNS = (ORIGIN, SOURCE_ROW, METHOD)
 METHODS = ("continuation", "few-shot")
 FILTER_REASONS = ("empty", "too_short", "too_long", "duplicate", "near_duplicate", "empty_source", "invalid_json")
 DEFAULTS = {"temperature": 0.9, "top_k": 50}
-_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+# readers.FORMATS name -> how rows are written: a .json dataset is written as JSON Lines (which the
+# json reader, and datasets', read back)
+_STYLES = {"csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl"}
 
 
 # -- dataset IO ------------------------------------------------------------------------------------
@@ -60,11 +63,13 @@ class Dataset:
 
 
 def data_format(path: Path, what: str = "file") -> str:
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
+    """How a dataset file's rows are laid out, ``csv``, ``tsv`` or ``jsonl``, from its format in
+    :data:`gpt2lab.readers.FORMATS`; ``ValueError`` for any other (an output cannot be compressed)."""
+    style = _STYLES.get(format_of(path) or "")
+    if style is None or (what == "output" and path.name.lower().endswith(".gz")):
         raise ValueError(f"{path}: unknown {what} format {path.suffix or '(no suffix)'!r}; "
                          "use .csv, .tsv or .jsonl")
-    return fmt
+    return style
 
 
 def read_dataset(path: str | Path, text_column: str, label_column: str | None = None, *,
@@ -80,7 +85,7 @@ def read_dataset(path: str | Path, text_column: str, label_column: str | None = 
     try:
         if fmt == "jsonl":
             columns: dict[str, None] = {}
-            for number, record in read_records(path, "jsonl"):
+            for number, record in read_records(path):  # .jsonl, or .json: lines or one array
                 if not isinstance(record, dict):
                     raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
                 columns.update(dict.fromkeys(record))
@@ -129,18 +134,21 @@ class _Output:
                 self._sync()
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.format == "jsonl":
-            self._file.write(json.dumps({c: record.get(c) for c in self.columns}, ensure_ascii=False) + "\n")
-        else:
-            self._csv.writerow(["" if record.get(c) is None else _cell(record.get(c)) for c in self.columns])
+        with naming(self.path):  # a full disk: one line naming the output
+            if self.format == "jsonl":
+                self._file.write(json.dumps({c: record.get(c) for c in self.columns}, ensure_ascii=False) + "\n")
+            else:
+                self._csv.writerow(["" if record.get(c) is None else _cell(record.get(c)) for c in self.columns])
         self._sync()
 
     def _sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with naming(self.path):
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        with naming(self.path):  # after a failed write, closing flushes (and fails) again
+            self._file.close()
 
 
 def _cell(value: Any) -> str:
@@ -164,10 +172,10 @@ def _read_output(path: Path, columns: list[str], keep: int) -> tuple[list[dict[s
 
     it = lines()
     if fmt == "jsonl":
-        for line in it:
+        for number, line in enumerate(it, 1):
             if len(records) == keep:
                 break
-            records.append(json.loads(line))
+            records.append(parse_json(line, path, line=number))
             offset = consumed[0]
     else:
         reader = csv.reader(it, delimiter="," if fmt == "csv" else "\t")
@@ -360,8 +368,8 @@ class Augmenter:
         # complete lines only: a kill can tear the last one (the row it logged is then redone)
         lines = [(raw.decode("utf-8", errors="replace"), end) for raw, end in complete_lines(self.progress_path)]
         try:
-            first = json.loads(lines[0][0]) if lines else None
-        except json.JSONDecodeError:
+            first = parse_json(lines[0][0], self.progress_path, line=1) if lines else None
+        except ReadError:
             first = None
         if first is None:  # killed while writing the header: nothing was done
             self._write_progress_header(header)
@@ -372,8 +380,8 @@ class Augmenter:
             raise ValueError(f"{self.out} was started with other settings (different: {', '.join(diff)}); rerun "
                              "with the same ones to resume, or choose another --out")
         done, keep, good = 0, 0, lines[0][1]
-        for line, end in lines[1:]:
-            entry = json.loads(line)
+        for number, (line, end) in enumerate(lines[1:], 2):
+            entry = parse_json(line, self.progress_path, line=number)
             if entry["row"] != done:
                 raise ValueError(f"{self.progress_path}: rows out of order; remove it and {self.out} to start over")
             done += 1
@@ -404,13 +412,10 @@ class Augmenter:
         return done
 
     def _write_progress_header(self, header: dict[str, Any]) -> None:
-        with open(self.progress_path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(header) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(self.progress_path, json.dumps(header) + "\n")  # a rewrite; the rows after it are appends
 
     def _log_row(self, row: int, kept: int, filtered: dict[str, int]) -> None:
-        with open(self.progress_path, "a", encoding="utf-8") as f:
+        with naming(self.progress_path), open(self.progress_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"row": row, "kept": kept, "filtered": filtered}) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import write_file
 from ..sampling import SamplingParams
 
 # chat_format lives in gpt2lab.generation, whose package import loads torch: it is imported where used
@@ -178,8 +179,7 @@ class ChatSession:
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
-        path.write_text(self.transcript(), encoding="utf-8")
-        return path
+        return write_file(path, self.transcript())
 
     def load(self, path: str | Path, *, keep_persona: bool = False) -> None:
         """Continue the conversation of a transcript file written by :meth:`save` (or by hand)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import write_file
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -161,6 +162,5 @@ def save_stories(stories: list[Story], out_dir: str | Path, stem: str = "story")
         while (out / f"{stem}-{n}.txt").exists():
             n += 1
         path = out / f"{stem}-{n}.txt"
-        path.write_text(story.text if story.text.endswith("\n") else story.text + "\n", encoding="utf-8")
-        paths.append(path)
+        paths.append(write_file(path, story.text if story.text.endswith("\n") else story.text + "\n"))
     return paths

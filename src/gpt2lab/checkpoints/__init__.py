@@ -1,6 +1,6 @@
 """Finding, loading and saving GPT-2 checkpoints in Hugging Face layout."""
 
-from .io import CheckpointError, load_model, save_model, write_atomic_dir
+from .io import CheckpointError, load_model, save_model
 from .resolve import (
                       BUNDLED_DEFAULT,
                       BUNDLED_MODELS,
@@ -12,5 +12,5 @@ from .resolve import (
 )
 
 __all__ = ["CheckpointError", "ModelNotFoundError", "ResolvedModel", "load_model", "save_model",
-           "write_atomic_dir", "resolve_model", "bundled_model_dir", "DEFAULT_MODEL", "BUNDLED_DEFAULT",
+           "resolve_model", "bundled_model_dir", "DEFAULT_MODEL", "BUNDLED_DEFAULT",
            "BUNDLED_MODELS"]

@@ -5,10 +5,9 @@ A checkpoint directory holds ``config.json``, the weights and the tokenizer file
 (``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``, as ``save_pretrained(max_shard_size=...)``
 writes them). Saving writes what ``transformers`` writes: ``config.json`` with ``torch_dtype``,
 ``generation_config.json``, the tokenizer files with ``tokenizer_config.json``, a model card (README.md),
-and shards with an index when the weights exceed ``max_shard_size``.
-
-HF GPT-2 stores its projections as ``Conv1D`` (weight ``[in, out]``); our model uses
-``nn.Linear`` (``[out, in]``), so those four weights per block are transposed on the way in and out.
+and shards with an index when the weights exceed ``max_shard_size``, all through
+:mod:`gpt2lab.atomic` (a folder is swapped in whole). Weight files are read by the one tensor reader,
+:func:`read_tensors` (in :mod:`.tensors`, with the HF <-> gpt2lab name mapping; imported here).
 """
 
 from __future__ import annotations
@@ -19,16 +18,26 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import crash_point, write_dir, write_file
 from ..errors import CheckpointError
 from ..model import GPT2, ConfigError, GPT2Config, check_quantization
 from ..model.gpt2 import meta_skeleton
+from ..readers import ReadError, read_json
+from .tensors import (
+                      CONV1D_SUFFIXES,
+                      IGNORED_BUFFERS,
+                      check_tensor_names,
+                      gpt2lab_to_hf,
+                      hf_to_gpt2lab,
+                      read_tensors,
+                      safetensors_shapes,
+)
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -47,47 +56,10 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub's and transformers' default
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# buffers older HF versions stored in checkpoints; derived from the config, never loaded
-_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        # weights_only: a pickled checkpoint cannot run code when loaded
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every parser error means the same to the user
-        # torch's weights_only unpickler met a reference to code (a global or a call), not a tensor
-        if re.search(r"Unsupported global|unrecognized function|Unsupported class", str(exc)):
-            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            what = f" (it references {refused.group(1)})" if refused else ""
-            raise CheckpointError(
-                f"{path}: refused: loading this pickle would run code{what}; only "
-                "plain tensors are loaded (torch.load weights_only=True). If you trust the file, convert it "
-                "to safetensors yourself") from None
-        size = path.stat().st_size
-        raise CheckpointError(f"{path}: cannot read weights ({size} bytes; truncated or corrupt?): {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return state
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors file's header only (nothing else is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-    except Exception as exc:  # noqa: BLE001 - a header that does not parse
-        raise CheckpointError(f"{path}: cannot read weights ({path.stat().st_size} bytes; truncated or "
-                              f"corrupt?): {exc}") from exc
+    return dict(read_tensors(path))
 
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
@@ -111,9 +83,9 @@ def check_shapes(config: GPT2Config, shapes: Mapping[str, Sequence[int]], weight
     ours: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
         key = name.removeprefix("transformer.")
-        if _IGNORED.search(key):
+        if IGNORED_BUFFERS.search(key):
             continue
-        ours[key] = tuple(reversed(tuple(shape))) if key.endswith(_CONV1D_SUFFIXES) else tuple(shape)
+        ours[key] = tuple(reversed(tuple(shape))) if key.endswith(CONV1D_SUFFIXES) else tuple(shape)
     check_state_shapes(config, ours, weights, config_path)
 
 
@@ -141,9 +113,11 @@ def check_state_shapes(config: GPT2Config, shapes: Mapping[str, Sequence[int]], 
 def _read_index(index: Path) -> list[Path]:
     """The shard files an index names, in order of first appearance, each checked to exist."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         shards = list(dict.fromkeys(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except ReadError as exc:  # not JSON, nested too deep ...: named by the reader
+        raise CheckpointError(f"{exc}; expected a shard index (a JSON object with a 'weight_map')") from None
+    except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{index}: not a valid shard index (expected a JSON object with a "
                               f"'weight_map' of tensor name -> shard file): {exc}") from exc
     if not shards or not all(isinstance(s, str) and "/" not in s and s not in (".", "..") for s in shards):
@@ -194,7 +168,7 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
     """
     directory = Path(directory)
     try:
-        raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        raw = read_json(directory / CONFIG_FILE)
     except (OSError, ValueError):
         raw = {}
     for key in ("torch_dtype", "dtype"):
@@ -234,32 +208,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, directory: str | Path | None 
     if dtype not in table:
         raise ValueError(f"dtype must be one of {sorted(['auto', *table])}, got {dtype!r}")
     return table[dtype]
-
-
-def hf_to_gpt2lab(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Map HF ``GPT2LMHeadModel``/``GPT2Model`` tensor names and layouts to ours."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in (state.items() if isinstance(state, Mapping) else state):
-        key = name.removeprefix("transformer.")
-        if _IGNORED.search(key):
-            continue
-        if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t().contiguous()  # row-major [out, in]: the layout gpt2lab's kernels read
-        out[key] = tensor
-    return out
-
-
-def gpt2lab_to_hf(state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Our names -> HF ``GPT2LMHeadModel`` names (Conv1D layout); contiguous copies for safetensors."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        name = key if key.startswith("lm_head.") else f"transformer.{key}"
-        out[name] = tensor.detach().contiguous().cpu()
-    if not tie_word_embeddings and "lm_head.weight" not in out:
-        raise CheckpointError("untied model without lm_head.weight")
-    return out
 
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
@@ -323,43 +271,6 @@ def model_from_tensors(config: GPT2Config, shards: Iterable[Mapping[str, torch.T
     return model
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic_dir(target: str | Path, fill) -> Path:
-    """Create directory ``target`` by calling ``fill(tmpdir)`` and renaming it into place.
-
-    A crash at any moment leaves either the previous ``target`` or the complete new one, never a mix.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 @contextlib.contextmanager
 def _write_errors_as_os_errors(path: Path) -> Iterator[None]:
     """safetensors reports a failed write (a full disk ...) as ``SafetensorError``: raise the ``OSError``
@@ -382,8 +293,7 @@ def _tokenizer_config(tokenizer_dir: Path | None, n_positions: int) -> dict[str,
     src = tokenizer_dir / TOKENIZER_CONFIG_FILE if tokenizer_dir is not None else None
     if src is not None and src.is_file():
         try:
-            loaded = json.loads(src.read_text(encoding="utf-8"))
-            cfg = loaded if isinstance(loaded, dict) else {}
+            cfg = read_json(src, expect=dict)
         except ValueError:
             cfg = {}  # a broken file is replaced by a good one
     limit = cfg.get("model_max_length")
@@ -407,14 +317,14 @@ def write_chat_template(directory: str | Path, template: str, model_max_length: 
     config: dict = {}
     if path.is_file():
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = read_json(path, expect=dict)
         except ValueError:
             config = {}
     if not isinstance(config, dict) or not config:
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                   "unk_token": "<|endoftext|>", "add_prefix_space": False, "model_max_length": model_max_length}
     config["chat_template"] = template
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_file(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (Path(directory) / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
 
@@ -423,7 +333,9 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
                generation_config: Mapping[str, Any] | None = None,
                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None,
                chat_template: str | None = None) -> Path:
-    """Write ``model`` in HF layout (atomically) so ``transformers`` loads it back unchanged.
+    """Write ``model`` in HF layout so ``transformers`` loads it back unchanged, atomically: the folder
+    is filled under a temporary name and swapped in (:func:`gpt2lab.atomic.write_dir`), so at every
+    instant ``directory`` holds the previous complete model or the new one.
 
     ``tokenizer_dir``: copy the tokenizer files found there (``tokenizer_config.json`` completed with
     ``model_max_length`` = ``n_positions``). ``dtype``: storage dtype (e.g. fp16; recorded as
@@ -432,10 +344,27 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
     split into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` by
     ``huggingface_hub.save_torch_state_dict``. ``card``: the model card (README.md); default: a short
     card saying how the folder was made. ``extra_files``: more text files to write (name -> content).
-    ``chat_template``: the Jinja chat template to record in ``tokenizer_config.json``.
+    ``chat_template``: the Jinja chat template to record in ``tokenizer_config.json``. Raises
+    ``OSError`` naming the file that could not be written (a full disk ...), ``NotADirectoryError``
+    when ``directory`` is a file. Crash stages (tests): ``model.writing`` (part of the files written)
+    and ``model.`` + :data:`gpt2lab.atomic.DIR_STAGES`.
     """
+    kwargs = dict(tokenizer_dir=tokenizer_dir, dtype=dtype, extra_files=extra_files,
+                  generation_config=generation_config, max_shard_size=max_shard_size, card=card,
+                  chat_template=chat_template)
+    return write_dir(directory, lambda tmp: write_model_files(model, tmp, **kwargs), scope="model")
+
+
+def write_model_files(model: GPT2, folder: str | Path, *, tokenizer_dir: str | Path | None = None,
+                      dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
+                      generation_config: Mapping[str, Any] | None = None,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, card: str | None = None,
+                      chat_template: str | None = None) -> None:
+    """The files of :func:`save_model` written into the existing folder ``folder``, not atomically:
+    for a folder that an atomic write fills (:func:`save_model`, a training run's published model)."""
     from huggingface_hub import save_torch_state_dict
 
+    folder = Path(folder)
     config = model.config
     state = model.state_dict()
     if dtype is not None:
@@ -446,46 +375,32 @@ def save_model(model: GPT2, directory: str | Path, *, tokenizer_dir: str | Path 
         from .card import model_card
 
         card = model_card(how="Saved with gpt2lab.", config=config, dtype=stored)
-
-    def fill(tmp: Path) -> None:
-        hf_config = config.to_hf_dict()
-        hf_config["torch_dtype"] = str(stored).removeprefix("torch.")
-        _write_json(tmp / CONFIG_FILE, hf_config)
-        with _write_errors_as_os_errors(tmp):
-            save_torch_state_dict(gpt2lab_to_hf(state, config.tie_word_embeddings), tmp,
-                                  max_shard_size=max_shard_size, metadata={"format": "pt"})
-        if tok_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = tok_dir / name
-                if src.is_file() and name not in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
-                    shutil.copyfile(src, tmp / name)
-            tok_cfg = _tokenizer_config(tok_dir, config.n_positions)
-            _write_json(tmp / TOKENIZER_CONFIG_FILE, tok_cfg)
-            if not (tmp / SPECIAL_TOKENS_FILE).is_file() and "eos_token" in tok_cfg:
-                _write_json(tmp / SPECIAL_TOKENS_FILE, {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token")})
-        gen_cfg = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-        gen_cfg.update(generation_config or {})
-        _write_json(tmp / GENERATION_CONFIG_FILE, gen_cfg)
-        if card is not None:
-            (tmp / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(content, encoding="utf-8")
-        if chat_template is not None:
-            write_chat_template(tmp, chat_template, config.n_positions)
-
-    return write_atomic_dir(directory, fill)
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = str(stored).removeprefix("torch.")
+    _write_json(folder / CONFIG_FILE, hf_config)
+    crash_point("model.writing")
+    with _write_errors_as_os_errors(folder):
+        save_torch_state_dict(gpt2lab_to_hf(state, config.tie_word_embeddings), folder,
+                              max_shard_size=max_shard_size, metadata={"format": "pt"})
+    if tok_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = tok_dir / name
+            if src.is_file() and name not in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
+                shutil.copyfile(src, folder / name)
+        tok_cfg = _tokenizer_config(tok_dir, config.n_positions)
+        _write_json(folder / TOKENIZER_CONFIG_FILE, tok_cfg)
+        if not (folder / SPECIAL_TOKENS_FILE).is_file() and "eos_token" in tok_cfg:
+            _write_json(folder / SPECIAL_TOKENS_FILE, {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token")})
+    gen_cfg = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    gen_cfg.update(generation_config or {})
+    _write_json(folder / GENERATION_CONFIG_FILE, gen_cfg)
+    if card is not None:
+        (folder / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
+    for name, content in (extra_files or {}).items():
+        (folder / name).write_text(content, encoding="utf-8")
+    if chat_template is not None:
+        write_chat_template(folder, chat_template, config.n_positions)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any) -> None:  # inside a folder that is written atomically as a whole
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def check_tensor_names(source: object, config_source: object, missing: list[str], unexpected: list[str]) -> None:
-    """Raise :class:`CheckpointError` naming ``source`` when a checkpoint lacks or adds tensors."""
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{source}: does not match {config_source}: {'; '.join(detail)}")

@@ -1,17 +1,15 @@
 """Loading a checkpoint straight into a quantized :class:`GPT2`, one tensor at a time.
 
 The model starts as a skeleton of meta tensors with quantized modules (``model.quantize``); each
-tensor is read from the file, converted to fp32, quantized by its module's ``load_state_dict`` and
-dropped before the next is read, so the peak memory is the quantized model plus one fp32 tensor
-(GPT-2 XL, 1.5B parameters: about 1.9 GB in int8 instead of 6.2 GB in fp32).
+tensor is read from the file by the one tensor reader (:func:`gpt2lab.checkpoints.tensors.read_tensors`),
+converted to fp32, quantized by its module's ``load_state_dict`` and dropped before the next is
+read, so the peak memory is the quantized model plus one fp32 tensor (GPT-2 XL, 1.5B parameters:
+about 1.9 GB in int8 instead of 6.2 GB in fp32).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,52 +17,7 @@ import torch
 from ..errors import CheckpointError
 from ..model import GPT2, GPT2Config
 from ..model.quantize import quantized_skeleton
-from .io import check_tensor_names
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a safetensors file, one ``read`` each (its documented layout: an 8-byte little-endian
-    header size, a JSON header of dtype/shape/data_offsets, the data). Not memory-mapped: a mapped file's
-    touched pages stay in the process's resident memory until it is closed, which would put the whole
-    fp32 checkpoint back into the peak that quantizing while loading avoids."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        base = 8 + size
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            buf = bytearray(end - start)
-            f.seek(base + start)
-            if f.readinto(buf) != end - start:
-                raise CheckpointError(f"{path}: truncated (tensor {name})")
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else \
-                torch.empty(info["shape"], dtype=dtype)
-
-
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of a weights file, reading one tensor at a time where the format allows
-    (safetensors; a torch pickle is memory-mapped)."""
-    try:
-        if path.suffix == ".safetensors":
-            yield from _read_safetensors(path)
-            return
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every parser error means the same to the user
-        raise CheckpointError(f"{path}: cannot read weights ({path.stat().st_size} bytes; truncated or "
-                              f"corrupt?): {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    yield from state.items()
+from .tensors import check_tensor_names, hf_to_gpt2lab, read_tensors
 
 
 def _trim_heap() -> None:
@@ -95,13 +48,12 @@ def load_quantized(config: GPT2Config, files: list[Path], quantization: str, *, 
     Raises :class:`CheckpointError` when the file does not match the config (missing, unexpected or
     misshapen tensors) or cannot be read.
     """
-    from .io import hf_to_gpt2lab
-
     model = quantized_skeleton(config, quantization)
     expected = set(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor in (item for path in files for item in iter_tensors(path)):
+    # one tensor at a time (safetensors read tensor by tensor, a torch pickle memory-mapped)
+    for name, tensor in (item for path in files for item in read_tensors(path, mmap=True)):
         for key, value in hf_to_gpt2lab({name: tensor}).items():
             if key == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # tied: the same tensor as wte

@@ -9,13 +9,13 @@ one line on stderr says so; a model named explicitly never falls back.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..readers import read_json
 from .io import CONFIG_FILE, TOKENIZER_FILES, WEIGHT_FILES, CheckpointError, weight_files
 
 DEFAULT_MODEL = "gpt2"
@@ -102,7 +102,7 @@ def _hub_download(repo_id: str, offline: bool) -> Path:
         raise FileNotFoundError(f"{repo_id} has no GPT-2 weights ({', '.join(WEIGHT_FILES)})")
     wanted = [CONFIG_FILE, weights, *(f for f in TOKENIZER_FILES if f in files)]
     if weights.endswith(".index.json"):  # the shards are the ones its weight_map names
-        index = json.loads(Path(hf_hub_download(repo_id, weights)).read_text(encoding="utf-8"))
+        index = read_json(hf_hub_download(repo_id, weights), expect=dict)
         wanted += sorted(set(index.get("weight_map", {}).values()))
     return Path(snapshot_download(repo_id, allow_patterns=wanted))
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import typer
 
-from ..jsonl import json_lines
 from .common import fail, load_generator, user_errors
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 from .structured import choice_option, grammar_option, json_schema_option, regex_option, structured_outputs
@@ -26,9 +25,11 @@ def read_prompts(lines: list[str], source: str) -> list[str]:
         fail(f"{source}: no prompts (expected one prompt per line, or JSONL with a \"prompt\" field)")
     if not numbered[0][1].lstrip().startswith("{"):
         return [line for _, line in numbered]
+    from ..readers import parse_jsonl
+
     prompts = []
     try:
-        for number, record in json_lines(lines, source):
+        for number, record in parse_jsonl(lines, source):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 fail(f"{source}:{number}: expected a JSON object with a string \"prompt\" field")
             prompts.append(record["prompt"])

@@ -54,10 +54,10 @@ def _described(params: SamplingParams) -> dict[str, Any]:
 def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     out = process_escapes_all(prompts) or []
     if prompts_file is not None:
-        from ..evaluation.perplexity import read_text_file
+        from ..readers import iter_lines
 
-        with user_errors():
-            out += [line for line in read_text_file(prompts_file).splitlines() if line.strip()]
+        with user_errors():  # one prompt per line, lines ending at "\n" only (as generate --file and explore)
+            out += [line for _, line in iter_lines(prompts_file) if line.strip()]
     return out
 
 

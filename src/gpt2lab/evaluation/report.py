@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import math
 from pathlib import Path
+from typing import BinaryIO
 
+from ..atomic import write_file
 from .common import json_safe
 from .explore import METRICS, SETTING_FIELDS, ExploreResult, SettingResult
 
@@ -21,17 +24,20 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def write_csv(result: ExploreResult, path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*SETTING_FIELDS, *METRICS])
-        writer.writeheader()
-        for r in result.settings:
-            writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
-                             for k, v in r.row().items()})
+def results_csv(result: ExploreResult) -> str:
+    """results.csv: one row per setting, its parameters and scores (NaN and None as empty cells)."""
+    fh = io.StringIO()
+    writer = csv.DictWriter(fh, fieldnames=[*SETTING_FIELDS, *METRICS])
+    writer.writeheader()
+    for r in result.settings:
+        writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                         for k, v in r.row().items()})
+    return fh.getvalue()
 
 
-def plot_png(result: ExploreResult, path: Path) -> None:
-    """Scatter of diversity (distinct-2) against coherence (perplexity), one labelled point per setting."""
+def plot_png(result: ExploreResult, path: Path | BinaryIO) -> None:
+    """Scatter of diversity (distinct-2) against coherence (perplexity), one labelled point per setting, as
+    PNG into ``path`` (a file name or a binary file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -112,15 +118,15 @@ def render_html(result: ExploreResult, png: bytes | None = None) -> str:
 
 
 def write_outputs(result: ExploreResult, out: str | Path) -> dict[str, Path]:
-    """Write the four files into directory ``out`` (created if needed); their paths by name."""
+    """Write the four files into directory ``out`` (created if needed), each atomically; their paths by name."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in OUTPUT_FILES}
-    write_csv(result, paths["results.csv"])
-    paths["results.json"].write_text(json.dumps(json_safe(result.to_dict()), indent=2, ensure_ascii=False) + "\n",
-                                     encoding="utf-8")
-    plot_png(result, paths["plot.png"])
-    paths["report.html"].write_text(render_html(result, paths["plot.png"].read_bytes()), encoding="utf-8")
-    return paths
+    png = io.BytesIO()
+    plot_png(result, png)
+    return {"results.csv": write_file(out / "results.csv", results_csv(result)),
+            "results.json": write_file(out / "results.json",
+                                       json.dumps(json_safe(result.to_dict()), indent=2, ensure_ascii=False) + "\n"),
+            "plot.png": write_file(out / "plot.png", png.getvalue()),
+            "report.html": write_file(out / "report.html", render_html(result, png.getvalue()))}

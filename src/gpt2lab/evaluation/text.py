@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..readers import iter_jsonl, iter_lines
+from ..readers import format_of, iter_jsonl, iter_lines
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
 
@@ -194,7 +194,7 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]] | Non
     list); those are returned second (None when the lines carry none).
     """
     path = Path(path)
-    if path.suffix.lower() != ".jsonl":
+    if format_of(path) != "jsonl":
         return [line for _, line in iter_lines(path)], None
     texts: list[str] = []
     refs: list[list[str]] = []
@@ -221,7 +221,7 @@ def read_references(path: str | Path) -> list[list[str]]:
     """References from a text file (one per line) or JSON Lines (a string, a list of strings, or an
     object with ``references``/``reference``/``target``/``text``)."""
     path = Path(path)
-    if path.suffix.lower() != ".jsonl":
+    if format_of(path) != "jsonl":
         return [[line] for _, line in iter_lines(path)]
     refs = []
     for number, item in iter_jsonl(path):

@@ -24,7 +24,6 @@ When the conversation outgrows the context window, the oldest turns are dropped;
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ..readers import read_json
 from ..tokenizer import EOS_TOKEN
 from .chat_template import DEFAULT_CHAT_TEMPLATE, DIALOGPT_CHAT_TEMPLATE, ChatTemplate, load_chat_template
 
@@ -136,7 +136,7 @@ def is_dialogpt(name: str | None = None, path: str | Path | None = None) -> bool
     if path is None:
         return False
     try:
-        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        raw = read_json(Path(path) / "config.json", expect=dict)
     except (OSError, ValueError):
         return False
     origin = str(raw.get("_name_or_path", ""))

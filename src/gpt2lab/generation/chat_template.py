@@ -29,6 +29,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..readers import read_json
 from ..tokenizer import EOS_TOKEN
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' separate file (preferred over the config key)
@@ -155,8 +156,8 @@ def load_chat_template(directory: str | Path | None) -> str | None:
     if not config.is_file():
         return None
     try:
-        value = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        value = read_json(config, expect=dict).get("chat_template")
+    except ValueError:
         return None  # an unreadable tokenizer_config.json is the tokenizer loader's to report
     if isinstance(value, list):
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}

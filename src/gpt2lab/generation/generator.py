@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -16,6 +15,7 @@ from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
 from ..model import GPT2, GPT2Config, check_quantization
 from ..model.device import resolve_device
 from ..model.device import resolve_dtype as device_dtype
+from ..readers import read_json
 from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
@@ -34,12 +34,9 @@ def read_generation_config(directory: Path | None) -> dict[str, Any]:
     if path is None or not path.is_file():
         return {}
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+        return read_json(path, expect=dict)
+    except (ValueError, OSError) as exc:  # the reader's message names the file and the problem
+        raise CheckpointError(str(exc)) from None
 
 
 class Generator:

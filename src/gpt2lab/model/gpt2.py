@@ -14,7 +14,6 @@ Two ways to run it:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..readers import read_json
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +138,9 @@ class GPT2Config:
     def from_json(cls, path: str | Path) -> GPT2Config:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+            raw = read_json(path, expect=dict)
+        except ValueError as exc:  # the reader's message names the file: not JSON, nested too deep ...
+            raise ConfigError(str(exc)) from None
         try:
             return cls.from_dict(raw)
         except (ConfigError, TypeError) as exc:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..outputs import write_text_atomic
+from ..atomic import write_file
 from .reviewset import ReviewSet
 from .summary import latest
 
@@ -41,13 +41,17 @@ def export_curated(review: ReviewSet, records: list[dict[str, Any]], out: str | 
     Raises ``ValueError`` when the review set is not a curation set, the input changed since ``make``, or
     ``records`` are not empty yet judge none of this review's items (another review's log).
     """
-    from ..apps.augment import _FORMATS, read_dataset
+    from ..apps.augment import data_format, read_dataset
 
     if review.mode != "curation" or not review.dataset:
         raise ValueError(f"export needs a curation review file (made with --augment), this one is {review.mode}")
     ds = review.dataset
     out = Path(out)
-    if _FORMATS.get(out.suffix.lower()) != ds["format"]:
+    try:
+        style = data_format(out, "output")
+    except ValueError:
+        style = None
+    if style != ds["format"]:
         raise ValueError(f"--out {out}: the input is {ds['format']}; give a .{ds['format']} output to keep its format")
     if out.resolve() == Path(ds["path"]).resolve():
         raise ValueError(f"--out {out} is the input file; choose another output")
@@ -76,7 +80,7 @@ def export_curated(review: ReviewSet, records: list[dict[str, Any]], out: str | 
         if i in drop:
             continue
         kept.append({**row, ds["text_column"]: edits[i]} if state.get(i) == "edit" else row)
-    write_text_atomic(out, _serialise(kept, data.columns, ds["format"]))
+    write_file(out, _serialise(kept, data.columns, ds["format"]))
     states = list(state.values())
     return CurationResult(len(data.rows), len(kept), states.count("accept"), states.count("edit"),
                           states.count("reject"), len(unreviewed), str(out))

@@ -1,5 +1,9 @@
 """The judgement log: JSON Lines, one line per judgement, appended and fsynced as each is made.
 
+The log is never rewritten: each judgement is one ``write`` on an ``O_APPEND`` descriptor (the only
+rewrite-like step is cutting a torn tail off at start-up), so it does not go through
+:mod:`gpt2lab.atomic`, which replaces whole files.
+
 Every record is self-contained (it names the sources it judged), so ``gpt2lab review summary LOG``
 needs nothing else. A crash can at worst leave the last line torn (no newline, or not JSON): readers
 skip it and :class:`JudgementLog` cuts it off before appending, so later lines stay whole.
@@ -13,6 +17,8 @@ import os
 import threading
 from pathlib import Path
 from typing import Any
+
+from ..readers import ReadError, parse_json
 
 CHOICES = ("A", "B", "tie", "both-bad")
 DECISIONS = ("accept", "reject", "edit")
@@ -80,13 +86,14 @@ def _parse(raw: bytes, source: str) -> tuple[list[dict[str, Any]], int]:
             good += len(line) + (0 if last else 1)
             continue
         try:
-            value = json.loads(line.decode("utf-8"))
+            value = parse_json(line.decode("utf-8"), source, line=number)
             if not isinstance(value, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
             if last or (number == len(lines) - 1 and not lines[-1].strip()):
                 break  # a torn tail: the judgement being written when the process died
-            raise ValueError(f"{source}:{number}: not a review log record ({exc})") from None
+            detail = str(exc).removeprefix(f"{source}:{number}: ") if isinstance(exc, ReadError) else exc
+            raise ValueError(f"{source}:{number}: not a review log record ({detail})") from None
         if last:
             break  # no newline yet: not known to be complete
         problem = record_problem(value)

@@ -23,8 +23,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..jsonl import json_objects
-from ..outputs import write_text_atomic
+from ..atomic import write_file
+from ..readers import iter_jsonl, read_json
 
 if TYPE_CHECKING:
     from ..generation import Generator
@@ -180,11 +180,13 @@ def read_explore(directory: str | Path, labels: Sequence[str] = ()) -> dict[str,
     """
     path = Path(directory) / "results.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         settings = {s["label"]: [(x["prompt"], x["text"]) for x in s["samples"]] for s in data["settings"]}
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found; give the --out directory of a `gpt2lab explore` run") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except ValueError as exc:  # the reader's error names the file
+        raise ValueError(f"{exc}; not an explore results.json") from None
+    except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not an explore results.json ({type(exc).__name__}: {exc})") from None
     missing = [x for x in labels if x not in settings]
     if missing:
@@ -218,25 +220,21 @@ def from_augment(path: str | Path, text_column: str = "text") -> ReviewSet:
 
 # -- files ---------------------------------------------------------------------------------------------
 def write_review_set(review: ReviewSet, path: str | Path) -> Path:
-    """Write the review file atomically."""
+    """Write the review file atomically (JSON Lines: U+2028 and the like stay raw inside strings, and
+    the reader splits lines on ``\\n`` only)."""
     lines = [json.dumps(review.header(), ensure_ascii=False)]
     lines += [json.dumps(it.to_dict(), ensure_ascii=False) for it in review.items]
-    return write_text_atomic(path, "\n".join(lines) + "\n")
+    return write_file(path, "\n".join(lines) + "\n")
 
 
 def read_review_set(path: str | Path) -> ReviewSet:
     """Read and validate a review file; ``ValueError`` names the file, the line and the problem."""
     path = Path(path)
+    records = iter_jsonl(path, objects=True)  # the one JSONL reader: lines end at "\n" only, BOM dropped
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        first = next(records, None)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: review file not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, not a review file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text; is it a review file?") from None
-    records = json_objects(text.splitlines(), str(path))
-    first = next(records, None)
     if first is None or first[1].get("format") != FORMAT:
         raise ValueError(f"{path}: not a gpt2lab review file (its first line must be the header with "
                          f"\"format\": \"{FORMAT}\"; make one with `gpt2lab review make`)")

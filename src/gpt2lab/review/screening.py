@@ -15,6 +15,7 @@ from scipy import sparse
 
 from ..apps.augment import normalize, shingles
 from ..evaluation.text import repeated_ngram_rate
+from ..readers import iter_lines
 
 MAX_BLOCKLIST_ENTRIES = 10_000
 MAX_SHOWN = 5  # near-duplicates and matches listed per candidate
@@ -34,12 +35,10 @@ def read_blocklist(path: str | Path) -> list[str]:
     """Entries of a blocklist file: one word or phrase per line; blank lines and ``#`` comments skipped."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        lines = [line for _, line in iter_lines(path)]  # the one text reader: BOM dropped, "\n" ends a line
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: blocklist file not found") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a UTF-8 text file ({type(exc).__name__})") from None
-    entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    entries = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if len(entries) > MAX_BLOCKLIST_ENTRIES:
         raise ValueError(f"{path}: more than {MAX_BLOCKLIST_ENTRIES} entries")
     return entries

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..evaluation.common import json_safe
 from .stats import bradley_terry, cohen_kappa, krippendorff_alpha, t_interval, wilson_interval
@@ -222,8 +223,9 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     return out
 
 
-def plot_png(summary: dict[str, Any], path: Path) -> bool:
-    """Win rates with their intervals and mean ratings with theirs; False when there is nothing to plot."""
+def plot_png(summary: dict[str, Any], path: Path | BinaryIO) -> bool:
+    """Win rates with their intervals and mean ratings with theirs, as PNG into ``path`` (a file name or a
+    binary file); False when there is nothing to plot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -306,19 +308,16 @@ def render_html(summary: dict[str, Any], png: bytes | None = None, title: str = 
 
 def write_outputs(summary: dict[str, Any], out: str | Path, title: str = "review") -> dict[str, Path]:
     """summary.json, plot.png (when there is something to plot) and report.html in directory ``out``."""
-    from ..outputs import write_text_atomic
+    from ..atomic import write_file
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary.json": write_text_atomic(out / "summary.json",
-                                               json.dumps(summary, indent=2, ensure_ascii=False) + "\n")}
-    png = None
-    tmp = out / ".plot.png.tmp"
-    if plot_png(summary, tmp):
-        tmp.replace(out / "plot.png")
-        paths["plot.png"] = out / "plot.png"
-        png = paths["plot.png"].read_bytes()
-    paths["report.html"] = write_text_atomic(out / "report.html", render_html(summary, png, title))
+    paths = {"summary.json": write_file(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")}
+    buffer = io.BytesIO()
+    png = buffer.getvalue() if plot_png(summary, buffer) else None
+    if png is not None:
+        paths["plot.png"] = write_file(out / "plot.png", png)
+    paths["report.html"] = write_file(out / "report.html", render_html(summary, png, title))
     return paths

@@ -32,7 +32,7 @@ import torch
 
 from ..generation.chat_format import fit_messages
 from ..generation.chat_template import ChatTemplate, ChatTemplateError
-from ..readers import ReadError, read_records
+from ..readers import ReadError, format_of, read_records
 from .data import (
     DataError,
     DataStats,
@@ -73,7 +73,7 @@ def looks_like_chat(paths: Sequence[str | os.PathLike[str]]) -> bool:
         files = expand_paths(paths)
     except DataError:
         return False
-    if not files or any(f.suffix.lower() != ".jsonl" for f in files):
+    if not files or any(format_of(f) != "jsonl" for f in files):
         return False
     for path in files:
         try:
@@ -248,7 +248,7 @@ def prepare_chat_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | 
     files = expand_paths(paths)
     val_files = expand_paths([val]) if val is not None else []
     for f in (*files, *val_files):
-        if f.suffix.lower() != ".jsonl":
+        if format_of(f) != "jsonl":  # the one suffix table: .jsonl, .ndjson, .jsonl.gz
             raise DataError(f"{f}: chat data must be .jsonl conversations (\"messages\", \"conversations\" or "
                             "\"prompt\"/\"completion\" records)")
     dtype = token_dtype(tokenizer.vocab_size)

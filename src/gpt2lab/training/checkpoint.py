@@ -6,15 +6,19 @@ Layout of ``OUT/trainer/``::
     step-00000050/       the newest one
     latest               "step-00000050": the checkpoint --resume uses
 
-Saving writes the new checkpoint into a temporary folder beside the old one, fsyncs it, renames it to
-its step name, then replaces ``latest`` (write a temporary file, fsync, rename): that rename is the one
-atomic switch. Older step folders are removed after it, renamed to a temporary name first so that a
-half-deleted folder is never taken for a checkpoint. So at every instant ``latest`` names a complete
-checkpoint (or, before the first switch, there is none or one complete step folder). Temporary
-folders a kill left behind are removed the next time the run starts.
+A save is built from :mod:`gpt2lab.atomic`'s writes: the new checkpoint is filled into a temporary
+folder beside the old one, fsynced and renamed to its step name (:func:`~gpt2lab.atomic.write_dir`),
+then ``latest`` is replaced (:func:`~gpt2lab.atomic.write_file`): that rename is the one atomic switch.
+Older step folders are removed after it, renamed to a temporary name first
+(:func:`~gpt2lab.atomic.remove_dir`) so that a half-deleted folder is never taken for a checkpoint.
+So at every instant ``latest`` names a complete checkpoint (or, before the first switch, there is none
+or one complete step folder). A pointer over new names, rather than one folder swapped in place, keeps
+the previous checkpoint whole until the new one is referenced, without needing an atomic exchange.
+Temporary folders a kill left behind are removed the next time the run starts.
 
-``GPT2LAB_CRASH_AT=STAGE[@N]`` (tests only) kills the process with SIGKILL at that stage of the N-th
-save (default the first); the stages are :data:`SAVE_STAGES`.
+``GPT2LAB_CRASH_AT=STAGE[@N]`` (tests only) kills the process with SIGKILL the N-th time it reaches
+that stage (:func:`gpt2lab.atomic.crash_point`); the stages of a save, in order, are
+:data:`SAVE_STAGES` (``checkpoint.removing`` is reached once per folder pruned, from the second save).
 """
 
 from __future__ import annotations
@@ -22,42 +26,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from ..atomic import DIR_STAGES, FILE_STAGES, clean_stale, fsync_path, remove_dir, write_dir, write_file
 
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
 LATEST = "latest"
-SAVE_STAGES = ("writing", "written", "renamed", "pointer_written", "switched", "pruning")
+# "checkpoint.writing": the model is written, state.pt not yet (the trainer's fill reaches it)
+SAVE_STAGES = ("checkpoint.writing", *(f"checkpoint.{s}" for s in DIR_STAGES if s != "moved_aside"),
+               *(f"{LATEST}.{s}" for s in FILE_STAGES), "checkpoint.removing")
 _STEP = re.compile(r"^step-(\d+)$")
-_STALE = re.compile(r"^\.(step-\d+\.(tmp|del)-.*|latest\.tmp)$")
-_saves = 0
-
-
-def crash_point(stage: str) -> None:
-    """Fault injection for tests: SIGKILL this process at ``stage`` when ``GPT2LAB_CRASH_AT`` asks."""
-    want = os.environ.get("GPT2LAB_CRASH_AT")
-    if not want:
-        return
-    name, _, nth = want.partition("@")
-    if name == stage and _saves == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(root)
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -80,16 +60,7 @@ class CheckpointDir:
 
     def clean_stale(self) -> list[Path]:
         """Remove the temporary folders and files an interrupted save left; returns what was removed."""
-        removed = []
-        if self.root.is_dir():
-            for entry in self.root.iterdir():
-                if _STALE.match(entry.name):
-                    if entry.is_dir():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
-                    removed.append(entry)
-        return removed
+        return clean_stale(self.root)
 
     def latest(self) -> Path | None:
         """The folder of the newest complete checkpoint (holding ``state.pt`` and ``model/``), or None."""
@@ -107,8 +78,6 @@ class CheckpointDir:
 
     def save(self, step: int, fill: Callable[[Path], None]) -> Path:
         """Write checkpoint ``step`` with ``fill(folder)`` and make it the latest; see the module doc."""
-        global _saves
-        _saves += 1
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_stale()
         name = f"step-{step:08d}"
@@ -116,42 +85,17 @@ class CheckpointDir:
         current = self.latest()
         if current is not None and current.resolve() == final.resolve():
             return final  # this very step is already the latest complete checkpoint
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root))
-        try:
-            fill(tmp)
-            _fsync_tree(tmp)
-            crash_point("written")
-            if final.exists():  # left by a save that died before its switch: not referenced
-                self._discard(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync(self.root)
-        crash_point("renamed")
-        pointer_tmp = self.root / f".{LATEST}.tmp"
-        with open(pointer_tmp, "w", encoding="utf-8") as fh:
-            fh.write(name + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        crash_point("pointer_written")
-        os.replace(pointer_tmp, self.root / LATEST)  # the switch
-        _fsync(self.root)
-        crash_point("switched")
+        # a folder of this step left by a save that died before its switch is not referenced: replaced
+        write_dir(final, fill, scope="checkpoint")
+        write_file(self.root / LATEST, name + "\n", scope=LATEST)  # the switch
         self._prune(final)
         return final
-
-    def _discard(self, folder: Path) -> None:
-        doomed = self.root / f".{folder.name}.del-{os.getpid()}"
-        os.replace(folder, doomed)  # atomic: a half-deleted folder never keeps a checkpoint's name
-        crash_point("pruning")
-        shutil.rmtree(doomed, ignore_errors=True)
 
     def _prune(self, newest: Path) -> None:
         older = [path for _, path in _step_dirs(self.root) if path != newest]
         for path in older[:max(0, len(older) - (self.keep - 1))]:
-            self._discard(path)
+            remove_dir(path, scope="checkpoint")
         if (self.root / STATE_FILE).is_file():  # a checkpoint of the old layout, now superseded
             (self.root / STATE_FILE).unlink()
             shutil.rmtree(self.root / MODEL_DIR, ignore_errors=True)
-        _fsync(self.root)
+        fsync_path(self.root)

@@ -1,5 +1,6 @@
-"""Training data: documents from .txt / .jsonl / .csv (and, through :mod:`.hf_data`, ``datasets`` folders,
-cached datasets by name, parquet, .json, .jsonl.gz), tokenized once into uint16 memmaps (nanoGPT style).
+"""Training data: documents from .txt / .jsonl / .csv / .tsv (and, through :mod:`.hf_data`, ``datasets``
+folders, cached datasets by name, parquet, .json), tokenized once into uint16 memmaps (nanoGPT style).
+Files are read by :mod:`gpt2lab.readers`, their format named by its one suffix table.
 
 Every document is followed by ``<|endoftext|>`` and the documents are concatenated into one token
 stream per split; training reads fixed-length blocks from that stream. Tokenizing streams the input
@@ -23,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..outputs import write_text_atomic
-from ..readers import ReadError, ReadStats, iter_csv, iter_text_chunks, read_records, split_text
+from ..atomic import write_file
+from ..readers import ReadError, ReadStats, format_of, iter_csv, iter_text_chunks, read_json, read_records, split_text
 from . import hf_data
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".csv")
+# the formats (gpt2lab.readers.FORMATS) taken from inside a given folder; any file named directly is read
+# (as text when its suffix is none of FORMATS'). A folder's plain .json files are more often settings than
+# data: they are read only when named.
+FOLDER_FORMATS = ("txt", "jsonl", "csv", "json", "parquet")
 BATCH_CHARS = 1 << 20  # characters handed to the tokenizer at once (its memory is ~100x this)
 CACHE_VERSION = 1
 
@@ -52,11 +55,10 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         if path.is_dir() and hf_data.is_dataset_dir(path):
             files.extend(_hf(hf_data.dataset_dir_files, path))
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and (p.suffix.lower() in SUFFIXES or hf_data.in_folder(p))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _data_in_folder(p)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
-                raise DataError(f"{path}: folder has no {', '.join(SUFFIXES)} files")
+                raise DataError(f"{path}: folder has no .txt, .md, .text, .jsonl, .csv, .parquet or .json.gz files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -65,6 +67,10 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         else:
             raise DataError(f"{path}: no such file or folder")
     return files
+
+
+def _data_in_folder(path: Path) -> bool:
+    return format_of(path) in FOLDER_FORMATS and not path.name.lower().endswith(".json")
 
 
 def _hf(fn, *args):
@@ -102,8 +108,8 @@ def _jsonl_documents(path: Path, text_field: str, stats: DataStats) -> Iterator[
         raise DataError(f"{path}: no JSON records")
 
 
-def _csv_documents(path: Path, text_column: str, stats: DataStats) -> Iterator[str]:
-    header, rows = iter_csv(path, errors="replace", stats=stats)
+def _csv_documents(path: Path, text_column: str, stats: DataStats, delimiter: str = ",") -> Iterator[str]:
+    header, rows = iter_csv(path, delimiter=delimiter, errors="replace", stats=stats)
     if text_column not in header:
         raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(header)}); "
                         "choose it with --text-column")
@@ -113,8 +119,8 @@ def _csv_documents(path: Path, text_column: str, stats: DataStats) -> Iterator[s
 
 def iter_documents(path: Path, *, text_field: str = "text", text_column: str = "text",
                    stats: DataStats) -> Iterator[Iterator[str]]:
-    """The documents of one file, each as an iterator of text pieces (a .txt file is one document)."""
-    suffix = path.suffix.lower()
+    """The documents of one file, each as an iterator of text pieces (a text file is one document)."""
+    fmt = format_of(path)
     hf_reader = hf_data.reader_for(path)
     if hf_reader is not None:
         docs = hf_reader(path, text_field)
@@ -126,11 +132,12 @@ def iter_documents(path: Path, *, text_field: str = "text", text_column: str = "
             except hf_data.HFDataError as exc:
                 raise DataError(str(exc)) from None
             yield split_text(doc)
-    elif suffix == ".jsonl":
+    elif fmt == "jsonl":
         for doc in _read_error(lambda: _jsonl_documents(path, text_field, stats)):
             yield split_text(doc)
-    elif suffix == ".csv":
-        for doc in _read_error(lambda: _csv_documents(path, text_column, stats)):
+    elif fmt in ("csv", "tsv"):
+        delimiter = "," if fmt == "csv" else "\t"
+        for doc in _read_error(lambda: _csv_documents(path, text_column, stats, delimiter)):
             yield split_text(doc)
     else:
         yield _read_error(lambda: iter_text_chunks(path, errors="replace", stats=stats))
@@ -282,7 +289,7 @@ def _cached_meta(cache: Path, key: dict) -> dict | None:
     meta_path = cache / "meta.json"
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = read_json(meta_path, expect=dict)
         except ValueError:  # unreadable JSON (or text): rebuild
             meta = {}
         if meta.get("key") == key:
@@ -293,7 +300,7 @@ def _cached_meta(cache: Path, key: dict) -> dict | None:
 
 
 def _write_meta(cache: Path, meta: dict) -> None:
-    write_text_atomic(cache / "meta.json", json.dumps(meta, indent=2))
+    write_file(cache / "meta.json", json.dumps(meta, indent=2))
 
 
 def prepare_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | os.PathLike[str], *,

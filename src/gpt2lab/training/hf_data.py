@@ -1,29 +1,20 @@
 """Training documents from Hugging Face formats: ``datasets`` folders (``save_to_disk``), datasets in the
-local Hugging Face datasets cache (by name), parquet, and JSON (``.json`` arrays or lines,
-``.jsonl.gz`` / ``.json.gz``).
+local Hugging Face datasets cache (by name), parquet, and JSON (``.json`` arrays or lines, ``.json.gz``).
 
 A ``datasets`` folder and a cached dataset both come down to the Arrow files ``datasets`` keeps them
-in, so each source is a list of real files (sizes and times for the tokenized-data cache key) read by
-one small reader per format. Every reader streams record batches: memory stays bounded by a batch,
-not the corpus. The text is the ``--text-field`` column (default ``text``).
+in, so each source is a list of real files (sizes and times for the tokenized-data cache key). The
+files are read by :mod:`gpt2lab.readers` (parquet and Arrow a batch of rows at a time: memory stays
+bounded by a batch, not the corpus); this module picks the ``--text-field`` column (default ``text``).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..jsonl import json_lines
-
-# file name endings -> reader, matched on the lower-cased name
-PARQUET = (".parquet",)
-ARROW = (".arrow",)
-JSON = (".json", ".json.gz", ".jsonl.gz")
-FOLDER_SUFFIXES = (".parquet", ".jsonl.gz", ".json.gz")  # taken from folders (a plain .json only when named)
-_BATCH = 512
+from .. import readers
+from ..readers import ReadError
 
 
 class HFDataError(ValueError):
@@ -40,110 +31,68 @@ def _require(module: str, what: str):
         raise HFDataError(f"{what} needs the {module.split('.')[0]} package: pip install 'gpt2lab[data]'") from None
 
 
-def _texts(records: Iterable[Any], text_field: str, source: str) -> Iterator[str]:
-    for number, record in enumerate(records, 1):
-        if not isinstance(record, dict) or text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise HFDataError(f"{source}: record {number} has no field {text_field!r} (found {keys}); "
-                              "choose it with --text-field")
-        value = record[text_field]
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise HFDataError(f"{source}: field {text_field!r} of record {number} is {type(value).__name__}, "
-                              "expected a string")
-        yield value
-
-
-def _column(batches: Iterable[Any], names: list[str], text_field: str, source: str) -> Iterator[str]:
-    """The ``text_field`` strings of Arrow record batches (``None`` rows skipped)."""
-    if text_field not in names:
-        raise HFDataError(f"{source}: no column {text_field!r} (columns: {', '.join(names)}); "
-                          "choose it with --text-field")
-    for batch in batches:
-        column = batch.column(batch.schema.get_field_index(text_field))
-        for value in column.to_pylist():
+def _texts(records: Iterable[tuple[int, Any]], text_field: str, source: str, what: str = "record") -> Iterator[str]:
+    """The ``text_field`` strings of ``(number, record)`` pairs (``None`` values skipped); errors name
+    ``source`` and the record (``what="line"``: ``source:N``, else ``source: record N``)."""
+    try:
+        for number, record in records:
+            where = f"{source}:{number}:" if what == "line" else f"{source}: record {number}"
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise HFDataError(f"{where} no field {text_field!r} (found {keys}); choose it with --text-field")
+            value = record[text_field]
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise HFDataError(f"{source}: column {text_field!r} holds {type(value).__name__}, expected strings")
+                raise HFDataError(f"{where} field {text_field!r} is {type(value).__name__}, expected a string")
             yield value
+    except ReadError as exc:  # a bad line, a file that is not JSON, a damaged .gz: named by the reader
+        raise HFDataError(str(exc)) from None
 
 
-def parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    """The texts of a parquet file, read a few hundred rows at a time."""
-    pq = _require("pyarrow.parquet", f"reading {path}")
-    try:
-        reader = pq.ParquetFile(str(path))
-    except Exception as exc:  # noqa: BLE001 - pyarrow's errors all mean "not a parquet file"
-        raise HFDataError(f"{path}: not a readable parquet file ({exc})") from exc
-    names = reader.schema_arrow.names
-    yield from _column(reader.iter_batches(batch_size=_BATCH, columns=[text_field] if text_field in names else None),
-                       names, text_field, str(path))
-
-
-def arrow_documents(path: Path, text_field: str) -> Iterator[str]:
-    """The texts of an Arrow file written by ``datasets`` (IPC stream, memory-mapped)."""
-    pa = _require("pyarrow", f"reading {path}")
-    try:
-        source = pa.memory_map(str(path))
+def _table_documents(read: Callable[..., tuple[list[str], Iterator[readers.Record]]]
+                     ) -> Callable[[Path, str], Iterator[str]]:
+    def documents(path: Path, text_field: str) -> Iterator[str]:
         try:
-            reader = pa.ipc.open_stream(source)
-        except pa.ArrowInvalid:
-            reader = pa.ipc.open_file(source)
-            batches: Iterable[Any] = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        else:
-            batches = reader
-    except Exception as exc:  # noqa: BLE001
-        raise HFDataError(f"{path}: not a readable Arrow file ({exc})") from exc
-    yield from _column(batches, reader.schema.names, text_field, str(path))
+            names, rows = read(path, columns=[text_field])
+        except ReadError as exc:
+            raise HFDataError(str(exc)) from None
+        if text_field not in names:
+            raise HFDataError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); "
+                              "choose it with --text-field")
+        for _, row in rows:
+            value = row[text_field]
+            if value is not None and not isinstance(value, str):
+                raise HFDataError(f"{path}: column {text_field!r} holds {type(value).__name__}, expected strings")
+            if value is not None:
+                yield value
+    return documents
+
+
+parquet_documents = _table_documents(readers.iter_parquet)
+parquet_documents.__doc__ = "The texts of a parquet file, read a few hundred rows at a time."
+arrow_documents = _table_documents(readers.iter_arrow)
+arrow_documents.__doc__ = "The texts of an Arrow file written by ``datasets`` (IPC stream, memory-mapped)."
 
 
 def json_documents(path: Path, text_field: str) -> Iterator[str]:
-    """The texts of ``.json`` (an array of objects, or JSON Lines) and gzip-compressed JSON / JSON Lines."""
-    opener: Callable[[], Any] = (lambda: gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")) \
-        if path.name.lower().endswith(".gz") else (lambda: open(path, encoding="utf-8-sig", errors="replace"))
+    """The texts of ``.json`` (an array of objects, or JSON Lines) and gzip-compressed JSON / JSON Lines
+    (invalid UTF-8 replaced, as in every training file)."""
     try:
-        with opener() as fh:
-            head = fh.read(4096).lstrip("\ufeff \t\r\n")
-        with opener() as fh:
-            if head.startswith("["):  # one JSON array: parsed whole (JSON Lines is the streaming form)
-                try:
-                    records = json.load(fh)
-                except json.JSONDecodeError as exc:
-                    raise HFDataError(f"{path}: not valid JSON ({exc})") from None
-                yield from _texts(records, text_field, str(path))
-                return
-            try:
-                for number, record in json_lines(fh, str(path)):
-                    if not isinstance(record, dict) or text_field not in record:
-                        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                        raise HFDataError(f"{path}:{number}: no field {text_field!r} (found {keys}); "
-                                          "choose it with --text-field")
-                    yield from _texts([record], text_field, f"{path}:{number}")
-            except HFDataError:
-                raise
-            except ValueError as exc:  # a bad line, named by json_lines
-                raise HFDataError(str(exc)) from None
-    except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated
-        raise HFDataError(f"{path}: cannot read ({exc})") from exc
+        lines = readers.format_of(path) == "jsonl" or not readers.is_json_array(path)
+    except ReadError as exc:
+        raise HFDataError(str(exc)) from None
+    records = readers.read_records(path, errors="replace")
+    yield from _texts(records, text_field, str(path), "line" if lines else "record")
+
+
+_READERS = {"parquet": parquet_documents, "arrow": arrow_documents, "json": json_documents}
 
 
 def reader_for(path: Path) -> Callable[[Path, str], Iterator[str]] | None:
-    """The reader of a file this module handles, or None."""
-    name = path.name.lower()
-    if name.endswith(PARQUET):
-        return parquet_documents
-    if name.endswith(ARROW):
-        return arrow_documents
-    if name.endswith(JSON):
-        return json_documents
-    return None
-
-
-def in_folder(path: Path) -> bool:
-    """Whether a file found inside a given folder is training data of a format handled here."""
-    return path.name.lower().endswith(FOLDER_SUFFIXES)
+    """The reader of a file this module handles (its format in :data:`gpt2lab.readers.FORMATS` is
+    parquet, arrow or json), or None."""
+    return _READERS.get(readers.format_of(path) or "")
 
 
 # -- datasets folders and the datasets cache ----------------------------------------------------------
@@ -184,7 +133,7 @@ def looks_like_dataset_name(raw: str) -> bool:
     name = raw.split(":", 1)[0]
     if not name or raw.startswith((".", "/", "~")) or name.count("/") > 1:
         return False
-    return Path(name).suffix.lower() not in (".txt", ".md", ".jsonl", ".csv", ".json", ".parquet", ".gz", ".arrow")
+    return readers.format_of(name) is None and Path(name).suffix.lower() != ".gz"
 
 
 def cached_dataset_files(raw: str) -> list[Path]:

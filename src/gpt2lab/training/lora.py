@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..readers import read_json
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
@@ -182,10 +184,7 @@ def read_adapter_config(directory: str | Path) -> dict:
     cfg_path = Path(directory) / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: not found (not a LoRA adapter folder?)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    cfg = read_json(cfg_path)  # ValueError naming the file: not JSON, nested too deep ...
     if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r} "
                          "is not supported; gpt2lab applies LoRA adapters")
@@ -216,15 +215,15 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     Reads peft's format (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``), whether
     made by peft or by gpt2lab, and gpt2lab's earlier format (names ``h.0.attn.c_attn.lora_A``).
     """
-    from safetensors.torch import load_file
+    from ..checkpoints.tensors import read_tensors
 
     directory = Path(directory)
     cfg = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
     if weights.is_file():
-        raw = load_file(str(weights))
+        raw = dict(read_tensors(weights))
     elif (directory / "adapter_model.bin").is_file():
-        raw = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+        raw = dict(read_tensors(directory / "adapter_model.bin"))  # weights_only: it cannot run code
     else:
         raise FileNotFoundError(f"{weights}: not found (nor adapter_model.bin)")
     state: dict[str, torch.Tensor] = {}

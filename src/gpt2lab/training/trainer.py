@@ -30,17 +30,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints import save_model, write_atomic_dir
-from ..checkpoints.io import load_model
+from ..atomic import clean_stale, crash_point, naming, replace_files, write_dir, write_file
+from ..checkpoints import save_model
+from ..checkpoints.io import load_model, write_model_files
 from ..generation.chat_format import style_for_model
 from ..generation.chat_template import ChatTemplate, ChatTemplateError
 from ..model import GPT2
 from ..model.device import set_threads
 from ..outputs import check_output_dir
-from ..readers import complete_lines
+from ..readers import ReadError, complete_lines, iter_jsonl, parse_json
 from . import lora as lora_mod
 from .chat_data import IGNORE_INDEX, ConversationData, ConversationSampler, looks_like_chat, prepare_chat_data
-from .checkpoint import MODEL_DIR, STATE_FILE, CheckpointDir, crash_point
+from .checkpoint import MODEL_DIR, STATE_FILE, CheckpointDir
 from .config import RESUME_IDENTITY, TrainConfig, parse_model_config
 from .data import DataError, TokenData, prepare_data
 
@@ -229,19 +230,18 @@ class Metrics:
             for raw, _ in complete_lines(path):  # a last line cut by a kill (even mid-character) is dropped
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
+                    rec = parse_json(line, path)
+                except ReadError:
                     continue
-                if rec.get("step", 0) <= resume_step:
+                if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
                     kept.append(line)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
-        self.fh = open(path, "a", encoding="utf-8")
+        write_file(path, "".join(line + "\n" for line in kept))
+        self.fh = open(path, "a", encoding="utf-8")  # then appends: one record per line, a torn last one skipped
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
+        with naming(self.path):  # a full disk: one line naming metrics.jsonl
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
         if self.writer is not None:
             for key, tag in _TB_TAGS.items():
                 if key in record:
@@ -249,7 +249,8 @@ class Metrics:
             self.writer.flush()
 
     def close(self) -> None:
-        self.fh.close()
+        with naming(self.path):
+            self.fh.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -264,8 +265,7 @@ def plot_losses(metrics_path: Path, png: Path) -> bool:
     except ImportError:
         return False
     train, val = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for _, rec in iter_jsonl(metrics_path, objects=True):
         if "loss" in rec:
             train.append((rec["step"], rec["loss"]))
         if "val_loss" in rec:
@@ -280,10 +280,10 @@ def plot_losses(metrics_path: Path, png: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        write_file(png, lambda fh: fig.savefig(fh, format="png"))
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -350,7 +350,7 @@ class Trainer:
         self.checkpoints = CheckpointDir(self.out / TRAINER_DIR, keep=cfg.keep_checkpoints)
         if self.dist.main:  # before any long work: an unwritable --out fails now, not after an hour
             check_output_dir(self.out)
-            _clean_stale(self.out)
+            clean_stale(self.out)  # what a killed write left: temporary copies of files and folders
             self.checkpoints.clean_stale()
         if not cfg.resume and self.checkpoints.latest() is not None:
             self._log(f"gpt2lab: {self.out} holds an earlier run; starting over (--resume continues it instead)")
@@ -491,8 +491,9 @@ class Trainer:
 
         def fill(tmp: Path) -> None:
             save_model(plain, tmp / MODEL_DIR, tokenizer_dir=self.tokenizer_dir, chat_template=self._template_source)
-            crash_point("writing")
-            torch.save(state, tmp / STATE_FILE)
+            crash_point("checkpoint.writing")
+            with open(tmp / STATE_FILE, "wb") as fh:  # a file object: a full disk surfaces as the OSError it is
+                torch.save(state, fh)
 
         self.checkpoints.save(self.step, fill)
 
@@ -522,24 +523,16 @@ class Trainer:
     def publish(self) -> None:
         """The model at the top of ``--out`` (HF layout; each file replaced atomically)."""
         plain = self._plain_model()
-        staging = self.out / ".publish"
         dtype = _DTYPES[self.cfg.save_dtype]
-        save_model(plain, staging, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
-                   generation_config=self.generation_config, chat_template=self._template_source)
-        for f in staging.iterdir():
-            os.replace(f, self.out / f.name)
-        staging.rmdir()
-        fd = os.open(self.out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        replace_files(self.out, lambda tmp: write_model_files(
+            plain, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
+            generation_config=self.generation_config, chat_template=self._template_source), scope="publish")
         if self.cfg.lora_rank:
             # a local base is recorded as an absolute path, so the adapter folder finds it from anywhere
             base = str(Path(self.base_name).resolve()) if self.base_name and Path(self.base_name).is_dir() \
                 else self.base_name
-            write_atomic_dir(self.out / "adapter", lambda tmp: lora_mod.fill_adapter_dir(
-                self.model, tmp, base, self.lora_targets))
+            write_dir(self.out / "adapter", lambda tmp: lora_mod.fill_adapter_dir(
+                self.model, tmp, base, self.lora_targets), scope="adapter")
 
     def load_checkpoint(self) -> bool:
         folder = self.checkpoints.latest()
@@ -638,7 +631,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + dist.rank)  # dropout streams; restored from the checkpoint on resume
         if dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "training.json").write_text(json.dumps(
+            write_file(self.out / "training.json", json.dumps(
                 {"settings": cfg.to_dict(), "max_steps": self.max_steps, "lr": self.lr, "warmup": self.warmup,
                  "global_batch": self.global_batch, "world_size": dist.world, "base_model": self.base_name,
                  "train_tokens": int(self.data.meta["train_tokens"]), "val_tokens": int(self.data.meta["val_tokens"]),
@@ -810,20 +803,6 @@ class Trainer:
             return False
         self.bad_evals += 1
         return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove what an interrupted write left in ``out``: temporary folders of atomic directory writes
-    (``.NAME.tmp-*``, ``.NAME.old-*``), the publish staging folder, the metrics temporary file."""
-    if not out.is_dir():
-        return
-    import shutil
-
-    for entry in out.iterdir():
-        name = entry.name
-        if name == ".publish" or (name.startswith(".") and (".tmp-" in name or ".old-" in name)):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-    (out / "metrics.tmp").unlink(missing_ok=True)
 
 
 def threading_main() -> bool:
