@@ -34,7 +34,8 @@ def test_generate_with_each_kind_of_constraint(tiny_checkpoint, tmp_path):
     grammar = tmp_path / "g.gbnf"
     grammar.write_text('root ::= ("red" | "blue") "-" [0-9]', encoding="utf-8")
     cases = [(["--json-schema", str(schema)], None), (["--regex", "[a-c]{2}-[0-9]{2}"], r"[a-c]{2}-[0-9]{2}"),
-             (["--choice", "yes", "--choice", "no\\t"], r"yes|no\t"), (["--grammar", str(grammar)], r"(red|blue)-[0-9]")]
+             (["--choice", "yes", "--choice", "no\\t"], r"yes|no\t"),
+             (["--grammar", str(grammar)], r"(red|blue)-[0-9]")]
     for flags, pattern in cases:
         r = _gpt2lab("generate", "Go:", "--model", str(tiny_checkpoint), "--json", "-n", "3", "--seed", "2",
                      "--max-new-tokens", "60", *flags)

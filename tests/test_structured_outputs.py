@@ -121,14 +121,15 @@ def test_every_output_of_30_schemas_validates_greedy_and_sampled(gen, bundled, m
         requests.append((PROMPTS[k % 4], SamplingParams(max_new_tokens=96, temperature=0, structured_outputs=spec)))
         requests.append((PROMPTS[k % 4], SamplingParams(max_new_tokens=96, temperature=1.0, seed=k, n=2,
                                                         structured_outputs=spec)))
-    for (prompt, params), completions in zip(requests, run_all(generator, requests)):
+    for (_, params), completions in zip(requests, run_all(generator, requests)):
         schema = params.structured_outputs.json
         for c in completions:
             assert c.finish_reason == "stop", (schema, c.text)
             jsonschema.validate(json.loads(c.text), schema)
 
 
-REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)", r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)", r"(0|[1-9][0-9]{0,2})(\.[0-9]{1,2})?",
+REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)", r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)",
+           r"(0|[1-9][0-9]{0,2})(\.[0-9]{1,2})?",
            r"[A-Z][a-z]{2,6}( [A-Z][a-z]{2,6})?", r"\((a|b){1,6}\)", r"(ab){1,3}c?"]
 
 
@@ -232,7 +233,8 @@ def test_mixed_batch_gives_each_row_what_it_gives_alone(gen):
 def test_stream_logprobs_and_seeds_with_a_constraint(gen):
     spec = {"json": SCHEMAS[29]}
     full = gen.generate("JSON:", max_new_tokens=60, temperature=0.8, seed=4, logprobs=2, structured_outputs=spec)[0]
-    assert "".join(gen.stream("JSON:", max_new_tokens=60, temperature=0.8, seed=4, structured_outputs=spec)) == full.text
+    streamed = gen.stream("JSON:", max_new_tokens=60, temperature=0.8, seed=4, structured_outputs=spec)
+    assert "".join(streamed) == full.text
     again = gen.generate("JSON:", max_new_tokens=60, temperature=0.8, seed=4, structured_outputs=spec)[0]
     assert again.token_ids == full.token_ids
     # logprobs are the raw model's (as without a constraint): the first token's is log_softmax of the logits
