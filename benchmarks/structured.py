@@ -8,7 +8,9 @@ Model: the random GPT-2 124M of ``benchmarks/generate.py`` with ``quantization="
 plain and once held to a JSON Schema whose one string field must be long (so no row ends early: both runs
 decode the same number of tokens); runs alternate, best of ``--repeats``. Printed per batch size: tokens/s of
 each, their ratio (the bar at batch 1: constrained >= 85% of plain), and the mask time per token (llguidance's
-bitmask of one row plus applying it, measured by replaying the generated tokens through a fresh matcher).
+bitmask of the rows plus applying it, measured by replaying the generated tokens through fresh matchers).
+``--engines`` adds, per batch size, llguidance against xgrammar: tokenizer set-up, compile and mask time per
+token over the same tokens, each engine cold.
 """
 
 from __future__ import annotations
@@ -51,28 +53,34 @@ def mask_time(gen, spec, outputs: list[list[int]]) -> float:  # noqa: ANN001
     return (time.perf_counter() - start) / (steps * len(outputs))
 
 
-def compare_engines(gen, tokens: list[int]) -> None:  # noqa: ANN001
-    """llguidance and xgrammar: tokenizer set-up, compile and mask time per token over the same tokens."""
+def compare_engines(gen, outputs: list[list[int]]) -> None:  # noqa: ANN001
+    """llguidance and xgrammar, each cold: tokenizer set-up, schema compile, and the mask time per token over
+    the same generated tokens, ``len(outputs)`` matchers a step (as a batch of that many rows computes them)."""
     import json
 
-    from gpt2lab.sampling.structured import StructuredOutputsParams, compiled_matcher, tokenizer_grammars
+    import llguidance as llg
 
-    spec = StructuredOutputsParams(json=SCHEMA)
+    from gpt2lab.sampling.structured import StructuredOutputsParams, parser_limits
+    from gpt2lab.sampling.structured import _TokenizerGrammars as TokenizerGrammars
+
+    grammar = StructuredOutputsParams(json=SCHEMA).validate()
+    steps = min(len(o) for o in outputs)
     start = time.perf_counter()
-    tokenizer_grammars(gen.tokenizer)
+    lltokenizer = TokenizerGrammars(gen.tokenizer).lltokenizer  # a fresh one, not the cached
     setup = time.perf_counter() - start
     start = time.perf_counter()
-    matcher = compiled_matcher(spec, gen.tokenizer).deep_copy()
+    pristine = llg.LLMatcher(lltokenizer, grammar, log_level=0, limits=parser_limits())
     compile_s = time.perf_counter() - start
-    words = np.empty((gen.tokenizer.vocab_size + 31) // 32, dtype=np.int32)
-    times = []
-    for t in tokens:
-        s = time.perf_counter()
-        matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-        times.append(time.perf_counter() - s)
-        matcher.consume_token(t)
-    print(f"llguidance: tokenizer {setup:.2f} s, compile {compile_s * 1e3:.1f} ms, mask/token median "
-          f"{np.median(times) * 1e6:.1f} us mean {np.mean(times) * 1e6:.1f} us")
+    matchers = [pristine.deep_copy() for _ in outputs]
+    words = np.empty((len(outputs), (gen.tokenizer.vocab_size + 31) // 32), dtype=np.int32)
+    start = time.perf_counter()
+    for t in range(steps):
+        for j, (m, o) in enumerate(zip(matchers, outputs)):
+            m.unsafe_compute_mask_ptr(words[j].ctypes.data, words[j].nbytes)
+            m.consume_token(o[t])
+    per_token = (time.perf_counter() - start) / (steps * len(outputs))
+    print(f"  llguidance: tokenizer {setup:.2f} s, compile {compile_s * 1e3:.1f} ms, "
+          f"mask {per_token * 1e6:.1f} us/token (batch {len(outputs)})")
     try:
         start = time.perf_counter()
         import xgrammar as xgr
@@ -80,7 +88,7 @@ def compare_engines(gen, tokens: list[int]) -> None:  # noqa: ANN001
 
         imported = time.perf_counter() - start
     except ImportError:
-        print("xgrammar: not installed (pip install xgrammar)")
+        print("  xgrammar: not installed (pip install xgrammar)")
         return
     from gpt2lab.tokenizer import gpt2_tokenizer_dir
 
@@ -92,14 +100,17 @@ def compare_engines(gen, tokens: list[int]) -> None:  # noqa: ANN001
     compiled = xgr.GrammarCompiler(info, max_threads=1).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False,
                                                                           separators=(", ", ": "))
     compile_s = time.perf_counter() - start
-    matcher, bitmask, times = xgr.GrammarMatcher(compiled), xgr.allocate_token_bitmask(1, info.vocab_size), []
-    for t in tokens:
-        s = time.perf_counter()
-        matcher.fill_next_token_bitmask(bitmask, 0)
-        times.append(time.perf_counter() - s)
-        matcher.accept_token(t)
-    print(f"xgrammar:   import {imported:.2f} s, tokenizer {setup:.2f} s, compile {compile_s * 1e3:.1f} ms, "
-          f"mask/token median {np.median(times) * 1e6:.1f} us mean {np.mean(times) * 1e6:.1f} us")
+    matchers = [xgr.GrammarMatcher(compiled) for _ in outputs]
+    bitmask = xgr.allocate_token_bitmask(len(outputs), info.vocab_size)
+    start = time.perf_counter()
+    for t in range(steps):
+        for j, (m, o) in enumerate(zip(matchers, outputs)):
+            m.fill_next_token_bitmask(bitmask, j)
+            if not m.accept_token(o[t]):
+                raise RuntimeError(f"xgrammar refused token {o[t]} that llguidance allowed")
+    per_token = (time.perf_counter() - start) / (steps * len(outputs))
+    print(f"  xgrammar:   import {imported:.2f} s, tokenizer {setup:.2f} s, compile {compile_s * 1e3:.1f} ms, "
+          f"mask {per_token * 1e6:.1f} us/token (batch {len(outputs)})")
 
 
 def main() -> None:
@@ -135,8 +146,8 @@ def main() -> None:
         bar = "" if batch != 1 else f"  (bar >= 0.85: {'met' if ratio >= 0.85 else 'MISSED'})"
         print(f"batch {batch}: plain {best['plain']:.1f} tok/s, json-schema {best['json']:.1f} tok/s, "
               f"ratio {ratio:.3f}{bar}; mask time {mask_time(gen, spec, outputs) * 1e6:.0f} us/token")
-        if args.engines and batch == args.batches[0]:
-            compare_engines(gen, outputs[0])
+        if args.engines:
+            compare_engines(gen, outputs)
 
 
 if __name__ == "__main__":

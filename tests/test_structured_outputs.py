@@ -274,3 +274,27 @@ def test_spec_objects_and_caching(gen):
     params = SamplingParams(structured_outputs=a)
     assert params.with_(temperature=0).structured_outputs is a
     assert params.to_dict()["structured_outputs"] == {"json": a.json}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_transform_masks_exactly_the_forbidden_tokens_in_each_dtype(gen, dtype):
+    # a constrained row between two plain ones: its forbidden tokens (and the ids past the tokenizer's
+    # vocabulary) are -inf, its allowed ones and the plain rows keep their scores (numpy path on CPU for
+    # float32/float16, the torch path for bfloat16, which numpy cannot hold)
+    from gpt2lab.sampling import StructuredOutput
+
+    tokenizer = gen.tokenizer
+    width = tokenizer.vocab_size + 7
+    spec = StructuredOutputsParams(choice=["yes", "no"])
+    transform = StructuredOutput([None, spec, None], width, tokenizer)
+    scores = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(dtype)
+    before = scores.clone()
+    out = transform.apply_(scores, [[1, 2], [1, 2], [1, 2]], [2, 2, 2])
+    allowed = sorted(torch.nonzero(torch.isfinite(out[1])).flatten().tolist())
+    firsts = sorted({tokenizer.encode(w)[0] for w in ("yes", "no")})
+    assert allowed and set(firsts) <= set(allowed)
+    assert all(tokenizer.decode([t]) and ("yes".startswith(tokenizer.decode([t]))
+                                         or "no".startswith(tokenizer.decode([t]))) for t in allowed)
+    assert torch.equal(out[1, allowed], before[1, allowed])
+    assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
+    assert bool(torch.isneginf(out[1, tokenizer.vocab_size:]).all())
