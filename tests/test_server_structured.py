@@ -135,3 +135,38 @@ def test_huge_or_pathological_schemas_are_400_while_other_streams_go_on(server):
     assert chunks[-1] == "data: [DONE]"
     reasons = [c["finish_reason"] for e in map(json.loads, (c[6:] for c in chunks[:-1])) for c in e["choices"]]
     assert reasons[-1] == "length"  # the stream went on to its 100 tokens
+
+
+def test_a_compile_over_the_time_limit_is_a_400_and_the_server_goes_on(gen):
+    # the server's own limit set to 0 s: every grammar not yet compiled is over it (the real compile, on its
+    # worker thread, is abandoned by the request); the server answers the next request as usual
+    import socket
+
+    import uvicorn
+
+    from gpt2lab.server import create_app
+    from gpt2lab.server.limits import Limits
+
+    from .server_helpers import free_port, wait_healthy
+
+    limits = Limits(structured_compile_s=0.0)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", free_port()))
+    sock.listen(16)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(gen, limits=limits), log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        assert wait_healthy(url, 60)
+        schema = {"type": "object", "properties": {"never_compiled_before": {"type": "integer"}}}
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        error = _error(httpx.post(f"{url}/v1/completions", json={"prompt": "x", "response_format": fmt}, timeout=60))
+        assert error["param"] == "response_format" and error["code"] == "limit_exceeded", error
+        assert "took more than this server's limit of 0 s" in error["message"], error
+        plain = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)
+        assert plain.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
