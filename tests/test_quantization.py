@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import gpt2lab
+from gpt2lab import kernels
 from gpt2lab.checkpoints import load_model
 from gpt2lab.evaluation import perplexity
-from gpt2lab.model import QuantizedEmbedding, QuantizedLinear, kernels
+from gpt2lab.model import QuantizedEmbedding, QuantizedLinear
 
 from .test_kernels import run_python
 
@@ -151,7 +152,7 @@ def test_a_half_precision_model_object_or_adapter_base_quantizes_to_what_the_ker
     tensors float32, as loading a folder does, whatever dtype says: in float16 the kernels did not run it."""
     from transformers import GPT2LMHeadModel
 
-    from gpt2lab.model import KernelRunner, inference_runner
+    from gpt2lab.runtime import KernelRunner, inference_runner
     from gpt2lab.training.lora import apply_lora, fill_adapter_dir
 
     base = load_model(tiny_checkpoint)

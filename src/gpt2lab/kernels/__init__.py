@@ -1,145 +1,62 @@
-"""gpt2lab's own CPU kernels for decoding (``kernels.c``), built on first use and called via ctypes.
+"""gpt2lab's own CPU kernels (``kernels.c``), built on first use and called through ctypes: the whole
+cached forward of a GPT-2 (``gpt2lab_forward``, driven by :class:`gpt2lab.runtime.cpu_kernels.KernelRunner`),
+one linear layer of any weight kind (:func:`linear`, used by the quantized modules), and the two
+full-vocabulary scans of a sampling step (:func:`top_k_`, :func:`row_totals`, :func:`inverse_cdf`).
 
 A decode step reads every weight once for a few rows, so its speed is the speed at which the weights
 stream from memory (one row) or from cache (a few rows). ``linear`` streams one row's weights at about
 the rate of a plain ``sum()``, where oneDNN's and MKL's one-row GEMV reach 60-80% of it on AVX2 CPUs,
-and reuses each weight load for two rows when there are several; ``gpt2lab_decode`` (driven by
-``fast.Decoder``) runs a whole decode step, embedding to logits, in one call. Measured by
-``benchmarks/generate.py``.
+and reuses each weight load for two rows when there are several. Measured by ``benchmarks/generate.py``.
 
-The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``/
-``clang``; ``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/gpt2lab/kernels/`` (about half a
-second) and shares torch's OpenMP runtime. Without a compiler, on a failed build (remembered next to
-where the library would be, with the compiler's message, and not retried with the same compiler),
-or with ``GPT2LAB_CPU_KERNELS=0``, :func:`available` is False and the model uses torch's kernels:
-same results, slower decoding.
+The package: :mod:`.build` compiles and caches the library (once per machine, about half a second),
+:mod:`.abi` is the one definition of the C interface (the ctypes declarations are built from it, and it is
+checked against ``kernels.c``), and this module loads the library and wraps the small operations. It
+imports nothing of gpt2lab above it. The library shares torch's OpenMP runtime. Without a compiler, on a
+failed build, or with ``GPT2LAB_CPU_KERNELS=0``, :func:`available` is False and callers use torch's
+kernels: same results, slower decoding.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
+from . import build
+from .abi import CONSTANTS, Layer, Matrix, bind
+from .build import SOURCE, cache_dir, compiler
+
+__all__ = ["ACTIVATIONS", "DISABLE_ENV", "KIND_BF16", "KIND_F32", "KIND_INT8", "Layer", "Matrix", "SOURCE",
+           "WEIGHT_DTYPES", "available", "build", "cache_dir", "compiler", "has_avx2", "inverse_cdf", "library",
+           "linear", "matrix", "row_totals", "top_k_", "usable"]
+
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
-# -ffp-contract=off: the compiler fuses no multiply-add on its own, so every fused one is written out
-# and the arithmetic of a row is the same in every code path (batch invariance, see kernels.c)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11")
 DISABLE_ENV = "GPT2LAB_CPU_KERNELS"
 
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-
-
-KIND_F32, KIND_INT8, KIND_BF16 = 0, 1, 2
+KIND_F32, KIND_INT8, KIND_BF16 = CONSTANTS["KIND_F32"], CONSTANTS["KIND_Q8"], CONSTANTS["KIND_BF16"]
 _KINDS = {torch.float32: KIND_F32, torch.int8: KIND_INT8, torch.bfloat16: KIND_BF16}
 WEIGHT_DTYPES = tuple(_KINDS)  # the weight dtypes the kernels read
-# GPT2Config.activation_function -> the kernels' epilogue number (kernels.c), for every activation gpt2.py knows
-ACTIVATIONS = {"gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu_fast": 2, "gelu": 3, "relu": 4, "silu": 5, "swish": 5}
+# GPT2Config.activation_function -> the kernels' epilogue (kernels.c), for every activation gpt2.py knows
+ACTIVATIONS = {"gelu_new": CONSTANTS["EPILOGUE_GELU_TANH"], "gelu_pytorch_tanh": CONSTANTS["EPILOGUE_GELU_TANH"],
+               "gelu_fast": CONSTANTS["EPILOGUE_GELU_TANH"], "gelu": CONSTANTS["EPILOGUE_GELU"],
+               "relu": CONSTANTS["EPILOGUE_RELU"], "silu": CONSTANTS["EPILOGUE_SILU"],
+               "swish": CONSTANTS["EPILOGUE_SILU"]}
 
-
-class Matrix(ctypes.Structure):
-    """``gpt2lab_matrix``: a ``[out, in]`` weight, fp32, bf16, or int8 with one fp32 scale per output
-    row, and an optional bias."""
-
-    _fields_ = [("w", _ptr), ("scale", _ptr), ("bias", _ptr), ("kind", _i64)]
-
-    @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> Matrix:
-        """The pointers of contiguous CPU tensors (the caller keeps them alive)."""
-        return cls(weight.data_ptr(), None if scale is None else scale.data_ptr(),
-                   None if bias is None else bias.data_ptr(), _KINDS[weight.dtype])
-
-
-class Layer(ctypes.Structure):
-    """``gpt2lab_layer``: one block's weights and its KV cache, as pointers."""
-
-    _fields_ = [("ln_1_w", _ptr), ("ln_1_b", _ptr), ("attn", Matrix), ("attn_proj", Matrix),
-                ("ln_2_w", _ptr), ("ln_2_b", _ptr), ("fc", Matrix), ("mlp_proj", Matrix),
-                ("k_cache", _ptr), ("v_cache", _ptr), ("attn_scale", ctypes.c_float)]
-
-
-_c_int = ctypes.c_int
-_SIGNATURES = {  # name: (argument types, return type)
-    "gpt2lab_linear": ([_ptr, ctypes.POINTER(Matrix), _ptr, _i64, _i64, _i64, _ptr, _ptr, _c_int], None),
-    "gpt2lab_forward": ([ctypes.POINTER(Layer), _i64, ctypes.POINTER(Matrix), _ptr, _ptr, _ptr,
-                         ctypes.POINTER(Matrix), _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                         ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _c_int], _c_int),
-    "gpt2lab_top_k_": ([_ptr, _i64, _i64, _ptr, _ptr, _ptr], _c_int),
-    "gpt2lab_row_totals": ([_ptr, _i64, _i64, _ptr], None),
-    "gpt2lab_inverse_cdf": ([_ptr, _i64, _i64, _ptr, _ptr], None),
-    "gpt2lab_has_avx2": ([], _c_int),
-}
 _library: ctypes.CDLL | None = None
 _loaded = False
 _load_lock = threading.Lock()
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gpt2lab" / "kernels"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and (path := shutil.which(name)):
-            return path
-    return None
-
-
-def _build_key(compiler: str) -> str:
-    """Source, flags, compiler and CPU: ``-march=native`` code must not run on another CPU sharing a home."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join((compiler, str(os.stat(compiler).st_mtime_ns), *FLAGS, platform.machine())).encode())
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-        cpu = sorted({line for line in cpuinfo if line.startswith(("flags", "model name"))})
-        digest.update("\n".join(cpu).encode())
-    except OSError:
-        digest.update(platform.processor().encode())
-    return digest.hexdigest()[:16]
-
-
-def _build() -> Path | None:
-    """The compiled library's path (compiled now unless cached), or None where it cannot be built."""
-    compiler = _compiler()
-    if compiler is None:
-        logger.debug("no C compiler found: gpt2lab's CPU kernels are off")
-        return None
-    target = cache_dir() / f"gpt2lab_kernels_{_build_key(compiler)}.so"
-    failed = target.with_suffix(".failed")  # this compiler could not build this source: do not retry
-    if target.is_file():
-        return target
-    if failed.is_file():
-        logger.info("gpt2lab's CPU kernels are off: building them failed before (%s)", failed)
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # compile to a temporary name and rename: concurrent processes never load a half-written library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            failed.write_text(f"{compiler} {' '.join(FLAGS)}\n{result.stderr}", encoding="utf-8")
-            logger.warning("building gpt2lab's CPU kernels failed (torch's kernels are used instead; the "
-                           "reason is kept in %s):\n%s", failed, result.stderr.strip())
-            return None
-        os.replace(tmp, target)
-        return target
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def matrix(weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Matrix:
+    """The kernels' view of a weight ``[out, in]`` (fp32, bf16, or int8 with fp32 ``scale [out]``) and an
+    optional fp32 ``bias [out]``: pointers into contiguous CPU tensors, which the caller keeps alive.
+    KeyError for another weight dtype."""
+    return Matrix(weight.data_ptr(), None if scale is None else scale.data_ptr(),
+                  None if bias is None else bias.data_ptr(), _KINDS[weight.dtype])
 
 
 def library() -> ctypes.CDLL | None:
@@ -159,12 +76,9 @@ def _load() -> None:
     try:
         if os.environ.get(DISABLE_ENV, "1") != "0":
             try:
-                path = _build()
+                path = build.build()
                 if path is not None:
-                    lib = ctypes.CDLL(str(path))
-                    for name, (argtypes, restype) in _SIGNATURES.items():
-                        getattr(lib, name).argtypes = argtypes
-                        getattr(lib, name).restype = restype
+                    lib = bind(ctypes.CDLL(str(path)))
                     if not lib.gpt2lab_has_avx2():
                         logger.warning("gpt2lab's CPU kernels were built without AVX2/FMA (this CPU or compiler "
                                        "lacks them): results are the same, decoding is several times slower")
@@ -176,6 +90,7 @@ def _load() -> None:
 
 
 def available() -> bool:
+    """Whether the kernels can run here (built or cached, loaded, not switched off); builds them on the first call."""
     return library() is not None
 
 
@@ -206,10 +121,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y = torch.empty(*x.shape[:-1], n_out)
     if n_rows == 0:
         return y
-    matrix = Matrix.of(weight, bias, scale)
+    view = matrix(weight, bias, scale)
     # int8 weights: the kernel quantizes x's rows to int16 here (see kernels.c)
     xq, xs = (torch.empty(n_rows, n_in, dtype=torch.int16), torch.empty(n_rows)) if scale is not None else (None, None)
-    _library.gpt2lab_linear(x.data_ptr(), ctypes.byref(matrix), y.data_ptr(), n_rows, n_out, n_in,
+    _library.gpt2lab_linear(x.data_ptr(), ctypes.byref(view), y.data_ptr(), n_rows, n_out, n_in,
                             None if xq is None else xq.data_ptr(), None if xs is None else xs.data_ptr(),
                             torch.get_num_threads())
     return y
