@@ -475,7 +475,9 @@ class Augmenter:
         for k in range(self.per_example):
             lines = [json.dumps({c: self.data.rows[j].get(c) for c in self.schema["properties"]}, ensure_ascii=False)
                      for j in rng.sample(others, min(self.shots, len(others)))]
-            budget = self.params.max_new_tokens or max(32, min(2 * max(len(self.gen.tokenizer.encode(line))
+            # at least 64 tokens: a row cut at the limit does not parse, and the schema may allow longer
+            # strings than the shots hold
+            budget = self.params.max_new_tokens or max(64, min(2 * max(len(self.gen.tokenizer.encode(line))
                                                                          for line in lines),
                                                                self.gen.config.n_positions // 2))
             out.append(_Candidate(i, "few-shot", "".join(line + "\n" for line in lines), "", budget,
