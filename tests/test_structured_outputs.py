@@ -298,3 +298,32 @@ def test_the_transform_masks_exactly_the_forbidden_tokens_in_each_dtype(gen, dty
     assert torch.equal(out[1, allowed], before[1, allowed])
     assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
     assert bool(torch.isneginf(out[1, tokenizer.vocab_size:]).all())
+
+
+def test_disable_additional_properties_closes_every_object_schema(gen):
+    from gpt2lab.sampling.structured import _closed_objects
+
+    open_schema = {"type": "object", "properties": {
+        "a": {"type": "integer", "minimum": 0, "maximum": 9},
+        "inner": {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]},
+        "properties": {"const": {"type": "object", "x": 1}}},  # a property named "properties"; data in const
+        "required": ["a", "inner"]}
+    closed = _closed_objects(open_schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["inner"]["additionalProperties"] is False
+    assert closed["properties"]["properties"] == {"const": {"type": "object", "x": 1}}  # data left alone
+    assert "additionalProperties" not in open_schema  # a copy
+    spec = StructuredOutputsParams(json=open_schema, disable_additional_properties=True, disable_fallback=True)
+    assert spec.key != StructuredOutputsParams(json=open_schema).key
+    outs = gen.generate("{", max_new_tokens=60, temperature=1.0, seed=3, n=6, structured_outputs=spec)
+    for c in outs:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), closed)
+    with pytest.raises(ValueError, match="structured_outputs.disable_additional_properties"):
+        StructuredOutputsParams(regex="a", disable_additional_properties=True)
+    # the same extra property: allowed by the open schema's grammar, refused by the closed one's
+    from gpt2lab.sampling import GrammarState
+
+    extra = gen.tokenizer.encode('{"a": 1, "inner": {"b": true}, "zzz": 2}')
+    GrammarState(StructuredOutputsParams(json=open_schema), gen.tokenizer).advance(extra)
+    with pytest.raises(ValueError, match="not allowed"):
+        GrammarState(spec, gen.tokenizer).advance(extra)

@@ -2,7 +2,7 @@
 
 :class:`StructuredOutputsParams` says what shape, with the fields of vLLM's ``StructuredOutputsParams``
 (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``, ``whitespace_pattern``,
-``disable_any_whitespace``). The grammar engine is `llguidance <https://github.com/guidance-ai/llguidance>`_
+``disable_any_whitespace``, ``disable_additional_properties``, ``disable_fallback``). The grammar engine is `llguidance <https://github.com/guidance-ai/llguidance>`_
 (the optional ``structured`` extra, imported on first use): :meth:`StructuredOutputsParams.validate` turns the
 spec into llguidance's grammar and checks it, raising ``ValueError`` naming the field
 (``structured_outputs.json: ...``) before any work. :func:`compiled_matcher` compiles it for a tokenizer
@@ -80,7 +80,10 @@ class StructuredOutputsParams:
     - ``grammar``: a context-free grammar in llguidance's Lark syntax, or llama.cpp's GBNF (converted);
     - ``json_object``: any JSON object (OpenAI's ``{"type": "json_object"}``);
     - ``whitespace_pattern`` (JSON only): a regex for the whitespace allowed between JSON tokens;
-      ``disable_any_whitespace``: none at all (``","`` and ``":"``). Default: ``json.dumps``' layout.
+      ``disable_any_whitespace``: none at all (``","`` and ``":"``). Default: ``json.dumps``' layout;
+    - ``disable_additional_properties`` (JSON only): an object schema that does not say
+      ``additionalProperties`` allows no properties beyond those it lists (vLLM's meaning);
+    - ``disable_fallback``: accepted for vLLM's clients; there is one engine, so never a fallback.
 
     Raises ``ValueError`` naming the field (``structured_outputs.regex: ...``) for a wrong type, an invalid
     schema, regex or grammar, or a schema keyword llguidance cannot enforce; ``ImportError`` naming the
@@ -94,6 +97,8 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     whitespace_pattern: str | None = None
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
     _grammar: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -121,13 +126,14 @@ class StructuredOutputsParams:
             self.choice = list(self.choice)
         if self.json_object not in (None, True, False):
             raise ValueError(f"structured_outputs.json_object must be true or false, got {self.json_object!r}")
-        if not isinstance(self.disable_any_whitespace, bool):
-            raise ValueError(f"structured_outputs.disable_any_whitespace must be true or false, "
-                             f"got {self.disable_any_whitespace!r}")
-        if (self.whitespace_pattern is not None or self.disable_any_whitespace) and self.kind not in ("json",
-                                                                                                      "json_object"):
-            raise ValueError("structured_outputs.whitespace_pattern and disable_any_whitespace apply to json and "
-                             f"json_object only, not {self.kind}")
+        for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs.{name} must be true or false, got {getattr(self, name)!r}")
+        json_only = [name for name in ("whitespace_pattern", "disable_any_whitespace", "disable_additional_properties")
+                     if getattr(self, name) not in (None, False)]
+        if json_only and self.kind not in ("json", "json_object"):
+            raise ValueError(f"structured_outputs.{json_only[0]} applies to json and json_object only, "
+                             f"not {self.kind}")
 
     @classmethod
     def from_dict(cls, value: Any, where: str = "structured_outputs") -> StructuredOutputsParams:
@@ -151,7 +157,8 @@ class StructuredOutputsParams:
     def key(self) -> str:
         """The spec as canonical text: equal specs (a schema's keys in any order) share a compiled grammar."""
         value = getattr(self, self.kind)
-        return json.dumps([self.kind, value, self.whitespace_pattern, self.disable_any_whitespace], sort_keys=True)
+        return json.dumps([self.kind, value, self.whitespace_pattern, self.disable_any_whitespace,
+                           self.disable_additional_properties], sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that are set (vLLM's names)."""
@@ -178,12 +185,46 @@ def _json_options(spec: StructuredOutputsParams) -> dict[str, Any]:
     return {"whitespace_flexible": False, "item_separator": item, "key_separator": key, "lenient": False}
 
 
+# JSON Schema keywords whose value is a subschema, a list of them, or a map from names to them
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _closed_objects(schema: Any) -> Any:
+    """A copy of ``schema`` in which every object schema that does not say ``additionalProperties`` says
+    ``false`` (``disable_additional_properties``, vLLM's meaning). Only subschemas are visited: the values of
+    ``const``, ``enum`` and ``default`` are data and stay as they are."""
+    if isinstance(schema, list):  # items as a list (draft 4)
+        return [_closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = _closed_objects(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed_objects(item) for item in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed_objects(item) for name, item in out[key].items()}
+    kind = out.get("type")
+    if (kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in out) \
+            and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _grammar_text(spec: StructuredOutputsParams) -> str:
     llg = llguidance()
     kind = spec.kind
     try:
         if kind in ("json", "json_object"):
             schema = spec.json if isinstance(spec.json, dict) else {"type": "object"}
+            if spec.disable_additional_properties:
+                schema = _closed_objects(schema)
             return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(spec))
         if kind == "regex":
             return llg.LLMatcher.grammar_from_regex(spec.regex)
