@@ -165,7 +165,8 @@ class _SamplingFields(_Strict):
                                                    '"strict"}}: the output matches the schema.')
     structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's: one of json, regex, choice, "
                                                       "grammar, json_object (+ whitespace_pattern, "
-                                                      "disable_any_whitespace).")
+                                                      "disable_any_whitespace, disable_additional_properties, "
+                                                      "disable_fallback).")
     guided_json: str | dict[str, Any] | None = Field(None, description="vLLM's legacy name: a JSON Schema.")
     guided_regex: str | None = Field(None, description="vLLM's legacy name: the output matches this regex.")
     guided_choice: list[str] | None = Field(None, max_length=MAX_LIST_ITEMS,
