@@ -381,3 +381,37 @@ def test_linear_refuses_a_wrong_input_width_and_takes_zero_rows(kind):
         kernels.linear(torch.randn(1, 768), weight, torch.zeros(768), scales)
     assert kernels.linear(torch.randn(0, 3072), weight, torch.zeros(768), scales).shape == (0, 768)
     assert kernels.linear(torch.randn(2, 0, 3072), weight, None, scales).shape == (2, 0, 768)
+
+
+_PATHS = [isa for isa in build.cpu_isas() if isa != "native"]
+
+
+@needs_kernels
+def test_the_best_path_this_cpu_runs_is_loaded_by_default():
+    """Without GPT2LAB_KERNELS_ISA the kernels load the first of build.cpu_isas(): AVX-512 where the CPU has
+    it (and VNNI), not the AVX2 code every CPU of the last decade would get from a fixed build."""
+    if os.environ.get(kernels.ISA_ENV, "auto") not in ("", "auto"):
+        pytest.skip(f"{kernels.ISA_ENV} forces a path in this run")
+    assert kernels.isa() == {"native": "avx2"}.get(build.cpu_isas()[0], build.cpu_isas()[0]) or (
+        build.cpu_isas()[0] == "native" and kernels.isa() in ("avx512", "avx2"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _PATHS)
+def test_every_path_this_cpu_runs_gives_the_same_int8_products_and_batch_invariance(isa):
+    """Each instruction-set path present here (and the portable one, forced by GPT2LAB_KERNELS_ISA) in a
+    process of its own runs the linear and forward tests above: int8 products bit for bit those of the
+    PyTorch twin int8_linear (so bit-identical across paths), fp32/bf16 within rounding of fp64, every row
+    bit-identical alone or batched, the whole forward equal to torch's."""
+    if os.environ.get(kernels.ISA_ENV):
+        pytest.skip("already inside a forced-path run")
+    env = {**os.environ, kernels.ISA_ENV: isa}
+    probe = subprocess.run([sys.executable, "-c", "from gpt2lab import kernels; print(kernels.isa())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip() == isa, probe.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::"
+         "test_linear_matches_a_float_reference_and_every_row_is_independent", f"{__file__}::"
+         "test_the_kernel_forward_matches_the_torch_forward"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
