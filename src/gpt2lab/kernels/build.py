@@ -4,7 +4,8 @@ The C file is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/
 -fopenmp`` and the flags of one instruction-set path, :data:`ISA_FLAGS`) into
 ``$XDG_CACHE_HOME/gpt2lab/kernels/`` (about half a second a path), under a name that hashes the source,
 the flags, the compiler and the CPU. A failed build is remembered next to where the library would be,
-with the compiler's message, and not retried with the same compiler. A source whose interface departs from :mod:`.abi`'s tables is not built at all.
+with the compiler's message, and not retried with the same compiler. A source whose interface departs
+from :mod:`.abi`'s tables is not built at all.
 """
 
 from __future__ import annotations
