@@ -479,5 +479,5 @@ def test_the_thread_count_never_changes_a_result(tmp_path):
     finally:
         set_threads("auto")
         torch.set_num_threads(before)
-    for (quantization, threads), (pre, step) in results.items():
+    for (quantization, _threads), (pre, step) in results.items():
         assert torch.equal(pre, results[quantization, 1][0]) and torch.equal(step, results[quantization, 1][1])
