@@ -54,9 +54,22 @@ def pinned_threads() -> int | None:
     return _pinned
 
 
+_cpus_seen: tuple[float, int] = (-math.inf, 1)  # (when, usable_cpus()): read again after _CPUS_TTL_S
+_CPUS_TTL_S = 5.0
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask (``taskset``, a container's cpuset), reduced by
-    a cgroup v2 CPU quota (``cpu.max``: a container given 1.5 CPUs of 8 gets 2), at least 1."""
+    a cgroup v2 CPU quota (``cpu.max``: a container given 1.5 CPUs of 8 gets 2), at least 1. Read again
+    at most every few seconds (it is asked before every forward; the file read costs tens of microseconds)."""
+    global _cpus_seen
+    now = time.monotonic()
+    if now - _cpus_seen[0] > _CPUS_TTL_S:
+        _cpus_seen = (now, _read_usable_cpus())
+    return _cpus_seen[1]
+
+
+def _read_usable_cpus() -> int:
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
