@@ -18,7 +18,9 @@
  * below the int8 weights' own), and vpmaddwd sums int8 x int16 pairs exactly in int32 (two products
  * per instruction, 16 per register), chunks of 2048 in int32 lanes (no overflow: 2048 / 16 * 2 *
  * 128 * 32768 < 2^31), chunks in int64. That is 3 instructions per 16 weights where widening int8 to
- * fp32 takes 6, and the sum is exact, so its order cannot matter.
+ * fp32 takes 6, and the sum is exact, so its order cannot matter. With AVX-512 VNNI, vpdpwssd does the
+ * multiply and the add of 32 such pairs in one instruction (the same exact sums: every path agrees bit
+ * for bit on int8).
  *
  * Batch invariance: every output element y[m, n] = x[m] . w[n] is computed by the same sequence of
  * operations whatever the number of rows, the tile that holds it or the thread that runs it: for fp32
