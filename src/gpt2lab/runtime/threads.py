@@ -6,8 +6,9 @@ GPT-2 124M fp32, 200 tokens with one core busy: 14.5 s on 2 threads, 9.2 s on 1;
 8.7 s). No fixed count is best both ways, and the load changes while a server runs. So ``auto`` measures:
 :class:`ThreadTuner` times each forward, per kind of forward (prefill or decode, and the number of
 tokens by powers of two: batch-1 decode is bound by memory bandwidth, prefill and batched decode by
-compute), tries each candidate count a few times, then runs the fastest and now and then one other
-count again (1 forward in :data:`EXPLORE_EVERY`) so that a change in load is noticed. The candidates
+compute), tries each candidate count a few times (the first time not counted), then runs the fastest
+and now and then one other count again (1 forward in :data:`EXPLORE_EVERY`) so that a change in load
+is noticed. The candidates
 are 1 up to :func:`usable_cpus`, the CPUs this process may run on (``os.sched_getaffinity``, and a
 cgroup v2 ``cpu.max`` quota), capped by ``torch.get_num_threads()``. Threads never change a result
 (every output element is computed the same way whoever computes it; see ``kernels.c``).
@@ -29,7 +30,7 @@ __all__ = ["AUTO", "EXPLORE_EVERY", "ThreadTuner", "pinned_threads", "set_thread
 
 AUTO = "auto"
 EXPLORE_EVERY = 32  # one forward in this many re-measures another count: at most ~2% lost to a slow one
-_WARMUP = 2  # forwards timed per candidate before choosing
+_WARMUP = 3  # forwards timed per candidate before choosing; the first is not counted (it may start threads)
 _ALPHA = 0.5  # weight of a new time in a candidate's running estimate: a load change shows within a few samples
 
 _pinned: int | None = None
@@ -146,9 +147,11 @@ class ThreadTuner:
         if key is None:
             return
         phase = self._phases[key]
+        phase.samples[threads] += 1
+        if phase.samples[threads] == 1:  # OpenMP may have started this count's threads: not a fair time
+            return
         old = phase.estimates[threads]
         phase.estimates[threads] = seconds if math.isinf(old) else old + _ALPHA * (seconds - old)
-        phase.samples[threads] += 1
         phase.last_tried[threads] = phase.calls
 
     @staticmethod
