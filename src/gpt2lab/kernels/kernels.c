@@ -363,66 +363,40 @@ static inline int64_t hsum_i32(__m256i v) {
     const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
 }
-#define Q_W(c) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (c) * n_in + k)))
-#define Q_X(r) _mm256_loadu_si256((const __m256i *)(x + (r) * ldx + k))
-#define Q_MADD(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #define Q_CHUNK 2048 /* elements summed in int32 lanes before they go to int64 (see the top) */
+/* One int8 x int16 multiply-add step of Q_STEP elements: AVX2's vpmaddwd + vpaddd over 16, or with AVX-512
+ * VNNI vpdpwssd over 32 (two products per int32 lane either way, exact: 2048 / 16 * 2 * 128 * 32768 < 2^31
+ * per lane and chunk, and fewer with 32). The tiles below are written once over these. */
 #if GPT2LAB_VNNI
-/* the same tiles 32 elements at a time: vpdpwssd adds two int8 x int16 products per int32 lane, exactly
- * (2048 / 32 * 2 * 128 * 32768 < 2^31 per lane and chunk, as above) */
 static inline int64_t hsum_i32_512(__m512i v) {
     const __m512i s = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
                                        _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
     return _mm512_reduce_add_epi64(s);
 }
-#define Z_W(c) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (c) * n_in + k)))
-#define Z_X(r) _mm512_loadu_si512((const void *)(x + (r) * ldx + k))
-#define Z_DP(acc, a, b) acc = _mm512_dpwssd_epi32(acc, a, b)
-static inline __attribute__((always_inline)) void q16_4x2(const int16_t *x, int64_t ldx, const int8_t *w,
-                                                          int64_t n_in, int64_t k0, int64_t k1, int64_t *out) {
-    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    for (int64_t k = k0; k < k1; k += 32) {
-        PREFETCH_NEXT(w, 2 * n_in, k / 32 * 64, 64);
-        const __m512i w0 = Z_W(0), w1 = Z_W(1);
-        __m512i xv = Z_X(0);
-        Z_DP(a00, w0, xv); Z_DP(a01, w1, xv);
-        xv = Z_X(1);
-        Z_DP(a10, w0, xv); Z_DP(a11, w1, xv);
-        xv = Z_X(2);
-        Z_DP(a20, w0, xv); Z_DP(a21, w1, xv);
-        xv = Z_X(3);
-        Z_DP(a30, w0, xv); Z_DP(a31, w1, xv);
-    }
-    out[0] += hsum_i32_512(a00); out[1] += hsum_i32_512(a01); out[2] += hsum_i32_512(a10);
-    out[3] += hsum_i32_512(a11); out[4] += hsum_i32_512(a20); out[5] += hsum_i32_512(a21);
-    out[6] += hsum_i32_512(a30); out[7] += hsum_i32_512(a31);
-}
-static inline __attribute__((always_inline)) void q16_1x8(const int16_t *x, const int8_t *w, int64_t n_in,
-                                                          int64_t k0, int64_t k1, int64_t *out) {
-    const int64_t ldx = 0;
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t k = k0; k < k1; k += 32) {
-        PREFETCH_NEXT(w, 8 * n_in, k / 32 * 256, 256);
-        const __m512i xv = Z_X(0);
-        Z_DP(a0, Z_W(0), xv); Z_DP(a1, Z_W(1), xv); Z_DP(a2, Z_W(2), xv); Z_DP(a3, Z_W(3), xv);
-        Z_DP(a4, Z_W(4), xv); Z_DP(a5, Z_W(5), xv); Z_DP(a6, Z_W(6), xv); Z_DP(a7, Z_W(7), xv);
-    }
-    out[0] += hsum_i32_512(a0); out[1] += hsum_i32_512(a1); out[2] += hsum_i32_512(a2); out[3] += hsum_i32_512(a3);
-    out[4] += hsum_i32_512(a4); out[5] += hsum_i32_512(a5); out[6] += hsum_i32_512(a6); out[7] += hsum_i32_512(a7);
-}
+typedef __m512i qvec;
 #define Q_STEP 32
+#define QV_ZERO() _mm512_setzero_si512()
+#define Q_W(c) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (c) * n_in + k)))
+#define Q_X(r) _mm512_loadu_si512((const void *)(x + (r) * ldx + k))
+#define Q_MADD(acc, a, b) acc = _mm512_dpwssd_epi32(acc, a, b)
+#define QV_HSUM hsum_i32_512
 #else
+typedef __m256i qvec;
 #define Q_STEP 16
+#define QV_ZERO() _mm256_setzero_si256()
+#define Q_W(c) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (c) * n_in + k)))
+#define Q_X(r) _mm256_loadu_si256((const __m256i *)(x + (r) * ldx + k))
+#define Q_MADD(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define QV_HSUM hsum_i32
 #endif
-#if !GPT2LAB_VNNI
-/* 4 rows x 2 outputs over k0..k1 (a multiple of 16, at most Q_CHUNK long), added to out[r * 2 + c] */
+/* 4 rows x 2 outputs over k0..k1 (a multiple of Q_STEP, at most Q_CHUNK long), added to out[r * 2 + c] */
 static inline __attribute__((always_inline)) void q16_4x2(const int16_t *x, int64_t ldx, const int8_t *w,
                                                           int64_t n_in, int64_t k0, int64_t k1, int64_t *out) {
-    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    for (int64_t k = k0; k < k1; k += 16) {
-        if ((k & 16) == 0) PREFETCH_NEXT(w, 2 * n_in, k / 16 * 32, 64);
-        const __m256i w0 = Q_W(0), w1 = Q_W(1);
-        __m256i xv = Q_X(0);
+    qvec a00 = QV_ZERO(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t k = k0; k < k1; k += Q_STEP) {
+        if (k % 32 == 0) PREFETCH_NEXT(w, 2 * n_in, 2 * k, 64); /* a cache line per 32 elements of 2 rows */
+        const qvec w0 = Q_W(0), w1 = Q_W(1);
+        qvec xv = Q_X(0);
         Q_MADD(a00, w0, xv); Q_MADD(a01, w1, xv);
         xv = Q_X(1);
         Q_MADD(a10, w0, xv); Q_MADD(a11, w1, xv);
@@ -431,24 +405,23 @@ static inline __attribute__((always_inline)) void q16_4x2(const int16_t *x, int6
         xv = Q_X(3);
         Q_MADD(a30, w0, xv); Q_MADD(a31, w1, xv);
     }
-    out[0] += hsum_i32(a00); out[1] += hsum_i32(a01); out[2] += hsum_i32(a10); out[3] += hsum_i32(a11);
-    out[4] += hsum_i32(a20); out[5] += hsum_i32(a21); out[6] += hsum_i32(a30); out[7] += hsum_i32(a31);
+    out[0] += QV_HSUM(a00); out[1] += QV_HSUM(a01); out[2] += QV_HSUM(a10); out[3] += QV_HSUM(a11);
+    out[4] += QV_HSUM(a20); out[5] += QV_HSUM(a21); out[6] += QV_HSUM(a30); out[7] += QV_HSUM(a31);
 }
 /* 1 row x 8 outputs over k0..k1, the next eight weight rows prefetched */
 static inline __attribute__((always_inline)) void q16_1x8(const int16_t *x, const int8_t *w, int64_t n_in,
                                                           int64_t k0, int64_t k1, int64_t *out) {
     const int64_t ldx = 0;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t k = k0; k < k1; k += 16) {
-        PREFETCH_NEXT(w, 8 * n_in, k / 16 * 128, 128);
-        const __m256i xv = Q_X(0);
+    qvec a0 = QV_ZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t k = k0; k < k1; k += Q_STEP) {
+        PREFETCH_NEXT(w, 8 * n_in, 8 * k, 8 * Q_STEP);
+        const qvec xv = Q_X(0);
         Q_MADD(a0, Q_W(0), xv); Q_MADD(a1, Q_W(1), xv); Q_MADD(a2, Q_W(2), xv); Q_MADD(a3, Q_W(3), xv);
         Q_MADD(a4, Q_W(4), xv); Q_MADD(a5, Q_W(5), xv); Q_MADD(a6, Q_W(6), xv); Q_MADD(a7, Q_W(7), xv);
     }
-    out[0] += hsum_i32(a0); out[1] += hsum_i32(a1); out[2] += hsum_i32(a2); out[3] += hsum_i32(a3);
-    out[4] += hsum_i32(a4); out[5] += hsum_i32(a5); out[6] += hsum_i32(a6); out[7] += hsum_i32(a7);
+    out[0] += QV_HSUM(a0); out[1] += QV_HSUM(a1); out[2] += QV_HSUM(a2); out[3] += QV_HSUM(a3);
+    out[4] += QV_HSUM(a4); out[5] += QV_HSUM(a5); out[6] += QV_HSUM(a6); out[7] += QV_HSUM(a7);
 }
-#endif /* !GPT2LAB_VNNI */
 #endif
 
 /* out[r * C + c] = sum_k x[r][k] * w[c][k], exactly, for R rows x C outputs. Always inlined with
