@@ -420,8 +420,8 @@ def test_every_path_this_cpu_runs_gives_the_same_int8_products_and_batch_invaria
 def test_auto_threads_follow_the_load_and_a_pinned_count_is_kept():
     """ThreadTuner, fed forward times like those measured with one core busy (2 threads slower than 1) and
     then idle again (2 faster): it settles on the faster count each time, re-measures the other only one
-    forward in EXPLORE_EVERY, and keeps phases apart (batch-1 decode and prefill may want different counts).
-    --threads N (set_threads(N)) pins N with nothing to time."""
+    forward in about EXPLORE_EVERY (fewer the slower it is), and keeps phases apart (batch-1 decode and
+    prefill may want different counts). --threads N (set_threads(N)) pins N with nothing to time."""
     from gpt2lab.runtime.threads import EXPLORE_EVERY, ThreadTuner, set_threads
 
     if ThreadTuner.most() < 2:
@@ -440,10 +440,11 @@ def test_auto_threads_follow_the_load_and_a_pinned_count_is_kept():
 
     busy = {1: 9.2, most: 14.5}  # the issue's seconds: one core taken by another process
     idle = {1: 8.7, most: 6.0}
-    settled = run(4 * EXPLORE_EVERY, busy)[-2 * EXPLORE_EVERY:]
-    assert settled.count(1) >= 2 * EXPLORE_EVERY - 2  # only the exploring forwards use another count
-    assert set(settled) != {1}  # ... but they do happen: the other count is measured again
+    settled = run(8 * EXPLORE_EVERY, busy)[-4 * EXPLORE_EVERY:]
+    assert 1 <= 4 * EXPLORE_EVERY - settled.count(1) <= 4  # the other count only re-measured, now and then
     assert run(EXPLORE_EVERY * 6, idle)[-EXPLORE_EVERY:].count(most) >= EXPLORE_EVERY - 1  # the load went away
+    # 2 threads 16x slower (a machine loaded far beyond its cores): re-measured 16x less often
+    assert run(EXPLORE_EVERY * 40, {1: 1.0, most: 16.0})[-EXPLORE_EVERY * 32:].count(most) <= 3
     assert run(EXPLORE_EVERY * 2, {1: 1.0, most: 0.4}, prefill=True)[-EXPLORE_EVERY:].count(most) >= EXPLORE_EVERY - 1
     try:
         set_threads(1)

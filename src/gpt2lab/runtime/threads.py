@@ -6,9 +6,9 @@ GPT-2 124M fp32, 200 tokens with one core busy: 14.5 s on 2 threads, 9.2 s on 1;
 8.7 s). No fixed count is best both ways, and the load changes while a server runs. So ``auto`` measures:
 :class:`ThreadTuner` times each forward, per kind of forward (prefill or decode, and the number of
 tokens by powers of two: batch-1 decode is bound by memory bandwidth, prefill and batched decode by
-compute), tries each candidate count a few times (the first time not counted), then runs the fastest
-and now and then one other count again (1 forward in :data:`EXPLORE_EVERY`) so that a change in load
-is noticed. The candidates
+compute), tries each candidate count once, then runs the fastest and now and then one other count
+again (after :data:`EXPLORE_EVERY` forwards times how much slower it was) so that a change in load is
+noticed. The candidates
 are 1 up to :func:`usable_cpus`, the CPUs this process may run on (``os.sched_getaffinity``, and a
 cgroup v2 ``cpu.max`` quota), capped by ``torch.get_num_threads()``. Threads never change a result
 (every output element is computed the same way whoever computes it; see ``kernels.c``).
@@ -29,9 +29,11 @@ import torch
 __all__ = ["AUTO", "EXPLORE_EVERY", "ThreadTuner", "pinned_threads", "set_threads", "usable_cpus"]
 
 AUTO = "auto"
-EXPLORE_EVERY = 32  # one forward in this many re-measures another count: at most ~2% lost to a slow one
-_WARMUP = 3  # forwards timed per candidate before choosing; the first is not counted (it may start threads)
-_ALPHA = 0.5  # weight of a new time in a candidate's running estimate: a load change shows within a few samples
+# another count is re-measured after EXPLORE_EVERY x (its time / the best's) forwards: whatever how much slower
+# it is, re-measuring it costs about 1 / EXPLORE_EVERY (~3%) of the time (measured with the machine loaded:
+# 2 threads 16x slower than 1, where a fixed interval lost more than half the speed)
+EXPLORE_EVERY = 32
+_ALPHA = 0.5  # weight of a slower time in a running estimate (a faster one is taken as it is: see record)
 
 _pinned: int | None = None
 
@@ -133,13 +135,14 @@ class ThreadTuner:
         if phase is None:
             phase = self._phases[key] = _Phase(_candidates(most))
         phase.calls += 1
-        for count, seen in phase.samples.items():  # each candidate timed a few times first
-            if seen < _WARMUP:
+        for count, seen in phase.samples.items():  # each candidate timed once first, the largest first
+            if not seen:
                 return count, key
         best = min(phase.estimates, key=phase.estimates.__getitem__)
-        if phase.calls % EXPLORE_EVERY == 0:  # re-measure the count measured longest ago
-            other = min((c for c in phase.estimates if c != best), key=phase.last_tried.__getitem__)
-            return other, key
+        for other in sorted(phase.estimates, key=phase.last_tried.__getitem__):  # longest unmeasured first
+            if other != best and (phase.calls - phase.last_tried[other]
+                                  >= EXPLORE_EVERY * phase.estimates[other] / phase.estimates[best]):
+                return other, key
         return best, key
 
     def record(self, key: tuple | None, threads: int, seconds: float) -> None:
@@ -148,10 +151,10 @@ class ThreadTuner:
             return
         phase = self._phases[key]
         phase.samples[threads] += 1
-        if phase.samples[threads] == 1:  # OpenMP may have started this count's threads: not a fair time
-            return
         old = phase.estimates[threads]
-        phase.estimates[threads] = seconds if math.isinf(old) else old + _ALPHA * (seconds - old)
+        # faster: taken at once (a count that became fast again wins now; if it was luck, the next forwards,
+        # which run it, correct it); slower: smoothed (one descheduled forward does not discard a count)
+        phase.estimates[threads] = seconds if seconds <= old else old + _ALPHA * (seconds - old)
         phase.last_tried[threads] = phase.calls
 
     @staticmethod
