@@ -442,6 +442,8 @@ def test_auto_threads_follow_the_load_and_a_pinned_count_is_kept():
     idle = {1: 8.7, most: 6.0}
     settled = run(8 * EXPLORE_EVERY, busy)[-4 * EXPLORE_EVERY:]
     assert 1 <= 4 * EXPLORE_EVERY - settled.count(1) <= 4  # the other count only re-measured, now and then
+    # torch's own operators of the step (sampling) follow the chosen count; the cap stays what torch had
+    assert torch.get_num_threads() == settled[-1] and ThreadTuner.most() == most
     assert run(EXPLORE_EVERY * 6, idle)[-EXPLORE_EVERY:].count(most) >= EXPLORE_EVERY - 1  # the load went away
     # 2 threads 16x slower (a machine loaded far beyond its cores): re-measured 16x less often
     assert run(EXPLORE_EVERY * 40, {1: 1.0, most: 16.0})[-EXPLORE_EVERY * 32:].count(most) <= 3

@@ -36,11 +36,17 @@ EXPLORE_EVERY = 32
 _ALPHA = 0.5  # weight of a slower time in a running estimate (a faster one is taken as it is: see record)
 
 _pinned: int | None = None
+# auto also sets torch's intra-op count to the count it chose, so that the torch operators of the same step
+# (sampling's softmax over 50k logits runs on 2 threads) do not stall on a busy core either; _cap keeps the
+# count torch had before (or that the caller set since), the most auto may use
+_cap: int | None = None
+_set_by_auto: int | None = None
 
 
 def set_threads(threads: int | str) -> None:
-    """``"auto"``: the kernels choose per forward (:class:`ThreadTuner`); an integer N: they always use N,
-    and torch's own thread pools are set to N too. Raises ``ValueError`` naming ``threads`` for anything
+    """``"auto"``: the kernels choose per forward (:class:`ThreadTuner`, which sets torch's intra-op count
+    to its choice too, never above the count torch had); an integer N: they always use N, and torch's own
+    thread pools are set to N too. Raises ``ValueError`` naming ``threads`` for anything
     else (an integer must be in [1, 1024])."""
     global _pinned
     if isinstance(threads, str) and threads.strip().lower() == AUTO:
@@ -120,17 +126,29 @@ class ThreadTuner:
     @staticmethod
     def most() -> int:
         """The largest count a forward may use now (its scratch memory is sized for it)."""
+        global _cap
         if _pinned is not None:
             return _pinned
-        return max(1, min(torch.get_num_threads(), usable_cpus()))
+        now = torch.get_num_threads()
+        if _cap is None or now != _set_by_auto:  # first use, or someone else set torch's count since
+            _cap = now
+        return max(1, min(_cap, usable_cpus()))
 
     def choose(self, n_tok: int, prefill: bool) -> tuple[int, tuple | None]:
         """``(threads, key)`` for a forward of ``n_tok`` tokens; ``key`` None when there is nothing to
         time (pinned, or one candidate), else what :meth:`record` takes back."""
+        global _set_by_auto
         most = self.most()
         if _pinned is not None or most == 1:
             return most, None
         key = (prefill, n_tok.bit_length(), most)
+        threads, key = self._choose(key, most)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            _set_by_auto = threads
+        return threads, key
+
+    def _choose(self, key: tuple, most: int) -> tuple[int, tuple]:
         phase = self._phases.get(key)
         if phase is None:
             phase = self._phases[key] = _Phase(_candidates(most))
