@@ -111,6 +111,8 @@ LOAD_DTYPE_HELP = ("float32, bfloat16, float16, or auto (a checkpoint stored in 
 QUANTIZATION_CHOICES = ("none", "int8", "bf16")
 QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
 THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
+RUNTIME_THREADS_HELP = ("CPU threads: auto (default: gpt2lab's kernels time each kind of forward and keep the "
+                        "fastest count, which follows other processes' load) or N to pin N (torch's too).")
 RUNTIME_PANEL = "Device and precision"
 
 
@@ -124,9 +126,9 @@ def dtype_option(default: str | None = "auto", help: str = DTYPE_HELP) -> Any:  
     return typer.Option(default, "--dtype", help=help, rich_help_panel=RUNTIME_PANEL)
 
 
-def threads_option() -> Any:
+def threads_option(help: str = THREADS_HELP) -> Any:  # noqa: A002 - typer's word
     """``--threads``, spelled the same in every command."""
-    return typer.Option(None, "--threads", help=THREADS_HELP, rich_help_panel=RUNTIME_PANEL)
+    return typer.Option(None, "--threads", help=help, rich_help_panel=RUNTIME_PANEL)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class Runtime:
     device: str = "auto"
     dtype: str | None = None  # None: gpt2lab.load's default (float32 on a CPU, whatever the checkpoint stores)
     quantization: str | None = None  # None: not asked for (the library's default)
-    threads: int | None = None
+    threads: int | str | None = None  # None: not asked for (auto); "auto"; or a pinned count
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`gpt2lab.load`; ``quantization`` only when asked for."""
@@ -146,15 +148,30 @@ class Runtime:
         return kwargs
 
 
-def apply_threads(threads: int | None) -> None:
-    """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer in [1, 1024])."""
+def apply_threads(threads: int | str | None) -> None:
+    """``--threads N``: the kernels' count and torch's intra-op and inter-op thread pools (checked: an
+    integer in [1, 1024]); ``--threads auto``: the kernels choose (:mod:`gpt2lab.runtime.threads`)."""
     if threads is not None:
-        from ..model.device import set_threads
+        from ..runtime import set_threads
 
-        set_threads(threads, "--threads")
+        set_threads(threads)
 
 
-def build_runtime(device: str, dtype: str | None, quantization: str | None, threads: int | None) -> Runtime:
+def _threads_value(threads: int | str | None) -> int | str | None:
+    """``--threads``' value: None, ``"auto"`` or an integer in [1, 1024]; ValueError naming it otherwise."""
+    if threads is None or (isinstance(threads, str) and threads.strip().lower() == "auto"):
+        return None if threads is None else "auto"
+    from ..model.device import MAX_THREADS, check_threads
+
+    try:
+        value = int(threads)
+    except ValueError:
+        raise ValueError(f"--threads must be auto or an integer in [1, {MAX_THREADS}], got {threads!r}") from None
+    return check_threads(value, "--threads")
+
+
+def build_runtime(device: str, dtype: str | None, quantization: str | None,
+                  threads: int | str | None) -> Runtime:
     """Check the runtime options (the device is checked when the model loads)."""
     import re
 
@@ -164,10 +181,7 @@ def build_runtime(device: str, dtype: str | None, quantization: str | None, thre
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if quantization is not None and quantization.lower() not in QUANTIZATION_CHOICES:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {quantization!r}")
-    if threads is not None:  # (imports torch, which --threads needs next anyway)
-        from ..model.device import check_threads
-
-        check_threads(threads, "--threads")
+    threads = _threads_value(threads)  # (imports torch, which --threads needs next anyway)
     return Runtime(device=device.strip().lower(), dtype=dtype.lower() if dtype is not None else None,
                    quantization=quantization.lower() if quantization is not None else None, threads=threads)
 
@@ -182,7 +196,7 @@ def runtime_options(*, quantization: bool = True, threads: bool = True) -> Calla
         added.append(("quantization", str | None, typer.Option(None, "--quantization", help=QUANTIZATION_HELP,
                                                                rich_help_panel=RUNTIME_PANEL)))
     if threads:
-        added.append(("threads", int | None, threads_option()))
+        added.append(("threads", str | None, threads_option(RUNTIME_THREADS_HELP)))
 
     def decorate(func: Callable) -> Callable:
         hints = typing.get_type_hints(func, include_extras=True)
