@@ -86,7 +86,7 @@ DTYPE_HELP = ("auto (a checkpoint stored in float16/bfloat16 keeps its dtype; el
 # otherwise stay fp16 on the CPU, where gpt2lab's kernels (fp32, or --quantization) do not run it
 LOAD_DTYPE_HELP = ("float32, bfloat16, float16, or auto (a checkpoint stored in float16/bfloat16 keeps its "
                    "dtype). Default: bfloat16 on a GPU that supports it, else float32.")
-QUANTIZATION_CHOICES = ("none", "int8", "bf16")
+QUANTIZATION_NONE = "none"  # the CLI's word for the library's quantization=None
 QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
 THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
 RUNTIME_PANEL = "Device and precision"
@@ -120,34 +120,35 @@ class Runtime:
         """Keyword arguments for :func:`gpt2lab.load`; ``quantization`` only when asked for."""
         kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
         if self.quantization is not None:
-            kwargs["quantization"] = None if self.quantization == "none" else self.quantization
+            kwargs["quantization"] = None if self.quantization == QUANTIZATION_NONE else self.quantization
         return kwargs
 
 
 def apply_threads(threads: int | None) -> None:
     """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer in [1, 1024])."""
     if threads is not None:
-        from ..model.device import set_threads
+        from ..placement import set_threads
 
         set_threads(threads, "--threads")
 
 
 def build_runtime(device: str, dtype: str | None, quantization: str | None, threads: int | None) -> Runtime:
-    """Check the runtime options (the device is checked when the model loads)."""
-    import re
+    """Check the runtime options with :mod:`gpt2lab.placement`'s vocabulary (whether the device is there is
+    checked when the model loads). ``ValueError`` naming the option and its choices."""
+    from ..placement import QUANTIZATIONS, check_quantization, check_threads, device_name, dtype_name
 
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device.strip().lower()):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if dtype is not None and dtype.lower() not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if quantization is not None and quantization.lower() not in QUANTIZATION_CHOICES:
-        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {quantization!r}")
-    if threads is not None:  # (imports torch, which --threads needs next anyway)
-        from ..model.device import check_threads
-
+    if quantization is not None:
+        spelled = quantization.strip().lower()
+        if spelled != QUANTIZATION_NONE and spelled not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join((QUANTIZATION_NONE, *QUANTIZATIONS))}, "
+                             f"got {quantization!r}")
+        quantization = spelled if spelled == QUANTIZATION_NONE else check_quantization(spelled, "--quantization")
+    if threads is not None:
         check_threads(threads, "--threads")
-    return Runtime(device=device.strip().lower(), dtype=dtype.lower() if dtype is not None else None,
-                   quantization=quantization.lower() if quantization is not None else None, threads=threads)
+    if dtype is not None:
+        dtype_name(dtype, "--dtype")  # checked; passed on as spelled (gpt2lab.load reads the same names)
+    return Runtime(device=device_name(device, "--device"), dtype=dtype.strip().lower() if dtype is not None else None,
+                   quantization=quantization, threads=threads)
 
 
 def runtime_options(*, quantization: bool = True, threads: bool = True) -> Callable[[Callable], Callable]:

@@ -86,11 +86,11 @@ def serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from ..checkpoints import resolve_model
-    from ..model.device import resolve_device, resolve_dtype
+    from ..placement import resolve_device, resolve_dtype
 
     with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
         resolve_model(model, quiet=True)
-        resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+        resolve_dtype(runtime.dtype, resolve_device(runtime.device, "--device"), name="--dtype")
     load = load_kwargs(runtime)
 
     from ..server import create_app

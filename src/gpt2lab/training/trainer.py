@@ -36,8 +36,8 @@ from ..checkpoints.io import load_model, write_model_files
 from ..generation.chat_format import style_for_model
 from ..generation.chat_template import ChatTemplate, ChatTemplateError
 from ..model import GPT2
-from ..model.device import set_threads
 from ..outputs import check_output_dir
+from ..placement import DTYPES, autocast_dtype, resolve_device, set_threads
 from ..readers import ReadError, complete_lines, iter_jsonl, parse_json
 from . import lora as lora_mod
 from .chat_data import IGNORE_INDEX, ConversationData, ConversationSampler, looks_like_chat, prepare_chat_data
@@ -48,7 +48,6 @@ from .data import DataError, TokenData, prepare_data
 TRAINER_DIR = "trainer"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -77,10 +76,8 @@ class Dist:
 
 
 def _init_distributed(device: str) -> tuple[Dist, torch.device]:
-    from ..model.device import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = str(resolve_device(device))  # checked: a clear error when the GPU asked for is not there
+    device = str(resolve_device(device, "--device"))  # checked: a clear error when the GPU asked for is not there
     if world <= 1:
         return Dist(), torch.device(device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -338,8 +335,6 @@ class Trainer:
             # exact resume on a GPU: fixed cuBLAS workspaces, set before cuBLAS starts (as torch's
             # reproducibility notes ask); the deterministic kernels are switched on for the run (train())
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        from ..model.device import autocast_dtype
-
         # None: plain float32; bfloat16: autocast; float16: autocast + a gradient scaler (CUDA only)
         self.amp_dtype = autocast_dtype("bfloat16" if cfg.bf16 else cfg.dtype, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -523,7 +518,7 @@ class Trainer:
     def publish(self) -> None:
         """The model at the top of ``--out`` (HF layout; each file replaced atomically)."""
         plain = self._plain_model()
-        dtype = _DTYPES[self.cfg.save_dtype]
+        dtype = DTYPES[self.cfg.save_dtype]
         replace_files(self.out, lambda tmp: write_model_files(
             plain, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
             generation_config=self.generation_config, chat_template=self._template_source), scope="publish")
