@@ -15,8 +15,8 @@ from typing import Any
 import typer
 
 from ..sampling import SamplingParams
-from .common import fail, load_generator, user_errors
-from .options import Runtime, process_escapes_all, runtime_options, sampling_options
+from .common import fail, user_errors
+from .options import Runtime, load_generator, process_escapes_all, runtime_options, sampling_options
 
 app = typer.Typer(help="Blind side-by-side ratings, 1-5 ratings and curation of generated text, in the browser.",
                   no_args_is_help=True)

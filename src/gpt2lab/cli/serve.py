@@ -8,8 +8,8 @@ import socket
 
 import typer
 
-from .common import fail, load_kwargs, require_extra, user_errors
-from .options import Runtime, model_option, runtime_options
+from .common import fail, require_extra, user_errors
+from .options import Runtime, load_kwargs, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
 
