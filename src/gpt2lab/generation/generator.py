@@ -231,6 +231,13 @@ class Generator:
             merged["temperature"] = base["temperature"]  # do_sample=True over a greedy checkpoint: the caller's
         return SamplingParams.from_kwargs(**merged)
 
+    def _stored_dtype(self) -> torch.dtype:
+        """The dtype this model's checkpoint is stored in (what ``save(dtype="auto")`` writes)."""
+        if self.path is None:
+            raise ValueError('dtype="auto" needs a checkpoint directory to read the dtype from; this model was '
+                             "not loaded from one: name the dtype")
+        return checkpoint_dtype(self.path)
+
     def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None,
              max_shard_size: int | str = "5GB") -> Path:
         """Write the model and tokenizer in Hugging Face layout (loads back with ``transformers``):
@@ -239,7 +246,7 @@ class Generator:
         from ..checkpoints.card import model_card
         from ..training.lora import lora_modules, merge_lora
 
-        dtype = storage_dtype(dtype, lambda: checkpoint_dtype(self.path))
+        dtype = storage_dtype(dtype, self._stored_dtype)
         stored = dtype or self.model.wte.weight.dtype
         model, how = self.model, f"Saved with gpt2lab (`Generator.save`) from `{self.name}`."
         if lora_modules(model):  # a LoRA-adapted model is saved as a plain GPT-2 with the adapters merged
