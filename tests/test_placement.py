@@ -52,6 +52,8 @@ def test_none_and_auto_keep_their_documented_meanings():
     assert resolve_dtype("auto", CPU, stored=torch.bfloat16) == torch.bfloat16
     assert resolve_dtype("auto", CPU, stored=torch.float64) == torch.float32
     assert resolve_dtype(None, CPU, stored=torch.float16) == torch.float32  # None never reads the checkpoint
+    assert resolve_dtype("auto", CPU, stored=lambda: torch.float16) == torch.float16
+    assert resolve_dtype("bf16", CPU, stored=lambda: pytest.fail("read only for auto")) == torch.bfloat16
     # checkpoints.load_model / Generator.save: None stays None (the caller's default), "auto" the stored dtype
     assert storage_dtype(None, lambda: torch.float16) is None
     assert storage_dtype("auto", lambda: torch.float16) == torch.float16

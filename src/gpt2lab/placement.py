@@ -110,17 +110,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16_supported(device) else torch.float32
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, stored: torch.dtype | None = None,
-                  name: str = "dtype") -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *,
+                  stored: torch.dtype | Callable[[], torch.dtype] | None = None, name: str = "dtype") -> torch.dtype:
     """The dtype a model runs in on ``device``: ``None`` -> the device's default (:func:`default_dtype`);
-    ``"auto"`` -> ``stored`` (the checkpoint's own dtype) when it is float16/bfloat16, else the device's
-    default, as transformers' ``torch_dtype="auto"``; a name or ``torch.dtype`` -> that dtype.
+    ``"auto"`` -> ``stored`` (the checkpoint's own dtype, or a function reading it, called only for
+    ``"auto"``) when it is float16/bfloat16, else the device's default, as transformers'
+    ``torch_dtype="auto"``; a name or ``torch.dtype`` -> that dtype.
 
     Raises ``ValueError`` naming ``name`` and the choices for an unknown name.
     """
     parsed = parse_dtype(dtype, name)
     if parsed == "auto":
-        return stored if stored in HALF_DTYPES else default_dtype(device)
+        own = stored() if callable(stored) else stored
+        return own if own in HALF_DTYPES else default_dtype(device)
     return default_dtype(device) if parsed is None else parsed
 
 

@@ -314,7 +314,7 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
                 and not (Path(model) / "config.json").is_file():
             adapter, model = Path(model), adapter_base_model(Path(model))
         resolved = resolve_model(model)
-        dtype = resolve_dtype(dtype, device, stored=_stored_if_auto(dtype, resolved.path))
+        dtype = resolve_dtype(dtype, device, stored=lambda: checkpoint_dtype(resolved.path))
         net = load_model(resolved.path, device=device, dtype=dtype,
                          quantization=quantization if adapter is None else None)
         if tokenizer is not None:
@@ -335,11 +335,6 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
 
         quantize_(gen.model, quantization)
     return gen
-
-
-def _stored_if_auto(dtype: str | torch.dtype | None, directory: Path) -> torch.dtype | None:
-    """The checkpoint's own dtype when ``dtype`` is ``"auto"`` (read only then), for :func:`resolve_dtype`."""
-    return checkpoint_dtype(directory) if isinstance(dtype, str) and dtype.strip().lower() == "auto" else None
 
 
 def _is_transformers_model(obj: Any) -> bool:
