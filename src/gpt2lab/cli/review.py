@@ -8,12 +8,12 @@ dataset of an ``augment`` output.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from ..console import echo
 from ..sampling import SamplingParams
 from .common import fail, user_errors
 from .options import Runtime, load_generator, process_escapes_all, runtime_options, sampling_options
@@ -102,7 +102,7 @@ def make(
         with user_errors():
             review = rv.from_augment(augment_file, text_column)
             rv.write_review_set(review, out)
-        print(f"wrote {out}: {len(review.items)} generated rows to curate (accept / reject / edit)")
+        echo(f"wrote {out}: {len(review.items)} generated rows to curate (accept / reject / edit)")
         return
     if mode not in ("pairwise", "ratings"):
         fail(f"--mode must be pairwise or ratings (curation: use --augment), got {mode!r}")
@@ -133,21 +133,27 @@ def make(
                 fail("give prompts (arguments or --prompts FILE) for the models to complete")
             params_list = [(s, parse_setting(s, sampling)) for s in settings or [None]] if settings else [(None,
                                                                                                           sampling)]
+            from ..console import progress_bar
+
+            generated = []  # added after the bars: an error line must not be drawn over by a bar
             for model in models or [None]:
                 gen = load_generator(model, runtime)
-                for text, params in params_list:
-                    name = Path(model).name if model and Path(model).is_dir() else model
-                    label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
-                        or gen.name
-                    rows = rv.generate_rows(gen, prompt_list, params, samples)
-                    add(label, rows, {"model": gen.name, "params": _described(params)})
+                with progress_bar(len(params_list) * len(prompt_list), f"generating with {gen.name}") as bar:
+                    for text, params in params_list:
+                        name = Path(model).name if model and Path(model).is_dir() else model
+                        label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
+                            or gen.name
+                        rows = rv.generate_rows(gen, prompt_list, params, samples, on_progress=bar)
+                        generated.append((label, rows, {"model": gen.name, "params": _described(params)}))
+            for label, rows, desc in generated:
+                add(label, rows, desc)
         if len(sources) < 2:
             fail("give two or more sources: --model A --model B, --setting S1 --setting S2, --explore DIR or "
                  "--completions FILE (any mix)")
         review = rv.build(sources, mode, criteria=crit, descriptions=described, seed=sampling.seed or 0,
                           max_items=max_items)
         rv.write_review_set(review, out)
-    print(f"wrote {out}: {len(review.items)} {mode} items from {len(sources)} sources ({', '.join(sources)})")
+    echo(f"wrote {out}: {len(review.items)} {mode} items from {len(sources)} sources ({', '.join(sources)})")
 
 
 @app.command("serve")
@@ -199,8 +205,8 @@ def serve(
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    print(f"reviewing {review_file} ({review.mode}, {len(review.items)} items); judgements go to {log}")
-    print(f"open http://{host}:{port}/ in a browser")
+    echo(f"reviewing {review_file} ({review.mode}, {len(review.items)} items); judgements go to {log}")
+    echo(f"open http://{host}:{port}/ in a browser")
     uvicorn.run(app_, host=host, port=port, log_level=log_level)
 
 
@@ -223,23 +229,17 @@ def summary(
         result = summarize(records)
         paths = write_outputs(result, out, title=log.name) if out is not None else None
     if as_json:
-        print(json.dumps(result))
+        echo(json.dumps(result))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from ..console import print_table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)  # piped: wide enough for every column
-    console.print(f"{result['counted']} judgements of {result['items']} items by {len(result['reviewers'])} "
-                  f"reviewer(s): {', '.join(result['reviewers'])}")
+    # reviewer names, sources and comments are text from the log: printed literally (never as markup)
+    echo(f"{result['counted']} judgements of {result['items']} items by {len(result['reviewers'])} "
+         f"reviewer(s): {', '.join(result['reviewers'])}")
     for caption, head, rows in tables(result):
-        table = Table(title=caption)
-        for i, h in enumerate(head):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        print_table(caption, head, rows, width=160)  # piped: wide enough for every column
     if paths:
-        console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 @app.command("export")
@@ -258,8 +258,8 @@ def export(
     with user_errors():
         result = export_curated(read_review_set(review_file), read_log(log), out, keep_unreviewed=keep_unreviewed)
     if as_json:
-        print(json.dumps(result.to_dict()))
+        echo(json.dumps(result.to_dict()))
         return
-    print(f"rows in {result.rows_in}, out {result.rows_out}: {result.accepted} accepted, {result.edited} edited, "
+    echo(f"rows in {result.rows_in}, out {result.rows_out}: {result.accepted} accepted, {result.edited} edited, "
           f"{result.rejected} rejected, {result.unreviewed} unreviewed"
           f"{' (kept)' if keep_unreviewed else ' (dropped)'} -> {result.output}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import combinations
@@ -158,11 +158,22 @@ def build(sources: Mapping[str, Rows], mode: str = "pairwise", *, criteria: Sequ
     return ReviewSet(mode, items, check_criteria(criteria), {n: desc.get(n, {}) for n in names})
 
 
-def generate_rows(gen: Generator, prompts: Sequence[str], params: SamplingParams, samples: int = 1) -> Rows:
-    """``samples`` completions of each prompt by ``gen`` with ``params`` (completions only, prompts apart)."""
+def generate_rows(gen: Generator, prompts: Sequence[str], params: SamplingParams, samples: int = 1,
+                  on_progress: Callable[[int], None] | None = None) -> Rows:
+    """``samples`` completions of each prompt by ``gen`` with ``params`` (completions only, prompts apart).
+
+    ``on_progress(n)`` is told each time ``n`` more prompts are done (they run in groups of about 64
+    completions; a seeded prompt's completions do not depend on its group)."""
     if not 1 <= samples <= 64:
         raise ValueError(f"samples must be in [1, 64], got {samples}")
-    return [(c.prompt, c.text) for c in gen.generate(list(prompts), params.with_(n=samples))]
+    prompts, rows = list(prompts), []
+    group = max(1, 64 // samples)
+    for start in range(0, len(prompts), group):
+        part = prompts[start:start + group]
+        rows += [(c.prompt, c.text) for c in gen.generate(part, params.with_(n=samples))]
+        if on_progress is not None:
+            on_progress(len(part))
+    return rows
 
 
 def read_completions(path: str | Path, prompt_column: str = "prompt", completion_column: str = "completion") -> Rows:

@@ -194,10 +194,57 @@ def read_adapter_config(directory: str | Path) -> dict:
         unsupported.append(f"bias={cfg['bias']}")
     if unsupported:
         raise ValueError(f"{cfg_path}: LoRA settings not supported by gpt2lab: {', '.join(unsupported)}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise ValueError(f"{cfg_path}: {key} must be a positive number, got {cfg.get(key)!r}")
+    _check_config_values(cfg, cfg_path)
     return cfg
+
+
+MAX_RANK = 1 << 16  # far past any adapter (peft's defaults are 8-64); the tensors must agree anyway
+
+
+def _check_config_values(cfg: dict, cfg_path: Path) -> None:
+    """The types and ranges of the fields gpt2lab reads, before anything is allocated from them: ``r``
+    sizes the adapter matrices (``r=1e9`` asked for 256 GB, ``r=2.5`` or ``true`` failed in torch)."""
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise ValueError(f"{cfg_path}: r (the LoRA rank) must be an integer in [1, {MAX_RANK}], got {r!r}")
+    alpha = cfg.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{cfg_path}: lora_alpha must be a finite number > 0, got {alpha!r}")
+    for key in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], bool):
+            raise ValueError(f"{cfg_path}: {key} must be true or false, got {cfg[key]!r}")
+    dropout = cfg.get("lora_dropout", 0.0)
+    if dropout is not None and (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+                                or not 0 <= dropout < 1):
+        raise ValueError(f"{cfg_path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{cfg_path}: base_model_name_or_path must be a string, got {base!r}")
+
+
+def _check_adapter_tensors(state: dict[str, torch.Tensor], model: nn.Module, rank: int, weights: Path,
+                           cfg_path: Path) -> None:
+    """Every adapter tensor against the layer it adapts and the config's ``r``, before any is allocated:
+    ``lora_A`` is ``[r, in_features]``, ``lora_B`` ``[out_features, r]``, both floating point, in pairs
+    (a rank-1 pair under ``r=4`` was broadcast into the rank-4 matrices without a word)."""
+    layers = dict(model.named_modules())
+    for key in sorted(state):
+        name, _, which = key.rpartition(".")
+        layer = layers.get(name)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{weights}: adapter tensor {key!r} is for {name!r}, which is not a linear layer of "
+                             "the model")
+        tensor = state[key]
+        expected = (rank, layer.in_features) if which == "lora_A" else (layer.out_features, rank)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{weights}: tensor {key} has shape {tuple(tensor.shape)} but {cfg_path.name} says "
+                             f"r={rank} and {name} is {layer.in_features} -> {layer.out_features}: expected "
+                             f"{expected}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{weights}: tensor {key} is {tensor.dtype}; LoRA matrices are floating point")
+        partner = f"{name}.{'lora_B' if which == 'lora_A' else 'lora_A'}"
+        if partner not in state:
+            raise ValueError(f"{weights}: {key} has no {partner.rpartition('.')[2]} to go with it")
 
 
 def adapter_base_model(directory: str | Path) -> str:
@@ -215,17 +262,16 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     Reads peft's format (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``), whether
     made by peft or by gpt2lab, and gpt2lab's earlier format (names ``h.0.attn.c_attn.lora_A``).
     """
-    from ..checkpoints.tensors import read_tensors
+    from ..checkpoints.tensors import read_tensors  # the checkpoint reader: safetensors, or weights_only pickles
 
     directory = Path(directory)
     cfg = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
-    if weights.is_file():
-        raw = dict(read_tensors(weights))
-    elif (directory / "adapter_model.bin").is_file():
-        raw = dict(read_tensors(directory / "adapter_model.bin"))  # weights_only: it cannot run code
-    else:
-        raise FileNotFoundError(f"{weights}: not found (nor adapter_model.bin)")
+    if not weights.is_file():
+        if not (directory / "adapter_model.bin").is_file():
+            raise FileNotFoundError(f"{weights}: not found (nor adapter_model.bin)")
+        weights = directory / "adapter_model.bin"
+    raw = dict(read_tensors(weights))  # CheckpointError naming the file when it is truncated or corrupt
     state: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         key = _our_name(key).removesuffix(".weight")
@@ -234,19 +280,19 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         if not key.endswith((".lora_A", ".lora_B")):
             raise ValueError(f"{weights}: unexpected tensor {key!r} (only LoRA A/B matrices are supported)")
         state[key] = tensor
+    if not state:
+        raise ValueError(f"{weights}: holds no LoRA tensors")
+    rank = int(cfg["r"])
+    _check_adapter_tensors(state, model, rank, weights, directory / ADAPTER_CONFIG)
     modules = {k.rpartition(".")[0] for k in state}
-    wrapped = set()
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in list(model.named_modules()):
-        if name in modules and isinstance(module, nn.Linear):
+        if name in modules:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoRALinear(module, int(cfg["r"]), float(cfg["lora_alpha"]),
+            setattr(parent, child, LoRALinear(module, rank, float(cfg["lora_alpha"]),
                                               use_rslora=bool(cfg.get("use_rslora"))))
-            wrapped.add(name)
-    if modules - wrapped:
-        raise ValueError(f"{weights}: adapter modules not in the model: {sorted(modules - wrapped)[:3]}")
     ref = next(iter(lora_modules(model).values())).lora_A
     load_adapter_state(model, {k: v.to(dtype=ref.dtype, device=ref.device) for k, v in state.items()})
     return model

@@ -39,7 +39,7 @@ from ..atomic import clean_stale, crash_point, replace_files, write_dir, write_f
 from ..checkpoints import save_model
 from ..checkpoints.io import load_model, write_model_files
 from ..generation.chat_format import style_for_model
-from ..generation.chat_template import ChatTemplate, ChatTemplateError
+from ..generation.chat_template import ChatTemplate, read_template_file
 from ..model import GPT2
 from ..outputs import check_output_dir
 from ..placement import DTYPES, autocast_dtype, set_threads
@@ -200,15 +200,10 @@ class Trainer:
                                     and not looks_like_chat(cfg.data)):
             return None
         if cfg.chat_template is not None:
-            path = Path(cfg.chat_template)
-            try:
-                source = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"--chat-template {path}: cannot read it ({exc})") from None
-            try:
-                return ChatTemplate(source)
-            except ChatTemplateError as exc:
-                raise ValueError(f"--chat-template {path}: {exc}") from None
+            # a file that cannot be read, or a template that does not compile, breaks the sandbox or its
+            # bounds: ChatTemplateFault naming it
+            origin = f"--chat-template {cfg.chat_template}"
+            return ChatTemplate(read_template_file(cfg.chat_template, origin), origin=origin)
         return style_for_model(self.base_name, Path(cfg.model) if cfg.model and Path(cfg.model).is_dir()
                                else self.tokenizer_dir).chat_template
 
