@@ -33,6 +33,28 @@ def model_option() -> Any:
     return typer.Option(None, "--model", "-m", help=MODEL_HELP)
 
 
+ALLOWED_HOST_HELP = ("Also answer requests for this host name (the name clients use to reach the server); "
+                     ".example.org for a domain and its subdomains, * for any. Repeatable. By default only "
+                     "localhost, loopback addresses and --host are answered: a web page that re-points its own "
+                     "name here (DNS rebinding) gets 403.")
+
+
+def allowed_host_option() -> Any:
+    """``--allowed-host`` of the local web servers (``serve``, ``review serve``)."""
+    return typer.Option(None, "--allowed-host", help=ALLOWED_HOST_HELP)
+
+
+def host_names(host: str, extra: list[str] | None) -> tuple[str, ...]:
+    """The ``Host`` names a server bound to ``host`` answers, with the ``--allowed-host`` entries ``extra``
+    (:func:`gpt2lab.http_guard.allowed_hosts`); a bad entry is a one-line error."""
+    from ..http_guard import allowed_hosts
+
+    try:
+        return allowed_hosts(host, extra or ())
+    except ValueError as exc:
+        fail(str(exc))
+
+
 # -- text options: backslash escapes ------------------------------------------------------------
 _SIMPLE_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "'": b"'", '"': b'"', "\\": b"\\"}
 _HEX = frozenset("0123456789abcdefABCDEF")

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 
 import typer
 
+from ..http_guard import is_loopback
 from .common import fail, require_extra, user_errors
-from .options import Runtime, load_kwargs, model_option, runtime_options
+from .options import Runtime, allowed_host_option, host_names, load_kwargs, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname other than localhost may resolve anywhere
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -37,6 +27,16 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def check_chat_template(resolved) -> None:  # noqa: ANN001 - a checkpoints.ResolvedModel
+    """The model's chat template renders the probe conversation before anything loads or is served: a
+    broken one raises its ChatTemplateFault naming it, which the command reports in one line (exit 2).
+    The server renders it once more in its render process before it turns ready."""
+    from ..generation.chat_format import style_for_model
+    from ..generation.chat_worker import probe_style
+
+    probe_style(style_for_model(resolved.name, resolved.path))
 
 
 @runtime_options()
@@ -59,6 +59,7 @@ def serve(
                                                 help="Let browser pages from this origin (e.g. "
                                                      "https://app.example:3000, or * for any) call the API; "
                                                      "repeatable. Off by default."),
+    allowed_host: list[str] = allowed_host_option(),
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
@@ -79,6 +80,7 @@ def serve(
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
     if not 0 < max_body_mb <= 1024:
         fail(f"--max-body-mb must be in (0, 1024], got {max_body_mb:g}")
+    hosts = host_names(host, allowed_host)
 
     try:  # the port first: a busy one fails now, in a second, not after the model is found and loaded
         sock = bind(host, port)
@@ -89,8 +91,9 @@ def serve(
     from ..placement import resolve_device, resolve_dtype
 
     with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
-        resolve_model(model, quiet=True)
+        resolved = resolve_model(model, quiet=True)
         resolve_dtype(runtime.dtype, resolve_device(runtime.device, "--device"), name="--dtype")
+        check_chat_template(resolved)
     load = load_kwargs(runtime)
 
     from ..server import create_app
@@ -101,7 +104,7 @@ def serve(
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                          request_timeout=request_timeout, cors_allow_origins=origins, max_body_mb=max_body_mb,
-                         limits=limits, **load)
+                         limits=limits, allowed_hosts=hosts, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))

@@ -272,7 +272,10 @@ def _bounded(source: str, path: Path) -> str:
 
 # -- rendering -----------------------------------------------------------------------------------------
 def _plain(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [{str(k): v for k, v in dict(m).items()} for m in messages]
+    """The messages as plain dicts, without the keys whose value is None (OpenAI clients send
+    ``content=None``, ``tool_calls=None``): transformers drops them too, as templates test whether a key
+    is present and would write ``None``."""
+    return [{str(k): v for k, v in dict(m).items() if v is not None} for m in messages]
 
 
 class ChatTemplate:

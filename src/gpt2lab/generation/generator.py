@@ -47,8 +47,12 @@ class Generator:
         # transformers' field names, as in generation_config.json: the defaults of every generate call
         self.generation_config: dict[str, Any] = dict(generation_config or {})
         self.adapter: Path | None = None  # a LoRA adapter merged into the weights at load (for the model card)
+        # a bad value fails at load, not at first use; fields gpt2lab does not use are named once, here
         hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
-                            source=GENERATION_CONFIG_FILE)  # a bad value fails at load, not at first use
+                            source=self._config_source(), warn=True)
+
+    def _config_source(self) -> str:
+        return str(self.path / GENERATION_CONFIG_FILE) if self.path is not None else GENERATION_CONFIG_FILE
 
     @property
     def config(self) -> GPT2Config:
@@ -176,22 +180,29 @@ class Generator:
         return token_logprobs(lp, ids[1:], top_n, self.tokenizer)
 
     def sampling_params(self, params: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
-        """The :class:`SamplingParams` of a call: the checkpoint's generation config (or ``generation_config=``)
-        as defaults, overridden by ``kwargs`` (our names or transformers'); or ``params`` with ``kwargs`` applied."""
+        """The :class:`SamplingParams` of a call: ``kwargs`` (our names or transformers') over the call's
+        ``generation_config=`` (a ``transformers.GenerationConfig`` or a dict) over the checkpoint's
+        generation config, as transformers merges them: the object's fields win, the fields it does not
+        set keep the checkpoint's values; within one config ``max_new_tokens`` wins over ``max_length``,
+        and fields gpt2lab does not use are ignored with a :class:`~gpt2lab.sampling.hf_compat.GenerationConfigWarning`.
+        With ``params``: ``params`` with the object's then ``kwargs``' settings applied."""
         override = kwargs.pop("generation_config", None)
         eos = self.eos_token_id
         explicit = hf_compat.translate(kwargs, eos_token_id=eos, source="generation parameters")
+        if override is not None:
+            given = hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos, strict=False,
+                                        source="generation_config", warn=True)
+            sample = given.get("_sample") or explicit.get("_sample")
+            explicit = hf_compat.merge(given, explicit)
+            if sample and "temperature" not in explicit:
+                explicit["_sample"] = True  # the object's do_sample=True lifts a greedy checkpoint below it
+            if params is None:
+                return self._layered(explicit, {})
         if params is not None:
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-            if override is not None:
-                explicit = hf_compat.merge(hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos,
-                                                               source="generation_config"), explicit)
             explicit.pop("_sample", None)
             return params.with_(**explicit) if explicit else params
-        if override is not None:
-            defaults = hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos, source="generation_config")
-            return SamplingParams.from_kwargs(**hf_compat.merge(defaults, explicit))
         return self._layered(explicit, {})
 
     def checkpoint_defaults(self) -> dict[str, Any]:

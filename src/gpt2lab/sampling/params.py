@@ -147,7 +147,9 @@ class SamplingParams:
             _check(self.n <= self.num_beams, "n", f"<= num_beams ({self.num_beams}) with beam search", self.n)
         _check(_is_num(self.length_penalty), "length_penalty", "a finite number", self.length_penalty)
         if self.seed is not None:
-            _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)", self.seed)
+            # any int64, as OpenAI and vLLM take it (torch seeds a generator with negative numbers too)
+            _check(_is_int(self.seed) and -2**63 <= self.seed < 2**63, "seed", "an integer in [-2**63, 2**63)",
+                   self.seed)
         if self.logprobs is not None:
             _check(_is_int(self.logprobs) and 0 <= self.logprobs <= 20, "logprobs", "an integer in [0, 20]",
                    self.logprobs)

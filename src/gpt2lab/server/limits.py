@@ -34,6 +34,8 @@ class Limits:
     body_timeout_s: float = 30.0  # a request body must arrive within this
     header_timeout_s: float = 30.0  # a connection must send a complete request head within this
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    chat_render_workers: int = 2  # processes rendering chat templates (a template is code: never in this one)
+    chat_probe_timeout_s: float = 60.0  # start-up: a worker starts and renders the probe conversation
 
 
 def max_prompt_chars(tokenizer: Any, n_positions: int) -> int:

@@ -106,6 +106,8 @@ class OpenAIServing:
         ctx = RequestContext(self.metrics, handle, arrival, self.request_timeout, self.endpoint)
         if stream:
             include_usage = bool(stream_options and stream_options.include_usage)
+            # vLLM's continuous_usage_stats: every chunk carries the usage so far (with include_usage)
+            continuous = include_usage and bool(stream_options and stream_options.continuous_usage_stats)
 
             async def events() -> AsyncIterator[str]:
                 try:
@@ -116,6 +118,8 @@ class OpenAIServing:
                             failed = True
                             break
                         for chunk in builder.first_chunks() if item is None else builder.chunks(item):
+                            if continuous:
+                                chunk["usage"] = builder.usage().model_dump()
                             yield sse_event(chunk)
                     if include_usage and not failed:
                         yield sse_event(builder.usage_chunk())

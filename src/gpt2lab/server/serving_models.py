@@ -20,17 +20,42 @@ RETRY_AFTER_S = 1  # the Retry-After of a 503 while loading and of a 429 (full):
 class OpenAIServingModels:
     """The model ``scheduler`` loads, served under ``model_name`` (default: the model's own name)."""
 
-    def __init__(self, scheduler: Scheduler, model_name: str | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, model_name: str | None = None,
+                 limits: lim.Limits | None = None) -> None:
         self.scheduler, self.model_name = scheduler, model_name
+        self.limits = limits or lim.Limits()
         self.created = int(time.time())  # the model cards' "created": when the server was made
         self.max_prompt_chars = 0  # the longest prompt text that can fit the context (set by ``prepare``)
+        self.chat_renderer: Any = None  # the model's ChatRenderPool (set by ``prepare``)
 
     def prepare(self, gen: Any) -> Any:
         """Called with the loaded Generator on the engine thread, before the server turns ready: works out
         (once, off the event loop: it reads every token of the vocabulary) the longest prompt text that can
-        fit the context, so that a longer one is refused before it is tokenized. Returns ``gen``."""
+        fit the context, so that a longer one is refused before it is tokenized; starts the processes that
+        render the model's chat template (:class:`~gpt2lab.generation.chat_worker.ChatRenderPool`) and has
+        one render the probe conversation: a broken template fails the load (a
+        :class:`~gpt2lab.errors.CheckpointError` naming it). Returns ``gen``."""
+        from ..errors import CheckpointError
+        from ..generation.chat_format import style_for_model
+        from ..generation.chat_worker import ChatRenderPool, RenderFailed
+
         self.max_prompt_chars = lim.max_prompt_chars(gen.tokenizer, gen.config.n_positions)
+        pool = ChatRenderPool(gen.tokenizer, style_for_model(gen.name, gen.path), self.limits.chat_render_workers)
+        try:
+            pool.probe(self.limits.chat_probe_timeout_s)
+        except RenderFailed as exc:
+            pool.close()
+            raise CheckpointError(f"the chat template does not work: {exc}") from None
+        except BaseException:
+            pool.close()
+            raise
+        self.chat_renderer = pool
         return gen
+
+    def close(self) -> None:
+        """Stop the chat render processes."""
+        if self.chat_renderer is not None:
+            self.chat_renderer.close()
 
     def generator(self) -> Any:
         """The loaded Generator; :class:`~.protocol.APIError` 503 while it loads (``Retry-After``) or if

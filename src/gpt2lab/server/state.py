@@ -35,6 +35,11 @@ class ServerState:
     def metrics(self) -> ServerMetrics:
         return self.scheduler.metrics
 
+    def close(self) -> None:
+        """Stop the engine thread and the chat render processes."""
+        self.scheduler.stop()
+        self.models.close()
+
     @classmethod
     def create(cls, generator_or_model_ref: Any = None, *, max_batch: int = 16, max_queue: int = 64,
                request_timeout: float = 600.0, model_name: str | None = None, device: str = "auto",
@@ -71,7 +76,7 @@ class ServerState:
 
         scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, metrics=ServerMetrics(),
                               model_is_callers=not isinstance(generator_or_model_ref, (str, Path, type(None))))
-        models = OpenAIServingModels(scheduler, model_name)  # before the scheduler starts, so before load() runs
+        models = OpenAIServingModels(scheduler, model_name, limits)  # before the scheduler starts: before load()
         shared = dict(limits=limits, request_timeout=request_timeout)
         return cls(scheduler, models, completion=OpenAIServingCompletion(scheduler, models, **shared),
                    chat=OpenAIServingChat(scheduler, models, **shared),

@@ -44,9 +44,17 @@ from ..model import GPT2
 from ..outputs import check_output_dir
 from ..placement import DTYPES, autocast_dtype, set_threads
 from . import lora as lora_mod
-from .chat_data import IGNORE_INDEX, ConversationData, ConversationSampler, looks_like_chat, prepare_chat_data
+from .chat_data import (
+    IGNORE_INDEX,
+    ConversationData,
+    ConversationSampler,
+    default_system_message,
+    looks_like_chat,
+    prepare_chat_data,
+    with_default_system_message,
+)
 from .checkpoint import MODEL_DIR, STATE_FILE, CheckpointDir
-from .config import RESUME_IDENTITY, TrainConfig, parse_model_config
+from .config import RESUME_IDENTITY, TrainConfig, default_learning_rate, parse_model_config
 from .data import DataError, TokenData, prepare_data
 from .distributed import init_distributed
 from .optimization import lr_at, make_optimizer
@@ -139,6 +147,13 @@ class Trainer:
                                 cfg.lora_dropout, seed=cfg.seed)
         self.model = model.to(self.device)
         self.chat_template = self._chat_template()  # None: plain causal LM over documents
+        self.default_system: str | None = None
+        if self.chat_template is not None:  # the data's system message: the model's default (chat_data)
+            self.default_system, note = default_system_message(cfg.data)
+            if self.default_system is not None:
+                self.chat_template = with_default_system_message(self.chat_template, self.default_system)
+                self._log(f"gpt2lab: default system message: {note}; the model gets it when a conversation "
+                          "has none (gpt2lab chat without --persona, the server, review make)")
         if self.chat_template is None:
             self.data = self._load_data()
             self.sampler = BlockSampler(self.data.train, self.block_size, cfg.seed)
@@ -161,8 +176,12 @@ class Trainer:
             self.max_steps = cfg.max_steps
         else:
             self.max_steps = max(1, math.ceil((cfg.epochs or 1.0) * n_samples / self.global_batch))
-        default_lr = 1e-3 if cfg.lora_rank else (1e-4 if cfg.model is not None else 6e-4)
-        self.lr = cfg.lr or default_lr
+        if cfg.lr:
+            self.lr = cfg.lr
+        else:  # by the model's size, said in the run's first lines
+            self.lr, why = default_learning_rate(model.config, fine_tune=cfg.model is not None,
+                                                 lora=bool(cfg.lora_rank))
+            self._log(f"gpt2lab: learning rate {self.lr:.2g} ({why}; --lr to choose)")
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, self.max_steps // 20)
         self.eval_every = cfg.eval_every or max(1, self.max_steps // 20)
         self.save_every = cfg.save_every or self.eval_every
@@ -285,6 +304,8 @@ class Trainer:
                                       "tokenizer_config.json; loss on "
                                       + ("the assistant's tokens" if cfg.assistant_only_loss else "every token")
                                       + "; validation loss over the assistant's tokens")
+            if self.default_system is not None:
+                details["default system message"] = repr(self.default_system)
         return model_card(how=how, config=self.model.config, dtype=dtype, base_model=self.base_name,
                           data=cfg.data, steps=self.step, val_loss=self.best_val, details=details)
 
