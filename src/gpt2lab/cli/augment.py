@@ -9,8 +9,16 @@ from pathlib import Path
 import typer
 
 from ..apps.augment import DEFAULTS, METHODS
-from .common import check_output, load_generator, user_errors
-from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
+from .common import check_output, user_errors
+from .options import (
+    BEAM_OPTIONS,
+    Runtime,
+    SamplingChoice,
+    load_generator,
+    model_option,
+    runtime_options,
+    sampling_options,
+)
 from .structured import json_schema_option, structured_outputs
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}

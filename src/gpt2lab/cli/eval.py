@@ -11,8 +11,8 @@ from typing import Any
 import typer
 
 from ..console import echo, print_table
-from .common import fail, load_generator, require_extra, user_errors
-from .options import Runtime, model_option, runtime_options
+from .common import fail, require_extra, user_errors
+from .options import Runtime, load_generator, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
                   no_args_is_help=True)

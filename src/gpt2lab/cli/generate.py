@@ -11,8 +11,16 @@ from typing import Any
 import typer
 
 from ..console import echo, write
-from .common import fail, load_generator, user_errors
-from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
+from .common import fail, user_errors
+from .options import (
+    Runtime,
+    SamplingChoice,
+    load_generator,
+    model_option,
+    process_escapes_all,
+    runtime_options,
+    sampling_options,
+)
 from .structured import choice_option, grammar_option, json_schema_option, regex_option, structured_outputs
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)

@@ -8,8 +8,8 @@ import socket
 import typer
 
 from ..http_guard import is_loopback
-from .common import fail, load_kwargs, require_extra, user_errors
-from .options import Runtime, allowed_host_option, host_names, model_option, runtime_options
+from .common import fail, require_extra, user_errors
+from .options import Runtime, allowed_host_option, host_names, load_kwargs, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
 
@@ -88,11 +88,11 @@ def serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from ..checkpoints import resolve_model
-    from ..model.device import resolve_device, resolve_dtype
+    from ..placement import resolve_device, resolve_dtype
 
     with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
         resolved = resolve_model(model, quiet=True)
-        resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+        resolve_dtype(runtime.dtype, resolve_device(runtime.device, "--device"), name="--dtype")
         check_chat_template(resolved)
     load = load_kwargs(runtime)
 

@@ -52,9 +52,9 @@ def set_threads(threads: int | str) -> None:
     if isinstance(threads, str) and threads.strip().lower() == AUTO:
         _pinned = None
         return
-    from ..model.device import set_threads as set_torch_threads
+    from ..placement import set_threads as set_torch_threads
 
-    set_torch_threads(threads)  # checks it
+    set_torch_threads(threads, "threads")  # checks it
     _pinned = threads
 
 
