@@ -93,7 +93,7 @@ def test_tool_messages_are_laid_out(model, server, generator):
 
 
 @pytest.mark.parametrize("path, body, param, words", [
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "json_object"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format", "json_object"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format", "json_schema"),
     ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options", "stream"),

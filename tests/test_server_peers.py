@@ -498,16 +498,16 @@ def test_llamacpp_context_size_exceeded(server):  # test_context_size_exceeded
 
 
 # == Not applicable: the upstream cases not ported, and why =============================================
-# - vLLM test_completion.py test_allowed_token_ids, test_guided_*, test_response_format_json*: allowed_token_ids
-#   and structured outputs are not features of gpt2lab's server (JSON modes are a 400 naming the field).
+# - vLLM test_completion.py test_allowed_token_ids: allowed_token_ids is not a feature of gpt2lab's server.
+#   test_guided_*, test_response_format_json*: structured outputs are tested in test_server_structured.py.
 # - vLLM test_completion.py test_completion_with_prompt_embeds: prompt embeddings are not accepted.
 # - vLLM test_completion.py / test_chat.py test_invocations: SageMaker's /invocations route does not exist.
 # - vLLM test_chat.py test_custom_role: the roles are OpenAI's (system, developer, user, assistant, tool,
 #   function); gpt2lab's layouts know no others, so another role is a 400 naming it.
 # - vLLM test_chat.py test_extra_fields_allowed: an unknown field is a 400 naming it (a misspelt parameter
 #   is never ignored), where vLLM logs a warning.
-# - vLLM test_chat.py test_response_format_*, test_named_tool_use, test_required_tool_use: GPT-2 cannot be
-#   held to JSON or call tools: a 400 naming the field.
+# - vLLM test_chat.py test_named_tool_use, test_required_tool_use: GPT-2 cannot call tools: a 400 naming the
+#   field. test_response_format_*: structured outputs are tested in test_server_structured.py.
 # - vLLM test_chat.py test_http_chat_no_model_name_with_openai: the openai client always sends a model name;
 #   the request without one is ported above (test_vllm_chat_without_a_model_name).
 # - llama.cpp test_completion.py test_completion (native /completion with n_predict), test_cache_vs_nocache_prompt,

@@ -9,23 +9,25 @@ from pathlib import Path
 import typer
 
 from ..apps.augment import DEFAULTS, METHODS
-from .common import check_output, load_generator, user_errors
-from .distributed import (
-    actor_resources,
-    actors_option,
-    check_ray,
-    driver_runtime,
-    model_ref,
-    ray_option,
-    ray_session,
+from .common import check_output, user_errors
+from .distributed import RayJob, actor_resources, driver_runtime, model_ref, ray_options, ray_session
+from .options import (
+    BEAM_OPTIONS,
+    Runtime,
+    SamplingChoice,
+    load_generator,
+    model_option,
+    runtime_options,
+    sampling_options,
 )
-from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
+from .structured import json_schema_option, structured_outputs
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 
 @sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE, defaults_win=True)
 @runtime_options()
+@ray_options("gpt2lab augment --ray")
 def augment(
     data: Path = typer.Argument(..., help="Dataset: .csv / .tsv (with a header) or .jsonl."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .csv / .tsv / .jsonl; rerun to resume it."),
@@ -43,8 +45,10 @@ def augment(
     shots: int = typer.Option(3, "--shots", help="Examples shown in a few-shot prompt."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
-    ray: str = ray_option(),
-    actors: int = actors_option(),
+    json_schema: Path = json_schema_option("Write each new row as one JSON object valid under this JSON Schema "
+                                           "(a .json file; its properties are columns, the text column among "
+                                           "them; the label's is pinned to the source row's)."),
+    ray: RayJob = None,
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -60,29 +64,30 @@ def augment(
     """
     from ..apps.augment import Augmenter, read_dataset
 
-    check_ray(ray, "gpt2lab augment --ray")
+    spec = structured_outputs("gpt2lab augment", json_schema=json_schema)
     with user_errors():
         dataset = read_dataset(data, text_column, label_column)
     check_output(out, "--out", kind="file")
-    gen = load_generator(model, driver_runtime(runtime, ray))
+    gen = load_generator(model, driver_runtime(runtime, ray.address))
     with user_errors():
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),
-                        similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots)
+                        similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots,
+                        json_schema=spec.json if spec is not None else None)
     from ..console import echo, progress_bar
 
     try:  # the bar goes to stderr: stdout is the summary (JSON with --json)
         # errors are printed by user_errors after the bar is gone (a bar redrawn over them would hide them)
         with user_errors(), progress_bar(len(dataset.rows), "augment") as bar:
-            if ray is None:
+            if not ray.on:
                 summary = job.run(lambda done, total: bar.update(done, total))
             else:
                 prompt_kwargs = {"data": str(data.resolve()), "text_column": text_column,
                                  "label_column": label_column, "per_example": per_example,
                                  "methods": method or METHODS, "params": job.params, "opening": opening,
-                                 "shots": shots}
-                with ray_session(ray, "gpt2lab augment --ray") as gray:
-                    resources = actor_resources(runtime, actors)
+                                 "shots": shots, "json_schema": spec.json if spec is not None else None}
+                with ray_session(ray.address, "gpt2lab augment --ray") as gray:
+                    resources = actor_resources(runtime, ray.actors)
 
                     def generated(start: int):  # noqa: ANN202 - the actors' texts of rows start..
                         return gray.data.augment_rows(model_ref(model), start, len(dataset.rows), prompt_kwargs,

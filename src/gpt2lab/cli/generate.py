@@ -12,18 +12,18 @@ from typing import Any, BinaryIO
 import typer
 
 from ..console import echo, progress_bar, write
-from .common import check_output, fail, load_generator, user_errors
-from .distributed import (
-    actor_resources,
-    actors_option,
-    check_ray,
-    driver_runtime,
-    model_ref,
-    no_ray_without,
-    ray_option,
-    ray_session,
+from .common import check_output, fail, user_errors
+from .distributed import RayJob, actor_resources, driver_runtime, model_ref, no_ray_without, ray_options, ray_session
+from .options import (
+    Runtime,
+    SamplingChoice,
+    load_generator,
+    model_option,
+    process_escapes_all,
+    runtime_options,
+    sampling_options,
 )
-from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
+from .structured import choice_option, grammar_option, json_schema_option, regex_option, structured_outputs
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
 
@@ -61,6 +61,7 @@ DEFAULTS = {"max_length": 100, "temperature": 0.8, "top_k": 50}
 
 @sampling_options(defaults=DEFAULTS)
 @runtime_options()
+@ray_options("gpt2lab generate --ray")
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts to complete (default: read --file, else stdin)."),
     file: Path = typer.Option(None, "--file", "-f", help="Read prompts from a file: one per line, or JSONL "
@@ -69,8 +70,11 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the --json objects (JSONL) to this file instead, "
                              "atomically (it appears when every prompt is done)."),
-    ray: str = ray_option(),
-    actors: int = actors_option(),
+    json_schema: Path = json_schema_option(),
+    regex: str = regex_option(),
+    choice: list[str] = choice_option(),
+    grammar: Path = grammar_option(),
+    ray: RayJob = None,
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -85,16 +89,24 @@ def generate(
 
     With --seed, prompt i (0-based, in input order) is seeded with row_seed(seed, i): the same text
     whichever batch, process or Ray actor completes it (prompt 0 uses the seed itself).
+
+    --json-schema, --regex, --choice or --grammar hold every output to that shape (docs/structured-outputs.md).
     """
-    check_ray(ray, "gpt2lab generate --ray")
-    if ray is not None:
+    if ray.on:
         no_ray_without("--out FILE", out is not None)
+    structured = structured_outputs("gpt2lab generate", json_schema=json_schema, regex=regex, choice=choice,
+                                    grammar=grammar)
+    if structured is not None:
+        with user_errors():  # with the flags given (beam search, say), before any model loads
+            sampling.params.with_(structured_outputs=structured)
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
     if out is not None:
         check_output(out, "--out", kind="file")
-    gen = load_generator(model, driver_runtime(runtime, ray))
+    gen = load_generator(model, driver_runtime(runtime, ray.address))
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
+        if structured is not None:
+            params = params.with_(structured_outputs=structured)
     from ..generation import fit_prompt
 
     with user_errors():  # a request the engine ended with an error (GenerationFailed) too: its reason, in one line
@@ -106,8 +118,8 @@ def generate(
             def write_records(f: BinaryIO) -> None:
                 with progress_bar(len(prompt_list), "generate") as bar:
                     advance = bar.update
-                    records = (_ray_records(gen, prompt_list, params, model, ray, actors, runtime, advance)
-                               if ray is not None else _records(gen, prompt_list, params, advance))
+                    records = (_ray_records(gen, prompt_list, params, model, ray, runtime, advance)
+                               if ray.on else _records(gen, prompt_list, params, advance))
                     for record in records:
                         f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -132,15 +144,15 @@ def _records(gen, prompts: list[str], params, advance=None) -> Iterator[dict[str
             advance(start + len(chunk))
 
 
-def _ray_records(gen, prompts: list[str], params, model: str | None, address: str, actors: int | None, runtime,
-                 advance) -> Iterator[dict[str, Any]]:  # noqa: ANN001
+def _ray_records(gen, prompts: list[str], params, model: str | None, ray: RayJob, runtime,  # noqa: ANN001
+                 advance) -> Iterator[dict[str, Any]]:
     """The same objects as :func:`_records`, from Ray Data actors (each loads ``model`` as this process did)."""
     from ..generation.batch import completion_record
     from ..generation.outputs import Completion
 
-    with ray_session(address, "gpt2lab generate --ray") as gray:
+    with ray_session(ray.address, "gpt2lab generate --ray") as gray:
         rows = gray.data.generation_rows(model_ref(model), prompts, params, progress=advance,
-                                         **actor_resources(runtime, actors))
+                                         **actor_resources(runtime, ray.actors))
         for row in rows:
             for r in row:
                 c = Completion(text=r["text"], token_ids=[int(t) for t in r["token_ids"]],

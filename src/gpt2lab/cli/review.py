@@ -15,8 +15,16 @@ import typer
 
 from ..console import echo
 from ..sampling import SamplingParams
-from .common import fail, load_generator, user_errors
-from .options import Runtime, allowed_host_option, host_names, process_escapes_all, runtime_options, sampling_options
+from .common import fail, user_errors
+from .options import (
+    Runtime,
+    allowed_host_option,
+    host_names,
+    load_generator,
+    process_escapes_all,
+    runtime_options,
+    sampling_options,
+)
 
 app = typer.Typer(help="Blind side-by-side ratings, 1-5 ratings and curation of generated text, in the browser.",
                   no_args_is_help=True)

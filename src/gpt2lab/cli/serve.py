@@ -8,9 +8,9 @@ import socket
 import typer
 
 from ..http_guard import is_loopback
-from .common import fail, load_kwargs, require_extra, user_errors
-from .distributed import LOCAL, RAY_PANEL
-from .options import Runtime, allowed_host_option, host_names, model_option, runtime_options
+from .common import fail, require_extra, user_errors
+from .distributed import Replicas, replica_options
+from .options import Runtime, allowed_host_option, host_names, load_kwargs, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
 
@@ -41,6 +41,7 @@ def check_chat_template(resolved) -> None:  # noqa: ANN001 - a checkpoints.Resol
 
 
 @runtime_options()
+@replica_options()
 def serve(
     model: str = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs --api-key or "
@@ -61,30 +62,12 @@ def serve(
                                                      "https://app.example:3000, or * for any) call the API; "
                                                      "repeatable. Off by default."),
     allowed_host: list[str] = allowed_host_option(),
-    replicas: int = typer.Option(None, "--replicas", min=1, rich_help_panel=RAY_PANEL,
-                                 help="Serve N replicas of this server (each its own engine) behind Ray Serve's "
-                                      "HTTP proxy. Needs pip install 'gpt2lab[ray]'."),
-    ray: str = typer.Option(None, "--ray", metavar="[ADDRESS]", rich_help_panel=RAY_PANEL,
-                            help="The Ray cluster for the replicas (auto, ray://HOST:10001); default: one "
-                                 "started on this machine."),
-    min_replicas: int = typer.Option(None, "--min-replicas", min=0, rich_help_panel=RAY_PANEL,
-                                     help="Autoscale the replicas from this many ..."),
-    max_replicas: int = typer.Option(None, "--max-replicas", min=1, rich_help_panel=RAY_PANEL,
-                                     help="... to this many (Ray Serve's autoscaling)."),
-    target_ongoing_requests: float = typer.Option(None, "--target-ongoing-requests", min=0.1,
-                                                  rich_help_panel=RAY_PANEL,
-                                                  help="Requests per replica the autoscaler aims for."),
+    replicas: Replicas = None,
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
     require_extra("server", "gpt2lab serve")
-    autoscaling = {k: v for k, v in (("min_replicas", min_replicas), ("max_replicas", max_replicas),
-                                     ("target_ongoing_requests", target_ongoing_requests)) if v is not None}
-    on_ray = replicas is not None or ray is not None or bool(autoscaling)
-    if on_ray:
-        require_extra("ray", "gpt2lab serve --replicas")
-        if autoscaling and replicas is not None:
-            fail("give --replicas N, or autoscaling (--min-replicas, --max-replicas), not both")
+    on_ray = replicas.on
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")
@@ -112,11 +95,11 @@ def serve(
         sock.close()
 
     from ..checkpoints import resolve_model
-    from ..model.device import resolve_device, resolve_dtype
+    from ..placement import resolve_device, resolve_dtype
 
     with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
         resolved = resolve_model(model, quiet=True)
-        resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+        resolve_dtype(runtime.dtype, resolve_device(runtime.device, "--device"), name="--dtype")
         check_chat_template(resolved)
     load = load_kwargs(runtime)
 
@@ -125,7 +108,7 @@ def serve(
     from ..server.limits import Limits
 
     if on_ray:
-        _serve_on_ray(model, ray or LOCAL, host, port, replicas or 1, autoscaling or None,
+        _serve_on_ray(model, replicas.address, host, port, replicas.count, replicas.autoscaling,
                       dict(api_key=api_key, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
                            cors_allow_origins=origins, max_body_mb=max_body_mb, allowed_hosts=hosts, **load))
         return

@@ -113,20 +113,22 @@ class GenerationPredictor:
 class AugmentPredictor:
     """``ds.map_batches(AugmentPredictor, ...)`` over a dataset of source row numbers (column ``row``): each
     row's generated texts, as ``gpt2lab augment`` generates them (``generated``: a JSON list of
-    ``[method, text]``). ``data`` is the augment input file, read by each actor (few-shot prompts show other
-    rows of the same label); the other arguments are :class:`~gpt2lab.apps.augment.AugmentPrompts`'s."""
+    ``[method, text, fields]``, ``fields`` the JSON row with ``json_schema``, else null). ``data`` is the
+    augment input file, read by each actor (few-shot prompts show other rows of the same label); the other
+    arguments are :class:`~gpt2lab.apps.augment.AugmentPrompts`'s."""
 
     def __init__(self, model: Any = None, *, data: str, text_column: str = "text", label_column: str | None = None,
                  per_example: int = 2, methods: Sequence[str] | None = None,
-                 params: SamplingParams | None = None, opening: float = 0.5, shots: int = 3, device: str = "cpu",
-                 dtype: str | None = None, quantization: str | None = None) -> None:
+                 params: SamplingParams | None = None, opening: float = 0.5, shots: int = 3,
+                 json_schema: dict[str, Any] | None = None, device: str = "cpu", dtype: str | None = None,
+                 quantization: str | None = None) -> None:
         from ..apps.augment import METHODS, AugmentPrompts, read_dataset
 
         gen = _load(model, device, dtype, quantization)
         dataset = read_dataset(data, text_column, label_column)
         self.prompts = AugmentPrompts(gen, dataset, text_column=text_column, label_column=label_column,
                                       per_example=per_example, methods=methods or METHODS, params=params,
-                                      opening=opening, shots=shots)
+                                      opening=opening, shots=shots, json_schema=json_schema)
 
     def __call__(self, batch: Any) -> pd.DataFrame:
         rows = [int(i) for i in _columns(batch)["row"]]
@@ -227,7 +229,7 @@ def generation_rows(model: Any, prompts: Sequence[str], params: SamplingParams, 
 def augment_rows(model: Any, start: int, n_rows: int, prompt_kwargs: dict[str, Any], *, actors: int = 1,
                  batch_size: int = 8, device: str = "cpu", dtype: str | None = None,
                  quantization: str | None = None, num_gpus: float = 0,
-                 progress: Progress | None = None) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+                 progress: Progress | None = None) -> Iterator[tuple[int, list[tuple[str, str | None, dict | None]]]]:
     """``(row, [(method, text), ...])`` of source rows ``start .. n_rows - 1`` in order: what
     :meth:`gpt2lab.apps.augment.Augmenter.run` takes as ``generated``. ``prompt_kwargs``: the data file and
     :class:`AugmentPredictor`'s settings."""
@@ -236,7 +238,7 @@ def augment_rows(model: Any, start: int, n_rows: int, prompt_kwargs: dict[str, A
     for rows in map_rows(items, AugmentPredictor, kwargs, key="row", actors=actors, batch_size=batch_size,
                          num_gpus=num_gpus, progress=progress):
         (row,) = rows
-        yield int(row["row"]), [(m, t) for m, t in json.loads(row["generated"])]
+        yield int(row["row"]), [(m, t, f) for m, t, f in json.loads(row["generated"])]
 
 
 def score_rows(model: Any, texts: Sequence[str], names: Sequence[str], *, block_size: int | None = None,

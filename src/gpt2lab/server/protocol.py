@@ -8,7 +8,7 @@ Field names follow OpenAI's API (``openai-python``'s ``CompletionCreateParams`` 
 ``CompletionCreateParams`` for chat) plus vLLM's extra sampling parameters (vLLM's
 ``CompletionRequest`` / ``ChatCompletionRequest``), with their meanings. OpenAI fields that cannot
 change what a GPT-2 writes (``metadata``, ``store``, ``service_tier``, ...) are accepted and ignored;
-fields that would change it and cannot be honoured (JSON modes, tools, audio) are a 400 naming them;
+fields that would change it and cannot be honoured (tools, audio) are a 400 naming them;
 any other name is a 400 too, so a misspelt parameter never passes silently.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..http_guard import error_body, printable  # noqa: F401  (error_body: re-exported, the one error body)
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, StructuredOutputsParams
 
 # SamplingParams name -> API field, where they differ (chat renames more: see ChatCompletionRequest)
 _PARAMS_TO_API = {"max_new_tokens": "max_tokens", "num_beams": "n"}
@@ -158,6 +158,21 @@ class _SamplingFields(_Strict):
     # gpt2lab's own controls
     typical_p: float | None = Field(None, description="Locally typical sampling mass (1 = off).")
     no_repeat_ngram_size: int | None = Field(None, description="Never repeat an n-gram of this size (0 = off).")
+    # structured outputs (server/structured.py): OpenAI's response_format, vLLM's structured_outputs, legacy guided_*
+    response_format: dict[str, Any] | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
+                                                   '{"type": "json_schema", "json_schema": {"name", "schema", '
+                                                   '"strict"}}: the output matches the schema.')
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's: one of json, regex, choice, "
+                                                      "grammar, json_object (+ whitespace_pattern, "
+                                                      "disable_any_whitespace, disable_additional_properties, "
+                                                      "disable_fallback).")
+    guided_json: str | dict[str, Any] | None = Field(None, description="vLLM's legacy name: a JSON Schema.")
+    guided_regex: str | None = Field(None, description="vLLM's legacy name: the output matches this regex.")
+    guided_choice: list[str] | None = Field(None, max_length=MAX_LIST_ITEMS,
+                                            description="vLLM's legacy name: the output is one of these.")
+    guided_grammar: str | None = Field(None, description="vLLM's legacy name: a Lark or GBNF grammar.")
+    guided_whitespace_pattern: str | None = Field(None, description="vLLM's legacy name: JSON whitespace regex.")
+    guided_decoding_backend: str | None = Field(None, description="Accepted and ignored (llguidance).")
 
     _SAMPLING = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "typical_p", "repetition_penalty", "no_repeat_ngram_size", "ignore_eos", "stop_token_ids",
@@ -177,8 +192,13 @@ class _SamplingFields(_Strict):
             raise invalid("prompt_logprobs is not available with stream=true (as in vLLM)", "prompt_logprobs")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, max_tokens_field: str = "max_tokens",
-                        resolve: Callable[[dict[str, Any]], SamplingParams] | None = None) -> SamplingParams:
+                        resolve: Callable[[dict[str, Any]], SamplingParams] | None = None,
+                        structured: StructuredOutputsParams | None = None,
+                        structured_field: str = "structured_outputs") -> SamplingParams:
         """The validated SamplingParams; a bad value raises :class:`APIError` 400 naming the field.
+
+        ``structured``: the request's structured output (:func:`.structured.requested_spec`, compiled off the
+        event loop first), from the field ``structured_field``.
 
         ``resolve``: turns the fields the client sent (SamplingParams names) into SamplingParams with the
         server's defaults (:meth:`gpt2lab.generation.Generator.resolve_sampling`: the checkpoint's
@@ -209,10 +229,13 @@ class _SamplingFields(_Strict):
             kwargs["max_new_tokens"] = max_tokens
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
+        if structured is not None:
+            kwargs["structured_outputs"] = structured
         try:
             return resolve(kwargs) if resolve is not None else SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
-            raise params_error(exc, {**self._RENAMES, "max_new_tokens": max_tokens_field}) from None
+            raise params_error(exc, {**self._RENAMES, "max_new_tokens": max_tokens_field,
+                                     "structured_outputs": structured_field}) from None
 
 
 def params_error(exc: Exception, renames: dict[str, str] | None = None) -> APIError:
@@ -220,7 +243,7 @@ def params_error(exc: Exception, renames: dict[str, str] | None = None) -> APIEr
     (``renames``: SamplingParams name -> field, over the defaults of the completions API)."""
     table = {**_PARAMS_TO_API, **(renames or {})}
     message = str(exc)
-    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":").split(".", 1)[0]  # structured_outputs.json: ...
     known = head in SamplingParams.field_names() or head == "prompt"  # the engine's admission checks name it
     param = table.get(head, head) if known else None
     if param is not None and head in table:
@@ -288,8 +311,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, description="Alias of max_tokens (newer OpenAI name).")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, description="Alternatives per token with logprobs=true (0..20).")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}: GPT-2 cannot be '
-                                                                     "held to JSON.")
     # OpenAI fields that do not change a GPT-2's output: accepted and ignored
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")
     store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
@@ -329,11 +350,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_openai_fields(self) -> None:
         """The OpenAI fields that are accepted only in their no-op form: a 400 naming the field otherwise."""
-        fmt = self.response_format
-        if fmt is not None and fmt.get("type") != "text":
-            kind = fmt.get("type")
-            raise invalid(f"response_format {{'type': {kind!r}}} is not supported: a GPT-2 cannot be held to JSON "
-                          'output; use {"type": "text"} or leave response_format out', "response_format")
         if self.modalities is not None and any(m != "text" for m in self.modalities):
             raise invalid('modalities: only ["text"] is supported', "modalities")
         if self.tools:

@@ -12,6 +12,7 @@ from . import limits as lim
 from . import protocol as p
 from .response_builder import ChatCompletionResponseBuilder
 from .serving_engine import Disconnected, OpenAIServing, check_token_ids, sampling_defaults
+from .structured import compile_spec, requested_spec
 
 DEFAULT_CHAT_MAX_TOKENS = 256  # chat replies: capped so a GPT-2 that never stops does not fill the context
 
@@ -43,8 +44,12 @@ class OpenAIServingChat(OpenAIServing):
             raise p.invalid(f"{param_name} ({max_tokens}) leaves no room for the conversation in the model's "
                             f"context of {n_pos} tokens", param_name, "context_length_exceeded")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        spec, spec_field = requested_spec(request, self.limits)
+        if spec is not None:
+            await compile_spec(spec, spec_field, gen.tokenizer, self.limits)
         params = self.check_params(request.sampling_params(max_tokens, logprobs, param_name,
-                                                           resolve=sampling_defaults(gen, DEFAULT_CHAT_MAX_TOKENS)))
+                                                           resolve=sampling_defaults(gen, DEFAULT_CHAT_MAX_TOKENS),
+                                                           structured=spec, structured_field=spec_field))
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
         _check_messages(request.messages, self.limits, self.models.max_prompt_chars, n_pos)
         chat = await self._render(request, n_pos - (max_tokens if max_tokens is not None else 1), arrival)
@@ -52,7 +57,8 @@ class OpenAIServingChat(OpenAIServing):
         if max_tokens is None:  # default: as much as fits, at most the checkpoint's or DEFAULT_CHAT_MAX_TOKENS
             params = params.with_(max_new_tokens=max(params.min_tokens,
                                                      min(params.max_new_tokens, n_pos - len(prompt_ids))))
-        params = params.with_(stop=[*params.stop, *chat.stop])
+        if spec is None:  # a structured reply ends where its grammar does: a template's stop could cut it open
+            params = params.with_(stop=[*params.stop, *chat.stop])
         rid = p.new_id("chatcmpl", request.request_id)
         handle = await self.start([prompt_ids], params, rid)
         last = request.messages[-1]

@@ -13,6 +13,7 @@ from . import limits as lim
 from . import protocol as p
 from .response_builder import CompletionResponseBuilder
 from .serving_engine import Disconnected, OpenAIServing, check_context_length, check_token_ids, sampling_defaults
+from .structured import compile_spec, requested_spec
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
 
@@ -32,8 +33,12 @@ class OpenAIServingCompletion(OpenAIServing):
         request.check_common()
         if request.suffix:  # "" (or null) asks for nothing after the completion
             raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")
+        spec, spec_field = requested_spec(request, self.limits)
+        if spec is not None:
+            await compile_spec(spec, spec_field, gen.tokenizer, self.limits)
         params = self.check_params(request.sampling_params(request.max_tokens, request.logprobs,
-                                                           resolve=sampling_defaults(gen, DEFAULT_MAX_TOKENS)))
+                                                           resolve=sampling_defaults(gen, DEFAULT_MAX_TOKENS),
+                                                           structured=spec, structured_field=spec_field))
         max_tokens = params.max_new_tokens
         best_of = _check_best_of(request, params)
         if best_of is not None:  # generate best_of, keep the n best: ranked by their token logprobs

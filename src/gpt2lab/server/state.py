@@ -48,8 +48,14 @@ class ServerState:
         """The state of a server of ``generator_or_model_ref`` (arguments as :func:`~gpt2lab.server.create_app`'s);
         nothing runs until ``scheduler.start()``, which loads the model on the engine thread.
 
-        Raises ValueError naming ``max_batch`` (an integer >= 1), ``max_queue`` (an integer >= 0) or
-        ``request_timeout`` (> 0 seconds)."""
+        Raises ValueError naming ``max_batch`` (an integer >= 1), ``max_queue`` (an integer >= 0),
+        ``request_timeout`` (> 0 seconds), or ``device``, ``dtype``, ``quantization`` spelled outside
+        :mod:`gpt2lab.placement`'s vocabulary (checked here, before the engine thread loads anything)."""
+        from ..placement import check_quantization, device_name, parse_dtype
+
+        device_name(device)
+        parse_dtype(dtype)
+        check_quantization(quantization)
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

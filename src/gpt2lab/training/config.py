@@ -15,7 +15,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256),
     "gpt2-tiny": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
 }
-SAVE_DTYPES = ("float32", "float16", "bfloat16")
 # the anchor of the fine-tuning default: full fine-tuning GPT-2 124M (12 layers of width 768) at 1e-4
 FINE_TUNE_LR, FINE_TUNE_WIDTH, FINE_TUNE_DEPTH = 1e-4, 768, 12
 LORA_LR = 1e-3
@@ -189,16 +188,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("--weight-decay and --grad-clip must be >= 0")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from ..placement import device_name, dtype_name  # (imports torch, which training needs next anyway)
+
+        self.save_dtype = dtype_name(self.save_dtype, "--save-dtype", auto=False)
+        self.device = device_name(self.device, "--device")
+        self.dtype = dtype_name(self.dtype, "--dtype")
         if self.format not in ("auto", "text", "chat"):
             raise ValueError(f"--format must be auto, text or chat, got {self.format!r}")
         if self.chat_template is not None and self.format == "text":
             raise ValueError("--chat-template is for chat data; it cannot be used with --format text")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.bf16 and self.dtype not in ("auto", "bfloat16"):
             raise ValueError(f"--bf16 asks for bfloat16 but --dtype is {self.dtype}; give one of them")
         if isinstance(self.report_to, str):
