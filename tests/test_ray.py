@@ -166,8 +166,8 @@ def test_a_killed_actor_loses_and_duplicates_no_row(cluster, tiny_checkpoint):
     from gpt2lab.ray.data import generation_rows
 
     gen = gpt2lab.load(tiny_checkpoint)
-    params = gen.sampling_params(seed=11, max_new_tokens=24, n=2)
-    prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
+    params = gen.sampling_params(seed=11, max_new_tokens=12, n=2)
+    prompts = [f"{p} {i}" for i in range(2) for p in PROMPTS]  # 16 rows, one a call: the kill lands mid-job
     killed: list[int] = []
 
     def kill_one_actor(done: int) -> None:  # SIGKILL an actor once the first rows are back: mid-job

@@ -30,7 +30,7 @@ def ray_option() -> Any:
     """``--ray [ADDRESS]``: run the job on Ray Data actors."""
     return typer.Option(None, RAY_FLAG, metavar="[ADDRESS]", rich_help_panel=RAY_PANEL,
                         help="Run on Ray Data actors: an existing cluster (auto, ray://HOST:10001) or, with no "
-                             "address, one started on this machine. Needs pip install 'gpt2lab[ray]'.")
+                             "address, one started on this machine. Needs pip install 'gpt2lab\\[ray]'.")
 
 
 def actors_option() -> Any:
@@ -92,7 +92,7 @@ def replica_options() -> Callable[[Callable], Callable]:
         "num_replicas": (int | None, typer.Option(None, "--replicas", min=1, rich_help_panel=RAY_PANEL,
                                                   help="Serve N replicas of this server (each its own engine) "
                                                        "behind Ray Serve's HTTP proxy. Needs pip install "
-                                                       "'gpt2lab[ray]'.")),
+                                                       "'gpt2lab\\[ray]'.")),
         "ray_address": (str | None, typer.Option(None, RAY_FLAG, metavar="[ADDRESS]", rich_help_panel=RAY_PANEL,
                                                  help="The Ray cluster for the replicas (auto, ray://HOST:10001); "
                                                       "default: one started on this machine.")),
