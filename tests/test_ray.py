@@ -265,3 +265,17 @@ def test_deployment_checks_its_arguments_and_passes_autoscaling_through():
     config = app._bound_deployment._deployment_config
     assert config.autoscaling_config.max_replicas == 3 and config.autoscaling_config.target_ongoing_requests == 8
     assert config.max_ongoing_requests == 4 + 2 + 16  # the replica, not the proxy, answers 429
+
+
+def test_ray_options_check_their_combinations_in_one_line():
+    """--actors needs --ray; serve takes --replicas N or autoscaling, not both (cli.distributed's option
+    groups, built with cli.options.command_options): exit 2 and the one line, before any model loads."""
+    from typer.testing import CliRunner
+
+    from gpt2lab.cli.main import app
+
+    for args, message in ((["generate", "Hi", "--model", "no-such-model", "--actors", "2"], "--actors needs --ray"),
+                          (["serve", "--model", "no-such-model", "--port", "0", "--replicas", "2",
+                            "--min-replicas", "1"], "give --replicas N, or autoscaling")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and f"gpt2lab: error: {message}" in result.output, result.output
