@@ -9,6 +9,7 @@ import typer
 
 from ..http_guard import is_loopback
 from .common import fail, require_extra, user_errors
+from .distributed import Replicas, replica_options
 from .options import Runtime, allowed_host_option, host_names, load_kwargs, model_option, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
@@ -40,6 +41,7 @@ def check_chat_template(resolved) -> None:  # noqa: ANN001 - a checkpoints.Resol
 
 
 @runtime_options()
+@replica_options()
 def serve(
     model: str = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs --api-key or "
@@ -60,10 +62,12 @@ def serve(
                                                      "https://app.example:3000, or * for any) call the API; "
                                                      "repeatable. Off by default."),
     allowed_host: list[str] = allowed_host_option(),
+    replicas: Replicas = None,
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
     require_extra("server", "gpt2lab serve")
+    on_ray = replicas.on
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")
@@ -86,6 +90,9 @@ def serve(
         sock = bind(host, port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    if on_ray:  # Ray Serve's proxy listens there instead
+        port = sock.getsockname()[1]
+        sock.close()
 
     from ..checkpoints import resolve_model
     from ..placement import resolve_device, resolve_dtype
@@ -100,6 +107,11 @@ def serve(
     from ..server.http import serve as serve_http
     from ..server.limits import Limits
 
+    if on_ray:
+        _serve_on_ray(model, replicas.address, host, port, replicas.count, replicas.autoscaling,
+                      dict(api_key=api_key, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
+                           cors_allow_origins=origins, max_body_mb=max_body_mb, allowed_hosts=hosts, **load))
+        return
     limits = Limits()
     try:
         app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
@@ -110,6 +122,37 @@ def serve(
              .replace("request_timeout", "--request-timeout"))
     _announce_when_ready(app, sock)
     serve_http(app, sock, log_level=log_level, limits=limits)
+
+
+def _serve_on_ray(model: str | None, address: str, host: str, port: int, replicas: int,
+                  autoscaling: dict | None, app_kwargs: dict) -> None:
+    """``gpt2lab serve --replicas``: the app in Ray Serve replicas behind its proxy on ``host:port``, until
+    Ctrl-C (then the application and a cluster started here are shut down)."""
+    import sys
+    import time
+
+    from ..console import echo
+    from .distributed import model_ref, ray_session
+
+    with ray_session(address, "gpt2lab serve --replicas") as gray:
+        from ray import serve
+
+        gpu = str(app_kwargs.get("device", "")).startswith("cuda")
+        try:
+            with user_errors():
+                application = gray.deployment(model_ref(model), num_replicas=replicas, autoscaling=autoscaling,
+                                              num_gpus=1 if gpu else 0, **app_kwargs)
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(application, name="gpt2lab", route_prefix="/")
+            scale = (f"autoscaling {autoscaling}" if autoscaling else f"{replicas} replica(s)")
+            echo(f"gpt2lab: serving {model or 'the default model'} on http://{host}:{port} ({scale}, Ray Serve); "
+                 "Ctrl-C stops", sys.stderr)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
 
 
 def url_of(sock: socket.socket) -> str:
