@@ -94,16 +94,29 @@ def test_default_learning_rates_follow_the_size():
 
 
 # -- the user's scenario, smaller ------------------------------------------------------------------------
+def _chat(out: Path, message: str, *extra: str) -> str:
+    result = CliRunner().invoke(app, ["chat", "--model", str(out), "--message", message, "--temperature", "0",
+                                      "--max-new-tokens", "8", *extra])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # it trains a model for 120 steps: minutes on 2 busy cores, past the suite's 600 s
-def test_a_chat_fine_tune_works_with_the_defaults(tmp_path):
-    """``gpt2lab finetune chats.jsonl --model shakespeare-gpt2`` with no --lr, then the model asked on turns
-    whose first word it never saw first: chat, the server and review make all get the rule."""
+@pytest.mark.timeout(1200)  # a 40-step fine-tune: about a minute idle, several on 2 busy cores
+def test_a_chat_fine_tune_is_asked_as_it_was_trained(tmp_path):
+    """``gpt2lab finetune chats.jsonl --model shakespeare-gpt2`` with no --lr and no --persona anywhere after:
+    the run says which learning rate and system message it chose, and chat, review make, the server and
+    transformers all put the training system message in front of a conversation that has none (greedy
+    replies equal to ``--persona`` with the training message; the server's logprobs equal those of the
+    training system message given explicitly, and differ from another system message's).
+
+    Whether such a short run also learns the "repeat the first word" rule is not asserted: on the bundled
+    model it takes far more steps and distinct words than a test's budget (see docs/training.md)."""
     data = _write(tmp_path / "chats.jsonl", _conversations(240, 0))
     out = tmp_path / "cm"
     run = subprocess.run([sys.executable, "-m", "gpt2lab", "finetune", str(data), "--model", "shakespeare-gpt2",
-                          "--out", str(out), "--max-steps", "120", "--threads", "2", "--no-progress"],
-                         capture_output=True, text=True, env=_env(), timeout=3000)
+                          "--out", str(out), "--max-steps", "40", "--threads", "2", "--no-progress"],
+                         capture_output=True, text=True, env=_env(), timeout=1100)
     assert run.returncode == 0, run.stderr
     head = run.stderr.splitlines()[:8]
     assert any(line.startswith("gpt2lab: learning rate 0.0008 (fine-tuning 6 layers of width 192") for line in head), \
@@ -112,26 +125,20 @@ def test_a_chat_fine_tune_works_with_the_defaults(tmp_path):
                                f"{SYSTEM!r}") for line in head), run.stderr
     assert json.loads((out / "training.json").read_text())["lr"] == 8e-4
     messages = [f"{word} {ENDINGS[i % len(ENDINGS)]}" for i, word in enumerate(UNSEEN)]
-    expected = [f"You said {word}." for word in UNSEEN]
 
-    runner = CliRunner()  # gpt2lab chat --message, no --persona
-    replies = []
-    for message in messages:
-        result = runner.invoke(app, ["chat", "--model", str(out), "--message", message, "--temperature", "0",
-                                     "--max-new-tokens", "8"])
-        assert result.exit_code == 0, result.output
-        replies.append(result.stdout.strip())
-    right = sum(r == e for r, e in zip(replies, expected))
-    assert right >= 8, replies
+    replies = [_chat(out, m) for m in messages]  # gpt2lab chat --message, no --persona
+    assert replies == [_chat(out, m, "--persona", SYSTEM) for m in messages[:4]] + replies[4:]
+    assert all(r.startswith("You said") for r in replies), replies  # the trained form, under its own preamble
+    expected = replies
 
     # gpt2lab review make: the prompts go to the chat model as user messages
     review = tmp_path / "review.jsonl"
-    result = runner.invoke(app, ["review", "make", *messages[:4], "--model", str(out), "--setting", "temperature=0",
+    result = CliRunner().invoke(app, ["review", "make", *messages[:4], "--model", str(out), "--setting", "temperature=0",
                                  "--setting", "temperature=0,max_new_tokens=8", "--mode", "ratings", "-o",
                                  str(review), "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     texts = [json.loads(line)["candidates"][0]["text"] for line in review.read_text().splitlines()[1:]]
-    assert sum(t in expected[:4] for t in texts) >= 6, texts
+    assert texts and all(t in expected[:4] for t in texts), (texts, expected[:4])
 
     # the server: a request without a system message
     openai = pytest.importorskip("openai")
@@ -144,6 +151,15 @@ def test_a_chat_fine_tune_works_with_the_defaults(tmp_path):
                                              temperature=0, max_tokens=8).choices[0].message.content
               for m in messages]
     assert served == replies
+
+    def logprobs(system: str | None) -> list[float]:
+        head = [] if system is None else [{"role": "system", "content": system}]
+        reply = client.chat.completions.create(model=model, messages=[*head, {"role": "user", "content": messages[0]}],
+                                               temperature=0, max_tokens=4, logprobs=True)
+        return [t.logprob for t in reply.choices[0].logprobs.content]
+
+    assert logprobs(None) == logprobs(SYSTEM)  # the default is the training message, exactly
+    assert logprobs(None) != logprobs("Speak only of the weather.")  # and the preamble reaches the model
 
     # transformers lays the conversation out the same way, the default system message included
     from transformers import AutoTokenizer
