@@ -243,7 +243,7 @@ class Generator:
         config.json with ``torch_dtype``, generation_config.json, tokenizer files with tokenizer_config.json,
         a model card, and shards with an index above ``max_shard_size``."""
         from ..checkpoints.card import model_card
-        from ..training.lora import lora_modules, merge_lora
+        from ..model.lora import lora_modules, merge_lora
 
         dtype = _parse_dtype(dtype, self.path)
         stored = dtype or self.model.wte.weight.dtype
@@ -307,7 +307,7 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         gen = _from_transformers(model, tokenizer, device=device,
                                  dtype=device_dtype(None, device) if dtype is None else dtype)
     else:
-        from ..training.lora import ADAPTER_CONFIG, adapter_base_model
+        from ..checkpoints.adapters import ADAPTER_CONFIG, adapter_base_model
 
         if model is not None and adapter is None and (Path(model) / ADAPTER_CONFIG).is_file() \
                 and not (Path(model) / "config.json").is_file():
@@ -322,7 +322,8 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         gen = Generator(net, tok, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir,
                         generation_config=read_generation_config(resolved.path))
     if adapter is not None:
-        from ..training.lora import load_adapter, merge_lora
+        from ..checkpoints.adapters import load_adapter
+        from ..model.lora import merge_lora
 
         # merged into the weights: the same logits as peft's, and the model stays a plain GPT-2 that the
         # inference fast paths (optimize_for_inference, CUDA graphs) and quantization can take
