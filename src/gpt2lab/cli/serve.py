@@ -5,13 +5,85 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from pathlib import Path
+from typing import Any
 
 import typer
 
 from .common import fail, load_kwargs, require_extra, user_errors
-from .options import Runtime, model_option, runtime_options
+from .options import MODEL_HELP, Runtime, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
+_NAME = re.compile(r"[\w.:@-]+")  # a served name: no slash, so NAME=... never swallows a path holding "="
+_MODEL_KEYS = ("device", "dtype", "quantization")
+
+
+def _split_options(value: str, keys: tuple[str, ...], option: str) -> tuple[str, dict[str, str]]:
+    """``"REF,key=value,..."`` -> ``("REF", {key: value})`` for trailing ``key=value`` parts whose key is one of
+    ``keys`` (anything else stays part of the reference)."""
+    options: dict[str, str] = {}
+    while "," in value:
+        head, _, last = value.rpartition(",")
+        key, eq, item = last.partition("=")
+        if not eq or key.strip() not in keys:
+            break
+        if not item.strip():
+            fail(f"{option} {value!r}: {key.strip()}= needs a value")
+        options[key.strip()] = item.strip()
+        value = head
+    return value, options
+
+
+def _named(value: str) -> tuple[str | None, str]:
+    """``"NAME=REF"`` -> ``("NAME", "REF")``; a plain reference (or a path that holds "=") -> ``(None, value)``."""
+    name, eq, ref = value.partition("=")
+    if eq and _NAME.fullmatch(name) and ref and not Path(value).exists():
+        return name, ref
+    return None, value
+
+
+def parse_models(values: list[str]) -> dict[str | None, dict[str, Any]]:
+    """``--model`` values -> served name (None: the only model, under its own name) -> ``{"model": REF, device,
+    dtype, quantization}``. Several unnamed models are served under their references."""
+    models: dict[str | None, dict[str, Any]] = {}
+    for value in values:
+        ref, options = _split_options(value, _MODEL_KEYS, "--model")
+        name, ref = _named(ref)
+        if name is None and len(values) > 1:
+            name = ref
+        if name in models:
+            fail(f"--model: the name {name!r} is given twice; give each model a name of its own with NAME=MODEL")
+        models[name] = {"model": ref, **options}
+    return models
+
+
+def parse_loras(values: list[str], models: dict[str | None, dict[str, Any]]) -> dict[str | None, dict[str, str]]:
+    """``--lora NAME=DIR[,base=MODEL]`` values -> served model name -> {adapter name: folder}. Without ``base=``,
+    an adapter goes to the served model its ``base_model_name_or_path`` names, else to the first model."""
+    from ..checkpoints.adapters import read_adapter_config
+
+    out: dict[str | None, dict[str, str]] = {}
+    for value in values:
+        spec, options = _split_options(value, ("base",), "--lora")
+        name, folder = _named(spec)
+        if name is None:
+            fail(f"--lora must be NAME=ADAPTER_DIR (the name requests give as their model), got {value!r}")
+        with user_errors():
+            config = read_adapter_config(folder)
+        base = options.get("base")
+        if base is not None:
+            owner = next((n for n, m in models.items() if base in (n, m["model"])), ...)
+            if owner is ...:
+                fail(f"--lora {name}: base={base} is not one of the served models "
+                     f"({', '.join(str(n or m['model']) for n, m in models.items())})")
+        else:
+            wanted = config.get("base_model_name_or_path")
+            owner = next((n for n, m in models.items() if wanted is not None and wanted in (n, m["model"])),
+                         next(iter(models)))
+        if any(name in adapters for adapters in out.values()) or name in models:
+            fail(f"--lora: the name {name!r} is taken by another adapter or a model")
+        out.setdefault(owner, {})[name] = folder
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -41,7 +113,24 @@ def bind(host: str, port: int) -> socket.socket:
 
 @runtime_options()
 def serve(
-    model: str = model_option(),
+    model: list[str] = typer.Option(None, "--model", "-m",
+                                    help=MODEL_HELP + " Repeatable: NAME=MODEL serves several models, each with its "
+                                    "own engine, chosen by the request's model field; ',quantization=int8', "
+                                    "',dtype=...', ',device=...' after one apply to it alone."),
+    lora: list[str] = typer.Option(None, "--lora", help="NAME=ADAPTER_DIR: serve a LoRA adapter (peft's format, as "
+                                   "finetune --lora-rank writes) on a base model, as the model NAME; ',base=MODEL' "
+                                   "picks the base (default: the one its adapter_config.json names, else the first). "
+                                   "Repeatable."),
+    allow_runtime_lora: bool = typer.Option(False, "--allow-runtime-lora",
+                                            help="Let clients (with the API key) load and unload LoRA adapters: "
+                                                 "POST /v1/load_lora_adapter, /v1/unload_lora_adapter."),
+    max_models_memory: str = typer.Option(None, "--max-models-memory",
+                                          help="Refuse to start when the models (weights, KV caches, prefix caches, "
+                                               "adapters) would need more than this, e.g. 8GB."),
+    prefix_cache_mb: float = typer.Option(None, "--prefix-cache-mb",
+                                          help="Memory per model for cached prompt prefixes, reused by requests that "
+                                               "start the same way (default: 5% of the machine's memory, at most "
+                                               "4 GiB; 0 turns it off)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback needs --api-key or "
                                                 "--allow-remote."),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
@@ -79,6 +168,17 @@ def serve(
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
     if not 0 < max_body_mb <= 1024:
         fail(f"--max-body-mb must be in (0, 1024], got {max_body_mb:g}")
+    if prefix_cache_mb is not None and not prefix_cache_mb >= 0:
+        fail(f"--prefix-cache-mb must be >= 0 (0 turns prefix reuse off), got {prefix_cache_mb:g}")
+    if max_models_memory is not None:
+        from ..server.memory import parse_size
+
+        try:
+            parse_size(max_models_memory, "--max-models-memory")
+        except ValueError as exc:
+            fail(str(exc))
+    models = parse_models(list(model or [None]))
+    loras = parse_loras(list(lora or []), models)
 
     try:  # the port first: a busy one fails now, in a second, not after the model is found and loaded
         sock = bind(host, port)
@@ -87,22 +187,39 @@ def serve(
 
     from ..checkpoints import resolve_model
     from ..model.device import resolve_device, resolve_dtype
+    from ..model.quantize import check_quantization
 
     with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
-        resolve_model(model, quiet=True)
-        resolve_dtype(runtime.dtype, resolve_device(runtime.device))
+        for spec in models.values():
+            resolve_model(spec["model"], quiet=True)
+            resolve_dtype(spec.get("dtype", runtime.dtype), resolve_device(spec.get("device", runtime.device)))
+            if spec.get("quantization") != "none":
+                check_quantization(spec.get("quantization"))
     load = load_kwargs(runtime)
 
-    from ..server import create_app
+    from ..server import ModelConfig, create_app
     from ..server.http import serve as serve_http
     from ..server.limits import Limits
 
+    if len(models) == 1 and None in models and len(models[None]) == 1:  # the plain --model M
+        served: Any = models[None]["model"]
+        more = {"lora_modules": loras.get(None, {})}
+    else:
+        served = {name: ModelConfig(spec["model"], device=spec.get("device"), dtype=spec.get("dtype"),
+                                    quantization=spec.get("quantization"),
+                                    lora_modules=loras.get(name, {})) for name, spec in models.items()}
+        if None in served:  # one model with its own options: served under its own name
+            served = {str(models[None]["model"]): served.pop(None)}
+        more = {}
     limits = Limits()
     try:
-        app = create_app(model, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                         request_timeout=request_timeout, cors_allow_origins=origins, max_body_mb=max_body_mb,
-                         limits=limits, **load)
+        with user_errors():
+            app = create_app(served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                             request_timeout=request_timeout, cors_allow_origins=origins, max_body_mb=max_body_mb,
+                             limits=limits, allow_runtime_lora=allow_runtime_lora, max_models_memory=max_models_memory,
+                             prefix_cache_mb=prefix_cache_mb, **more, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))
     serve_http(app, sock, log_level=log_level, limits=limits)
+

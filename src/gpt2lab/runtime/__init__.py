@@ -10,6 +10,9 @@ always its plain PyTorch code. Code that generates asks this module instead:
   replay a CUDA graph;
 - :func:`unchanged_weights` / :func:`recheck_weights`: a loop that owns the model promises its tensors
   stay the same, so the kernels' runner is checked once per block instead of before each forward.
+
+Both take ``lora=``: a :class:`~gpt2lab.model.multi_lora.LoRAMapping` giving each row its LoRA adapter (or
+none); the base weights are read once and each row adds its adapter's low-rank products.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import torch
 from ..model.cuda_graphs import graph_decoder
 from ..model.fast import inference_runner, recheck_weights, unchanged_weights
 from ..model.gpt2 import GPT2
+from ..model.multi_lora import LoRAMapping, lora_hooks
 
 __all__ = ["forward", "decode", "unchanged_weights", "recheck_weights", "inference_runner"]
 
 
 def forward(model: GPT2, idx: torch.Tensor, *, input_pos: torch.Tensor, rows: slice | None = None,
-            logits_index: torch.Tensor | None = None) -> torch.Tensor:
+            logits_index: torch.Tensor | None = None, lora: LoRAMapping | None = None) -> torch.Tensor:
     """A cached forward: logits for tokens ``idx [B, T]`` at positions ``input_pos [B, T]`` of cache rows
     ``rows`` (default ``0..B-1``); ``[B, V]`` at ``logits_index [B]`` when given, else ``[B, T, V]``.
+    ``lora``: each row's LoRA adapter (None: the base model for every row).
 
     Runs on gpt2lab's C kernels where they can run this model (:func:`inference_runner`), else on the
     model's PyTorch code; both give the same logits within fp32 rounding. Raises as
@@ -36,18 +41,22 @@ def forward(model: GPT2, idx: torch.Tensor, *, input_pos: torch.Tensor, rows: sl
     positions, rows or token ids outside it).
     """
     runner = inference_runner(model)
-    if runner is not None:
+    if runner is not None and lora is None:
         return runner(idx, input_pos, rows, logits_index)
-    return model(idx, input_pos=input_pos, rows=rows, logits_index=logits_index)
+    with lora_hooks(model, lora, idx.shape[1]):
+        return model(idx, input_pos=input_pos, rows=rows, logits_index=logits_index)
 
 
-def decode(model: GPT2, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int] | int) -> torch.Tensor:
+def decode(model: GPT2, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int] | int, *,
+           lora: LoRAMapping | None = None) -> torch.Tensor:
     """One decode step of cache rows ``0..n-1``: next-token logits ``[n, V]`` for ``tokens`` (``n`` ints, or
-    a 1-D tensor on the model's device) at ``positions`` (one int per row, or one int for all).
+    a 1-D tensor on the model's device) at ``positions`` (one int per row, or one int for all); ``lora``:
+    each row's adapter, as :func:`forward`'s.
 
     On a GPU in eval mode (and ``GPT2LAB_CUDA_GRAPHS`` not ``0``) the step replays a captured CUDA graph
-    (:mod:`gpt2lab.model.cuda_graphs`); elsewhere it is :func:`forward` with one token per row."""
-    graphs = graph_decoder(model)
+    (:mod:`gpt2lab.model.cuda_graphs`) unless a row uses a LoRA adapter; elsewhere it is :func:`forward`
+    with one token per row."""
+    graphs = graph_decoder(model) if lora is None else None
     if graphs is not None:
         return graphs.decode(tokens, positions)
     device = model.wte.weight.device
@@ -57,4 +66,4 @@ def decode(model: GPT2, tokens: Sequence[int] | torch.Tensor, positions: Sequenc
         pos = torch.full((n, 1), positions, dtype=torch.long, device=device)
     else:
         pos = torch.as_tensor(positions, dtype=torch.long, device=device).reshape(n, 1)
-    return forward(model, idx, input_pos=pos, rows=slice(0, n))[:, -1]
+    return forward(model, idx, input_pos=pos, rows=slice(0, n), lora=lora)[:, -1]

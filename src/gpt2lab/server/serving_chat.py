@@ -31,7 +31,8 @@ class OpenAIServingChat(OpenAIServing):
         oldest turns dropped to fit), as one response or (``stream``) server-sent events, or the APIError
         (see :class:`OpenAIServing`)."""
         arrival = time.monotonic()
-        gen = self.generator_for(request)
+        target = self.target_for(request)
+        gen = target.generator
         request.check_common()
         request.check_openai_fields()
         if request.max_tokens is not None and request.max_completion_tokens is not None:
@@ -50,7 +51,7 @@ class OpenAIServingChat(OpenAIServing):
         params = self.check_params(request.sampling_params(max_tokens, logprobs, param_name,
                                                            resolve=sampling_defaults(gen, DEFAULT_CHAT_MAX_TOKENS)))
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
-        _check_messages(request.messages, self.limits, self.models.max_prompt_chars, n_pos)
+        _check_messages(request.messages, self.limits, target.max_prompt_chars, n_pos)
         chat, style = await run_in_threadpool(_render_chat, gen, request.messages,
                                               n_pos - (max_tokens if max_tokens is not None else 1))
         prompt_ids = truncate_prompt_tokens(chat.token_ids, params, n_pos)
@@ -59,10 +60,10 @@ class OpenAIServingChat(OpenAIServing):
                                                      min(params.max_new_tokens, n_pos - len(prompt_ids))))
         params = params.with_(stop=[*params.stop, *chat.stop])
         rid = p.new_id("chatcmpl")
-        handle = await self.start([prompt_ids], params, rid)
-        builder = ChatCompletionResponseBuilder(gen, rid, self.models.served_name(gen), params.n, len(prompt_ids),
-                                                style, logprobs)
-        return await self.respond(handle, arrival, builder, request.stream, request.stream_options, disconnected)
+        handle = await self.start(target, [prompt_ids], params, rid)
+        builder = ChatCompletionResponseBuilder(gen, rid, target.name, params.n, len(prompt_ids), style, logprobs)
+        return await self.respond(target, handle, arrival, builder, request.stream, request.stream_options,
+                                  disconnected)
 
 
 def _check_messages(messages: list[p.ChatMessage], limits: lim.Limits, max_chars: int, n_positions: int) -> None:
