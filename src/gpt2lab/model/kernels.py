@@ -62,6 +62,20 @@ class Matrix(ctypes.Structure):
                    None if bias is None else bias.data_ptr(), _KINDS[weight.dtype])
 
 
+class LoRAPair(ctypes.Structure):
+    """``gpt2lab_lora_pair``: one adapter's ``A [rank, in]`` and ``B [out, rank]`` (fp32) for one projection
+    (``a`` NULL: not adapted), its rank and scale."""
+
+    _fields_ = [("a", _ptr), ("b", _ptr), ("rank", _i64), ("scale", ctypes.c_float)]
+
+
+class LoRATable(ctypes.Structure):
+    """``gpt2lab_lora``: each token's adapter slot, the ``[slots][n_layer][4]`` pairs, scratch of
+    ``n_tok * max_rank`` floats."""
+
+    _fields_ = [("token_slot", _ptr), ("pairs", _ptr), ("tmp", _ptr), ("max_rank", _i64)]
+
+
 class Layer(ctypes.Structure):
     """``gpt2lab_layer``: one block's weights and its KV cache, as pointers."""
 
@@ -75,7 +89,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "gpt2lab_linear": ([_ptr, ctypes.POINTER(Matrix), _ptr, _i64, _i64, _i64, _ptr, _ptr, _c_int], None),
     "gpt2lab_forward": ([ctypes.POINTER(Layer), _i64, ctypes.POINTER(Matrix), _ptr, _ptr, _ptr,
                          ctypes.POINTER(Matrix), _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                         ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _c_int], _c_int),
+                         ctypes.c_float, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _ptr], _c_int),
     "gpt2lab_top_k_": ([_ptr, _i64, _i64, _ptr, _ptr, _ptr], _c_int),
     "gpt2lab_row_totals": ([_ptr, _i64, _i64, _ptr], None),
     "gpt2lab_inverse_cdf": ([_ptr, _i64, _i64, _ptr, _ptr], None),

@@ -41,8 +41,8 @@ def forward(model: GPT2, idx: torch.Tensor, *, input_pos: torch.Tensor, rows: sl
     positions, rows or token ids outside it).
     """
     runner = inference_runner(model)
-    if runner is not None and lora is None:
-        return runner(idx, input_pos, rows, logits_index)
+    if runner is not None:
+        return runner(idx, input_pos, rows, logits_index, lora)
     with lora_hooks(model, lora, idx.shape[1]):
         return model(idx, input_pos=input_pos, rows=rows, logits_index=logits_index)
 
