@@ -101,6 +101,8 @@ class ServerState:
         for name, config in configs.items():
             scheduler = Scheduler(None, max_batch=max_batch, max_queue=max_queue, metrics=metrics, name=name,
                                   model_is_callers=not isinstance(config.model, (str, Path, type(None))), turns=turns)
+            if name is None and not isinstance(config.model, (str, Path, type(None))):
+                name = getattr(config.model, "name", None)  # a caller's Generator: its name is known before loading
             served.append(ServedModel(name, scheduler))
         models = OpenAIServingModels(served, allow_runtime_lora=allow_runtime_lora)
         for entry, config in zip(served, configs.values()):

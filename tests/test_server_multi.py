@@ -1,0 +1,181 @@
+"""Several models and LoRA adapters in one real ``gpt2lab serve``: routing by the request's ``model``, ``/v1/models``,
+404 for unknown names, rows of different adapters in one batch giving what each gives alone, run-time loading and
+unloading (refused without ``--allow-runtime-lora``), the memory budget, and prefix reuse over a chat."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+import gpt2lab
+
+from .conftest import make_peft_adapter, tiny_model
+from .server_helpers import _env, free_port, launch, launch_in_thread, metric_value
+from .server_helpers import get as get_server
+
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow
+
+KEY = "multi-key"
+PROMPTS = ["The quick brown fox", "Once upon a time", "Hello there, how"]
+
+
+@pytest.fixture(scope="module")
+def base_b(tmp_path_factory):
+    """A second base model, with a long context (for the chat of many turns)."""
+    return tiny_model(tmp_path_factory, "base-b", seed=5, n_positions=1024)
+
+
+@pytest.fixture(scope="module")
+def late_adapter(tmp_path_factory, base_b):
+    """An adapter of base-b that no server starts with (loaded at run time)."""
+    return make_peft_adapter(tmp_path_factory.mktemp("late") / "late", base_b[0], seed=13)
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory, tiny_checkpoint, lora_adapters, base_b):
+    """``gpt2lab serve`` with two base models, two adapters on the first, run-time LoRA allowed (with the key)."""
+    logs = tmp_path_factory.mktemp("multi-logs")
+    launch("multi", f"base-a={tiny_checkpoint}", logs, "--model", f"base-b={base_b[0]}",
+           "--lora", f"ad-qkv={lora_adapters['ad-qkv']},base=base-a", "--lora", f"ad-all={lora_adapters['ad-all']}",
+           "--allow-runtime-lora", "--max-batch", "16", api_key=KEY)
+    launch_in_thread("multi-plain", tiny_checkpoint, logs, lora_modules={"ad-qkv": lora_adapters["ad-qkv"]},
+                     prefix_cache_mb=0)
+    return get_server("multi")
+
+
+def _complete(server, model: str, prompt: str, **fields) -> dict:
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=120,
+                   json={"model": model, "prompt": prompt, "max_tokens": 8, "seed": 3, "logprobs": 1, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def _tokens(choice: dict) -> tuple[list[str], list[float]]:
+    return choice["logprobs"]["tokens"], choice["logprobs"]["token_logprobs"]
+
+
+def test_models_lists_every_model_and_adapter_and_routes_by_name(multi, tiny_checkpoint, base_b):
+    r = httpx.get(f"{multi.url}/v1/models", headers=multi.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    cards = {m["id"]: m for m in r.json()["data"]}
+    assert set(cards) == {"base-a", "base-b", "ad-qkv", "ad-all"}
+    assert cards["ad-qkv"]["parent"] == "base-a" and cards["ad-all"]["parent"] == "base-a"
+    for name, path in (("base-a", tiny_checkpoint), ("base-b", base_b[0])):
+        choice = _complete(multi, name, PROMPTS[0], temperature=0)
+        alone = gpt2lab.load(path).generate(PROMPTS[0], max_new_tokens=8, temperature=0)[0]
+        assert choice["text"] == alone.text, name
+    assert _complete(multi, "base-a", PROMPTS[0], temperature=0)["text"] != \
+        _complete(multi, "base-b", PROMPTS[0], temperature=0)["text"]
+
+
+def test_unknown_model_is_404_model_not_found(multi):
+    r = httpx.post(f"{multi.url}/v1/completions", headers=multi.headers, json={"model": "gpt-4", "prompt": "x"},
+                   timeout=30)
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found")
+    assert "'gpt-4'" in error["message"]
+
+
+def test_requests_of_different_adapters_batched_together_give_what_each_gives_alone(multi, tiny_checkpoint,
+                                                                                  lora_adapters):
+    plan = [(model, prompt) for prompt in PROMPTS for model in ("base-a", "ad-qkv", "ad-all")]
+    alone = {key: _tokens(_complete(multi, *key)) for key in plan}  # one at a time
+    with ThreadPoolExecutor(len(plan)) as pool:  # all at once: they share the running batch
+        together = dict(zip(plan, pool.map(lambda key: _tokens(_complete(multi, *key)), plan)))
+    assert together == alone
+    # and an adapter's request is what the library gives with that adapter loaded, seeded
+    lib = gpt2lab.load(tiny_checkpoint)
+    lib.load_lora_adapter("ad-all", lora_adapters["ad-all"])
+    (c,) = lib.generate(PROMPTS[1], max_new_tokens=8, seed=3, adapter="ad-all")
+    assert _complete(multi, "ad-all", PROMPTS[1])["text"] == c.text
+    assert len({tuple(alone[m, PROMPTS[1]][0]) for m in ("base-a", "ad-qkv", "ad-all")}) == 3
+
+
+def test_health_and_metrics_report_each_model(multi):
+    health = httpx.get(f"{multi.url}/health", timeout=30).json()
+    assert health["status"] == "ok" and set(health["models"]) == {"base-a", "base-b"}
+    assert sorted(health["models"]["base-a"]["adapters"]) == ["ad-all", "ad-qkv"]
+    _complete(multi, "base-b", "count me")
+    text = httpx.get(f"{multi.url}/metrics", timeout=30).text
+    assert metric_value(text, "gpt2lab_generation_tokens_total", model="base-b") >= 8
+    assert 'model="base-a"' in text
+
+
+def test_adapters_load_and_unload_at_run_time_with_the_key(multi, late_adapter):
+    body = {"lora_name": "late", "lora_path": str(late_adapter), "base_model_name": "base-b"}
+    assert httpx.post(f"{multi.url}/v1/load_lora_adapter", json=body, timeout=60).status_code == 401  # no key
+    r = httpx.post(f"{multi.url}/v1/load_lora_adapter", json=body, headers=multi.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    ids = {m["id"] for m in httpx.get(f"{multi.url}/v1/models", headers=multi.headers, timeout=30).json()["data"]}
+    assert "late" in ids
+    adapted = _complete(multi, "late", PROMPTS[2], temperature=0)["text"]
+    assert adapted != _complete(multi, "base-b", PROMPTS[2], temperature=0)["text"]
+    again = httpx.post(f"{multi.url}/v1/load_lora_adapter", json=body, headers=multi.headers, timeout=60)
+    assert again.status_code == 400 and "late" in again.json()["error"]["message"]
+    r = httpx.post(f"{multi.url}/v1/unload_lora_adapter", json={"lora_name": "late"}, headers=multi.headers,
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    gone = httpx.post(f"{multi.url}/v1/completions", headers=multi.headers, json={"model": "late", "prompt": "x"},
+                      timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{multi.url}/v1/unload_lora_adapter", json={"lora_name": "late"}, headers=multi.headers,
+                   timeout=60)
+    assert r.status_code == 404, r.text
+
+
+def test_run_time_lora_is_refused_without_the_flag(multi, late_adapter):
+    plain = get_server("multi-plain")
+    r = httpx.post(f"{plain.url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": str(late_adapter)},
+                   timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "runtime_lora_disabled", r.text
+    r = httpx.post(f"{plain.url}/v1/unload_lora_adapter", json={"lora_name": "ad-qkv"}, timeout=60)
+    assert r.status_code == 403, r.text
+    assert _complete(plain, "ad-qkv", PROMPTS[0])["text"]  # the adapter it started with still serves
+
+
+def test_a_memory_budget_too_small_is_refused_at_start_naming_the_models(tiny_checkpoint, base_b):
+    cmd = [sys.executable, "-m", "gpt2lab", "serve", "--model", f"base-a={tiny_checkpoint}", "--model",
+           f"base-b={base_b[0]}", "--max-models-memory", "1MB", "--port", str(free_port())]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert out.returncode != 0
+    assert "base-a" in out.stderr and "base-b" in out.stderr and "1MB" in out.stderr.replace(" ", ""), out.stderr
+
+
+def _chat(server, model: str, turns: int) -> tuple[list[str], list[float]]:
+    """A seeded chat of ``turns`` turns, the whole conversation sent each turn; the replies and, per turn, the
+    prompt tokens the server's prefills computed."""
+    messages, replies, prefilled = [{"role": "system", "content": "You are a helpful assistant. " * 4}], [], []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Question number {turn}: what comes next in the story?"})
+        before = server.metric("gpt2lab_prefill_tokens_total", model=model)
+        r = httpx.post(f"{server.url}/v1/chat/completions", headers=server.headers, timeout=120,
+                       json={"model": model, "messages": messages, "max_tokens": 12, "seed": turn})
+        assert r.status_code == 200, r.text
+        reply = r.json()["choices"][0]["message"]["content"]
+        prefilled.append(server.metric("gpt2lab_prefill_tokens_total", model=model) - before)
+        replies.append(reply)
+        messages.append({"role": "assistant", "content": reply})
+    return replies, prefilled
+
+
+def test_prefix_reuse_gives_the_same_chat_and_prefills_only_what_is_new(multi, tmp_path_factory, base_b):
+    launch_in_thread("multi-nocache", base_b[0], tmp_path_factory.mktemp("nocache-logs"), model_name="base-b",
+                     prefix_cache_mb=0)
+    plain = get_server("multi-nocache")
+    hits = multi.metric("gpt2lab_prefix_cache_hits_total", model="base-b")
+    with_cache, computed = _chat(multi, "base-b", 10)
+    without, full = _chat(plain, "base-b", 10)
+    assert with_cache == without
+    # without the cache every turn prefills the whole conversation: O(turns^2) in all; with it, about what
+    # the turn added (the last reply and the new question, plus less than a block)
+    assert full[-1] > 5 * computed[-1] and sum(full) > 3 * sum(computed)
+    assert all(c <= f for c, f in zip(computed, full))
+    assert multi.metric("gpt2lab_prefix_cache_hits_total", model="base-b") >= hits + 9
+    assert multi.metric("gpt2lab_prefix_cache_saved_tokens_total", model="base-b") > 0
+    assert multi.metric("gpt2lab_prefix_cache_bytes", model="base-b") > 0
