@@ -116,8 +116,9 @@ class PrefixCache:
             self._weights = fingerprint
 
     # -- lookup --------------------------------------------------------------------------------------
-    def match(self, tokens: Sequence[int], extra: Hashable = None, *, limit: int | None = None) -> list[_Block]:
-        """The cached blocks of the longest cached prefix of ``tokens`` under ``extra`` (the adapter), in order,
+    def match(self, tokens: Sequence[int], extra: Hashable = 0, *, limit: int | None = None) -> list[_Block]:
+        """The cached blocks of the longest cached prefix of ``tokens`` under ``extra`` (the adapter's uid, 0 for the
+        base model), in order,
         covering at most ``limit`` tokens (default: all but the last token, whose logits the prefill must
         compute). Touches them (most recently used) and counts a hit or a miss."""
         limit = len(tokens) - 1 if limit is None else limit
@@ -154,7 +155,7 @@ class PrefixCache:
             cache.v[row, :, :n] = torch.cat([b.v[layer] for b in blocks], dim=1)
         return n
 
-    def store(self, caches: Sequence, row: int, tokens: Sequence[int], extra: Hashable = None) -> None:
+    def store(self, caches: Sequence, row: int, tokens: Sequence[int], extra: Hashable = 0) -> None:
         """Keep the full blocks of ``tokens`` (whose keys and values sit in slots ``0..len(tokens)-1`` of cache
         row ``row``) that are not cached yet, evicting least recently used blocks to stay within capacity."""
         bs = self.block_size
@@ -176,9 +177,8 @@ class PrefixCache:
             v = torch.stack([c.v[row, :, start:end] for c in caches])
             size = 2 * k[:, :, :bs].numel() * k.element_size()
             for j in range(first_new, n_blocks):
-                if size > self.capacity:
+                if not self._make_room(size, keep=chain):  # only the chain's own blocks left: its tail stays out
                     break
-                self._make_room(size, keep=chain)
                 lo = (j - first_new) * bs
                 key = (parent, tuple(tokens[j * bs:(j + 1) * bs]), extra)
                 block = _Block(self._next_id, key, k[:, :, lo:lo + bs].clone(), v[:, :, lo:lo + bs].clone())
@@ -189,17 +189,16 @@ class PrefixCache:
                 parent = block.id
         self._touch(chain)
 
-    def _make_room(self, size: int, keep: list[_Block]) -> None:
-        """Evict least recently used blocks until ``size`` more bytes fit (never those of ``keep``, the chain
-        being stored)."""
+    def _make_room(self, size: int, keep: list[_Block]) -> bool:
+        """Evict least recently used blocks until ``size`` more bytes fit, never those of ``keep`` (the chain
+        being stored: a block without its parent could never be matched); False when they cannot fit."""
         kept = {b.id for b in keep}
-        while self._bytes + size > self.capacity and self._blocks:
-            key, block = next(iter(self._blocks.items()))
-            if block.id in kept:  # the chain being stored is older than everything else: stop here
-                self._blocks.move_to_end(key)
-                if all(b.id in kept for b in self._blocks.values()):
-                    return
-                continue
-            del self._blocks[key]
+        victims = (key for key, block in list(self._blocks.items()) if block.id not in kept)  # oldest first
+        while self._bytes + size > self.capacity:
+            key = next(victims, None)
+            if key is None:
+                return False
+            block = self._blocks.pop(key)
             self._bytes -= 2 * block.k.numel() * block.k.element_size()
             self.stats.evictions += 1
+        return True
