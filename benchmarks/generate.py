@@ -126,14 +126,14 @@ def memory_bandwidth_gbs(rounds: int = 8) -> float:
     pages, in C with ``torch.get_num_threads()`` threads; ``torch.sum`` where no AVX2 C compiler is at hand."""
     import ctypes
 
-    from gpt2lab.model import kernels
-    from gpt2lab.model.fast import _huge_page_copy, _huge_pages_available
+    from gpt2lab.kernels import compiler as c_compiler
+    from gpt2lab.runtime.huge_pages import huge_page_copy, huge_pages_available
 
     x = torch.ones(128 * 2**20)
-    if _huge_pages_available():
-        x = _huge_page_copy(x)
+    if huge_pages_available():
+        x = huge_page_copy(x)
     read: Callable[[], object] = x.sum
-    compiler = kernels._compiler()
+    compiler = c_compiler()
     if compiler is not None:
         tmp = Path(tempfile.mkdtemp())
         try:
@@ -419,7 +419,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    from gpt2lab.model import kernels
+    from gpt2lab import kernels
 
     kernels.library()
     print(f"torch {torch.__version__}, {args.threads} threads; gpt2lab's C kernels: "

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import gpt2lab
-from gpt2lab import runtime
+from gpt2lab import kernels, runtime
 from gpt2lab.generation import Engine
-from gpt2lab.model import kernels
 from gpt2lab.sampling import SamplingParams
 
 pytestmark = [pytest.mark.slow,

@@ -13,8 +13,8 @@ import torch
 
 import gpt2lab
 from gpt2lab.generation.beam import beam_search
-from gpt2lab.model.cuda_graphs import GraphDecoder, batch_bucket, kv_bucket, static_decode
 from gpt2lab.model.device import resolve_device, resolve_dtype
+from gpt2lab.runtime.cuda_graphs import GraphDecoder, batch_bucket, kv_bucket, static_decode
 from gpt2lab.sampling import SamplingParams
 
 from .conftest import SHAPES, make_hf_checkpoint
@@ -149,6 +149,41 @@ def test_static_decode_matches_forward_directly(ckpt, device):
         want = model(ids[:, 3:], input_pos=torch.full((2, 1), 3, device=device))[:, -1]
         got = static_decode(model, ids[:, 3], torch.full((2,), 3, device=device), 128)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_the_static_step_is_the_models_own_forward_and_reads_nothing_back(ckpt, device, monkeypatch):
+    """static_decode runs the model's own blocks (no second copy of their arithmetic) with kv_len given, so it
+    never reads the positions back to the host, the ordinary cached forward's one sync, which a CUDA graph
+    cannot hold: the layout reader is never called, and on a GPU torch's sync check finds no sync at all."""
+    from gpt2lab.model import gpt2 as gpt2_module
+
+    gen = gpt2lab.load(str(ckpt), device=device, dtype="float32")
+    model = gen.model
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device=device)
+    calls = []
+    with torch.inference_mode():
+        model.setup_cache(4, 128)
+        model(ids[:, :3], input_pos=torch.arange(3, device=device)[None].expand(2, 3))
+        want = model(ids[:, 3:], input_pos=torch.tensor([[3], [3]], device=device))[:, -1]
+        steered = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0)).to(device)
+        handle = model.h[0].register_forward_hook(lambda module, args, out: calls.append(1) or out + steered)
+        monkeypatch.setattr(gpt2_module, "_cache_layout", lambda *args: pytest.fail("the step read its layout"))
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = static_decode(model, ids[:, 3], torch.tensor([3, 3], device=device), 128)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            handle.remove()
+        plain = static_decode(model, ids[:, 3], torch.tensor([3, 3], device=device), 128)
+        with pytest.raises(ValueError, match="give input_pos"):
+            model(ids, kv_len=8)
+        with pytest.raises(ValueError, match="beyond the KV cache"):
+            model(ids[:, 3:], input_pos=torch.tensor([[3], [3]], device=device), kv_len=129)
+    assert calls == [1]  # the model's own block ran (its hook fired) and changed the result
+    assert (got - want).abs().max() > 1e-3
+    torch.testing.assert_close(plain, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: CUDA-graph engine runs need one")

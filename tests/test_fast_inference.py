@@ -8,13 +8,20 @@ import torch
 import torch.nn.functional as F
 
 import gpt2lab
-from gpt2lab import runtime
+from gpt2lab import kernels, runtime
 from gpt2lab.checkpoints import load_model
-from gpt2lab.model import InferenceOnlyError, KernelRunner, fast, inference_runner, kernels, optimize_for_inference
+from gpt2lab.model import InferenceOnlyError, optimize_for_inference
+from gpt2lab.runtime import KernelRunner, huge_pages, inference_runner
 
 from .conftest import SHAPES, make_hf_checkpoint
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="gpt2lab's C kernels did not build here")
+
+
+def _open_blocks(model) -> int:
+    """How many runtime.unchanged_weights blocks are open on ``model`` (the runtime's own record of them)."""
+    state = runtime._states.get(model)
+    return 0 if state is None else state.blocks
 
 
 @pytest.fixture(scope="module", params=list(SHAPES) + ["untied"])
@@ -99,19 +106,19 @@ def test_the_runner_follows_replaced_and_rewritten_weights(tmp_path):
 
 @needs_kernels
 def test_unchanged_weights_checks_once_and_recheck_weights_follows_a_replacement(tmp_path):
-    """Inside fast.unchanged_weights the runner is checked at the first forward only (the promise is the
+    """Inside runtime.unchanged_weights the runner is checked at the first forward only (the promise is the
     caller's: a tensor replaced without recheck_weights is not seen); recheck_weights and leaving the block
     bring the check back."""
     model, other, want, last_logits = _two_models(tmp_path)
     before = last_logits()
-    with fast.unchanged_weights(model), fast.unchanged_weights(model):  # blocks nest
+    with runtime.unchanged_weights(model), runtime.unchanged_weights(model):  # blocks nest
         assert torch.equal(last_logits(), before)
         model.load_state_dict(other.state_dict(), assign=True)  # new tensors, the promise broken
         assert torch.equal(last_logits(), before)  # not checked again: the old tensors are still read
-        fast.recheck_weights(model)
+        runtime.recheck_weights(model)
         assert (last_logits() - want).abs().max() < 1e-4
         model.load_state_dict(load_model(tmp_path / "a").state_dict(), assign=True)
-    assert "_unchanged" not in model.__dict__
+    assert _open_blocks(model) == 0
     assert torch.equal(last_logits(), before)  # checked again outside the block
 
 
@@ -128,11 +135,11 @@ def test_a_nested_unchanged_weights_block_checks_again(tmp_path):
         want = other.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids
         before = generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids
         assert before != want  # the two models tell apart
-        with fast.unchanged_weights(model):  # the engine thread's
+        with runtime.unchanged_weights(model):  # the engine thread's
             assert generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids == before
             model.load_state_dict(other.model.state_dict(), assign=True)
             assert generator.generate("Hello there", max_new_tokens=8, temperature=0)[0].token_ids == want
-        assert "_unchanged" not in model.__dict__
+        assert _open_blocks(model) == 0
 
 
 @needs_kernels
@@ -192,7 +199,7 @@ def test_a_failed_generate_leaves_no_unchanged_weights_block_behind(tmp_path):
         model.ln_f.weight[0] = float("nan")
         with pytest.raises(RuntimeError, match="NaN"):
             generator.generate("Hello there", max_new_tokens=6, temperature=0)
-        assert "_unchanged" not in model.__dict__
+        assert _open_blocks(model) == 0
         model.load_state_dict(other.model.state_dict(), assign=True)
         assert generator.generate("Hello there", max_new_tokens=6, temperature=0)[0].token_ids == want
 
@@ -353,7 +360,7 @@ def test_a_model_with_lora_adapters_generates_through_its_own_modules(tiny_check
         assert isinstance(inference_runner(model), KernelRunner)
 
 
-@pytest.mark.skipif(not kernels.available() or not fast._huge_pages_available(),
+@pytest.mark.skipif(not kernels.available() or not huge_pages.huge_pages_available(),
                     reason="needs the kernels and Linux transparent huge pages")
 def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, monkeypatch):
     """The first kernel forward moves every tensor of 1 MB or more into 2 MB-aligned huge-page memory in
@@ -368,7 +375,7 @@ def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, mon
     with torch.no_grad():
         reference = model(torch.tensor([[1, 2, 3]]))  # PyTorch forward, before any move
     out = gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids
-    assert model.wte.weight is wte and wte.data_ptr() % fast.HUGE_PAGE == 0 and torch.equal(wte, before)
+    assert model.wte.weight is wte and wte.data_ptr() % huge_pages.HUGE_PAGE == 0 and torch.equal(wte, before)
     # its storage is exactly its bytes: safetensors saves it (it refuses a view into a larger storage)
     assert wte.untyped_storage().nbytes() == wte.numel() * wte.element_size()
     gen.save(tmp_path / "saved")
@@ -386,10 +393,10 @@ def test_big_weights_move_to_huge_pages_and_the_model_still_trains(tmp_path, mon
     monkeypatch.setenv("GPT2LAB_HUGE_PAGES", "0")
     other = gpt2lab.load(ckpt)
     other.generate("Hello", max_new_tokens=2)
-    assert not getattr(other.model.wte.weight, "_gpt2lab_huge_pages", False)
+    assert not huge_pages.on_huge_pages(other.model.wte.weight)
 
 
-@pytest.mark.skipif(not kernels.available() or not fast._huge_pages_available(),
+@pytest.mark.skipif(not kernels.available() or not huge_pages.huge_pages_available(),
                     reason="needs the kernels and Linux transparent huge pages")
 def test_a_model_saves_and_copies_after_generating(tmp_path):
     """Generation moves big weights to huge pages and caches a runner on the model: neither may stop a save
@@ -402,7 +409,7 @@ def test_a_model_saves_and_copies_after_generating(tmp_path):
     ckpt = make_hf_checkpoint(tmp_path / "ckpt", seed=5, n_layer=1, n_head=2, n_embd=16, n_positions=64)
     gen = gpt2lab.load(ckpt)
     out = gen.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids
-    assert getattr(gen.model.wte.weight, "_gpt2lab_huge_pages", False)
+    assert huge_pages.on_huge_pages(gen.model.wte.weight)
     saved = gpt2lab.load(gen.save(tmp_path / "saved"))
     assert saved.generate("Hello there", max_new_tokens=4, temperature=0.0, ignore_eos=True)[0].token_ids == out
     buffer = io.BytesIO()
@@ -443,3 +450,51 @@ def test_forward_hooks_on_submodules_fire_during_generation(tiny_checkpoint):
     finally:
         handle.remove()
     assert gen.generate(prompt, max_new_tokens=5, temperature=0.0, ignore_eos=True)[0].token_ids == plain
+
+
+@needs_kernels
+def test_the_runtime_keeps_nothing_on_the_model(tiny_checkpoint):
+    """The runner, the watch on its weights and the unchanged_weights blocks live in gpt2lab.runtime, keyed weakly
+    by the model: after cached forwards the model has the attributes of a fresh one (it carried the runner and
+    a __getstate__ that dropped it), deep-copies and pickles into a model that runs alike, and is freed once
+    dropped (nothing the runtime keeps holds it)."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    fresh = set(vars(load_model(tiny_checkpoint)))
+    model = load_model(tiny_checkpoint).eval()
+    ids = torch.tensor([[464, 2068, 7586, 21831]])
+
+    def run(m) -> torch.Tensor:
+        m.setup_cache(max_batch=1, max_seq=8)
+        return runtime.forward(m, ids, input_pos=torch.arange(4)[None])
+
+    with torch.no_grad():
+        with runtime.unchanged_weights(model):
+            logits = run(model)
+            assert isinstance(inference_runner(model), KernelRunner)
+        assert set(vars(model)) == fresh
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert set(vars(twin)) == fresh
+            assert torch.equal(run(twin), logits)
+            assert inference_runner(twin) is not inference_runner(model)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+def test_the_names_that_moved_out_of_gpt2lab_model_still_import_with_a_warning():
+    import gpt2lab.model
+
+    for name, new in [("kernels", kernels), ("KernelRunner", KernelRunner), ("inference_runner", inference_runner)]:
+        with pytest.warns(DeprecationWarning, match=f"gpt2lab.model.{name} is deprecated: use gpt2lab"):
+            assert getattr(gpt2lab.model, name) is new
+    with pytest.warns(DeprecationWarning, match="use gpt2lab.runtime.inference_runner"):
+        from gpt2lab.model import inference_runner as old
+    assert old is inference_runner
+    with pytest.raises(AttributeError, match="has no attribute 'fast'"):
+        gpt2lab.model.fast  # noqa: B018 - the attribute access is the test
+    assert not {"kernels", "KernelRunner", "inference_runner"} & set(gpt2lab.model.__all__)

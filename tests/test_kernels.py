@@ -1,5 +1,6 @@
-"""gpt2lab's C kernels (model/kernels.c): the same numbers as torch (fp32, int8, bf16), each row independent of the
-others, the build, and the fallback without them."""
+"""gpt2lab's C kernels (gpt2lab/kernels/kernels.c): the same numbers as torch (fp32, int8, bf16), each row
+independent of the others, the C interface against its one definition (kernels/abi.py), the build, and the
+fallback without them."""
 
 from __future__ import annotations
 
@@ -12,14 +13,65 @@ import textwrap
 import pytest
 import torch
 
-from gpt2lab import runtime
+from gpt2lab import kernels, runtime
 from gpt2lab.checkpoints import load_model
-from gpt2lab.model import inference_runner, kernels
+from gpt2lab.kernels import abi, build
 from gpt2lab.model.quantize import int8_linear, quantize_
+from gpt2lab.runtime import inference_runner
 
 from .conftest import make_hf_checkpoint
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="gpt2lab's C kernels did not build here")
+
+
+def test_the_c_interface_is_written_once():
+    """kernels.c's exported functions (argument names, types and order, return types), its two structures and
+    the enum values Python passes are exactly kernels/abi.py's tables, from which ctypes' declarations are
+    built; the 29-argument gpt2lab_forward and the others were once declared twice, by hand."""
+    source = kernels.SOURCE.read_text(encoding="utf-8")
+    assert abi.differences(source) == []
+    functions, structs, _ = abi.parse(source)
+    assert set(functions) == set(abi.FUNCTIONS) and len(functions["gpt2lab_forward"][1]) == 29
+    assert [name for name, _ in kernels.Layer._fields_] == [name for name, _ in structs["gpt2lab_layer"]]
+    if kernels.available():
+        for name, (returns, arguments) in abi.FUNCTIONS.items():
+            function = getattr(kernels.library(), name)
+            assert function.argtypes == [abi.ctype(t) for _, t in arguments]
+            assert function.restype == abi.ctype(returns)
+
+
+@pytest.mark.parametrize("before,after,found", [
+    ("int64_t n_tok, const int64_t *logit_tokens", "const int64_t *logit_tokens, int64_t n_tok",
+     "gpt2lab_forward's arguments differ"),  # two arguments swapped: a compiler would not see it
+    ("int64_t max_seq,\n", "int64_t max_len,\n", "gpt2lab_forward's arguments differ"),  # renamed
+    ("float eps,", "double eps,", "gpt2lab_forward's arguments differ"),
+    ("int64_t *picked)", "int64_t *picked, int n_threads)", "gpt2lab_inverse_cdf's arguments differ"),
+    ("void gpt2lab_row_totals(", "int gpt2lab_row_totals(", "gpt2lab_row_totals returns int in kernels.c"),
+    ("int gpt2lab_has_avx2(void)", "int gpt2lab_uses_avx2(void)", "kernels.c exports gpt2lab_uses_avx2"),
+    ("static void heap_sift_down(", "void heap_sift_down(", "kernels.c exports heap_sift_down"),
+    ("float *k_cache, *v_cache;", "float *v_cache, *k_cache;", "struct gpt2lab_layer differs"),
+    ("    int64_t kind;\n", "    int kind;\n", "struct gpt2lab_matrix differs"),
+    ("KIND_BF16 = 2", "KIND_BF16 = 3", "KIND_BF16 is 3 in kernels.c"),
+    ("EPILOGUE_NONE, EPILOGUE_ADD, ", "EPILOGUE_NONE, ", "EPILOGUE_GELU_TANH is 1 in kernels.c"),
+])
+def test_every_departure_of_the_c_source_from_the_table_is_found(before, after, found):
+    source = kernels.SOURCE.read_text(encoding="utf-8")
+    assert source.count(before) == 1
+    problems = abi.differences(source.replace(before, after))
+    assert any(found in problem for problem in problems), problems
+
+
+@pytest.mark.skipif(build.compiler() is None, reason="no C compiler here")
+def test_a_source_that_departs_from_the_table_is_never_built(tmp_path, monkeypatch, caplog):
+    """The library would be called with a signature it does not have: no build, a warning saying what differs."""
+    source = tmp_path / "kernels.c"
+    source.write_text(kernels.SOURCE.read_text(encoding="utf-8").replace("float eps,", "double eps,"))
+    monkeypatch.setattr(build, "SOURCE", source)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger="gpt2lab.kernels"):
+        assert build.build() is None
+    assert "kernels/abi.py disagree" in caplog.text and "gpt2lab_forward's arguments differ" in caplog.text
+    assert not list(tmp_path.glob("cache/**/*.*"))  # no library, and no .failed note blaming the compiler
 
 
 def test_kernels_build_where_there_is_a_compiler():
@@ -176,7 +228,8 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 GREEDY = """
     import torch
     import gpt2lab
-    from gpt2lab.model import inference_runner, kernels
+    from gpt2lab import kernels
+    from gpt2lab.runtime import inference_runner
     gen = gpt2lab.load({ckpt!r})
     with torch.no_grad():
         print(kernels.available(), type(inference_runner(gen.model)).__name__)
@@ -195,7 +248,7 @@ def test_switched_off_kernels_fall_back_to_torch_with_the_same_tokens(tiny_check
 
 
 def test_build_is_cached_and_a_missing_or_broken_compiler_falls_back(tmp_path):
-    probe = "from gpt2lab.model import kernels; print(kernels.available())"
+    probe = "from gpt2lab import kernels; print(kernels.available())"
     cache = tmp_path / "cache"
     first = run_python(probe, XDG_CACHE_HOME=str(cache))
     if first.stdout.strip() != "True":
@@ -222,7 +275,7 @@ def test_threads_that_first_use_the_kernels_together_all_get_them():
     sampling step ran through torch's kernels instead, and a seeded sample could part from a lone run)."""
     probe = textwrap.dedent("""
         import threading
-        from gpt2lab.model import kernels
+        from gpt2lab import kernels
         got, barrier = [], threading.Barrier(4)
         def first_use():
             barrier.wait()

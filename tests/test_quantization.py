@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import gpt2lab
+from gpt2lab import kernels
 from gpt2lab.checkpoints import load_model
 from gpt2lab.evaluation import perplexity
-from gpt2lab.model import QuantizedEmbedding, QuantizedLinear, kernels
+from gpt2lab.model import QuantizedEmbedding, QuantizedLinear
 
 from .test_kernels import run_python
 
@@ -152,8 +153,8 @@ def test_a_half_precision_model_object_or_adapter_base_quantizes_to_what_the_ker
     from transformers import GPT2LMHeadModel
 
     from gpt2lab.checkpoints.adapters import fill_adapter_dir
-    from gpt2lab.model import KernelRunner, inference_runner
     from gpt2lab.model.lora import apply_lora
+    from gpt2lab.runtime import KernelRunner, inference_runner
 
     base = load_model(tiny_checkpoint)
     apply_lora(base, rank=2, alpha=4, targets="c_attn")

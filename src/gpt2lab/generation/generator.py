@@ -341,7 +341,7 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     inference-only; ``dtype`` is then unused (what is not quantized, LayerNorms, biases and positions, stays
     float32, as the kernels read it). ValueError for any
     other value. No call is needed to make generation fast: the model picks gpt2lab's kernels
-    whenever it runs inference (``gpt2lab.model.inference_runner``).
+    whenever it runs inference (``gpt2lab.runtime.inference_runner``).
     """
     quantization = check_quantization(quantization)  # before any file is read
     device = resolve_device(device)
@@ -378,7 +378,9 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         merge_lora(load_adapter(gen.model, adapter)).eval()
         gen.adapter = Path(adapter)
     if quantization is not None and gen.model.quantization is None:  # a model object, or an adapter applied
-        gen.model.quantize(quantization)
+        from ..model.quantize import quantize_
+
+        quantize_(gen.model, quantization)
     return gen
 
 

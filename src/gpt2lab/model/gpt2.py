@@ -6,9 +6,12 @@ projection is a plain ``nn.Linear`` (weight ``[out, in]``); the checkpoint loade
 
 Two ways to run it:
 - ``model(idx)``: a plain causal forward over whole sequences (training, scoring, parity tests);
-- ``model(idx, input_pos=..., kv_cache=...)``: cached inference. Every row of the batch carries its
-  own positions, so rows of different lengths share one batch without left padding: a row's
-  position ``p`` is also its slot ``p`` in the static cache, and a query attends to slots ``<= p``.
+- ``model(idx, input_pos=...)`` after ``model.setup_cache(...)``: cached inference. Every row of the
+  batch carries its own positions, so rows of different lengths share one batch without left padding: a
+  row's position ``p`` is also its slot ``p`` in the static cache, and a query attends to slots ``<= p``.
+
+This is the model only (config, modules, KV cache): who runs it, on gpt2lab's C kernels, CUDA graphs or
+this PyTorch code, is decided by :mod:`gpt2lab.runtime`, which keeps its state outside the model.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class ConfigError(ValueError):
 
 
 class InferenceOnlyError(RuntimeError):
-    """Training mode requested on a model that can only run inference (a quantized one, ``model.quantize``)."""
+    """Training mode requested on a model that can only run inference (a quantized one, ``quantize.quantize_``)."""
 
 
 @dataclass
@@ -300,28 +303,13 @@ class GPT2(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.max_batch = self.max_seq = 0
-        self.quantization: str | None = None  # "int8" / "bf16" once model.quantize swapped the weights
+        self.quantization: str | None = None  # "int8" / "bf16" once quantize.quantize_ swapped the weights
 
     def train(self, mode: bool = True) -> GPT2:
         if mode and self.quantization is not None:
             raise InferenceOnlyError(f"this GPT2 is {self.quantization}-quantized and can only run inference; load "
                                      f"the checkpoint without quantization to train it")
         return super().train(mode)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # fast.inference_runner's cache (ctypes pointers into this model's tensors, which cannot be pickled)
-        # stays behind: a deepcopy or an unpickled model makes its own on its first cached forward
-        state = super().__getstate__()
-        state.pop("_runner", None)
-        state.pop("_unchanged", None)
-        return state
-
-    def quantize(self, quantization: str) -> GPT2:
-        """Quantize the weights in place (``"int8"`` or ``"bf16"``, see :mod:`gpt2lab.model.quantize`);
-        returns the model, now inference-only."""
-        from .quantize import quantize_
-
-        return quantize_(self, quantization)
 
     # -- construction -------------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> None:
@@ -377,7 +365,7 @@ class GPT2(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, rows: slice | None = None,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         """Logits for token ids ``idx [B, T]``.
 
         ``input_pos [B, T]``: positions (= cache slots) of each token; enables the KV cache.
@@ -385,34 +373,46 @@ class GPT2(nn.Module):
         ``logits_index [B]``: compute logits only at this position of each row -> ``[B, V]``
         (generation needs just the next-token logits; the LM head is the largest matmul).
         Returns ``[B, T, V]`` otherwise.
+        ``kv_len``: with ``input_pos``, how many cache slots attention reads (more than every position),
+        given by the caller. The forward then reads nothing back to the host and every shape depends on
+        ``idx``'s and ``kv_len`` alone (a static-shape step, which a CUDA graph can capture): keys and values
+        are scattered per row and each query is masked by its own position. Without it, the forward reads
+        the positions once (one host sync) to take the cheapest layout.
+
+        Raises ValueError for a sequence longer than ``n_positions`` (uncached), or positions / ``kv_len``
+        beyond the KV cache; ``kv_len`` without ``input_pos`` is a ValueError too.
 
         This is the model's own PyTorch code, always; :mod:`gpt2lab.runtime` decides when a cached
         forward runs on gpt2lab's C kernels or a CUDA graph instead (the same logits within fp32 rounding).
         """
-        x = self.hidden_states(idx, input_pos=input_pos, rows=rows)  # [B, T, C]
+        x = self.hidden_states(idx, input_pos=input_pos, rows=rows, kv_len=kv_len)  # [B, T, C]
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=idx.device), logits_index]  # [B, C]
         return self.head_logits(x)  # [B, T, V] or [B, V]
 
     def hidden_states(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None,
-                      rows: slice | None = None) -> torch.Tensor:
+                      rows: slice | None = None, kv_len: int | None = None) -> torch.Tensor:
         """The final hidden states ``[B, T, C]`` (after ``ln_f``, before the LM head); arguments as in
         :meth:`forward`. Scoring applies the head itself, in chunks, at the positions it needs."""
         B, T = idx.shape
         mask = None
-        kv_len = 0
         start = None
         if input_pos is None:
+            if kv_len is not None:
+                raise ValueError("kv_len is the cached forward's: give input_pos with it")
+            kv_len = 0
             if T > self.config.n_positions:
                 raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
             pos = torch.arange(T, device=idx.device)[None]  # [1, T]
         else:
             pos = input_pos
-            kv_len, start = _cache_layout(input_pos)
+            if kv_len is None:
+                kv_len, start = _cache_layout(input_pos)
             if kv_len > self.max_seq:
                 raise ValueError(f"position {kv_len - 1} is beyond the KV cache ({self.max_seq} slots)")
             # No mask when it would be all-causal from slot 0 (prefill from 0, or every row decoding at
-            # the same position): SDPA is faster without one and the result is the same.
+            # the same position): SDPA is faster without one and the result is the same. (kv_len given:
+            # no layout was read, start is None, every query is masked.)
             if start is None or (start != 0 and T > 1):
                 slots = torch.arange(kv_len, device=idx.device)
                 mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, kv_len]

@@ -9,10 +9,10 @@ makes them int8 too). Their products run on integers: each input row is quantize
 ``quantization="bf16"``: the same modules store bfloat16 weights (16-bit storage, fp32 arithmetic: AVX2 has no
 bf16 math).
 
-The quantized modules run through gpt2lab's C kernels (``kernels.linear``, and the whole cached forward
-through ``fast.KernelRunner``); without the kernels, on CPU, :func:`int8_linear` computes the same numbers bit
-for bit with PyTorch (slower), and on other devices they dequantize on the fly. A quantized model is
-inference-only: ``model.train()`` raises :class:`InferenceOnlyError`.
+The quantized modules run through gpt2lab's C kernels (``gpt2lab.kernels.linear``, and the whole cached
+forward through ``gpt2lab.runtime``'s ``KernelRunner``); without the kernels, on CPU, :func:`int8_linear`
+computes the same numbers bit for bit with PyTorch (slower), and on other devices they dequantize on the
+fly. A quantized model is inference-only: ``model.train()`` raises :class:`InferenceOnlyError`.
 
 ``state_dict()`` presents the dequantized fp32 weights under ``nn.Linear``'s names, so
 ``save_model`` writes a Hugging Face checkpoint, and ``load_state_dict`` quantizes fp32 weights as
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .gpt2 import GPT2, GPT2Config, meta_skeleton
+from .. import kernels
+from .gpt2 import GPT2, GPT2Config, InferenceOnlyError, meta_skeleton
 
 QUANTIZATIONS = ("int8", "bf16")
 # What the token embedding and LM head (one tensor when tied) get under each quantization. int8 keeps them in
@@ -93,8 +93,6 @@ class _Quantized(nn.Module):
 
     def train(self, mode: bool = True) -> _Quantized:
         if mode:
-            from .gpt2 import InferenceOnlyError
-
             raise InferenceOnlyError(f"a {self.quantization}-quantized model is inference-only; load the checkpoint "
                                      f"without quantization to train it")
         return super().train(False)

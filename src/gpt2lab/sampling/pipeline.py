@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model import kernels
+from .. import kernels
 from .params import SamplingParams
 from .transforms import (
     NEG_INF,

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..model import kernels
+from .. import kernels
 
 ParamValues = float | Sequence[float]
 

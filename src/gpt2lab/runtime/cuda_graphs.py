@@ -13,25 +13,24 @@ prefilled before it is used. A graph is captured the first time its shapes are n
 warm-up runs on a side stream with the real inputs (so the cache writes they make are the ones the
 step makes anyway), then the capture. A new KV cache (``setup_cache`` growing it) drops the graphs.
 
-:func:`static_decode` is the step itself, plain eager PyTorch with static shapes; it also runs on the
-CPU, where tests compare it with :meth:`GPT2.forward`. ``torch.compile`` of the step is optional
-(``compile=True``, or ``GPT2LAB_COMPILE=1``): it fuses the LayerNorm/GELU/residual kernels before the
-graph is captured; off by default until it is measured on a GPU.
+:func:`static_decode` is the step itself: the model's own forward (:meth:`GPT2.forward`) with the number of
+cache slots given (``kv_len=``), which makes every shape static and reads nothing back to the host; it also
+runs on the CPU, where tests compare it with the ordinary cached forward. ``torch.compile`` of the step is
+optional (``compile=True``, or ``GPT2LAB_COMPILE=1``): it fuses the LayerNorm/GELU/residual kernels before
+the graph is captured; off by default until it is measured on a GPU. When a model's steps replay graphs is
+decided in :mod:`gpt2lab.runtime` (:func:`gpt2lab.runtime.graph_decoder`).
 """
 
 from __future__ import annotations
 
-import os
+import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .gpt2 import GPT2
+from ..model import GPT2
 
 KV_BUCKET = 256  # attention reads a multiple of this many cache slots (the engine's cache granule)
-_ENV_GRAPHS = "GPT2LAB_CUDA_GRAPHS"  # "0" turns CUDA graphs off (eager decode on the GPU)
-_ENV_COMPILE = "GPT2LAB_COMPILE"  # "1" compiles the decode step with torch.compile before capture
 
 
 def batch_bucket(rows: int, max_rows: int) -> int:
@@ -52,30 +51,11 @@ def static_decode(model: GPT2, idx: torch.Tensor, pos: torch.Tensor, kv_len: int
     """One decode step with static shapes: logits ``[B, V]`` for tokens ``idx [B]`` at positions ``pos [B]``.
 
     Row ``b`` writes its key/value at slot ``pos[b]`` of cache row ``b`` and attends to slots
-    ``<= pos[b]`` among the first ``kv_len``. Every shape depends only on ``(B, kv_len)`` and nothing
-    reads a value back to the host, so the step can be captured as a CUDA graph. The same arithmetic
-    as :meth:`GPT2.forward` with the cache (SDPA with a mask instead of the explicit softmax).
+    ``<= pos[b]`` among the first ``kv_len``. It is the model's own cached forward with ``kv_len`` given
+    (:meth:`GPT2.forward`), so every shape depends only on ``(B, kv_len)`` and nothing reads a value back
+    to the host: the step can be captured as a CUDA graph.
     """
-    B = idx.shape[0]
-    C, H = model.config.n_embd, model.config.n_head
-    D = C // H
-    rows = torch.arange(B, device=idx.device)
-    slots = torch.arange(kv_len, device=idx.device)
-    mask = (slots[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, kv_len]
-    x = (model.wte(idx) + model.wpe(pos))[:, None]  # [B, 1, C]
-    for block in model.h:
-        attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
-        q = q.view(B, 1, H, D).transpose(1, 2)  # [B, H, 1, D]
-        cache = attn.kv_cache
-        cache.k[rows, :, pos] = k.view(B, H, D).to(cache.k.dtype)
-        cache.v[rows, :, pos] = v.view(B, H, D).to(cache.v.dtype)
-        y = F.scaled_dot_product_attention(q, cache.k[:B, :, :kv_len], cache.v[:B, :, :kv_len], attn_mask=mask,
-                                           scale=attn.scale)  # [B, H, 1, D]
-        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
-        x = x + block.mlp(block.ln_2(x))
-    x = model.ln_f(x)[:, 0]  # [B, C]
-    return model.head_logits(x)
+    return model(idx[:, None], input_pos=pos[:, None], rows=slice(0, idx.shape[0]), kv_len=kv_len)[:, 0]
 
 
 class _Graph:
@@ -96,7 +76,8 @@ class GraphDecoder:
     """
 
     def __init__(self, model: GPT2, *, use_graphs: bool = True, compile: bool = False) -> None:  # noqa: A002
-        self.model = model
+        # weakly: the runtime keeps decoders in a dictionary keyed weakly by their model
+        self._model = weakref.ref(model)
         self.device = model.wte.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.step_fn = static_decode
@@ -106,6 +87,14 @@ class GraphDecoder:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self._cache_key: tuple | None = None
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+
+    @property
+    def model(self) -> GPT2:
+        """The model whose steps this decoder runs (ReferenceError once it no longer exists)."""
+        model = self._model()
+        if model is None:
+            raise ReferenceError("this GraphDecoder's model no longer exists")
+        return model
 
     def _check_cache(self) -> None:
         caches = self.model.caches()
@@ -165,29 +154,3 @@ class GraphDecoder:
             entry.out = self.step_fn(self.model, entry.idx, entry.pos, kv_len)
         entry.graph = graph
         self.captures += 1
-
-
-@torch.no_grad()
-def prepare_for_inference(model: GPT2) -> GPT2:
-    """``optimize_for_inference`` on a GPU: eval mode, no gradients; decode steps then replay CUDA graphs
-    (:func:`graph_decoder`). The CPU's packed layouts do not apply: cuBLAS reads ``nn.Linear`` as it is."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def graph_decoder(model: GPT2) -> GraphDecoder | None:
-    """The model's :class:`GraphDecoder` when its decode steps should replay CUDA graphs, else None.
-
-    The condition, in one place: the model is on a CUDA device, in eval mode, and ``GPT2LAB_CUDA_GRAPHS``
-    is not ``0``. Made once per model and kept on it (``model.graph_decoder``), so every engine and
-    beam search over the model shares the captured graphs.
-    """
-    if model.wte.weight.device.type != "cuda" or model.training or os.environ.get(_ENV_GRAPHS, "1") == "0":
-        return None
-    runner = getattr(model, "graph_decoder", None)
-    if runner is None:
-        runner = GraphDecoder(model, compile=os.environ.get(_ENV_COMPILE, "0") == "1")
-        model.graph_decoder = runner
-    return runner

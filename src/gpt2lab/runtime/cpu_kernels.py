@@ -1,48 +1,37 @@
-"""How a :class:`GPT2` runs its cached forward: the one place that decides (:func:`inference_runner`).
+"""A cached forward of a :class:`~gpt2lab.model.GPT2` as one call of gpt2lab's C kernel ``gpt2lab_forward``.
 
-A model in eval mode, outside autograd, whose weights gpt2lab's C kernels can read (CPU; fp32, or
-int8/bf16 after :mod:`.quantize`), runs every cached forward, prefill and decode alike, as one call
-of the kernel ``gpt2lab_forward`` (:class:`KernelRunner`): embedding, per layer LayerNorm, QKV
-product, KV-cache write, attention, output projection, LayerNorm, MLP, and the LM head
-for the positions that need logits. Nothing has to be switched on: ``gpt2lab.load()`` followed by
-``generate``/``stream`` runs this way.
+:class:`KernelRunner` runs every cached forward of a model, prefill and decode alike: embedding, per layer
+LayerNorm, QKV product, KV-cache write, attention, output projection, LayerNorm, MLP, and the LM head for
+the positions that need logits. :meth:`KernelRunner.supports` says which models it can run (CPU weights
+it reads: fp32, or int8/bf16 after :mod:`gpt2lab.model.quantize`; the plain modules, no forward hooks).
+:class:`WeightsWatch` tells, in tens of microseconds, whether the tensors a runner points to are still the
+model's. Whether a forward runs here at all is decided in :mod:`gpt2lab.runtime`, which keeps the runner
+and its watch (outside the model).
 
 The kernels read the model's own parameters in place (no packed or transposed copy), so the same
-model trains: in training mode or when autograd needs gradients the runner is not used, an
-optimizer step writes the tensors the kernels read, and a runner is rebuilt whenever a parameter is
-replaced (``load_state_dict(assign=True)``, ``.to()``, a swapped module), found by a cheap check of the
-identity and address of every tensor it reads before each forward (once per block inside
-:func:`unchanged_weights`, which loops that own the model hold).
+model trains: an optimizer step writes the tensors the kernels read, and a runner is rebuilt whenever
+a parameter is replaced (``load_state_dict(assign=True)``, ``.to()``, a swapped module).
 
 Batch invariance: the kernels compute every token's row with the same arithmetic, in the same order,
 whatever the other rows of the batch are (see ``kernels.c``), and attention per token over its own
 cache row. A seeded request gives the same tokens alone or batched, in prefill and in decode.
-
-Everything else (a forward without the KV cache, e.g. scoring; models the kernels cannot run: GPU,
-fp16, other activations) runs :class:`GPT2`'s plain PyTorch code. A CUDA path would sit beside the
-kernel one in :func:`inference_runner`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import mmap
 import operator
-import os
-from collections.abc import Iterator
-from pathlib import Path
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from . import kernels
-from .gpt2 import GPT2, KVCache
-from .quantize import QuantizedEmbedding, QuantizedLinear
+from .. import kernels
+from ..model import GPT2, KVCache, QuantizedEmbedding, QuantizedLinear
 
 if TYPE_CHECKING:
-    from .multi_lora import LoRAMapping
+    from ..model.multi_lora import LoRAMapping
 
 _KERNEL_MODULES = (nn.Linear, nn.Embedding, QuantizedLinear, QuantizedEmbedding)
 
@@ -57,7 +46,7 @@ def _matrix(module: nn.Module) -> tuple[kernels.Matrix, list[torch.Tensor]]:
     scales = getattr(module, "scales", None)
     bias = getattr(module, "bias", None)
     tensors = [t for t in (weight, scales, bias) if t is not None]
-    return kernels.Matrix.of(weight, bias, scales), tensors
+    return kernels.matrix(weight, bias, scales), tensors
 
 
 def _readable(t: torch.Tensor | None) -> bool:
@@ -93,14 +82,16 @@ def _shapes_match(model: GPT2) -> bool:
 class KernelRunner:
     """A cached forward of any tokens (a prefill, a decode step, ragged rows) as a single call of the C
     kernel ``gpt2lab_forward``, the same arithmetic as :meth:`GPT2.forward` with the KV cache.
-    Made by :func:`inference_runner`, which drops it when the model's tensors change (:class:`_WeightsWatch`);
-    holds the addresses of the model's weights and of the KV cache (taken again whenever ``setup_cache``
-    allocates a new one).
+    Made by :func:`gpt2lab.runtime.inference_runner`, which drops it when the model's tensors change
+    (:class:`WeightsWatch`); holds the addresses of the model's weights and of the KV cache (taken again
+    whenever ``setup_cache`` allocates a new one), and only a weak reference to the model itself (the
+    runtime keeps runners in a dictionary keyed weakly by their model: a strong one would keep every model
+    alive).
     """
 
     def __init__(self, model: GPT2) -> None:
         cfg = model.config
-        self.config, self.model = cfg, model
+        self.config, self._model = cfg, weakref.ref(model)
         self.layers = (kernels.Layer * cfg.n_layer)()
         self.tensors: list[torch.Tensor] = []  # keeps every bound address valid
         self.wte, held = _matrix(model.wte)
@@ -166,7 +157,9 @@ class KernelRunner:
         (default ``0..B-1``): ``[B, V]`` at ``logits_index [B]`` when given, else ``[B, T, V]``; ``lora``:
         each row's LoRA adapter (its low-rank products added right after the base ones, in the same call).
         Arguments and errors as :meth:`GPT2.forward`'s."""
-        cfg, model = self.config, self.model
+        cfg, model = self.config, self._model()
+        if model is None:
+            raise ReferenceError("this KernelRunner's model no longer exists")
         B, T = idx.shape
         first_row = (rows.start or 0) if rows is not None else 0
         tokens = idx.reshape(-1).to(torch.int64).contiguous()
@@ -181,7 +174,7 @@ class KernelRunner:
             index = logits_index.to(torch.int64).reshape(B)
             if int(index.min()) < 0 or int(index.max()) >= T:
                 raise IndexError(f"logits_index must be in [0, {T}), got {index.tolist()}")
-        plan = self._plan(B, T, first_row, logits_index is None)
+        plan = self._plan(B, T, first_row, logits_index is None, model.max_seq)
         logit_tokens = plan.logit_tokens if logits_index is None else plan.row_starts + index
         logits = torch.empty(plan.n_logits, cfg.vocab_size)
         table = self._lora_table(lora, T) if lora is not None else None
@@ -203,7 +196,7 @@ class KernelRunner:
         """The C table of ``lora``'s adapters (the pairs kept while the bank does not change) and the
         tensors it points into."""
         bank = lora.bank
-        if self._lora_pairs is None or self._lora_pairs[0] is not bank or self._lora_pairs[1] != bank.version:
+        if self._lora_pairs is None or self._lora_pairs[0]() is not bank or self._lora_pairs[1] != bank.version:
             n_layer = self.config.n_layer
             pairs = (kernels.LoRAPair * max(1, len(bank.slots) * n_layer * 4))()
             for s, slot in enumerate(bank.slots):
@@ -214,18 +207,19 @@ class KernelRunner:
                             pairs[(s * n_layer + layer) * 4 + j] = kernels.LoRAPair(a.data_ptr(), b.data_ptr(),
                                                                                    slot.rank, slot.scale)
             # the slots keep their tensors alive; a bank change (a load or a freed slot) rebuilds the table
-            self._lora_pairs = (bank, bank.version, pairs)
+            self._lora_pairs = (weakref.ref(bank), bank.version, pairs)  # weakly: the bank holds the model
         token_slot = lora.row_slots.to(torch.int64).repeat_interleave(T).contiguous()
         tmp = torch.empty(token_slot.numel() * max(1, bank.max_rank))
-        table = kernels.LoRATable(token_slot.data_ptr(), ctypes.addressof(self._lora_pairs[2]), tmp.data_ptr(),
+        pairs = ctypes.cast(self._lora_pairs[2], ctypes.POINTER(kernels.LoRAPair))
+        table = kernels.LoRATable(token_slot.data_ptr(), pairs, tmp.data_ptr(),
                                   max(1, bank.max_rank))
         return table, [token_slot, tmp]
 
-    def _plan(self, B: int, T: int, first_row: int, all_logits: bool) -> _Plan:
+    def _plan(self, B: int, T: int, first_row: int, all_logits: bool, max_seq: int) -> _Plan:
         """The index tensors and scratch buffers of a forward of this shape: kept from the last forward of
         the same shape (a decode step repeats one shape; making them again cost more than the C code's
         own overhead)."""
-        key = (B, T, first_row, all_logits, self.model.max_seq, torch.get_num_threads())
+        key = (B, T, first_row, all_logits, max_seq, torch.get_num_threads())
         if self._last_plan is None or self._last_plan.key != key:
             self._last_plan = _Plan(key, self.config, self.quantized)
         return self._last_plan
@@ -258,7 +252,7 @@ def _global_hooks() -> tuple[dict, dict]:
     return module._global_forward_hooks, module._global_forward_pre_hooks
 
 
-class _WeightsWatch:
+class WeightsWatch:
     """Whether the tensors a runner reads are still the model's, checked in tens of microseconds (it runs
     before every forward; walking ``model.parameters()`` took about 2 ms, a quarter of an int8 decode step).
 
@@ -290,138 +284,8 @@ class _WeightsWatch:
         self.tensors, self.addresses = tensors, [t.data_ptr() for t in tensors]
 
     def fresh(self) -> bool:
+        """Whether every table, entry and tensor address is as it was when the watch was made."""
         # map() and list equality run in C: about 60-75 us for GPT-2 124M (800 entries and the hook tables)
         return ([len(table) for table in self.tables] == self.sizes
                 and all(map(operator.is_, [table.get(name) for table, name in self.keys], self.values))
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.addresses)
-
-
-def inference_runner(model: GPT2) -> KernelRunner | None:
-    """How ``model`` runs a cached forward now: a :class:`KernelRunner` (made or reused), or None for
-    GPT2's PyTorch code. The only place that decides.
-
-    None in training mode, when autograd would need gradients, without the kernels
-    (``GPT2LAB_CPU_KERNELS=0``, no compiler) and for models they cannot run (:meth:`KernelRunner.supports`).
-    """
-    if model.training or torch.is_grad_enabled() or not kernels.available():
-        return None
-    cached = model.__dict__.get("_runner")
-    held = model.__dict__.get("_unchanged")  # inside unchanged_weights(): check once, not every forward
-    if cached is not None and ((held is not None and held[1]) or cached[0].fresh()):
-        runner = cached[1]
-    else:
-        runner = None
-        if KernelRunner.supports(model):
-            place_on_huge_pages(model)
-            runner = KernelRunner(model)
-        model.__dict__["_runner"] = (_WeightsWatch(model), runner)  # not a submodule: out of state_dict, .modules()
-    if held is not None:
-        held[1] = True
-    return runner
-
-
-@contextlib.contextmanager
-def unchanged_weights(model: GPT2) -> Iterator[GPT2]:
-    """A block in which the caller promises that nothing replaces ``model``'s tensors or modules or adds a
-    forward hook: :func:`inference_runner` checks the runner against the model at the block's first
-    forward only, not before each. Writing into the tensors stays fine (the kernels read them in place).
-
-    For a loop that owns the model from step to step (``Generator.generate``, the server's engine
-    thread): the check costs 0.15 ms of an int8 decode step of GPT-2 124M that takes 3-9 ms, almost
-    all of it cache misses, the weights having just streamed through the caches. Blocks nest, and every
-    block's first forward checks (a server "call" that swaps the weights and then generates holds the engine
-    thread's block and generate()'s). Code in the block that may change the model calls :func:`recheck_weights`
-    after it.
-    """
-    held = model.__dict__.setdefault("_unchanged", [0, False])
-    held[0] += 1
-    held[1] = False  # a block's first forward checks, a nested one's too: code before it may have changed the model
-    try:
-        yield model
-    finally:
-        held[0] -= 1
-        if held[0] == 0:
-            del model.__dict__["_unchanged"]
-
-
-def recheck_weights(model: GPT2) -> None:
-    """Inside :func:`unchanged_weights`: the next forward checks the runner against the model again."""
-    held = model.__dict__.get("_unchanged")
-    if held is not None:
-        held[1] = False
-
-
-HUGE_PAGE = 2 << 20  # bytes: x86-64's transparent huge page
-# tensors from half a huge page up move: at most half of a tensor's last page is left unused. GPT-2 124M's
-# int8 QKV weights are 1.77 MB; moving them too took an int8 batch-1 forward from 7.2-9.3 to 6.8-7.1 ms.
-MIN_HUGE_BYTES = HUGE_PAGE // 2
-_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def _huge_pages_available() -> bool:
-    try:
-        mode = _THP_MODE.read_text()
-    except OSError:  # not Linux, or no transparent huge pages
-        return False
-    return "[never]" not in mode and hasattr(mmap, "MADV_HUGEPAGE")
-
-
-def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU tensor ``t`` in anonymous memory, 2 MB aligned, that the kernel backs with huge pages
-    (``madvise(MADV_HUGEPAGE)`` before the first touch). Freed when the tensor is."""
-    nbytes = t.numel() * t.element_size()
-    # private: an anonymous shared mapping is shmem, which has its own (usually off) huge page setting
-    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    area.madvise(mmap.MADV_HUGEPAGE)
-    start = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
-    # a storage of exactly the tensor's bytes (the memoryview keeps the mapping alive): a view into a larger
-    # one made safetensors refuse to save the model ("None is covering the entire storage") and torch.save
-    # write the 2 MB of slack with every tensor
-    out = torch.frombuffer(memoryview(area)[start:start + nbytes], dtype=t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
-
-
-def place_on_huge_pages(model: nn.Module) -> None:
-    """Move every CPU parameter and buffer of at least 1 MB into memory backed by 2 MB pages, in place
-    (``tensor.data = copy``: the same Parameter objects, tied weights stay tied; optimizers and training
-    are unaffected). Done once, when the kernels first run a model; KV caches are left alone.
-
-    Why: a decode step streams every weight once, and with 4 KB pages that is a TLB miss every 4 KB (40,000
-    a step for GPT-2 124M in int8). Measured here (2 threads): a plain read of 512 MB goes from 29-30 to
-    33-37 GB/s, an fp32 decode step from 17.4 to 15.6 ms. Linux's transparent huge pages in ``madvise`` or
-    ``always`` mode only; elsewhere nothing changes. ``GPT2LAB_HUGE_PAGES=0`` switches it off.
-    """
-    if os.environ.get("GPT2LAB_HUGE_PAGES", "1") == "0" or not _huge_pages_available():
-        return
-    # outside inference mode: the copies must be ordinary tensors, or training this model later would fail
-    with torch.inference_mode(False), torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, KVCache):
-                continue
-            for t in [*module._parameters.values(), *module._buffers.values()]:
-                if (t is None or t.device.type != "cpu" or getattr(t, "_gpt2lab_huge_pages", False)
-                        or t.numel() * t.element_size() < MIN_HUGE_BYTES or not t.is_contiguous()):
-                    continue
-                try:
-                    t.data = _huge_page_copy(t)
-                except (OSError, ValueError, RuntimeError):  # no memory for a mapping: keep the tensor as it is
-                    continue
-                t._gpt2lab_huge_pages = True
-
-
-def optimize_for_inference(model: GPT2, batch_size: int = 1) -> GPT2:
-    """Kept for compatibility: a model runs at its fastest without this call (see :func:`inference_runner`).
-
-    Puts ``model`` in eval mode and returns it. ``batch_size`` is validated (an integer >= 1) and
-    otherwise unused. Raises TypeError for anything but a :class:`GPT2`.
-    """
-    if not isinstance(model, GPT2):
-        raise TypeError(f"optimize_for_inference expects a gpt2lab GPT2 model, got {type(model).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if model.wte.weight.device.type == "cuda":  # the GPU's own path: CUDA graphs (model/cuda_graphs.py)
-        from .cuda_graphs import prepare_for_inference
-
-        return prepare_for_inference(model)
-    return model.eval()

@@ -1,5 +1,8 @@
-/* gpt2lab's CPU kernels for inference: fp32, int8 and bf16 weights. Built by kernels.py on first use
- * (cc -O3 -march=native -fopenmp -ffp-contract=off) and called through ctypes.
+/* gpt2lab's CPU kernels for inference: fp32, int8 and bf16 weights. Built by build.py on first use
+ * (cc -O3 -march=native -fopenmp -ffp-contract=off) and called through ctypes. Every function that is not
+ * static, the structures gpt2lab_matrix and gpt2lab_layer, and the KIND_ and EPILOGUE_ values Python passes
+ * are declared once more in abi.py's tables (ctypes' declarations are built from them), which
+ * tests/test_kernels.py and build.py check against this file: change both together.
  *
  * Why: a decode step of a few rows reads every weight once and is bound by memory bandwidth (one row)
  * or by loads from cache (a few rows). BLAS/oneDNN kernels stream a weight at 60-80% of what a plain
@@ -55,7 +58,7 @@ typedef struct {
 } gpt2lab_matrix;
 
 /* what a product does with its result: store it, add it (a residual stream), or apply the MLP's
- * activation (the numbers are GPT2Config.activation_function's, see kernels.py ACTIVATIONS) */
+ * activation (the numbers are GPT2Config.activation_function's, see ACTIVATIONS in __init__.py) */
 enum { EPILOGUE_NONE, EPILOGUE_ADD, EPILOGUE_GELU_TANH, EPILOGUE_GELU, EPILOGUE_RELU, EPILOGUE_SILU };
 
 /* e^x in plain float operations (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by a degree-7 polynomial,
