@@ -179,3 +179,41 @@ def test_prefix_reuse_gives_the_same_chat_and_prefills_only_what_is_new(multi, t
     assert multi.metric("gpt2lab_prefix_cache_hits_total", model="base-b") >= hits + 9
     assert multi.metric("gpt2lab_prefix_cache_saved_tokens_total", model="base-b") > 0
     assert multi.metric("gpt2lab_prefix_cache_bytes", model="base-b") > 0
+
+
+def test_the_playground_compares_a_base_model_with_its_adapter(multi):
+    """In real headless Chromium: side A on base-a, side B on adapter ad-all, greedy; each side shows what the API
+    gives for its model."""
+    import shutil
+    from pathlib import Path
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("needs Debian's chromium")
+    from .test_server_playground import ARGS
+
+    prompt = "The meaning of life is"
+    expected = {side: prompt + _complete(multi, model, prompt, temperature=0, max_tokens=10)["text"]
+                for side, model in (("a", "base-a"), ("b", "ad-all"))}
+    assert expected["a"] != expected["b"]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(multi.url + "/")
+            page.fill("#apikey", KEY)
+            page.dispatch_event("#apikey", "change")
+            sync_api.expect(page.locator("#model-b option")).to_have_count(4)
+            page.select_option("#model-a", "base-a")
+            page.select_option("#model-b", "ad-all")
+            page.fill("#prompt", prompt)
+            for side in "ab":
+                page.fill(f"#max-tokens-{side}", "10")
+                page.fill(f"#temperature-{side}", "0")
+            page.click("#generate")
+            for side in "ab":
+                sync_api.expect(page.locator(f"#stats-{side}")).to_contain_text("finished", timeout=60_000)
+                assert page.locator(f"#output-{side}").inner_text() == expected[side], side
+        finally:
+            browser.close()
