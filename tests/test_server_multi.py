@@ -217,3 +217,28 @@ def test_the_playground_compares_a_base_model_with_its_adapter(multi):
                 assert page.locator(f"#output-{side}").inner_text() == expected[side], side
         finally:
             browser.close()
+
+
+def test_review_make_generates_with_a_running_server(multi, tmp_path):
+    """``gpt2lab review make --server URL --model base-a --model ad-all``: the sources are the served model and its
+    adapter, with what the server gives for those settings."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gpt2lab.cli.main import app
+
+    out = tmp_path / "review.jsonl"
+    result = CliRunner().invoke(app, ["review", "make", "--server", multi.url, "--api-key", KEY, "--model", "base-a",
+                                      "--model", "ad-all", "--temperature", "0", "--max-new-tokens", "8",
+                                      "-o", str(out), *PROMPTS[:2]])
+    assert result.exit_code == 0, result.output
+    assert "from 2 sources (base-a, ad-all)" in result.output
+    text = out.read_text()
+    for model in ("base-a", "ad-all"):
+        r = httpx.post(f"{multi.url}/v1/completions", headers=multi.headers, timeout=60,
+                       json={"model": model, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "top_k": 50})
+        assert json.dumps(r.json()["choices"][0]["text"])[1:-1] in text, model
+    bad = CliRunner().invoke(app, ["review", "make", "--server", multi.url, "--api-key", KEY, "--model", "base-a",
+                                   "--model", "nope", "-o", str(tmp_path / "x.jsonl"), PROMPTS[0]])
+    assert bad.exit_code != 0 and "'nope'" in bad.output and "404" in bad.output

@@ -70,6 +70,9 @@ def make(
     prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line."),
     models: list[str] = typer.Option(None, "--model", "-m", help="A model to generate with (repeatable: one "
                                      "source per model, shared settings)."),
+    server: str = typer.Option(None, "--server", help="Generate with a running `gpt2lab serve` at this URL instead of "
+                               "loading models: each --model names one of its models or LoRA adapters."),
+    api_key: str = typer.Option(None, "--api-key", envvar="GPT2LAB_API_KEY", help="The --server's API key."),
     settings: list[str] = typer.Option(None, "--setting", help="Generation settings of one source, e.g. "
                                        "'temperature=0.7,top_k=40' (repeatable; over the shared options)."),
     explore_dir: Path = typer.Option(None, "--explore", help="An `explore` --out directory: its settings' samples "
@@ -133,14 +136,20 @@ def make(
                 fail("give prompts (arguments or --prompts FILE) for the models to complete")
             params_list = [(s, parse_setting(s, sampling)) for s in settings or [None]] if settings else [(None,
                                                                                                           sampling)]
+            if server is not None and not models:
+                fail("--server needs --model NAME for each served model or adapter to compare")
             for model in models or [None]:
-                gen = load_generator(model, runtime)
+                gen = load_generator(model, runtime) if server is None else None
                 for text, params in params_list:
                     name = Path(model).name if model and Path(model).is_dir() else model
                     label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
-                        or gen.name
-                    rows = rv.generate_rows(gen, prompt_list, params, samples)
-                    add(label, rows, {"model": gen.name, "params": _described(params)})
+                        or (gen.name if gen is not None else model)
+                    if gen is None:  # the served model (or adapter) of that name
+                        rows = rv.server_rows(server, model, prompt_list, params, samples, api_key=api_key)
+                        add(label, rows, {"model": model, "server": server, "params": _described(params)})
+                    else:
+                        rows = rv.generate_rows(gen, prompt_list, params, samples)
+                        add(label, rows, {"model": gen.name, "params": _described(params)})
         if len(sources) < 2:
             fail("give two or more sources: --model A --model B, --setting S1 --setting S2, --explore DIR or "
                  "--completions FILE (any mix)")
