@@ -133,6 +133,16 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def print_rates(results: dict[str, tuple[float, list[float], int]]) -> list[float]:
+    """Print each run's tokens/s and time to first token; their tokens/s, in order."""
+    rates = []
+    for name, (wall, ttfts, generated) in results.items():
+        rates.append(generated / wall)
+        print(f"  {name:20s} {generated:5d} tokens in {wall:7.2f} s = {generated / wall:7.1f} tok/s   "
+              f"TTFT p50 {percentile(ttfts, 50):6.3f} s  p95 {percentile(ttfts, 95):6.3f} s")
+    return rates
+
+
 def chat_turn10_ttft(url: str, tokens: int) -> tuple[float, list[str]]:
     """A 10-turn chat through ``/v1/chat/completions``, each user message ~85 tokens, the whole conversation
     sent each turn; the time to first token of turn 10 (its history ~900 tokens) and the replies."""
@@ -193,11 +203,7 @@ def scenario_lora(model: Path, tmp: Path, clients: int, tokens: int) -> None:
         server.terminate()
         server.wait(30)
     print(f"gpt2lab serve, random GPT-2 124M, {clients} clients x {tokens} new tokens, cpus={os.cpu_count()}")
-    rates = []
-    for name, (wall, ttfts, generated) in (("base model only", base), ("over 4 adapters", mixed)):
-        rates.append(generated / wall)
-        print(f"  {name:16s} {generated:5d} tokens in {wall:7.2f} s = {generated / wall:7.1f} tok/s   "
-              f"TTFT p50 {percentile(ttfts, 50):6.3f} s")
+    rates = print_rates({"base model only": base, "over 4 adapters": mixed})
     ratio = rates[1] / rates[0]
     print(f"  adapters / base: {ratio:.2f}x (bar: >= {LORA_BAR}x) -> {'PASS' if ratio >= LORA_BAR else 'FAIL'}")
 
@@ -231,11 +237,7 @@ def main() -> None:
 
     print(f"gpt2lab serve, random GPT-2 124M, {args.clients} clients x {args.tokens} new tokens, "
           f"torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}, cpus={os.cpu_count()}")
-    rows = []
-    for name, (wall, ttfts, generated) in (("continuous batching", batched), ("one at a time", sequential)):
-        rows.append(generated / wall)
-        print(f"  {name:20s} {generated:5d} tokens in {wall:7.2f} s = {generated / wall:7.1f} tok/s   "
-              f"TTFT p50 {percentile(ttfts, 50):6.3f} s  p95 {percentile(ttfts, 95):6.3f} s")
+    rows = print_rates({"continuous batching": batched, "one at a time": sequential})
     speedup = rows[0] / rows[1]
     print(f"  speed-up: {speedup:.2f}x (bar: >= {BAR:.0f}x) -> {'PASS' if speedup >= BAR else 'FAIL'}")
 
