@@ -34,8 +34,8 @@ STRUCTS: dict[str, list[tuple[str, str]]] = {
                       ("attn_proj", "gpt2lab_matrix"), ("ln_2_w", "const float *"), ("ln_2_b", "const float *"),
                       ("fc", "gpt2lab_matrix"), ("mlp_proj", "gpt2lab_matrix"), ("k_cache", "float *"),
                       ("v_cache", "float *"), ("attn_scale", "float")],
-    # one LoRA adapter's pair for one projection (a NULL: not adapted): A [rank, in], B [out, rank], fp32
-    "gpt2lab_lora_pair": [("a", "const float *"), ("b", "const float *"), ("rank", "int64_t"), ("scale", "float")],
+    # one LoRA adapter's pair for one projection (a NULL: not adapted): A [rank, in], B^T [rank, out], fp32
+    "gpt2lab_lora_pair": [("a", "const float *"), ("bt", "const float *"), ("rank", "int64_t"), ("scale", "float")],
     # the adapters of a forward: each token's slot (-1: none), the [slot][layer][4] pairs, scratch
     "gpt2lab_lora": [("token_slot", "const int64_t *"), ("pairs", "const gpt2lab_lora_pair *"), ("tmp", "float *"),
                      ("max_rank", "int64_t")],

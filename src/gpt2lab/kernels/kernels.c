@@ -555,7 +555,7 @@ static inline void attend(const gpt2lab_layer *L, const float *big, float *h, co
  * One token's delta is computed by one thread in a fixed order, so it is the same whatever else the forward
  * holds (batch invariance); a token of no adapter (slot -1) is untouched. */
 typedef struct {
-    const float *a, *b; /* A [rank, n_in], B [n_out, rank], fp32; a == NULL: this projection is not adapted */
+    const float *a, *bt; /* A [rank, n_in], B transposed [rank, n_out], fp32; a == NULL: not adapted */
     int64_t rank;
     float scale;
 } gpt2lab_lora_pair;
@@ -579,11 +579,9 @@ static void lora_add(const gpt2lab_lora *lo, int64_t l, int64_t n_layer, int j, 
         float *u = lo->tmp + t * lo->max_rank;
         for (int64_t r = 0; r < P->rank; r++) u[r] = dot(x + t * n_in, P->a + r * n_in, n_in);
         float *yt = y + t * n_out;
-        for (int64_t o = 0; o < n_out; o++) {
-            const float *bo = P->b + o * P->rank;
-            float acc = 0.f;
-            for (int64_t r = 0; r < P->rank; r++) acc = fmaf(bo[r], u[r], acc);
-            yt[o] += acc * P->scale;
+        for (int64_t r = 0; r < P->rank; r++) { /* rank by rank over contiguous outputs: vectorized */
+            const float w = u[r] * P->scale, *br = P->bt + r * n_out;
+            for (int64_t o = 0; o < n_out; o++) yt[o] = fmaf(br[o], w, yt[o]);
         }
     }
 }

@@ -40,8 +40,9 @@ def block_linears(block: nn.Module) -> list[nn.Module]:
 @dataclass(eq=False)
 class LoRASlot:
     """One loaded adapter: its ``name``, ``uid`` (unique for every load: what cached keys and values are
-    keyed by), ``rank``, ``scale`` and, per layer and projection, its ``(A [r, in], B [out, r])`` pair in
-    float32 on the model's device (None where it leaves the projection alone)."""
+    keyed by), ``rank``, ``scale`` and, per layer and projection, its ``(A [r, in], B^T [r, out])`` pair in
+    float32 on the model's device (None where it leaves the projection alone; B transposed so that the kernels
+    add each rank's column over contiguous outputs)."""
 
     name: str
     uid: int
@@ -118,7 +119,7 @@ class LoRABank:
                     raise ValueError(f"adapter tensor {module}.{which} has shape {tuple(tensor.shape)}, expected "
                                      f"{shape} (rank {rank}, {module} is {n_in} -> {n_out})")
             pairs[layer][j] = (a.detach().to(device=device, dtype=torch.float32).contiguous(),
-                               b.detach().to(device=device, dtype=torch.float32).contiguous())
+                               b.detach().to(device=device, dtype=torch.float32).t().contiguous())
         if not modules:
             raise ValueError("the adapter holds no LoRA tensors")
         slot = LoRASlot(name, next(self._uids), rank, lora_scale(rank, alpha, use_rslora), pairs, path=path)
@@ -206,9 +207,10 @@ class LoRAMapping:
         return out
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """One group's low-rank addition ``(x A^T) B^T * scale`` for ``x [N, in]`` (peft's order of operations)."""
-    return (x.float() @ a.t() @ b.t()) * scale
+def lora_delta(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, scale: float) -> torch.Tensor:
+    """One group's low-rank addition ``(x A^T) B^T * scale`` for ``x [N, in]``, ``bt = B^T [r, out]`` (peft's
+    order of operations)."""
+    return (x.float() @ a.t() @ bt) * scale
 
 
 @contextlib.contextmanager

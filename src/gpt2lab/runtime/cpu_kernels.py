@@ -203,8 +203,8 @@ class KernelRunner:
                 for layer, per_layer in enumerate(slot.pairs if slot is not None else []):
                     for j, pair in enumerate(per_layer):
                         if pair is not None:
-                            a, b = pair
-                            pairs[(s * n_layer + layer) * 4 + j] = kernels.LoRAPair(a.data_ptr(), b.data_ptr(),
+                            a, bt = pair
+                            pairs[(s * n_layer + layer) * 4 + j] = kernels.LoRAPair(a.data_ptr(), bt.data_ptr(),
                                                                                    slot.rank, slot.scale)
             # the slots keep their tensors alive; a bank change (a load or a freed slot) rebuilds the table
             self._lora_pairs = (weakref.ref(bank), bank.version, pairs)  # weakly: the bank holds the model
