@@ -190,3 +190,28 @@ def sigkill_after_first_checkpoint(cmd: list[str], env: dict, trainer_dir: Path,
     time.sleep(settle)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# -- the checkout stays as it was: tests write under tmp_path, never into the working directory ----------------
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _checkout_entries() -> set[str]:
+    return {name for name in os.listdir(_CHECKOUT) if not name.startswith(".") and name != "__pycache__"}
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_entries_key] = _checkout_entries()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run left `o/` and `stories/` in the checkout (commands given a relative --out, or none): fail the
+    session, naming what appeared."""
+    new = sorted(_checkout_entries() - session.config.stash.get(_entries_key, set()))
+    if new:
+        session.config.get_terminal_writer().line(f"tests left {', '.join(new)} in {_CHECKOUT}: a test wrote into "
+                                                  "the working directory instead of tmp_path", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_entries_key = pytest.StashKey[set]()

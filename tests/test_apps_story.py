@@ -130,5 +130,5 @@ def test_story_cli_continue_file(short_window, tmp_path):
     bad = runner.invoke(app, ["story", "--continue", str(tmp_path / "nope.txt"), "--model", str(path)])
     assert bad.exit_code == 2 and bad.output.strip().splitlines() == [
         f"gpt2lab: error: --continue {tmp_path / 'nope.txt'}: file not found"]
-    bad = runner.invoke(app, ["story", "x", "--model", str(path), "--length", "0"])
+    bad = runner.invoke(app, ["story", "x", "--model", str(path), "--length", "0", "--out", str(tmp_path / "s")])
     assert bad.exit_code == 2 and "length must be an integer >= 1" in bad.output and not bad.stdout

@@ -111,23 +111,23 @@ def _invoke(*args: str):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "hi", "--device", "gpu"], "--device must be"),
-    (["story", "x", "--dtype", "int4"], "--dtype must be"),
+    (["story", "x", "--dtype", "int4", "--out", "{tmp}/stories"], "--dtype must be"),
     (["chat", "--message", "hi", "--threads", "0"], "--threads must be"),
     (["generate", "hi", "--threads", "100000"], "--threads must be an integer in [1, 1024]"),  # was a SIGSEGV
-    (["train", "README.md", "--config", "gpt2-tiny", "--out", "x", "--threads", "100000"], "--threads must be"),
+    (["train", "README.md", "--config", "gpt2-tiny", "--out", "{tmp}/x", "--threads", "100000"], "--threads must be"),
     (["eval", "perplexity", "README.md", "--quantization", "int4"], "--quantization must be"),
-    (["train", "README.md", "--config", "gpt2-tiny", "--out", "x", "--dtype", "fp8"], "--dtype must be"),
+    (["train", "README.md", "--config", "gpt2-tiny", "--out", "{tmp}/x", "--dtype", "fp8"], "--dtype must be"),
 ])
-def test_bad_runtime_values_exit_2(args, message):
-    r = _invoke(*args)
+def test_bad_runtime_values_exit_2(tmp_path, args, message):
+    r = _invoke(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert r.exit_code == 2 and r.stderr.startswith(f"gpt2lab: error: {message}"), r.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without a GPU")
 @pytest.mark.parametrize("command", [["info"], ["serve"], ["eval", "perplexity", "README.md"], ["explore", "x",
-                                                                                              "--out", "o"]])
-def test_cuda_without_a_gpu_is_a_clear_error(command):
-    r = _invoke(*command, "--device", "cuda")
+                                                                                              "--out", "{tmp}/o"]])
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, command):
+    r = _invoke(*[a.replace("{tmp}", str(tmp_path)) for a in command], "--device", "cuda")
     assert r.exit_code == 2 and "no CUDA GPU is available" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

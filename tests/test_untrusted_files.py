@@ -273,3 +273,96 @@ def test_nesting_is_counted_outside_strings_only(tmp_path):
     record["deep"] = [record["deep"]]
     with pytest.raises(ValueError, match="nested deeper"):
         parse_json(json.dumps(record), "f.jsonl", line=1)
+
+
+# -- LoRA adapters: adapter_config.json is checked against the tensors before anything is allocated ---------
+@pytest.fixture()
+def adapter(tmp_path, tiny_checkpoint) -> Path:
+    """A rank-4 adapter of the tiny model on c_attn, in peft's format."""
+    from gpt2lab.training.lora import apply_lora, fill_adapter_dir
+
+    model = load_model(tiny_checkpoint)
+    apply_lora(model, rank=4, alpha=8, targets="c_attn")
+    out = tmp_path / "adapter"
+    out.mkdir()
+    fill_adapter_dir(model, out, str(tiny_checkpoint), "c_attn")
+    return out
+
+
+def _set_config(adapter: Path, **changes) -> None:
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    # allow_nan: Infinity and NaN as Python's json writes them (and reads them back)
+    path.write_text(json.dumps(config, allow_nan=True))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"r": 1e6}, r"adapter_config\.json: r \(the LoRA rank\) must be an integer in \[1, 65536\], got 1000000\.0"),
+    ({"r": 1e9}, r"adapter_config\.json: r \(the LoRA rank\) must be an integer .* got 1000000000\.0"),
+    ({"r": 10**9}, r"adapter_config\.json: r \(the LoRA rank\) must be an integer .* got 1000000000"),
+    ({"r": 2.5}, r"adapter_config\.json: r \(the LoRA rank\) must be an integer .* got 2\.5"),
+    ({"r": True}, r"adapter_config\.json: r \(the LoRA rank\) must be an integer .* got True"),
+    ({"r": float("inf")}, r"adapter_config\.json: r \(the LoRA rank\) must be an integer .* got inf"),
+    ({"r": 0}, r"adapter_config\.json: r \(the LoRA rank\)"),
+    ({"lora_alpha": float("inf")}, r"adapter_config\.json: lora_alpha must be a finite number > 0, got inf"),
+    ({"lora_alpha": float("nan")}, r"adapter_config\.json: lora_alpha must be a finite number > 0, got nan"),
+    ({"lora_alpha": True}, r"adapter_config\.json: lora_alpha must be a finite number"),
+    ({"use_rslora": "yes"}, r"adapter_config\.json: use_rslora must be true or false, got 'yes'"),
+    ({"lora_dropout": 2}, r"adapter_config\.json: lora_dropout must be a number in \[0, 1\), got 2"),
+    # a rank that passes the range check but is not the tensors' rank: named with the tensor and shapes
+    ({"r": 64}, r"adapter_model\.safetensors: tensor h\.0\.attn\.c_attn\.lora_A has shape \(4, 64\) but "
+                r"adapter_config\.json says r=64 and h\.0\.attn\.c_attn is 64 -> 192: expected \(64, 64\)"),
+])
+def test_adapter_config_is_checked_before_anything_is_allocated(tiny_checkpoint, adapter, changes, message):
+    """r=1e6 allocated 2.4 GB before failing with a traceback, r=1e9 asked for 256 GB, r=2.5, true or
+    Infinity gave tracebacks: each is now a ValueError naming the file and the field, raised before any
+    adapter matrix exists."""
+    from gpt2lab.training.lora import load_adapter, lora_modules
+
+    _set_config(adapter, **changes)
+    model = load_model(tiny_checkpoint)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(model, adapter)
+    assert lora_modules(model) == {}  # no layer was wrapped: nothing was allocated from the config
+    # and through gpt2lab.load and the CLI: one line naming the file, exit 2
+    with pytest.raises(ValueError, match=message):
+        gpt2lab.load(tiny_checkpoint, adapter=adapter)
+
+
+def test_adapter_tensors_must_have_the_config_rank(tiny_checkpoint, adapter):
+    """Rank-1 tensors under r=4 were broadcast into the rank-4 matrices without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from gpt2lab.training.lora import load_adapter
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors = {k: (v[:1] if "lora_A" in k else v[:, :1]).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"lora_A has shape \(1, 64\) but adapter_config\.json says r=4"):
+        load_adapter(load_model(tiny_checkpoint), adapter)
+    # a missing half of a pair, a tensor for a layer the model lacks, a corrupt file
+    save_file({k: v for k, v in load_file(str(weights)).items() if "lora_B" not in k}, str(weights))
+    with pytest.raises(ValueError, match=r"lora_A has no lora_B to go with it|has shape"):
+        load_adapter(load_model(tiny_checkpoint), adapter)
+    name = "base_model.model.transformer.h.9.attn.c_attn.lora_A.weight"
+    save_file({name: torch.zeros(4, 64)}, str(weights))
+    with pytest.raises(ValueError, match=r"h\.9\.attn\.c_attn.*not a linear layer of the model"):
+        load_adapter(load_model(tiny_checkpoint), adapter)
+    _truncate(weights)
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: cannot read weights"):
+        load_adapter(load_model(tiny_checkpoint), adapter)
+
+
+def test_bad_adapter_is_one_line_in_the_cli(tiny_checkpoint, adapter):
+    from typer.testing import CliRunner
+
+    from gpt2lab.cli.main import app
+
+    _set_config(adapter, r=2.5)
+    result = CliRunner().invoke(app, ["generate", "hi", "--model", str(adapter), "--max-new-tokens", "1"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"gpt2lab: error: {adapter / 'adapter_config.json'}: r (the LoRA rank) must be an integer in [1, 65536], "
+        "got 2.5"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 import re
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic import naming, write_file
+
+# the near-duplicate filter is gpt2lab.near_duplicates' (shared with review's screening), its names kept here
+from ..near_duplicates import NearDuplicateIndex, jaccard, normalize, shingles  # noqa: F401 - re-exported
 from ..outputs import check_output_file
 from ..readers import ReadError, complete_lines, format_of, iter_csv, parse_json, read_records
 from ..sampling import SamplingParams
@@ -190,57 +192,6 @@ def _read_output(path: Path, columns: list[str], keep: int) -> tuple[list[dict[s
         raise ValueError(f"{path}: has {len(records)} complete rows but its progress log says {keep}; the file "
                          "was changed by something else. Remove it and its .progress file to start over")
     return records, offset
-
-
-# -- filters ---------------------------------------------------------------------------------------
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def shingles(text: str, n: int = 3) -> frozenset[str]:
-    """Character ``n``-grams of the normalized text (the text itself when shorter)."""
-    t = normalize(text)
-    return frozenset(t[i:i + n] for i in range(len(t) - n + 1)) if len(t) >= n else frozenset([t])
-
-
-def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    if not a and not b:
-        return 1.0
-    inter = len(a & b)
-    return inter / (len(a) + len(b) - inter)
-
-
-class NearDuplicateIndex:
-    """Texts seen so far; finds one whose 3-gram Jaccard similarity to a new text is >= ``threshold``.
-
-    Exact: Jaccard >= t needs t*|A| <= |B| <= |A|/t, so only texts with a shingle count in that
-    range are compared.
-    """
-
-    def __init__(self, threshold: float) -> None:
-        if not 0 < threshold <= 1:
-            raise ValueError(f"similarity must be in (0, 1] (1 = drop exact duplicates only), got {threshold!r}")
-        self.threshold = threshold
-        self._exact: set[str] = set()
-        self._by_size: dict[int, list[frozenset[str]]] = defaultdict(list)
-
-    def add(self, text: str) -> None:
-        self._exact.add(normalize(text))
-        s = shingles(text)
-        self._by_size[len(s)].append(s)
-
-    def check(self, text: str) -> str | None:
-        """``"duplicate"``, ``"near_duplicate"`` or None."""
-        if normalize(text) in self._exact:
-            return "duplicate"
-        if self.threshold >= 1:
-            return None
-        s, t = shingles(text), self.threshold
-        for size in range(math.ceil(t * len(s)), math.floor(len(s) / t) + 1):
-            for other in self._by_size.get(size, ()):
-                if jaccard(s, other) >= t:
-                    return "near_duplicate"
-        return None
 
 
 # -- the job ---------------------------------------------------------------------------------------

@@ -36,6 +36,17 @@ class Story:
     token_ids: list[int]  # the new tokens (what the windows were made of)
 
 
+@dataclass(frozen=True)
+class StoryProgress:
+    """Where a :func:`write_stories` run stands, as its drafts advance: ``tokens`` of ``total_tokens``
+    written (all drafts together; a draft that ended early counts as complete), ``finished`` the drafts
+    (0-based) that are done."""
+
+    tokens: int
+    total_tokens: int
+    finished: frozenset[int]
+
+
 @dataclass
 class _Draft:
     index: int
@@ -56,14 +67,16 @@ def _plan_chunk(head: int, body: int, remaining: int, window: int) -> tuple[int,
 
 def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, length: int = 300,
                   params: SamplingParams | None = None, continue_from: str | None = None,
-                  on_text: Callable[[str], None] | None = None) -> list[Story]:
+                  on_text: Callable[[str], None] | None = None,
+                  on_progress: Callable[[StoryProgress], None] | None = None) -> list[Story]:
     """Write ``drafts`` stories of ``length`` new tokens each.
 
     ``premise`` starts the story (and is kept in every window); with ``continue_from`` (a text) the
     story continues that text instead, the premise then only steering it (when empty, the text's
     opening is kept in the window as the premise). ``params`` are the sampling controls (their
     length fields are ignored: ``length`` counts); ``on_text`` receives the first draft's text as it is
-    written. Drafts stop early only at ``<|endoftext|>`` (unless ``ignore_eos``) or a stop string.
+    written, ``on_progress`` a :class:`StoryProgress` as the drafts advance. Drafts stop early only at
+    ``<|endoftext|>`` (unless ``ignore_eos``) or a stop string.
     """
     from ..generation.engine import sample_seed
     from ..generation.stopping import StopTextStream
@@ -135,6 +148,10 @@ def write_stories(generator: Generator, premise: str = "", *, drafts: int = 1, l
                 submit(st)
         if st.finish_reason is not None:
             emit(st, st.stream.flush())
+        if on_progress is not None:
+            finished = frozenset(st.index for st in states if st.finish_reason is not None)
+            on_progress(StoryProgress(sum(length if st.index in finished else st.generated for st in states),
+                                      drafts * length, finished))
     return [Story(text=prefix_text + st.stream.text, new_text=st.stream.text, new_tokens=st.generated,
                   finish_reason=st.finish_reason or "length", seed=st.params.seed, draft=st.index,
                   token_ids=st.body[len(st.body) - st.generated:])

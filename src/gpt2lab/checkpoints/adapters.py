@@ -15,6 +15,7 @@ with ``use_rslora``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +80,58 @@ def read_adapter_config(directory: str | Path) -> dict:
         unsupported.append(f"bias={cfg['bias']}")
     if unsupported:
         raise ValueError(f"{cfg_path}: LoRA settings not supported by gpt2lab: {', '.join(unsupported)}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise ValueError(f"{cfg_path}: {key} must be a positive number, got {cfg.get(key)!r}")
+    _check_config_values(cfg, cfg_path)
     return cfg
+
+
+MAX_RANK = 1 << 16  # far past any adapter (peft's defaults are 8-64); the tensors must agree anyway
+
+
+def _check_config_values(cfg: dict, cfg_path: Path) -> None:
+    """The types and ranges of the fields gpt2lab reads, before anything is allocated from them: ``r``
+    sizes the adapter matrices (``r=1e9`` asked for 256 GB, ``r=2.5`` or ``true`` failed in torch)."""
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise ValueError(f"{cfg_path}: r (the LoRA rank) must be an integer in [1, {MAX_RANK}], got {r!r}")
+    alpha = cfg.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{cfg_path}: lora_alpha must be a finite number > 0, got {alpha!r}")
+    for key in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], bool):
+            raise ValueError(f"{cfg_path}: {key} must be true or false, got {cfg[key]!r}")
+    dropout = cfg.get("lora_dropout", 0.0)
+    if dropout is not None and (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+                                or not 0 <= dropout < 1):
+        raise ValueError(f"{cfg_path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{cfg_path}: base_model_name_or_path must be a string, got {base!r}")
+
+
+def check_adapter_tensors(state: dict[str, torch.Tensor], model: nn.Module, rank: int, weights: Path,
+                          cfg_path: Path) -> None:
+    """Every adapter tensor against the layer it adapts and the config's ``r``, before any is allocated:
+    ``lora_A`` is ``[r, in_features]``, ``lora_B`` ``[out_features, r]``, both floating point, in pairs
+    (a rank-1 pair under ``r=4`` was broadcast into the rank-4 matrices without a word). ``ValueError``
+    naming ``weights`` and the tensor."""
+    layers = dict(model.named_modules())
+    for key in sorted(state):
+        name, _, which = key.rpartition(".")
+        layer = layers.get(name)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{weights}: adapter tensor {key!r} is for {name!r}, which is not a linear layer of "
+                             "the model")
+        tensor = state[key]
+        expected = (rank, layer.in_features) if which == "lora_A" else (layer.out_features, rank)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{weights}: tensor {key} has shape {tuple(tensor.shape)} but {cfg_path.name} says "
+                             f"r={rank} and {name} is {layer.in_features} -> {layer.out_features}: expected "
+                             f"{expected}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{weights}: tensor {key} is {tensor.dtype}; LoRA matrices are floating point")
+        partner = f"{name}.{'lora_B' if which == 'lora_A' else 'lora_A'}"
+        if partner not in state:
+            raise ValueError(f"{weights}: {key} has no {partner.rpartition('.')[2]} to go with it")
 
 
 def adapter_base_model(directory: str | Path) -> str:
@@ -100,6 +149,7 @@ class Adapter:
     ``<module>.lora_A`` (``[r, in]``) / ``<module>.lora_B`` (``[out, r]``) by gpt2lab's module names."""
 
     path: Path
+    weights: Path  # the tensors' file
     rank: int
     alpha: float
     use_rslora: bool
@@ -120,13 +170,11 @@ def read_adapter(directory: str | Path) -> Adapter:
     directory = Path(directory)
     cfg = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
-    if weights.is_file():
-        raw = dict(read_tensors(weights))
-    elif (directory / "adapter_model.bin").is_file():
-        weights = directory / "adapter_model.bin"
-        raw = dict(read_tensors(weights))  # weights_only: it cannot run code
-    else:
-        raise FileNotFoundError(f"{weights}: not found (nor adapter_model.bin)")
+    if not weights.is_file():
+        if not (directory / "adapter_model.bin").is_file():
+            raise FileNotFoundError(f"{weights}: not found (nor adapter_model.bin)")
+        weights = directory / "adapter_model.bin"  # weights_only: it cannot run code
+    raw = dict(read_tensors(weights))  # CheckpointError naming the file when it is truncated or corrupt
     state: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         key = _our_name(key).removesuffix(".weight")
@@ -135,7 +183,9 @@ def read_adapter(directory: str | Path) -> Adapter:
         if not key.endswith((".lora_A", ".lora_B")):
             raise ValueError(f"{weights}: unexpected tensor {key!r} (only LoRA A/B matrices are supported)")
         state[key] = tensor
-    return Adapter(directory, int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora")), state)
+    if not state:
+        raise ValueError(f"{weights}: holds no LoRA tensors")
+    return Adapter(directory, weights, int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora")), state)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -143,10 +193,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     unmerged) and load its weights; returns ``model``. Errors as :func:`read_adapter`'s, and ``ValueError``
     naming the weights file when its modules are not in the model."""
     adapter = read_adapter(directory)
-    try:
-        inject_lora(model, adapter.modules, adapter.rank, adapter.alpha, adapter.use_rslora)
-    except ValueError as exc:
-        raise ValueError(f"{Path(directory) / ADAPTER_WEIGHTS}: {exc}") from None
+    check_adapter_tensors(adapter.state, model, adapter.rank, adapter.weights, adapter.path / ADAPTER_CONFIG)
+    inject_lora(model, adapter.modules, adapter.rank, adapter.alpha, adapter.use_rslora)
     ref = next(iter(lora_modules(model).values())).lora_A
     load_adapter_state(model, {k: v.to(dtype=ref.dtype, device=ref.device) for k, v in adapter.state.items()})
     return model

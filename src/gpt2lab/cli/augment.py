@@ -54,26 +54,24 @@ def augment(
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),
                         similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..console import echo, progress_bar
 
-    columns = (TextColumn("augment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:  # the bar goes to stderr: stdout is the summary (JSON with --json)
-        with Progress(*columns, transient=True, console=Console(stderr=True)) as bar, user_errors():
-            task = bar.add_task("rows", total=len(dataset.rows))
-            summary = job.run(lambda done, total: bar.update(task, completed=done))
+        # errors are printed by user_errors after the bar is gone (a bar redrawn over them would hide them)
+        with user_errors(), progress_bar(len(dataset.rows), "augment") as bar:
+            summary = job.run(lambda done, total: bar.update(done, total))
     except typer.Exit as exc:
         if exc.exit_code == 130:
-            print(f"gpt2lab: interrupted; rerun the same command to resume {out}", file=sys.stderr)
+            echo(f"gpt2lab: interrupted; rerun the same command to resume {out}", sys.stderr)
         raise
     if as_json:
-        print(json.dumps(summary.to_dict()))
+        echo(json.dumps(summary.to_dict()))
         return
     filtered = sum(summary.filtered.values())
-    print(f"rows in          {summary.rows_in}" + (f" ({summary.rows_resumed} done by an earlier run)"
-                                                   if summary.rows_resumed else ""))
-    print(f"attempts         {summary.attempts} ({summary.per_example} per row)")
-    print(f"generated, kept  {summary.generated}")
-    print(f"filtered         {filtered}" + "".join(f"\n  {reason:15}{count}" for reason, count in
-                                                   summary.filtered.items() if count))
-    print(f"rows out         {summary.rows_out} -> {summary.output}")
+    echo(f"rows in          {summary.rows_in}" + (f" ({summary.rows_resumed} done by an earlier run)"
+                                                  if summary.rows_resumed else ""))
+    echo(f"attempts         {summary.attempts} ({summary.per_example} per row)")
+    echo(f"generated, kept  {summary.generated}")
+    echo(f"filtered         {filtered}" + "".join(f"\n  {reason:15}{count}" for reason, count in
+                                                  summary.filtered.items() if count))
+    echo(f"rows out         {summary.rows_out} -> {summary.output}")

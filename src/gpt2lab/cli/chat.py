@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import typer
 
 from ..apps.chat import DEFAULTS, UNSUPPORTED
+from ..console import echo, write
 from .common import check_output, fail, load_generator, user_errors
 from .options import Runtime, SamplingChoice, model_option, process_escapes, runtime_options, sampling_options
 
@@ -24,18 +24,19 @@ HELP = """commands:
 def _repl(session, prompt: str, save: Path | None) -> None:
     from ..apps.chat import describe
     from ..errors import GenerationFailed
+    from ..generation.chat_template import ChatTemplateFault
 
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:  # pragma: no cover - Windows
         pass
     bot = session.style.bot_name
-    print(f"Chatting with {session.generator.name} as {bot}. /help lists the commands, /quit leaves.")
+    echo(f"Chatting with {session.generator.name} as {bot}. /help lists the commands, /quit leaves.")
     while True:
         try:
             line = input(prompt)
         except EOFError:
-            print()
+            echo()
             return
         line = line.strip()
         if not line:
@@ -46,49 +47,49 @@ def _repl(session, prompt: str, save: Path | None) -> None:
             if command in ("/quit", "/exit", "/q"):
                 return
             if command == "/help":
-                print(HELP)
+                echo(HELP)
             elif command == "/reset":
                 session.reset()
-                print("(conversation cleared)")
+                echo("(conversation cleared)")
             elif command == "/save":
                 if not rest:
-                    print("usage: /save FILE")
+                    echo("usage: /save FILE")
                     continue
                 try:
                     path = session.save(Path(shlex.split(rest)[0]).expanduser())
-                    print(f"(saved {len(session.turns)} turns to {path})")
+                    echo(f"(saved {len(session.turns)} turns to {path})")
                 except (OSError, ValueError) as exc:
-                    print(f"error: {exc}")
+                    echo(f"error: {exc}")
             elif command == "/set":
                 if not rest:
-                    print(describe(session.params))
+                    echo(describe(session.params))
                     continue
                 name, _, value = rest.partition(" ")
                 try:
                     session.set_option(name, value)
                     key = name.replace("-", "_").lower()
-                    print(f"({key} = {getattr(session.params, key)!r})")
+                    echo(f"({key} = {getattr(session.params, key)!r})")
                 except ValueError as exc:
-                    print(f"error: {exc}")
+                    echo(f"error: {exc}")
             else:
-                print(f"unknown command {command}; /help lists them")
+                echo(f"unknown command {command}; /help lists them")
             continue
-        sys.stdout.write(f"{bot}: ")
-        sys.stdout.flush()
+        write(f"{bot}: ")
         try:
-            reply = session.reply(line, on_text=lambda d: (sys.stdout.write(d), sys.stdout.flush()))
-        except (ValueError, GenerationFailed) as exc:  # the latter ended the session with a traceback
-            print(f"\nerror: {exc}")
+            reply = session.reply(line, on_text=write)
+        # GenerationFailed and a template crossing its bounds on this message ended the session with a traceback
+        except (ValueError, GenerationFailed, ChatTemplateFault) as exc:
+            echo(f"\nerror: {exc}")
             continue
         except KeyboardInterrupt:
-            print("\n(interrupted)")
+            echo("\n(interrupted)")
             continue
-        print("" if reply else "...")
+        echo("" if reply else "...")
         if save is not None:
             try:
                 session.save(save)
             except OSError as exc:
-                print(f"error: --save {save}: {exc}")
+                echo(f"error: --save {save}: {exc}")
 
 
 @sampling_options(defaults=DEFAULTS, exclude=set(UNSUPPORTED))
@@ -123,11 +124,12 @@ def chat(
     with user_errors((OSError,)):
         session = ChatSession(gen, persona=persona, params=sampling.resolve(gen), user_name=user_name,
                               bot_name=bot_name)
+        session.style.chat_template.probe()  # a broken checkpoint template fails now, in one line
         if transcript is not None:
             session.load(transcript, keep_persona=persona is not None)
     if message is not None:
         with user_errors((OSError,)):
-            print(session.reply(message))
+            echo(session.reply(message))
             if save is not None:
                 session.save(save)
         return

@@ -15,24 +15,45 @@ EXIT_FAILURE = 1
 EXTRAS: dict[str, tuple[str, ...]] = {
     "server": ("fastapi", "uvicorn", "pydantic", "prometheus_client"),
     "eval": ("sacrebleu", "rouge_score", "matplotlib"),
+    "train": ("matplotlib",),
 }
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print ``gpt2lab: error: message`` on stderr and exit with ``code``."""
-    print(f"gpt2lab: error: {message}", file=sys.stderr)
+    """Print ``gpt2lab: error: message`` on stderr (as text: see :mod:`gpt2lab.console`) and exit with
+    ``code``."""
+    from ..console import error
+
+    error(message)
     raise typer.Exit(code)
+
+
+def missing_modules(extra: str, modules: tuple[str, ...] | None = None) -> list[str]:
+    """The modules of the optional ``extra`` (or ``modules`` of it) that are not installed, found without
+    importing them."""
+    import importlib.util
+
+    return [m for m in (modules or EXTRAS[extra]) if importlib.util.find_spec(m) is None]
 
 
 def require_extra(extra: str, command: str, modules: tuple[str, ...] | None = None) -> None:
     """Before any work: fail in one line, naming the extra to install, when ``command`` needs modules of
-    the optional ``extra`` that are not installed (found without importing them)."""
-    import importlib.util
-
-    missing = [m for m in (modules or EXTRAS[extra]) if importlib.util.find_spec(m) is None]
+    the optional ``extra`` that are not installed."""
+    missing = missing_modules(extra, modules)
     if missing:
         fail(f"{command} needs the optional '{extra}' dependencies ({', '.join(missing)} not installed); "
              f"install them with: pip install 'gpt2lab[{extra}]'")
+
+
+def note_missing_extra(extra: str, what: str) -> None:
+    """One line on stderr when the optional ``what`` is skipped because ``extra`` is not installed (the
+    command goes on without it)."""
+    missing = missing_modules(extra)
+    if missing:
+        from ..console import echo
+
+        echo(f"gpt2lab: {', '.join(missing)} not installed: {what} is skipped; install it with: "
+             f"pip install 'gpt2lab[{extra}]'", sys.stderr)
 
 
 @contextmanager

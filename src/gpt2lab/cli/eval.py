@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from ..console import echo, print_table
 from .common import fail, load_generator, require_extra, user_errors
 from .options import Runtime, model_option, runtime_options
 
@@ -34,7 +35,7 @@ def print_json(record: dict[str, Any]) -> None:
     """One JSON object on stdout (NaN, which JSON lacks, as null)."""
     from ..evaluation.common import json_safe
 
-    print(json.dumps(json_safe(record)))
+    echo(json.dumps(json_safe(record)))
 
 
 @app.command("perplexity")
@@ -58,19 +59,16 @@ def perplexity_cmd(
     if as_json:
         print_json(result.to_dict())
         return
-    from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
     weights = f", {result.quantization}" if result.quantization else ""
-    table = Table(title=f"perplexity of {result.model}{weights} (block {result.block_size}, stride {result.stride})")
-    for column in ("file", "perplexity", "bits/byte", "tokens", "bytes"):
-        table.add_column(column, justify="left" if column == "file" else "right")
     rows = [(doc.name, doc) for doc in result.files]
     if len(result.files) > 1:
-        rows.append(("[bold]all[/bold]", result))
-    for name, r in rows:
-        table.add_row(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
-    Console().print(table)
+        rows.append((Text("all", style="bold"), result))
+    print_table(f"perplexity of {result.model}{weights} (block {result.block_size}, stride {result.stride})",
+                ("file", "perplexity", "bits/byte", "tokens", "bytes"),
+                [(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
+                 for name, r in rows])
 
 
 @app.command("text")
@@ -100,12 +98,5 @@ def text_cmd(
     if as_json:
         print_json(metrics)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{len(preds)} predictions" + (f", {len(refs)} references" if refs else ""))
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, fmt_value(value))
-    Console().print(table)
+    print_table(f"{len(preds)} predictions" + (f", {len(refs)} references" if refs else ""), ("metric", "value"),
+                [(key, fmt_value(value)) for key, value in metrics.items()])

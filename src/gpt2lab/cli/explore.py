@@ -70,17 +70,10 @@ def explore(
     if as_json:
         print_json(result.to_dict())
         return
-    from rich.console import Console
-    from rich.table import Table
-
+    from ..console import echo, print_table
     from ..evaluation.explore import METRICS
 
-    table = Table(title=f"{result.model}: {len(prompts)} prompt(s) x {samples} samples per setting")
-    table.add_column("setting")
-    for m in METRICS:
-        table.add_column(_HEADERS.get(m, m), justify="right")
-    for r in result.settings:
-        table.add_row(r.setting.label, *[fmt_value(getattr(r, m)) for m in METRICS])
-    console = Console()
-    console.print(table)
-    console.print(f"wrote {out}/results.csv, results.json, plot.png, report.html")
+    print_table(f"{result.model}: {len(prompts)} prompt(s) x {samples} samples per setting",
+                ("setting", *(_HEADERS.get(m, m) for m in METRICS)),
+                [(r.setting.label, *(fmt_value(getattr(r, m)) for m in METRICS)) for r in result.settings])
+    echo(f"wrote {out}/results.csv, results.json, plot.png, report.html")

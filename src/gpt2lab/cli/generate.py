@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from ..console import echo, write
 from .common import fail, load_generator, user_errors
 from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
 
@@ -47,7 +48,7 @@ def _logprobs_json(logprobs: list | None) -> list[dict[str, Any]] | None:
 def _print_logprobs(logprobs: list) -> None:
     for t in logprobs:
         alternatives = ", ".join(f"{s!r} {v:.3f}" for _, s, v in t.top)
-        print(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
+        echo(f"  {t.token!r:>20} {t.logprob:8.3f}" + (f"   top: {alternatives}" if alternatives else ""))
 
 
 # the seed's recipe: generate_text(prompt, max_length=100, temperature=0.8, top_k=50)
@@ -89,7 +90,7 @@ def generate(
                     record = {"model": gen.name, "prompt": c.prompt, "index": c.index, "text": c.text,
                               "token_ids": c.token_ids, "finish_reason": c.finish_reason,
                               "logprobs": _logprobs_json(c.logprobs)}
-                    print(json.dumps(record, ensure_ascii=False), flush=True)
+                    echo(json.dumps(record, ensure_ascii=False))
         else:
             _stream(gen, prompt_list, params)
 
@@ -115,14 +116,15 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
 
 def _stream(gen, prompts: list[str], params) -> None:
     """Print each prompt with its completions (blank line between them); sample 0 streams live (beams are
-    only known at the end)."""
+    only known at the end). The text is written as :mod:`gpt2lab.console` writes: exactly to a file or a
+    pipe, its control characters escaped on a terminal."""
     for k, prompt in enumerate(prompts):
         if k:
-            print()
+            echo()
         for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, params)):
             if j:
-                print()
-                print(prompt + text, flush=True)
+                echo()
+                echo(prompt + text)
             if logprobs:
                 _print_logprobs(logprobs)
 
@@ -133,13 +135,13 @@ def _stream_first(gen, prompt: str, params) -> list[tuple[str, list | None]]:
 
     runner = gen.runner(num_beams=params.num_beams)
     request_id = runner.add(gen.encode_prompt(prompt), params)
-    print(prompt, end="", flush=True)
+    write(prompt)
     try:
         for out in runner.outputs():
             if out.index == 0 and out.text:
-                print(out.text, end="", flush=True)
+                write(out.text)
     except GenerationFailed:  # the error goes on a line of its own
-        print()
+        echo()
         raise
-    print()
+    echo()
     return [(c.text, c.logprobs) for c in runner.completions(request_id)]

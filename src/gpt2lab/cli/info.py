@@ -24,8 +24,10 @@ def info(
               "parameters": gen.model.num_parameters(), "device": str(gen.device),
               # the float dtype the model computes in (wpe stays float when the weights are quantized)
               "dtype": str(gen.model.wpe.weight.dtype).removeprefix("torch."), "quantization": gen.quantization}
+    from ..console import echo
+
     if as_json:
-        print(json.dumps(record))
+        echo(json.dumps(record))
     else:
         for key, value in record.items():
-            print(f"{key:12} {value}")
+            echo(f"{key:12} {value}")

@@ -88,7 +88,11 @@ class _LazyCommands(MutableMapping):
 
 class LazyGroup(TyperGroup):
     """The ``gpt2lab`` group: subcommands load on demand (click's "lazily loading subcommands" pattern),
-    so ``gpt2lab generate`` never imports the server, training, review or evaluation commands."""
+    so ``gpt2lab generate`` never imports the server, training, review or evaluation commands.
+
+    A usage error (a mistyped option, a value of the wrong type, a missing argument) is one line,
+    ``gpt2lab: error: ...`` and exit code 2, as every other bad value: typer would draw a usage line, a
+    hint and a box around the message."""
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003 - TyperGroup's
         super().__init__(**kwargs)
@@ -96,6 +100,25 @@ class LazyGroup(TyperGroup):
         for name, command in self.commands.items():  # any registered on ``app`` directly
             lazy[name] = command
         self.commands = lazy
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001, ANN003, ANN201 - click's
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            # not standalone: click's errors come here instead of being drawn; Exit(code) returns code
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's ClickException and UsageError (typer vendors click)
+            if type(exc).__name__ != "NoArgsIsHelpError":  # `gpt2lab review` alone: the help was printed
+                from ..console import error
+
+                error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            from ..console import echo
+
+            echo("Aborted!", sys.stderr)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 app = typer.Typer(
@@ -147,7 +170,9 @@ def _exit(code: int | str | None) -> NoReturn:
     if "torch" not in sys.modules or (len(sys.argv) > 1 and sys.argv[1] in _NORMAL_EXIT):
         sys.exit(code)
     if isinstance(code, str):
-        print(code, file=sys.stderr)
+        from ..console import echo
+
+        echo(code, sys.stderr)
         code = 1
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

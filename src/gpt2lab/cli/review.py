@@ -8,12 +8,12 @@ dataset of an ``augment`` output.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from ..console import echo
 from ..sampling import SamplingParams
 from .common import fail, load_generator, user_errors
 from .options import Runtime, process_escapes_all, runtime_options, sampling_options
@@ -105,7 +105,7 @@ def make(
         with user_errors():
             review = rv.from_augment(augment_file, text_column)
             rv.write_review_set(review, out)
-        print(f"wrote {out}: {len(review.items)} generated rows to curate (accept / reject / edit)")
+        echo(f"wrote {out}: {len(review.items)} generated rows to curate (accept / reject / edit)")
         return
     if mode not in ("pairwise", "ratings"):
         fail(f"--mode must be pairwise or ratings (curation: use --augment), got {mode!r}")
@@ -138,25 +138,34 @@ def make(
                                                                                                           sampling)]
             if server is not None and not models:
                 fail("--server needs --model NAME for each served model or adapter to compare")
+            from ..console import progress_bar
+
+            generated = []  # added after the bars: an error line must not be drawn over by a bar
             for model in models or [None]:
-                gen = load_generator(model, runtime) if server is None else None
-                for text, params in params_list:
-                    name = Path(model).name if model and Path(model).is_dir() else model
-                    label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
-                        or (gen.name if gen is not None else model)
-                    if gen is None:  # the served model (or adapter) of that name
-                        rows = rv.server_rows(server, model, prompt_list, params, samples, api_key=api_key)
-                        add(label, rows, {"model": model, "server": server, "params": _described(params)})
-                    else:
-                        rows = rv.generate_rows(gen, prompt_list, params, samples)
-                        add(label, rows, {"model": gen.name, "params": _described(params)})
+                gen = load_generator(model, runtime) if server is None else None  # else the served one of that name
+                title = gen.name if gen is not None else f"{model} at {server}"
+                with progress_bar(len(params_list) * len(prompt_list), f"generating with {title}") as bar:
+                    for text, params in params_list:
+                        name = Path(model).name if model and Path(model).is_dir() else model
+                        label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
+                            or (gen.name if gen is not None else model)
+                        if gen is None:
+                            rows = rv.server_rows(server, model, prompt_list, params, samples, api_key=api_key,
+                                                  on_progress=bar)
+                            desc = {"model": model, "server": server, "params": _described(params)}
+                        else:
+                            rows = rv.generate_rows(gen, prompt_list, params, samples, on_progress=bar)
+                            desc = {"model": gen.name, "params": _described(params)}
+                        generated.append((label, rows, desc))
+            for label, rows, desc in generated:
+                add(label, rows, desc)
         if len(sources) < 2:
             fail("give two or more sources: --model A --model B, --setting S1 --setting S2, --explore DIR or "
                  "--completions FILE (any mix)")
         review = rv.build(sources, mode, criteria=crit, descriptions=described, seed=sampling.seed or 0,
                           max_items=max_items)
         rv.write_review_set(review, out)
-    print(f"wrote {out}: {len(review.items)} {mode} items from {len(sources)} sources ({', '.join(sources)})")
+    echo(f"wrote {out}: {len(review.items)} {mode} items from {len(sources)} sources ({', '.join(sources)})")
 
 
 @app.command("serve")
@@ -208,8 +217,8 @@ def serve(
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    print(f"reviewing {review_file} ({review.mode}, {len(review.items)} items); judgements go to {log}")
-    print(f"open http://{host}:{port}/ in a browser")
+    echo(f"reviewing {review_file} ({review.mode}, {len(review.items)} items); judgements go to {log}")
+    echo(f"open http://{host}:{port}/ in a browser")
     uvicorn.run(app_, host=host, port=port, log_level=log_level)
 
 
@@ -232,23 +241,17 @@ def summary(
         result = summarize(records)
         paths = write_outputs(result, out, title=log.name) if out is not None else None
     if as_json:
-        print(json.dumps(result))
+        echo(json.dumps(result))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from ..console import print_table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)  # piped: wide enough for every column
-    console.print(f"{result['counted']} judgements of {result['items']} items by {len(result['reviewers'])} "
-                  f"reviewer(s): {', '.join(result['reviewers'])}")
+    # reviewer names, sources and comments are text from the log: printed literally (never as markup)
+    echo(f"{result['counted']} judgements of {result['items']} items by {len(result['reviewers'])} "
+         f"reviewer(s): {', '.join(result['reviewers'])}")
     for caption, head, rows in tables(result):
-        table = Table(title=caption)
-        for i, h in enumerate(head):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        print_table(caption, head, rows, width=160)  # piped: wide enough for every column
     if paths:
-        console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 @app.command("export")
@@ -267,8 +270,8 @@ def export(
     with user_errors():
         result = export_curated(read_review_set(review_file), read_log(log), out, keep_unreviewed=keep_unreviewed)
     if as_json:
-        print(json.dumps(result.to_dict()))
+        echo(json.dumps(result.to_dict()))
         return
-    print(f"rows in {result.rows_in}, out {result.rows_out}: {result.accepted} accepted, {result.edited} edited, "
+    echo(f"rows in {result.rows_in}, out {result.rows_out}: {result.accepted} accepted, {result.edited} edited, "
           f"{result.rejected} rejected, {result.unreviewed} unreviewed"
           f"{' (kept)' if keep_unreviewed else ' (dropped)'} -> {result.output}")

@@ -221,5 +221,32 @@ def serve(
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))
+    _announce_when_ready(app, sock)
     serve_http(app, sock, log_level=log_level, limits=limits)
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a listening socket (the port it really got, for ``--port 0``)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _announce_when_ready(app, sock: socket.socket) -> None:  # noqa: ANN001 - the FastAPI app
+    """Print ``gpt2lab: serving MODEL on http://HOST:PORT`` on stderr once each model has loaded (they load on
+    their engine threads when the server starts; the socket already accepts connections)."""
+    import sys
+    import threading
+
+    from ..console import echo
+
+    served, url = app.state.serving.models.served, url_of(sock)
+
+    def announce() -> None:
+        for model in served:  # each model and its adapters, by the names requests give
+            model.scheduler.ready.wait()
+            if model.scheduler.load_error is None:  # a failed load is reported by the server itself
+                names = ", ".join([model.id, *model.adapters])
+                echo(f"gpt2lab: serving {names} on {url}", sys.stderr)
+
+    threading.Thread(target=announce, name="gpt2lab-announce", daemon=True).start()
 

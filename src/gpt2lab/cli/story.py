@@ -60,24 +60,39 @@ def story(
         fail("give a premise (or --continue FILE)")
     check_output(out, "--out")
     gen = load_generator(model, runtime)
-    shown: list[str] = []  # the first delta is preceded by the text the story starts with
+    from contextlib import ExitStack
+
+    from ..console import echo, progress_bar, write
+
+    opening = premise if start is None else start  # what the streamed draft is printed after
+    streamed = {"shown": False, "ended": quiet}
+    bar = None
 
     def show(delta: str) -> None:
-        if not shown:
-            shown.append(premise if start is None else start)
-            sys.stdout.write(shown[0])
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+        if not streamed["shown"]:
+            streamed["shown"] = True
+            write(opening, flush=False)
+        write(delta)
 
-    with user_errors((OSError,)):
+    def progress(p) -> None:  # noqa: ANN001 - apps.story.StoryProgress
+        nonlocal bar
+        if 0 in p.finished and not streamed["ended"]:  # the streamed draft is done: end its line
+            streamed["ended"] = True
+            write(("" if streamed["shown"] else opening) + "\n")
+        if bar is None and streamed["ended"] and len(p.finished) < drafts:
+            # the other drafts may run for minutes more: say so (on a terminal; a log gets the summary)
+            bar = stack.enter_context(progress_bar(p.total_tokens, f"{drafts} drafts, tokens"))
+        if bar is not None:
+            bar.update(p.tokens)
+
+    with user_errors((OSError,)), ExitStack() as stack:
         stories = write_stories(gen, premise, drafts=drafts, length=length, params=sampling.resolve(gen),
-                                continue_from=start,
-                                on_text=None if quiet else show)
-        stem = slug(premise or continue_file.stem)
-        paths = save_stories(stories, out, stem)
-    if not quiet:
-        sys.stdout.write(("" if shown else stories[0].text) + "\n")
+                                continue_from=start, on_text=None if quiet else show, on_progress=progress)
+    with user_errors((OSError,)):
+        paths = save_stories(stories, out, slug(premise or continue_file.stem))
+    if not streamed["ended"]:
+        write(("" if streamed["shown"] else stories[0].text) + "\n")
     for s, path in zip(stories, paths):
         note = "" if s.finish_reason == "length" else " (ended early: the model finished the story; " \
             "--ignore-eos keeps going)"
-        print(f"gpt2lab: draft {s.draft + 1}: {path} ({s.new_tokens} new tokens){note}", file=sys.stderr)
+        echo(f"gpt2lab: draft {s.draft + 1}: {path} ({s.new_tokens} new tokens){note}", sys.stderr)

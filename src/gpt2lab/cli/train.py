@@ -5,11 +5,12 @@ Both run under ``torchrun --nproc_per_node=N`` unchanged (DDP; rank 0 writes).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
-from .common import user_errors
+from .common import note_missing_extra, user_errors
 from .options import device_option, dtype_option, threads_option
 
 # Options shared by both commands (typer reads these as metadata; one definition, two signatures).
@@ -76,7 +77,10 @@ def _run(**settings) -> None:
             if settings.get(key) is not None:
                 settings[key] = str(settings[key])
         settings["progress"] = not settings.pop("no_progress")
-        train(TrainConfig(**settings))
+        config = TrainConfig(**settings)
+        if config.plot and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 writes the files
+            note_missing_extra("train", "the loss curve (loss_curve.png)")
+        train(config)
 
 
 def finetune(

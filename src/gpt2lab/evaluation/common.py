@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -32,19 +30,12 @@ def as_generator(model: ModelLike, device: str = "auto", quantization: str | Non
     return load(model, device=device, quantization=quantization)
 
 
-@contextmanager
-def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (removed when done); yields ``advance(n)``. A no-op when disabled."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def progress_bar(total: int, description: str, enabled: bool):  # noqa: ANN201 - console's context manager
+    """A progress bar on stderr (removed when done); yields ``advance(n)``. A no-op when disabled
+    (:func:`gpt2lab.console.progress_bar`)."""
+    from ..console import progress_bar as bar
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    return bar(total, description, enabled)
 
 
 def json_safe(value: Any) -> Any:

@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Literal
 
 from ..readers import read_json
 from ..tokenizer import EOS_TOKEN
-from .chat_template import DEFAULT_CHAT_TEMPLATE, DIALOGPT_CHAT_TEMPLATE, ChatTemplate, load_chat_template
+from .chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    DIALOGPT_CHAT_TEMPLATE,
+    ChatTemplate,
+    find_chat_template,
+    special_tokens,
+)
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -62,6 +68,9 @@ class ChatStyle:
     user_name: str = USER_NAME
     bot_name: str = BOT_NAME
     template: str | None = None
+    origin: str | None = field(default=None, compare=False)  # where ``template`` comes from, for its errors
+    # the checkpoint's special tokens (tokenizer_config.json), passed to its template as transformers does
+    special_tokens: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for what, name in (("user name", self.user_name), ("bot name", self.bot_name)):
@@ -81,8 +90,11 @@ class ChatStyle:
 
     @property
     def chat_template(self) -> ChatTemplate:
-        """The compiled template of this layout, with the names as variables."""
-        return _chat_template(self.source, self.user_name, self.bot_name)
+        """The compiled template of this layout, with the names as variables (rendered within bounds:
+        :class:`~gpt2lab.generation.chat_template.ChatTemplate`)."""
+        origin = self.origin or ("the chat template" if self.kind == "template" else f"gpt2lab's {self.kind} "
+                                                                                       "chat template")
+        return _chat_template(self.source, self.user_name, self.bot_name, origin, self.special_tokens)
 
     @property
     def source(self) -> str:
@@ -113,8 +125,9 @@ class ChatStyle:
 
 
 @lru_cache(maxsize=32)
-def _chat_template(source: str, user_name: str, bot_name: str) -> ChatTemplate:
-    return ChatTemplate(source, {"user_name": user_name, "bot_name": bot_name})
+def _chat_template(source: str, user_name: str, bot_name: str, origin: str,
+                   specials: tuple[tuple[str, str], ...] = ()) -> ChatTemplate:
+    return ChatTemplate(source, {**dict(specials), "user_name": user_name, "bot_name": bot_name}, origin=origin)
 
 
 @dataclass
@@ -146,10 +159,12 @@ def is_dialogpt(name: str | None = None, path: str | Path | None = None) -> bool
 
 def style_for_model(name: str | None = None, path: str | Path | None = None, *, user_name: str = USER_NAME,
                     bot_name: str = BOT_NAME) -> ChatStyle:
-    """The layout a model expects: its own chat template, else DialoGPT's, else the transcript."""
-    own = load_chat_template(path)
+    """The layout a model expects: its own chat template, else DialoGPT's, else the transcript.
+    :class:`~gpt2lab.generation.chat_template.ChatTemplateFault` for a template file that cannot be read."""
+    own = find_chat_template(path)
     if own is not None:
-        return ChatStyle(kind="template", user_name=user_name, bot_name=bot_name, template=own)
+        return ChatStyle(kind="template", user_name=user_name, bot_name=bot_name, template=own[0], origin=own[1],
+                         special_tokens=tuple(special_tokens(path).items()))
     kind = "dialogpt" if is_dialogpt(name, path) else "transcript"
     return ChatStyle(kind=kind, user_name=user_name, bot_name=bot_name)
 

@@ -5,8 +5,19 @@ weights, or the ``chat_template`` key of ``tokenizer_config.json`` (a string, or
 ``{"name", "template"}`` of which ``default`` is used). It is rendered the way transformers'
 ``apply_chat_template`` renders it -- a sandboxed, immutable Jinja environment with ``trim_blocks`` and
 ``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now``, a ``tojson``
-that does not escape HTML, the tokenizer's special tokens (``eos_token``, ...) as variables and
-``add_generation_prompt`` -- so both give the same text for the same messages.
+that does not escape HTML, the tokenizer's special tokens (``eos_token``, ...), ``messages``,
+``tools``, ``documents`` and ``add_generation_prompt`` as variables -- so both give the same text for
+the same messages.
+
+A checkpoint's template is code from somewhere else, so it renders in a *bounded* sandbox
+(:mod:`gpt2lab.generation.jinja_sandbox`): every render, wherever it runs (``gpt2lab chat``, the
+server, chat fine-tuning), stops within its time bound and cannot build more than its size bound. Two
+errors tell whose fault a failed render is: :class:`ChatTemplateError` (a ``ValueError``) when the
+template refuses the messages (``raise_exception``, or failing on a content it did not expect: the
+messages' fault, a 400 from a server), :class:`ChatTemplateFault` (a ``CheckpointError``) when the
+template is broken -- it does not compile, breaks the sandbox, crosses a bound, or cannot lay out a plain
+conversation -- naming the template: a server's fault, a 500. :meth:`ChatTemplate.probe` checks a
+template on a plain conversation, as a server does at start-up.
 
 Models without a template get :data:`DEFAULT_CHAT_TEMPLATE`, gpt2lab's transcript layout (a persona
 paragraph, then ``User: ...`` / ``Bot: ...`` lines, the generation prompt ``Bot:``), or
@@ -22,27 +33,33 @@ are handled by rendering the conversation's prefixes (see :meth:`ChatTemplate.as
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..readers import read_json
+from ..errors import CheckpointError
+from ..readers import read_json, read_text
 from ..tokenizer import EOS_TOKEN
+
+if TYPE_CHECKING:
+    from .jinja_sandbox import RenderLimits
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' separate file (preferred over the config key)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 MAX_TEMPLATE_CHARS = 1 << 20  # a template is code read from a checkpoint: bounded like any other input
+DEFAULT_ORIGIN = "the chat template"
 
-# a message's text as one paragraph: trimmed, blank lines inside it dropped (lines kept)
+# a message's text as one paragraph: trimmed, blank lines inside it dropped (lines kept). Each kept line is
+# written out with a newline, and the caller trims the last one off (the first and last lines carry no
+# outer whitespace of their own after the first trim): linear, where a list grown by `ns.lines + [line]`
+# cost the square of the line count (7 s for a 65k-line message)
 _ONE_LINE = (
     "{%- macro one_line(text) -%}\n"
-    "{%- set ns = namespace(lines=[]) -%}\n"
-    "{%- for line in (text | trim).split('\\n') if line | trim -%}{%- set ns.lines = ns.lines + [line] -%}"
-    "{%- endfor -%}\n"
-    "{{- ns.lines | join('\\n') -}}\n"
+    "{%- for line in (text | trim).split('\\n') if line | trim -%}{{- line -}}{{- '\\n' -}}{%- endfor -%}\n"
     "{%- endmacro -%}\n"
 )
 
@@ -54,21 +71,16 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- set user = user_name | default('User') -%}\n"
     "{%- set bot = bot_name | default('Bot') -%}\n"
     + _ONE_LINE +
-    "{%- set sys = namespace(found=false, parts=[]) -%}\n"
-    "{%- for message in messages if message['role'] == 'system' -%}\n"
-    "{%- set sys.found = true -%}\n"
-    "{%- if message['content'] | trim -%}{%- set sys.parts = sys.parts + [message['content'] | trim] -%}"
-    "{%- endif -%}\n"
-    "{%- endfor -%}\n"
-    "{%- if sys.found -%}{%- set persona = sys.parts | join('\\n') -%}\n"
+    "{%- set system = messages | selectattr('role', 'equalto', 'system') | list -%}\n"
+    "{%- if system -%}{%- set persona = system | map(attribute='content') | map('trim') | select | join('\\n') -%}\n"
     "{%- else -%}{%- set persona = 'The following is a conversation between ' ~ user ~ ' and ' ~ bot ~ '. ' ~ bot"
     " ~ ' is a friendly, curious and helpful assistant who answers in a sentence or two.' -%}\n"
     "{%- endif -%}\n"
     "{%- if persona -%}{{- persona ~ '\\n\\n' -}}{%- endif -%}\n"
     "{%- for message in messages if message['role'] != 'system' -%}\n"
-    "{%- if message['role'] == 'user' -%}{{- user ~ ': ' ~ one_line(message['content']) ~ '\\n' -}}\n"
+    "{%- if message['role'] == 'user' -%}{{- user ~ ': ' ~ one_line(message['content']) | trim ~ '\\n' -}}\n"
     "{%- elif message['role'] == 'assistant' -%}{{- bot ~ ':' -}}\n"
-    "{%- generation -%}{{- ' ' ~ one_line(message['content']) ~ '\\n' -}}{%- endgeneration -%}\n"
+    "{%- generation -%}{{- ' ' ~ one_line(message['content']) | trim ~ '\\n' -}}{%- endgeneration -%}\n"
     "{%- else -%}{{- raise_exception('the default chat template knows the roles system, user and assistant, "
     "not ' ~ message['role']) -}}\n"
     "{%- endif -%}\n"
@@ -81,33 +93,54 @@ DIALOGPT_CHAT_TEMPLATE = (
     _ONE_LINE +
     "{%- for message in messages if message['role'] != 'system' or message['content'] | trim -%}\n"
     "{%- if message['role'] == 'assistant' -%}\n"
-    "{%- generation -%}{{- one_line(message['content']) ~ eos_token -}}{%- endgeneration -%}\n"
-    "{%- else -%}{{- one_line(message['content']) ~ eos_token -}}{%- endif -%}\n"
+    "{%- generation -%}{{- one_line(message['content']) | trim ~ eos_token -}}{%- endgeneration -%}\n"
+    "{%- else -%}{{- one_line(message['content']) | trim ~ eos_token -}}{%- endif -%}\n"
     "{%- endfor -%}"
 )
 
 _PROBE = ("\ue000probe user\ue000", "\ue001probe assistant\ue001", "\ue002probe next\ue002")
+_PROBE_SYSTEM = "\ue003probe system\ue003"
 
 
 class ChatTemplateError(ValueError):
-    """A template that does not compile, raises while rendering, or cannot say where turns end."""
+    """The template refused these messages: it called ``raise_exception`` (a role it does not know, turns
+    out of order ...) or failed on them (a ``TypeError`` on a content it did not expect). The messages'
+    fault: the server answers 400."""
+
+
+class ChatTemplateFault(CheckpointError):
+    """The template itself is broken: it does not compile, does what the sandbox forbids, crosses its
+    render bounds (time, size, ``range``, recursion) or cannot lay out a plain conversation. Whoever
+    supplied the template (a checkpoint, ``--chat-template``) is at fault, not the messages: the message
+    names the template (``origin``), and the server answers with a 500-class error."""
+
+    def __init__(self, origin: str, problem: str) -> None:
+        super().__init__(f"{origin}: {problem}")
+        self.origin, self.problem = origin, problem
 
 
 # -- the Jinja environment -----------------------------------------------------------------------------
-_tracking: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("gpt2lab_generation_spans",
-                                                                                     default=None)
+class _TemplateSyntax(Exception):
+    """A template source that does not compile (cached compiles raise this; callers add the origin)."""
+
+
+class _Refusal(Exception):
+    """What ``raise_exception`` raises: the template refusing the messages."""
+
+
+_spans: ContextVar[list[tuple[int, int]] | None] = ContextVar("gpt2lab_generation_spans", default=None)
 
 
 @lru_cache(maxsize=32)
-def compile_template(source: str):
-    """The compiled Jinja template for ``source`` (cached); :class:`ChatTemplateError` if it is invalid."""
+def _compiled(source: str, limits: RenderLimits | None = None):
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .jinja_sandbox import BoundedSandbox, RenderLimitExceeded, compile_source, written
 
     class GenerationBlocks(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}``: renders its body, and records where it landed in the
-        output while a render with spans is running (the output so far is the list of chunks yielded)."""
+        output while a render with spans is running."""
 
         tags = {"generation"}
 
@@ -118,40 +151,56 @@ def compile_template(source: str):
 
         def _mark(self, caller) -> str:
             text = caller()
-            state = _tracking.get()
-            if state is not None:
-                chunks, spans = state
-                start = sum(len(c) for c in chunks)
+            spans = _spans.get()
+            if spans is not None:
+                start = written()  # the output so far: the chunks the render loop has taken
                 spans.append((start, start + len(text)))
             return text
 
     def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
+        raise _Refusal(message)
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
+    # transformers' environment: trim_blocks, lstrip_blocks, loopcontrols, its tojson, raise_exception,
+    # strftime_now (and dict / namespace without ways out, which BoundedSandbox has too)
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlocks, jinja2.ext.loopcontrols])
+    env.add_filter("tojson", tojson)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(source)
+        return compile_source(env, source, limits)
     except jinja2.TemplateError as exc:
-        raise ChatTemplateError(f"the chat template is not valid Jinja: {exc}") from None
+        raise _TemplateSyntax(f"not valid Jinja: {exc}") from None
+    except RecursionError:  # nesting deeper than Python's parser stack
+        raise _TemplateSyntax("not valid Jinja: nested too deeply to compile") from None
+    except RenderLimitExceeded as exc:  # folding its constant expressions (Jinja does it while compiling)
+        raise _TemplateSyntax(str(exc)) from None
+
+
+def compile_template(source: str, origin: str = DEFAULT_ORIGIN, limits: RenderLimits | None = None):
+    """The compiled Jinja template for ``source`` (cached; a :class:`~.jinja_sandbox.BoundedSandbox`
+    template), compiled within ``limits`` (Jinja computes constant expressions while compiling);
+    :class:`ChatTemplateFault` naming ``origin`` if it is not valid Jinja or crosses the limits."""
+    try:
+        return _compiled(source, limits)
+    except _TemplateSyntax as exc:
+        raise ChatTemplateFault(origin, str(exc)) from None
 
 
 # -- reading a checkpoint's template -------------------------------------------------------------------
-def load_chat_template(directory: str | Path | None) -> str | None:
-    """A checkpoint folder's own chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
-    ``chat_template`` (a string, or the entry named ``default`` of a list); None when it has none."""
+def find_chat_template(directory: str | Path | None) -> tuple[str, str] | None:
+    """A checkpoint folder's own chat template and where it comes from (``"the chat template of PATH"``):
+    ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (a string, or the entry
+    named ``default`` of a list); None when it has none. :class:`ChatTemplateFault` for a template file
+    that cannot be read (not UTF-8 text, binary) or is longer than ``MAX_TEMPLATE_CHARS``."""
     if directory is None:
         return None
     directory = Path(directory)
     jinja_file = directory / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
-        return _bounded(jinja_file.read_text(encoding="utf-8"), jinja_file)
+        return read_template_file(jinja_file), _origin(jinja_file)
     config = directory / TOKENIZER_CONFIG_FILE
     if not config.is_file():
         return None
@@ -162,67 +211,143 @@ def load_chat_template(directory: str | Path | None) -> str | None:
     if isinstance(value, list):
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
         value = named.get("default")
-    return _bounded(value, config) if isinstance(value, str) and value.strip() else None
+    return (_bounded(value, config), _origin(config)) if isinstance(value, str) and value.strip() else None
+
+
+def read_template_file(path: str | Path, origin: str | None = None) -> str:
+    """The source of a Jinja template file (``chat_template.jinja``, ``finetune --chat-template``), read
+    as the untrusted input it is: :class:`ChatTemplateFault` naming ``origin`` (default: ``"the chat
+    template of PATH"``) when it cannot be read (missing, not UTF-8 text, binary) or holds more than
+    ``MAX_TEMPLATE_CHARS`` characters."""
+    path = Path(path)
+    origin = origin or _origin(path)
+    try:
+        size = path.stat().st_size
+        if size > 4 * MAX_TEMPLATE_CHARS:  # more bytes than the most characters can take
+            raise ChatTemplateFault(origin, f"{size} bytes, more than {MAX_TEMPLATE_CHARS} characters can take")
+        source = read_text(path)
+    except (OSError, ValueError) as exc:  # the reader's error says where: not UTF-8, binary ...
+        raise ChatTemplateFault(origin, f"cannot be read ({exc})") from None
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateFault(origin, f"{len(source)} characters, more than {MAX_TEMPLATE_CHARS}")
+    return source
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def special_tokens(directory: str | Path | None) -> dict[str, Any]:
+    """The special tokens ``tokenizer_config.json`` sets (``eos_token``, ``pad_token``, ...), as strings:
+    what transformers' ``apply_chat_template`` passes a template besides its arguments (its
+    ``special_tokens_map``; a token may be written as ``{"content": ...}``). Empty when there is no
+    readable config (GPT-2's ``<|endoftext|>`` defaults then apply)."""
+    config = Path(directory) / TOKENIZER_CONFIG_FILE if directory is not None else None
+    try:
+        raw = read_json(config, expect=dict) if config is not None and config.is_file() else {}
+    except ValueError:
+        return {}  # an unreadable tokenizer_config.json is the tokenizer loader's to report
+
+    def text(token: Any) -> str | None:
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) else None
+
+    return {key: text(raw[key]) for key in SPECIAL_TOKENS if text(raw.get(key)) is not None}
+
+
+def load_chat_template(directory: str | Path | None) -> str | None:
+    """A checkpoint folder's own chat template source (see :func:`find_chat_template`), or None."""
+    found = find_chat_template(directory)
+    return None if found is None else found[0]
+
+
+def _origin(path: Path) -> str:
+    return f"the chat template of {path}"
 
 
 def _bounded(source: str, path: Path) -> str:
     if len(source) > MAX_TEMPLATE_CHARS:
-        raise ChatTemplateError(f"{path}: the chat template has {len(source)} characters, more than "
-                                f"{MAX_TEMPLATE_CHARS}")
+        raise ChatTemplateFault(_origin(path), f"{len(source)} characters, more than {MAX_TEMPLATE_CHARS}")
     return source
 
 
 # -- rendering -----------------------------------------------------------------------------------------
 def _plain(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [{str(k): v for k, v in dict(m).items()} for m in messages]
+    """The messages as plain dicts, without the keys whose value is None (OpenAI clients send
+    ``content=None``, ``tool_calls=None``): transformers drops them too, as templates test whether a key
+    is present and would write ``None``."""
+    return [{str(k): v for k, v in dict(m).items() if v is not None} for m in messages]
 
 
 class ChatTemplate:
-    """A compiled chat template with the variables it is rendered with.
+    """A compiled chat template with the variables it is rendered with, rendered within bounds.
 
     ``variables``: extra template variables (transformers passes the tokenizer's special tokens and the
     keyword arguments of ``apply_chat_template``); ``eos_token``/``bos_token``/``unk_token`` default to
-    GPT-2's ``<|endoftext|>``.
+    GPT-2's ``<|endoftext|>``. ``origin`` names the template in errors (``"the chat template of
+    ckpt/tokenizer_config.json"``). ``limits``: the bounds of each render
+    (:class:`~gpt2lab.generation.jinja_sandbox.RenderLimits`: 10 s, 1 Mi characters beyond 8 times the
+    input, ``range`` up to 100,000). Raises :class:`ChatTemplateFault` when ``source`` does not compile.
+
+    Every render runs in the same bounded sandbox, wherever it is called from (``gpt2lab chat``, the
+    server, chat fine-tuning): it returns within its time bound, raising :class:`ChatTemplateFault` when
+    the template crosses a bound, and :class:`ChatTemplateError` when the template refuses the messages.
     """
 
-    def __init__(self, source: str, variables: Mapping[str, Any] | None = None) -> None:
-        self.source = source
-        self.template = compile_template(source)
+    def __init__(self, source: str, variables: Mapping[str, Any] | None = None, *, origin: str = DEFAULT_ORIGIN,
+                 limits: RenderLimits | None = None) -> None:
+        from .jinja_sandbox import RenderLimits
+
+        self.source, self.origin = source, origin
+        self.limits = limits or RenderLimits()
+        self.template = compile_template(source, origin, limits)
         self.variables = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
                           **(variables or {})}
 
     @property
     def has_generation_blocks(self) -> bool:
-        import re
-
         return re.search(r"\{%-?\s*generation\s*-?%\}", self.source) is not None
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
+               tools: Sequence[Mapping[str, Any]] | None = None,
+               documents: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The text of ``messages`` (dicts with ``role`` and ``content``), with the assistant's cue when
-        ``add_generation_prompt``. :class:`ChatTemplateError` when the template raises."""
-        return self._render(messages, add_generation_prompt, None)
+        ``add_generation_prompt``. ``tools`` (JSON schemas) and ``documents`` are passed to the template as
+        transformers' ``apply_chat_template`` passes them (``None`` when not given).
+
+        Raises :class:`ChatTemplateError` when the template refuses the messages, :class:`ChatTemplateFault`
+        when the template is at fault (a sandbox violation, or a render bound crossed)."""
+        return self._render(messages, add_generation_prompt, None, tools, documents)
 
     def render_with_spans(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
         """The text and the ``[start, end)`` character spans of its ``{% generation %}`` blocks."""
         spans: list[tuple[int, int]] = []
         return self._render(messages, False, spans), spans
 
-    def _render(self, messages, add_generation_prompt: bool, spans: list[tuple[int, int]] | None) -> str:
+    def _render(self, messages, add_generation_prompt: bool, spans: list[tuple[int, int]] | None,
+                tools=None, documents=None) -> str:  # noqa: ANN001
         import jinja2
 
-        context = {**self.variables, "messages": _plain(messages), "add_generation_prompt": add_generation_prompt}
-        chunks: list[str] = []
-        token = _tracking.set((chunks, spans) if spans is not None else None)
+        from .jinja_sandbox import RenderLimitExceeded, render
+
+        # transformers' apply_chat_template: the special tokens, its keyword arguments, then these
+        context = {**self.variables, "messages": _plain(messages), "tools": tools, "documents": documents,
+                   "add_generation_prompt": add_generation_prompt}
+        token = _spans.set(spans)
         try:
-            for chunk in self.template.generate(**context):
-                chunks.append(chunk)
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"chat template: {exc}") from None
-        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
-            raise ChatTemplateError(f"chat template failed on these messages: {type(exc).__name__}: {exc}") from None
+            return render(self.template, context, self.limits)
+        except RenderLimitExceeded as exc:
+            raise ChatTemplateFault(self.origin, str(exc)) from None
+        except _Refusal as exc:
+            raise ChatTemplateError(f"{self.origin}: {exc}") from None
+        except jinja2.sandbox.SecurityError as exc:
+            raise ChatTemplateFault(self.origin, f"does what the sandbox forbids: {exc}") from None
+        except jinja2.TemplateNotFound as exc:  # {% include %}, {% import %}: a chat template has no files
+            raise ChatTemplateFault(self.origin, f"asks for another template ({exc}), which chat templates "
+                                    "cannot load") from None
+        except (jinja2.TemplateError, TypeError, AttributeError, LookupError, ValueError, ArithmeticError) as exc:
+            raise ChatTemplateError(f"{self.origin} failed on these messages: {type(exc).__name__}: {exc}") from None
         finally:
-            _tracking.reset(token)
-        return "".join(chunks)
+            _spans.reset(token)
 
     def assistant_spans(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character span of each assistant message's turn: what the
@@ -237,7 +362,7 @@ class ChatTemplate:
         if self.has_generation_blocks:
             text, spans = self.render_with_spans(messages)
             if len(spans) != n_assistant:
-                raise ChatTemplateError(f"the chat template marked {len(spans)} {{% generation %}} block(s) for "
+                raise ChatTemplateError(f"{self.origin} marked {len(spans)} {{% generation %}} block(s) for "
                                         f"{n_assistant} assistant message(s)")
             return text, spans
         text = self.render(messages)
@@ -249,20 +374,33 @@ class ChatTemplate:
             upto = self.render(messages[:i + 1]) if i + 1 < len(messages) else text
             if not upto.startswith(before) or not text.startswith(upto):
                 raise ChatTemplateError(
-                    f"the chat template renders message {i} differently depending on what follows it, so its "
+                    f"{self.origin} renders message {i} differently depending on what follows it, so its "
                     "assistant turns cannot be found; mark them with {% generation %} ... {% endgeneration %}")
             spans.append((len(before), len(upto)))
         return text, spans
+
+    def _probe_render(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+        """A render of gpt2lab's own plain conversation, with a system message first if the template
+        refuses it without one (some require it, others refuse system messages): refusing both is the
+        template's fault."""
+        try:
+            return self.render(messages, **kwargs)
+        except ChatTemplateError as exc:
+            try:
+                return self.render([{"role": "system", "content": _PROBE_SYSTEM}, *messages], **kwargs)
+            except ChatTemplateError:
+                raise ChatTemplateFault(self.origin, "cannot lay out a plain user/assistant conversation: "
+                                        f"{str(exc).removeprefix(self.origin + ': ')}") from None
 
     @cached_property
     def end_of_turn(self) -> str:
         """What the template writes after an assistant message's content (``"\\n"`` for the transcript,
         ``"<|im_end|>\\n"`` for ChatML, ``"<|endoftext|>"`` for DialoGPT)."""
         user, reply, _ = _PROBE
-        text = self.render([{"role": "user", "content": user}, {"role": "assistant", "content": reply}])
+        text = self._probe_render([{"role": "user", "content": user}, {"role": "assistant", "content": reply}])
         at = text.rfind(reply)
         if at < 0:
-            raise ChatTemplateError("the chat template does not write the assistant's message content")
+            raise ChatTemplateFault(self.origin, "does not write the assistant's message content")
         return text[at + len(reply):]
 
     @cached_property
@@ -280,14 +418,35 @@ class ChatTemplate:
         if marker:
             return [] if marker == EOS_TOKEN else [marker]
         if not eot:
-            raise ChatTemplateError("the chat template writes nothing after the assistant's message, so a reply "
-                                    "has no end to stop at")
+            raise ChatTemplateFault(self.origin, "writes nothing after the assistant's message, so a reply has no "
+                                    "end to stop at")
         two = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        base = self.render(two)
-        longer = self.render([*two, {"role": "user", "content": following}])
+        base = self._probe_render(two)
+        longer = self._probe_render([*two, {"role": "user", "content": following}])
         stops = [eot]
         if longer.startswith(base) and following in longer:
             label = longer[len(base):longer.index(following)].strip()
             if label:
                 stops.append(label)
         return stops
+
+    def probe(self) -> str:
+        """Check, before serving or training with it, that the template lays out a plain conversation
+        (two user turns and an assistant turn, with the generation prompt; after a system message if it
+        wants one) within its bounds and says where a reply ends; the probe's text.
+        Raises :class:`ChatTemplateFault` naming the template otherwise. A server renders this at start-up,
+        so that a broken template fails there and not on every request."""
+        user, reply, following = _PROBE
+        text = self._probe_render([{"role": "user", "content": user}, {"role": "assistant", "content": reply},
+                                   {"role": "user", "content": following}], add_generation_prompt=True)
+        self.stop  # noqa: B018 - computes (and caches) the end-of-turn marker, or raises
+        return text
+
+
+def probe_chat_template(source: str, variables: Mapping[str, Any] | None = None, *, origin: str = DEFAULT_ORIGIN,
+                        limits: RenderLimits | None = None) -> ChatTemplate:
+    """Compile ``source`` and :meth:`~ChatTemplate.probe` it: the checked template, or
+    :class:`ChatTemplateFault` naming ``origin``. What a server runs at start-up on its model's template."""
+    template = ChatTemplate(source, variables, origin=origin, limits=limits)
+    template.probe()
+    return template

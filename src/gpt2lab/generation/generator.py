@@ -176,6 +176,8 @@ class Generator:
         :class:`gpt2lab.errors.GenerationFailed` naming the prompt when the engine ends one with an error.
         """
         params = self.sampling_params(params, **kwargs)
+        if not isinstance(prompts, (str, Sequence)):  # None: "'NoneType' object is not iterable"
+            raise TypeError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = [self.encode_prompt(p) for p in prompt_list]
         runner = self.runner(num_beams=params.num_beams)
@@ -205,6 +207,7 @@ class Generator:
         ``max_length`` counts prompt + new tokens (as in ``transformers``); pass ``max_new_tokens``
         instead to count new tokens only.
         """
+        _check_prompt(prompt)
         if "max_new_tokens" in more:
             max_length = None  # type: ignore[assignment]
         completion = self.generate(prompt, max_length=max_length, temperature=temperature, top_k=top_k, **more)[0]
@@ -442,9 +445,16 @@ def _from_transformers(hf_model: Any, tokenizer: Any, *, device: str | torch.dev
 _LOADED: dict[str | None, Generator] = {}
 
 
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+
+
 def generate_text(prompt: str, max_length: int = 100, temperature: float = 0.8, top_k: int = 50,
                   model: str | Path | None = None, **more: Any) -> str:
-    """The seed's ``generate_text`` as one call: load ``model`` once (default ``gpt2``) and complete ``prompt``."""
+    """The seed's ``generate_text`` as one call: load ``model`` once (default ``gpt2``) and complete ``prompt``.
+    ``TypeError`` naming ``prompt`` when it is not a string (before any model loads)."""
+    _check_prompt(prompt)
     key = None if model is None else str(model)
     if key not in _LOADED:  # kept for later calls
         _LOADED[key] = load(model)

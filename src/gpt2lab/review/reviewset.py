@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import combinations
@@ -158,11 +158,22 @@ def build(sources: Mapping[str, Rows], mode: str = "pairwise", *, criteria: Sequ
     return ReviewSet(mode, items, check_criteria(criteria), {n: desc.get(n, {}) for n in names})
 
 
-def generate_rows(gen: Generator, prompts: Sequence[str], params: SamplingParams, samples: int = 1) -> Rows:
-    """``samples`` completions of each prompt by ``gen`` with ``params`` (completions only, prompts apart)."""
+def generate_rows(gen: Generator, prompts: Sequence[str], params: SamplingParams, samples: int = 1,
+                  on_progress: Callable[[int], None] | None = None) -> Rows:
+    """``samples`` completions of each prompt by ``gen`` with ``params`` (completions only, prompts apart).
+
+    ``on_progress(n)`` is told each time ``n`` more prompts are done (they run in groups of about 64
+    completions; a seeded prompt's completions do not depend on its group)."""
     if not 1 <= samples <= 64:
         raise ValueError(f"samples must be in [1, 64], got {samples}")
-    return [(c.prompt, c.text) for c in gen.generate(list(prompts), params.with_(n=samples))]
+    prompts, rows = list(prompts), []
+    group = max(1, 64 // samples)
+    for start in range(0, len(prompts), group):
+        part = prompts[start:start + group]
+        rows += [(c.prompt, c.text) for c in gen.generate(part, params.with_(n=samples))]
+        if on_progress is not None:
+            on_progress(len(part))
+    return rows
 
 
 # SamplingParams fields a completion request of ``gpt2lab serve`` takes under the same name (vLLM's and OpenAI's)
@@ -171,9 +182,11 @@ _SERVER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeti
 
 
 def server_rows(url: str, model: str, prompts: Sequence[str], params: SamplingParams, samples: int = 1, *,
-                api_key: str | None = None, timeout: float = 600.0) -> Rows:
+                api_key: str | None = None, timeout: float = 600.0,
+                on_progress: Callable[[int], None] | None = None) -> Rows:
     """As :func:`generate_rows`, by the served model (or LoRA adapter) ``model`` of a running ``gpt2lab serve``
-    (or any OpenAI-compatible server) at ``url``: one ``/v1/completions`` request per prompt, ``n=samples``.
+    (or any OpenAI-compatible server) at ``url``: one ``/v1/completions`` request per prompt, ``n=samples``
+    (``on_progress(1)`` after each).
     ``ValueError`` naming the server, the model and its answer when it refuses a request or cannot be reached;
     and for settings a completion request cannot carry (``num_beams``)."""
     import httpx
@@ -208,6 +221,8 @@ def server_rows(url: str, model: str, prompts: Sequence[str], params: SamplingPa
                 raise ValueError(f"{url}: model {model!r} answered {r.status_code}: {message}")
             choices = sorted(r.json()["choices"], key=lambda c: c["index"])
             rows += [(prompt, c["text"]) for c in choices]
+            if on_progress is not None:
+                on_progress(1)
     return rows
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..generation.chat_format import fit_messages
-from ..generation.chat_template import ChatTemplate, ChatTemplateError
+from ..generation.chat_template import ChatTemplate, ChatTemplateError, ChatTemplateFault
 from ..readers import ReadError, format_of, read_records
 from .data import (
     DataError,
@@ -276,8 +276,10 @@ def prepare_chat_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | 
                             continue
                         ids, mask = fitted
                         trimmed += 1
-                except ChatTemplateError as exc:
+                except ChatTemplateError as exc:  # the template refused this conversation
                     raise DataError(f"{where}: {exc}") from None
+                except ChatTemplateFault as exc:  # the template's own fault, met on this conversation
+                    raise ChatTemplateFault(exc.origin, f"{exc.problem} (rendering {where})") from None
                 if sum(mask) == 0 or len(ids) < 2:
                     skipped += 1
                     continue

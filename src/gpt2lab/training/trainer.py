@@ -35,7 +35,7 @@ from ..checkpoints import save_model
 from ..checkpoints.adapters import fill_adapter_dir
 from ..checkpoints.io import load_model, write_model_files
 from ..generation.chat_format import style_for_model
-from ..generation.chat_template import ChatTemplate, ChatTemplateError
+from ..generation.chat_template import ChatTemplate, read_template_file
 from ..model import GPT2
 from ..model.device import set_threads
 from ..model.lora import adapter_state, apply_lora, load_adapter_state, merge_lora
@@ -428,15 +428,10 @@ class Trainer:
                                     and not looks_like_chat(cfg.data)):
             return None
         if cfg.chat_template is not None:
-            path = Path(cfg.chat_template)
-            try:
-                source = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"--chat-template {path}: cannot read it ({exc})") from None
-            try:
-                return ChatTemplate(source)
-            except ChatTemplateError as exc:
-                raise ValueError(f"--chat-template {path}: {exc}") from None
+            # a file that cannot be read, or a template that does not compile, breaks the sandbox or its
+            # bounds: ChatTemplateFault naming it
+            origin = f"--chat-template {cfg.chat_template}"
+            return ChatTemplate(read_template_file(cfg.chat_template, origin), origin=origin)
         return style_for_model(self.base_name, Path(cfg.model) if cfg.model and Path(cfg.model).is_dir()
                                else self.tokenizer_dir).chat_template
 
