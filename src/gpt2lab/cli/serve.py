@@ -177,7 +177,7 @@ def serve(
             parse_size(max_models_memory, "--max-models-memory")
         except ValueError as exc:
             fail(str(exc))
-    models = parse_models(list(model or [None]))
+    models = parse_models(list(model)) if model else {None: {"model": None}}  # none: the default model
     loras = parse_loras(list(lora or []), models)
 
     try:  # the port first: a busy one fails now, in a second, not after the model is found and loaded
