@@ -3,6 +3,8 @@
     PYTHONPATH=src python benchmarks/generate.py                       # everything available, a few minutes
     PYTHONPATH=src python benchmarks/generate.py --contenders gpt2lab gpt2lab-int8 ct2 ct2-int8 --batches 1
     PYTHONPATH=src python benchmarks/generate.py --models 124m --repeats 5 --threads 2
+    PYTHONPATH=src python benchmarks/generate.py --models 124m --contenders gpt2lab gpt2lab-int8 \\
+        --thread-counts auto 1 2 --contention 1        # auto threads against fixed counts, one core busy
 
 Models: randomly initialised GPT-2 124M and a GPT-2 medium-shaped 355M (``transformers.GPT2Config``
 defaults / 24 layers x 1024), saved by transformers in Hugging Face layout under
@@ -40,6 +42,7 @@ streams every weight once: the measured bandwidth divided by the bytes of weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -294,6 +297,7 @@ def llama_runner(directory: Path, outtype: str, threads: int, gguf_dir: Path | N
 
 
 def build(name: str, directory: Path, args) -> Callable:  # noqa: ANN001
+    name = name.split("@")[0]  # gpt2lab's thread count, applied in _contender_process
     if name == "gpt2lab":
         return gpt2lab_runner(directory, None)
     if name.startswith("gpt2lab-"):
@@ -347,6 +351,11 @@ class Isolated:
 
 def _contender_process(name: str, directory: Path, args: argparse.Namespace, conn) -> None:  # noqa: ANN001
     torch.set_num_threads(args.threads)
+    if "@" in name:  # gpt2lab@auto, gpt2lab-int8@1: the kernels' thread policy (auto, or a pinned count)
+        from gpt2lab.runtime import set_threads
+
+        count = name.split("@")[1]
+        set_threads(count if count == "auto" else int(count))
     try:
         run = build(name, directory, args)
     except SkipContender as exc:
@@ -363,6 +372,30 @@ def _contender_process(name: str, directory: Path, args: argparse.Namespace, con
             conn.send(("ok", (time.perf_counter() - start, ids)))
         except Exception as exc:  # noqa: BLE001
             conn.send(("error", f"{name}: {type(exc).__name__}: {exc}"))
+
+
+def _busy(deadline: float) -> None:
+    """A busy loop until ``deadline`` (time.monotonic()): another process keeping a core busy."""
+    while time.monotonic() < deadline:
+        pass
+
+
+@contextlib.contextmanager
+def contention(n: int, limit_s: float = 900.0):
+    """``n`` processes each spinning on a core while the block runs (stopped after it, and after
+    ``limit_s`` at most even if this process dies)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_busy, args=(time.monotonic() + limit_s,), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join(10)
 
 
 def measure(runners: dict[str, Isolated], prompts: list[list[int]], new: int, repeats: int) -> dict:
@@ -401,10 +434,30 @@ def _ratio(rates: dict, a: str, b: str, batch: int) -> str | None:
     return line
 
 
+def _auto_ratios(rates: dict) -> list[str]:
+    """Each ``X@auto`` against the best fixed count ``X@N`` of the same run (bar: at least 0.95x)."""
+    lines = []
+    for name in rates:
+        base, _, count = name.partition("@")
+        fixed = {n: r for n, r in rates.items() if n.startswith(base + "@") and n.split("@")[1].isdigit()}
+        if count == "auto" and fixed:
+            best = max(fixed, key=lambda n: fixed[n][0])
+            ratio = rates[name][0] / fixed[best][0]
+            verdict = "met" if ratio >= 0.95 else "MISSED"
+            lines.append(f"  {name + ' / ' + best:28s} {ratio:5.2f}x  (bar 0.95x: {verdict})")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--contenders", nargs="+", choices=ALL, default=list(DEFAULT), metavar="NAME",
-                    help=f"which to time (default: {' '.join(DEFAULT)}; choices: {' '.join(ALL)})")
+    ap.add_argument("--contenders", nargs="+", default=list(DEFAULT), metavar="NAME",
+                    help=f"which to time (default: {' '.join(DEFAULT)}; choices: {' '.join(ALL)}; a gpt2lab "
+                         "contender may name its thread count: gpt2lab@auto, gpt2lab-int8@1)")
+    ap.add_argument("--thread-counts", nargs="+", metavar="N", default=None,
+                    help="time each gpt2lab contender at each of these thread counts (auto, 1, 2, ...) as "
+                         "gpt2lab@auto, gpt2lab@1, ...; the report adds auto / best fixed count")
+    ap.add_argument("--contention", type=int, default=0, metavar="N",
+                    help="N other processes keep a core busy each during the timed runs (a shared machine)")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes for the 124M model")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -417,14 +470,21 @@ def main() -> None:
                     help="llama.cpp's convert_hf_to_gguf.py, to write missing GGUF files into the GGUF folder once "
                          "(default: the one on PATH, if any)")
     args = ap.parse_args()
+    if args.thread_counts:
+        args.contenders = [f"{n}@{c}" if n.startswith("gpt2lab") else n for n in args.contenders
+                           for c in (args.thread_counts if n.startswith("gpt2lab") else [None])]
+    for name in args.contenders:
+        base, _, count = name.partition("@")
+        if base not in ALL or (count and not (base.startswith("gpt2lab") and (count == "auto" or count.isdigit()))):
+            ap.error(f"--contenders: {name!r} is not one of {' '.join(ALL)} (gpt2lab ones may end in @auto or @N)")
 
     torch.set_num_threads(args.threads)
     from gpt2lab import kernels
 
     kernels.library()
     print(f"torch {torch.__version__}, {args.threads} threads; gpt2lab's C kernels: "
-          + ("on" + (" (AVX2/FMA)" if kernels.has_avx2() else " (portable, no AVX2)") if kernels.available()
-             else "OFF (PyTorch fallback)"))
+          + (f"on ({kernels.isa()})" if kernels.available() else "OFF (PyTorch fallback)")
+          + f"; load average {os.getloadavg()[0]:.1f}; {args.contention} busy processes during the timed runs")
     print(f"{PROMPT_LEN}-token prompts, {args.new_tokens} new tokens, top_k={TOP_K} sampling; tokens/s best of "
           f"{args.repeats} (median), runs alternating")
     bandwidth = memory_bandwidth_gbs()
@@ -442,15 +502,16 @@ def main() -> None:
         for batch in batches:
             active = {n: r for n, r in runners.items() if batch == 1 or not n.startswith("llama")}
             prompts = make_prompts(__import__("gpt2lab").tokenizer.Tokenizer.gpt2(), batch, seed=batch)
-            rates = measure(active, prompts, args.new_tokens, args.repeats)
+            with contention(args.contention):
+                rates = measure(active, prompts, args.new_tokens, args.repeats)
             print(f"\nGPT-2 {model}, batch {batch}:")
             for name, (best, median) in rates.items():
                 print(f"  {name:17s} {best:8.1f} ({median:6.1f}) tok/s")
-            ratios = [line for a, b in RATIOS if (line := _ratio(rates, a, b, batch))]
+            ratios = [line for a, b in RATIOS if (line := _ratio(rates, a, b, batch))] + _auto_ratios(rates)
             if ratios:
                 print("  ratios of best tokens/s:\n" + "\n".join(ratios))
             if batch == 1:
-                for name in ("gpt2lab", "gpt2lab-int8", "gpt2lab-int8-head", "gpt2lab-bf16"):
+                for name in [n for n in rates if n.startswith("gpt2lab")]:
                     if name in rates:
                         step = runners[name].weight_bytes
                         limit = bandwidth * 1e9 / step

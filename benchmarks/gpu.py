@@ -317,7 +317,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    from gpt2lab.model.device import resolve_device, resolve_dtype
+    from gpt2lab.placement import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -128,16 +128,19 @@ def test_checkpoint_template_wins_in_chat_and_server(tmp_path, saved):
     assert r.status_code == 200, r.text
     expected = ChatTemplate(CHATML).render(messages, add_generation_prompt=True)
     assert r.json()["usage"]["prompt_tokens"] == len(gen.tokenizer.encode(expected))
-    # a template that raises is the client's 400, never a 500
+    # a template that refuses these messages (raise_exception) is the client's 400, never a 500 (it lays out a
+    # plain conversation, so the server starts: one that cannot is refused at start, test_server_chat_templates)
     broken = tmp_path / "broken"
     shutil.copytree(saved["chatml"], broken)
     config = json.loads((broken / "tokenizer_config.json").read_text())
-    config["chat_template"] = "{{ raise_exception('only one message, please') if messages | length > 1 }}x"
+    config["chat_template"] = ("{{ raise_exception('only three messages, please') if messages | length > 3 }}"
+                               + CHATML)
     (broken / "tokenizer_config.json").write_text(json.dumps(config))
     server_helpers.launch_in_thread("chat-template-broken", broken, tmp_path)
     bad = server_helpers.get("chat-template-broken")
     r = httpx.post(f"{bad.url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400 and "only one message, please" in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and "only three messages, please" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "messages"
 
 
 def test_template_sources_and_precedence(tmp_path, tiny_checkpoint):

@@ -36,7 +36,10 @@ def test_runtime_options_are_checked():
     assert build_runtime("auto", "auto", None, None).load_kwargs() == {"device": "auto", "dtype": "auto"}
     assert build_runtime("auto", None, None, None).load_kwargs() == {"device": "auto", "dtype": None}  # the default
     assert build_runtime("cpu", "auto", "none", None).load_kwargs()["quantization"] is None
-    for args, message in [(("gpu", "auto", None, None), "--device"), (("cpu", "int4", None, None), "--dtype"),
+    assert build_runtime("cpu", None, None, "AUTO").threads == "auto"
+    assert build_runtime("cpu", None, None, "3").threads == 3
+    for args, message in [(("cpu", None, None, "many"), "--threads must be auto or an integer"),
+                          (("gpu", "auto", None, None), "--device"), (("cpu", "int4", None, None), "--dtype"),
                           (("cpu", "auto", "int4", None), "--quantization"), (("cpu", "auto", None, 0), "--threads")]:
         with pytest.raises(ValueError, match=message):
             build_runtime(*args)

@@ -28,6 +28,8 @@ PROMPT = "ROMEO:"
 NOT_NEEDED = (
     # other gpt2lab commands and what only they use
     "gpt2lab.server", "gpt2lab.training.trainer", "gpt2lab.training.data", "gpt2lab.training.config",
+    "gpt2lab.training.records", "gpt2lab.training.sampler", "gpt2lab.training.optimization",
+    "gpt2lab.training.distributed",
     "gpt2lab.review", "gpt2lab.evaluation", "gpt2lab.apps",
     "gpt2lab.cli.serve", "gpt2lab.cli.train", "gpt2lab.cli.review", "gpt2lab.cli.eval", "gpt2lab.cli.chat",
     "gpt2lab.cli.story", "gpt2lab.cli.augment", "gpt2lab.cli.explore", "gpt2lab.cli.info",

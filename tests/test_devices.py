@@ -13,7 +13,7 @@ import torch
 
 import gpt2lab
 from gpt2lab.generation.beam import beam_search
-from gpt2lab.model.device import resolve_device, resolve_dtype
+from gpt2lab.placement import resolve_device, resolve_dtype
 from gpt2lab.runtime.cuda_graphs import GraphDecoder, batch_bucket, kv_bucket, static_decode
 from gpt2lab.sampling import SamplingParams
 

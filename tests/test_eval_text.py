@@ -155,6 +155,62 @@ def test_cli_text_json_and_table(tmp_path):
                                   "they pair up line by line")
 
 
+# -- text in other scripts: words are split by script ------------------------------------------------
+SENTENCES = {  # (sentence, the tokenizer auto picks, its words)
+    "zh": ("我喜欢吃苹果。", "zh", 7),
+    "ru": ("Я люблю есть яблоки.", "13a", 4),
+    "ja": ("私はりんごを食べるのが好きです。", "ja-mecab", 10),
+    "th": ("ฉันชอบกินแอปเปิ้ล", "char", 17),
+    "el": ("Μου αρέσει να τρώω μήλα.", "13a", 5),
+}
+
+
+@pytest.mark.parametrize("lang", sorted(SENTENCES))
+def test_identical_sentences_score_full_marks_in_any_script(lang):
+    """Identical Chinese sentences scored ROUGE 0 and BLEU 0, identical Russian and Japanese ROUGE 0, and
+    distinct-n counted a Chinese sentence as one word."""
+    sentence, expected, count = SENTENCES[lang]
+    out = text_metrics([sentence], [sentence])
+    assert out["tokenize"] == expected
+    assert out["bleu"] == pytest.approx(100) and out["chrf"] == pytest.approx(100)
+    assert out["rouge1"] == out["rouge2"] == out["rougeL"] == 1.0
+    assert out["mean_length"] == count and out["distinct_1"] > 1 / count
+    # a different sentence of the same script scores below that, above nothing shared
+    other = text_metrics([sentence], [sentence[: len(sentence) // 2] + "。 " + sentence[len(sentence) // 2:]])
+    assert 0 < other["rouge1"] <= 1 and other["bleu"] < 100
+
+
+def test_words_follow_the_chosen_tokenizer():
+    zh = ["我喜欢吃苹果", "我喜欢吃苹果我喜欢吃苹果"]
+    assert distinct_n(zh, 1) == pytest.approx(6 / 18)  # characters, not one "word" per sentence
+    assert repeated_ngram_rate(zh[1:], 4) == pytest.approx(3 / 9)  # 4-grams 7-9 repeat 1-3
+    assert distinct_n(zh, 1, tokenize="13a") == pytest.approx(2 / 2)  # whitespace words, when asked for
+    # an English text stays on whitespace words and rouge-score's own tokenizer: the same numbers as before
+    assert text_metrics(PREDS, REFS)["tokenize"] == "13a"
+    assert distinct_n(["a b a"], 1) == pytest.approx(2 / 3)
+    mixed = text_metrics(["The café is good 很好"], ["The café is good 很好"])
+    assert mixed["tokenize"] == "zh" and mixed["rougeL"] == 1.0
+    assert rouge(["Кошка сидит"], ["кошка СИДИТ!"])["rouge1"] == 1.0  # case-folded, punctuation dropped
+    with pytest.raises(ValueError, match="tokenize must be auto or one of"):
+        text_metrics(PREDS, REFS, tokenize="flores200")
+
+
+@pytest.mark.slow
+def test_cli_text_says_which_tokenizer(tmp_path):
+    preds = tmp_path / "zh.txt"
+    preds.write_text("我喜欢吃苹果。\n我喜欢吃香蕉。\n", encoding="utf-8")
+    done = _cli("eval", "text", "--predictions", str(preds), "--references", str(preds), "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["tokenize"] == "zh" and record["rougeL"] == 1.0 and record["bleu"] == pytest.approx(100)
+    forced = json.loads(_cli("eval", "text", "-p", str(preds), "--tokenize", "char", "--json").stdout)
+    assert forced["tokenize"] == "char"
+    table = _cli("eval", "text", "-p", str(preds))
+    assert table.returncode == 0 and "tokenize" in table.stdout and "zh" in table.stdout
+    bad = _cli("eval", "text", "-p", str(preds), "--tokenize", "klingon")
+    assert bad.returncode == 2 and bad.stderr.startswith("gpt2lab: error: --tokenize must be"), bad.stderr
+
+
 def test_package_exposes_evaluate_lazily():
     import gpt2lab.evaluation
 

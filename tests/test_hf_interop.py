@@ -20,6 +20,7 @@ from gpt2lab.sampling import hf_compat
 from .conftest import SHAPES, make_hf_checkpoint
 
 IDS = [464, 2068, 7586, 21831, 18045, 625, 262]
+PROMPT = "The quick brown fox"
 
 
 def _hf(path):
@@ -195,6 +196,68 @@ def test_transformers_argument_names_work(base):
         gen.generate(prompt, min_length=3)
     with pytest.raises(TypeError, match="num_return_sequences or n"):
         gen.generate(prompt, n=2, num_return_sequences=2)
+
+
+def _hf_new_tokens(folder, ids: list[int], **generate_kwargs) -> list[int]:
+    with torch.no_grad():
+        out = _hf(folder).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   **generate_kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def test_generation_config_objects_merge_as_transformers_merges_them(tmp_path, base, recwarn):
+    """A ``generation_config=`` object sets what it sets over the checkpoint's file (its other fields keep the
+    file's values), ``max_new_tokens`` wins over ``max_length`` inside it, and fields gpt2lab does not use are
+    ignored with one warning naming them: the tokens transformers' own ``generate`` gives."""
+    import warnings
+
+    from transformers import GenerationConfig
+
+    folder = shutil.copytree(base, tmp_path / "greedy")
+    GenerationConfig(do_sample=False, max_new_tokens=7, repetition_penalty=1.5, eos_token_id=50256
+                     ).save_pretrained(folder)
+    gen = gpt2lab.load(folder)
+    ids = gen.tokenizer.encode(PROMPT)
+    for config in (GenerationConfig(max_new_tokens=3),  # do_sample and the penalty come from the file
+                   GenerationConfig(max_length=len(ids) + 9, max_new_tokens=4),  # max_new_tokens wins
+                   {"max_new_tokens": 5, "repetition_penalty": 1.0}):
+        expected = _hf_new_tokens(folder, ids, generation_config=config if not isinstance(config, dict)
+                                  else GenerationConfig(**config))
+        assert gen.generate(PROMPT, generation_config=config)[0].token_ids == expected, config
+    # fields gpt2lab does not use: one warning naming them, and the rest applies
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gen.generate(PROMPT, generation_config={"max_new_tokens": 2, "min_length": 3, "diversity_penalty": 0.5})
+    assert len(out[0].token_ids) == 2
+    [warning] = [w for w in caught if issubclass(w.category, hf_compat.GenerationConfigWarning)]
+    assert "'diversity_penalty', 'min_length'" in str(warning.message) and "generation_config" in str(warning.message)
+    with pytest.raises(TypeError, match="unknown generation parameter.*min_length"):  # a keyword stays an error
+        gen.generate(PROMPT, min_length=3)
+
+
+def test_generation_config_file_fields_not_used_are_named_once(tmp_path, base):
+    import subprocess
+    import sys
+    import warnings
+
+    folder = shutil.copytree(base, tmp_path / "odd")
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "do_sample": False,
+                                                                "num_beam_groups": 2, "penalty_alpha": 0.6}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = gpt2lab.load(folder)
+        gen.generate("Hello")
+        gen.generate("Hello")
+    named = [str(w.message) for w in caught if issubclass(w.category, hf_compat.GenerationConfigWarning)]
+    assert len(named) == 1 and str(folder / "generation_config.json") in named[0]
+    assert "'num_beam_groups', 'penalty_alpha'" in named[0]
+    from .server_helpers import _env
+
+    r = subprocess.run([sys.executable, "-m", "gpt2lab", "generate", "Hello", "--model", str(folder)],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "num_beam_groups" in line]
+    assert lines == [f"gpt2lab: warning: {named[0]}"], r.stderr
 
 
 def test_load_transformers_model_object(tmp_path, base):

@@ -318,7 +318,8 @@ def test_api_bounds_and_4xx(tmp_path):
             assert r.json()["error"]["param"] == param, (body, r.text)
         assert c.post("/api/judgements", content=b"{not json", headers={"content-type": "application/json"}
                       ).status_code == 400
-        assert c.post("/api/judgements", content=b"x" * 300_000).status_code == 413
+        assert c.post("/api/judgements", content=b"x" * 300_000, headers={"content-type": "application/json"}
+                      ).status_code == 413
         assert c.get("/api/next").status_code == 400
         assert post({"reviewer": "dan", "item": first, "choice": "A"}).status_code == 200
         r = post({"reviewer": "dan", "item": first, "choice": "B"})  # a double submit

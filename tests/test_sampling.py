@@ -518,7 +518,7 @@ def test_sample_rejects_nan_scores_instead_of_picking_a_token():
     ("top_k", True), ("top_p", 0.0), ("top_p", 1.01), ("min_p", -0.01), ("min_p", 1.5), ("typical_p", 0),
     ("typical_p", 2), ("repetition_penalty", 0), ("repetition_penalty", -1.0), ("presence_penalty", 2.5),
     ("frequency_penalty", -3), ("no_repeat_ngram_size", -1), ("max_new_tokens", -1), ("max_length", 0),
-    ("n", 0), ("num_beams", 0), ("seed", -1), ("logprobs", 21), ("stop", [""]), ("stop", 5),
+    ("n", 0), ("num_beams", 0), ("seed", -2**63 - 1), ("logprobs", 21), ("stop", [""]), ("stop", 5),
     ("bad_words", [3]), ("stop_token_ids", [-1]), ("logit_bias", {"x": 1.0}), ("logit_bias", {-1: 1.0}),
     ("logit_bias", [1]), ("length_penalty", float("inf")),
 ])

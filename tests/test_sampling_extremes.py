@@ -43,7 +43,7 @@ params_strategy = st.builds(
     frequency_penalty=edge(-2.0, 2.0),
     no_repeat_ngram_size=st.sampled_from([0, 1, 2, 3]),
     logit_bias=st.dictionaries(st.integers(0, VOCAB - 1), edge(-100.0, 100.0), max_size=4),
-    seed=st.integers(0, 2**63 - 1),
+    seed=st.integers(-2**63, 2**63 - 1),
 )
 
 

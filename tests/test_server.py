@@ -131,7 +131,7 @@ def test_chat_completion_and_stream(model, client):
     assert stream[0].choices[0].delta.role == "assistant"
     assert stream[-1].choices[0].finish_reason == choice.finish_reason
     streamed = "".join(c.choices[0].delta.content or "" for c in stream)
-    assert streamed.strip() == choice.message.content
+    assert streamed == choice.message.content  # exactly: no whitespace around a reply, streamed or not
 
 
 def test_chat_logprobs(model, client):
@@ -187,7 +187,7 @@ def test_sixteen_concurrent_streams_seeded_equal_alone(model, server, client):
     ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", None),
     ({"prompt": "x", "logit_bias": {"5": 500}}, "logit_bias", None),
     ({"prompt": "x", "top_k": -2}, "top_k", None),
-    ({"prompt": "x", "seed": -1}, "seed", None),
+    ({"prompt": "x", "seed": 2**63}, "seed", None),  # int64: negative seeds are taken, as OpenAI does
     ({"prompt": "x", "n": 200}, "n", None),
     ({"prompt": "x", "suffix": "y"}, "suffix", None),
     ({"prompt": "x", "stop": [""]}, "stop", None),
@@ -216,7 +216,6 @@ def test_unknown_model_is_404_model_not_found(server):
 @pytest.mark.parametrize("body, param", [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "system", "content": "only a persona"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x " * 300}], "max_tokens": 60}, "messages"),
@@ -233,7 +232,8 @@ def test_malformed_and_odd_bodies_are_client_errors(model, server, client):
                            (b"[1, 2]", "application/json"), (b"\xff\xfe", "application/json"),
                            (b"prompt=x", "application/x-www-form-urlencoded"), (b"", "application/json")]:
         r = httpx.post(url, content=content, headers={"content-type": ctype}, timeout=30)
-        assert r.status_code == 400, (content, r.text)
+        # a body that is not JSON is refused for its content type (gpt2lab.http_guard), before it is parsed
+        assert r.status_code == (400 if ctype == "application/json" else 415), (content, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server.url}/v1/nothing-here").status_code == 404
     assert httpx.get(url).status_code == 405

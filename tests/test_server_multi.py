@@ -242,3 +242,50 @@ def test_review_make_generates_with_a_running_server(multi, tmp_path):
     bad = CliRunner().invoke(app, ["review", "make", "--server", multi.url, "--api-key", KEY, "--model", "base-a",
                                    "--model", "nope", "-o", str(tmp_path / "x.jsonl"), PROMPTS[0]])
     assert bad.exit_code != 0 and "'nope'" in bad.output and "404" in bad.output
+
+
+def test_review_make_chats_with_a_running_server(multi, tmp_path):
+    """``review make --server URL --chat --system S``: each prompt is the user's message of a chat completion of
+    the served model or adapter, and the review holds those replies (main's chat branch beside --server)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gpt2lab.cli.main import app
+
+    out = tmp_path / "review.jsonl"
+    result = CliRunner().invoke(app, ["review", "make", "--server", multi.url, "--api-key", KEY, "--model", "base-a",
+                                      "--model", "ad-all", "--chat", "--system", "Be brief.", "--temperature", "0",
+                                      "--max-new-tokens", "8", "-o", str(out), PROMPTS[0]])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    for model in ("base-a", "ad-all"):
+        r = httpx.post(f"{multi.url}/v1/chat/completions", headers=multi.headers, timeout=60,
+                       json={"model": model, "max_tokens": 8, "temperature": 0, "top_k": 50,
+                             "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": PROMPTS[0]}]})
+        assert r.status_code == 200, r.text
+        assert json.dumps(r.json()["choices"][0]["message"]["content"])[1:-1] in text, model
+
+
+def test_structured_outputs_and_chat_templates_per_model(multi):
+    """Each served model and adapter answers structured-output requests (compiled for its own tokenizer) on both
+    endpoints, and renders chats in its own render processes (an adapter in its base model's)."""
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    for model in ("base-a", "base-b", "ad-all"):
+        r = httpx.post(f"{multi.url}/v1/completions", headers=multi.headers, timeout=60,
+                       json={"model": model, "prompt": "pick:", "max_tokens": 8,
+                             "structured_outputs": {"choice": ["left", "right"]}})
+        assert r.status_code == 200, (model, r.text)
+        assert r.json()["choices"][0]["text"] in ("left", "right") and r.json()["model"] == model
+        r = httpx.post(f"{multi.url}/v1/chat/completions", headers=multi.headers, timeout=60,
+                       json={"model": model, "max_tokens": 40, "messages": [{"role": "user", "content": "a number"}],
+                             "response_format": {"type": "json_schema",
+                                                 "json_schema": {"name": "n", "schema": schema}}})
+        assert r.status_code == 200, (model, r.text)
+        reply = r.json()["choices"][0]
+        if reply["finish_reason"] == "stop":
+            assert isinstance(json.loads(reply["message"]["content"])["n"], int)

@@ -298,12 +298,12 @@ def test_half_open_connections_and_slow_bodies_are_closed(local):
     url, _ = local
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:  # never finishes its headers
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         start = time.monotonic()
         assert s.recv(1024) == b""  # closed by the server
         assert time.monotonic() - start < 20
     with socket.create_connection((host, int(port)), timeout=30) as s:  # headers, then a body that stalls
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\":")
         reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408"), reply

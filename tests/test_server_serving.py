@@ -39,7 +39,7 @@ def state(gen, run):
     """A started server, without HTTP, on this module's Generator: 2 running and 1 waiting sequence at most."""
     state = _start(ServerState.create(gen, max_batch=2, max_queue=1, model_name=NAME))
     yield state
-    state.scheduler.stop()
+    state.close()
 
 
 def completion(run, state: ServerState, **fields):
@@ -157,7 +157,7 @@ def test_request_timeout_is_408_and_gives_the_capacity_back(gen, state, run):
             run(asyncio.sleep(0.05))
         assert timeouts() == 2 and sample(late, "gpt2lab_in_flight_sequences", gen.name) == 0
     finally:
-        late.scheduler.stop()
+        late.close()
 
 
 # -- chat completions ------------------------------------------------------------------------------------
@@ -181,8 +181,8 @@ def test_streamed_chat_opens_with_the_role(state, run):
 
 @pytest.mark.parametrize("fields, param", [
     ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": HELLO, "max_tokens": 3, "max_completion_tokens": 3}, "max_completion_tokens"),
-    ({"messages": [{"role": "system", "content": "Be brief."}]}, "messages"),
+    ({"messages": HELLO, "max_tokens": 3, "max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"messages": HELLO, "functions": [{"name": "f"}]}, "functions"),
     ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
 ])
 def test_bad_chat_request_in_error_object_out(state, fields, param, run):

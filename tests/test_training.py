@@ -18,7 +18,8 @@ from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.training import DataError, TrainConfig, prepare_data, train
 from gpt2lab.training.checkpoint import CheckpointDir
 from gpt2lab.training.data import split_documents
-from gpt2lab.training.trainer import BlockSampler, lr_at, param_groups
+from gpt2lab.training.optimization import lr_at, param_groups
+from gpt2lab.training.sampler import BlockSampler
 
 from .conftest import make_hf_checkpoint, sigkill_after_first_checkpoint
 
@@ -344,12 +345,12 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
 
 def test_best_model_and_early_stopping(tmp_path):
     from gpt2lab.training import Trainer
-    from gpt2lab.training.trainer import _Bar
+    from gpt2lab.training.records import ProgressBar
 
     corpus = _corpus(tmp_path, repeats=20)
     trainer = Trainer(TrainConfig(data=[str(corpus)], out=str(tmp_path / "out"), config=TINY, block_size=16,
                                   patience=2, progress=False, plot=False))
-    bar = _Bar(False, 10, 0)
+    bar = ProgressBar(False, 10, 0)
     weights = tmp_path / "out" / "model.safetensors"
     assert trainer._record_eval(5.0, None, bar, save_best=True) is False and weights.is_file()
     published = weights.stat().st_mtime_ns

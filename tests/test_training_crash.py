@@ -136,7 +136,7 @@ def test_latest_pointer_is_the_switch(tmp_path):
 def test_metrics_log_with_a_torn_multibyte_tail_is_resumed(tmp_path):
     """metrics.jsonl cut by a kill in the middle of a UTF-8 character: complete records up to the
     checkpoint are kept, the torn one is dropped, and appending goes on."""
-    from gpt2lab.training.trainer import Metrics
+    from gpt2lab.training.records import Metrics
 
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "note": "d\u00e9j\u00e0 \u2028 vu"},

@@ -12,3 +12,7 @@ class TokenizerError(RuntimeError):
 class GenerationFailed(RuntimeError):
     """A request that the engine ended with an error (its settings left nothing to sample, NaN scores): the
     message says why. Other requests of the batch are unaffected."""
+
+
+class GPT2LabWarning(UserWarning):
+    """A warning of gpt2lab's about the user's input (the command line shows it as one line)."""

@@ -5,6 +5,12 @@ Each new example keeps its source row's label (and every other column) and is ma
 - ``continuation``: the model continues the example's opening (its first words);
 - ``few-shot``: the model writes the next item of a list of other examples with the same label.
 
+With a JSON Schema (``json_schema=``, ``gpt2lab augment --json-schema FILE``) every new example is a row the
+model writes as one JSON object under that schema (structured outputs, docs/structured-outputs.md), after a
+few-shot list of rows with the same label as JSON objects; the schema's properties are dataset columns (the
+text column among them) and the label's property is pinned to the source row's label (``const``), so each
+new row parses, validates and keeps its label. A row cut at the length limit is filtered as ``invalid_json``.
+
 Candidates are filtered: empty output, length bounds (words), exact duplicates and near duplicates
 (character 3-gram Jaccard similarity >= a threshold) of the originals and of each other.
 
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 ORIGIN, SOURCE_ROW, METHOD = "aug_origin", "aug_source_row", "aug_method"
 ADDED_COLUMNS = (ORIGIN, SOURCE_ROW, METHOD)
 METHODS = ("continuation", "few-shot")
-FILTER_REASONS = ("empty", "too_short", "too_long", "duplicate", "near_duplicate", "empty_source")
+FILTER_REASONS = ("empty", "too_short", "too_long", "duplicate", "near_duplicate", "empty_source", "invalid_json")
 DEFAULTS = {"temperature": 0.9, "top_k": 50}
 # readers.FORMATS name -> how rows are written: a .json dataset is written as JSON Lines (which the
 # json reader, and datasets', read back)
@@ -227,6 +233,7 @@ class _Candidate:
     max_new_tokens: int
     n: int = 1
     seed: int | None = None
+    structured: Any = None  # the row's StructuredOutputsParams (json_schema mode)
 
 
 def _words(text: str) -> list[str]:
@@ -243,7 +250,8 @@ class Augmenter:
     def __init__(self, generator: Generator, data: Dataset, out: str | Path, *, text_column: str,
                  label_column: str | None = None, per_example: int = 2, methods: Sequence[str] = METHODS,
                  params: SamplingParams | None = None, similarity: float = 0.8, min_words: int = 3,
-                 max_words: int | None = None, opening: float = 0.5, shots: int = 3, batch_rows: int = 8) -> None:
+                 max_words: int | None = None, opening: float = 0.5, shots: int = 3, batch_rows: int = 8,
+                 json_schema: dict[str, Any] | None = None) -> None:
         if not isinstance(per_example, int) or not 1 <= per_example <= 100:
             raise ValueError(f"per_example must be an integer in [1, 100], got {per_example!r}")
         bad = [m for m in methods if m not in METHODS]
@@ -263,6 +271,13 @@ class Augmenter:
         data_format(self.out, "output")
         check_output_file(self.out)
         self.text_column, self.label_column = text_column, label_column
+        self.schema = _row_schema(json_schema, text_column, label_column, data.columns) \
+            if json_schema is not None else None
+        if self.schema is not None:  # rows are written as JSON lines after a few-shot list
+            methods = ["few-shot"] if list(methods) == list(METHODS) else methods
+            if "continuation" in methods:
+                raise ValueError("with a JSON Schema, new rows are written few-shot as JSON objects: "
+                                 "method continuation does not apply")
         self.per_example, self.methods = per_example, list(methods)
         self.params = (params or SamplingParams(**DEFAULTS)).with_(n=1)
         if self.params.num_beams > 1:
@@ -285,9 +300,12 @@ class Augmenter:
 
     # -- resumable state --------------------------------------------------------------------------
     def _job_header(self) -> dict[str, Any]:
-        return {"job": "augment", "input": str(self.data.path.resolve()), "rows": len(self.data.rows),
-                "text_column": self.text_column, "label_column": self.label_column,
-                "per_example": self.per_example, "columns": self.columns}
+        header = {"job": "augment", "input": str(self.data.path.resolve()), "rows": len(self.data.rows),
+                  "text_column": self.text_column, "label_column": self.label_column,
+                  "per_example": self.per_example, "columns": self.columns}
+        if self.schema is not None:
+            header["json_schema"] = self.schema
+        return header
 
     def _resume(self, summary: AugmentSummary) -> int:
         """Read the progress log and truncate the output to its finished rows; the next row to do."""
@@ -361,6 +379,8 @@ class Augmenter:
         return max(8, min(2 * n, 256, self.gen.config.n_positions // 2))
 
     def _candidates(self, i: int) -> list[_Candidate]:
+        if self.schema is not None:
+            return self._json_candidates(i)
         row = self.data.rows[i]
         text = _one_line(row.get(self.text_column) or "")
         seed = None if self.params.seed is None else self.params.seed + i * (self.per_example + 1)
@@ -388,23 +408,58 @@ class Augmenter:
                                   seed=None if seed is None else seed + 1 + k))
         return out
 
-    def _generate(self, cands: list[_Candidate]) -> dict[int, list[tuple[str, str]]]:
-        """Run every candidate prompt in one continuous batch: row -> [(method, text)]."""
+    def _json_candidates(self, i: int) -> list[_Candidate]:
+        """``per_example`` few-shot prompts of rows with row ``i``'s label as JSON objects (row ``i`` itself when
+        it is the only one), each held to the schema with the label pinned."""
+        from ..sampling import StructuredOutputsParams
+
+        row = self.data.rows[i]
+        seed = None if self.params.seed is None else self.params.seed + i * (self.per_example + 1)
+        rng = random.Random(seed)
+        others = [j for j in self.by_label.get(self._label_key(row), []) if j != i] or [i]
+        schema = json.loads(json.dumps(self.schema))
+        if self.label_column in schema["properties"]:
+            schema["properties"][self.label_column] = {"const": row.get(self.label_column)}
+            schema["required"] = sorted({*schema.get("required", []), self.label_column})
+        spec = StructuredOutputsParams(json=schema)
+        out = []
+        for k in range(self.per_example):
+            lines = [json.dumps({c: self.data.rows[j].get(c) for c in self.schema["properties"]}, ensure_ascii=False)
+                     for j in rng.sample(others, min(self.shots, len(others)))]
+            # at least 64 tokens: a row cut at the limit does not parse, and the schema may allow longer
+            # strings than the shots hold
+            budget = self.params.max_new_tokens or max(64, min(2 * max(len(self.gen.tokenizer.encode(line))
+                                                                         for line in lines),
+                                                               self.gen.config.n_positions // 2))
+            out.append(_Candidate(i, "few-shot", "".join(line + "\n" for line in lines), "", budget,
+                                  seed=None if seed is None else seed + 1 + k, structured=spec))
+        return out
+
+    def _generate(self, cands: list[_Candidate]) -> dict[int, list[tuple[str, str | None, dict | None]]]:
+        """Run every candidate prompt in one continuous batch: row -> [(method, text, the JSON row or None)]; in
+        json_schema mode a row that does not parse (cut at the length limit) has text None."""
         runner = self.gen.runner()
         stop = [*self.params.stop, "\n"]  # an example is one line
         for c_id, c in enumerate(cands):
             p = self.params.with_(max_new_tokens=c.max_new_tokens, max_length=None, n=c.n, seed=c.seed, stop=stop,
-                                  truncate_prompt=True)
+                                  truncate_prompt=True, structured_outputs=c.structured)
             runner.add(self.gen.encode_prompt(c.prompt), p, request_id=str(c_id), source=f"candidate {c_id}")
         runner.run()  # a failed candidate raises GenerationFailed (it was dropped as an "empty" one)
-        result: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        result: dict[int, list[tuple[str, str | None, dict | None]]] = defaultdict(list)
         for c_id, c in enumerate(cands):
             for completion in runner.completions(str(c_id)):
                 body = completion.text
-                result[c.row].append((c.method, _one_line(c.prefix + body) if c.prefix else _one_line(body)))
+                if c.structured is not None:
+                    fields = _parse_row(body) if completion.finish_reason == "stop" else None
+                    text = None if fields is None else _one_line(str(fields.get(self.text_column) or ""))
+                    result[c.row].append((c.method, text, fields))
+                    continue
+                result[c.row].append((c.method, _one_line(c.prefix + body) if c.prefix else _one_line(body), None))
         return result
 
-    def _judge(self, text: str) -> str | None:
+    def _judge(self, text: str | None) -> str | None:
+        if text is None:
+            return "invalid_json"
         if not text:
             return "empty"
         n = len(_words(text))
@@ -437,14 +492,14 @@ class Augmenter:
                     kept = 0
                     if not (rows[i].get(self.text_column) or "").strip():
                         filtered["empty_source"] = self.per_example
-                    for method, text in made.get(i, []):
+                    for method, text, fields in made.get(i, []):
                         reason = self._judge(text)
                         if reason:
                             filtered[reason] += 1
                             continue
                         self.index.add(text)
-                        writer.write({**rows[i], self.text_column: text, ORIGIN: "generated", SOURCE_ROW: i,
-                                      METHOD: method})
+                        writer.write({**rows[i], **(fields or {}), self.text_column: text, ORIGIN: "generated",
+                                      SOURCE_ROW: i, METHOD: method})
                         kept += 1
                     filtered = {k: v for k, v in filtered.items() if v}
                     self._log_row(i, kept, filtered)  # after the row's records are on disk
@@ -458,13 +513,41 @@ class Augmenter:
         return summary
 
 
+def _parse_row(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _row_schema(schema: Any, text_column: str, label_column: str | None, columns: Sequence[str]) -> dict[str, Any]:
+    """``schema`` checked as the JSON Schema of a dataset row: an object whose properties are columns, the text
+    column (a string) among them; ``ValueError`` saying what is wrong."""
+    if not isinstance(schema, dict) or schema.get("type") != "object" or not isinstance(schema.get("properties"),
+                                                                                           dict):
+        raise ValueError('json_schema must describe a row: {"type": "object", "properties": {column: schema, ...}}')
+    props = schema["properties"]
+    unknown = [c for c in props if c not in columns]
+    if unknown:
+        raise ValueError(f"json_schema: properties {', '.join(unknown)} are not columns of the dataset "
+                         f"(columns: {', '.join(columns)})")
+    if text_column not in props:
+        raise ValueError(f"json_schema: the text column {text_column!r} must be one of its properties")
+    schema = {**schema, "required": sorted({*schema.get("required", []), text_column})}
+    from ..sampling import StructuredOutputsParams
+
+    StructuredOutputsParams(json=schema).validate()  # ValueError naming structured_outputs.json
+    return schema
+
+
 def augment(generator: Generator, data: str | Path, out: str | Path, *, text_column: str = "text",
             label_column: str | None = None, per_example: int = 2,
             progress: Callable[[int, int], None] | None = None, **options: Any) -> AugmentSummary:
     """Augment the dataset file ``data`` into ``out`` (resuming if ``out`` is a partial run of the same job).
 
     ``options``: ``methods``, ``params`` (SamplingParams), ``similarity``, ``min_words``, ``max_words``,
-    ``opening``, ``shots``, ``batch_rows`` (see :class:`Augmenter`).
+    ``opening``, ``shots``, ``batch_rows``, ``json_schema`` (see :class:`Augmenter`).
     """
     dataset = read_dataset(data, text_column, label_column)
     job = Augmenter(generator, dataset, out, text_column=text_column, label_column=label_column,

@@ -8,7 +8,7 @@ persona), generates until the next user turn and records both turns.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,3 +199,23 @@ class ChatSession:
             self.persona = persona
         self.turns = turns
 
+
+
+def first_replies(generator: Generator, messages: Sequence[str], params: SamplingParams, samples: int = 1, *,
+                  system: str | None = None) -> list[tuple[str, str]]:
+    """``samples`` replies to each of ``messages`` as the user's first turn of its own conversation, laid out
+    as :class:`ChatSession` lays it out (``system``: the system message; None: the layout's default, a
+    chat fine-tune's own), in one batch: ``[(message, reply), ...]``, message-major. ``params`` sets the
+    reply length and sampling (``n`` is ``samples``). Raises ``ValueError`` for a message or system
+    message that leaves no room for the reply."""
+    if not 1 <= samples <= 64:
+        raise ValueError(f"samples must be in [1, 64], got {samples}")
+    session = ChatSession(generator, persona=system, params=params.with_(n=1))
+    prompts = [session.prompt_for(m) for m in messages]
+    if not prompts:
+        return []
+    from ..generation.chat_format import clean_reply
+
+    stop = [*params.stop, *prompts[0].stop]  # the layout's end of a turn: the same for every conversation
+    out = generator.generate([p.text for p in prompts], params.with_(n=samples, stop=stop))
+    return [(messages[i // samples], clean_reply(c.text, session.style)) for i, c in enumerate(out)]

@@ -26,17 +26,19 @@ import torch
 
 from ..atomic import crash_point, write_dir, write_file
 from ..errors import CheckpointError
-from ..model import GPT2, ConfigError, GPT2Config, check_quantization
+from ..model import GPT2, ConfigError, GPT2Config
 from ..model.gpt2 import meta_skeleton
+from ..placement import STORED_DTYPES, check_quantization, storage_dtype
 from ..readers import ReadError, read_json
 from .tensors import (
-                      CONV1D_SUFFIXES,
-                      IGNORED_BUFFERS,
-                      check_tensor_names,
-                      gpt2lab_to_hf,
-                      hf_to_gpt2lab,
-                      read_tensors,
-                      safetensors_shapes,
+    CONV1D_SUFFIXES,
+    IGNORED_BUFFERS,
+    SAFETENSORS_DTYPES,
+    check_tensor_names,
+    gpt2lab_to_hf,
+    hf_to_gpt2lab,
+    read_tensors,
+    safetensors_shapes,
 )
 
 CONFIG_FILE = "config.json"
@@ -53,9 +55,6 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", TOKENIZER_CONFIG_FILE,
                    SPECIAL_TOKENS_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub's and transformers' default
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -173,8 +172,8 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
         raw = {}
     for key in ("torch_dtype", "dtype"):
         name = raw.get(key) if isinstance(raw, dict) else None
-        if isinstance(name, str) and name.removeprefix("torch.") in _DTYPES:
-            return _DTYPES[name.removeprefix("torch.")]
+        if isinstance(name, str) and name.removeprefix("torch.") in STORED_DTYPES:
+            return STORED_DTYPES[name.removeprefix("torch.")]
     first = weight_files(directory)[0]
     if first.suffix == ".safetensors":
         from safetensors import safe_open
@@ -182,8 +181,8 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
         try:
             with safe_open(str(first), framework="pt") as fh:
                 for key in fh.keys():
-                    found = _SAFETENSORS_DTYPES.get(fh.get_slice(key).get_dtype())
-                    if found is not None:
+                    found = SAFETENSORS_DTYPES.get(fh.get_slice(key).get_dtype())
+                    if found is not None and found.is_floating_point:
                         return found
         except Exception as exc:  # noqa: BLE001 - as in _read_tensors
             raise CheckpointError(f"{first}: cannot read weights (truncated or corrupt?): {exc}") from exc
@@ -192,22 +191,6 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, directory: str | Path | None = None) -> torch.dtype | None:
-    """A dtype argument as a ``torch.dtype``: names (``"float16"``, ``"bf16"``, ...) or ``"auto"``
-    (the checkpoint's own dtype, :func:`checkpoint_dtype`; needs ``directory``). ``None`` stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {**_DTYPES, "fp32": torch.float32, "fp16": torch.float16, "half": torch.float16,
-             "bf16": torch.bfloat16}
-    if dtype == "auto":
-        if directory is None:
-            raise ValueError('dtype="auto" needs a checkpoint directory to read the dtype from')
-        return checkpoint_dtype(directory)
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of {sorted(['auto', *table])}, got {dtype!r}")
-    return table[dtype]
 
 
 def read_config(directory: str | Path) -> GPT2Config:
@@ -248,7 +231,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
 
         return load_quantized(config, files, quantization, device=device, source=weights_file(directory),
                               config_source=config_path)
-    dtype = resolve_dtype(dtype, directory)
+    dtype = storage_dtype(dtype, lambda: checkpoint_dtype(directory))
     return model_from_tensors(config, (tensors for _, tensors in iter_checkpoint_tensors(directory)), dtype=dtype,
                        device=device, source=str(weights_file(directory)), config_source=str(config_path))
 

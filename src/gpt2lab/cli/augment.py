@@ -9,8 +9,17 @@ from pathlib import Path
 import typer
 
 from ..apps.augment import DEFAULTS, METHODS
-from .common import check_output, load_generator, user_errors
-from .options import BEAM_OPTIONS, Runtime, SamplingChoice, model_option, runtime_options, sampling_options
+from .common import check_output, user_errors
+from .options import (
+    BEAM_OPTIONS,
+    Runtime,
+    SamplingChoice,
+    load_generator,
+    model_option,
+    runtime_options,
+    sampling_options,
+)
+from .structured import json_schema_option, structured_outputs
 
 _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
@@ -34,6 +43,9 @@ def augment(
     shots: int = typer.Option(3, "--shots", help="Examples shown in a few-shot prompt."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    json_schema: Path = json_schema_option("Write each new row as one JSON object valid under this JSON Schema "
+                                           "(a .json file; its properties are columns, the text column among "
+                                           "them; the label's is pinned to the source row's)."),
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -46,6 +58,7 @@ def augment(
     """
     from ..apps.augment import Augmenter, read_dataset
 
+    spec = structured_outputs("gpt2lab augment", json_schema=json_schema)
     with user_errors():
         dataset = read_dataset(data, text_column, label_column)
     check_output(out, "--out", kind="file")
@@ -53,7 +66,8 @@ def augment(
     with user_errors():
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),
-                        similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots)
+                        similarity=similarity, min_words=min_words, max_words=max_words, opening=opening, shots=shots,
+                        json_schema=spec.json if spec is not None else None)
     from ..console import echo, progress_bar
 
     try:  # the bar goes to stderr: stdout is the summary (JSON with --json)

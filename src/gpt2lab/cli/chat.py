@@ -9,8 +9,16 @@ import typer
 
 from ..apps.chat import DEFAULTS, UNSUPPORTED
 from ..console import echo, write
-from .common import check_output, fail, load_generator, user_errors
-from .options import Runtime, SamplingChoice, model_option, process_escapes, runtime_options, sampling_options
+from .common import check_output, fail, user_errors
+from .options import (
+    Runtime,
+    SamplingChoice,
+    load_generator,
+    model_option,
+    process_escapes,
+    runtime_options,
+    sampling_options,
+)
 
 HELP = """commands:
   /reset              forget the conversation (the persona stays)

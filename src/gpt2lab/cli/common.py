@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "server": ("fastapi", "uvicorn", "pydantic", "prometheus_client"),
     "eval": ("sacrebleu", "rouge_score", "matplotlib"),
     "train": ("matplotlib",),
+    "structured": ("llguidance",),
 }
 
 
@@ -81,31 +82,3 @@ def check_output(path, option: str = "--out", kind: str = "dir") -> None:
 
     with user_errors():
         (check_output_file if kind == "file" else check_output_dir)(path, option)
-
-
-def load_generator(model: str | None, runtime=None, *, load: Callable | None = None):  # noqa: ANN001
-    """Load a model for a command (``runtime``: its ``--device``/``--dtype``/``--quantization``, a
-    :class:`~gpt2lab.cli.options.Runtime`), with the user-facing error handling."""
-    from ..generation import load as default_load
-
-    loader = load or default_load
-    kwargs = load_kwargs(runtime, loader)
-    with user_errors():
-        return loader(model, **kwargs)
-
-
-def load_kwargs(runtime, loader: Callable | None = None) -> dict:  # noqa: ANN001 - a cli.options.Runtime
-    """``runtime``'s keyword arguments for ``loader`` (default :func:`gpt2lab.load`); fails in one line when
-    ``--quantization`` asks for what this ``loader`` cannot do."""
-    import inspect
-
-    from .options import Runtime
-
-    if loader is None:
-        from ..generation import load as loader
-    kwargs = (runtime or Runtime()).load_kwargs()
-    if "quantization" in kwargs and "quantization" not in inspect.signature(loader).parameters:
-        if kwargs["quantization"] is not None:
-            fail(f"--quantization {kwargs['quantization']} is not available in this version of gpt2lab")
-        del kwargs["quantization"]  # "none" is what it does anyway
-    return kwargs

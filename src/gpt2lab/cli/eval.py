@@ -11,8 +11,8 @@ from typing import Any
 import typer
 
 from ..console import echo, print_table
-from .common import fail, load_generator, require_extra, user_errors
-from .options import Runtime, model_option, runtime_options
+from .common import fail, require_extra, user_errors
+from .options import Runtime, load_generator, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
                   no_args_is_help=True)
@@ -80,21 +80,31 @@ def text_cmd(
                                     help="References, paired line by line with the predictions (.txt or .jsonl)."),
     model: str = typer.Option(None, "--model", "-m", help="Scoring model: adds the predictions' perplexity under it."),
     use_stemmer: bool = typer.Option(False, "--stemmer", help="Porter-stem words before ROUGE."),
+    tokenize: str = typer.Option("auto", "--tokenize", help="How words are split, by script (sacrebleu's "
+                                 "tokenizers): auto (chosen from the text: zh for Chinese, ja-mecab for Japanese, "
+                                 "char for Thai and the like, else 13a), 13a, intl, zh, ja-mecab, ko-mecab, char, "
+                                 "none. The one used is shown."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     runtime: Runtime = None,
 ) -> None:
     """BLEU, chrF, ROUGE against references; distinct-n, self-BLEU, repetition, length, perplexity."""
     require_extra("eval", "gpt2lab eval text", ("sacrebleu", "rouge_score"))
     from ..evaluation import read_predictions, read_references, text_metrics
+    from ..evaluation.words import resolve as resolve_tokenizer
 
     with user_errors():
         preds, inline_refs = read_predictions(predictions)
         refs = read_references(references) if references is not None else inline_refs
         if not preds:
             fail(f"{predictions}: no predictions in this file")
+    try:  # before any model loads
+        resolve_tokenizer(tokenize, [])
+    except ValueError as exc:
+        fail(f"--{exc}")
     scorer = load_for_eval(model, runtime) if model is not None else False
     with user_errors():
-        metrics = text_metrics(preds, refs, model=scorer, use_stemmer=use_stemmer, progress=sys.stderr.isatty())
+        metrics = text_metrics(preds, refs, model=scorer, use_stemmer=use_stemmer, progress=sys.stderr.isatty(),
+                               tokenize=tokenize)
     if as_json:
         print_json(metrics)
         return

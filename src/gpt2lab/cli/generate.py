@@ -11,8 +11,17 @@ from typing import Any
 import typer
 
 from ..console import echo, write
-from .common import fail, load_generator, user_errors
-from .options import Runtime, SamplingChoice, model_option, process_escapes_all, runtime_options, sampling_options
+from .common import fail, user_errors
+from .options import (
+    Runtime,
+    SamplingChoice,
+    load_generator,
+    model_option,
+    process_escapes_all,
+    runtime_options,
+    sampling_options,
+)
+from .structured import choice_option, grammar_option, json_schema_option, regex_option, structured_outputs
 
 _CHUNK = 16  # prompts generated together in --json mode (results print as each chunk finishes)
 
@@ -63,6 +72,10 @@ def generate(
                               "objects with a \"prompt\" field. '-' reads stdin."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
+    json_schema: Path = json_schema_option(),
+    regex: str = regex_option(),
+    choice: list[str] = choice_option(),
+    grammar: Path = grammar_option(),
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -74,11 +87,20 @@ def generate(
 
     Defaults: the model's generation_config.json, else the classic recipe: temperature 0.8, top-k 50,
     100 tokens in all unless --max-new-tokens. Options given here win over both.
+
+    --json-schema, --regex, --choice or --grammar hold every output to that shape (docs/structured-outputs.md).
     """
+    structured = structured_outputs("gpt2lab generate", json_schema=json_schema, regex=regex, choice=choice,
+                                    grammar=grammar)
+    if structured is not None:
+        with user_errors():  # with the flags given (beam search, say), before any model loads
+            sampling.params.with_(structured_outputs=structured)
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
     gen = load_generator(model, runtime)
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
+        if structured is not None:
+            params = params.with_(structured_outputs=structured)
     from ..generation import fit_prompt
 
     with user_errors():  # a request the engine ended with an error (GenerationFailed) too: its reason, in one line

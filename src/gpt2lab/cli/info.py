@@ -6,8 +6,7 @@ import json
 
 import typer
 
-from .common import load_generator
-from .options import Runtime, model_option, runtime_options
+from .options import Runtime, load_generator, model_option, runtime_options
 
 
 @runtime_options(threads=False)

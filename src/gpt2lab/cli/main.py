@@ -152,7 +152,27 @@ def _root(
 _NORMAL_EXIT = {"train", "finetune", "serve"}
 
 
+def _one_line_warnings() -> None:
+    """gpt2lab's own warnings (:class:`gpt2lab.errors.GPT2LabWarning`, about the user's input) as one line
+    ``gpt2lab: warning: ...`` on stderr, like its errors; other libraries' warnings as Python shows them."""
+    import warnings
+
+    from ..errors import GPT2LabWarning
+
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
+             line: str | None = None) -> None:
+        if issubclass(category, GPT2LabWarning):
+            print(f"gpt2lab: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
+    _one_line_warnings()
     try:
         app()  # typer ends with sys.exit in standalone mode
     except SystemExit as exc:

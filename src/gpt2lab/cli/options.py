@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import typer
 
-from .common import fail
+from .common import fail, user_errors
 
 MODEL_HELP = ("Local directory, bundled name or Hub id (default: gpt2, or the bundled model when gpt2 cannot "
               "be had; a model named here never falls back).")
@@ -31,6 +31,28 @@ MODEL_HELP = ("Local directory, bundled name or Hub id (default: gpt2, or the bu
 def model_option() -> Any:
     """``--model/-m``, spelled the same in every command."""
     return typer.Option(None, "--model", "-m", help=MODEL_HELP)
+
+
+ALLOWED_HOST_HELP = ("Also answer requests for this host name (the name clients use to reach the server); "
+                     ".example.org for a domain and its subdomains, * for any. Repeatable. By default only "
+                     "localhost, loopback addresses and --host are answered: a web page that re-points its own "
+                     "name here (DNS rebinding) gets 403.")
+
+
+def allowed_host_option() -> Any:
+    """``--allowed-host`` of the local web servers (``serve``, ``review serve``)."""
+    return typer.Option(None, "--allowed-host", help=ALLOWED_HOST_HELP)
+
+
+def host_names(host: str, extra: list[str] | None) -> tuple[str, ...]:
+    """The ``Host`` names a server bound to ``host`` answers, with the ``--allowed-host`` entries ``extra``
+    (:func:`gpt2lab.http_guard.allowed_hosts`); a bad entry is a one-line error."""
+    from ..http_guard import allowed_hosts
+
+    try:
+        return allowed_hosts(host, extra or ())
+    except ValueError as exc:
+        fail(str(exc))
 
 
 # -- text options: backslash escapes ------------------------------------------------------------
@@ -86,9 +108,11 @@ DTYPE_HELP = ("auto (a checkpoint stored in float16/bfloat16 keeps its dtype; el
 # otherwise stay fp16 on the CPU, where gpt2lab's kernels (fp32, or --quantization) do not run it
 LOAD_DTYPE_HELP = ("float32, bfloat16, float16, or auto (a checkpoint stored in float16/bfloat16 keeps its "
                    "dtype). Default: bfloat16 on a GPU that supports it, else float32.")
-QUANTIZATION_CHOICES = ("none", "int8", "bf16")
+QUANTIZATION_NONE = "none"  # the CLI's word for the library's quantization=None
 QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
 THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
+RUNTIME_THREADS_HELP = ("CPU threads: auto (default: gpt2lab's kernels time each kind of forward and keep the "
+                        "fastest count, which follows other processes' load) or N to pin N (torch's too).")
 RUNTIME_PANEL = "Device and precision"
 
 
@@ -102,9 +126,9 @@ def dtype_option(default: str | None = "auto", help: str = DTYPE_HELP) -> Any:  
     return typer.Option(default, "--dtype", help=help, rich_help_panel=RUNTIME_PANEL)
 
 
-def threads_option() -> Any:
+def threads_option(help: str = THREADS_HELP) -> Any:  # noqa: A002 - typer's word
     """``--threads``, spelled the same in every command."""
-    return typer.Option(None, "--threads", help=THREADS_HELP, rich_help_panel=RUNTIME_PANEL)
+    return typer.Option(None, "--threads", help=help, rich_help_panel=RUNTIME_PANEL)
 
 
 @dataclass(frozen=True)
@@ -114,40 +138,123 @@ class Runtime:
     device: str = "auto"
     dtype: str | None = None  # None: gpt2lab.load's default (float32 on a CPU, whatever the checkpoint stores)
     quantization: str | None = None  # None: not asked for (the library's default)
-    threads: int | None = None
+    threads: int | str | None = None  # None: not asked for (auto); "auto"; or a pinned count
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`gpt2lab.load`; ``quantization`` only when asked for."""
         kwargs: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
         if self.quantization is not None:
-            kwargs["quantization"] = None if self.quantization == "none" else self.quantization
+            kwargs["quantization"] = None if self.quantization == QUANTIZATION_NONE else self.quantization
         return kwargs
 
 
-def apply_threads(threads: int | None) -> None:
-    """``--threads N``: torch's intra-op and inter-op thread pools (checked: an integer in [1, 1024])."""
+def load_generator(model: str | None, runtime=None, *, load: Callable | None = None):  # noqa: ANN001
+    """Load a model for a command (``runtime``: its ``--device``/``--dtype``/``--quantization``, a
+    :class:`~gpt2lab.cli.options.Runtime`), with the user-facing error handling."""
+    from ..generation import load as default_load
+
+    loader = load or default_load
+    kwargs = load_kwargs(runtime, loader)
+    with user_errors():
+        return loader(model, **kwargs)
+
+
+def load_kwargs(runtime, loader: Callable | None = None) -> dict:  # noqa: ANN001 - a cli.options.Runtime
+    """``runtime``'s keyword arguments for ``loader`` (default :func:`gpt2lab.load`); fails in one line when
+    ``--quantization`` asks for what this ``loader`` cannot do."""
+    import inspect
+
+    if loader is None:
+        from ..generation import load as loader
+    kwargs = (runtime or Runtime()).load_kwargs()
+    if "quantization" in kwargs and "quantization" not in inspect.signature(loader).parameters:
+        if kwargs["quantization"] is not None:
+            fail(f"--quantization {kwargs['quantization']} is not available in this version of gpt2lab")
+        del kwargs["quantization"]  # "none" is what it does anyway
+    return kwargs
+
+
+def apply_threads(threads: int | str | None) -> None:
+    """``--threads N``: the kernels' count and torch's intra-op and inter-op thread pools (checked: an
+    integer in [1, 1024]); ``--threads auto``: the kernels choose (:mod:`gpt2lab.runtime.threads`)."""
     if threads is not None:
-        from ..model.device import set_threads
+        from ..runtime import set_threads
 
-        set_threads(threads, "--threads")
+        set_threads(threads)
 
 
-def build_runtime(device: str, dtype: str | None, quantization: str | None, threads: int | None) -> Runtime:
-    """Check the runtime options (the device is checked when the model loads)."""
-    import re
+def _threads_value(threads: int | str | None) -> int | str | None:
+    """``--threads``' value: None, ``"auto"`` or an integer in [1, MAX_THREADS]; ValueError naming it otherwise."""
+    from ..placement import MAX_THREADS, check_threads
 
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device.strip().lower()):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if dtype is not None and dtype.lower() not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if quantization is not None and quantization.lower() not in QUANTIZATION_CHOICES:
-        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {quantization!r}")
-    if threads is not None:  # (imports torch, which --threads needs next anyway)
-        from ..model.device import check_threads
+    if threads is None or (isinstance(threads, str) and threads.strip().lower() == "auto"):
+        return None if threads is None else "auto"
+    try:
+        value = int(threads)
+    except ValueError:
+        raise ValueError(f"--threads must be auto or an integer in [1, {MAX_THREADS}], got {threads!r}") from None
+    return check_threads(value, "--threads")
 
-        check_threads(threads, "--threads")
-    return Runtime(device=device.strip().lower(), dtype=dtype.lower() if dtype is not None else None,
-                   quantization=quantization.lower() if quantization is not None else None, threads=threads)
+
+def build_runtime(device: str, dtype: str | None, quantization: str | None,
+                  threads: int | str | None) -> Runtime:
+    """Check the runtime options with :mod:`gpt2lab.placement`'s vocabulary (whether the device is there is
+    checked when the model loads). ``ValueError`` naming the option and its choices."""
+    from ..placement import QUANTIZATIONS, check_quantization, device_name, dtype_name
+
+    if quantization is not None:
+        spelled = quantization.strip().lower()
+        if spelled != QUANTIZATION_NONE and spelled not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join((QUANTIZATION_NONE, *QUANTIZATIONS))}, "
+                             f"got {quantization!r}")
+        quantization = spelled if spelled == QUANTIZATION_NONE else check_quantization(spelled, "--quantization")
+    threads = _threads_value(threads)
+    if dtype is not None:
+        dtype_name(dtype, "--dtype")  # checked; passed on as spelled (gpt2lab.load reads the same names)
+    return Runtime(device=device_name(device, "--device"), dtype=dtype.strip().lower() if dtype is not None else None,
+                   quantization=quantization, threads=threads)
+
+
+def command_options(receiver: str, options: Sequence[inspect.Parameter], build: Callable[[dict[str, Any], Any], Any],
+                    *, receives: str, group: str) -> Callable[[Callable], Callable]:
+    """The one way a group of options is added to typer commands: ``options`` (keyword-only parameters whose
+    defaults are ``typer.Option``s) join the command's own parameters, and the command receives
+    ``build(values, annotation)`` as its ``receiver`` parameter instead (``values``: each option's value by
+    name; ``annotation``: the command's annotation of ``receiver``). A ``ValueError``/``TypeError`` from
+    ``build`` fails the command in one line; a command without ``receiver``, or with a parameter named as one
+    of the options, is a ``TypeError`` when it is decorated."""
+    names = [p.name for p in options]
+
+    def decorate(func: Callable) -> Callable:
+        hints = typing.get_type_hints(func, include_extras=True)
+        sig = inspect.signature(func)
+        if receiver not in sig.parameters:
+            raise TypeError(f"{func.__name__} needs a {receiver!r} parameter to receive {receives}")
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in sig.parameters.values() if p.name != receiver]
+        clash = {p.name for p in own} & set(names)
+        if clash:
+            raise TypeError(f"{func.__name__}: parameters {sorted(clash)} clash with the {group} options")
+        annotation = hints.get(receiver)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name, None) for name in names}
+            try:
+                value = build(values, annotation)
+            except (ValueError, TypeError) as exc:
+                fail(str(exc))
+            return func(*args, **{receiver: value}, **kwargs)
+
+        own_positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if
+                          p.kind == inspect.Parameter.KEYWORD_ONLY else p for p in own]
+        params = [*own_positional, *options]
+        wrapper.__signature__ = sig.replace(parameters=params, return_annotation=sig.return_annotation)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer must read the new signature, not the original's
+        return wrapper
+
+    return decorate
 
 
 def runtime_options(*, quantization: bool = True, threads: bool = True) -> Callable[[Callable], Callable]:
@@ -160,38 +267,16 @@ def runtime_options(*, quantization: bool = True, threads: bool = True) -> Calla
         added.append(("quantization", str | None, typer.Option(None, "--quantization", help=QUANTIZATION_HELP,
                                                                rich_help_panel=RUNTIME_PANEL)))
     if threads:
-        added.append(("threads", int | None, threads_option()))
+        added.append(("threads", str | None, threads_option(RUNTIME_THREADS_HELP)))
 
-    def decorate(func: Callable) -> Callable:
-        hints = typing.get_type_hints(func, include_extras=True)
-        sig = inspect.signature(func)
-        if "runtime" not in sig.parameters:
-            raise TypeError(f"{func.__name__} needs a 'runtime' parameter to receive Runtime")
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in sig.parameters.values() if p.name != "runtime"]
+    def build(values: dict[str, Any], _annotation: Any) -> Runtime:
+        runtime = build_runtime(values["device"], values["dtype"], values.get("quantization"), values.get("threads"))
+        apply_threads(runtime.threads)
+        return runtime
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name, None) for name, _, _ in added}
-            try:
-                runtime = build_runtime(values["device"], values["dtype"], values.get("quantization"),
-                                        values.get("threads"))
-                apply_threads(runtime.threads)
-            except ValueError as exc:
-                fail(str(exc))
-            return func(*args, runtime=runtime, **kwargs)
-
-        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
-                 for name, kind, opt in added]
-        own_positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if
-                          p.kind == inspect.Parameter.KEYWORD_ONLY else p for p in own]
-        params = [*own_positional, *extra]
-        wrapper.__signature__ = sig.replace(parameters=params, return_annotation=sig.return_annotation)
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        del wrapper.__wrapped__  # typer must read the new signature, not the original's
-        return wrapper
-
-    return decorate
+    return command_options("runtime", [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt,
+                                                         annotation=kind) for name, kind, opt in added],
+                           build, receives="Runtime", group="runtime")
 
 
 @dataclass(frozen=True)
@@ -349,44 +434,16 @@ def sampling_options(*, defaults: Mapping[str, Any] | None = None, exclude: Coll
     """
     defaults = dict(defaults or {})
     opts = [o for o in SAMPLING_OPTIONS if o.name not in set(exclude)]
+    added = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=o.type,
+                               default=typer.Option(None, o.flag or "--" + o.name.replace("_", "-"),
+                                                    *([o.short] if o.short else []), help=_help(o, defaults),
+                                                    rich_help_panel="Generation options", show_default=False))
+             for o in opts]
 
-    def decorate(func: Callable) -> Callable:
-        hints = typing.get_type_hints(func, include_extras=True)
-        sig = inspect.signature(func)
-        if "sampling" not in sig.parameters:
-            raise TypeError(f"{func.__name__} needs a 'sampling' parameter to receive SamplingParams")
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in sig.parameters.values() if p.name != "sampling"]
-        choice = hints.get("sampling") is SamplingChoice
-        taken = {p.name for p in own}
-        clash = taken & {o.name for o in opts}
-        if clash:
-            raise TypeError(f"{func.__name__}: parameters {sorted(clash)} clash with the generation options")
-        added = []
-        for o in opts:
-            flag = o.flag or "--" + o.name.replace("_", "-")
-            option = typer.Option(None, flag, *([o.short] if o.short else []), help=_help(o, defaults),
-                                  rich_help_panel="Generation options", show_default=False)
-            added.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                           annotation=o.type))
+    def build(given: dict[str, Any], annotation: Any) -> Any:
+        params = build_sampling_params(given, defaults)
+        if annotation is SamplingChoice:
+            return SamplingChoice(explicit_values(given), defaults, params, defaults_win, frozenset(exclude))
+        return params
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            given = {o.name: kwargs.pop(o.name, None) for o in opts}
-            try:
-                params = build_sampling_params(given, defaults)
-            except (ValueError, TypeError) as exc:
-                fail(str(exc))
-            if choice:
-                params = SamplingChoice(explicit_values(given), defaults, params, defaults_win, frozenset(exclude))
-            return func(*args, sampling=params, **kwargs)
-
-        own_positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if
-                          p.kind == inspect.Parameter.KEYWORD_ONLY else p for p in own]
-        params = [*own_positional, *added]
-        wrapper.__signature__ = sig.replace(parameters=params, return_annotation=sig.return_annotation)
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        del wrapper.__wrapped__  # typer must read the new signature, not the original's
-        return wrapper
-
-    return decorate
+    return command_options("sampling", added, build, receives="SamplingParams", group="generation")

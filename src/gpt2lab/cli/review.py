@@ -15,8 +15,16 @@ import typer
 
 from ..console import echo
 from ..sampling import SamplingParams
-from .common import fail, load_generator, user_errors
-from .options import Runtime, process_escapes_all, runtime_options, sampling_options
+from .common import fail, user_errors
+from .options import (
+    Runtime,
+    allowed_host_option,
+    host_names,
+    load_generator,
+    process_escapes_all,
+    runtime_options,
+    sampling_options,
+)
 
 app = typer.Typer(help="Blind side-by-side ratings, 1-5 ratings and curation of generated text, in the browser.",
                   no_args_is_help=True)
@@ -61,6 +69,13 @@ def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return out
 
 
+def _is_chat_model(gen: Any) -> bool:
+    """A model with its own chat template (a chat fine-tune, an instruction model): it expects messages."""
+    from ..generation.chat_format import style_for_model
+
+    return style_for_model(gen.name, gen.path).kind == "template"
+
+
 @app.command("make")
 @runtime_options()
 @sampling_options(defaults=MAKE_DEFAULTS, exclude={"n", "logprobs"})
@@ -91,12 +106,22 @@ def make(
     criteria: str = typer.Option("fluency,coherence,relevance", "--criteria", help="Comma-separated rating "
                                  "criteria."),
     samples: int = typer.Option(1, "--samples", help="Completions per prompt and generating source."),
+    chat: bool = typer.Option(None, "--chat/--no-chat", help="Send each prompt to a model as the user's message "
+                              "of a chat and review its replies (default: for models with their own chat "
+                              "template, such as chat fine-tunes; with --server, only when given)."),
+    system: str = typer.Option(None, "--system", help="The system message of those chats (default: the model's "
+                               "own: a chat fine-tune's is the one it was trained with)."),
     max_items: int = typer.Option(None, "--max-items", help="Keep at most this many items (after shuffling)."),
     sampling: SamplingParams = None,
     runtime: Runtime = None,
 ) -> None:
     """Write a review file: the same prompts completed by two or more hidden sources (or an augment output)."""
+    from ..apps.chat import first_replies
     from ..review import reviewset as rv
+
+    if system is not None and chat is False:
+        fail("--system is the system message of a chat; it cannot be used with --no-chat")
+    system = None if system is None else process_escapes_all([system])[0]
 
     crit = [c for c in criteria.split(",")]
     if augment_file is not None:
@@ -149,10 +174,17 @@ def make(
                         name = Path(model).name if model and Path(model).is_dir() else model
                         label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
                             or (gen.name if gen is not None else model)
+                        # a served model's template is the server's: chat there only when asked (--chat)
+                        chatting = bool(chat) if gen is None else _is_chat_model(gen) if chat is None else chat
+                        chat_desc = {"chat": True, "system": system} if chatting else {}
                         if gen is None:
                             rows = rv.server_rows(server, model, prompt_list, params, samples, api_key=api_key,
-                                                  on_progress=bar)
-                            desc = {"model": model, "server": server, "params": _described(params)}
+                                                  on_progress=bar, chat=chatting, system=system)
+                            desc = {"model": model, "server": server, "params": _described(params), **chat_desc}
+                        elif chatting:
+                            rows = first_replies(gen, prompt_list, params, samples, system=system)
+                            bar(len(prompt_list))
+                            desc = {"model": gen.name, "params": _described(params), **chat_desc}
                         else:
                             rows = rv.generate_rows(gen, prompt_list, params, samples, on_progress=bar)
                             desc = {"model": gen.name, "params": _described(params)}
@@ -183,9 +215,10 @@ def serve(
     criteria: str = typer.Option(None, "--criteria", help="Comma-separated rating criteria (default: the review "
                                  "file's)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    allowed_host: list[str] = allowed_host_option(),
 ) -> None:
     """Serve the review page: reviewers judge in the browser; every judgement is appended to --log at once."""
-    from .serve import is_loopback
+    from ..http_guard import is_loopback
 
     if not is_loopback(host) and not allow_remote:
         fail(f"--host {host} is reachable from other machines and the page has no login; add --allow-remote "
@@ -194,6 +227,7 @@ def serve(
         fail(f"--port must be in [0, 65535], got {port}")
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         fail(f"--log-level must be one of critical, error, warning, info, debug, trace; got {log_level!r}")
+    hosts = host_names(host, allowed_host)
     try:
         import uvicorn
 
@@ -210,7 +244,8 @@ def serve(
         if criteria:
             review.criteria = check_criteria(criteria.split(","))
         words = read_blocklist(blocklist) if blocklist else []
-        app_ = create_app(review, log, blocklist=words, similarity=similarity, title=review_file.name)
+        app_ = create_app(review, log, blocklist=words, similarity=similarity, title=review_file.name,
+                          allowed_hosts=hosts)
     if port == 0:  # pick the free port here, so the address printed is the one served
         import socket
 

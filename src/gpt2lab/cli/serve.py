@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -10,8 +9,9 @@ from typing import Any
 
 import typer
 
-from .common import fail, load_kwargs, require_extra, user_errors
-from .options import MODEL_HELP, Runtime, runtime_options
+from ..http_guard import is_loopback
+from .common import fail, require_extra, user_errors
+from .options import MODEL_HELP, Runtime, allowed_host_option, host_names, load_kwargs, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
 _NAME = re.compile(r"[\w.:@-]+")  # a served name: no slash, so NAME=... never swallows a path holding "="
@@ -86,16 +86,6 @@ def parse_loras(values: list[str], models: dict[str | None, dict[str, Any]]) -> 
     return out
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname other than localhost may resolve anywhere
-
-
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (``OSError`` if it cannot be had, e.g. the port is busy)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -109,6 +99,16 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def check_chat_template(resolved) -> None:  # noqa: ANN001 - a checkpoints.ResolvedModel
+    """The model's chat template renders the probe conversation before anything loads or is served: a
+    broken one raises its ChatTemplateFault naming it, which the command reports in one line (exit 2).
+    The server renders it once more in its render process before it turns ready."""
+    from ..generation.chat_format import style_for_model
+    from ..generation.chat_worker import probe_style
+
+    probe_style(style_for_model(resolved.name, resolved.path))
 
 
 @runtime_options()
@@ -148,6 +148,7 @@ def serve(
                                                 help="Let browser pages from this origin (e.g. "
                                                      "https://app.example:3000, or * for any) call the API; "
                                                      "repeatable. Off by default."),
+    allowed_host: list[str] = allowed_host_option(),
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
@@ -179,6 +180,7 @@ def serve(
             fail(str(exc))
     models = parse_models(list(model)) if model else {None: {"model": None}}  # none: the default model
     loras = parse_loras(list(lora or []), models)
+    hosts = host_names(host, allowed_host)
 
     try:  # the port first: a busy one fails now, in a second, not after the model is found and loaded
         sock = bind(host, port)
@@ -186,15 +188,18 @@ def serve(
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     from ..checkpoints import resolve_model
-    from ..model.device import resolve_device, resolve_dtype
-    from ..model.quantize import check_quantization
+    from ..placement import check_quantization, resolve_device, resolve_dtype
 
     with user_errors():  # a bad reference or device fails here, in one line; the weights load on the engine thread
         for spec in models.values():
-            resolve_model(spec["model"], quiet=True)
-            resolve_dtype(spec.get("dtype", runtime.dtype), resolve_device(spec.get("device", runtime.device)))
+            resolved = resolve_model(spec["model"], quiet=True)
+            device_name = "--device" if "device" not in spec else f"--model {spec['model']},device="
+            dtype_name = "--dtype" if "dtype" not in spec else f"--model {spec['model']},dtype="
+            resolve_dtype(spec.get("dtype", runtime.dtype), resolve_device(spec.get("device", runtime.device),
+                                                                           device_name), name=dtype_name)
             if spec.get("quantization") != "none":
                 check_quantization(spec.get("quantization"))
+            check_chat_template(resolved)
     load = load_kwargs(runtime)
 
     from ..server import ModelConfig, create_app
@@ -216,8 +221,8 @@ def serve(
         with user_errors():
             app = create_app(served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                              request_timeout=request_timeout, cors_allow_origins=origins, max_body_mb=max_body_mb,
-                             limits=limits, allow_runtime_lora=allow_runtime_lora, max_models_memory=max_models_memory,
-                             prefix_cache_mb=prefix_cache_mb, **more, **load)
+                             limits=limits, allowed_hosts=hosts, allow_runtime_lora=allow_runtime_lora,
+                             max_models_memory=max_models_memory, prefix_cache_mb=prefix_cache_mb, **more, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))

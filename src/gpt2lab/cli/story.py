@@ -8,11 +8,12 @@ from pathlib import Path
 import typer
 
 from ..apps.story import DEFAULTS
-from .common import check_output, fail, load_generator, user_errors
+from .common import check_output, fail, user_errors
 from .options import (
     BEAM_OPTIONS,
     Runtime,
     SamplingChoice,
+    load_generator,
     model_option,
     process_escapes,
     runtime_options,

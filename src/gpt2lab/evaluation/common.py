@@ -19,7 +19,7 @@ def as_generator(model: ModelLike, device: str = "auto", quantization: str | Non
     passed in keeps its own (ValueError if it asks for another).
     """
     from ..generation import Generator, load
-    from ..model import check_quantization
+    from ..placement import check_quantization
 
     quantization = check_quantization(quantization)
     if isinstance(model, Generator):

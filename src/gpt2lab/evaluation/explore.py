@@ -10,83 +10,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .common import ModelLike, as_generator, progress_bar
+from .report import METRICS, SETTING_FIELDS, ExploreResult, Sample, Setting, SettingResult, write_outputs
 from .scoring import perplexity_of
 from .text import diversity_metrics, repeated_ngram_rate, score_continuations
 
 DEFAULT_TEMPERATURES = (0.3, 0.7, 1.0, 1.3)
 DEFAULT_TOP_KS = (0, 10, 50)
 DEFAULT_TOP_PS = (1.0, 0.9)
-# the columns of results.csv and of the terminal table, after the setting itself
-METRICS = ("perplexity", "repeated_4gram_rate", "distinct_1", "distinct_2", "distinct_3", "self_bleu",
-           "mean_length", "mean_tokens")
-SETTING_FIELDS = ("label", "temperature", "top_k", "top_p")
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One point of the grid."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-
-    @property
-    def label(self) -> str:
-        return f"T={self.temperature:g} k={self.top_k} p={self.top_p:g}"
-
-
-@dataclass
-class Sample:
-    prompt: str
-    text: str  # the completion only
-    tokens: int
-    perplexity: float  # of this completion given its prompt, under the scoring model
-
-
-@dataclass
-class SettingResult:
-    """A setting's scores (pooled over its samples; diversity averaged over prompts) and samples."""
-
-    setting: Setting
-    perplexity: float
-    repeated_4gram_rate: float | None
-    distinct_1: float | None
-    distinct_2: float | None
-    distinct_3: float | None
-    self_bleu: float | None
-    mean_length: float | None  # words
-    mean_tokens: float
-    samples: list[Sample] = field(default_factory=list)
-
-    def row(self) -> dict[str, Any]:
-        """The flat record of results.csv: the setting then its metrics."""
-        s = self.setting
-        return {"label": s.label, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                **{m: getattr(self, m) for m in METRICS}}
-
-
-@dataclass
-class ExploreResult:
-    model: str
-    scoring_model: str
-    prompts: list[str]
-    max_length: int
-    samples: int
-    seed: int | None
-    settings: list[SettingResult]
-
-    def to_dict(self) -> dict[str, Any]:
-        """results.json: the run's parameters and, per setting, its scores and samples."""
-        return {"model": self.model, "scoring_model": self.scoring_model, "prompts": self.prompts,
-                "max_length": self.max_length, "samples": self.samples, "seed": self.seed,
-                "settings": [{**r.row(), "samples": [asdict(s) for s in r.samples]} for r in self.settings]}
-
-
+__all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_TOP_KS", "DEFAULT_TOP_PS", "METRICS", "SETTING_FIELDS", "ExploreResult",
+           "Sample", "Setting", "SettingResult", "explore", "grid"]
 def grid(temperatures: Sequence[float] = DEFAULT_TEMPERATURES, top_ks: Sequence[int] = DEFAULT_TOP_KS,
          top_ps: Sequence[float] = DEFAULT_TOP_PS) -> list[Setting]:
     """Every combination, each value validated as :class:`SamplingParams` would (duplicates dropped)."""
@@ -177,8 +112,6 @@ def explore(prompts: str | Sequence[str], model: ModelLike = None, *,
     result = ExploreResult(model=gen.name, scoring_model=scorer.name, prompts=prompt_list, max_length=max_length,
                            samples=samples, seed=seed, settings=results)
     if out is not None:
-        from .report import write_outputs
-
         write_outputs(result, out)
     return result
 

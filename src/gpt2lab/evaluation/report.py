@@ -1,4 +1,5 @@
-"""The explorer's files: results.csv, results.json, plot.png (coherence vs diversity) and report.html."""
+"""The explorer's results (:class:`ExploreResult`: a setting's scores and samples) and its files: results.csv,
+results.json, plot.png (coherence vs diversity) and report.html. :mod:`.explore` computes the results."""
 
 from __future__ import annotations
 
@@ -8,14 +9,78 @@ import html
 import io
 import json
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..atomic import write_file
 from .common import json_safe
-from .explore import METRICS, SETTING_FIELDS, ExploreResult, SettingResult
 
 OUTPUT_FILES = ("results.csv", "results.json", "plot.png", "report.html")
+# the columns of results.csv and of the terminal table, after the setting itself
+METRICS = ("perplexity", "repeated_4gram_rate", "distinct_1", "distinct_2", "distinct_3", "self_bleu",
+           "mean_length", "mean_tokens")
+SETTING_FIELDS = ("label", "temperature", "top_k", "top_p")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+
+    @property
+    def label(self) -> str:
+        return f"T={self.temperature:g} k={self.top_k} p={self.top_p:g}"
+
+
+@dataclass
+class Sample:
+    prompt: str
+    text: str  # the completion only
+    tokens: int
+    perplexity: float  # of this completion given its prompt, under the scoring model
+
+
+@dataclass
+class SettingResult:
+    """A setting's scores (pooled over its samples; diversity averaged over prompts) and samples."""
+
+    setting: Setting
+    perplexity: float
+    repeated_4gram_rate: float | None
+    distinct_1: float | None
+    distinct_2: float | None
+    distinct_3: float | None
+    self_bleu: float | None
+    mean_length: float | None  # words
+    mean_tokens: float
+    samples: list[Sample] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """The flat record of results.csv: the setting then its metrics."""
+        s = self.setting
+        return {"label": s.label, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                **{m: getattr(self, m) for m in METRICS}}
+
+
+@dataclass
+class ExploreResult:
+    model: str
+    scoring_model: str
+    prompts: list[str]
+    max_length: int
+    samples: int
+    seed: int | None
+    settings: list[SettingResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        """results.json: the run's parameters and, per setting, its scores and samples."""
+        return {"model": self.model, "scoring_model": self.scoring_model, "prompts": self.prompts,
+                "max_length": self.max_length, "samples": self.samples, "seed": self.seed,
+                "settings": [{**r.row(), "samples": [asdict(s) for s in r.samples]} for r in self.settings]}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

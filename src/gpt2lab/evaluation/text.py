@@ -1,7 +1,10 @@
 """Text metrics: BLEU, chrF and ROUGE against references; diversity and repetition of generations.
 
 Reference-based scores come straight from their libraries (``sacrebleu``, ``rouge-score``) so they
-equal what those report. Reference-free measures split text on whitespace:
+equal what those report. Words are split by script (:mod:`.words`: sacrebleu's tokenizers, ``13a`` --
+whitespace -- for text with spaces between words, ``zh``, ``ja-mecab`` or ``char`` for scripts without;
+``tokenize="auto"`` chooses from the text, and :func:`text_metrics` reports its choice). The
+reference-free measures count those words:
 
 - distinct-n: unique n-grams / all n-grams, pooled over the texts (Li et al., 2016);
 - self-BLEU: each text's sentence BLEU (sacrebleu) against all the other texts, averaged (Zhu et
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..readers import format_of, iter_jsonl, iter_lines
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
+from .words import AUTO, DEFAULT, RougeTokenizer, needs_unicode_rouge, resolve, words
 
 if TYPE_CHECKING:
     from ..generation import Generator
@@ -32,36 +36,41 @@ def _ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float | None:
-    """Unique n-grams / all n-grams over all texts (words split on whitespace); None without any n-gram."""
-    grams = [g for t in texts for g in _ngrams(t.split(), n)]
+def distinct_n(texts: Sequence[str], n: int, tokenize: str = AUTO) -> float | None:
+    """Unique n-grams / all n-grams over all texts (words as ``tokenize`` splits them: see :mod:`.words`);
+    None without any n-gram."""
+    name = resolve(tokenize, texts)
+    grams = [g for t in texts for g in _ngrams(words(t, name), n)]
     return len(set(grams)) / len(grams) if grams else None
 
 
-def repeated_ngram_rate(texts: Sequence[str], n: int = 4) -> float | None:
+def repeated_ngram_rate(texts: Sequence[str], n: int = 4, tokenize: str = AUTO) -> float | None:
     """Mean over texts of the fraction of n-grams that repeat an earlier n-gram of the same text."""
+    name = resolve(tokenize, texts)
     rates = []
     for t in texts:
-        grams = _ngrams(t.split(), n)
+        grams = _ngrams(words(t, name), n)
         if grams:
             rates.append(1 - len(set(grams)) / len(grams))
     return sum(rates) / len(rates) if rates else None
 
 
-def self_bleu(texts: Sequence[str]) -> float | None:
+def self_bleu(texts: Sequence[str], tokenize: str = AUTO) -> float | None:
     """Mean sentence BLEU (0-100) of each text against all the others; None for fewer than 2 texts."""
     import sacrebleu
 
     if len(texts) < 2:
         return None
-    scores = [sacrebleu.sentence_bleu(t, [o for j, o in enumerate(texts) if j != i]).score
+    name = resolve(tokenize, texts)
+    scores = [sacrebleu.sentence_bleu(t, [o for j, o in enumerate(texts) if j != i], tokenize=name).score
               for i, t in enumerate(texts)]
     return sum(scores) / len(scores)
 
 
-def mean_length(texts: Sequence[str]) -> float | None:
-    """Mean number of whitespace-separated words."""
-    return sum(len(t.split()) for t in texts) / len(texts) if texts else None
+def mean_length(texts: Sequence[str], tokenize: str = AUTO) -> float | None:
+    """Mean number of words (whitespace-separated, or as ``tokenize`` splits them)."""
+    name = resolve(tokenize, texts)
+    return sum(len(words(t, name)) for t in texts) / len(texts) if texts else None
 
 
 def _check_refs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -73,15 +82,17 @@ def _check_refs(predictions: Sequence[str], references: Sequence[Sequence[str]])
     return refs
 
 
-def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
-    """Corpus BLEU (0-100, sacrebleu defaults); ``references[i]``: one string or a list for prediction i."""
+def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], tokenize: str = AUTO) -> float:
+    """Corpus BLEU (0-100, sacrebleu defaults but the tokenizer: ``tokenize``, chosen from the text by
+    default, see :mod:`.words`); ``references[i]``: one string or a list for prediction i."""
     import sacrebleu
 
     refs = _check_refs(predictions, references)
+    name = resolve(tokenize, [*predictions, *(r for ref in refs for r in ref)])
     width = max(len(r) for r in refs)
     # sacrebleu wants one stream per reference slot; None marks a missing reference
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
-    return sacrebleu.corpus_bleu(list(predictions), streams).score
+    return sacrebleu.corpus_bleu(list(predictions), streams, tokenize=name).score
 
 
 def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
@@ -95,12 +106,19 @@ def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) 
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-          use_stemmer: bool = False) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure (0-1) over the pairs, from ``rouge_score``; the best reference counts."""
+          use_stemmer: bool = False, tokenize: str = AUTO) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (0-1) over the pairs, from ``rouge_score``; the best reference counts.
+
+    ASCII text with ``13a`` words gets rouge-score's own tokenizer; other text (Cyrillic, accented
+    letters, Chinese, ...), which that tokenizer drops, gets :class:`~.words.RougeTokenizer` with the
+    words of ``tokenize`` (chosen from the text by default)."""
     from rouge_score import rouge_scorer
 
     refs = _check_refs(predictions, references)
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
+    texts = [*predictions, *(r for ref in refs for r in ref)]
+    name = resolve(tokenize, texts)
+    tokenizer = RougeTokenizer(name, use_stemmer) if name != DEFAULT or needs_unicode_rouge(texts) else None
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer, tokenizer=tokenizer)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for pred, ref in zip(predictions, refs):
         scores = scorer.score(ref[0], pred) if len(ref) == 1 else scorer.score_multi(ref, pred)
@@ -147,32 +165,37 @@ def score_continuations(gen: Generator, prefixes: Sequence[Sequence[int]], conti
     return {"perplexity": perplexity_of(nll, tokens), "tokens": tokens, "nll": nll, "nlls": nlls, "counts": counts}
 
 
-def diversity_metrics(texts: Sequence[str]) -> dict[str, float | None]:
-    """The reference-free measures of a set of generations."""
-    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
-            "self_bleu": self_bleu(texts), "repeated_4gram_rate": repeated_ngram_rate(texts, 4),
-            "mean_length": mean_length(texts)}
+def diversity_metrics(texts: Sequence[str], tokenize: str = AUTO) -> dict[str, float | None]:
+    """The reference-free measures of a set of generations (words split by ``tokenize``, see :mod:`.words`)."""
+    name = resolve(tokenize, texts)
+    return {"distinct_1": distinct_n(texts, 1, name), "distinct_2": distinct_n(texts, 2, name),
+            "distinct_3": distinct_n(texts, 3, name), "self_bleu": self_bleu(texts, name),
+            "repeated_4gram_rate": repeated_ngram_rate(texts, 4, name), "mean_length": mean_length(texts, name)}
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]] | None = None, *,
                  model: ModelLike | bool = False, use_stemmer: bool = False, progress: bool = False,
-                 device: str = "auto") -> dict[str, Any]:
+                 device: str = "auto", tokenize: str = AUTO) -> dict[str, Any]:
     """All text metrics of ``predictions`` in one dict.
 
     With ``references``: ``bleu``, ``chrf`` (0-100) and ``rouge1``/``rouge2``/``rougeL`` (0-1).
     Always: distinct-1/2/3, ``self_bleu``, ``repeated_4gram_rate``, ``mean_length`` (words). With a
     scoring ``model`` (a Generator or reference; ``None`` means the default model, ``False`` none):
-    ``perplexity`` of the predictions under it.
+    ``perplexity`` of the predictions under it. ``tokenize``: how words are split (sacrebleu's names,
+    see :mod:`.words`; ``auto`` chooses from the predictions and references), reported as ``tokenize``.
+    ``ValueError`` names a bad ``tokenize``.
     """
     predictions = list(predictions)
     if not predictions:
         raise ValueError("predictions is empty")
-    out: dict[str, Any] = {"count": len(predictions)}
-    if references is not None:
-        out["bleu"] = bleu(predictions, references)
-        out["chrf"] = chrf(predictions, references)
-        out.update(rouge(predictions, references, use_stemmer=use_stemmer))
-    out.update(diversity_metrics(predictions))
+    refs = None if references is None else _check_refs(predictions, references)
+    name = resolve(tokenize, [*predictions, *(r for ref in refs or () for r in ref)])
+    out: dict[str, Any] = {"count": len(predictions), "tokenize": name}
+    if refs is not None:
+        out["bleu"] = bleu(predictions, refs, name)
+        out["chrf"] = chrf(predictions, refs)
+        out.update(rouge(predictions, refs, use_stemmer=use_stemmer, tokenize=name))
+    out.update(diversity_metrics(predictions, name))
     if model is not False:
         scored = text_perplexity(predictions, model, progress=progress, device=device)
         out.update(perplexity=scored["perplexity"], perplexity_tokens=scored["tokens"], model=scored["model"])

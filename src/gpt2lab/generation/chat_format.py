@@ -240,16 +240,34 @@ def fit_messages(messages: Sequence[Mapping[str, str]], fits: Callable[[list[Map
 
 
 def build_prompt_messages(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, style: ChatStyle,
-                          max_tokens: int) -> ChatPrompt:
+                          max_tokens: int, *, add_generation_prompt: bool = True,
+                          continue_final_message: bool = False) -> ChatPrompt:
     """The prompt (with the generation cue) for OpenAI-style ``messages`` in at most ``max_tokens`` tokens:
-    the oldest non-system messages are dropped until it fits (``ValueError`` if even the last does not)."""
+    the oldest non-system messages are dropped until it fits (``ValueError`` if even the last does not).
+
+    ``add_generation_prompt=False``: no cue after the last message. ``continue_final_message``: the text
+    ends inside the last message, right after its content, so the model continues it (transformers' and
+    vLLM's option of that name; ``ValueError`` when the template does not write the content as given)."""
     template = style.chat_template
     rendered: dict[int, tuple[str, list[int]]] = {}
+
+    def render(kept: list[Mapping[str, str]]) -> str:
+        if not continue_final_message:
+            return template.render(kept, add_generation_prompt=add_generation_prompt)
+        text = template.render(kept, add_generation_prompt=False)
+        final = str(kept[-1].get("content", ""))
+        if final.strip() not in text:
+            raise ValueError("continue_final_message: the chat template does not write the last message as "
+                             "given, so it cannot be continued")
+        at = text.rindex(final.strip())
+        # as transformers: keep the final message's trailing whitespace when the template wrote it
+        size = len(final.lstrip()) if text[at:at + len(final.lstrip())] == final.lstrip() else len(final.strip())
+        return text[:at + size]
 
     def encode(kept: list[Mapping[str, str]]) -> tuple[str, list[int]]:
         key = len(kept)
         if key not in rendered:
-            text = template.render(kept, add_generation_prompt=True)
+            text = render(kept)
             rendered[key] = (text, tokenizer.encode(text))
         return rendered[key]
 

@@ -43,7 +43,9 @@ from .. import runtime
 from ..model import GPT2
 from ..model.multi_lora import LoRABank, LoRAMapping, lora_hooks
 from ..sampling import LogitsPipeline, SamplingParams, sample
+from ..sampling.constraint import GrammarState
 from ..sampling.pipeline import bad_words_ids
+from ..sampling.structured import compiled_matcher
 from ..tokenizer import Tokenizer
 from .beam_scorer import BeamSearch
 from .outputs import RequestOutput, TokenLogprob, token_logprobs
@@ -119,6 +121,9 @@ class _Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(sample_seed(params.seed, index))
+        # structured outputs: this sample's own matcher, advanced as its tokens are drawn
+        self.grammar = GrammarState(params.structured_outputs, tokenizer, ignore_eos=params.ignore_eos) \
+            if params.structured_outputs is not None else None
 
     @property
     def rows(self) -> tuple[_Sequence]:
@@ -289,6 +294,8 @@ class Engine:
             raise ValueError(f"num_beams ({params.num_beams}) is more than the {self.max_batch} sequences this "
                              "engine decodes together (max_batch): each beam is a row of the batch")
         fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
+        if params.structured_outputs is not None:  # compiled for this tokenizer (cached): ValueError naming it
+            compiled_matcher(params.structured_outputs, self.tokenizer)
 
     @torch.inference_mode()
     def _prompt_logprobs(self, prompt_ids: list[int], top_n: int, lora: int = -1) -> list[TokenLogprob]:
@@ -361,7 +368,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             try:
                 pipeline = LogitsPipeline([seq.params], self.model.config.vocab_size, tokenizer=self.tokenizer,
-                                          device=self.device)
+                                          device=self.device, grammar_states=[seq.grammar])
                 scores = pipeline(logits[i:i + 1], [seq.history], [len(seq.prompt_ids)])
                 tokens.append(int(sample(scores, [seq.params], [seq.generator])[0]))
             except Exception as exc:  # noqa: BLE001 - this row's own fault
@@ -456,7 +463,7 @@ class Engine:
         if key != self._pipeline_key or self._pipeline is None:
             self._pipeline = LogitsPipeline([s.params for s in seqs], self.model.config.vocab_size,
                                             tokenizer=self.tokenizer, device=self.device,
-                                            eos_token_id=self.eos_token_id)
+                                            eos_token_id=self.eos_token_id, grammar_states=[s.grammar for s in seqs])
             self._pipeline_key = key
         return self._pipeline(logits, [s.history for s in seqs], [len(s.prompt_ids) for s in seqs])
 
@@ -547,10 +554,16 @@ class Engine:
         seq.output_ids.append(token)
         entry = token_logprobs(raw_lp, [token], seq.params.logprobs, self.tokenizer)[0] if raw_lp is not None else None
         text, logprobs, reason = seq.text.push(token, entry)
-        if reason is None and len(seq.output_ids) >= seq.budget:
-            reason = "length"
-            more_text, more_logprobs = seq.text.finish()
-            text, logprobs = text + more_text, logprobs + more_logprobs
+        if reason is None:
+            if seq.grammar is not None:
+                seq.grammar.advance(seq.output_ids)
+            if seq.grammar is not None and seq.grammar.finished:
+                reason = "stop"  # the output is complete: its grammar allows nothing more
+            elif len(seq.output_ids) >= seq.budget:
+                reason = "length"
+            if reason is not None:
+                more_text, more_logprobs = seq.text.finish()
+                text, logprobs = text + more_text, logprobs + more_logprobs
         output = RequestOutput(seq.request_id, seq.index, [token], text, reason is not None, reason,
                                logprobs if raw_lp is not None else None, seq.prompt_logprobs)
         seq.prompt_logprobs = None

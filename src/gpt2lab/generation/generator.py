@@ -11,11 +11,10 @@ from typing import Any
 import torch
 
 from ..checkpoints import CheckpointError, load_model, resolve_model, save_model
-from ..checkpoints.io import GENERATION_CONFIG_FILE, resolve_dtype
-from ..model import GPT2, GPT2Config, check_quantization
-from ..model.device import resolve_device
-from ..model.device import resolve_dtype as device_dtype
+from ..checkpoints.io import GENERATION_CONFIG_FILE, checkpoint_dtype
+from ..model import GPT2, GPT2Config
 from ..model.multi_lora import LoRABank, LoRAMapping, lora_hooks
+from ..placement import check_quantization, parse_dtype, resolve_device, resolve_dtype, storage_dtype
 from ..readers import read_json
 from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
@@ -23,11 +22,6 @@ from .engine import Engine
 from .outputs import Completion, TokenLogprob, token_logprobs
 from .prefix_cache import PrefixCache, default_capacity
 from .runner import ErrorMode, Runner, max_batch_for
-
-
-def _parse_dtype(dtype: str | torch.dtype | None, directory: Path | None = None) -> torch.dtype | None:
-    """A dtype name or ``torch.dtype``; ``"auto"``: the checkpoint's own dtype (needs ``directory``)."""
-    return resolve_dtype(dtype, directory)
 
 
 def read_generation_config(directory: Path | None) -> dict[str, Any]:
@@ -62,8 +56,12 @@ class Generator:
         self.adapter: Path | None = None  # a LoRA adapter merged into the weights at load (for the model card)
         self.lora = LoRABank(model)  # adapters applied per request, unmerged
         self.prefix_cache = PrefixCache(default_capacity(model.wte.weight.device))
+        # a bad value fails at load, not at first use; fields gpt2lab does not use are named once, here
         hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
-                            source=GENERATION_CONFIG_FILE)  # a bad value fails at load, not at first use
+                            source=self._config_source(), warn=True)
+
+    def _config_source(self) -> str:
+        return str(self.path / GENERATION_CONFIG_FILE) if self.path is not None else GENERATION_CONFIG_FILE
 
     @property
     def config(self) -> GPT2Config:
@@ -230,22 +228,29 @@ class Generator:
         return token_logprobs(lp, ids[1:], top_n, self.tokenizer)
 
     def sampling_params(self, params: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
-        """The :class:`SamplingParams` of a call: the checkpoint's generation config (or ``generation_config=``)
-        as defaults, overridden by ``kwargs`` (our names or transformers'); or ``params`` with ``kwargs`` applied."""
+        """The :class:`SamplingParams` of a call: ``kwargs`` (our names or transformers') over the call's
+        ``generation_config=`` (a ``transformers.GenerationConfig`` or a dict) over the checkpoint's
+        generation config, as transformers merges them: the object's fields win, the fields it does not
+        set keep the checkpoint's values; within one config ``max_new_tokens`` wins over ``max_length``,
+        and fields gpt2lab does not use are ignored with a :class:`~gpt2lab.sampling.hf_compat.GenerationConfigWarning`.
+        With ``params``: ``params`` with the object's then ``kwargs``' settings applied."""
         override = kwargs.pop("generation_config", None)
         eos = self.eos_token_id
         explicit = hf_compat.translate(kwargs, eos_token_id=eos, source="generation parameters")
+        if override is not None:
+            given = hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos, strict=False,
+                                        source="generation_config", warn=True)
+            sample = given.get("_sample") or explicit.get("_sample")
+            explicit = hf_compat.merge(given, explicit)
+            if sample and "temperature" not in explicit:
+                explicit["_sample"] = True  # the object's do_sample=True lifts a greedy checkpoint below it
+            if params is None:
+                return self._layered(explicit, {})
         if params is not None:
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-            if override is not None:
-                explicit = hf_compat.merge(hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos,
-                                                               source="generation_config"), explicit)
             explicit.pop("_sample", None)
             return params.with_(**explicit) if explicit else params
-        if override is not None:
-            defaults = hf_compat.translate(hf_compat.as_dict(override), eos_token_id=eos, source="generation_config")
-            return SamplingParams.from_kwargs(**hf_compat.merge(defaults, explicit))
         return self._layered(explicit, {})
 
     def checkpoint_defaults(self) -> dict[str, Any]:
@@ -288,6 +293,13 @@ class Generator:
             merged["temperature"] = base["temperature"]  # do_sample=True over a greedy checkpoint: the caller's
         return SamplingParams.from_kwargs(**merged)
 
+    def _stored_dtype(self) -> torch.dtype:
+        """The dtype this model's checkpoint is stored in (what ``save(dtype="auto")`` writes)."""
+        if self.path is None:
+            raise ValueError('dtype="auto" needs a checkpoint directory to read the dtype from; this model was '
+                             "not loaded from one: name the dtype")
+        return checkpoint_dtype(self.path)
+
     def save(self, path: str | Path, *, dtype: str | torch.dtype | None = None,
              max_shard_size: int | str = "5GB") -> Path:
         """Write the model and tokenizer in Hugging Face layout (loads back with ``transformers``):
@@ -296,7 +308,7 @@ class Generator:
         from ..checkpoints.card import model_card
         from ..model.lora import lora_modules, merge_lora
 
-        dtype = _parse_dtype(dtype, self.path)
+        dtype = storage_dtype(dtype, self._stored_dtype)
         stored = dtype or self.model.wte.weight.dtype
         model, how = self.model, f"Saved with gpt2lab (`Generator.save`) from `{self.name}`."
         if lora_modules(model):  # a LoRA-adapted model is saved as a plain GPT-2 with the adapters merged
@@ -334,7 +346,7 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     merged into the weights (the model is a plain GPT-2 afterwards; ``save`` writes the merged model).
 
     ``device``: ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``,
-    ``"cuda:N"`` (:func:`gpt2lab.model.device.resolve_device`: ``ValueError`` when it is not there).
+    ``"cuda:N"`` (:func:`gpt2lab.placement.resolve_device`: ``ValueError`` when it is not there).
     ``dtype``: ``None``, the device's default (bfloat16 on a GPU with native bf16, float32 elsewhere);
     ``"auto"``, the checkpoint's own dtype when it is stored in float16/bfloat16 (as in transformers),
     else the device's default; or a name (``"float32"``, ``"bfloat16"``, ``"float16"``).
@@ -349,14 +361,14 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     quantization = check_quantization(quantization)  # before any file is read
     device = resolve_device(device)
     if quantization is not None:
-        device_dtype(dtype, device)  # a bad name still fails
+        parse_dtype(dtype)  # a bad name still fails
         # what the quantized loader keeps for every tensor it does not quantize (LayerNorms, biases, positions),
         # and what gpt2lab's kernels read: a model object or an adapter's base quantized after loading in
         # float16 kept float16 there, so the kernels did not run it
         dtype = torch.float32
     if _is_transformers_model(model):
         gen = _from_transformers(model, tokenizer, device=device,
-                                 dtype=device_dtype(None, device) if dtype is None else dtype)
+                                 dtype=resolve_dtype(None, device) if dtype is None else dtype)
     else:
         from ..checkpoints.adapters import ADAPTER_CONFIG, adapter_base_model
 
@@ -364,7 +376,8 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
                 and not (Path(model) / "config.json").is_file():
             adapter, model = Path(model), adapter_base_model(Path(model))
         resolved = resolve_model(model)
-        net = load_model(resolved.path, device=device, dtype=_runtime_dtype(dtype, device, resolved.path),
+        dtype = resolve_dtype(dtype, device, stored=lambda: checkpoint_dtype(resolved.path))
+        net = load_model(resolved.path, device=device, dtype=dtype,
                          quantization=quantization if adapter is None else None)
         if tokenizer is not None:
             tok, tokenizer_dir = _tokenizer_from_object(tokenizer)
@@ -385,17 +398,6 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
 
         quantize_(gen.model, quantization)
     return gen
-
-
-def _runtime_dtype(dtype: str | torch.dtype | None, device: torch.device, directory: Path) -> torch.dtype:
-    """The dtype a checkpoint loads in on ``device`` (see :func:`load`): the device's default, the
-    checkpoint's own half precision for ``"auto"``, or the dtype named."""
-    if dtype is None:
-        return device_dtype(None, device)
-    if dtype == "auto":
-        stored = _parse_dtype("auto", directory)
-        return stored if stored in (torch.float16, torch.bfloat16) else device_dtype(None, device)
-    return device_dtype(_parse_dtype(dtype), device)
 
 
 def _is_transformers_model(obj: Any) -> bool:
@@ -421,10 +423,9 @@ def _from_transformers(hf_model: Any, tokenizer: Any, *, device: str | torch.dev
         config = GPT2Config.from_dict(hf_model.config.to_dict())
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"model object {type(hf_model).__name__}: {exc}") from exc
-    if dtype == "auto":
-        dtype = next(p.dtype for p in hf_model.parameters() if p.is_floating_point())
+    dtype = storage_dtype(dtype, lambda: next(p.dtype for p in hf_model.parameters() if p.is_floating_point()))
     state = {k: v.detach().to("cpu", copy=True) for k, v in hf_model.state_dict().items()}
-    net = model_from_tensors(config, [state], dtype=_parse_dtype(dtype), device=device,
+    net = model_from_tensors(config, [state], dtype=dtype, device=device,
                       source=f"{type(hf_model).__name__} object", config_source="its config")
     name = str(getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "name_or_path", "") or "model")
     source_dir = Path(name) if Path(name).is_dir() else None

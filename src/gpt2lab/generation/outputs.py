@@ -20,6 +20,10 @@ class TokenLogprob:
     mode: they describe the model, not the sampler, so they never become ``-inf`` for a chosen token.
     ``top`` is ``[(token_id, token, logprob), ...]``, most likely first. ``rank`` is the token's
     1-based rank in the distribution (1 = most likely; tokens with a higher logprob + 1).
+    ``text_span`` (a generated token's; None for prompt tokens): ``(start, end)``, the characters of the
+    sequence's decoded text that this token produced. The spans of a sequence's tokens tile its text
+    in order (a special token left out of the text, or a byte that only completes a character with
+    the next token, has an empty span); past a stop-string cut the text ends before the span does.
     """
 
     token_id: int
@@ -27,6 +31,7 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[int, str, float]]
     rank: int | None = None
+    text_span: tuple[int, int] | None = None
 
 
 @dataclass

@@ -42,6 +42,7 @@ class StopTextStream:
         self._buffer = ""  # decoded text not yet emitted (a possible stop-string prefix)
         self.text = ""
         self.stopped = False
+        self.decoded_total = 0  # characters decoded so far, a stop-string cut or not: tokens' text spans
 
     @property
     def decoded_len(self) -> int:
@@ -53,14 +54,18 @@ class StopTextStream:
         if self.stopped:
             return "", True
         if token_id not in self._skip:
-            self._buffer += self._detok.push(token_id)
+            piece = self._detok.push(token_id)
+            self._buffer += piece
+            self.decoded_total += len(piece)
         return self._release(final=False, check=check_stop)
 
     def flush(self) -> str:
         """End of the sequence (length or EOS): release held-back text and any partial character."""
         if self.stopped:
             return ""
-        self._buffer += self._detok.flush()
+        rest = self._detok.flush()
+        self._buffer += rest
+        self.decoded_total += len(rest)
         return self._release(final=True, check=False)[0]
 
     def _release(self, final: bool, check: bool) -> tuple[str, bool]:
@@ -108,6 +113,7 @@ class SequenceText:
     None)``; ``finish()`` ends a sequence that ran out of budget and returns the rest. A token's
     logprob is released once its text starts inside the released text, so when a stop string cuts
     the text, the tokens after the cut are dropped with it (a token that spans the cut is kept).
+    Each logprob gets its token's ``text_span`` in the text.
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_token_id: int | None) -> None:
@@ -127,13 +133,20 @@ class SequenceText:
 
     def push(self, token_id: int, logprob: TokenLogprob | None = None) -> tuple[str, list[TokenLogprob], str | None]:
         self._count += 1
+        start = self.stream.decoded_total
         if logprob is not None:
             self._pending.append((self.stream.decoded_len, logprob))
         if token_id in self._ends:
             text = self.stream.push(token_id, check_stop=False)[0] if self._include_stop else ""
+            self._span(logprob, start)
             return text + self.stream.flush(), self._release(everything=True), "stop"
         text, stopped = self.stream.push(token_id, check_stop=self._count >= self._min_tokens)
+        self._span(logprob, start)
         return text, self._release(everything=False), "stop" if stopped else None
+
+    def _span(self, logprob: TokenLogprob | None, start: int) -> None:
+        if logprob is not None:
+            logprob.text_span = (start, self.stream.decoded_total)
 
     def finish(self) -> tuple[str, list[TokenLogprob]]:
         """The sequence ends without a stop (length): the held-back text and logprobs."""

@@ -29,14 +29,18 @@ from . import build
 from .abi import CONSTANTS, Layer, LoRAPair, LoRATable, Matrix, bind
 from .build import SOURCE, cache_dir, compiler
 
-__all__ = ["ACTIVATIONS", "DISABLE_ENV", "KIND_BF16", "KIND_F32", "KIND_INT8", "Layer", "LoRAPair", "LoRATable",
-           "Matrix", "SOURCE",
-           "WEIGHT_DTYPES", "available", "build", "cache_dir", "compiler", "has_avx2", "inverse_cdf", "library",
+__all__ = ["ACTIVATIONS", "DISABLE_ENV", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT8", "Layer", "LoRAPair",
+           "LoRATable", "Matrix", "SOURCE",
+           "WEIGHT_DTYPES", "available", "build", "cache_dir", "compiler", "has_avx2", "isa", "inverse_cdf", "library",
            "linear", "matrix", "row_totals", "top_k_", "usable"]
 
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "GPT2LAB_CPU_KERNELS"
+# which instruction-set path to load: "auto" (default: the best this CPU runs, build.cpu_isas()), or one of
+# build.ISA_FLAGS ("avx512", "avx2", "portable") to force it, e.g. to test or compare paths
+ISA_ENV = "GPT2LAB_KERNELS_ISA"
+_ISA_NAMES = {CONSTANTS["ISA_PORTABLE"]: "portable", CONSTANTS["ISA_AVX2"]: "avx2", CONSTANTS["ISA_AVX512"]: "avx512"}
 
 KIND_F32, KIND_INT8, KIND_BF16 = CONSTANTS["KIND_F32"], CONSTANTS["KIND_Q8"], CONSTANTS["KIND_BF16"]
 _KINDS = {torch.float32: KIND_F32, torch.int8: KIND_INT8, torch.bfloat16: KIND_BF16}
@@ -77,10 +81,10 @@ def _load() -> None:
     try:
         if os.environ.get(DISABLE_ENV, "1") != "0":
             try:
-                path = build.build()
+                path = build.build(_chosen_isa())
                 if path is not None:
                     lib = bind(ctypes.CDLL(str(path)))
-                    if not lib.gpt2lab_has_avx2():
+                    if not lib.gpt2lab_has_avx2() and os.environ.get(ISA_ENV, "auto") in ("", "auto"):
                         logger.warning("gpt2lab's CPU kernels were built without AVX2/FMA (this CPU or compiler "
                                        "lacks them): results are the same, decoding is several times slower")
                     _library = lib
@@ -88,6 +92,23 @@ def _load() -> None:
                 logger.warning("gpt2lab's CPU kernels are unavailable (%s); torch's kernels are used instead", exc)
     finally:
         _loaded = True  # set last: another thread seeing it reads the final _library
+
+
+def _chosen_isa() -> str:
+    """The path :envvar:`GPT2LAB_KERNELS_ISA` asks for, if this CPU runs it, else the CPU's best."""
+    runs = build.cpu_isas()
+    wanted = os.environ.get(ISA_ENV, "auto").strip().lower()
+    if wanted in ("", "auto"):
+        return runs[0]
+    if wanted not in build.ISA_FLAGS or wanted not in runs:
+        logger.warning("%s=%s: this CPU runs %s; using %s", ISA_ENV, wanted, ", ".join(runs), runs[0])
+        return runs[0]
+    return wanted
+
+
+def isa() -> str | None:
+    """The instruction-set path of the loaded kernels ("avx512", "avx2" or "portable"), None without them."""
+    return _ISA_NAMES[_library.gpt2lab_isa()] if available() else None
 
 
 def available() -> bool:

@@ -43,6 +43,7 @@ STRUCTS: dict[str, list[tuple[str, str]]] = {
 
 FUNCTIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {  # name: (return type, [(argument, C type)])
     "gpt2lab_has_avx2": ("int", []),
+    "gpt2lab_isa": ("int", []),
     "gpt2lab_linear": ("void", [
         ("x", "const float *"), ("W_in", "const gpt2lab_matrix *"), ("y", "float *"), ("n_rows", "int64_t"),
         ("n_out", "int64_t"), ("n_in", "int64_t"), ("xq_scratch", "int16_t *"), ("xs_scratch", "float *"),
@@ -69,7 +70,7 @@ FUNCTIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {  # name: (return typ
 
 # enum values that cross as plain numbers: gpt2lab_matrix.kind, and gpt2lab_forward's activation
 CONSTANTS: dict[str, int] = {
-    "KIND_F32": 0, "KIND_Q8": 1, "KIND_BF16": 2,
+    "KIND_F32": 0, "KIND_Q8": 1, "KIND_BF16": 2, "ISA_PORTABLE": 0, "ISA_AVX2": 1, "ISA_AVX512": 2,
     "EPILOGUE_GELU_TANH": 2, "EPILOGUE_GELU": 3, "EPILOGUE_RELU": 4, "EPILOGUE_SILU": 5,
 }
 

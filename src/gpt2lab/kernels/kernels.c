@@ -18,7 +18,9 @@
  * below the int8 weights' own), and vpmaddwd sums int8 x int16 pairs exactly in int32 (two products
  * per instruction, 16 per register), chunks of 2048 in int32 lanes (no overflow: 2048 / 16 * 2 *
  * 128 * 32768 < 2^31), chunks in int64. That is 3 instructions per 16 weights where widening int8 to
- * fp32 takes 6, and the sum is exact, so its order cannot matter.
+ * fp32 takes 6, and the sum is exact, so its order cannot matter. With AVX-512 VNNI, vpdpwssd does the
+ * multiply and the add of 32 such pairs in one instruction (the same exact sums: every path agrees bit
+ * for bit on int8).
  *
  * Batch invariance: every output element y[m, n] = x[m] . w[n] is computed by the same sequence of
  * operations whatever the number of rows, the tile that holds it or the thread that runs it: for fp32
@@ -43,8 +45,21 @@
 #else
 #define GPT2LAB_AVX2 0
 #endif
+/* build.py compiles this file once per instruction-set path (ISA_* below) and loads the one the CPU runs best:
+ * AVX-512 with VNNI takes the int8 products 32 pairs per instruction (vpdpwssd: the same exact int32 sums as
+ * AVX2's vpmaddwd + vpaddd, so int8 results are bit-identical on every path) */
+#if GPT2LAB_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define GPT2LAB_VNNI 1
+#else
+#define GPT2LAB_VNNI 0
+#endif
+
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 int gpt2lab_has_avx2(void) { return GPT2LAB_AVX2; }
+
+/* which path this build is (ISA_*) */
+int gpt2lab_isa(void) { return GPT2LAB_VNNI ? ISA_AVX512 : GPT2LAB_AVX2 ? ISA_AVX2 : ISA_PORTABLE; }
 
 /* A weight matrix [n_out, n_in], row-major (nn.Linear's layout), of one of three kinds: fp32; int8
  * with one fp32 scale per output row (w[n, k] = q[n, k] * scale[n]; integer arithmetic, see the top);
@@ -285,6 +300,14 @@ static void block_float(const float *x, const gpt2lab_matrix *W, float *y, int64
     }
 }
 
+static inline int omp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* ---- int8 weights: integer products with int16 activations (see the top) ---- */
 
 /* The int16 copy of a layer input: rows of n_in values and one scale per row (x ~ q * scale). */
@@ -340,18 +363,40 @@ static inline int64_t hsum_i32(__m256i v) {
     const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
 }
+#define Q_CHUNK 2048 /* elements summed in int32 lanes before they go to int64 (see the top) */
+/* One int8 x int16 multiply-add step of Q_STEP elements: AVX2's vpmaddwd + vpaddd over 16, or with AVX-512
+ * VNNI vpdpwssd over 32 (two products per int32 lane either way, exact: 2048 / 16 * 2 * 128 * 32768 < 2^31
+ * per lane and chunk, and fewer with 32). The tiles below are written once over these. */
+#if GPT2LAB_VNNI
+static inline int64_t hsum_i32_512(__m512i v) {
+    const __m512i s = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                       _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+    return _mm512_reduce_add_epi64(s);
+}
+typedef __m512i qvec;
+#define Q_STEP 32
+#define QV_ZERO() _mm512_setzero_si512()
+#define Q_W(c) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (c) * n_in + k)))
+#define Q_X(r) _mm512_loadu_si512((const void *)(x + (r) * ldx + k))
+#define Q_MADD(acc, a, b) acc = _mm512_dpwssd_epi32(acc, a, b)
+#define QV_HSUM hsum_i32_512
+#else
+typedef __m256i qvec;
+#define Q_STEP 16
+#define QV_ZERO() _mm256_setzero_si256()
 #define Q_W(c) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (c) * n_in + k)))
 #define Q_X(r) _mm256_loadu_si256((const __m256i *)(x + (r) * ldx + k))
 #define Q_MADD(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
-#define Q_CHUNK 2048 /* elements summed in int32 lanes before they go to int64 (see the top) */
-/* 4 rows x 2 outputs over k0..k1 (a multiple of 16, at most Q_CHUNK long), added to out[r * 2 + c] */
+#define QV_HSUM hsum_i32
+#endif
+/* 4 rows x 2 outputs over k0..k1 (a multiple of Q_STEP, at most Q_CHUNK long), added to out[r * 2 + c] */
 static inline __attribute__((always_inline)) void q16_4x2(const int16_t *x, int64_t ldx, const int8_t *w,
                                                           int64_t n_in, int64_t k0, int64_t k1, int64_t *out) {
-    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    for (int64_t k = k0; k < k1; k += 16) {
-        if ((k & 16) == 0) PREFETCH_NEXT(w, 2 * n_in, k / 16 * 32, 64);
-        const __m256i w0 = Q_W(0), w1 = Q_W(1);
-        __m256i xv = Q_X(0);
+    qvec a00 = QV_ZERO(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t k = k0; k < k1; k += Q_STEP) {
+        if (k % 32 == 0) PREFETCH_NEXT(w, 2 * n_in, 2 * k, 64); /* a cache line per 32 elements of 2 rows */
+        const qvec w0 = Q_W(0), w1 = Q_W(1);
+        qvec xv = Q_X(0);
         Q_MADD(a00, w0, xv); Q_MADD(a01, w1, xv);
         xv = Q_X(1);
         Q_MADD(a10, w0, xv); Q_MADD(a11, w1, xv);
@@ -360,22 +405,22 @@ static inline __attribute__((always_inline)) void q16_4x2(const int16_t *x, int6
         xv = Q_X(3);
         Q_MADD(a30, w0, xv); Q_MADD(a31, w1, xv);
     }
-    out[0] += hsum_i32(a00); out[1] += hsum_i32(a01); out[2] += hsum_i32(a10); out[3] += hsum_i32(a11);
-    out[4] += hsum_i32(a20); out[5] += hsum_i32(a21); out[6] += hsum_i32(a30); out[7] += hsum_i32(a31);
+    out[0] += QV_HSUM(a00); out[1] += QV_HSUM(a01); out[2] += QV_HSUM(a10); out[3] += QV_HSUM(a11);
+    out[4] += QV_HSUM(a20); out[5] += QV_HSUM(a21); out[6] += QV_HSUM(a30); out[7] += QV_HSUM(a31);
 }
 /* 1 row x 8 outputs over k0..k1, the next eight weight rows prefetched */
 static inline __attribute__((always_inline)) void q16_1x8(const int16_t *x, const int8_t *w, int64_t n_in,
                                                           int64_t k0, int64_t k1, int64_t *out) {
     const int64_t ldx = 0;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t k = k0; k < k1; k += 16) {
-        PREFETCH_NEXT(w, 8 * n_in, k / 16 * 128, 128);
-        const __m256i xv = Q_X(0);
+    qvec a0 = QV_ZERO(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t k = k0; k < k1; k += Q_STEP) {
+        PREFETCH_NEXT(w, 8 * n_in, 8 * k, 8 * Q_STEP);
+        const qvec xv = Q_X(0);
         Q_MADD(a0, Q_W(0), xv); Q_MADD(a1, Q_W(1), xv); Q_MADD(a2, Q_W(2), xv); Q_MADD(a3, Q_W(3), xv);
         Q_MADD(a4, Q_W(4), xv); Q_MADD(a5, Q_W(5), xv); Q_MADD(a6, Q_W(6), xv); Q_MADD(a7, Q_W(7), xv);
     }
-    out[0] += hsum_i32(a0); out[1] += hsum_i32(a1); out[2] += hsum_i32(a2); out[3] += hsum_i32(a3);
-    out[4] += hsum_i32(a4); out[5] += hsum_i32(a5); out[6] += hsum_i32(a6); out[7] += hsum_i32(a7);
+    out[0] += QV_HSUM(a0); out[1] += QV_HSUM(a1); out[2] += QV_HSUM(a2); out[3] += QV_HSUM(a3);
+    out[4] += QV_HSUM(a4); out[5] += QV_HSUM(a5); out[6] += QV_HSUM(a6); out[7] += QV_HSUM(a7);
 }
 #endif
 
@@ -388,7 +433,7 @@ static inline __attribute__((always_inline)) void tile_q16(const int16_t *x, int
     int64_t k16 = 0;
 #if GPT2LAB_AVX2
     if ((R == 4 && C == 2) || (R == 1 && C == 8)) {
-        k16 = n_in & ~(int64_t)15;
+        k16 = n_in & ~(int64_t)(Q_STEP - 1);
         for (int64_t k0 = 0; k0 < k16; k0 += Q_CHUNK) {
             const int64_t k1 = k0 + Q_CHUNK < k16 ? k0 + Q_CHUNK : k16;
             if (R == 4) q16_4x2(x, ldx, w, n_in, k0, k1, out);
@@ -452,7 +497,12 @@ static void team_linear(const float *x, const gpt2lab_matrix *W, float *y, int64
     const int64_t n_blocks = (n_out + nb - 1) / nb;
     const int64_t row_chunk = 64;
     const int64_t n_chunks = (n_rows + row_chunk - 1) / row_chunk;
-#pragma omp for schedule(static) collapse(2)
+    /* handed out a few blocks at a time, not split in equal shares up front: a thread that another process
+     * keeps off its core for a while leaves its blocks to the others instead of stalling the whole team at
+     * the next barrier (every block computes the same arithmetic whoever runs it) */
+    const int64_t per_thread = n_chunks * n_blocks / (16 * (int64_t)omp_threads());
+    const int grab = per_thread > 1 ? (int)per_thread : 1;
+#pragma omp for schedule(dynamic, grab) collapse(2)
     for (int64_t rc = 0; rc < n_chunks; rc++)
         for (int64_t blk = 0; blk < n_blocks; blk++) {
             const int64_t n0 = blk * nb, n1 = n0 + nb < n_out ? n0 + nb : n_out;

@@ -10,9 +10,10 @@ import importlib
 import warnings
 from typing import Any
 
+from ..placement import QUANTIZATIONS, check_quantization  # the vocabulary's, re-exported for old imports
 from .compat import optimize_for_inference
 from .gpt2 import GPT2, ConfigError, GPT2Config, InferenceOnlyError, KVCache
-from .quantize import QUANTIZATIONS, QuantizedEmbedding, QuantizedLinear, check_quantization
+from .quantize import QuantizedEmbedding, QuantizedLinear
 
 __all__ = ["GPT2", "GPT2Config", "ConfigError", "InferenceOnlyError", "KVCache", "optimize_for_inference",
            "QUANTIZATIONS", "QuantizedLinear", "QuantizedEmbedding", "check_quantization"]

@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..placement import check_quantization
 from .gpt2 import GPT2, GPT2Config, InferenceOnlyError, meta_skeleton
 
-QUANTIZATIONS = ("int8", "bf16")
 # What the token embedding and LM head (one tensor when tied) get under each quantization. int8 keeps them in
 # bf16, as transformers' bitsandbytes integration and GPTQ/AWQ keep lm_head unquantized by default: the
 # logits are where weight error turns into changed tokens. Measured on the bundled model (20 greedy
@@ -38,16 +38,6 @@ QUANTIZATIONS = ("int8", "bf16")
 # for GPT-2's 50257 x 768 head.
 LM_HEAD_QUANTIZATION = {"int8": "bf16", "bf16": "bf16"}
 _CHUNK_ROWS = 2048  # rows quantized at a time
-
-
-def check_quantization(quantization: str | None) -> str | None:
-    """``quantization`` normalised (``None``, ``"int8"`` or ``"bf16"``); ValueError for anything else."""
-    if quantization is None:
-        return None
-    if not isinstance(quantization, str) or quantization.lower() not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be None or one of {', '.join(repr(q) for q in QUANTIZATIONS)}, "
-                         f"got {quantization!r}")
-    return quantization.lower()
 
 
 def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..http_guard import LOOPBACK_NAMES, HostOriginGuard, error_body
 from .log import CHOICES, DECISIONS, JudgementLog
 from .reviewset import FLAGS, MAX_NAME_CHARS, MAX_TEXT_CHARS, ReviewSet, read_review_set
 from .screening import screen_texts
@@ -44,7 +46,7 @@ class APIError(Exception):
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return JSONResponse(error_body(message, type=kind, param=param, code=code), status)
 
 
 class JudgementIn(BaseModel):
@@ -73,12 +75,17 @@ def check_reviewer(name: str) -> str:
 
 
 def create_app(review: str | Path | ReviewSet, log: str | Path, *, blocklist: list[str] | tuple[str, ...] = (),
-               similarity: float = 0.7, title: str | None = None) -> FastAPI:
+               similarity: float = 0.7, title: str | None = None,
+               allowed_hosts: Sequence[str] = LOOPBACK_NAMES) -> FastAPI:
     """The review app over a review file (or a loaded :class:`ReviewSet`), appending to the JSONL ``log``.
 
     The log is read at once (a torn last line from a crash is cut off), so reviewers resume where they
     stopped. ``blocklist``: words or phrases flagged in the pre-screening; ``similarity``: the character
     3-gram Jaccard similarity above which two candidates are shown as near-duplicates.
+    ``allowed_hosts``: the ``Host`` names answered besides the loopback ones
+    (:func:`gpt2lab.http_guard.allowed_hosts`), 403 for others; a judgement must be JSON (415) and, from a
+    browser, come from the page itself (403): :class:`~gpt2lab.http_guard.HostOriginGuard`, so no other web
+    site can read the items or log judgements.
     Raises ``ValueError`` / ``FileNotFoundError`` for a bad review file or log.
     """
     rs = review if isinstance(review, ReviewSet) else read_review_set(review)
@@ -137,6 +144,9 @@ def create_app(review: str | Path | ReviewSet, log: str | Path, *, blocklist: li
         if request.method == "POST" and length is None:
             return _error(411, "send a Content-Length header", code="length_required")
         return await call_next(request)
+
+    # added last, so outermost: another site's request is refused before anything reads it (no CORS here)
+    app.add_middleware(HostOriginGuard, hosts=allowed_hosts)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -183,10 +183,13 @@ _SERVER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeti
 
 def server_rows(url: str, model: str, prompts: Sequence[str], params: SamplingParams, samples: int = 1, *,
                 api_key: str | None = None, timeout: float = 600.0,
-                on_progress: Callable[[int], None] | None = None) -> Rows:
+                on_progress: Callable[[int], None] | None = None, chat: bool = False,
+                system: str | None = None) -> Rows:
     """As :func:`generate_rows`, by the served model (or LoRA adapter) ``model`` of a running ``gpt2lab serve``
     (or any OpenAI-compatible server) at ``url``: one ``/v1/completions`` request per prompt, ``n=samples``
-    (``on_progress(1)`` after each).
+    (``on_progress(1)`` after each). ``chat``: each prompt is instead the user's first message of its own
+    conversation, one ``/v1/chat/completions`` request each (``system``: its system message; None: the
+    served model's default), and the rows hold the replies.
     ``ValueError`` naming the server, the model and its answer when it refuses a request or cannot be reached;
     and for settings a completion request cannot carry (``num_beams``)."""
     import httpx
@@ -210,7 +213,13 @@ def server_rows(url: str, model: str, prompts: Sequence[str], params: SamplingPa
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout) as client:
         for prompt in prompts:
             try:
-                r = client.post("/v1/completions", json={**body, "model": model, "prompt": prompt, "n": samples})
+                if chat:
+                    messages = [*([{"role": "system", "content": system}] if system is not None else []),
+                                {"role": "user", "content": prompt}]
+                    r = client.post("/v1/chat/completions",
+                                    json={**body, "model": model, "messages": messages, "n": samples})
+                else:
+                    r = client.post("/v1/completions", json={**body, "model": model, "prompt": prompt, "n": samples})
             except httpx.HTTPError as exc:
                 raise ValueError(f"{url}: cannot reach the server ({exc})") from None
             if r.status_code != 200:
@@ -220,7 +229,7 @@ def server_rows(url: str, model: str, prompts: Sequence[str], params: SamplingPa
                     message = r.text[:300]
                 raise ValueError(f"{url}: model {model!r} answered {r.status_code}: {message}")
             choices = sorted(r.json()["choices"], key=lambda c: c["index"])
-            rows += [(prompt, c["text"]) for c in choices]
+            rows += [(prompt, c["message"]["content"] if chat else c["text"]) for c in choices]
             if on_progress is not None:
                 on_progress(1)
     return rows

@@ -37,9 +37,10 @@ from ..model.multi_lora import LoRAMapping, lora_hooks
 from .cpu_kernels import KernelRunner, WeightsWatch
 from .cuda_graphs import GraphDecoder
 from .huge_pages import place_on_huge_pages
+from .threads import AUTO, pinned_threads, set_threads, usable_cpus
 
 __all__ = ["forward", "decode", "unchanged_weights", "recheck_weights", "inference_runner", "graph_decoder",
-           "KernelRunner", "GraphDecoder"]
+           "KernelRunner", "GraphDecoder", "AUTO", "set_threads", "pinned_threads", "usable_cpus"]
 
 GRAPHS_ENV = "GPT2LAB_CUDA_GRAPHS"  # "0" turns CUDA graphs off (eager decode on the GPU)
 COMPILE_ENV = "GPT2LAB_COMPILE"  # "1" compiles the decode step with torch.compile before capture

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..model import GPT2, KVCache, QuantizedEmbedding, QuantizedLinear
+from .threads import ThreadTuner
 
 if TYPE_CHECKING:
     from ..model.multi_lora import LoRAMapping
@@ -116,6 +117,7 @@ class KernelRunner:
                                                                       model.ln_f.bias))
         self._last_plan: _Plan | None = None
         self._lora_pairs: tuple | None = None  # (bank, its version, the C array of its pairs)
+        self.threads = ThreadTuner()  # the thread count of each forward (auto, or pinned by --threads)
 
     @staticmethod
     def supports(model: GPT2) -> bool:
@@ -178,12 +180,15 @@ class KernelRunner:
         logit_tokens = plan.logit_tokens if logits_index is None else plan.row_starts + index
         logits = torch.empty(plan.n_logits, cfg.vocab_size)
         table = self._lora_table(lora, T) if lora is not None else None
+        threads, timing = self.threads.choose(B * T, T > 1)
+        start = ThreadTuner.clock()
         status = kernels.library().gpt2lab_forward(
             self.layers, cfg.n_layer, self.wte_ref, self.wpe, self.ln_f_w, self.ln_f_b, self.head_ref,
             tokens.data_ptr(), positions.data_ptr(), plan.cache_rows.data_ptr(), B * T, logit_tokens.data_ptr(),
             plan.n_logits, cfg.n_embd, cfg.n_head, cfg.mlp_dim, cfg.vocab_size, model.max_seq, cfg.layer_norm_epsilon,
-            kernels.ACTIVATIONS[cfg.activation_function], *plan.scratch, logits.data_ptr(), plan.threads,
+            kernels.ACTIVATIONS[cfg.activation_function], *plan.scratch, logits.data_ptr(), threads,
             ctypes.byref(table[0]) if table is not None else None)
+        self.threads.record(timing, threads, ThreadTuner.clock() - start)
         if status:  # the C code checked what it indexes memory with, before any work
             if status == 1:
                 raise IndexError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.tolist()[:32]}")
@@ -219,7 +224,7 @@ class KernelRunner:
         """The index tensors and scratch buffers of a forward of this shape: kept from the last forward of
         the same shape (a decode step repeats one shape; making them again cost more than the C code's
         own overhead)."""
-        key = (B, T, first_row, all_logits, max_seq, torch.get_num_threads())
+        key = (B, T, first_row, all_logits, max_seq, ThreadTuner.most())  # scratch for up to that many threads
         if self._last_plan is None or self._last_plan.key != key:
             self._last_plan = _Plan(key, self.config, self.quantized)
         return self._last_plan

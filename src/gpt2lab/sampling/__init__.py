@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
 from .params import SamplingParams
+from .structured import StructuredOutputsParams
 
 if TYPE_CHECKING:
+    from .constraint import GrammarState, StructuredOutput
     from .pipeline import LogitsPipeline, bad_words_ids, sample
     from .transforms import (
         BadWords,
@@ -28,12 +30,15 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "SamplingParams", "LogitsPipeline", "sample", "bad_words_ids",
+    "SamplingParams", "StructuredOutputsParams", "LogitsPipeline", "sample", "bad_words_ids",
     "LogitsTransform", "LogitBias", "BadWords", "RepetitionPenalty", "PresenceFrequencyPenalty",
     "NoRepeatNGram", "Temperature", "TopK", "TopP", "MinP", "TypicalP", "MinTokens",
+    "StructuredOutput", "GrammarState",
 ]
 _PIPELINE = {"LogitsPipeline", "sample", "bad_words_ids"}
-_LAZY = {name: "pipeline" if name in _PIPELINE else "transforms" for name in __all__[1:]}
+_CONSTRAINT = {"StructuredOutput", "GrammarState"}
+_LAZY = {name: "pipeline" if name in _PIPELINE else "constraint" if name in _CONSTRAINT else "transforms"
+         for name in __all__[2:]}
 
 
 __getattr__ = lazy_getattr(__name__, {name: (f".{module}", name) for name, module in _LAZY.items()})

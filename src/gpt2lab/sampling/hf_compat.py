@@ -12,16 +12,29 @@ Fields are taken from ``transformers.GenerationConfig``; each is listed here wit
 - ``eos_token_id`` (an id or a list) -> ``stop_token_ids`` (ids other than the tokenizer's EOS, which
   stops anyway);
 - accepted and without effect here: ``pad_token_id`` (gpt2lab never pads), ``bos_token_id``,
-  ``decoder_start_token_id``, ``use_cache``, ``transformers_version``, ``_from_model_config``.
+  ``decoder_start_token_id``, ``use_cache``, ``transformers_version``, ``_from_model_config``, and what
+  only changes what transformers returns or how it computes (``output_scores``, ``output_attentions``,
+  ``return_dict_in_generate``, ``cache_implementation``, ...).
 
-Other ``GenerationConfig`` fields in a ``generation_config.json`` (``min_length``, ``diversity_penalty``,
-...) are ignored; as keyword arguments they raise ``TypeError`` like any unknown name.
+Other ``GenerationConfig`` fields in a ``generation_config.json`` or a ``generation_config=`` object
+(``min_length``, ``diversity_penalty``, ...) are ignored with one :class:`GenerationConfigWarning` naming
+them (unless they hold the value that turns them off: ``min_length: 0``, ``num_beam_groups: 1``, null, ...),
+as transformers ignores flags it cannot use; as keyword arguments they raise ``TypeError`` like
+any unknown name (a misspelt argument is an error, not a warning).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
+
+from ..errors import GPT2LabWarning
+
+
+class GenerationConfigWarning(GPT2LabWarning):
+    """Fields of a generation config (a ``generation_config.json`` or a ``generation_config=`` object) that
+    gpt2lab does not use and ignores."""
 
 # transformers name -> ours, same meaning
 RENAMED = {"num_return_sequences": "n", "min_new_tokens": "min_tokens"}
@@ -30,7 +43,14 @@ SAME = ("max_new_tokens", "max_length", "temperature", "top_k", "top_p", "min_p"
         "bad_words_ids")
 CONVERTED = ("do_sample", "eos_token_id")
 NO_EFFECT = ("pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version",
-             "_from_model_config")
+             "_from_model_config",
+             # what transformers returns or how it computes, not which tokens it picks
+             "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+             "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+             "low_memory", "prefill_chunk_size")
+# other GenerationConfig fields at the value that turns them off: nothing to warn about
+OFF_VALUES = {"min_length": 0, "num_beam_groups": 1, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+              "encoder_no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "guidance_scale": 1.0}
 # every transformers name this module understands
 HF_NAMES = (*RENAMED, *SAME, *CONVERTED, *NO_EFFECT)
 ALIASES = (*RENAMED, *CONVERTED, *NO_EFFECT)  # the ones that are not also our own names
@@ -58,13 +78,15 @@ def _ids(name: str, value: Any) -> list[int]:
 
 
 def translate(settings: Mapping[str, Any], *, eos_token_id: int | None = None,
-              strict: bool = True, source: str = "generation settings") -> dict[str, Any]:
+              strict: bool = True, source: str = "generation settings", warn: bool = False) -> dict[str, Any]:
     """``settings`` in transformers' and/or gpt2lab's names -> :class:`SamplingParams` keyword arguments.
 
     ``eos_token_id``: the tokenizer's EOS (not repeated as a stop id). ``strict``: names neither ours
-    nor in the mapping raise ``TypeError``; otherwise they are skipped (a ``generation_config.json``
-    holds many fields gpt2lab has no use for). A transformers name and our name for the same
-    control given together raise ``TypeError``.
+    nor in the mapping raise ``TypeError`` (keyword arguments); otherwise they are skipped, as a
+    generation config's are (it may hold fields gpt2lab has no use for), and when both lengths are
+    given ``max_new_tokens`` wins over ``max_length`` (transformers' rule). ``warn``: skipped fields
+    are named in one :class:`GenerationConfigWarning` (from ``source``). A transformers name and our
+    name for the same control given together raise ``TypeError``.
     """
     from .params import SamplingParams
 
@@ -104,6 +126,11 @@ def translate(settings: Mapping[str, Any], *, eos_token_id: int | None = None,
     if unknown and strict:
         raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}; known: "
                         f"{', '.join(SamplingParams.field_names())} and transformers' {', '.join(ALIASES)}")
+    ignored = [k for k in unknown if settings[k] not in (None, False, [], {}) and OFF_VALUES.get(k, ...) != settings[k]]
+    if ignored and warn:
+        # repr: a file's field names are shown as written, control characters escaped
+        warnings.warn(f"{source}: ignoring field(s) gpt2lab does not use: {', '.join(map(repr, sorted(ignored)))}",
+                      GenerationConfigWarning, stacklevel=3)
     if out.get("max_new_tokens") is not None and "max_length" in out and not strict:
         del out["max_length"]  # transformers: max_new_tokens wins over a config's max_length
     return {k: v for k, v in out.items() if v is not None or k in _LENGTH}

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .structured import StructuredOutputsParams
+
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
@@ -48,6 +50,9 @@ class SamplingParams:
     Transforms run in this order on each step's logits: min_tokens, logit_bias / banned tokens,
     repetition_penalty, presence/frequency penalties, no_repeat_ngram, temperature, top_k, top_p,
     min_p, typical_p. ``temperature=0`` is greedy decoding (argmax; the filters are then moot).
+    ``structured_outputs`` (:class:`~.structured.StructuredOutputsParams`, or a dict of its fields) masks
+    what its grammar forbids after the other processors (bias, bans, penalties, n-grams) and before
+    temperature and the filters, so that top-k and top-p choose among the tokens the grammar allows.
 
     The fields from ``truncate_prompt_tokens`` on, ``min_tokens``, ``stop_token_ids``,
     ``ignore_eos`` and ``top_k=-1`` have vLLM's names and meanings (vLLM ``SamplingParams``).
@@ -83,6 +88,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob and top-k alternatives
     include_stop_str_in_output: bool = False  # keep the stop string (or stop token's text) at the end of the text
     skip_special_tokens: bool = True  # special tokens (<|endoftext|> with ignore_eos) add no text
+    # vLLM's structured outputs: a JSON Schema, regex, choice or grammar the completion must match
+    structured_outputs: StructuredOutputsParams | None = None
 
     DEFAULT_MAX_NEW_TOKENS = 16
 
@@ -92,6 +99,8 @@ class SamplingParams:
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         self.logit_bias = _token_map(self.logit_bias)  # JSON keys arrive as str
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if self.top_k == -1 and _is_int(self.top_k):
             self.top_k = 0  # vLLM's way of saying "off"
         _check(isinstance(self.bad_words_ids, (list, tuple)) and all(isinstance(s, (list, tuple))
@@ -147,7 +156,9 @@ class SamplingParams:
             _check(self.n <= self.num_beams, "n", f"<= num_beams ({self.num_beams}) with beam search", self.n)
         _check(_is_num(self.length_penalty), "length_penalty", "a finite number", self.length_penalty)
         if self.seed is not None:
-            _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)", self.seed)
+            # any int64, as OpenAI and vLLM take it (torch seeds a generator with negative numbers too)
+            _check(_is_int(self.seed) and -2**63 <= self.seed < 2**63, "seed", "an integer in [-2**63, 2**63)",
+                   self.seed)
         if self.logprobs is not None:
             _check(_is_int(self.logprobs) and 0 <= self.logprobs <= 20, "logprobs", "an integer in [0, 20]",
                    self.logprobs)
@@ -161,6 +172,13 @@ class SamplingParams:
                    self.truncate_prompt_tokens)
         for name in ("ignore_eos", "truncate_prompt", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
+        if self.structured_outputs is not None:
+            _check(isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
+                   "a StructuredOutputsParams or a dict of its fields", self.structured_outputs)
+            if self.num_beams > 1:
+                raise ValueError("structured_outputs is not available with beam search (num_beams > 1): "
+                                 "use sampling or greedy decoding (num_beams=1)")
+            self.structured_outputs.validate()  # the grammar, checked once: ValueError naming the field
 
     def check_vocab(self, vocab_size: int) -> None:
         """Check the token ids these params hold against a model's vocabulary of ``vocab_size`` tokens.
@@ -193,7 +211,10 @@ class SamplingParams:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.structured_outputs is not None:  # its own fields only (not its compiled grammar)
+            out["structured_outputs"] = self.structured_outputs.to_dict()
+        return out
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import kernels
+from .constraint import GrammarState, StructuredOutput
 from .params import SamplingParams
 from .transforms import (
     NEG_INF,
@@ -61,11 +62,13 @@ class LogitsPipeline:
     (prompt + generated so far) and prompt length; it returns new scores with masked tokens at
     ``-inf`` and leaves ``logits`` untouched. The pipeline keeps per-row counts between calls, so
     build one per batch composition and call it every step; a row whose history is not an extension
-    of the previous step's is recounted.
+    of the previous step's is recounted. ``grammar_states``: the rows' structured-output matchers
+    (:class:`~.constraint.GrammarState`, kept by the caller across pipelines); made here when not given.
     """
 
     def __init__(self, params: Sequence[SamplingParams], vocab_size: int, tokenizer: Tokenizer | None = None,
-                 device: torch.device | str | None = None, eos_token_id: int | None = None) -> None:
+                 device: torch.device | str | None = None, eos_token_id: int | None = None,
+                 grammar_states: Sequence[GrammarState | None] | None = None) -> None:
         if not params:
             raise ValueError("params must hold one SamplingParams per row, got none")
         for p in params:
@@ -92,6 +95,11 @@ class LogitsPipeline:
             PresenceFrequencyPenalty([p.presence_penalty for p in params], [p.frequency_penalty for p in params]),
             NoRepeatNGram([p.no_repeat_ngram_size for p in params]),
         ]
+        if any(p.structured_outputs is not None for p in params):
+            # last of the processors, before the warpers: top-k / top-p then choose among the allowed tokens
+            # (a filter that ran first could keep only forbidden ones); grammar_states: the rows' own
+            processors.append(StructuredOutput([p.structured_outputs for p in params], vocab_size, tokenizer,
+                                               grammar_states, [p.ignore_eos for p in params]))
         self.processors = [t for t in processors if t.active]
 
         # Warpers see only the sampling rows, in their order.

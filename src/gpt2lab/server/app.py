@@ -6,8 +6,8 @@ starts (``/health`` answers 503 until then). The logic of each endpoint lives in
 never sees HTTP (vLLM's layout): :mod:`.serving_completion`, :mod:`.serving_chat`, :mod:`.serving_models`,
 :mod:`.serving_tokenization`, :mod:`.serving_health`, on :mod:`.serving_engine` (admission, a request's
 lifetime), with :mod:`.response_builder` turning engine outputs into OpenAI bodies and stream chunks and
-:mod:`.state` building them. Here: middleware (body limits, request counting, CORS), the API key, the
-routes, and OpenAI-shaped error bodies for whatever FastAPI itself refuses.
+:mod:`.state` building them. Here: middleware (Host and Origin checks, body limits, request counting,
+CORS), the API key, the routes, and OpenAI-shaped error bodies for whatever FastAPI itself refuses.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..http_guard import LOOPBACK_NAMES, HostOriginGuard
 from . import limits as lim
 from . import protocol as p
 from .http import LimitBody
@@ -68,9 +69,9 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
                max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None,
                device: str = "auto", dtype: str | None = None, quantization: str | None = None,
                cors_allow_origins: Sequence[str] = (), max_body_mb: float = lim.MAX_BODY_MB,
-               limits: lim.Limits | None = None, lora_modules: Mapping[str, str | Path] | None = None,
-               allow_runtime_lora: bool = False, max_models_memory: int | str | None = None,
-               prefix_cache_mb: float | None = None) -> FastAPI:
+               limits: lim.Limits | None = None, allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
+               lora_modules: Mapping[str, str | Path] | None = None, allow_runtime_lora: bool = False,
+               max_models_memory: int | str | None = None, prefix_cache_mb: float | None = None) -> FastAPI:
     """The server app.
 
     ``generator_or_model_ref``: a loaded :class:`~gpt2lab.generation.Generator`, or anything
@@ -92,7 +93,10 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     :func:`gpt2lab.load`; ``quantization`` is passed only when given). ``cors_allow_origins``: origins
     (``https://host:port``, or ``*``) whose browser pages may call the API (CORS, off when empty).
     ``max_body_mb``: larger request bodies get 413; ``limits``: the other per-request bounds
-    (:class:`~gpt2lab.server.limits.Limits`).
+    (:class:`~gpt2lab.server.limits.Limits`). ``allowed_hosts``: the ``Host`` names answered besides the
+    loopback ones (:func:`gpt2lab.http_guard.allowed_hosts`; ``["*"]``: any), 403 for others (DNS
+    rebinding); a POST must be JSON (415) and, from a browser, come from the server's own origin or one
+    of ``cors_allow_origins`` (403) (:class:`~gpt2lab.http_guard.HostOriginGuard`).
 
     Every client-controlled size is bounded, and tokenizing runs on worker threads, never on the
     event loop: ``/health`` and running streams go on while a big prompt is checked.
@@ -114,7 +118,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.start()
         yield
-        state.stop()
+        state.close()
 
     app = FastAPI(title="gpt2lab", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible GPT-2 server with continuous batching.")
@@ -128,6 +132,8 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
+    # outermost: a request for another host name, or a cross-site change, is refused before anything runs
+    app.add_middleware(HostOriginGuard, hosts=allowed_hosts, origins=cors_allow_origins)
     _install_error_handlers(app)
     app.include_router(router)
     return app

@@ -8,10 +8,11 @@ happens, so a busy port fails at once) with timeouts for idle and half-open conn
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from ..http_guard import send_error
 
 if TYPE_CHECKING:
     from .limits import Limits
@@ -140,10 +141,4 @@ class LimitBody:
 
     @staticmethod
     async def _refuse(send: Callable, status: int, message: str, code: str) -> None:
-        from .protocol import error_body
-
-        payload = json.dumps(error_body(message, code=code)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})
+        await send_error(send, status, message, code, headers=[(b"connection", b"close")])

@@ -31,9 +31,13 @@ class Limits:
     chat_context_factor: int = 8  # all messages together: at most this many contexts' worth of characters
     max_tokenize_chars: int = 1_000_000  # /tokenize may count texts longer than the context
     max_detokenize_tokens: int = 1_000_000
+    max_structured_chars: int = 32_768  # a structured output's spec (schema, regex, grammar, choices) as JSON text
+    structured_compile_s: float = 10.0  # compiling one structured output's grammar (on a worker thread)
     body_timeout_s: float = 30.0  # a request body must arrive within this
     header_timeout_s: float = 30.0  # a connection must send a complete request head within this
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    chat_render_workers: int = 2  # processes rendering chat templates (a template is code: never in this one)
+    chat_probe_timeout_s: float = 60.0  # start-up: a worker starts and renders the probe conversation
 
 
 def max_prompt_chars(tokenizer: Any, n_positions: int) -> int:

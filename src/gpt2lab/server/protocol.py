@@ -8,7 +8,7 @@ Field names follow OpenAI's API (``openai-python``'s ``CompletionCreateParams`` 
 ``CompletionCreateParams`` for chat) plus vLLM's extra sampling parameters (vLLM's
 ``CompletionRequest`` / ``ChatCompletionRequest``), with their meanings. OpenAI fields that cannot
 change what a GPT-2 writes (``metadata``, ``store``, ``service_tier``, ...) are accepted and ignored;
-fields that would change it and cannot be honoured (JSON modes, tools, audio) are a 400 naming them;
+fields that would change it and cannot be honoured (tools, audio) are a 400 naming them;
 any other name is a 400 too, so a misspelt parameter never passes silently.
 """
 
@@ -22,7 +22,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ..sampling import SamplingParams
+from ..http_guard import error_body, printable  # noqa: F401  (error_body: re-exported, the one error body)
+from ..sampling import SamplingParams, StructuredOutputsParams
 
 # SamplingParams name -> API field, where they differ (chat renames more: see ChatCompletionRequest)
 _PARAMS_TO_API = {"max_new_tokens": "max_tokens", "num_beams": "n"}
@@ -43,18 +44,6 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    # a message or param may quote the client's text: a lone surrogate in it could not be encoded
-    # as UTF-8 (the error would become a 500), so such characters are written as \udXXX escapes
-    return {"error": {"message": _printable(message), "type": type,
-                      "param": None if param is None else _printable(param), "code": code}}
-
-
-def _printable(text: str) -> str:
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def unicode_problem(value: Any) -> str | None:
     """Where ``value`` (a str, or lists / dicts of them) holds a character that is not valid Unicode
     text (a lone surrogate, which JSON's ``\\ud800`` escapes can carry), or None."""
@@ -70,7 +59,7 @@ def unicode_problem(value: Any) -> str | None:
         for key, item in value.items():
             where = unicode_problem(key) or unicode_problem(item)
             if where:
-                return f"{where} (in key {_printable(repr(key))})"
+                return f"{where} (in key {printable(repr(key))})"
         return None
     if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
         for i, item in enumerate(value):
@@ -117,9 +106,11 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False
     # OpenAI pads stream chunks against side channels; a local server's chunks carry nothing to hide
     include_obfuscation: bool | None = Field(None, description="Accepted and ignored.")
+    continuous_usage_stats: bool | None = Field(None, description="vLLM's: the usage so far in every chunk "
+                                                                  "(with include_usage).")
 
 
 class _SamplingFields(_Strict):
@@ -156,9 +147,32 @@ class _SamplingFields(_Strict):
                                                                  "model's context).")
     prompt_logprobs: int | None = Field(None, description="Each prompt token's logprob and top-k (0..20); "
                                                           "not with stream.")
+    # vLLM's request options
+    priority: int | None = Field(None, description="vLLM's scheduling priority: only 0 (first come, first served).")
+    request_id: str | None = Field(None, max_length=128, description="vLLM's: the response id is made of it.")
+    return_tokens_as_token_ids: bool | None = Field(None, description="Logprob tokens as 'token_id:N' (vLLM).")
+    spaces_between_special_tokens: bool | None = Field(None, description="Accepted: GPT-2 has one special token, "
+                                                                         "so it changes nothing.")
+    add_special_tokens: bool | None = Field(None, description="Accepted: GPT-2's tokenizer adds no special "
+                                                              "tokens, so it changes nothing.")
     # gpt2lab's own controls
     typical_p: float | None = Field(None, description="Locally typical sampling mass (1 = off).")
     no_repeat_ngram_size: int | None = Field(None, description="Never repeat an n-gram of this size (0 = off).")
+    # structured outputs (server/structured.py): OpenAI's response_format, vLLM's structured_outputs, legacy guided_*
+    response_format: dict[str, Any] | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
+                                                   '{"type": "json_schema", "json_schema": {"name", "schema", '
+                                                   '"strict"}}: the output matches the schema.')
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's: one of json, regex, choice, "
+                                                      "grammar, json_object (+ whitespace_pattern, "
+                                                      "disable_any_whitespace, disable_additional_properties, "
+                                                      "disable_fallback).")
+    guided_json: str | dict[str, Any] | None = Field(None, description="vLLM's legacy name: a JSON Schema.")
+    guided_regex: str | None = Field(None, description="vLLM's legacy name: the output matches this regex.")
+    guided_choice: list[str] | None = Field(None, max_length=MAX_LIST_ITEMS,
+                                            description="vLLM's legacy name: the output is one of these.")
+    guided_grammar: str | None = Field(None, description="vLLM's legacy name: a Lark or GBNF grammar.")
+    guided_whitespace_pattern: str | None = Field(None, description="vLLM's legacy name: JSON whitespace regex.")
+    guided_decoding_backend: str | None = Field(None, description="Accepted and ignored (llguidance).")
 
     _SAMPLING = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "typical_p", "repetition_penalty", "no_repeat_ngram_size", "ignore_eos", "stop_token_ids",
@@ -169,14 +183,22 @@ class _SamplingFields(_Strict):
 
     def check_common(self) -> None:
         """Checks across fields that pydantic's per-field types cannot express (400 naming the field)."""
+        if self.priority not in (None, 0):
+            raise invalid("priority: requests are served first come, first served; only 0 is accepted (vLLM "
+                          "without priority scheduling)", "priority")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
         if self.prompt_logprobs is not None and self.stream:
             raise invalid("prompt_logprobs is not available with stream=true (as in vLLM)", "prompt_logprobs")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, max_tokens_field: str = "max_tokens",
-                        resolve: Callable[[dict[str, Any]], SamplingParams] | None = None) -> SamplingParams:
+                        resolve: Callable[[dict[str, Any]], SamplingParams] | None = None,
+                        structured: StructuredOutputsParams | None = None,
+                        structured_field: str = "structured_outputs") -> SamplingParams:
         """The validated SamplingParams; a bad value raises :class:`APIError` 400 naming the field.
+
+        ``structured``: the request's structured output (:func:`.structured.requested_spec`, compiled off the
+        event loop first), from the field ``structured_field``.
 
         ``resolve``: turns the fields the client sent (SamplingParams names) into SamplingParams with the
         server's defaults (:meth:`gpt2lab.generation.Generator.resolve_sampling`: the checkpoint's
@@ -207,10 +229,13 @@ class _SamplingFields(_Strict):
             kwargs["max_new_tokens"] = max_tokens
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
+        if structured is not None:
+            kwargs["structured_outputs"] = structured
         try:
             return resolve(kwargs) if resolve is not None else SamplingParams(**kwargs)
         except (ValueError, TypeError) as exc:
-            raise params_error(exc, {**self._RENAMES, "max_new_tokens": max_tokens_field}) from None
+            raise params_error(exc, {**self._RENAMES, "max_new_tokens": max_tokens_field,
+                                     "structured_outputs": structured_field}) from None
 
 
 def params_error(exc: Exception, renames: dict[str, str] | None = None) -> APIError:
@@ -218,7 +243,7 @@ def params_error(exc: Exception, renames: dict[str, str] | None = None) -> APIEr
     (``renames``: SamplingParams name -> field, over the defaults of the completions API)."""
     table = {**_PARAMS_TO_API, **(renames or {})}
     message = str(exc)
-    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":").split(".", 1)[0]  # structured_outputs.json: ...
     known = head in SamplingParams.field_names() or head == "prompt"  # the engine's admission checks name it
     param = table.get(head, head) if known else None
     if param is not None and head in table:
@@ -229,18 +254,21 @@ def params_error(exc: Exception, renames: dict[str, str] | None = None) -> APIEr
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` (OpenAI's legacy completions API, plus gpt2lab's sampling controls)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists.")
+    prompt: str | list[str] | list[int] | list[list[int]] | None = Field(
+        ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists; null "
+                         "starts from <|endoftext|> (a new document), as \"\" does.")
     logprobs: int | None = Field(None, description="Return the chosen token's logprob and this many top "
                                                    "alternatives (0..20).")
     echo: bool | None = Field(False, description="Prepend the prompt (and, with logprobs, its token logprobs).")
-    best_of: int | None = Field(None, description="Only best_of == n is supported.")
+    best_of: int | None = Field(None, description="Generate best_of completions per prompt and return the n with "
+                                                  "the highest mean token logprob (not with stream).")
     suffix: str | None = Field(None, description="Not supported (GPT-2 has no insertion mode).")
 
 
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
 
 
 class RefusalPart(_Strict):
@@ -254,9 +282,10 @@ class ChatMessage(_Strict):
     """One message. Besides role and content, the fields OpenAI's client sends back when a reply is
     reused as history (``ChatCompletionMessage.model_dump()``: ``refusal``, ``annotations``,
     ``audio``, ``function_call``, ``tool_calls``) and ``name`` / ``tool_call_id`` are accepted;
-    they do not change the transcript a GPT-2 continues."""
+    they do not change the transcript a GPT-2 continues. A ``function`` message (OpenAI's older name of
+    a tool result) is laid out as a tool message."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart | RefusalPart] | None = None
     name: str | None = None
     refusal: str | None = None
@@ -282,8 +311,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, description="Alias of max_tokens (newer OpenAI name).")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, description="Alternatives per token with logprobs=true (0..20).")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}: GPT-2 cannot be '
-                                                                     "held to JSON.")
     # OpenAI fields that do not change a GPT-2's output: accepted and ignored
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")
     store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
@@ -295,22 +322,60 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: list[str] | None = Field(None, description='Only ["text"].')
     tools: list[dict[str, Any]] | None = Field(None, description="Only an empty list: GPT-2 calls no tools.")
     tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto" (no tools).')
+    functions: list[dict[str, Any]] | None = Field(None, description="OpenAI's older tools: only an empty list.")
+    function_call: str | dict[str, Any] | None = Field(None, description='OpenAI\'s older tool_choice: only "none" '
+                                                                         'or "auto".')
+    audio: dict[str, Any] | None = Field(None, description="Only null: GPT-2 writes text.")
+    prediction: dict[str, Any] | None = Field(None, description="Accepted and ignored (a predicted output only "
+                                                                "speeds OpenAI's decoding up).")
+    prompt_cache_options: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
+    reasoning_effort: str | None = Field(None, description="Accepted and ignored (GPT-2 does not reason; as vLLM "
+                                                           "for models without reasoning).")
+    verbosity: str | None = Field(None, description="Accepted and ignored.")
+    web_search_options: dict[str, Any] | None = Field(None, description="Only null: GPT-2 cannot search.")
+    moderation: dict[str, Any] | None = Field(None, description="Only null: this server does not moderate.")
+    # vLLM's chat options
+    echo: bool | None = Field(None, description="vLLM's: the reply starts with the last message's content when "
+                                                "that message is the assistant's.")
+    add_generation_prompt: bool | None = Field(None, description="vLLM's: end the prompt with the assistant's cue "
+                                                                 "(default true).")
+    continue_final_message: bool | None = Field(None, description="vLLM's: continue the last (assistant) message "
+                                                                  "instead of starting a new one.")
+    chat_template: str | None = Field(None, description="Not accepted: a template is code (vLLM refuses it too "
+                                                        "unless the server trusts request templates).")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Only {}: the server's templates take "
+                                                                          "no extra variables.")
 
     _RENAMES: ClassVar[dict[str, str]] = {"logprobs": "top_logprobs"}
 
     def check_openai_fields(self) -> None:
         """The OpenAI fields that are accepted only in their no-op form: a 400 naming the field otherwise."""
-        fmt = self.response_format
-        if fmt is not None and fmt.get("type") != "text":
-            kind = fmt.get("type")
-            raise invalid(f"response_format {{'type': {kind!r}}} is not supported: a GPT-2 cannot be held to JSON "
-                          'output; use {"type": "text"} or leave response_format out', "response_format")
         if self.modalities is not None and any(m != "text" for m in self.modalities):
             raise invalid('modalities: only ["text"] is supported', "modalities")
         if self.tools:
             raise invalid("tools are not supported: a GPT-2 cannot call tools", "tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise invalid('tool_choice: only "none" or "auto" are supported (no tools)', "tool_choice")
+        if self.functions:
+            raise invalid("functions are not supported: a GPT-2 cannot call functions", "functions")
+        if self.function_call not in (None, "none", "auto"):
+            raise invalid('function_call: only "none" or "auto" are supported (no functions)', "function_call")
+        for name in ("audio", "web_search_options", "moderation"):
+            if getattr(self, name) is not None:
+                raise invalid(f"{name} is not supported by this server (GPT-2 text only); leave it out or null",
+                              name)
+        if self.chat_template is not None:
+            raise invalid("chat_template: a request cannot bring its own template (code run on the server); the "
+                          "model's own template is used", "chat_template")
+        if self.chat_template_kwargs:
+            raise invalid("chat_template_kwargs: this server's chat templates take no extra variables",
+                          "chat_template_kwargs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise invalid("continue_final_message and add_generation_prompt cannot both be true (as in vLLM)",
+                          "continue_final_message")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise invalid("continue_final_message needs the last message to be the assistant's",
+                          "continue_final_message")
 
 
 class TokenizeRequest(_Strict):
@@ -367,6 +432,12 @@ class CompletionChoice(BaseModel):
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's extra (prompt_logprobs=k)
 
 
+def _fingerprint() -> str:
+    from .. import __version__
+
+    return f"gpt2lab-{__version__}"
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -374,6 +445,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str = Field(default_factory=_fingerprint)  # OpenAI's: the backend that answered
 
 
 class TopLogprob(BaseModel):
@@ -412,6 +484,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's extra, over the rendered conversation
+    system_fingerprint: str = Field(default_factory=_fingerprint)
 
 
 class ChatDelta(BaseModel):
@@ -433,6 +506,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str = Field(default_factory=_fingerprint)
 
 
 class ModelCard(BaseModel):
@@ -479,6 +553,7 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def new_id(prefix: str) -> str:
-    """A response id: ``prefix-`` and 32 random hex digits (``cmpl-...``, ``chatcmpl-...``, as OpenAI's)."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, request_id: str | None = None) -> str:
+    """A response id: ``prefix-`` and 32 random hex digits (``cmpl-...``, ``chatcmpl-...``, as OpenAI's), or
+    ``prefix-request_id`` for a request that names itself (vLLM's ``request_id``)."""
+    return f"{prefix}-{request_id if request_id is not None else uuid.uuid4().hex}"

@@ -27,12 +27,14 @@ class ResponseBuilder:
     (``add`` then ``response``) or as stream chunks (``first_chunks``, ``chunks``, ``usage_chunk``).
 
     ``gen``: the Generator (its tokenizer names tokens); ``rid``: the response id; ``name``: the served
-    model name; ``count``: choices; ``prompt_tokens``: the prompt tokens of the whole request (usage)."""
+    model name; ``count``: choices; ``prompt_tokens``: the prompt tokens of the whole request (usage);
+    ``token_ids``: logprob tokens shown as ``token_id:N``."""
 
     chunk_object = ""
 
-    def __init__(self, gen: Any, rid: str, name: str, count: int, prompt_tokens: int) -> None:
+    def __init__(self, gen: Any, rid: str, name: str, count: int, prompt_tokens: int, token_ids: bool = False) -> None:
         self.tok, self.rid, self.name, self.prompt_tokens = gen.tokenizer, rid, name, prompt_tokens
+        self.token_ids = token_ids
         self.text = [""] * count
         self.reason: list[str | None] = [None] * count
         self.generated = [0] * count
@@ -40,6 +42,10 @@ class ResponseBuilder:
 
     def _index(self, out: Any) -> int:
         return out.index
+
+    def _name(self, token_id: int, token: str) -> str:
+        """A token as logprobs show it: its text, or ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``)."""
+        return f"token_id:{token_id}" if self.token_ids else token
 
     def add(self, outs: list[Any]) -> None:
         """Take one step's outputs (``RequestOutput`` list) into the whole response."""
@@ -90,8 +96,8 @@ class CompletionResponseBuilder(ResponseBuilder):
     chunk_object = "text_completion"
 
     def __init__(self, gen: Any, rid: str, name: str, n: int, echo_texts: list[str] | None,
-                 prompt_lp: list[list] | None, prompts: list[list[int]]) -> None:
-        super().__init__(gen, rid, name, len(prompts) * n, sum(map(len, prompts)))
+                 prompt_lp: list[list] | None, prompts: list[list[int]], *, token_ids: bool = False) -> None:
+        super().__init__(gen, rid, name, len(prompts) * n, sum(map(len, prompts)), token_ids)
         self.n, self.echo_texts = n, echo_texts
         self.logprobs: list[p.CompletionLogprobs | None] = [None] * len(self.text)
         self.offset = [0] * len(self.text)  # text_offset of the next token, per choice
@@ -106,17 +112,18 @@ class CompletionResponseBuilder(ResponseBuilder):
 
     def _prompt_logprobs(self, ids: list[int], scored: list[Any]) -> p.CompletionLogprobs:
         first = self.tok.id_to_token(ids[0])  # the first token has no logprob (nothing before it)
-        lp = p.CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        lp = p.CompletionLogprobs(tokens=[self._name(ids[0], first)], token_logprobs=[None], top_logprobs=[None],
+                                  text_offset=[0])
         self._extend(lp, scored, len(first))
         return lp
 
-    @staticmethod
-    def _extend(lp: p.CompletionLogprobs, entries: list[Any], offset: int) -> int:
+    def _extend(self, lp: p.CompletionLogprobs, entries: list[Any], offset: int) -> int:
         for entry in entries:
-            lp.tokens.append(entry.token)
+            lp.tokens.append(self._name(entry.token_id, entry.token))
             lp.token_logprobs.append(entry.logprob)
-            top = {t: v for _, t, v in entry.top}
-            top.setdefault(entry.token, entry.logprob)  # the chosen token always (up to k + 1 entries, as OpenAI)
+            top = {self._name(i, t): v for i, t, v in entry.top}
+            # the chosen token always (up to k + 1 entries, as OpenAI)
+            top.setdefault(self._name(entry.token_id, entry.token), entry.logprob)
             lp.top_logprobs.append(top)
             lp.text_offset.append(offset)
             offset += len(entry.token)
@@ -168,42 +175,47 @@ class CompletionResponseBuilder(ResponseBuilder):
 
 
 class ChatCompletionResponseBuilder(ResponseBuilder):
-    """``/v1/chat/completions``: ``n`` replies to one rendered conversation of ``prompt_tokens`` tokens, in the
-    chat layout ``style``; ``top_logprobs``: alternatives per token when logprobs were asked for.
+    """``/v1/chat/completions``: ``n`` replies to one rendered conversation of ``prompt_tokens`` tokens;
+    ``top_logprobs``: alternatives per token when logprobs were asked for (``None``: no logprobs).
 
-    The reply's leading space (after ``Bot:``) is dropped; whole replies go through ``clean_reply``."""
+    A reply's content is the generated text without the whitespace around it (GPT-2 writes a space
+    after ``Bot:``; a reply may end in a space or a newline before the next turn). The same content is
+    streamed (:class:`ReplyText`), and the logprob entries' ``token`` texts join to it, so a client that
+    assembles the stream, or the tokens, gets exactly the non-streamed ``content``."""
 
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int, style: Any,
-                 top_logprobs: int | None = None) -> None:
-        super().__init__(gen, rid, name, n, prompt_tokens)
-        self.style, self.top_n = style, top_logprobs
+    def __init__(self, gen: Any, rid: str, name: str, n: int, prompt_tokens: int, top_logprobs: int | None = None,
+                 *, echo: str = "", token_ids: bool = False, continuing: bool = False) -> None:
+        super().__init__(gen, rid, name, n, prompt_tokens, token_ids)
+        self.top_n, self.echo = top_logprobs, echo
+        # continuing the last message (continue_final_message): its leading whitespace is the reply's own
+        self.replies = [ReplyText(trim_start=not continuing) for _ in range(n)]
+        self.text = [echo] * n  # vLLM's chat echo: the reply starts with the last message's content
         self.logprobs: list[list[p.ChatTokenLogprob] | None] = [None] * n
 
-    def _logprobs(self, out: Any) -> list[p.ChatTokenLogprob] | None:
-        if out.logprobs is None:
-            return None
+    def _entry(self, e: Any, piece: str | None) -> p.ChatTokenLogprob:
+        """One token's entry: ``piece`` is the part of its text inside the content (None: all of it). The
+        top alternatives are exactly the ``top_logprobs`` most likely tokens, as OpenAI and vLLM give them
+        for chat (the chosen token is not added: that is the legacy completions API's rule)."""
         raw = self.tok.token_bytes
+        top = [p.TopLogprob(token=self._name(i, t), logprob=v, bytes=list(raw(i)))
+               for i, t, v in e.top[:self.top_n or 0]]
+        token, data = (e.token, raw(e.token_id)) if piece is None else (piece, piece.encode("utf-8"))
+        return p.ChatTokenLogprob(token=self._name(e.token_id, token), logprob=e.logprob, bytes=list(data),
+                                  top_logprobs=top)
 
-        def top(e: Any) -> list[p.TopLogprob]:
-            if not self.top_n:
-                return []
-            alternatives = list(e.top)
-            if all(i != e.token_id for i, _, _ in alternatives):  # the chosen token always: up to k + 1
-                alternatives.append((e.token_id, e.token, e.logprob))
-            return [p.TopLogprob(token=t, logprob=v, bytes=list(raw(i))) for i, t, v in alternatives]
-
-        return [p.ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(raw(e.token_id)), top_logprobs=top(e))
-                for e in out.logprobs]
-
-    def _step(self, out: Any) -> str:
+    def _step(self, out: Any) -> tuple[str, list[p.ChatTokenLogprob] | None]:
+        """This step's content delta and the logprob entries now complete."""
         self._keep_prompt_logprobs(0, out)  # the conversation's: the same for every choice
-        text = out.text if self.text[out.index] else out.text.lstrip()
-        self.text[out.index] += text
-        self.generated[out.index] += len(out.token_ids)
-        self.reason[out.index] = out.finish_reason
-        return text
+        i = out.index
+        self.generated[i] += len(out.token_ids)
+        self.reason[i] = out.finish_reason
+        delta, entries = self.replies[i].push(out.text, out.logprobs, out.finished)
+        self.text[i] += delta
+        if out.logprobs is None:
+            return delta, None
+        return delta, [self._entry(e, piece) for e, piece in entries]
 
     def _chunk(self, choice: p.ChatChunkChoice) -> dict[str, Any]:
         chunk = p.ChatCompletionChunk(id=self.rid, model=self.name, choices=[choice]).model_dump()
@@ -211,13 +223,13 @@ class ChatCompletionResponseBuilder(ResponseBuilder):
         return chunk
 
     def first_chunks(self) -> list[dict[str, Any]]:
-        return [self._chunk(p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content="")))
+        return [self._chunk(p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=self.echo)))
                 for i in range(len(self.text))]
 
     def chunks(self, outs: list[Any]) -> list[dict[str, Any]]:
         chunks = []
         for out in outs:
-            text, lp = self._step(out), self._logprobs(out)
+            text, lp = self._step(out)
             if text or out.finished or lp:
                 chunks.append(self._chunk(p.ChatChunkChoice(
                     index=out.index, delta=p.ChatDelta(content=text or None), finish_reason=out.finish_reason,
@@ -226,16 +238,65 @@ class ChatCompletionResponseBuilder(ResponseBuilder):
 
     def add(self, outs: list[Any]) -> None:
         for out in outs:
-            self._step(out)
-            lp = self._logprobs(out)
+            _, lp = self._step(out)
             if lp is not None:
                 self.logprobs[out.index] = (self.logprobs[out.index] or []) + lp
 
     def response(self) -> p.ChatCompletionResponse:
-        from ..generation.chat_format import clean_reply
-
-        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=clean_reply(t, self.style)),
+        choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=t),
                                 logprobs=p.ChatLogprobs(content=lp) if lp is not None else None, finish_reason=r)
                    for i, (t, lp, r) in enumerate(zip(self.text, self.logprobs, self.reason))]
         return p.ChatCompletionResponse(id=self.rid, model=self.name, choices=choices, usage=self.usage(),
                                         prompt_logprobs=self.prompt_logprobs[0])
+
+
+class ReplyText:
+    """One chat reply's content as the engine's text arrives: the generated text without leading and
+    trailing whitespace, given out in order (trailing whitespace is held back until text follows it,
+    and dropped at the end), with each token's logprob entry once its text is given out.
+    ``trim_start=False``: the leading whitespace is kept (a continued message's own).
+
+    ``push(text, logprobs, finished)`` -> (content delta, [(entry, piece)]): every token keeps its entry;
+    ``piece`` is the part of the token's text inside the content when that is not all of it (the reply's
+    first token, ``" Hello"`` -> ``"Hello"``; the last one before trimmed whitespace or a stop-string
+    cut; ``""`` for whitespace around the reply or ``<|endoftext|>`` left out of the text), else None. So
+    the deltas join to the content, and so do the entries' texts (pieces, or whole tokens). Entries
+    without a ``text_span`` (None) are given out as they come, whole."""
+
+    def __init__(self, trim_start: bool = True) -> None:
+        self.raw = ""  # the engine's text so far
+        # where the content starts (the first character that is not a space; 0 when not trimmed)
+        self.start: int | None = None if trim_start else 0
+        self.sent = 0  # the raw text up to here is given out
+        self.held: list[Any] = []  # logprob entries whose text is not all given out yet
+
+    def push(self, text: str, logprobs: list[Any] | None,
+             finished: bool) -> tuple[str, list[tuple[Any, str | None]]]:
+        self.raw += text
+        delta = ""
+        if text.strip():  # trailing whitespace waits: given out only once text follows it
+            if self.start is None:
+                self.start = len(self.raw) - len(self.raw.lstrip())
+            end = len(self.raw) - (len(text) - len(text.rstrip()))
+            delta, self.sent = self.raw[max(self.sent, self.start):end], end
+        self.held.extend(logprobs or ())
+        return delta, self._entries(finished)
+
+    def _entries(self, finished: bool) -> list[tuple[Any, str | None]]:
+        out: list[tuple[Any, str | None]] = []
+        while self.held:
+            e = self.held[0]
+            if e.text_span is None:  # no span known (not from the engine's text): the token as it is
+                out.append((self.held.pop(0), None))
+                continue
+            a, b = e.text_span
+            if not finished and (self.start is None or b > self.sent):
+                break  # its text is not all given out yet (held back, or the reply has not begun)
+            self.held.pop(0)
+            if finished and not self.held:
+                b = max(b, len(self.raw))  # a character completed only at the very end: the last token's
+            lo = max(a, self.start if self.start is not None else b)
+            hi = max(min(b, self.sent), lo)
+            whole = (lo, hi) == (a, b) and self.raw[a:b] == e.token
+            out.append((e, None if whole else self.raw[lo:hi]))
+        return out

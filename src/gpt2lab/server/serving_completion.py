@@ -13,6 +13,7 @@ from . import limits as lim
 from . import protocol as p
 from .response_builder import CompletionResponseBuilder
 from .serving_engine import Disconnected, OpenAIServing, check_context_length, check_token_ids, sampling_defaults
+from .structured import compile_spec, requested_spec
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
 
@@ -31,14 +32,18 @@ class OpenAIServingCompletion(OpenAIServing):
         target = self.target_for(request)
         gen = target.generator
         request.check_common()
-        if request.suffix is not None:
+        if request.suffix:  # "" (or null) asks for nothing after the completion
             raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")
+        spec, spec_field = requested_spec(request, self.limits)
+        if spec is not None:
+            await compile_spec(spec, spec_field, gen.tokenizer, self.limits)
         params = self.check_params(request.sampling_params(request.max_tokens, request.logprobs,
-                                                           resolve=sampling_defaults(gen, DEFAULT_MAX_TOKENS)))
+                                                           resolve=sampling_defaults(gen, DEFAULT_MAX_TOKENS),
+                                                           structured=spec, structured_field=spec_field))
         max_tokens = params.max_new_tokens
-        if request.best_of is not None and request.best_of != params.n:
-            raise p.invalid(f"best_of must equal n ({params.n}) when given; ranking candidates is not "
-                            "supported", "best_of")
+        best_of = _check_best_of(request, params)
+        if best_of is not None:  # generate best_of, keep the n best: ranked by their token logprobs
+            params = params.with_(n=best_of, logprobs=params.logprobs or 0)
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
         self.check_capacity(target, _count_prompts(request.prompt), params)  # before tokenizing any of them
         # a prompt cut to its last k tokens may be longer than the context: then only the body limit bounds it
@@ -51,7 +56,7 @@ class OpenAIServingCompletion(OpenAIServing):
         for ids in prompts:
             check_context_length(len(ids), max_tokens, gen.config.n_positions)
         echo = bool(request.echo)
-        rid = p.new_id("cmpl")
+        rid = p.new_id("cmpl", request.request_id)
         handle = await self.start(target, prompts, params, rid)
         prompt_lp = None
         if echo and request.logprobs is not None:  # prompt logprobs: scored on the model thread between steps
@@ -63,20 +68,61 @@ class OpenAIServingCompletion(OpenAIServing):
                 handle.abort()
                 raise
         builder = CompletionResponseBuilder(gen, rid, target.name, params.n, texts if echo else None, prompt_lp,
-                                            prompts)
-        return await self.respond(target, handle, arrival, builder, request.stream, request.stream_options,
-                                  disconnected)
+                                            prompts, token_ids=bool(request.return_tokens_as_token_ids))
+        result = await self.respond(target, handle, arrival, builder, request.stream, request.stream_options,
+                                    disconnected)
+        if best_of is None:
+            return result
+        skip = [len(ids) if echo and request.logprobs is not None else 0 for ids in prompts]
+        return _keep_best(result, request.n or 1, best_of, skip, keep_logprobs=request.logprobs is not None)
 
 
-def _count_prompts(prompt: str | list) -> int:
-    return 1 if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else len(prompt)
+def _check_best_of(request: p.CompletionRequest, params: Any) -> int | None:
+    """``best_of`` when it asks for more candidates than ``n`` (None otherwise); 400 naming it when it is
+    fewer than ``n``, or with ``stream`` or beam search (OpenAI: the best cannot be streamed)."""
+    best_of = request.best_of
+    if best_of is None or best_of == params.n:
+        return None
+    if best_of < params.n:
+        raise p.invalid(f"best_of ({best_of}) must be at least n ({params.n})", "best_of")
+    if request.stream:
+        raise p.invalid("best_of greater than n cannot be streamed: the best are known at the end (as OpenAI)",
+                        "best_of")
+    if params.num_beams > 1:
+        raise p.invalid("best_of cannot be combined with use_beam_search (the beams are ranked already)", "best_of")
+    return best_of
 
 
-def _encode_prompts(gen: Any, prompt: str | list, max_chars: int | None) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt (a string, strings, token ids, or lists of token ids); a text
-    longer than ``max_chars`` is refused before it is tokenized. Runs on a worker thread."""
-    if isinstance(prompt, str):
-        items: list = [prompt]
+def _keep_best(response: p.CompletionResponse, n: int, best_of: int, skip: list[int], *,
+               keep_logprobs: bool) -> p.CompletionResponse:
+    """The ``n`` of each prompt's ``best_of`` choices with the highest mean token logprob (OpenAI's
+    ``best_of``: "the highest log probability per token"), best first, re-indexed; ``skip[j]``: prompt j's
+    echoed logprob entries, left out of its score. ``usage`` still counts every token generated."""
+    def score(choice: p.CompletionChoice, j: int) -> float:
+        values = [v for v in choice.logprobs.token_logprobs[skip[j]:] if v is not None] if choice.logprobs else []
+        return sum(values) / len(values) if values else float("-inf")
+
+    kept = []
+    for j in range(len(response.choices) // best_of):
+        group = response.choices[j * best_of:(j + 1) * best_of]
+        ranked = sorted(group, key=lambda c: -score(c, j))[:n]  # stable: ties keep their order
+        for k, choice in enumerate(ranked):
+            kept.append(choice.model_copy(update={"index": j * n + k,
+                                                  "logprobs": choice.logprobs if keep_logprobs else None}))
+    return response.model_copy(update={"choices": kept})
+
+
+def _count_prompts(prompt: str | list | None) -> int:
+    return 1 if prompt is None or isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else len(prompt)
+
+
+def _encode_prompts(gen: Any, prompt: str | list | None, max_chars: int | None) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt (a string, strings, token ids, or lists of token ids; None is "", a
+    new document); a text longer than ``max_chars`` is refused before it is tokenized. Runs on a worker thread."""
+    if prompt is None:
+        items: list = [""]
+    elif isinstance(prompt, str):
+        items = [prompt]
     elif not prompt:
         raise p.invalid("prompt is an empty list", "prompt")
     elif isinstance(prompt[0], int):

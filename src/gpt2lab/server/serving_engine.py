@@ -23,6 +23,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from ..sampling import SamplingParams
+from ..sampling.constraint import GRAMMAR_ERROR
 from ..sampling.pipeline import ALL_MASKED_ERROR
 from . import limits as lim
 from . import protocol as p
@@ -106,6 +107,8 @@ class OpenAIServing:
         ctx = RequestContext(target.scheduler.metrics, handle, arrival, self.request_timeout, self.endpoint)
         if stream:
             include_usage = bool(stream_options and stream_options.include_usage)
+            # vLLM's continuous_usage_stats: every chunk carries the usage so far (with include_usage)
+            continuous = include_usage and bool(stream_options and stream_options.continuous_usage_stats)
 
             async def events() -> AsyncIterator[str]:
                 try:
@@ -116,6 +119,8 @@ class OpenAIServing:
                             failed = True
                             break
                         for chunk in builder.first_chunks() if item is None else builder.chunks(item):
+                            if continuous:
+                                chunk["usage"] = builder.usage().model_dump()
                             yield sse_event(chunk)
                     if include_usage and not failed:
                         yield sse_event(builder.usage_chunk())
@@ -172,6 +177,9 @@ class RequestContext:
                 # the request's own settings banned every token (stop_token_ids with min_tokens, bad_words,
                 # logit_bias...): the client's to change, not a server fault (it was a 500)
                 yield p.APIError(400, message, type="invalid_request_error", code="nothing_to_sample")
+            elif isinstance(exc, RequestFailed) and GRAMMAR_ERROR in str(exc):
+                # the request's structured output hit a limit of the grammar engine while generating
+                yield p.APIError(400, message, type="invalid_request_error", code="structured_output_failed")
             else:
                 yield p.APIError(500, message, type="server_error", code="generation_failed")
         finally:

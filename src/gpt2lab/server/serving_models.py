@@ -33,7 +33,9 @@ class ServedModel:
     name: str | None
     scheduler: Scheduler
     adapters: dict[str, str] = field(default_factory=dict)
+    limits: lim.Limits = field(default_factory=lim.Limits)  # the server's (chat render workers, probe timeout)
     max_prompt_chars: int = 0  # the longest prompt text that can fit the context (set by ``prepare``)
+    chat_renderer: Any = None  # the model's ChatRenderPool (set by ``prepare``)
 
     @property
     def id(self) -> str:
@@ -44,9 +46,31 @@ class ServedModel:
     def prepare(self, gen: Any) -> Any:
         """Called with the loaded Generator on the engine thread, before the model turns ready: works out
         (once, off the event loop: it reads every token of the vocabulary) the longest prompt text that can
-        fit the context, so that a longer one is refused before it is tokenized. Returns ``gen``."""
+        fit the context, so that a longer one is refused before it is tokenized; starts the processes that
+        render the model's chat template (:class:`~gpt2lab.generation.chat_worker.ChatRenderPool`) and has
+        one render the probe conversation: a broken template fails the load (a
+        :class:`~gpt2lab.errors.CheckpointError` naming it). Returns ``gen``."""
+        from ..errors import CheckpointError
+        from ..generation.chat_format import style_for_model
+        from ..generation.chat_worker import ChatRenderPool, RenderFailed
+
         self.max_prompt_chars = lim.max_prompt_chars(gen.tokenizer, gen.config.n_positions)
+        pool = ChatRenderPool(gen.tokenizer, style_for_model(gen.name, gen.path), self.limits.chat_render_workers)
+        try:
+            pool.probe(self.limits.chat_probe_timeout_s)
+        except RenderFailed as exc:
+            pool.close()
+            raise CheckpointError(f"the chat template does not work: {exc}") from None
+        except BaseException:
+            pool.close()
+            raise
+        self.chat_renderer = pool
         return gen
+
+    def close(self) -> None:
+        """Stop the chat render processes."""
+        if self.chat_renderer is not None:
+            self.chat_renderer.close()
 
     def generator(self) -> Any:
         """The loaded Generator; :class:`~.protocol.APIError` 503 while it loads (``Retry-After``) or if loading
@@ -87,6 +111,11 @@ class Target:
     def max_prompt_chars(self) -> int:
         return self.served.max_prompt_chars
 
+    @property
+    def chat_renderer(self) -> Any:
+        """The base model's ChatRenderPool (an adapter renders with its base model's template)."""
+        return self.served.chat_renderer
+
 
 class OpenAIServingModels:
     """The server's base models (``served``, the first is the default) and their LoRA adapters.
@@ -105,6 +134,11 @@ class OpenAIServingModels:
     @property
     def default(self) -> ServedModel:
         return self.served[0]
+
+    def close(self) -> None:
+        """Stop every model's chat render processes."""
+        for served in self.served:
+            served.close()
 
     # -- routing ---------------------------------------------------------------------------------------
     def target(self, model: str | None) -> Target:

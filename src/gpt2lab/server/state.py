@@ -63,9 +63,13 @@ class ServerState:
         for scheduler in self.schedulers:
             scheduler.start()
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        """Stop every engine thread and every model's chat render processes."""
         for scheduler in self.schedulers:
             scheduler.stop()
+        self.models.close()
+
+    stop = close  # the name the multi-model tests use
 
     @classmethod
     def create(cls, generator_or_model_ref: Any = None, *, max_batch: int = 16, max_queue: int = 64,
@@ -77,8 +81,12 @@ class ServerState:
         nothing runs until :meth:`start`, which loads each model on its engine thread.
 
         Raises ValueError naming ``max_batch`` (an integer >= 1), ``max_queue`` (an integer >= 0),
-        ``request_timeout`` (> 0 seconds), ``prefix_cache_mb`` (>= 0) or a model name used twice, and the
-        models (with what each needs) when they would not fit ``max_models_memory``."""
+        ``request_timeout`` (> 0 seconds), ``prefix_cache_mb`` (>= 0) or a model name used twice, or a model's
+        ``device``, ``dtype``, ``quantization`` spelled outside :mod:`gpt2lab.placement`'s vocabulary (checked
+        here, before an engine thread loads anything), and the models (with what each needs) when they would not
+        fit ``max_models_memory``."""
+        from ..placement import check_quantization, device_name, parse_dtype
+
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -93,6 +101,10 @@ class ServerState:
         configs = {name: ModelConfig(c.model, **{k: getattr(c, k) if getattr(c, k) is not None else v
                                                  for k, v in defaults.items()}, lora_modules=c.lora_modules)
                    for name, c in configs.items()}
+        for config in configs.values():
+            device_name(config.device)
+            parse_dtype(config.dtype)
+            check_quantization(_quantization(config.quantization))
         prefix_bytes = None if prefix_cache_mb is None else int(prefix_cache_mb * 2**20)
         if max_models_memory is not None:
             _check_memory(configs, max_models_memory, max_batch, prefix_bytes)
@@ -103,9 +115,9 @@ class ServerState:
                                   model_is_callers=not isinstance(config.model, (str, Path, type(None))), turns=turns)
             if name is None and not isinstance(config.model, (str, Path, type(None))):
                 name = getattr(config.model, "name", None)  # a caller's Generator: its name is known before loading
-            served.append(ServedModel(name, scheduler))
+            served.append(ServedModel(name, scheduler, limits=limits))
         models = OpenAIServingModels(served, allow_runtime_lora=allow_runtime_lora)
-        for entry, config in zip(served, configs.values()):
+        for entry, config in zip(served, configs.values()):  # before the schedulers start: before a load()
             entry.scheduler._load = _loader(models, entry, config, prefix_bytes)
         shared = dict(limits=limits, request_timeout=request_timeout)
         return cls(models, completion=OpenAIServingCompletion(models, **shared),
@@ -164,10 +176,10 @@ def _check_memory(configs: Mapping[str | None, ModelConfig], budget: int | str, 
                   prefix_bytes: int | None) -> None:
     """``ValueError`` naming the models when their estimated memory exceeds ``budget`` (bytes or ``"8GB"``)."""
     from ..checkpoints import resolve_model
+    from ..checkpoints.io import checkpoint_dtype
     from ..generation import Generator
-    from ..generation.generator import _runtime_dtype
     from ..generation.prefix_cache import default_capacity
-    from ..model.device import resolve_device
+    from ..placement import resolve_device, resolve_dtype
     from .memory import ModelMemory, check_budget, estimate, parse_size
 
     budget_bytes = budget if isinstance(budget, int) else parse_size(budget, "max_models_memory")
@@ -181,8 +193,8 @@ def _check_memory(configs: Mapping[str | None, ModelConfig], budget: int | str, 
                                   prefix_cache_bytes=pool, adapters=adapters))
             continue
         resolved = resolve_model(config.model, quiet=True)
-        needs.append(estimate(name or resolved.name, resolved.path, dtype=_runtime_dtype(config.dtype, device,
-                                                                                         resolved.path),
+        dtype = resolve_dtype(config.dtype, device, stored=lambda path=resolved.path: checkpoint_dtype(path))
+        needs.append(estimate(name or resolved.name, resolved.path, dtype=dtype,
                               quantization=_quantization(config.quantization), max_batch=max_batch,
                               prefix_cache_bytes=pool,
                               adapters=adapters))

@@ -14,6 +14,13 @@ boundary and the mask is exact; the prompt pieces are tokenized as the chat prom
 A conversation longer than the context loses its oldest turns (whole turns; system messages stay);
 one whose last exchange alone does not fit is skipped and counted.
 
+The model learns its replies under the conversations' system message. So that it gets that message at
+inference when none is given (``gpt2lab chat`` without ``--persona``, a server request without a system
+message, ``review make``), :func:`default_system_message` finds the one the conversations share (or the
+most common, with a note) and :func:`with_default_system_message` makes it the template's default: the
+template trained with and saved with the model inserts it into any conversation that has none, for
+gpt2lab and for transformers' ``apply_chat_template`` alike.
+
 The cache (``--out/data``) holds per split ``{split}.bin`` (token ids), ``{split}.mask`` (1 = assistant
 token, uint8) and ``{split}.idx.npy`` (offset and length of each conversation), plus ``meta.json``.
 """
@@ -134,6 +141,57 @@ def read_conversations(path: Path, stats: DataStats) -> Iterator[tuple[str, list
             yield f"{path}:{lineno}", to_messages(record, f"{path}:{lineno}")
     except ReadError as exc:  # the shared reader's bad-line error, as the data error the CLI reports
         raise DataError(str(exc)) from None
+
+
+# -- the model's default system message ---------------------------------------------------------------
+_DEFAULT_SYSTEM_MARK = "{#- gpt2lab: the system message of the fine-tuning data, for a conversation without one -#}\n"
+_DEFAULT_SYSTEM_END = "{#- gpt2lab: end of the default system message -#}\n"
+
+
+def default_system_message(paths: Sequence[str | os.PathLike[str]]) -> tuple[str | None, str]:
+    """(the system message the conversations of ``paths`` share, a note saying how many carry it).
+
+    The most common system message wins when they differ (the note says so); None when most
+    conversations have none, or more than one (then there is no single message to default to).
+    Raises :class:`DataError` naming a bad record, as reading them for training does."""
+    from collections import Counter
+
+    counts: Counter[tuple[str, ...]] = Counter()
+    stats = DataStats()
+    for path in expand_paths(paths):
+        for _, messages in read_conversations(path, stats):
+            counts[tuple(m["content"] for m in messages if m["role"] == "system")] += 1
+    total = sum(counts.values())
+    if not total:
+        return None, "no conversations"
+    (top, n), = counts.most_common(1)
+    if len(top) != 1:
+        return None, (f"{n} of {total} conversations have no system message" if not top else
+                      f"{n} of {total} conversations have {len(top)} system messages")
+    shown = top[0] if len(top[0]) <= 80 else top[0][:77] + "..."
+    if n == total:
+        return top[0], f"every conversation has the system message {shown!r}"
+    return top[0], (f"the most common system message, {shown!r}, in {n} of {total} conversations "
+                    f"({len(counts) - 1} other variants, or none)")
+
+
+def with_default_system_message(template: ChatTemplate, message: str) -> ChatTemplate:
+    """``template`` that puts ``message`` first as the system message of a conversation that has none (a
+    default the template had before is replaced). The source stays a plain chat template."""
+    source = template.source
+    if source.startswith(_DEFAULT_SYSTEM_MARK) and _DEFAULT_SYSTEM_END in source:
+        source = source.split(_DEFAULT_SYSTEM_END, 1)[1]
+    # repr() is a Jinja string literal of the same value (Jinja reads Python's escapes)
+    preamble = (_DEFAULT_SYSTEM_MARK
+                + "{%- set ns_system = namespace(found=false) -%}\n"
+                "{%- for m in messages if m['role'] == 'system' -%}{%- set ns_system.found = true -%}{%- endfor -%}\n"
+                "{%- if not ns_system.found -%}{%- set messages = [{'role': 'system', 'content': "
+                + repr(message) + "}] + messages -%}{%- endif -%}\n" + _DEFAULT_SYSTEM_END)
+    out = ChatTemplate(preamble + source, template.variables, origin=template.origin, limits=template.limits)
+    probe = [{"role": "user", "content": "x"}]
+    if out.render(probe) != template.render([{"role": "system", "content": message}, *probe]):
+        raise ValueError("the default system message could not be written into the chat template")
+    return out
 
 
 # -- tokenizing with the assistant mask ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 # GPT-2 family shapes (vocabulary 50257, context 1024 unless overridden)
@@ -14,7 +15,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256),
     "gpt2-tiny": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
 }
-SAVE_DTYPES = ("float32", "float16", "bfloat16")
+# the anchor of the fine-tuning default: full fine-tuning GPT-2 124M (12 layers of width 768) at 1e-4
+FINE_TUNE_LR, FINE_TUNE_WIDTH, FINE_TUNE_DEPTH = 1e-4, 768, 12
+LORA_LR = 1e-3
 REPORT_TO = ("tensorboard",)
 
 
@@ -68,6 +71,41 @@ def _number(key: str, raw: str, kind: type) -> int | float:
             from None
 
 
+def non_embedding_parameters(config) -> int:
+    """GPT-2's parameters outside the embeddings: ``12 * n_layer * n_embd**2`` (attention and MLP weights,
+    as Kaplan et al. 2020 count N; biases and layer norms left out)."""
+    return 12 * config.n_layer * config.n_embd ** 2
+
+
+def default_learning_rate(config, *, fine_tune: bool, lora: bool) -> tuple[float, str]:
+    """The peak learning rate of a run that gives none, for the model of ``config`` (a GPT2Config), and
+    why (said in the run's first lines).
+
+    - From scratch: Kaplan et al. 2020 ("Scaling Laws for Neural Language Models", the fit in their
+      appendix D.3) of the best learning rate to the non-embedding parameter count N,
+      ``0.003239 - 0.0001395 * ln N``: 6.9e-4 for GPT-2 124M's size, 1.2e-3 for a 6-layer width-192
+      model; clipped to [1e-4, 3e-3].
+    - Full fine-tuning: 1e-4 for GPT-2 124M, scaled by ``768 * 12 / (n_embd * n_layer)``: Adam's best
+      rate falls as 1/width (muP, Yang et al. 2021, "Tensor Programs V"), and every block's update adds to
+      the same residual stream, so a model half as deep takes steps twice as large for the same change;
+      8e-4 for a 6-layer width-192 model, 1.2e-5 for GPT-2 XL; clipped to [1e-5, 1e-3]. A small model
+      at GPT-2's 1e-4 learns a new task's form but not its rule in a few hundred steps.
+    - LoRA: 1e-3 (the adapters start at zero and are few).
+    """
+    if lora:
+        return LORA_LR, "the LoRA default"
+    if not fine_tune:
+        n = non_embedding_parameters(config)
+        lr = float(f"{min(max(0.003239 - 0.0001395 * math.log(n), 1e-4), 3e-3):.2g}")
+        return lr, (f"from scratch, for {n / 1e6:.3g}M non-embedding parameters: Kaplan et al. 2020's fit "
+                    "0.003239 - 0.0001395 ln N")
+    scale = FINE_TUNE_WIDTH * FINE_TUNE_DEPTH / (config.n_embd * config.n_layer)
+    lr = float(f"{min(max(FINE_TUNE_LR * scale, 1e-5), 1e-3):.2g}")
+    clipped = "" if 1e-5 <= FINE_TUNE_LR * scale <= 1e-3 else ", clipped"
+    return lr, (f"fine-tuning {config.n_layer} layers of width {config.n_embd}: {FINE_TUNE_LR:g} (GPT-2 124M's) "
+                f"x 768*12/({config.n_embd}*{config.n_layer}){clipped}")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run. ``model`` fine-tunes a checkpoint; ``config`` trains from scratch."""
@@ -87,7 +125,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float | None = None  # default: 1e-4 fine-tuning, 1e-3 LoRA, 6e-4 from scratch
+    lr: float | None = None  # default: by the model's size (default_learning_rate)
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # default: 5% of the steps, at most 100
     weight_decay: float = 0.1
@@ -150,16 +188,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("--weight-decay and --grad-clip must be >= 0")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from ..placement import device_name, dtype_name  # (imports torch, which training needs next anyway)
+
+        self.save_dtype = dtype_name(self.save_dtype, "--save-dtype", auto=False)
+        self.device = device_name(self.device, "--device")
+        self.dtype = dtype_name(self.dtype, "--dtype")
         if self.format not in ("auto", "text", "chat"):
             raise ValueError(f"--format must be auto, text or chat, got {self.format!r}")
         if self.chat_template is not None and self.format == "text":
             raise ValueError("--chat-template is for chat data; it cannot be used with --format text")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.bf16 and self.dtype not in ("auto", "bfloat16"):
             raise ValueError(f"--bf16 asks for bfloat16 but --dtype is {self.dtype}; give one of them")
         if isinstance(self.report_to, str):

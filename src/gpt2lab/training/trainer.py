@@ -11,6 +11,11 @@ Output folder ``--out``:
     adapter/                                           the LoRA adapter on its own (LoRA runs)
     trainer/  (step-N/{state.pt,model/} + latest)      resumable checkpoints, for --resume (see checkpoint.py)
     data/                                              the tokenized corpus (uint16 memmaps)
+
+The loop's rooms, named as in transformers' Trainer / nanoGPT / litgpt: :mod:`.sampler` (the block order),
+:mod:`.optimization` (AdamW groups, the learning-rate schedule), :mod:`.records` (metrics.jsonl, TensorBoard,
+the loss plot, the progress bar), :mod:`.distributed` (ranks and devices under torchrun), :mod:`.checkpoint`
+(the resumable checkpoints), :mod:`.config` (the run's settings).
 """
 
 from __future__ import annotations
@@ -30,26 +35,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..atomic import clean_stale, crash_point, naming, replace_files, write_dir, write_file
+from ..atomic import clean_stale, crash_point, replace_files, write_dir, write_file
 from ..checkpoints import save_model
 from ..checkpoints.adapters import fill_adapter_dir
 from ..checkpoints.io import load_model, write_model_files
 from ..generation.chat_format import style_for_model
 from ..generation.chat_template import ChatTemplate, read_template_file
 from ..model import GPT2
-from ..model.device import set_threads
 from ..model.lora import adapter_state, apply_lora, load_adapter_state, merge_lora
 from ..outputs import check_output_dir
-from ..readers import ReadError, complete_lines, iter_jsonl, parse_json
-from .chat_data import IGNORE_INDEX, ConversationData, ConversationSampler, looks_like_chat, prepare_chat_data
+from ..placement import DTYPES, autocast_dtype, set_threads
+from .chat_data import (
+    IGNORE_INDEX,
+    ConversationData,
+    ConversationSampler,
+    default_system_message,
+    looks_like_chat,
+    prepare_chat_data,
+    with_default_system_message,
+)
 from .checkpoint import MODEL_DIR, STATE_FILE, CheckpointDir
-from .config import RESUME_IDENTITY, TrainConfig, parse_model_config
+from .config import RESUME_IDENTITY, TrainConfig, default_learning_rate, parse_model_config
 from .data import DataError, TokenData, prepare_data
+from .distributed import init_distributed
+from .optimization import lr_at, make_optimizer
+from .records import METRICS_FILE, PLOT_FILE, Metrics, ProgressBar, plot_losses
+from .sampler import BlockSampler, val_blocks
 
 TRAINER_DIR = "trainer"
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss_curve.png"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -59,86 +72,6 @@ class TrainResult:
     best_val_loss: float | None
     last_train_loss: float | None
     stopped: str  # "max_steps", "early_stopping", "max_time", "signal"
-
-
-# -- distributed ---------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _init_distributed(device: str) -> tuple[Dist, torch.device]:
-    from ..model.device import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = str(resolve_device(device))  # checked: a clear error when the GPU asked for is not there
-    if world <= 1:
-        return Dist(), torch.device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-        backend = "nccl"
-    else:
-        dev, backend = torch.device("cpu"), "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend)
-    return Dist(rank=rank, world=world, local_rank=local), dev
-
-
-# -- data order ----------------------------------------------------------------------------------------
-class BlockSampler:
-    """Training blocks for a global sample index: a seeded permutation of disjoint blocks per epoch.
-
-    Each epoch shifts the block grid by a seeded offset (when the corpus has room), so the model sees
-    different cut points over epochs. Everything is a pure function of ``(seed, epoch)``.
-    """
-
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int) -> None:
-        self.tokens, self.block_size, self.seed = tokens, block_size, seed
-        usable = len(tokens) - 1  # the last token is only a target
-        n = usable // block_size
-        self.n_blocks = n - 1 if n >= 2 else n
-        self.slack = usable - self.n_blocks * block_size
-        self._epoch: int | None = None
-        self._perm: np.ndarray | None = None
-        self._shift = 0
-
-    def _load_epoch(self, epoch: int) -> None:
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(self.n_blocks)
-            self._shift = int(rng.integers(0, min(self.slack, self.block_size) + 1))
-            self._epoch = epoch
-
-    def batch(self, first: int, count: int) -> torch.Tensor:
-        """Rows ``[count, block_size + 1]`` for sample indices ``first .. first + count - 1``."""
-        rows = np.empty((count, self.block_size + 1), dtype=np.int64)
-        for r in range(count):
-            epoch, pos = divmod(first + r, self.n_blocks)
-            self._load_epoch(epoch)
-            start = self._shift + int(self._perm[pos]) * self.block_size
-            rows[r] = self.tokens[start:start + self.block_size + 1]
-        return torch.from_numpy(rows)
-
-
-def val_blocks(tokens: np.ndarray, block_size: int, limit: int) -> list[tuple[int, int]]:
-    """(start, length) of evenly spread validation blocks; one shorter block if the split is small."""
-    n = (len(tokens) - 1) // block_size
-    if n == 0:
-        return [(0, len(tokens) - 1)] if len(tokens) >= 2 else []
-    picks = np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(np.int64))
-    return [(int(i) * block_size, block_size) for i in picks]
 
 
 # -- the model -----------------------------------------------------------------------------------------
@@ -176,156 +109,6 @@ def build_model(cfg: TrainConfig):
     return model, tokenizer, tok_dir, name, generation_config
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """nanoGPT's split: matrices (>= 2-D: linear weights, embeddings) decay; biases and LayerNorms don't."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    try:  # the fused kernel (CUDA; CPU since torch 2.4) does the whole update in one pass
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, foreach=True)
-
-
-def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to ``base``, then cosine down to ``min_ratio * base`` at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    low = base * min_ratio
-    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (base - low)
-
-
-# -- records -------------------------------------------------------------------------------------------
-# metrics.jsonl key -> TensorBoard tag (the names HF Trainer's TensorBoard callback uses)
-_TB_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "tokens_per_s": "train/tokens_per_second",
-            "val_loss": "eval/loss", "val_ppl": "eval/perplexity"}
-TENSORBOARD_DIR = "runs"
-
-
-class Metrics:
-    """``metrics.jsonl``: one JSON object per line; on resume, records after the checkpoint are dropped.
-
-    ``tensorboard``: also write each number as a TensorBoard scalar (``torch.utils.tensorboard``) into
-    ``runs/`` next to the JSONL; on resume, TensorBoard's ``purge_step`` drops the later events too.
-    """
-
-    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False) -> None:
-        self.path = path
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ValueError("--report-to tensorboard needs the tensorboard package: "
-                                 "pip install 'gpt2lab[tensorboard]'") from exc
-            self.writer = SummaryWriter(str(path.parent / TENSORBOARD_DIR),
-                                        purge_step=resume_step + 1 if resume_step is not None else None)
-        kept: list[str] = []
-        if resume_step is not None and path.is_file():
-            for raw, _ in complete_lines(path):  # a last line cut by a kill (even mid-character) is dropped
-                line = raw.decode("utf-8", errors="replace").rstrip("\n")
-                try:
-                    rec = parse_json(line, path)
-                except ReadError:
-                    continue
-                if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
-                    kept.append(line)
-        write_file(path, "".join(line + "\n" for line in kept))
-        self.fh = open(path, "a", encoding="utf-8")  # then appends: one record per line, a torn last one skipped
-
-    def write(self, record: dict) -> None:
-        with naming(self.path):  # a full disk: one line naming metrics.jsonl
-            self.fh.write(json.dumps(record) + "\n")
-            self.fh.flush()
-        if self.writer is not None:
-            for key, tag in _TB_TAGS.items():
-                if key in record:
-                    self.writer.add_scalar(tag, record[key], global_step=record["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        with naming(self.path):
-            self.fh.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def plot_losses(metrics_path: Path, png: Path) -> bool:
-    """Train and validation loss against step; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    train, val = [], []
-    for _, rec in iter_jsonl(metrics_path, objects=True):
-        if "loss" in rec:
-            train.append((rec["step"], rec["loss"]))
-        if "val_loss" in rec:
-            val.append((rec["step"], rec["val_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), label="validation", marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        write_file(png, lambda fh: fig.savefig(fh, format="png"))
-    finally:
-        plt.close(fig)
-    return True
-
-
-class _Bar:
-    """A rich progress bar with loss, tokens/s and ETA (inactive on other ranks or when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(elapsed_when_finished=True))
-        self.task = self.progress.add_task("train", total=total, completed=start, info="")
-        # in a log file a live bar shows nothing until the end: write plain lines instead
-        self.lines = not self.progress.console.is_terminal
-        self.progress.start()
-
-    def update(self, step: int, info: str | None = None) -> None:
-        if self.enabled:
-            if info is None:
-                self.progress.update(self.task, completed=step)
-            else:
-                self.progress.update(self.task, completed=step, info=info)
-                if self.lines:
-                    task = self.progress.tasks[0]
-                    eta = f", ETA {task.time_remaining:.0f} s" if task.time_remaining is not None else ""
-                    self.print(f"step {step}/{task.total}: {info}{eta}")
-
-    def print(self, msg: str) -> None:
-        if self.enabled:
-            self.progress.console.print(msg, highlight=False, markup=False)
-        else:
-            print(msg, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.progress.stop()
-
-
 # -- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
@@ -333,14 +116,12 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads:
             set_threads(cfg.threads, "--threads")
-        self.dist, self.device = _init_distributed(cfg.device)
+        self.dist, self.device = init_distributed(cfg.device)
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cuda"
         if self.deterministic and self.device.type == "cuda":
             # exact resume on a GPU: fixed cuBLAS workspaces, set before cuBLAS starts (as torch's
             # reproducibility notes ask); the deterministic kernels are switched on for the run (train())
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        from ..model.device import autocast_dtype
-
         # None: plain float32; bfloat16: autocast; float16: autocast + a gradient scaler (CUDA only)
         self.amp_dtype = autocast_dtype("bfloat16" if cfg.bf16 else cfg.dtype, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -367,6 +148,13 @@ class Trainer:
                        cfg.lora_dropout, seed=cfg.seed)
         self.model = model.to(self.device)
         self.chat_template = self._chat_template()  # None: plain causal LM over documents
+        self.default_system: str | None = None
+        if self.chat_template is not None:  # the data's system message: the model's default (chat_data)
+            self.default_system, note = default_system_message(cfg.data)
+            if self.default_system is not None:
+                self.chat_template = with_default_system_message(self.chat_template, self.default_system)
+                self._log(f"gpt2lab: default system message: {note}; the model gets it when a conversation "
+                          "has none (gpt2lab chat without --persona, the server, review make)")
         if self.chat_template is None:
             self.data = self._load_data()
             self.sampler = BlockSampler(self.data.train, self.block_size, cfg.seed)
@@ -389,8 +177,12 @@ class Trainer:
             self.max_steps = cfg.max_steps
         else:
             self.max_steps = max(1, math.ceil((cfg.epochs or 1.0) * n_samples / self.global_batch))
-        default_lr = 1e-3 if cfg.lora_rank else (1e-4 if cfg.model is not None else 6e-4)
-        self.lr = cfg.lr or default_lr
+        if cfg.lr:
+            self.lr = cfg.lr
+        else:  # by the model's size, said in the run's first lines
+            self.lr, why = default_learning_rate(model.config, fine_tune=cfg.model is not None,
+                                                 lora=bool(cfg.lora_rank))
+            self._log(f"gpt2lab: learning rate {self.lr:.2g} ({why}; --lr to choose)")
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, self.max_steps // 20)
         self.eval_every = cfg.eval_every or max(1, self.max_steps // 20)
         self.save_every = cfg.save_every or self.eval_every
@@ -513,13 +305,15 @@ class Trainer:
                                       "tokenizer_config.json; loss on "
                                       + ("the assistant's tokens" if cfg.assistant_only_loss else "every token")
                                       + "; validation loss over the assistant's tokens")
+            if self.default_system is not None:
+                details["default system message"] = repr(self.default_system)
         return model_card(how=how, config=self.model.config, dtype=dtype, base_model=self.base_name,
                           data=cfg.data, steps=self.step, val_loss=self.best_val, details=details)
 
     def publish(self) -> None:
         """The model at the top of ``--out`` (HF layout; each file replaced atomically)."""
         plain = self._plain_model()
-        dtype = _DTYPES[self.cfg.save_dtype]
+        dtype = DTYPES[self.cfg.save_dtype]
         replace_files(self.out, lambda tmp: write_model_files(
             plain, tmp, tokenizer_dir=self.tokenizer_dir, dtype=dtype, card=self.model_card(dtype),
             generation_config=self.generation_config, chat_template=self._template_source), scope="publish")
@@ -657,7 +451,7 @@ class Trainer:
         if threading_main():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, lambda s, f: stop_signal.append(s))
-        bar = _Bar(cfg.progress and dist.main, self.max_steps, self.step)
+        bar = ProgressBar(cfg.progress and dist.main, self.max_steps, self.step)
         t_start = time.monotonic()
         stopped = "max_steps"
         tokens_per_step = self.global_batch * self.block_size
@@ -773,7 +567,7 @@ class Trainer:
             return {}
         return {"loss_on": "assistant_tokens" if split == "val" or self.cfg.assistant_only_loss else "all_tokens"}
 
-    def _record_eval(self, val: float | None, metrics: Metrics | None, bar: _Bar, save_best: bool) -> bool:
+    def _record_eval(self, val: float | None, metrics: Metrics | None, bar: ProgressBar, save_best: bool) -> bool:
         """Log a validation result, publish a new best; True when early stopping says stop."""
         if val is None:
             return False

@@ -1,0 +1,97 @@
+"""Structured outputs on the API: the request fields that ask for one, and compiling its grammar off the event loop.
+
+A request asks with exactly one of OpenAI's ``response_format`` (``{"type": "text"}``: none;
+``{"type": "json_object"}``; ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``), vLLM's
+``structured_outputs`` object (:class:`~gpt2lab.sampling.StructuredOutputsParams`' fields) or vLLM's legacy
+``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` (with ``guided_whitespace_pattern``;
+``guided_decoding_backend`` is accepted and ignored: llguidance is the one engine). ``strict`` is accepted either
+way: the output always matches the schema.
+
+A hostile spec cannot stall the server: its JSON text is bounded (``Limits.max_structured_chars``, checked on
+the loop before anything else), it compiles on a worker thread within ``Limits.structured_compile_s`` seconds
+and llguidance's own parser limits (a 400 naming the field either way), and compiled grammars are cached by
+their text, so the same schema compiles once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from ..sampling.structured import StructuredOutputsParams, compiled_matcher, tokenizer_grammars
+from . import limits as lim
+from . import protocol as p
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def requested_spec(request: Any, limits: lim.Limits) -> tuple[StructuredOutputsParams | None, str]:
+    """The structured output a request asks for (None: plain text) and the field it came from; a 400
+    naming the field when it is malformed, over the size limit, or given in two ways."""
+    asked: list[tuple[str, dict[str, Any]]] = []
+    fmt = request.response_format
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            inner = fmt.get("json_schema")
+            if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
+                raise p.invalid('response_format {"type": "json_schema"} needs "json_schema": {"name": ..., '
+                                '"schema": {...}}, with the JSON Schema as an object', "response_format")
+            if not isinstance(inner.get("strict", False), (bool, type(None))):
+                raise p.invalid("response_format.json_schema.strict must be true or false", "response_format")
+            asked.append(("response_format", {"json": inner["schema"]}))
+        elif kind != "text":
+            raise p.invalid(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                            "response_format")
+    if request.structured_outputs is not None:
+        asked.append(("structured_outputs", request.structured_outputs))
+    guided = {kind: getattr(request, name) for name, kind in _GUIDED.items() if getattr(request, name) is not None}
+    if guided:
+        if request.guided_whitespace_pattern is not None:
+            guided["whitespace_pattern"] = request.guided_whitespace_pattern
+        asked.append((next(name for name in _GUIDED if getattr(request, name) is not None), guided))
+    elif request.guided_whitespace_pattern is not None:
+        raise p.invalid("guided_whitespace_pattern goes with guided_json", "guided_whitespace_pattern")
+    if not asked:
+        return None, ""
+    if len(asked) > 1:
+        raise p.invalid(f"give one structured output, not {' and '.join(name for name, _ in asked)}", asked[1][0])
+    field, value = asked[0]
+    size = len(json.dumps(value, ensure_ascii=False))
+    if size > limits.max_structured_chars:
+        raise p.invalid(f"{field}: the structured output spec has {size} characters as JSON, more than this "
+                        f"server's limit of {limits.max_structured_chars}", field, "limit_exceeded")
+    try:
+        return StructuredOutputsParams.from_dict(value, field), field
+    except ValueError as exc:
+        raise spec_error(exc, field) from None
+
+
+def spec_error(exc: Exception, field: str) -> p.APIError:
+    """A structured-output ``ValueError`` (``structured_outputs.json: ...``) or missing extra as a 400 naming
+    the request field it came from."""
+    message = str(exc)
+    if message.startswith("structured_outputs") and field != "structured_outputs":
+        head, _, rest = message.partition(" ")
+        message = f"{field}: {rest}" if head.endswith(":") else f"{field} {rest}"
+    return p.invalid(message, field)
+
+
+async def compile_spec(spec: StructuredOutputsParams, field: str, tokenizer: Any, limits: lim.Limits) -> None:
+    """Compile ``spec`` for ``tokenizer`` on a worker thread (cached: once per spec), within
+    ``limits.structured_compile_s`` seconds: 400 naming ``field`` when it is invalid or too slow to compile."""
+    try:
+        await run_in_threadpool(tokenizer_grammars, tokenizer)  # once per tokenizer (about a second), not bounded
+        await asyncio.wait_for(run_in_threadpool(compiled_matcher, spec, tokenizer), limits.structured_compile_s)
+    except asyncio.TimeoutError:
+        # the worker finishes on its own: llguidance's parser limits bound its work
+        raise p.invalid(f"{field}: compiling this structured output took more than this server's limit of "
+                        f"{limits.structured_compile_s:g} s; simplify the schema or grammar", field,
+                        "limit_exceeded") from None
+    except (ValueError, ImportError) as exc:
+        raise spec_error(exc, field) from None
