@@ -101,7 +101,7 @@ class OpenAIServingChat(OpenAIServing):
                 raise p.invalid(message, "messages", "context_length_exceeded" if "fit" in message else None) \
                     from None
             if exc.kind == "timeout":
-                self.metrics.aborted.labels("timeout").inc()
+                target.scheduler.metrics.aborted("timeout").inc()
                 raise p.APIError(408, f"the request ran longer than the server's request timeout "
                                  f"({self.request_timeout:g} s) while its conversation was rendered: {message}",
                                  type="timeout_error", code="request_timeout") from None
