@@ -134,6 +134,20 @@ def test_files_pool_and_batching_does_not_change_results(sharp, text, tmp_path):
     assert both.bits_per_byte == pytest.approx(both.nll / math.log(2) / (both.files[0].bytes + both.files[1].bytes))
 
 
+def test_a_documents_figures_do_not_depend_on_the_documents_scored_with_it(sharp, text):
+    # what lets Ray actors score a corpus's documents apart and sum them to the one-process figures exactly
+    from gpt2lab.evaluation.perplexity import combine, score_documents
+
+    cuts = [0, 60, 100, len(text) // 2, len(text) // 2 + 150, len(text) - 90, len(text)]
+    texts = [text[a:b] for a, b in zip(cuts, cuts[1:])]  # windows of many widths
+    names = [f"doc{i}" for i in range(len(texts))]
+    together = score_documents(sharp, texts, names, block_size=128, stride=48)
+    alone = [score_documents(sharp, [t], [n], block_size=128, stride=48)[0] for t, n in zip(texts, names)]
+    assert [(d.nll, d.tokens) for d in together] == [(d.nll, d.tokens) for d in alone]  # bit for bit
+    one = perplexity(texts, model=sharp, names=names, block_size=128, stride=48)
+    assert combine(alone, model=sharp.name, block_size=128, stride=48).nll == one.nll
+
+
 def test_bad_arguments_name_the_parameter(sharp, tmp_path):
     gen = sharp
     with pytest.raises(ValueError, match="stride"):

@@ -16,6 +16,9 @@ NEEDS = {
     "serve": (["serve", "--model", "shakespeare-gpt2", "--port", "0"], "server"),
     "eval text": (["eval", "text", "-p", "{preds}"], "eval"),
     "explore": (["explore", "Hello", "--out", "{out}", "--samples", "1"], "eval"),
+    "generate --ray": (["generate", "Hello", "--out", "{out}", "--ray"], "ray"),
+    "augment --ray": (["augment", "{preds}", "--out", "{out}", "--ray", "auto"], "ray"),
+    "eval perplexity --ray": (["eval", "perplexity", "{preds}", "--ray"], "ray"),
     "generate": (["generate", "Hello", "--choice", "yes", "--choice", "no"], "structured"),
 }
 
@@ -48,7 +51,7 @@ def test_command_without_its_extra_names_it_in_one_line(bare_venv, tmp_path, com
     out = tmp_path / "explore-out"
     args = [a.format(preds=preds, out=out) for a in args]
     python = bare_venv / "bin" / "python"
-    for module in ("sacrebleu", "fastapi", "llguidance"):  # it really is bare
+    for module in ("sacrebleu", "fastapi", "llguidance", "ray"):  # it really is bare
         probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, env=_env())
         assert probe.returncode != 0, f"{module} is installed in the bare environment"
     result = subprocess.run([str(bare_venv / "bin" / "gpt2lab"), *args], capture_output=True, text=True,

@@ -34,8 +34,14 @@ def test_json_from_stdin_jsonl(tiny_checkpoint, gen):
              "--temperature", "1.0", "--top-p", "0.9", "--logprobs", "2", stdin=stdin)
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
-    api = gen.generate(["Once upon a time", "日本語"], n=2, seed=7, max_length=12, temperature=1.0, top_k=50,
-                       top_p=0.9, logprobs=2)
+    from gpt2lab.generation.engine import row_seed
+
+    # prompt k of a command is seeded with row_seed(seed, k) (prompt 0: the seed itself)
+    api = [c for k, prompt in enumerate(["Once upon a time", "日本語"])
+           for c in gen.generate(prompt, n=2, seed=row_seed(7, k), max_length=12, temperature=1.0, top_k=50,
+                                 top_p=0.9, logprobs=2)]
+    assert records[2]["token_ids"] != gen.generate("日本語", n=2, seed=7, max_length=12, temperature=1.0,
+                                                   top_k=50, top_p=0.9)[0].token_ids  # not the run's seed
     assert [(x["prompt"], x["index"], x["text"], x["token_ids"], x["finish_reason"]) for x in records] == \
         [(c.prompt, c.index, c.text, c.token_ids, c.finish_reason) for c in api]
     assert all(x["model"] == str(tiny_checkpoint) for x in records)
@@ -51,6 +57,24 @@ def test_file_plain_lines_with_beams_and_stop(tiny_checkpoint, gen, tmp_path):
     records = [json.loads(line) for line in r.stdout.splitlines()]
     api = gen.generate(["Hello world", "The weather today"], num_beams=3, max_new_tokens=6)
     assert [x["token_ids"] for x in records] == [c.token_ids for c in api]
+
+
+def test_out_writes_the_json_records_to_a_file(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello world\nThe weather today\nA\n", encoding="utf-8")
+    args = ["--model", str(tiny_checkpoint), "-f", str(prompts), "--seed", "4", "--max-new-tokens", "5", "--n", "2"]
+    printed = _run(*args, "--json")
+    written = _run(*args, "--out", str(tmp_path / "out.jsonl"))
+    assert printed.returncode == 0 and written.returncode == 0, written.stderr
+    assert written.stdout == ""
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8") == printed.stdout
+    assert len(printed.stdout.splitlines()) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]  # no temporary file left
+
+
+def test_ray_needs_out(tiny_checkpoint):
+    r = _run("Hello", "--model", str(tiny_checkpoint), "--ray")
+    assert r.returncode == 2 and r.stderr.strip() == "gpt2lab: error: --ray writes its rows to a file: give --out FILE"
 
 
 @pytest.mark.parametrize("args, message", [

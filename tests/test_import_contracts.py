@@ -1,4 +1,4 @@
-"""The import contracts in .importlinter, checked by import-linter: gpt2lab's layers (cli > server | review >
+"""The import contracts in .importlinter, checked by import-linter: gpt2lab's layers (cli > ray > server | review >
 apps | evaluation | training > generation > sampling | runtime > checkpoints | tokenizer > model > kernels >
 the foundation modules), no import cycles between the modules of one package, the kernels and sampling free of
 the model. And the layer contract really fails when an arrow goes up."""

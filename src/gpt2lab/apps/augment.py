@@ -29,7 +29,7 @@ import os
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -236,6 +236,11 @@ class _Candidate:
     structured: Any = None  # the row's StructuredOutputsParams (json_schema mode)
 
 
+# one generated text of a row: (method, text on one line, the JSON row in json_schema mode else None); text is
+# None for a JSON row that does not parse
+Made = tuple[str, "str | None", "dict[str, Any] | None"]
+
+
 def _words(text: str) -> list[str]:
     return text.split()
 
@@ -244,14 +249,16 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class Augmenter:
-    """Build and run an augmentation job; :func:`augment` is the one-call form."""
+class AugmentPrompts:
+    """The model side of an augmentation job: each source row's candidate prompts and the texts the model
+    writes for them, row by row (a row's candidates depend on the dataset and that row only, and sample ``j``
+    of row ``i`` uses ``sample_seed(row_seed(seed, i), j)``, so any process or Ray actor gives a row the same
+    texts). :class:`Augmenter` filters and writes them; :class:`gpt2lab.ray.AugmentPredictor` runs this part
+    on Ray Data actors."""
 
-    def __init__(self, generator: Generator, data: Dataset, out: str | Path, *, text_column: str,
-                 label_column: str | None = None, per_example: int = 2, methods: Sequence[str] = METHODS,
-                 params: SamplingParams | None = None, similarity: float = 0.8, min_words: int = 3,
-                 max_words: int | None = None, opening: float = 0.5, shots: int = 3, batch_rows: int = 8,
-                 json_schema: dict[str, Any] | None = None) -> None:
+    def __init__(self, generator: Generator, data: Dataset, *, text_column: str, label_column: str | None = None,
+                 per_example: int = 2, methods: Sequence[str] = METHODS, params: SamplingParams | None = None,
+                 opening: float = 0.5, shots: int = 3, json_schema: dict[str, Any] | None = None) -> None:
         if not isinstance(per_example, int) or not 1 <= per_example <= 100:
             raise ValueError(f"per_example must be an integer in [1, 100], got {per_example!r}")
         bad = [m for m in methods if m not in METHODS]
@@ -259,17 +266,9 @@ class Augmenter:
             raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {', '.join(methods) or '(none)'}")
         if not 0 < opening < 1:
             raise ValueError(f"opening must be a fraction in (0, 1) of the example's words, got {opening!r}")
-        if not isinstance(min_words, int) or min_words < 0:
-            raise ValueError(f"min_words must be an integer >= 0, got {min_words!r}")
-        if max_words is not None and (not isinstance(max_words, int) or max_words < max(1, min_words)):
-            raise ValueError(f"max_words must be an integer >= max(1, min_words={min_words}), got {max_words!r}")
         if not isinstance(shots, int) or not 1 <= shots <= 20:
             raise ValueError(f"shots must be an integer in [1, 20], got {shots!r}")
-        self.gen, self.data, self.out = generator, data, Path(out)
-        if self.out.resolve() == data.path.resolve():
-            raise ValueError(f"--out {self.out} is the input file; choose another output")
-        data_format(self.out, "output")
-        check_output_file(self.out)
+        self.gen, self.data = generator, data
         self.text_column, self.label_column = text_column, label_column
         self.schema = _row_schema(json_schema, text_column, label_column, data.columns) \
             if json_schema is not None else None
@@ -282,13 +281,7 @@ class Augmenter:
         self.params = (params or SamplingParams(**DEFAULTS)).with_(n=1)
         if self.params.num_beams > 1:
             raise ValueError("augment samples varied examples: num_beams must be 1")
-        self.min_words = min_words
-        longest = max(len(_words(r.get(text_column) or "")) for r in data.rows)
-        self.max_words = max_words if max_words is not None else max(2 * longest, min_words + 1, 10)
-        self.opening, self.shots, self.batch_rows = opening, shots, max(1, batch_rows)
-        self.index = NearDuplicateIndex(similarity)
-        self.columns = [*data.columns, *ADDED_COLUMNS]
-        self.progress_path = self.out.with_name(self.out.name + ".progress")
+        self.opening, self.shots = opening, shots
         by_label: dict[str, list[int]] = defaultdict(list)
         for i, row in enumerate(data.rows):
             if (row.get(text_column) or "").strip():
@@ -297,6 +290,136 @@ class Augmenter:
 
     def _label_key(self, row: dict[str, Any]) -> str:
         return "" if self.label_column is None else json.dumps(row.get(self.label_column), sort_keys=True)
+
+    def _budget(self, text: str) -> int:
+        if self.params.max_new_tokens is not None:
+            return self.params.max_new_tokens
+        n = len(self.gen.tokenizer.encode(text))
+        return max(8, min(2 * n, 256, self.gen.config.n_positions // 2))
+
+    def _candidates(self, i: int) -> list[_Candidate]:
+        from ..generation.engine import row_seed, sample_seed
+
+        if self.schema is not None:
+            return self._json_candidates(i)
+        row = self.data.rows[i]
+        text = _one_line(row.get(self.text_column) or "")
+        seed = None if self.params.seed is None else row_seed(self.params.seed, i)
+        rng = random.Random(seed)
+        others = [j for j in self.by_label.get(self._label_key(row), []) if j != i]
+        budget = self._budget(text)
+        methods = [self.methods[k % len(self.methods)] for k in range(self.per_example)]
+        if not others:
+            methods = ["continuation"] * self.per_example  # a label with one example has nothing to show
+        out: list[_Candidate] = []
+        n_cont = methods.count("continuation")
+        if n_cont:  # one request, samples 0 .. n_cont - 1 of the row
+            words = _words(text)
+            keep = min(max(1, round(self.opening * len(words))), max(1, len(words) - 1))
+            opening = " ".join(words[:keep])
+            out.append(_Candidate(i, "continuation", opening, opening, budget, n=n_cont, seed=seed))
+        for k in range(methods.count("few-shot")):  # sample n_cont + k of the row
+            shots = rng.sample(others, min(self.shots, len(others)))
+            if self.label_column is not None:
+                head = f"Examples of texts with {self.label_column} {_cell(row.get(self.label_column))}:\n"
+            else:
+                head = "Examples of texts:\n"
+            lines = "".join(f"Text: {_one_line(self.data.rows[j][self.text_column])}\n" for j in shots)
+            out.append(_Candidate(i, "few-shot", head + lines + "Text:", "", budget,
+                                  seed=None if seed is None else sample_seed(seed, n_cont + k)))
+        return out
+
+    def _json_candidates(self, i: int) -> list[_Candidate]:
+        """``per_example`` few-shot prompts of rows with row ``i``'s label as JSON objects (row ``i`` itself when
+        it is the only one), each held to the schema with the label pinned; seeded as :meth:`_candidates`."""
+        from ..generation.engine import row_seed, sample_seed
+        from ..sampling import StructuredOutputsParams
+
+        row = self.data.rows[i]
+        seed = None if self.params.seed is None else row_seed(self.params.seed, i)
+        rng = random.Random(seed)
+        others = [j for j in self.by_label.get(self._label_key(row), []) if j != i] or [i]
+        schema = json.loads(json.dumps(self.schema))
+        if self.label_column in schema["properties"]:
+            schema["properties"][self.label_column] = {"const": row.get(self.label_column)}
+            schema["required"] = sorted({*schema.get("required", []), self.label_column})
+        spec = StructuredOutputsParams(json=schema)
+        out = []
+        for k in range(self.per_example):  # sample k of the row
+            lines = [json.dumps({c: self.data.rows[j].get(c) for c in self.schema["properties"]}, ensure_ascii=False)
+                     for j in rng.sample(others, min(self.shots, len(others)))]
+            # at least 64 tokens: a row cut at the limit does not parse, and the schema may allow longer
+            # strings than the shots hold
+            budget = self.params.max_new_tokens or max(64, min(2 * max(len(self.gen.tokenizer.encode(line))
+                                                                         for line in lines),
+                                                               self.gen.config.n_positions // 2))
+            out.append(_Candidate(i, "few-shot", "".join(line + "\n" for line in lines), "", budget,
+                                  seed=None if seed is None else sample_seed(seed, k), structured=spec))
+        return out
+
+    def generate(self, rows: Sequence[int]) -> dict[int, list[Made]]:
+        """The generated texts of source ``rows`` (indices into the dataset), every candidate in one continuous
+        batch: row -> ``[(method, text, fields), ...]`` (text on one line, a continuation with its opening;
+        ``fields``: the JSON row in json_schema mode, else None; there a row that does not parse, cut at the
+        length limit, has text None); a row whose text is empty has none. Raises ``GenerationFailed`` when the
+        engine ends a candidate with an error."""
+        cands = [c for i in rows if (self.data.rows[i].get(self.text_column) or "").strip()
+                 for c in self._candidates(i)]
+        if not cands:
+            return {}
+        runner = self.gen.runner()
+        stop = [*self.params.stop, "\n"]  # an example is one line
+        for c_id, c in enumerate(cands):
+            p = self.params.with_(max_new_tokens=c.max_new_tokens, max_length=None, n=c.n, seed=c.seed, stop=stop,
+                                  truncate_prompt=True, structured_outputs=c.structured)
+            runner.add(self.gen.encode_prompt(c.prompt), p, request_id=str(c_id), source=f"candidate {c_id}")
+        runner.run()  # a failed candidate raises GenerationFailed (it was dropped as an "empty" one)
+        result: dict[int, list[Made]] = defaultdict(list)
+        for c_id, c in enumerate(cands):
+            for completion in runner.completions(str(c_id)):
+                body = completion.text
+                if c.structured is not None:
+                    fields = _parse_row(body) if completion.finish_reason == "stop" else None
+                    text = None if fields is None else _one_line(str(fields.get(self.text_column) or ""))
+                    result[c.row].append((c.method, text, fields))
+                    continue
+                result[c.row].append((c.method, _one_line(c.prefix + body) if c.prefix else _one_line(body), None))
+        return result
+
+
+# the generated texts of rows start.., in row order: (row, [(method, text, fields), ...]) for every row
+GeneratedRows = Iterable[tuple[int, list[Made]]]
+
+
+class Augmenter:
+    """Build and run an augmentation job; :func:`augment` is the one-call form."""
+
+    def __init__(self, generator: Generator, data: Dataset, out: str | Path, *, text_column: str,
+                 label_column: str | None = None, per_example: int = 2, methods: Sequence[str] = METHODS,
+                 params: SamplingParams | None = None, similarity: float = 0.8, min_words: int = 3,
+                 max_words: int | None = None, opening: float = 0.5, shots: int = 3, batch_rows: int = 8,
+                 json_schema: dict[str, Any] | None = None) -> None:
+        self.prompts = AugmentPrompts(generator, data, text_column=text_column, label_column=label_column,
+                                      per_example=per_example, methods=methods, params=params, opening=opening,
+                                      shots=shots, json_schema=json_schema)
+        if not isinstance(min_words, int) or min_words < 0:
+            raise ValueError(f"min_words must be an integer >= 0, got {min_words!r}")
+        if max_words is not None and (not isinstance(max_words, int) or max_words < max(1, min_words)):
+            raise ValueError(f"max_words must be an integer >= max(1, min_words={min_words}), got {max_words!r}")
+        self.gen, self.data, self.out = generator, data, Path(out)
+        if self.out.resolve() == data.path.resolve():
+            raise ValueError(f"--out {self.out} is the input file; choose another output")
+        data_format(self.out, "output")
+        check_output_file(self.out)
+        self.text_column, self.label_column = text_column, label_column
+        self.per_example, self.params, self.schema = per_example, self.prompts.params, self.prompts.schema
+        self.min_words = min_words
+        longest = max(len(_words(r.get(text_column) or "")) for r in data.rows)
+        self.max_words = max_words if max_words is not None else max(2 * longest, min_words + 1, 10)
+        self.batch_rows = max(1, batch_rows)
+        self.index = NearDuplicateIndex(similarity)
+        self.columns = [*data.columns, *ADDED_COLUMNS]
+        self.progress_path = self.out.with_name(self.out.name + ".progress")
 
     # -- resumable state --------------------------------------------------------------------------
     def _job_header(self) -> dict[str, Any]:
@@ -371,92 +494,6 @@ class Augmenter:
             f.flush()
             os.fsync(f.fileno())
 
-    # -- prompts ----------------------------------------------------------------------------------
-    def _budget(self, text: str) -> int:
-        if self.params.max_new_tokens is not None:
-            return self.params.max_new_tokens
-        n = len(self.gen.tokenizer.encode(text))
-        return max(8, min(2 * n, 256, self.gen.config.n_positions // 2))
-
-    def _candidates(self, i: int) -> list[_Candidate]:
-        if self.schema is not None:
-            return self._json_candidates(i)
-        row = self.data.rows[i]
-        text = _one_line(row.get(self.text_column) or "")
-        seed = None if self.params.seed is None else self.params.seed + i * (self.per_example + 1)
-        rng = random.Random(seed)
-        others = [j for j in self.by_label.get(self._label_key(row), []) if j != i]
-        budget = self._budget(text)
-        methods = [self.methods[k % len(self.methods)] for k in range(self.per_example)]
-        if not others:
-            methods = ["continuation"] * self.per_example  # a label with one example has nothing to show
-        out: list[_Candidate] = []
-        n_cont = methods.count("continuation")
-        if n_cont:
-            words = _words(text)
-            keep = min(max(1, round(self.opening * len(words))), max(1, len(words) - 1))
-            opening = " ".join(words[:keep])
-            out.append(_Candidate(i, "continuation", opening, opening, budget, n=n_cont, seed=seed))
-        for k in range(methods.count("few-shot")):
-            shots = rng.sample(others, min(self.shots, len(others)))
-            if self.label_column is not None:
-                head = f"Examples of texts with {self.label_column} {_cell(row.get(self.label_column))}:\n"
-            else:
-                head = "Examples of texts:\n"
-            lines = "".join(f"Text: {_one_line(self.data.rows[j][self.text_column])}\n" for j in shots)
-            out.append(_Candidate(i, "few-shot", head + lines + "Text:", "", budget,
-                                  seed=None if seed is None else seed + 1 + k))
-        return out
-
-    def _json_candidates(self, i: int) -> list[_Candidate]:
-        """``per_example`` few-shot prompts of rows with row ``i``'s label as JSON objects (row ``i`` itself when
-        it is the only one), each held to the schema with the label pinned."""
-        from ..sampling import StructuredOutputsParams
-
-        row = self.data.rows[i]
-        seed = None if self.params.seed is None else self.params.seed + i * (self.per_example + 1)
-        rng = random.Random(seed)
-        others = [j for j in self.by_label.get(self._label_key(row), []) if j != i] or [i]
-        schema = json.loads(json.dumps(self.schema))
-        if self.label_column in schema["properties"]:
-            schema["properties"][self.label_column] = {"const": row.get(self.label_column)}
-            schema["required"] = sorted({*schema.get("required", []), self.label_column})
-        spec = StructuredOutputsParams(json=schema)
-        out = []
-        for k in range(self.per_example):
-            lines = [json.dumps({c: self.data.rows[j].get(c) for c in self.schema["properties"]}, ensure_ascii=False)
-                     for j in rng.sample(others, min(self.shots, len(others)))]
-            # at least 64 tokens: a row cut at the limit does not parse, and the schema may allow longer
-            # strings than the shots hold
-            budget = self.params.max_new_tokens or max(64, min(2 * max(len(self.gen.tokenizer.encode(line))
-                                                                         for line in lines),
-                                                               self.gen.config.n_positions // 2))
-            out.append(_Candidate(i, "few-shot", "".join(line + "\n" for line in lines), "", budget,
-                                  seed=None if seed is None else seed + 1 + k, structured=spec))
-        return out
-
-    def _generate(self, cands: list[_Candidate]) -> dict[int, list[tuple[str, str | None, dict | None]]]:
-        """Run every candidate prompt in one continuous batch: row -> [(method, text, the JSON row or None)]; in
-        json_schema mode a row that does not parse (cut at the length limit) has text None."""
-        runner = self.gen.runner()
-        stop = [*self.params.stop, "\n"]  # an example is one line
-        for c_id, c in enumerate(cands):
-            p = self.params.with_(max_new_tokens=c.max_new_tokens, max_length=None, n=c.n, seed=c.seed, stop=stop,
-                                  truncate_prompt=True, structured_outputs=c.structured)
-            runner.add(self.gen.encode_prompt(c.prompt), p, request_id=str(c_id), source=f"candidate {c_id}")
-        runner.run()  # a failed candidate raises GenerationFailed (it was dropped as an "empty" one)
-        result: dict[int, list[tuple[str, str | None, dict | None]]] = defaultdict(list)
-        for c_id, c in enumerate(cands):
-            for completion in runner.completions(str(c_id)):
-                body = completion.text
-                if c.structured is not None:
-                    fields = _parse_row(body) if completion.finish_reason == "stop" else None
-                    text = None if fields is None else _one_line(str(fields.get(self.text_column) or ""))
-                    result[c.row].append((c.method, text, fields))
-                    continue
-                result[c.row].append((c.method, _one_line(c.prefix + body) if c.prefix else _one_line(body), None))
-        return result
-
     def _judge(self, text: str | None) -> str | None:
         if text is None:
             return "invalid_json"
@@ -470,8 +507,14 @@ class Augmenter:
         return self.index.check(text)
 
     # -- run --------------------------------------------------------------------------------------
-    def run(self, progress: Callable[[int, int], None] | None = None) -> AugmentSummary:
-        """Augment every row not done yet; ``progress(done_rows, total_rows)`` after each row."""
+    def run(self, progress: Callable[[int, int], None] | None = None,
+            generated: Callable[[int], GeneratedRows] | None = None) -> AugmentSummary:
+        """Augment every row not done yet; ``progress(done_rows, total_rows)`` after each row.
+
+        ``generated(start)``: the generated texts of rows ``start..`` in row order, one entry per row (see
+        :meth:`AugmentPrompts.generate`); default: this process's engine, ``batch_rows`` rows at a time.
+        :mod:`gpt2lab.ray` passes Ray Data's. Filtering and writing happen here, row by row in order, so the
+        output is the same whoever generated the texts."""
         rows = self.data.rows
         summary = AugmentSummary(rows_in=len(rows), per_example=self.per_example, output=str(self.out))
         for row in rows:
@@ -480,37 +523,50 @@ class Augmenter:
         if progress:
             progress(start, len(rows))
         writer = _Output(self.out, self.columns)
+        expected = start
         try:
-            for first in range(start, len(rows), self.batch_rows):
-                batch = range(first, min(first + self.batch_rows, len(rows)))
-                cands = [c for i in batch if (rows[i].get(self.text_column) or "").strip()
-                         for c in self._candidates(i)]
-                made = self._generate(cands) if cands else {}
-                for i in batch:
-                    filtered = dict.fromkeys(FILTER_REASONS, 0)
-                    writer.write({**rows[i], ORIGIN: "original", SOURCE_ROW: i, METHOD: ""})
-                    kept = 0
-                    if not (rows[i].get(self.text_column) or "").strip():
-                        filtered["empty_source"] = self.per_example
-                    for method, text, fields in made.get(i, []):
-                        reason = self._judge(text)
-                        if reason:
-                            filtered[reason] += 1
-                            continue
-                        self.index.add(text)
-                        writer.write({**rows[i], **(fields or {}), self.text_column: text, ORIGIN: "generated",
-                                      SOURCE_ROW: i, METHOD: method})
-                        kept += 1
-                    filtered = {k: v for k, v in filtered.items() if v}
-                    self._log_row(i, kept, filtered)  # after the row's records are on disk
-                    summary.generated += kept
-                    for reason, count in filtered.items():
-                        summary.filtered[reason] += count
-                    if progress:
-                        progress(i + 1, len(rows))
+            for i, made in (generated or self._generate_here)(start):
+                if i != expected:
+                    raise RuntimeError(f"augment: generated texts came for row {i}, expected row {expected}")
+                expected += 1
+                self._write_row(i, made, writer, summary)
+                if progress:
+                    progress(i + 1, len(rows))
         finally:
             writer.close()
+        if expected != len(rows):
+            raise RuntimeError(f"augment: generated texts stopped at row {expected} of {len(rows)}")
         return summary
+
+    def _generate_here(self, start: int) -> GeneratedRows:
+        for first in range(start, len(self.data.rows), self.batch_rows):
+            batch = range(first, min(first + self.batch_rows, len(self.data.rows)))
+            made = self.prompts.generate(batch)
+            for i in batch:
+                yield i, made.get(i, [])
+
+    def _write_row(self, i: int, made: list[Made], writer: _Output, summary: AugmentSummary) -> None:
+        """Row ``i`` and its kept examples on disk, then its line in the progress log."""
+        row = self.data.rows[i]
+        filtered = dict.fromkeys(FILTER_REASONS, 0)
+        writer.write({**row, ORIGIN: "original", SOURCE_ROW: i, METHOD: ""})
+        kept = 0
+        if not (row.get(self.text_column) or "").strip():
+            filtered["empty_source"] = self.per_example
+        for method, text, fields in made:
+            reason = self._judge(text)
+            if reason:
+                filtered[reason] += 1
+                continue
+            self.index.add(text)
+            writer.write({**row, **(fields or {}), self.text_column: text, ORIGIN: "generated", SOURCE_ROW: i,
+                          METHOD: method})
+            kept += 1
+        filtered = {k: v for k, v in filtered.items() if v}
+        self._log_row(i, kept, filtered)  # after the row's records are on disk
+        summary.generated += kept
+        for reason, count in filtered.items():
+            summary.filtered[reason] += count
 
 
 def _parse_row(text: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ import typer
 
 from ..apps.augment import DEFAULTS, METHODS
 from .common import check_output, user_errors
+from .distributed import RayJob, actor_resources, driver_runtime, model_ref, ray_options, ray_session
 from .options import (
     BEAM_OPTIONS,
     Runtime,
@@ -26,6 +27,7 @@ _EXCLUDE = {"n", "logprobs", "max_length", "truncate_prompt", *BEAM_OPTIONS}
 
 @sampling_options(defaults=DEFAULTS, exclude=_EXCLUDE, defaults_win=True)
 @runtime_options()
+@ray_options("gpt2lab augment --ray")
 def augment(
     data: Path = typer.Argument(..., help="Dataset: .csv / .tsv (with a header) or .jsonl."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .csv / .tsv / .jsonl; rerun to resume it."),
@@ -46,6 +48,7 @@ def augment(
     json_schema: Path = json_schema_option("Write each new row as one JSON object valid under this JSON Schema "
                                            "(a .json file; its properties are columns, the text column among "
                                            "them; the label's is pinned to the source row's)."),
+    ray: RayJob = None,
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -55,6 +58,9 @@ def augment(
     examples with the same label. Empty, too short/long and (near-)duplicate texts are dropped. The
     output keeps every original column plus aug_origin (original/generated), aug_source_row and
     aug_method; it is written row by row and an interrupted run resumes where it stopped.
+
+    With --ray, Ray Data actors generate the texts and this process filters and writes them, row by row:
+    the same file as without it.
     """
     from ..apps.augment import Augmenter, read_dataset
 
@@ -62,7 +68,7 @@ def augment(
     with user_errors():
         dataset = read_dataset(data, text_column, label_column)
     check_output(out, "--out", kind="file")
-    gen = load_generator(model, runtime)
+    gen = load_generator(model, driver_runtime(runtime, ray.address))
     with user_errors():
         job = Augmenter(gen, dataset, out, text_column=text_column, label_column=label_column,
                         per_example=per_example, methods=method or METHODS, params=sampling.resolve(gen),
@@ -73,7 +79,21 @@ def augment(
     try:  # the bar goes to stderr: stdout is the summary (JSON with --json)
         # errors are printed by user_errors after the bar is gone (a bar redrawn over them would hide them)
         with user_errors(), progress_bar(len(dataset.rows), "augment") as bar:
-            summary = job.run(lambda done, total: bar.update(done, total))
+            if not ray.on:
+                summary = job.run(lambda done, total: bar.update(done, total))
+            else:
+                prompt_kwargs = {"data": str(data.resolve()), "text_column": text_column,
+                                 "label_column": label_column, "per_example": per_example,
+                                 "methods": method or METHODS, "params": job.params, "opening": opening,
+                                 "shots": shots, "json_schema": spec.json if spec is not None else None}
+                with ray_session(ray.address, "gpt2lab augment --ray") as gray:
+                    resources = actor_resources(runtime, ray.actors)
+
+                    def generated(start: int):  # noqa: ANN202 - the actors' texts of rows start..
+                        return gray.data.augment_rows(model_ref(model), start, len(dataset.rows), prompt_kwargs,
+                                                      **resources)
+
+                    summary = job.run(lambda done, total: bar.update(done, total), generated=generated)
     except typer.Exit as exc:
         if exc.exit_code == 130:
             echo(f"gpt2lab: interrupted; rerun the same command to resume {out}", sys.stderr)

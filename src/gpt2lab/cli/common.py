@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "server": ("fastapi", "uvicorn", "pydantic", "prometheus_client"),
     "eval": ("sacrebleu", "rouge_score", "matplotlib"),
     "train": ("matplotlib",),
+    "ray": ("ray",),
     "structured": ("llguidance",),
 }
 

@@ -12,6 +12,7 @@ import typer
 
 from ..console import echo, print_table
 from .common import fail, require_extra, user_errors
+from .distributed import RayJob, actor_resources, driver_runtime, model_ref, ray_options, ray_session
 from .options import Runtime, load_generator, model_option, runtime_options
 
 app = typer.Typer(help="Measure models and generated text: perplexity, BLEU, ROUGE, diversity.",
@@ -40,6 +41,7 @@ def print_json(record: dict[str, Any]) -> None:
 
 @app.command("perplexity")
 @runtime_options()
+@ray_options("gpt2lab eval perplexity --ray")
 def perplexity_cmd(
     files: list[Path] = typer.Argument(..., help="UTF-8 text files; each is windowed on its own."),
     model: str = model_option(),
@@ -47,15 +49,23 @@ def perplexity_cmd(
     block_size: int = typer.Option(None, "--block-size", help="Tokens per window (default: the model's context)."),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Tokens per forward pass (memory vs speed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ray: RayJob = None,
     runtime: Runtime = None,
 ) -> None:
-    """Sliding-window perplexity and bits per byte of text files (the Hugging Face guide's method)."""
+    """Sliding-window perplexity and bits per byte of text files (the Hugging Face guide's method).
+
+    With --ray, Ray Data actors score the files (each on its own, as here) and their sums give exactly the
+    one-process figures."""
     from ..evaluation import perplexity
 
-    gen = load_for_eval(model, runtime)
+    gen = load_for_eval(model, driver_runtime(runtime, ray.address))
     with user_errors():
-        result = perplexity(files=files, model=gen, stride=stride, block_size=block_size, batch_tokens=batch_tokens,
-                            progress=sys.stderr.isatty())
+        if not ray.on:
+            result = perplexity(files=files, model=gen, stride=stride, block_size=block_size,
+                                batch_tokens=batch_tokens, progress=sys.stderr.isatty())
+        else:
+            result = _perplexity_on_ray(gen, files, model, ray, runtime, block_size=block_size,
+                                        stride=stride, batch_tokens=batch_tokens)
     if as_json:
         print_json(result.to_dict())
         return
@@ -69,6 +79,25 @@ def perplexity_cmd(
                 ("file", "perplexity", "bits/byte", "tokens", "bytes"),
                 [(name, fmt_value(r.perplexity), fmt_value(r.bits_per_byte), str(r.tokens), str(r.bytes))
                  for name, r in rows])
+
+
+def _perplexity_on_ray(gen, files: list[Path], model: str | None, ray: RayJob, runtime,
+                       **settings: Any):  # noqa: ANN001, ANN202
+    """:func:`gpt2lab.evaluation.perplexity`'s result, the files scored on Ray Data actors."""
+    from ..evaluation.perplexity import combine, document_perplexity, read_text_file, window_settings
+
+    block_size, stride = window_settings(gen.config.n_positions, settings["block_size"], settings["stride"],
+                                         settings["batch_tokens"])
+    texts, names = [read_text_file(path) for path in files], [str(path) for path in files]
+    from ..console import progress_bar
+
+    with ray_session(ray.address, "gpt2lab eval perplexity --ray") as gray, \
+            progress_bar(len(texts), "perplexity") as bar:
+        scores = gray.data.score_rows(model_ref(model), texts, names, block_size=block_size, stride=stride,
+                                      batch_tokens=settings["batch_tokens"], progress=bar.update,
+                                      **actor_resources(runtime, ray.actors))
+    docs = [document_perplexity(name, *score) for name, score in zip(names, scores)]
+    return combine(docs, model=gen.name, block_size=block_size, stride=stride, quantization=gen.quantization)
 
 
 @app.command("text")

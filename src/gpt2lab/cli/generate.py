@@ -5,13 +5,15 @@ from __future__ import annotations
 import codecs
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import typer
 
-from ..console import echo, write
-from .common import fail, user_errors
+from ..console import echo, progress_bar, write
+from .common import check_output, fail, user_errors
+from .distributed import RayJob, actor_resources, driver_runtime, model_ref, no_ray_without, ray_options, ray_session
 from .options import (
     Runtime,
     SamplingChoice,
@@ -47,13 +49,6 @@ def read_prompts(lines: list[str], source: str) -> list[str]:
     return prompts
 
 
-def _logprobs_json(logprobs: list | None) -> list[dict[str, Any]] | None:
-    if logprobs is None:
-        return None
-    return [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
-             "top": [{"token_id": i, "token": s, "logprob": v} for i, s, v in t.top]} for t in logprobs]
-
-
 def _print_logprobs(logprobs: list) -> None:
     for t in logprobs:
         alternatives = ", ".join(f"{s!r} {v:.3f}" for _, s, v in t.top)
@@ -66,16 +61,20 @@ DEFAULTS = {"max_length": 100, "temperature": 0.8, "top_k": 50}
 
 @sampling_options(defaults=DEFAULTS)
 @runtime_options()
+@ray_options("gpt2lab generate --ray")
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts to complete (default: read --file, else stdin)."),
     file: Path = typer.Option(None, "--file", "-f", help="Read prompts from a file: one per line, or JSONL "
                               "objects with a \"prompt\" field. '-' reads stdin."),
     model: str = model_option(),
     as_json: bool = typer.Option(False, "--json", help="Write one JSON object per completion instead of streaming."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the --json objects (JSONL) to this file instead, "
+                             "atomically (it appears when every prompt is done)."),
     json_schema: Path = json_schema_option(),
     regex: str = regex_option(),
     choice: list[str] = choice_option(),
     grammar: Path = grammar_option(),
+    ray: RayJob = None,
     runtime: Runtime = None,
     sampling: SamplingChoice = None,
 ) -> None:
@@ -88,15 +87,22 @@ def generate(
     Defaults: the model's generation_config.json, else the classic recipe: temperature 0.8, top-k 50,
     100 tokens in all unless --max-new-tokens. Options given here win over both.
 
+    With --seed, prompt i (0-based, in input order) is seeded with row_seed(seed, i): the same text
+    whichever batch, process or Ray actor completes it (prompt 0 uses the seed itself).
+
     --json-schema, --regex, --choice or --grammar hold every output to that shape (docs/structured-outputs.md).
     """
+    if ray.on:
+        no_ray_without("--out FILE", out is not None)
     structured = structured_outputs("gpt2lab generate", json_schema=json_schema, regex=regex, choice=choice,
                                     grammar=grammar)
     if structured is not None:
         with user_errors():  # with the flags given (beam search, say), before any model loads
             sampling.params.with_(structured_outputs=structured)
     prompt_list = _collect_prompts(process_escapes_all(prompts) or [], file)
-    gen = load_generator(model, runtime)
+    if out is not None:
+        check_output(out, "--out", kind="file")
+    gen = load_generator(model, driver_runtime(runtime, ray.address))
     with user_errors():
         params = sampling.resolve(gen)  # flags > the checkpoint's generation_config.json > DEFAULTS
         if structured is not None:
@@ -106,15 +112,54 @@ def generate(
     with user_errors():  # a request the engine ended with an error (GenerationFailed) too: its reason, in one line
         for p in prompt_list:  # fail on an unusable prompt before printing anything
             fit_prompt(gen.encode_prompt(p), params, gen.config.n_positions)
-        if as_json:
-            for start in range(0, len(prompt_list), _CHUNK):
-                for c in gen.generate(prompt_list[start:start + _CHUNK], params):
-                    record = {"model": gen.name, "prompt": c.prompt, "index": c.index, "text": c.text,
-                              "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                              "logprobs": _logprobs_json(c.logprobs)}
-                    echo(json.dumps(record, ensure_ascii=False))
+        if out is not None:
+            from ..atomic import write_file
+
+            def write_records(f: BinaryIO) -> None:
+                with progress_bar(len(prompt_list), "generate") as bar:
+                    advance = bar.update
+                    records = (_ray_records(gen, prompt_list, params, model, ray, runtime, advance)
+                               if ray.on else _records(gen, prompt_list, params, advance))
+                    for record in records:
+                        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+            write_file(out, write_records)  # the file appears when every prompt is done
+        elif as_json:
+            for record in _records(gen, prompt_list, params):
+                echo(json.dumps(record, ensure_ascii=False))
         else:
             _stream(gen, prompt_list, params)
+
+
+def _records(gen, prompts: list[str], params, advance=None) -> Iterator[dict[str, Any]]:  # noqa: ANN001
+    """The --json objects of every completion, prompt by prompt, ``_CHUNK`` prompts in one batch."""
+    from ..generation.batch import completion_record, generate_rows
+
+    for start in range(0, len(prompts), _CHUNK):
+        chunk = prompts[start:start + _CHUNK]
+        for row in generate_rows(gen, chunk, range(start, start + len(chunk)), params):
+            for c in row:
+                yield completion_record(gen.name, c)
+        if advance:
+            advance(start + len(chunk))
+
+
+def _ray_records(gen, prompts: list[str], params, model: str | None, ray: RayJob, runtime,  # noqa: ANN001
+                 advance) -> Iterator[dict[str, Any]]:
+    """The same objects as :func:`_records`, from Ray Data actors (each loads ``model`` as this process did)."""
+    from ..generation.batch import completion_record
+    from ..generation.outputs import Completion
+
+    with ray_session(ray.address, "gpt2lab generate --ray") as gray:
+        rows = gray.data.generation_rows(model_ref(model), prompts, params, progress=advance,
+                                         **actor_resources(runtime, ray.actors))
+        for row in rows:
+            for r in row:
+                c = Completion(text=r["text"], token_ids=[int(t) for t in r["token_ids"]],
+                               finish_reason=r["finish_reason"], prompt=r["prompt"], index=int(r["index"]))
+                record = completion_record(gen.name, c)
+                record["logprobs"] = None if r["logprobs"] is None else json.loads(r["logprobs"])
+                yield record
 
 
 def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
@@ -139,11 +184,13 @@ def _collect_prompts(prompts: list[str], file: Path | None) -> list[str]:
 def _stream(gen, prompts: list[str], params) -> None:
     """Print each prompt with its completions (blank line between them); sample 0 streams live (beams are
     only known at the end). The text is written as :mod:`gpt2lab.console` writes: exactly to a file or a
-    pipe, its control characters escaped on a terminal."""
+    pipe, its control characters escaped on a terminal. Prompt ``k`` is seeded with ``row_seed(seed, k)``."""
+    from ..generation.batch import row_params
+
     for k, prompt in enumerate(prompts):
         if k:
             echo()
-        for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, params)):
+        for j, (text, logprobs) in enumerate(_stream_first(gen, prompt, row_params(params, k))):
             if j:
                 echo()
                 echo(prompt + text)

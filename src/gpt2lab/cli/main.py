@@ -172,6 +172,9 @@ def _one_line_warnings() -> None:
 
 
 def main() -> None:
+    from .distributed import optional_value
+
+    sys.argv = optional_value(sys.argv)  # a bare --ray: a local cluster
     _one_line_warnings()
     try:
         app()  # typer ends with sys.exit in standalone mode

@@ -11,6 +11,7 @@ import typer
 
 from ..http_guard import is_loopback
 from .common import fail, require_extra, user_errors
+from .distributed import Replicas, replica_options
 from .options import MODEL_HELP, Runtime, allowed_host_option, host_names, load_kwargs, runtime_options
 
 _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s?#]+")  # scheme://host[:port], as browsers send it
@@ -112,6 +113,7 @@ def check_chat_template(resolved) -> None:  # noqa: ANN001 - a checkpoints.Resol
 
 
 @runtime_options()
+@replica_options()
 def serve(
     model: list[str] = typer.Option(None, "--model", "-m",
                                     help=MODEL_HELP + " Repeatable: NAME=MODEL serves several models, each with its "
@@ -149,10 +151,12 @@ def serve(
                                                      "https://app.example:3000, or * for any) call the API; "
                                                      "repeatable. Off by default."),
     allowed_host: list[str] = allowed_host_option(),
+    replicas: Replicas = None,
     runtime: Runtime = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a playground page at /."""
     require_extra("server", "gpt2lab serve")
+    on_ray = replicas.on
     if not is_loopback(host) and not api_key and not allow_remote:
         fail(f"--host {host} is reachable from other machines; give --api-key KEY (or --allow-remote to serve "
              "without one)")
@@ -186,6 +190,9 @@ def serve(
         sock = bind(host, port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    if on_ray:  # Ray Serve's proxy listens there instead
+        port = sock.getsockname()[1]
+        sock.close()
 
     from ..checkpoints import resolve_model
     from ..placement import check_quantization, resolve_device, resolve_dtype
@@ -216,18 +223,79 @@ def serve(
         if None in served:  # one model with its own options: served under its own name
             served = {str(models[None]["model"]): served.pop(None)}
         more = {}
+    more.update(allow_runtime_lora=allow_runtime_lora, max_models_memory=max_models_memory,
+                prefix_cache_mb=prefix_cache_mb)
+    if on_ray:  # each replica serves every model and adapter, as this process would
+        _serve_on_ray(_on_ray_refs(served), replicas.address, host, port, replicas.count, replicas.autoscaling,
+                      dict(api_key=api_key, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
+                           cors_allow_origins=origins, max_body_mb=max_body_mb, allowed_hosts=hosts,
+                           **_on_ray_loras(more), **load))
+        return
     limits = Limits()
     try:
         with user_errors():
             app = create_app(served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                              request_timeout=request_timeout, cors_allow_origins=origins, max_body_mb=max_body_mb,
-                             limits=limits, allowed_hosts=hosts, allow_runtime_lora=allow_runtime_lora,
-                             max_models_memory=max_models_memory, prefix_cache_mb=prefix_cache_mb, **more, **load)
+                             limits=limits, allowed_hosts=hosts, **more, **load)
     except ValueError as exc:
         fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
              .replace("request_timeout", "--request-timeout"))
     _announce_when_ready(app, sock)
     serve_http(app, sock, log_level=log_level, limits=limits)
+
+
+def _on_ray_refs(served: Any) -> Any:
+    """The served model(s) as Ray replicas should see them: local folders as absolute paths
+    (:func:`~.distributed.model_ref`), in a mapping of ModelConfigs too."""
+    from dataclasses import replace
+
+    from .distributed import model_ref
+
+    if not isinstance(served, dict):
+        return model_ref(served)
+    return {name: replace(config, model=model_ref(config.model),
+                          lora_modules={a: model_ref(str(p)) for a, p in config.lora_modules.items()})
+            for name, config in served.items()}
+
+
+def _on_ray_loras(more: dict[str, Any]) -> dict[str, Any]:
+    from .distributed import model_ref
+
+    if not more.get("lora_modules"):
+        return more
+    return {**more, "lora_modules": {a: model_ref(str(p)) for a, p in more["lora_modules"].items()}}
+
+
+def _serve_on_ray(model: Any, address: str, host: str, port: int, replicas: int,
+                  autoscaling: dict | None, app_kwargs: dict) -> None:
+    """``gpt2lab serve --replicas``: the app in Ray Serve replicas behind its proxy on ``host:port``, until
+    Ctrl-C (then the application and a cluster started here are shut down)."""
+    import sys
+    import time
+
+    from ..console import echo
+    from .distributed import ray_session
+
+    with ray_session(address, "gpt2lab serve --replicas") as gray:
+        from ray import serve
+
+        gpu = str(app_kwargs.get("device", "")).startswith("cuda")
+        try:
+            with user_errors():
+                application = gray.deployment(model, num_replicas=replicas, autoscaling=autoscaling,
+                                              num_gpus=1 if gpu else 0, **app_kwargs)
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(application, name="gpt2lab", route_prefix="/")
+            scale = (f"autoscaling {autoscaling}" if autoscaling else f"{replicas} replica(s)")
+            what = ", ".join(model) if isinstance(model, dict) else model or "the default model"
+            echo(f"gpt2lab: serving {what} on http://{host}:{port} ({scale}, Ray Serve); "
+                 "Ctrl-C stops", sys.stderr)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
 
 
 def url_of(sock: socket.socket) -> str:

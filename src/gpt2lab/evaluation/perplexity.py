@@ -6,11 +6,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..readers import read_text, split_text
 from .common import ModelLike, as_generator, progress_bar
 from .scoring import DEFAULT_BATCH_TOKENS, Window, perplexity_of, score_windows, sliding_windows
+
+if TYPE_CHECKING:
+    from ..generation import Generator
 
 
 @dataclass
@@ -90,31 +93,59 @@ def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str 
     if len(doc_names) != len(docs_text):
         raise ValueError(f"names has {len(doc_names)} entries for {len(docs_text)} texts")
 
-    n_pos = gen.config.n_positions
-    block_size = n_pos if block_size is None else block_size
-    if not isinstance(block_size, int) or not 2 <= block_size <= n_pos:
-        raise ValueError(f"block_size must be an integer in [2, {n_pos}] (the model's context), got {block_size!r}")
+    block_size, stride = window_settings(gen.config.n_positions, block_size, stride, batch_tokens)
+    docs = score_documents(gen, docs_text, doc_names, block_size=block_size, stride=stride,
+                           batch_tokens=batch_tokens, progress=progress)
+    return combine(docs, model=gen.name, block_size=block_size, stride=stride, quantization=gen.quantization)
+
+
+def window_settings(n_positions: int, block_size: int | None, stride: int | None,
+                    batch_tokens: int = DEFAULT_BATCH_TOKENS) -> tuple[int, int]:
+    """``(block_size, stride)`` checked, with their defaults (the model's context ``n_positions``, half of it).
+    Raises ValueError naming the parameter and its range."""
+    block_size = n_positions if block_size is None else block_size
+    if not isinstance(block_size, int) or not 2 <= block_size <= n_positions:
+        raise ValueError(f"block_size must be an integer in [2, {n_positions}] (the model's context), "
+                         f"got {block_size!r}")
     stride = max(1, block_size // 2) if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= block_size:
         raise ValueError(f"stride must be an integer in [1, block_size={block_size}], got {stride!r}")
     if not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch_tokens must be an integer >= 1, got {batch_tokens!r}")
+    return block_size, stride
 
-    docs = [_encode(gen.tokenizer, text) for text in docs_text]
-    for name, ids in zip(doc_names, docs):
+
+def score_documents(gen: Generator, texts: Sequence[str], names: Sequence[str], *, block_size: int, stride: int,
+                    batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False) -> list[DocumentPerplexity]:
+    """Each text's figures (windowed on its own; settings checked by :func:`window_settings`). A text's
+    figures do not depend on the other texts scored with it, bit for bit (see
+    :func:`~.scoring.score_windows`): :class:`gpt2lab.ray.PerplexityScorer` scores a corpus's documents on
+    Ray actors with this and :func:`combine` gives the one-process figures. Raises ValueError for a text of
+    fewer than 2 tokens."""
+    docs = [_encode(gen.tokenizer, text) for text in texts]
+    for name, ids in zip(names, docs):
         if len(ids) < 2:
             raise ValueError(f"{name}: has {len(ids)} token(s); perplexity needs at least 2")
     windows = [Window(d, *w) for d, ids in enumerate(docs) for w in sliding_windows(len(ids), block_size, stride)]
     total = sum(w.end - w.first for w in windows)
     with progress_bar(total, "perplexity", progress) as advance:
         nlls, counts = score_windows(gen.model, docs, windows, batch_tokens=batch_tokens, on_progress=advance)
+    return [document_perplexity(name, nll, count, len(text.encode("utf-8")))
+            for name, text, nll, count in zip(names, texts, nlls, counts)]
 
-    per_doc = []
-    for name, text, nll, count in zip(doc_names, docs_text, nlls, counts):
-        n_bytes = len(text.encode("utf-8"))
-        per_doc.append(DocumentPerplexity(name=name, perplexity=perplexity_of(nll, count), tokens=count, nll=nll,
-                                          bytes=n_bytes, bits_per_byte=_bits_per_byte(nll, n_bytes)))
-    nll, tokens, n_bytes = sum(nlls), sum(counts), sum(d.bytes for d in per_doc)
+
+def document_perplexity(name: str, nll: float, tokens: int, n_bytes: int) -> DocumentPerplexity:
+    """One document's figures from its NLL sum (nats), scored tokens and UTF-8 bytes."""
+    return DocumentPerplexity(name=name, perplexity=perplexity_of(nll, tokens), tokens=tokens, nll=nll,
+                              bytes=n_bytes, bits_per_byte=_bits_per_byte(nll, n_bytes))
+
+
+def combine(docs: Sequence[DocumentPerplexity], *, model: str, block_size: int, stride: int,
+            quantization: str | None = None) -> PerplexityResult:
+    """The corpus figures of documents scored separately: NLL, tokens and bytes summed (in document order),
+    then perplexity ``exp(NLL / tokens)`` and bits per byte ``NLL / ln 2 / bytes``; exactly what one
+    :func:`perplexity` call over all of them gives."""
+    nll, tokens, n_bytes = sum(d.nll for d in docs), sum(d.tokens for d in docs), sum(d.bytes for d in docs)
     return PerplexityResult(perplexity=perplexity_of(nll, tokens), tokens=tokens, nll=nll, bytes=n_bytes,
-                            bits_per_byte=_bits_per_byte(nll, n_bytes), model=gen.name, block_size=block_size,
-                            stride=stride, files=per_doc, quantization=gen.quantization)
+                            bits_per_byte=_bits_per_byte(nll, n_bytes), model=model, block_size=block_size,
+                            stride=stride, files=list(docs), quantization=quantization)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
 
     from ..model import GPT2
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 _HEAD_ROWS = 1024
 # tokens run through the model per forward pass (windows are packed into batches up to this budget)
 DEFAULT_BATCH_TOKENS = 8192
+# windows are padded to a multiple of this many tokens (see padded_width)
+_WIDTH_STEP = 64
+# the LM head runs on at least this many rows (see _head_nll)
+_MIN_GEMM_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -67,24 +72,33 @@ def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[
     Windows are packed (right-padded: causal attention makes padding after a token invisible to it)
     into batches of about ``batch_tokens`` tokens. ``on_progress(n)`` is called with the number of
     tokens scored after each batch.
+
+    A document's figures are bit for bit the same whatever other documents it is scored with (so a corpus
+    split across processes or Ray actors sums to exactly the one-process figures): a window is padded to
+    a width that depends on its own length only (:func:`padded_width`), never to its batch's longest, and
+    the LM head never runs on fewer than ``_MIN_GEMM_ROWS`` rows (a matrix product of a few rows takes
+    another code path, rounded differently).
     """
     import torch
-    import torch.nn.functional as F
 
     n_docs = len(docs)
     nll = torch.zeros(n_docs, dtype=torch.float64)
     counts = [0] * n_docs
     device = model.wte.weight.device
     vocab = model.config.vocab_size
-    # longest first, so each batch pads little and the memory peak comes at the start
-    order = sorted(windows, key=lambda w: w.end - w.begin, reverse=True)
+    n_positions = model.config.n_positions
+    # longest first, so the memory peak comes at the start; a batch holds windows of one padded width
+    order = sorted(windows, key=lambda w: padded_width(w.end - w.begin, n_positions), reverse=True)
     i = 0
     with torch.inference_mode():
         while i < len(order):
-            width = order[i].end - order[i].begin
+            width = padded_width(order[i].end - order[i].begin, n_positions)
             rows = max(1, batch_tokens // width)
-            batch = order[i:i + rows]
-            i += len(batch)
+            end = i + 1
+            while end < min(len(order), i + rows) and \
+                    padded_width(order[end].end - order[end].begin, n_positions) == width:
+                end += 1
+            batch, i = order[i:end], end
             idx = torch.zeros(len(batch), width, dtype=torch.long)
             # select[b, p]: the logits at position p of row b predict a scored token (at p + 1)
             select = torch.zeros(len(batch), width, dtype=torch.bool)
@@ -101,14 +115,31 @@ def score_windows(model: GPT2, docs: Sequence[Sequence[int]], windows: Sequence[
             hidden = model.hidden_states(idx)[select.to(device)]  # [N, C], row-major like the targets below
             targets = idx[:, 1:][select[:, :-1].to(device)]
             owner = doc_of_row[:, None].expand_as(select)[select]
-            token_nll = torch.cat([
-                F.cross_entropy(model.head_logits(hidden[s:s + _HEAD_ROWS]).float(), targets[s:s + _HEAD_ROWS],
-                                reduction="none")
-                for s in range(0, hidden.shape[0], _HEAD_ROWS)])
+            token_nll = torch.cat([_head_nll(model, hidden[s:s + _HEAD_ROWS], targets[s:s + _HEAD_ROWS])
+                                   for s in range(0, hidden.shape[0], _HEAD_ROWS)])
             nll.index_add_(0, owner, token_nll.double().cpu())
             if on_progress is not None:
                 on_progress(int(select.sum()))
     return nll.tolist(), counts
+
+
+def padded_width(width: int, n_positions: int) -> int:
+    """The width a window of ``width`` tokens is padded to in a batch: the next multiple of
+    ``_WIDTH_STEP`` (at most the model's context ``n_positions``). Attention over a longer padded row rounds
+    differently, so the width must not depend on the other windows of the batch."""
+    return min(-(-width // _WIDTH_STEP) * _WIDTH_STEP, max(width, n_positions))
+
+
+def _head_nll(model: GPT2, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL ``[N]`` of hidden states ``[N, C]``; fewer than ``_MIN_GEMM_ROWS`` rows are padded with
+    zeros, so every row goes through the same matrix-product code path."""
+    import torch
+    import torch.nn.functional as F
+
+    n = hidden.shape[0]
+    if n < _MIN_GEMM_ROWS:
+        hidden = torch.cat([hidden, hidden.new_zeros(_MIN_GEMM_ROWS - n, hidden.shape[1])])
+    return F.cross_entropy(model.head_logits(hidden)[:n].float(), targets, reduction="none")
 
 
 def perplexity_of(nll: float, tokens: int) -> float:

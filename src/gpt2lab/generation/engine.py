@@ -34,6 +34,7 @@ the batched decode forward itself (out of memory, a broken model) is not attribu
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import deque
 
@@ -61,6 +62,28 @@ def sample_seed(seed: int, index: int) -> int:
     if index == 0:
         return seed
     x = (seed + index * 0x9E3779B97F4A7C15) % 2**64  # splitmix64: distinct, well-mixed seeds
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+def row_seed(seed: int, key: int | str) -> int:
+    """Seed of row ``key`` of a batch job seeded with ``seed``: the one rule of ``gpt2lab generate`` (a prompt's
+    0-based position in its input), ``gpt2lab augment`` (the source row) and their Ray Data jobs
+    (:mod:`gpt2lab.ray`), so a row's text depends on the run's seed and the row's key only, never on the
+    process, the actor or the batch that ran it. Row 0 uses the seed itself (a one-prompt run is the library
+    call with that seed); a ``str`` key (an id column) is hashed (BLAKE2b, stable across processes and
+    machines, unlike ``hash``). Raises ``TypeError`` for another key type, ``ValueError`` for a negative one."""
+    if isinstance(key, str):
+        key = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    elif isinstance(key, bool) or not isinstance(key, int):
+        raise TypeError(f"a row key must be an int or a str, got {type(key).__name__}")
+    elif key < 0:
+        raise ValueError(f"a row key must be >= 0, got {key}")
+    if key == 0:
+        return seed
+    # splitmix64 of seed and key, with another multiplier than sample_seed's: row k's seed is not sample k's
+    x = (seed + key * 0xD1B54A32D192ED03) % 2**64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
     return (x ^ (x >> 31)) % 2**63
