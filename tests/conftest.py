@@ -93,6 +93,36 @@ def tiny_model(tmp_path_factory, name: str, *, seed: int, **shape) -> tuple[Path
     return path, gpt2lab.load(path)
 
 
+def make_peft_adapter(directory: Path, base: Path, *, seed: int, rank: int = 4,
+                      targets: tuple[str, ...] = ("c_attn", "c_fc"), scale_b: float = 3.0) -> Path:
+    """A LoRA adapter of ``base`` made and saved by ``peft`` itself (``get_peft_model`` + ``save_pretrained``),
+    with random ``B`` (peft's ``init_lora_weights=False``, times ``scale_b``) so that it changes what the model
+    writes; ``alpha`` is ``2 * rank``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), fan_in_fan_out=True, init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale_b)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
+    """Two peft-made adapters of ``tiny_checkpoint``: ``"ad-qkv"`` (rank 4 on c_attn and c_fc) and ``"ad-all"``
+    (rank 8 on c_attn, both c_proj and c_fc)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {"ad-qkv": make_peft_adapter(root / "ad-qkv", tiny_checkpoint, seed=11),
+            "ad-all": make_peft_adapter(root / "ad-all", tiny_checkpoint, seed=12, rank=8,
+                                        targets=("c_attn", "c_proj", "c_fc"))}
+
+
 @pytest.fixture(scope="module")
 def gen(tiny_checkpoint):
     """``tiny_checkpoint`` loaded by :func:`gpt2lab.load`, once per test module."""

@@ -37,16 +37,24 @@ class Server:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample of /metrics (0 when absent)."""
-        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
-        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            key, _, value = line.rpartition(" ")
-            if key == want:
-                return float(value)
-        return 0.0
+        """A metric of /metrics: the sum of its samples that carry ``labels`` (0 when there are none). Per-model
+        metrics have a ``model`` label: without one, a one-model server's value."""
+        return metric_value(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(in-process server)"
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of metric ``name`` in Prometheus ``text`` whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def free_port() -> int:

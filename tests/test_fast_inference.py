@@ -336,7 +336,7 @@ def test_a_model_with_lora_adapters_generates_through_its_own_modules(tiny_check
     """LoRA wrappers (unmerged adapters, as during LoRA training) have their own forward: the cached forward
     must run it (it used to raise AttributeError: 'LoRALinear' object has no attribute 'weight'), and the
     kernels take over again once the adapters are merged into plain linears."""
-    from gpt2lab.training.lora import apply_lora, lora_modules, merge_lora
+    from gpt2lab.model.lora import apply_lora, lora_modules, merge_lora
 
     gen = gpt2lab.load(tiny_checkpoint)
     prompt = "Hello there"

@@ -314,7 +314,8 @@ def test_sharded_save_loads_in_transformers_and_back(tmp_path, base):
 def test_gpt2lab_adapter_loads_in_peft(tmp_path, base):
     from peft import PeftModel
 
-    from gpt2lab.training.lora import apply_lora, fill_adapter_dir, lora_modules
+    from gpt2lab.checkpoints.adapters import fill_adapter_dir
+    from gpt2lab.model.lora import apply_lora, lora_modules
 
     gen = gpt2lab.load(base)
     apply_lora(gen.model, rank=4, alpha=8, targets="c_attn,mlp.c_proj,c_fc")

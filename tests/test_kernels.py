@@ -25,14 +25,17 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="gpt2lab's C 
 
 
 def test_the_c_interface_is_written_once():
-    """kernels.c's exported functions (argument names, types and order, return types), its two structures and
+    """kernels.c's exported functions (argument names, types and order, return types), its structures and
     the enum values Python passes are exactly kernels/abi.py's tables, from which ctypes' declarations are
-    built; the 29-argument gpt2lab_forward and the others were once declared twice, by hand."""
+    built; the 30-argument gpt2lab_forward (29 before its LoRA table) and the others were once declared twice,
+    by hand."""
     source = kernels.SOURCE.read_text(encoding="utf-8")
     assert abi.differences(source) == []
     functions, structs, _ = abi.parse(source)
-    assert set(functions) == set(abi.FUNCTIONS) and len(functions["gpt2lab_forward"][1]) == 29
-    assert [name for name, _ in kernels.Layer._fields_] == [name for name, _ in structs["gpt2lab_layer"]]
+    assert set(functions) == set(abi.FUNCTIONS) and len(functions["gpt2lab_forward"][1]) == 30
+    for struct, name in ((kernels.Layer, "gpt2lab_layer"), (kernels.LoRAPair, "gpt2lab_lora_pair"),
+                         (kernels.LoRATable, "gpt2lab_lora")):
+        assert [field for field, _ in struct._fields_] == [field for field, _ in structs[name]]
     if kernels.available():
         for name, (returns, arguments) in abi.FUNCTIONS.items():
             function = getattr(kernels.library(), name)

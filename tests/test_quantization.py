@@ -152,8 +152,9 @@ def test_a_half_precision_model_object_or_adapter_base_quantizes_to_what_the_ker
     tensors float32, as loading a folder does, whatever dtype says: in float16 the kernels did not run it."""
     from transformers import GPT2LMHeadModel
 
+    from gpt2lab.checkpoints.adapters import fill_adapter_dir
+    from gpt2lab.model.lora import apply_lora
     from gpt2lab.runtime import KernelRunner, inference_runner
-    from gpt2lab.training.lora import apply_lora, fill_adapter_dir
 
     base = load_model(tiny_checkpoint)
     apply_lora(base, rank=2, alpha=4, targets="c_attn")

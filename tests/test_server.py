@@ -180,7 +180,6 @@ def test_sixteen_concurrent_streams_seeded_equal_alone(model, server, client):
     ({"prompt": "x", "max_tokens": 10_000}, "max_tokens", "context_length_exceeded"),
     ({"prompt": "word " * 200, "max_tokens": 1}, "prompt", "context_length_exceeded"),
     ({"prompt": "x", "max_tokens": -3}, "max_tokens", None),
-    ({"prompt": "x", "model": "gpt-4"}, "model", "model_not_found"),
     ({"prompt": "x", "temprature": 0.5}, "temprature", None),
     ({"prompt": [50257]}, "prompt", None),
     ({"prompt": []}, "prompt", None),
@@ -202,6 +201,16 @@ def test_bad_completion_requests_are_400_naming_the_field(server, body, param, c
     assert error["param"] == param, error
     assert error["code"] == code
     assert param in error["message"]
+
+
+def test_unknown_model_is_404_model_not_found(server):
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = httpx.post(f"{server.url}{path}", json={**body, "model": "gpt-4"}, timeout=30)
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found")
+        assert "'gpt-4'" in error["message"]
 
 
 @pytest.mark.parametrize("body, param", [

@@ -25,7 +25,16 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from .server_helpers import HealthPoller, Server, _env, free_port, get, server_fixture, wait_healthy  # noqa: E402
+from .server_helpers import (  # noqa: E402
+    HealthPoller,
+    Server,
+    _env,
+    free_port,
+    get,
+    metric_value,
+    server_fixture,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -255,10 +264,7 @@ def local(gen):
 
 
 def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_value(httpx.get(url + "/metrics").text, name)
 
 
 def test_a_broken_model_fails_what_runs_and_the_server_stays_up(local):

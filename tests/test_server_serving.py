@@ -66,8 +66,9 @@ def chunks(sse: list[str]) -> list[dict]:
     return [json.loads(e[len("data: "):]) for e in sse[:-1]]
 
 
-def sample(state: ServerState, name: str) -> float:
-    return state.metrics.registry.get_sample_value(name) or 0.0
+def sample(state: ServerState, name: str, model: str = NAME, **labels: str) -> float:
+    """A metric of the served model ``model`` (its ``model`` label, and ``labels``)."""
+    return state.metrics.registry.get_sample_value(name, {"model": model, **labels}) or 0.0
 
 
 # -- completions ---------------------------------------------------------------------------------------
@@ -101,7 +102,6 @@ def test_streamed_completion_is_the_whole_one_in_events(state, run):
     ({"prompt": "x", "temperature": -1}, "temperature", None),
     ({"prompt": "x", "suffix": "y"}, "suffix", None),
     ({"prompt": [50257]}, "prompt", None),
-    ({"prompt": "x", "model": "gpt-4"}, "model", "model_not_found"),
     ({"prompt": "x", "max_tokens": 200}, "max_tokens", "context_length_exceeded"),
     ({"prompt": "x", "n": 4}, "n", None),  # more sequences than max_batch + max_queue
     ({"prompt": "x", "stop": ["a"] * 17}, "stop", "limit_exceeded"),
@@ -111,6 +111,15 @@ def test_bad_request_in_error_object_out(state, fields, param, code, run):
     assert isinstance(err, p.APIError) and err.status == 400
     assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error", "param": param,
                                     "code": code}}
+
+
+def test_unknown_model_is_404_model_not_found_in_openai_shape(state, run):
+    for request in (completion, chat):
+        err = request(run, state, model="gpt-4", **({"prompt": "x"} if request is completion else {"messages": HELLO}))
+        assert isinstance(err, p.APIError) and err.status == 404, err
+        assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error", "param": "model",
+                                        "code": "model_not_found"}}
+        assert "'gpt-4'" in err.message and repr(NAME) in err.message  # what was asked, and what is served
 
 
 def test_full_server_answers_429_with_retry_after(state, run):
@@ -138,14 +147,15 @@ def test_request_timeout_is_408_and_gives_the_capacity_back(gen, state, run):
         assert [c["error"]["code"] for c in chunks(sse)] == ["request_timeout"]  # one error event, then [DONE]
 
         def timeouts() -> float:
-            return late.metrics.registry.get_sample_value("gpt2lab_aborted_requests_total", {"reason": "timeout"})
+            return sample(late, "gpt2lab_aborted_requests_total", gen.name, reason="timeout")
 
         # the stream's request is closed by the loop once the events stopped, and the engine thread gives its
         # capacity back once it has seen the abort: both a moment later
         deadline = time.monotonic() + 30
-        while (timeouts() != 2 or sample(late, "gpt2lab_in_flight_sequences")) and time.monotonic() < deadline:
+        while (timeouts() != 2 or sample(late, "gpt2lab_in_flight_sequences", gen.name)) \
+                and time.monotonic() < deadline:
             run(asyncio.sleep(0.05))
-        assert timeouts() == 2 and sample(late, "gpt2lab_in_flight_sequences") == 0
+        assert timeouts() == 2 and sample(late, "gpt2lab_in_flight_sequences", gen.name) == 0
     finally:
         late.close()
 
@@ -203,13 +213,16 @@ def test_tokenize_and_detokenize(state, run):
 def test_health_and_models_while_loading_then_serving(gen, state, run):
     loading = ServerState.create(gen)  # never started: its model is not loaded
     report = loading.health.check_health()
-    assert (report.status_code, report.body, report.headers) == (503, {"status": "loading"}, {"Retry-After": "1"})
+    assert (report.status_code, report.headers) == (503, {"Retry-After": "1"})
+    assert report.body == {"status": "loading", "models": {gen.name: {"status": "loading"}}}
     err = run(loading.models.show_available_models())
     assert isinstance(err, p.APIError) and (err.status, err.code, err.headers) == (503, "model_loading",
                                                                                   {"Retry-After": "1"})
     report = state.health.check_health()
     assert report.status_code == 200
-    assert report.body == {"status": "ok", "model": NAME, "engine_failures": 0, "request_failures": 0}
+    assert report.body == {"status": "ok", "model": NAME, "engine_failures": 0, "request_failures": 0,
+                           "models": {NAME: {"status": "ok", "engine_failures": 0, "request_failures": 0,
+                                             "adapters": []}}}
 
 
 @pytest.mark.parametrize("kwargs, name", [({"max_batch": 0}, "max_batch"), ({"max_batch": True}, "max_batch"),

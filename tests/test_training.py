@@ -359,3 +359,20 @@ def test_best_model_and_early_stopping(tmp_path):
     assert trainer._record_eval(4.5, None, bar, save_best=True) is False  # 1 without improvement
     assert trainer._record_eval(4.2, None, bar, save_best=True) is True  # 2: patience exhausted
     assert trainer.best_val == 4.0
+
+
+def test_lora_lives_in_model_and_checkpoints_and_training_re_exports_it():
+    # generation loads adapters: LoRA's module swap is the model's, its files the checkpoints', so nothing below
+    # training imports training (it imports generation); gpt2lab.training.lora keeps the documented names
+    import grimp
+
+    import gpt2lab.checkpoints.adapters as files
+    import gpt2lab.model.lora as swap
+    import gpt2lab.training.lora as documented
+
+    for name in documented.__all__:
+        owner = swap if hasattr(swap, name) else files
+        assert getattr(documented, name) is getattr(owner, name), name
+    graph = grimp.build_graph("gpt2lab")
+    for lower in ("gpt2lab.generation", "gpt2lab.checkpoints", "gpt2lab.model"):
+        assert not graph.chain_exists(importer=lower, imported="gpt2lab.training", as_packages=True), lower

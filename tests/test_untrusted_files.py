@@ -155,7 +155,8 @@ def test_quantized_load_refuses_a_pickle_that_would_run_code(tmp_path):
 
 
 def test_lora_adapter_pickle_that_would_run_code_is_refused(tmp_path, ckpt):
-    from gpt2lab.training.lora import apply_lora, fill_adapter_dir
+    from gpt2lab.checkpoints.adapters import fill_adapter_dir
+    from gpt2lab.model.lora import apply_lora
 
     gen = gpt2lab.load(ckpt)
     apply_lora(gen.model, rank=2, alpha=4, targets="c_attn")
@@ -216,9 +217,9 @@ def test_nested_json_in_a_checkpoint_file_names_it(ckpt, name, text):
 
 @pytest.mark.parametrize("text", [DEEP, NOT_SO_DEEP], ids=["100000", "200"])
 def test_nested_json_in_tokenizer_and_adapter_configs(ckpt, tmp_path, text):
+    from gpt2lab.checkpoints.adapters import read_adapter_config
     from gpt2lab.generation.chat_template import load_chat_template
     from gpt2lab.readers import ReadError, read_json
-    from gpt2lab.training.lora import read_adapter_config
 
     (ckpt / "tokenizer_config.json").write_text(text, encoding="utf-8")
     with pytest.raises(ReadError, match=r"tokenizer_config\.json: JSON nested deeper than 128 levels"):

@@ -193,6 +193,18 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
     return torch.float32
 
 
+def read_config(directory: str | Path) -> GPT2Config:
+    """The :class:`GPT2Config` of a checkpoint folder's ``config.json``; :class:`CheckpointError` naming the file
+    when it is missing or not a GPT-2 config."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: file not found (not a GPT-2 checkpoint directory?)")
+    try:
+        return GPT2Config.from_json(config_path)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, quantization: str | None = None) -> GPT2:
     """Build a :class:`GPT2` from a HF-layout directory (one weights file or shards), checking every
@@ -207,12 +219,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
     quantization = check_quantization(quantization)
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: file not found (not a GPT-2 checkpoint directory?)")
-    try:
-        config = GPT2Config.from_json(config_path)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from exc
+    config = read_config(directory)
     files = weight_files(directory)
     if all(f.suffix == ".safetensors" for f in files):  # headers only: a mismatch fails before any allocation
         shapes: dict[str, tuple[int, ...]] = {}

@@ -85,6 +85,9 @@ def make(
     prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line."),
     models: list[str] = typer.Option(None, "--model", "-m", help="A model to generate with (repeatable: one "
                                      "source per model, shared settings)."),
+    server: str = typer.Option(None, "--server", help="Generate with a running `gpt2lab serve` at this URL instead of "
+                               "loading models: each --model names one of its models or LoRA adapters."),
+    api_key: str = typer.Option(None, "--api-key", envvar="GPT2LAB_API_KEY", help="The --server's API key."),
     settings: list[str] = typer.Option(None, "--setting", help="Generation settings of one source, e.g. "
                                        "'temperature=0.7,top_k=40' (repeatable; over the shared options)."),
     explore_dir: Path = typer.Option(None, "--explore", help="An `explore` --out directory: its settings' samples "
@@ -105,7 +108,7 @@ def make(
     samples: int = typer.Option(1, "--samples", help="Completions per prompt and generating source."),
     chat: bool = typer.Option(None, "--chat/--no-chat", help="Send each prompt to a model as the user's message "
                               "of a chat and review its replies (default: for models with their own chat "
-                              "template, such as chat fine-tunes)."),
+                              "template, such as chat fine-tunes; with --server, only when given)."),
     system: str = typer.Option(None, "--system", help="The system message of those chats (default: the model's "
                                "own: a chat fine-tune's is the one it was trained with)."),
     max_items: int = typer.Option(None, "--max-items", help="Keep at most this many items (after shuffling)."),
@@ -158,24 +161,34 @@ def make(
                 fail("give prompts (arguments or --prompts FILE) for the models to complete")
             params_list = [(s, parse_setting(s, sampling)) for s in settings or [None]] if settings else [(None,
                                                                                                           sampling)]
+            if server is not None and not models:
+                fail("--server needs --model NAME for each served model or adapter to compare")
             from ..console import progress_bar
 
             generated = []  # added after the bars: an error line must not be drawn over by a bar
             for model in models or [None]:
-                gen = load_generator(model, runtime)
-                with progress_bar(len(params_list) * len(prompt_list), f"generating with {gen.name}") as bar:
+                gen = load_generator(model, runtime) if server is None else None  # else the served one of that name
+                title = gen.name if gen is not None else f"{model} at {server}"
+                with progress_bar(len(params_list) * len(prompt_list), f"generating with {title}") as bar:
                     for text, params in params_list:
                         name = Path(model).name if model and Path(model).is_dir() else model
                         label = " | ".join(x for x in ((name if len(models or []) > 1 else None), text) if x) \
-                            or gen.name
-                        chatting = _is_chat_model(gen) if chat is None else chat
-                        if chatting:
+                            or (gen.name if gen is not None else model)
+                        # a served model's template is the server's: chat there only when asked (--chat)
+                        chatting = bool(chat) if gen is None else _is_chat_model(gen) if chat is None else chat
+                        chat_desc = {"chat": True, "system": system} if chatting else {}
+                        if gen is None:
+                            rows = rv.server_rows(server, model, prompt_list, params, samples, api_key=api_key,
+                                                  on_progress=bar, chat=chatting, system=system)
+                            desc = {"model": model, "server": server, "params": _described(params), **chat_desc}
+                        elif chatting:
                             rows = first_replies(gen, prompt_list, params, samples, system=system)
                             bar(len(prompt_list))
+                            desc = {"model": gen.name, "params": _described(params), **chat_desc}
                         else:
                             rows = rv.generate_rows(gen, prompt_list, params, samples, on_progress=bar)
-                        generated.append((label, rows, {"model": gen.name, "params": _described(params),
-                                                        **({"chat": True, "system": system} if chatting else {})}))
+                            desc = {"model": gen.name, "params": _described(params)}
+                        generated.append((label, rows, desc))
             for label, rows, desc in generated:
                 add(label, rows, desc)
         if len(sources) < 2:

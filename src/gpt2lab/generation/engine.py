@@ -16,6 +16,12 @@ rows together, then each beam request does transformers' selection step on its r
 (:class:`~.beam_scorer.BeamSearch`) and moves its rows' KV cache to follow the beams it kept. Its rows
 move like any other when others finish; its ``n`` best beams come out, whole, when the search ends.
 
+A request may name a LoRA adapter of the engine's :class:`~gpt2lab.model.multi_lora.LoRABank`: its rows add
+that adapter's low-rank products to the base model's in every forward, beside rows of other adapters and
+of none (the base weights are read once per step). With a :class:`~.prefix_cache.PrefixCache`, a prompt
+starting with a cached prefix (of a recent prompt or a finished sequence, under the same adapter) gets
+those keys and values copied into its row and prefills only the rest; the tokens are the same either way.
+
 One request's fault ends only that request. Everything that can be checked against the model is
 checked by :meth:`Engine.add_request`, before any work (``ValueError`` naming the field). If a
 step still raises in the per-row work (logits transforms, sampling, a beam selection step,
@@ -36,6 +42,7 @@ import torch
 
 from .. import runtime
 from ..model import GPT2
+from ..model.multi_lora import LoRABank, LoRAMapping, lora_hooks
 from ..sampling import LogitsPipeline, SamplingParams, sample
 from ..sampling.constraint import GrammarState
 from ..sampling.pipeline import bad_words_ids
@@ -43,6 +50,7 @@ from ..sampling.structured import compiled_matcher
 from ..tokenizer import Tokenizer
 from .beam_scorer import BeamSearch
 from .outputs import RequestOutput, TokenLogprob, token_logprobs
+from .prefix_cache import PrefixCache
 from .stopping import SequenceText
 
 _CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
@@ -122,9 +130,11 @@ class _Sequence:
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
                  budget: int, tokenizer: Tokenizer, device: torch.device, eos_token_id: int | None,
-                 prompt_logprobs: list[TokenLogprob] | None = None) -> None:
+                 prompt_logprobs: list[TokenLogprob] | None = None, lora: int = -1) -> None:
         self.uid = next(self._uids)  # identifies the batch composition for the cached LogitsPipeline
         self.request_id, self.index, self.params, self.budget = request_id, index, params, budget
+        self.lora = lora  # its LoRA adapter's slot (-1: the base model)
+        self.ended = False  # it left the engine (its adapter released)
         self.prompt_ids = prompt_ids
         self.max_len = len(prompt_ids) + budget
         self.output_ids: list[int] = []
@@ -163,6 +173,7 @@ class _BeamRow:
     def __init__(self, group: _BeamGroup, beam: int) -> None:
         self.group, self.beam, self.request_id = group, beam, group.request_id
         self.prompt_ids, self.max_len = group.search.prompt_ids, group.max_len  # the group's one prompt list
+        self.lora = group.lora
         self.row = -1
 
     @property
@@ -178,8 +189,9 @@ class _BeamGroup:
     """A beam request: its search (:class:`BeamSearch`) and its ``num_beams`` rows, admitted together."""
 
     def __init__(self, request_id: str, search: BeamSearch, budget: int,
-                 prompt_logprobs: list[TokenLogprob] | None) -> None:
+                 prompt_logprobs: list[TokenLogprob] | None, lora: int = -1) -> None:
         self.request_id, self.search, self.prompt_logprobs = request_id, search, prompt_logprobs
+        self.lora, self.ended = lora, False
         self.params = search.params
         self.index = 0  # the index a fault of the whole request is reported under
         self.prompt_ids, self.max_len, self.width = search.prompt_ids, len(search.prompt_ids) + budget, \
@@ -199,9 +211,13 @@ _Row = _Sequence | _BeamRow  # what holds a row of the running batch
 
 
 class Engine:
-    """Continuous-batching text generation over one model (single-threaded: call from one thread)."""
+    """Continuous-batching text generation over one model (single-threaded: call from one thread).
 
-    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_batch: int = 16, eos_token_id: int | None = None) -> None:
+    ``lora``: the model's LoRA adapters, which requests may name; ``prefix_cache``: the pool of cached
+    prefixes this engine reuses and fills (None: none)."""
+
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_batch: int = 16, eos_token_id: int | None = None, *,
+                 lora: LoRABank | None = None, prefix_cache: PrefixCache | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model.eval()
@@ -218,6 +234,9 @@ class Engine:
         self._ids = itertools.count()
         self._pipeline_key: tuple[int, ...] = ()
         self._pipeline: LogitsPipeline | None = None
+        self.lora = lora
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        self.prefill_tokens = 0  # prompt tokens computed by prefills (those found in the prefix cache are not)
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -233,14 +252,17 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running or self._ready)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, *,
+                    adapter: str | None = None) -> str:
         """Queue ``params.n`` samples of a prompt (or, with ``num_beams > 1``, a beam search returning
-        the ``n`` best beams); returns the request id. Raises ValueError naming the field if the request
-        cannot run on this model (see :meth:`check_request`), before any work."""
-        self.check_request(prompt_ids, params)
+        the ``n`` best beams), with the LoRA ``adapter`` of that name (None: the base model); returns the
+        request id. Raises ValueError naming the field if the request cannot run on this model (see
+        :meth:`check_request`), before any work."""
+        self.check_request(prompt_ids, params, adapter=adapter)
         prompt_ids, budget = fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        prompt_lp = self._prompt_logprobs(prompt_ids, params.prompt_logprobs) \
+        lora = self.lora.slot(adapter) if adapter is not None else -1
+        prompt_lp = self._prompt_logprobs(prompt_ids, params.prompt_logprobs, lora) \
             if params.prompt_logprobs is not None else None
         if budget == 0:
             self._ready += [RequestOutput(request_id, index, [], "", True, "length",
@@ -249,19 +271,37 @@ class Engine:
         elif params.num_beams > 1:
             search = BeamSearch(prompt_ids, params, budget, self.tokenizer, self._decodable, self.eos_token_id,
                                 self.device)
-            self._waiting.append(_BeamGroup(request_id, search, budget, prompt_lp))
+            self._waiting.append(_BeamGroup(request_id, search, budget, prompt_lp, lora))
+            self._hold(lora, 1)
         else:
             self._waiting += [_Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer,
-                                        self.device, self.eos_token_id, prompt_lp) for index in range(params.n)]
+                                        self.device, self.eos_token_id, prompt_lp, lora) for index in range(params.n)]
+            self._hold(lora, params.n)
         return request_id
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _hold(self, lora: int, units: int) -> None:
+        for _ in range(units):  # each sampled sequence (or beam request) holds its adapter until it ends
+            if lora >= 0:
+                self.lora.acquire(lora)
+
+    def _end(self, unit: _Unit) -> None:
+        """A sequence (or beam request) leaves the engine: its adapter is released, once."""
+        if not unit.ended:
+            unit.ended = True
+            if unit.lora >= 0:
+                self.lora.release(unit.lora)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, *, adapter: str | None = None) -> None:
         """Check a request against this model (``add_request`` does): the prompt's token ids, the ids in
         ``logit_bias`` and ``stop_token_ids``, the tokens ``bad_words`` encode to, the length (prompt + new
-        tokens vs ``n_positions``) and ``num_beams`` (its beams are rows: at most ``max_batch``). Raises
-        ValueError naming the field; does no work."""
+        tokens vs ``n_positions``), ``num_beams`` (its beams are rows: at most ``max_batch``) and the LoRA
+        ``adapter`` (loaded). Raises ValueError naming the field; does no work."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if adapter is not None and (self.lora is None or adapter not in self.lora):
+            loaded = ", ".join(repr(n) for n in self.lora.names()) if self.lora is not None and len(self.lora) else ""
+            raise ValueError(f"adapter {adapter!r} is not loaded" + (f" (loaded: {loaded})" if loaded else
+                                                                   " (this model has no LoRA adapters)"))
         vocab = self.model.config.vocab_size
         bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab),
                    None)
@@ -281,22 +321,28 @@ class Engine:
             compiled_matcher(params.structured_outputs, self.tokenizer)
 
     @torch.inference_mode()
-    def _prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[TokenLogprob]:
-        """Logprobs of prompt tokens 1.. under the model (one plain forward, the KV cache untouched)."""
+    def _prompt_logprobs(self, prompt_ids: list[int], top_n: int, lora: int = -1) -> list[TokenLogprob]:
+        """Logprobs of prompt tokens 1.. under the model (with adapter ``lora``; one plain forward, the KV
+        cache untouched)."""
         if len(prompt_ids) < 2:
             return []
         ids = torch.tensor([prompt_ids], device=self.device)
-        logits = self.model(ids)[0, :-1, :self._decodable].float()
+        with lora_hooks(self.model, LoRAMapping.of(self.lora, [lora]), len(prompt_ids)):
+            logits = self.model(ids)[0, :-1, :self._decodable].float()
         return token_logprobs(torch.log_softmax(logits, dim=-1), prompt_ids[1:], top_n, self.tokenizer)
 
     @torch.inference_mode()  # the cache rows it moves are inference tensors
     def abort(self, request_id: str) -> None:
         """Drop every sample (or beam) of a request, waiting or running (no further output for it)."""
+        for unit in self._waiting:
+            if unit.request_id == request_id:
+                self._end(unit)
         self._waiting = deque(u for u in self._waiting if u.request_id != request_id)
         self._ready = [o for o in self._ready if o.request_id != request_id]
         self._groups = [g for g in self._groups if g.request_id != request_id]
         for row in [r for r in self._running if r.request_id == request_id]:
             self._release(row)
+            self._end(row if row.group is None else row.group)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -305,7 +351,8 @@ class Engine:
         outputs, self._ready = self._ready, []
         if self._running:
             rows = list(self._running)
-            logits = runtime.decode(self.model, [r.last_token for r in rows], [r.cached for r in rows])
+            logits = runtime.decode(self.model, [r.last_token for r in rows], [r.cached for r in rows],
+                                    lora=LoRAMapping.of(self.lora, [r.lora for r in rows]))
             outputs += self._advance(rows, logits)
         free = self.max_batch - len(self._running)
         if self._waiting and free >= self._waiting[0].width:
@@ -325,6 +372,7 @@ class Engine:
             for unit in units:  # free the rows they took (their cache contents are discarded)
                 self._drop(unit)
             if len(units) == 1:
+                self._end(units[0])
                 return [self._failed(units[0], exc)]
         self._pipeline_key, self._pipeline = (), None
         return [out for unit in units for out in self._admit([unit])]
@@ -359,38 +407,63 @@ class Engine:
         for i, seq in enumerate(seqs):
             firsts.setdefault(id(seq.prompt_ids), i)
         lead = set(firsts.values())
-        unique = sorted((seqs[i] for i in lead), key=lambda s: len(s.prompt_ids))  # similar lengths together
+        pool = self.prefix_cache
+        if pool is not None:
+            pool.check_weights(self.model)
+        # each prompt's cached prefix (none without a pool); the prefill computes the rest
+        cached = {id(seqs[i].prompt_ids): pool.match(seqs[i].prompt_ids, self._cache_key(seqs[i]))
+                  if pool is not None else [] for i in lead}
+        starts = {key: len(blocks) * (pool.block_size if pool is not None else 0) for key, blocks in cached.items()}
+        # similar lengths left to compute together
+        unique = sorted((seqs[i] for i in lead), key=lambda s: len(s.prompt_ids) - starts[id(s.prompt_ids)])
         seqs = unique + [s for i, s in enumerate(seqs) if i not in lead]
         start = len(self._running)
         self._ensure_cache(start + len(seqs), max(s.max_len for s in seqs + self._running))
         for i, seq in enumerate(seqs):
             seq.row = start + i
         self._running += seqs
+        if pool is not None:
+            for seq in unique:
+                pool.load(self.model.caches(), seq.row, cached[id(seq.prompt_ids)])
         parts, i = [], 0
-        while i < len(unique):  # right-padded groups of at most _PREFILL_TOKENS padded tokens
-            j = i + 1
-            while j < len(unique) and (j + 1 - i) * len(unique[j].prompt_ids) <= _PREFILL_TOKENS:
+        while i < len(unique):  # right-padded groups of at most _PREFILL_TOKENS padded tokens, within the cache
+            j, first = i + 1, starts[id(unique[i].prompt_ids)]
+            while j < len(unique):
+                width = len(unique[j].prompt_ids) - starts[id(unique[j].prompt_ids)]
+                first = max(first, starts[id(unique[j].prompt_ids)])
+                if (j + 1 - i) * width > _PREFILL_TOKENS or first + width > self.model.max_seq:
+                    break
                 j += 1
-            parts.append(self._forward_prompts(unique[i:j], start + i))
+            parts.append(self._forward_prompts(unique[i:j], start + i, [starts[id(s.prompt_ids)] for s in unique[i:j]]))
             i = j
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if pool is not None:
+            for seq in unique:
+                pool.store(self.model.caches(), seq.row, seq.prompt_ids, self._cache_key(seq))
         source = {id(s.prompt_ids): j for j, s in enumerate(unique)}
         for seq in seqs[len(unique):]:
             for cache in self.model.caches():
                 cache.copy_row(start + source[id(seq.prompt_ids)], seq.row, len(seq.prompt_ids))
         return self._advance(seqs, logits[[source[id(s.prompt_ids)] for s in seqs]])
 
-    def _forward_prompts(self, seqs: list[_Row], first_row: int) -> torch.Tensor:
-        """Prefill prompts into cache rows ``first_row...``; next-token logits ``[len(seqs), V]``."""
-        lens = [len(s.prompt_ids) for s in seqs]
+    def _cache_key(self, row: _Row) -> int:
+        """What a row's cached keys and values depend on besides its tokens: its adapter (every load its own)."""
+        return self.lora.uid(row.lora) if self.lora is not None else 0
+
+    def _forward_prompts(self, seqs: list[_Row], first_row: int, starts: list[int]) -> torch.Tensor:
+        """Prefill prompts into cache rows ``first_row...``, each from position ``starts[i]`` on (the slots
+        before it hold its cached prefix); next-token logits ``[len(seqs), V]``."""
+        lens = [len(s.prompt_ids) - first for s, first in zip(seqs, starts)]
+        self.prefill_tokens += sum(lens)
         width = max(lens)
         idx = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            idx[i, :lens[i]] = torch.tensor(s.prompt_ids)
-        pos = torch.arange(width, device=self.device)[None].expand(len(seqs), width)
-        return runtime.forward(self.model, idx.to(self.device), input_pos=pos,
+        for i, (s, first) in enumerate(zip(seqs, starts)):
+            idx[i, :lens[i]] = torch.tensor(s.prompt_ids[first:])
+        pos = torch.arange(width)[None] + torch.tensor(starts)[:, None]
+        return runtime.forward(self.model, idx.to(self.device), input_pos=pos.to(self.device),
                                rows=slice(first_row, first_row + len(seqs)),
-                               logits_index=torch.tensor(lens, device=self.device) - 1)
+                               logits_index=torch.tensor(lens, device=self.device) - 1,
+                               lora=LoRAMapping.of(self.lora, [s.lora for s in seqs]))
 
     def _ensure_cache(self, rows: int, seq_len: int) -> None:
         """Grow the static cache when needed, keeping the running rows' contents."""
@@ -458,6 +531,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - this sequence's own fault: it alone ends
                 if seq.row >= 0:
                     self._release(seq)
+                self._end(seq)
                 outputs.append(self._failed(seq, exc))
         return outputs
 
@@ -472,8 +546,10 @@ class Engine:
             outputs = group.search.outputs(self.model, group.request_id, group.prompt_logprobs)
         except Exception as exc:  # noqa: BLE001 - this request's own fault: it alone ends
             self._drop(group)
+            self._end(group)
             return [self._failed(group, exc)]
         self._drop(group)
+        self._end(group)
         return outputs
 
     def _reorder_rows(self, group: _BeamGroup) -> None:
@@ -515,7 +591,10 @@ class Engine:
                                logprobs if raw_lp is not None else None, seq.prompt_logprobs)
         seq.prompt_logprobs = None
         if reason is not None:
+            if self.prefix_cache is not None:  # a conversation's next turn starts with this one
+                self.prefix_cache.store(self.model.caches(), seq.row, seq.history[:seq.cached], self._cache_key(seq))
             self._release(seq)
+            self._end(seq)
         return output
 
     def _release(self, seq: _Row) -> None:

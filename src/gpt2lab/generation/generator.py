@@ -13,12 +13,14 @@ import torch
 from ..checkpoints import CheckpointError, load_model, resolve_model, save_model
 from ..checkpoints.io import GENERATION_CONFIG_FILE, checkpoint_dtype
 from ..model import GPT2, GPT2Config
+from ..model.multi_lora import LoRABank, LoRAMapping, lora_hooks
 from ..placement import check_quantization, parse_dtype, resolve_device, resolve_dtype, storage_dtype
 from ..readers import read_json
 from ..sampling import SamplingParams, hf_compat
 from ..tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, gpt2_tokenizer_dir
 from .engine import Engine
 from .outputs import Completion, TokenLogprob, token_logprobs
+from .prefix_cache import PrefixCache, default_capacity
 from .runner import ErrorMode, Runner, max_batch_for
 
 
@@ -34,7 +36,12 @@ def read_generation_config(directory: Path | None) -> dict[str, Any]:
 
 
 class Generator:
-    """A GPT-2 model, its tokenizer and the name it was loaded by."""
+    """A GPT-2 model, its tokenizer and the name it was loaded by.
+
+    ``prefix_cache``: the :class:`~.prefix_cache.PrefixCache` its engines share (default: sized to the
+    machine, :func:`~.prefix_cache.default_capacity`; ``PrefixCache(0)`` keeps nothing); ``lora``: the LoRA
+    adapters loaded with :meth:`load_lora_adapter`, which calls name with ``adapter=``.
+    """
 
     def __init__(self, model: GPT2, tokenizer: Tokenizer, name: str = "model",
                  path: Path | None = None, tokenizer_dir: Path | None = None,
@@ -47,6 +54,8 @@ class Generator:
         # transformers' field names, as in generation_config.json: the defaults of every generate call
         self.generation_config: dict[str, Any] = dict(generation_config or {})
         self.adapter: Path | None = None  # a LoRA adapter merged into the weights at load (for the model card)
+        self.lora = LoRABank(model)  # adapters applied per request, unmerged
+        self.prefix_cache = PrefixCache(default_capacity(model.wte.weight.device))
         # a bad value fails at load, not at first use; fields gpt2lab does not use are named once, here
         hf_compat.translate(self.generation_config, eos_token_id=self.eos_token_id, strict=False,
                             source=self._config_source(), warn=True)
@@ -78,21 +87,57 @@ class Generator:
                 f"params={self.model.num_parameters() / 1e6:.1f}M, device={self.device}{quantized})")
 
     @torch.inference_mode()
-    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Logits ``[len(token_ids), vocab_size]`` at every position, computed without the KV cache."""
+    def logits(self, token_ids: Sequence[int] | torch.Tensor, *, adapter: str | None = None) -> torch.Tensor:
+        """Logits ``[len(token_ids), vocab_size]`` at every position, computed without the KV cache (with the
+        LoRA ``adapter`` of that name: see :meth:`load_lora_adapter`)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
         if ids.dim() != 1 or ids.numel() == 0:
             raise ValueError(f"token_ids must be a non-empty 1-D sequence of ints, got shape {tuple(ids.shape)}")
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size - 1}]")
-        return self.model(ids[None])[0].float()
+        mapping = LoRAMapping.of(self.lora, [self._adapter_slot(adapter)])
+        with lora_hooks(self.model, mapping, ids.numel()):
+            return self.model(ids[None])[0].float()
+
+    # -- LoRA adapters applied per request -------------------------------------------------------------
+    def load_lora_adapter(self, name: str, path: str | Path) -> None:
+        """Load the LoRA adapter in folder ``path`` (``peft``'s format, as ``gpt2lab finetune --lora-rank``
+        writes) under ``name``, unmerged: a call naming it (``generate(..., adapter=name)``) adds its low-rank
+        products to the base model's, and calls naming other adapters or none share the same weights and the
+        same batches (vLLM's ``load_lora_adapter``). Raises ``FileNotFoundError`` / ``ValueError`` naming the
+        file or what does not fit the model, or a name already loaded."""
+        from ..checkpoints.adapters import read_adapter
+
+        if name in self.lora:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        adapter = read_adapter(path)
+        try:
+            self.lora.add(name, adapter.state, adapter.rank, adapter.alpha, adapter.use_rslora, path=str(path))
+        except ValueError as exc:
+            raise ValueError(f"{Path(path)}: {exc}") from None
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Unload adapter ``name`` (``KeyError`` naming it when it is not loaded); requests already running with
+        it finish with it."""
+        self.lora.remove(name)
+
+    def lora_adapters(self) -> list[str]:
+        """The names of the LoRA adapters loaded with :meth:`load_lora_adapter`."""
+        return self.lora.names()
+
+    def _adapter_slot(self, adapter: str | None) -> int:
+        if adapter is None:
+            return -1
+        if adapter not in self.lora:
+            raise ValueError(f"adapter {adapter!r} is not loaded (see load_lora_adapter)")
+        return self.lora.slot(adapter)
 
     # -- generation ---------------------------------------------------------------------------
     def engine(self, max_batch: int | None = None) -> Engine:
         """A continuous-batching :class:`Engine` over this model (one at a time: they share the KV cache);
         ``max_batch`` sequences decode together (default: :func:`~.runner.max_batch_for` this device)."""
         return Engine(self.model, self.tokenizer, max_batch=max_batch if max_batch is not None
-                      else max_batch_for(self.device))
+                      else max_batch_for(self.device), lora=self.lora, prefix_cache=self.prefix_cache)
 
     def runner(self, max_batch: int | None = None, *, num_beams: int = 1, errors: ErrorMode = "raise",
                collect: bool = True) -> Runner:
@@ -113,8 +158,8 @@ class Generator:
             ids = [bos]
         return ids
 
-    def generate(self, prompts: str | Sequence[str], params: SamplingParams | None = None,
-                 **kwargs: Any) -> list[Completion]:
+    def generate(self, prompts: str | Sequence[str], params: SamplingParams | None = None, *,
+                 adapter: str | None = None, **kwargs: Any) -> list[Completion]:
         """Complete one prompt or a list of them: ``n`` completions per prompt, prompt by prompt, in order.
 
         Controls come as keyword arguments (see :class:`SamplingParams`; transformers' names such as
@@ -124,6 +169,7 @@ class Generator:
         ``generation_config.json`` gives the defaults that these override.
         With ``seed``, each prompt gets its own seeded generator, so a prompt's completions do not
         depend on the other prompts of the batch. With ``num_beams > 1``, the ``n`` best beams.
+        ``adapter``: the LoRA adapter of that name (:meth:`load_lora_adapter`), None for the base model.
         Raises ``ValueError`` naming the field for a request that cannot run (before any work), and
         :class:`gpt2lab.errors.GenerationFailed` naming the prompt when the engine ends one with an error.
         """
@@ -134,18 +180,20 @@ class Generator:
         encoded = [self.encode_prompt(p) for p in prompt_list]
         runner = self.runner(num_beams=params.num_beams)
         for i, (text, ids) in enumerate(zip(prompt_list, encoded)):  # every prompt is checked before any work
-            runner.add(ids, params, request_id=str(i), prompt=text, source=f"prompt {i}")
+            runner.add(ids, params, request_id=str(i), prompt=text, source=f"prompt {i}", adapter=adapter)
         runner.run()
         return [c for i in range(len(prompt_list)) for c in runner.completions(str(i))]
 
-    def stream(self, prompt: str, params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
-        """Yield the completion's text as it is produced; the pieces join to ``generate(prompt)[0].text``.
-        Raises :class:`gpt2lab.errors.GenerationFailed` when the engine ends it with an error."""
+    def stream(self, prompt: str, params: SamplingParams | None = None, *, adapter: str | None = None,
+               **kwargs: Any) -> Iterator[str]:
+        """Yield the completion's text as it is produced; the pieces join to ``generate(prompt)[0].text``
+        (``adapter``: as :meth:`generate`'s). Raises :class:`gpt2lab.errors.GenerationFailed` when the engine
+        ends it with an error."""
         params = self.sampling_params(params, **kwargs)
         if params.n != 1 or params.num_beams != 1:
             raise ValueError("stream() produces one completion: n and num_beams must be 1")
         runner = self.runner(max_batch=1)
-        runner.add(self.encode_prompt(prompt), params)
+        runner.add(self.encode_prompt(prompt), params, adapter=adapter)
         for out in runner.outputs():  # the weights may change between two tokens (they are followed)
             if out.text:
                 yield out.text
@@ -164,11 +212,11 @@ class Generator:
         return prompt + completion.text
 
     @torch.inference_mode()
-    def score(self, token_ids: Sequence[int], top_n: int = 0) -> list[TokenLogprob]:
+    def score(self, token_ids: Sequence[int], top_n: int = 0, *, adapter: str | None = None) -> list[TokenLogprob]:
         """Log-probability of each token given the ones before it (tokens 1..len-1; the first has none).
 
         ``top_n`` adds that many most likely alternatives at each position. Uses the raw model
-        distribution, like the logprobs of generation.
+        distribution (with the LoRA ``adapter`` of that name), like the logprobs of generation.
         """
         if not isinstance(top_n, int) or not 0 <= top_n <= self.config.vocab_size:
             raise ValueError(f"top_n must be an integer in [0, {self.config.vocab_size}], got {top_n!r}")
@@ -176,7 +224,7 @@ class Generator:
         if len(ids) > self.config.n_positions:
             raise ValueError(f"token_ids has {len(ids)} tokens, more than the model's context "
                              f"n_positions={self.config.n_positions}")
-        lp = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
+        lp = torch.log_softmax(self.logits(ids, adapter=adapter)[:-1], dim=-1)
         return token_logprobs(lp, ids[1:], top_n, self.tokenizer)
 
     def sampling_params(self, params: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
@@ -258,7 +306,7 @@ class Generator:
         config.json with ``torch_dtype``, generation_config.json, tokenizer files with tokenizer_config.json,
         a model card, and shards with an index above ``max_shard_size``."""
         from ..checkpoints.card import model_card
-        from ..training.lora import lora_modules, merge_lora
+        from ..model.lora import lora_modules, merge_lora
 
         dtype = storage_dtype(dtype, self._stored_dtype)
         stored = dtype or self.model.wte.weight.dtype
@@ -322,7 +370,7 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         gen = _from_transformers(model, tokenizer, device=device,
                                  dtype=resolve_dtype(None, device) if dtype is None else dtype)
     else:
-        from ..training.lora import ADAPTER_CONFIG, adapter_base_model
+        from ..checkpoints.adapters import ADAPTER_CONFIG, adapter_base_model
 
         if model is not None and adapter is None and (Path(model) / ADAPTER_CONFIG).is_file() \
                 and not (Path(model) / "config.json").is_file():
@@ -338,7 +386,8 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
         gen = Generator(net, tok, name=resolved.name, path=resolved.path, tokenizer_dir=tokenizer_dir,
                         generation_config=read_generation_config(resolved.path))
     if adapter is not None:
-        from ..training.lora import load_adapter, merge_lora
+        from ..checkpoints.adapters import load_adapter
+        from ..model.lora import merge_lora
 
         # merged into the weights: the same logits as peft's, and the model stays a plain GPT-2 that the
         # inference fast paths (optimize_for_inference, CUDA graphs) and quantization can take

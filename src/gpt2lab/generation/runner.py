@@ -118,15 +118,16 @@ class Runner:
         self._requests: dict[str, _Request] = {}
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, *,
-            prompt: str = "", source: str | None = None) -> str:
-        """Queue a request (``params.n`` samples, or a beam search returning the ``n`` best beams); returns its
-        id. ``prompt``: the text its completions carry; ``source``: how a failure names it (``"prompt 3"``).
-        Raises ValueError naming the field when the engine refuses it (nothing is queued then), or when
-        ``request_id`` names a request of this runner that has not finished."""
+            prompt: str = "", source: str | None = None, adapter: str | None = None) -> str:
+        """Queue a request (``params.n`` samples, or a beam search returning the ``n`` best beams), with the
+        LoRA ``adapter`` of that name (None: the base model); returns its id. ``prompt``: the text its
+        completions carry; ``source``: how a failure names it (``"prompt 3"``). Raises ValueError naming the
+        field when the engine refuses it (nothing is queued then), or when ``request_id`` names a request of
+        this runner that has not finished."""
         known = self._requests.get(request_id) if request_id is not None else None
         if known is not None and not known.finished:
             raise ValueError(f"request_id {request_id!r} is already running")
-        request_id = self.engine.add_request(prompt_ids, params, request_id)
+        request_id = self.engine.add_request(prompt_ids, params, request_id, adapter=adapter)
         self._requests[request_id] = _Request(params.n, prompt, source, params.logprobs is not None, self.collect)
         return request_id
 

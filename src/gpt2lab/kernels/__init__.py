@@ -26,10 +26,11 @@ import threading
 import torch
 
 from . import build
-from .abi import CONSTANTS, Layer, Matrix, bind
+from .abi import CONSTANTS, Layer, LoRAPair, LoRATable, Matrix, bind
 from .build import SOURCE, cache_dir, compiler
 
-__all__ = ["ACTIVATIONS", "DISABLE_ENV", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT8", "Layer", "Matrix", "SOURCE",
+__all__ = ["ACTIVATIONS", "DISABLE_ENV", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT8", "Layer", "LoRAPair",
+           "LoRATable", "Matrix", "SOURCE",
            "WEIGHT_DTYPES", "available", "build", "cache_dir", "compiler", "has_avx2", "isa", "inverse_cdf", "library",
            "linear", "matrix", "row_totals", "top_k_", "usable"]
 

@@ -1,7 +1,8 @@
 """The C interface of ``kernels.c``, written once: every exported function (its return type and each
 argument's name and C type, in order), each structure passed across (each field's name and C type), and
 the enum values Python passes as plain numbers. ctypes' ``argtypes``/``restype`` (:func:`bind`) and the
-``Structure`` classes (:class:`Matrix`, :class:`Layer`) are built from these tables, never written by hand.
+``Structure`` classes (:class:`Matrix`, :class:`Layer`, :class:`LoRAPair`, :class:`LoRATable`) are built
+from these tables, never written by hand.
 
 :func:`differences` parses ``kernels.c`` and lists every way it departs from the tables: a function
 exported by C but missing here (or the reverse), another return type, an argument added, dropped,
@@ -33,6 +34,11 @@ STRUCTS: dict[str, list[tuple[str, str]]] = {
                       ("attn_proj", "gpt2lab_matrix"), ("ln_2_w", "const float *"), ("ln_2_b", "const float *"),
                       ("fc", "gpt2lab_matrix"), ("mlp_proj", "gpt2lab_matrix"), ("k_cache", "float *"),
                       ("v_cache", "float *"), ("attn_scale", "float")],
+    # one LoRA adapter's pair for one projection (a NULL: not adapted): A [rank, in], B^T [rank, out], fp32
+    "gpt2lab_lora_pair": [("a", "const float *"), ("bt", "const float *"), ("rank", "int64_t"), ("scale", "float")],
+    # the adapters of a forward: each token's slot (-1: none), the [slot][layer][4] pairs, scratch
+    "gpt2lab_lora": [("token_slot", "const int64_t *"), ("pairs", "const gpt2lab_lora_pair *"), ("tmp", "float *"),
+                     ("max_rank", "int64_t")],
 }
 
 FUNCTIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {  # name: (return type, [(argument, C type)])
@@ -50,7 +56,8 @@ FUNCTIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {  # name: (return typ
         ("n_logits", "int64_t"), ("n_embd", "int64_t"), ("n_head", "int64_t"), ("n_inner", "int64_t"),
         ("vocab", "int64_t"), ("max_seq", "int64_t"), ("eps", "float"), ("activation", "int64_t"),
         ("x", "float *"), ("h", "float *"), ("big", "float *"), ("hl", "float *"), ("scores_all", "float *"),
-        ("xq_scratch", "int16_t *"), ("xs_scratch", "float *"), ("logits", "float *"), ("n_threads", "int")]),
+        ("xq_scratch", "int16_t *"), ("xs_scratch", "float *"), ("logits", "float *"), ("n_threads", "int"),
+        ("lora", "const gpt2lab_lora *")]),
     "gpt2lab_top_k_": ("int", [
         ("scores", "float *"), ("rows", "int64_t"), ("vocab", "int64_t"), ("ks", "const int64_t *"),
         ("heap", "float *"), ("thresholds", "float *")]),
@@ -78,7 +85,16 @@ class Layer(ctypes.Structure):
     """``gpt2lab_layer`` (fields from :data:`STRUCTS`)."""
 
 
-_STRUCT_TYPES: dict[str, type[ctypes.Structure]] = {"gpt2lab_matrix": Matrix, "gpt2lab_layer": Layer}
+class LoRAPair(ctypes.Structure):
+    """``gpt2lab_lora_pair`` (fields from :data:`STRUCTS`)."""
+
+
+class LoRATable(ctypes.Structure):
+    """``gpt2lab_lora`` (fields from :data:`STRUCTS`)."""
+
+
+_STRUCT_TYPES: dict[str, type[ctypes.Structure]] = {"gpt2lab_matrix": Matrix, "gpt2lab_layer": Layer,
+                                                    "gpt2lab_lora_pair": LoRAPair, "gpt2lab_lora": LoRATable}
 
 
 def ctype(c_type: str) -> Any:
@@ -98,6 +114,8 @@ def ctype(c_type: str) -> Any:
 
 Matrix._fields_ = [(name, ctype(t)) for name, t in STRUCTS["gpt2lab_matrix"]]
 Layer._fields_ = [(name, ctype(t)) for name, t in STRUCTS["gpt2lab_layer"]]
+LoRAPair._fields_ = [(name, ctype(t)) for name, t in STRUCTS["gpt2lab_lora_pair"]]
+LoRATable._fields_ = [(name, ctype(t)) for name, t in STRUCTS["gpt2lab_lora"]]
 
 
 def bind(library: ctypes.CDLL) -> ctypes.CDLL:

@@ -600,6 +600,42 @@ static inline void attend(const gpt2lab_layer *L, const float *big, float *h, co
     }
 }
 
+/* ---- LoRA adapters per token (gpt2lab.model.multi_lora): punica / S-LoRA's idea, each token adds its own
+ * adapter's low-rank product (x A^T) B^T * scale to a projection's output, the base product being shared.
+ * One token's delta is computed by one thread in a fixed order, so it is the same whatever else the forward
+ * holds (batch invariance); a token of no adapter (slot -1) is untouched. */
+typedef struct {
+    const float *a, *bt; /* A [rank, n_in], B transposed [rank, n_out], fp32; a == NULL: not adapted */
+    int64_t rank;
+    float scale;
+} gpt2lab_lora_pair;
+
+typedef struct {
+    const int64_t *token_slot;       /* [n_tok]: the adapter slot of each token, -1 for none */
+    const gpt2lab_lora_pair *pairs;  /* [n_slots][n_layer][4]: attn, attn_proj, fc, mlp_proj */
+    float *tmp;                      /* scratch of n_tok * max_rank floats */
+    int64_t max_rank;
+} gpt2lab_lora;
+
+/* y[t] += (x[t] A^T) B^T * scale for every token t of an adapter adapting projection j of layer l */
+static void lora_add(const gpt2lab_lora *lo, int64_t l, int64_t n_layer, int j, const float *x, int64_t n_in,
+                     float *y, int64_t n_out, int64_t n_tok) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tok; t++) {
+        const int64_t s = lo->token_slot[t];
+        if (s < 0) continue;
+        const gpt2lab_lora_pair *P = &lo->pairs[(s * n_layer + l) * 4 + j];
+        if (!P->a) continue;
+        float *u = lo->tmp + t * lo->max_rank;
+        for (int64_t r = 0; r < P->rank; r++) u[r] = dot(x + t * n_in, P->a + r * n_in, n_in);
+        float *yt = y + t * n_out;
+        for (int64_t r = 0; r < P->rank; r++) { /* rank by rank over contiguous outputs: vectorized */
+            const float w = u[r] * P->scale, *br = P->bt + r * n_out;
+            for (int64_t o = 0; o < n_out; o++) yt[o] = fmaf(br[o], w, yt[o]);
+        }
+    }
+}
+
 /* Returns 0, or without doing anything 1 when a token id is outside [0, vocab), 2 when a position is outside
  * [0, max_seq) (the caller says which: it indexes memory). */
 int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_matrix *wte, const float *wpe,
@@ -607,7 +643,7 @@ int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_
                      const int64_t *positions, const int64_t *cache_rows, int64_t n_tok, const int64_t *logit_tokens,
                      int64_t n_logits, int64_t n_embd, int64_t n_head, int64_t n_inner, int64_t vocab, int64_t max_seq,
                      float eps, int64_t activation, float *x, float *h, float *big, float *hl, float *scores_all,
-                     int16_t *xq_scratch, float *xs_scratch, float *logits, int n_threads) {
+                     int16_t *xq_scratch, float *xs_scratch, float *logits, int n_threads, const gpt2lab_lora *lora) {
     const int64_t C = n_embd, D = n_embd / n_head;
     const q16_rows xq = {xq_scratch, xs_scratch};
     int one_per_row = 1; /* every token in a cache row of its own (rows are given in increasing order) */
@@ -642,6 +678,7 @@ int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_
                 if (q_attn) quantize_row_q16(h + t * C, C, xq.q + t * C, xq.scale + t);
             }
             team_linear(h, &L->attn, big, n_tok, 3 * C, C, EPILOGUE_NONE, &xq, q_attn); /* [q | k | v] rows */
+            if (lora) lora_add(lora, l, n_layer, 0, h, C, big, 3 * C, n_tok);
             if (one_per_row) { /* a decode step: a token attends to its own row only, whose new slot it writes */
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t th = 0; th < n_tok * n_head; th++) {
@@ -657,13 +694,22 @@ int gpt2lab_forward(const gpt2lab_layer *layers, int64_t n_layer, const gpt2lab_
                     attend(L, big, h, positions, cache_rows, th, n_head, C, D, max_seq, scores_all);
             }
             team_linear(h, &L->attn_proj, x, n_tok, C, C, EPILOGUE_ADD, &xq, 0);
+            if (lora) lora_add(lora, l, n_layer, 1, h, C, x, C, n_tok);
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < n_tok; t++) {
                 layer_norm(x + t * C, L->ln_2_w, L->ln_2_b, h + t * C, C, eps);
                 if (q_fc) quantize_row_q16(h + t * C, C, xq.q + t * C, xq.scale + t);
             }
-            team_linear(h, &L->fc, big, n_tok, n_inner, C, (int)activation, &xq, q_fc);
+            if (lora) { /* the delta goes in before the activation: the same values as the fused epilogue */
+                team_linear(h, &L->fc, big, n_tok, n_inner, C, EPILOGUE_NONE, &xq, q_fc);
+                lora_add(lora, l, n_layer, 2, h, C, big, n_inner, n_tok);
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < n_tok * n_inner; i++) big[i] = epilogue_apply(big[i], NULL, (int)activation);
+            } else {
+                team_linear(h, &L->fc, big, n_tok, n_inner, C, (int)activation, &xq, q_fc);
+            }
             team_linear(big, &L->mlp_proj, x, n_tok, C, n_inner, EPILOGUE_ADD, &xq, 0);
+            if (lora) lora_add(lora, l, n_layer, 3, big, n_inner, x, C, n_tok);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n_logits; i++)

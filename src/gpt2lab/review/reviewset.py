@@ -176,6 +176,65 @@ def generate_rows(gen: Generator, prompts: Sequence[str], params: SamplingParams
     return rows
 
 
+# SamplingParams fields a completion request of ``gpt2lab serve`` takes under the same name (vLLM's and OpenAI's)
+_SERVER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "no_repeat_ngram_size", "seed", "ignore_eos", "min_tokens")
+
+
+def server_rows(url: str, model: str, prompts: Sequence[str], params: SamplingParams, samples: int = 1, *,
+                api_key: str | None = None, timeout: float = 600.0,
+                on_progress: Callable[[int], None] | None = None, chat: bool = False,
+                system: str | None = None) -> Rows:
+    """As :func:`generate_rows`, by the served model (or LoRA adapter) ``model`` of a running ``gpt2lab serve``
+    (or any OpenAI-compatible server) at ``url``: one ``/v1/completions`` request per prompt, ``n=samples``
+    (``on_progress(1)`` after each). ``chat``: each prompt is instead the user's first message of its own
+    conversation, one ``/v1/chat/completions`` request each (``system``: its system message; None: the
+    served model's default), and the rows hold the replies.
+    ``ValueError`` naming the server, the model and its answer when it refuses a request or cannot be reached;
+    and for settings a completion request cannot carry (``num_beams``)."""
+    import httpx
+
+    from ..sampling import SamplingParams
+
+    if not 1 <= samples <= 64:
+        raise ValueError(f"samples must be in [1, 64], got {samples}")
+    if params.num_beams > 1:
+        raise ValueError("num_beams cannot be sent to a server; generate with the model itself (no --server)")
+    default = SamplingParams()
+    body: dict[str, Any] = {name: getattr(params, name) for name in _SERVER_FIELDS
+                            if getattr(params, name) != getattr(default, name)}
+    body["stop"] = list(params.stop) or None
+    if params.max_new_tokens is not None:
+        body["max_tokens"] = params.max_new_tokens
+    if params.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    rows: Rows = []
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout) as client:
+        for prompt in prompts:
+            try:
+                if chat:
+                    messages = [*([{"role": "system", "content": system}] if system is not None else []),
+                                {"role": "user", "content": prompt}]
+                    r = client.post("/v1/chat/completions",
+                                    json={**body, "model": model, "messages": messages, "n": samples})
+                else:
+                    r = client.post("/v1/completions", json={**body, "model": model, "prompt": prompt, "n": samples})
+            except httpx.HTTPError as exc:
+                raise ValueError(f"{url}: cannot reach the server ({exc})") from None
+            if r.status_code != 200:
+                try:
+                    message = r.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = r.text[:300]
+                raise ValueError(f"{url}: model {model!r} answered {r.status_code}: {message}")
+            choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+            rows += [(prompt, c["message"]["content"] if chat else c["text"]) for c in choices]
+            if on_progress is not None:
+                on_progress(1)
+    return rows
+
+
 def read_completions(path: str | Path, prompt_column: str = "prompt", completion_column: str = "completion") -> Rows:
     """(prompt, completion) rows of a CSV/TSV (with a header) or JSONL file; ``ValueError`` names the problem."""
     from ..apps.augment import read_dataset

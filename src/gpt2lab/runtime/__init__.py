@@ -11,6 +11,10 @@ always its plain PyTorch code, and it carries no runner state. Code that generat
 - :func:`unchanged_weights` / :func:`recheck_weights`: a loop that owns the model promises its tensors
   stay the same, so the kernels' runner is checked once per block instead of before each forward.
 
+:func:`forward` and :func:`decode` take ``lora=``: a :class:`~gpt2lab.model.multi_lora.LoRAMapping` giving each
+row its LoRA adapter (or none); the base weights are read once and each row adds its adapter's low-rank
+products (in the C kernels' one call, or through forward hooks on the PyTorch code).
+
 The decisions are :func:`inference_runner` (the C kernels, :mod:`.cpu_kernels`) and :func:`graph_decoder`
 (CUDA graphs, :mod:`.cuda_graphs`). What they keep for a model (the kernels' runner and the watch on its
 weights, the open :func:`unchanged_weights` blocks, the captured graphs) lives here, in a dictionary keyed
@@ -29,6 +33,7 @@ import torch
 
 from .. import kernels
 from ..model import GPT2
+from ..model.multi_lora import LoRAMapping, lora_hooks
 from .cpu_kernels import KernelRunner, WeightsWatch
 from .cuda_graphs import GraphDecoder
 from .huge_pages import place_on_huge_pages
@@ -70,9 +75,10 @@ def _state(model: GPT2) -> _ModelState:
 
 
 def forward(model: GPT2, idx: torch.Tensor, *, input_pos: torch.Tensor, rows: slice | None = None,
-            logits_index: torch.Tensor | None = None) -> torch.Tensor:
+            logits_index: torch.Tensor | None = None, lora: LoRAMapping | None = None) -> torch.Tensor:
     """A cached forward: logits for tokens ``idx [B, T]`` at positions ``input_pos [B, T]`` of cache rows
     ``rows`` (default ``0..B-1``); ``[B, V]`` at ``logits_index [B]`` when given, else ``[B, T, V]``.
+    ``lora``: each row's LoRA adapter (None: the base model for every row).
 
     Runs on gpt2lab's C kernels where they can run this model (:func:`inference_runner`), else on the
     model's PyTorch code; both give the same logits within fp32 rounding. Raises as
@@ -81,17 +87,22 @@ def forward(model: GPT2, idx: torch.Tensor, *, input_pos: torch.Tensor, rows: sl
     """
     runner = inference_runner(model)
     if runner is not None:
-        return runner(idx, input_pos, rows, logits_index)
-    return model(idx, input_pos=input_pos, rows=rows, logits_index=logits_index)
+        return runner(idx, input_pos, rows, logits_index, lora)
+    if lora is None:
+        return model(idx, input_pos=input_pos, rows=rows, logits_index=logits_index)
+    with lora_hooks(model, lora, idx.shape[1]):
+        return model(idx, input_pos=input_pos, rows=rows, logits_index=logits_index)
 
 
-def decode(model: GPT2, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int] | int) -> torch.Tensor:
+def decode(model: GPT2, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int] | int, *,
+           lora: LoRAMapping | None = None) -> torch.Tensor:
     """One decode step of cache rows ``0..n-1``: next-token logits ``[n, V]`` for ``tokens`` (``n`` ints, or
-    a 1-D tensor on the model's device) at ``positions`` (one int per row, or one int for all).
+    a 1-D tensor on the model's device) at ``positions`` (one int per row, or one int for all); ``lora``:
+    each row's adapter, as :func:`forward`'s.
 
-    Where :func:`graph_decoder` says so the step replays a captured CUDA graph; elsewhere it is
-    :func:`forward` with one token per row."""
-    graphs = graph_decoder(model)
+    Where :func:`graph_decoder` says so the step replays a captured CUDA graph (never for a step in which a
+    row uses a LoRA adapter); elsewhere it is :func:`forward` with one token per row."""
+    graphs = graph_decoder(model) if lora is None else None
     if graphs is not None:
         return graphs.decode(tokens, positions)
     device = model.wte.weight.device
@@ -101,7 +112,7 @@ def decode(model: GPT2, tokens: Sequence[int] | torch.Tensor, positions: Sequenc
         pos = torch.full((n, 1), positions, dtype=torch.long, device=device)
     else:
         pos = torch.as_tensor(positions, dtype=torch.long, device=device).reshape(n, 1)
-    return forward(model, idx, input_pos=pos, rows=slice(0, n))[:, -1]
+    return forward(model, idx, input_pos=pos, rows=slice(0, n), lora=lora)[:, -1]
 
 
 def inference_runner(model: GPT2) -> KernelRunner | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,9 @@ import torch.nn as nn
 from .. import kernels
 from ..model import GPT2, KVCache, QuantizedEmbedding, QuantizedLinear
 from .threads import ThreadTuner
+
+if TYPE_CHECKING:
+    from ..model.multi_lora import LoRAMapping
 
 _KERNEL_MODULES = (nn.Linear, nn.Embedding, QuantizedLinear, QuantizedEmbedding)
 
@@ -112,6 +116,7 @@ class KernelRunner:
         self.wpe, self.ln_f_w, self.ln_f_b = (t.data_ptr() for t in (model.wpe.weight, model.ln_f.weight,
                                                                       model.ln_f.bias))
         self._last_plan: _Plan | None = None
+        self._lora_pairs: tuple | None = None  # (bank, its version, the C array of its pairs)
         self.threads = ThreadTuner()  # the thread count of each forward (auto, or pinned by --threads)
 
     @staticmethod
@@ -149,9 +154,10 @@ class KernelRunner:
             self.caches = caches
 
     def __call__(self, idx: torch.Tensor, input_pos: torch.Tensor, rows: slice | None,
-                 logits_index: torch.Tensor | None) -> torch.Tensor:
+                 logits_index: torch.Tensor | None, lora: LoRAMapping | None = None) -> torch.Tensor:
         """Logits for tokens ``idx [B, T]`` at positions ``input_pos [B, T]`` of cache rows ``rows``
-        (default ``0..B-1``): ``[B, V]`` at ``logits_index [B]`` when given, else ``[B, T, V]``.
+        (default ``0..B-1``): ``[B, V]`` at ``logits_index [B]`` when given, else ``[B, T, V]``; ``lora``:
+        each row's LoRA adapter (its low-rank products added right after the base ones, in the same call).
         Arguments and errors as :meth:`GPT2.forward`'s."""
         cfg, model = self.config, self._model()
         if model is None:
@@ -173,13 +179,15 @@ class KernelRunner:
         plan = self._plan(B, T, first_row, logits_index is None, model.max_seq)
         logit_tokens = plan.logit_tokens if logits_index is None else plan.row_starts + index
         logits = torch.empty(plan.n_logits, cfg.vocab_size)
+        table = self._lora_table(lora, T) if lora is not None else None
         threads, timing = self.threads.choose(B * T, T > 1)
         start = ThreadTuner.clock()
         status = kernels.library().gpt2lab_forward(
             self.layers, cfg.n_layer, self.wte_ref, self.wpe, self.ln_f_w, self.ln_f_b, self.head_ref,
             tokens.data_ptr(), positions.data_ptr(), plan.cache_rows.data_ptr(), B * T, logit_tokens.data_ptr(),
             plan.n_logits, cfg.n_embd, cfg.n_head, cfg.mlp_dim, cfg.vocab_size, model.max_seq, cfg.layer_norm_epsilon,
-            kernels.ACTIVATIONS[cfg.activation_function], *plan.scratch, logits.data_ptr(), threads)
+            kernels.ACTIVATIONS[cfg.activation_function], *plan.scratch, logits.data_ptr(), threads,
+            ctypes.byref(table[0]) if table is not None else None)
         self.threads.record(timing, threads, ThreadTuner.clock() - start)
         if status:  # the C code checked what it indexes memory with, before any work
             if status == 1:
@@ -188,6 +196,29 @@ class KernelRunner:
             raise ValueError(f"positions {int(low)}..{int(high)} of rows {first_row}..{first_row + B - 1} are beyond "
                              f"the KV cache ({model.max_batch} rows of {model.max_seq} slots)")
         return logits if logits_index is not None else logits.view(B, T, cfg.vocab_size)
+
+    def _lora_table(self, lora: LoRAMapping, T: int) -> tuple[kernels.LoRATable, list[torch.Tensor]]:
+        """The C table of ``lora``'s adapters (the pairs kept while the bank does not change) and the
+        tensors it points into."""
+        bank = lora.bank
+        if self._lora_pairs is None or self._lora_pairs[0]() is not bank or self._lora_pairs[1] != bank.version:
+            n_layer = self.config.n_layer
+            pairs = (kernels.LoRAPair * max(1, len(bank.slots) * n_layer * 4))()
+            for s, slot in enumerate(bank.slots):
+                for layer, per_layer in enumerate(slot.pairs if slot is not None else []):
+                    for j, pair in enumerate(per_layer):
+                        if pair is not None:
+                            a, bt = pair
+                            pairs[(s * n_layer + layer) * 4 + j] = kernels.LoRAPair(a.data_ptr(), bt.data_ptr(),
+                                                                                   slot.rank, slot.scale)
+            # the slots keep their tensors alive; a bank change (a load or a freed slot) rebuilds the table
+            self._lora_pairs = (weakref.ref(bank), bank.version, pairs)  # weakly: the bank holds the model
+        token_slot = lora.row_slots.to(torch.int64).repeat_interleave(T).contiguous()
+        tmp = torch.empty(token_slot.numel() * max(1, bank.max_rank))
+        pairs = ctypes.cast(self._lora_pairs[2], ctypes.POINTER(kernels.LoRAPair))
+        table = kernels.LoRATable(token_slot.data_ptr(), pairs, tmp.data_ptr(),
+                                  max(1, bank.max_rank))
+        return table, [token_slot, tmp]
 
     def _plan(self, B: int, T: int, first_row: int, all_logits: bool, max_seq: int) -> _Plan:
         """The index tensors and scratch buffers of a forward of this shape: kept from the last forward of

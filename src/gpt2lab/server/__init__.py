@@ -4,5 +4,6 @@ Imports FastAPI: only ``gpt2lab serve`` and code that serves import this package
 """
 
 from .app import create_app
+from .state import ModelConfig
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "ModelConfig"]

@@ -1,6 +1,7 @@
 """The HTTP layer (FastAPI): ``create_app`` wires the server together and routes each endpoint to its serving object.
 
-``create_app(model_or_generator)`` returns the app; the model loads on the engine thread when the app
+``create_app(model_or_generator)`` returns the app (``create_app({"name": model, ...})`` serves several
+models, each on an engine thread of its own); the models load on their engine threads when the app
 starts (``/health`` answers 503 until then). The logic of each endpoint lives in a serving class that
 never sees HTTP (vLLM's layout): :mod:`.serving_completion`, :mod:`.serving_chat`, :mod:`.serving_models`,
 :mod:`.serving_tokenization`, :mod:`.serving_health`, on :mod:`.serving_engine` (admission, a request's
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from importlib import resources
@@ -22,7 +23,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..http_guard import LOOPBACK_NAMES, HostOriginGuard
@@ -35,7 +36,7 @@ from .state import ServerState
 log = logging.getLogger("gpt2lab.server")
 
 _ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
-           "/detokenize", "/openapi.json", "/docs")
+           "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/openapi.json", "/docs")
 
 
 class _CountRequests:
@@ -68,12 +69,23 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
                max_queue: int = 64, request_timeout: float = 600.0, model_name: str | None = None,
                device: str = "auto", dtype: str | None = None, quantization: str | None = None,
                cors_allow_origins: Sequence[str] = (), max_body_mb: float = lim.MAX_BODY_MB,
-               limits: lim.Limits | None = None, allowed_hosts: Sequence[str] = LOOPBACK_NAMES) -> FastAPI:
+               limits: lim.Limits | None = None, allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
+               lora_modules: Mapping[str, str | Path] | None = None, allow_runtime_lora: bool = False,
+               max_models_memory: int | str | None = None, prefix_cache_mb: float | None = None) -> FastAPI:
     """The server app.
 
     ``generator_or_model_ref``: a loaded :class:`~gpt2lab.generation.Generator`, or anything
     :func:`gpt2lab.load` accepts (a directory, a bundled name, a Hub id, ``None`` for the default),
-    loaded on the engine thread at startup (it decodes through gpt2lab's kernels without further setup).
+    loaded on the engine thread at startup (it decodes through gpt2lab's kernels without further setup);
+    or several models, a mapping of served name -> a Generator, a reference or a
+    :class:`~gpt2lab.server.state.ModelConfig` (its own device, dtype, quantization and adapters), each
+    with its own engine; a request's ``model`` field picks one (none: the first; an unknown name: 404).
+    ``lora_modules``: LoRA adapters (name -> folder in ``peft``'s format) on the first model, which a request
+    names in ``model``; rows of different adapters and of the base model share one batch.
+    ``allow_runtime_lora``: ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` may add and remove
+    adapters (behind the API key; off by default: 403). ``max_models_memory`` (bytes, or ``"8GB"``): refuse,
+    before anything loads, models whose weights, KV caches, prefix caches and adapters need more.
+    ``prefix_cache_mb``: each model's pool of cached prompt prefixes (None: sized to the machine; 0: off).
     ``api_key``: required as ``Authorization: Bearer KEY`` on every ``/v1`` route and the tokenizer
     routes. ``max_batch`` sequences decode together, up to
     ``max_queue`` more wait; beyond that requests get 429. ``request_timeout`` (seconds) ends a
@@ -90,18 +102,21 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     event loop: ``/health`` and running streams go on while a big prompt is checked.
 
     Raises ValueError naming ``max_batch`` (an integer >= 1), ``max_queue`` (an integer >= 0),
-    ``request_timeout`` (> 0 seconds) or ``max_body_mb`` (in (0, 1024]).
+    ``request_timeout`` (> 0 seconds), ``max_body_mb`` (in (0, 1024]) or ``prefix_cache_mb`` (>= 0), and
+    naming the models when they would not fit ``max_models_memory``.
     """
     limits = limits or lim.Limits()
     state = ServerState.create(generator_or_model_ref, max_batch=max_batch, max_queue=max_queue,
                                request_timeout=request_timeout, model_name=model_name, device=device, dtype=dtype,
-                               quantization=quantization, limits=limits)
+                               quantization=quantization, limits=limits, lora_modules=lora_modules,
+                               allow_runtime_lora=allow_runtime_lora, max_models_memory=max_models_memory,
+                               prefix_cache_mb=prefix_cache_mb)
     if not (isinstance(max_body_mb, (int, float)) and 0 < max_body_mb <= 1024):
         raise ValueError(f"max_body_mb must be in (0, 1024] megabytes, got {max_body_mb!r}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.scheduler.start()
+        state.start()
         yield
         state.close()
 
@@ -186,6 +201,20 @@ async def list_models(request: Request) -> Any:
 async def retrieve_model(model_id: str, request: Request) -> Any:
     """One model by id (OpenAI's ``models.retrieve``); 404 for any other id."""
     return _answer(await _serving(request).models.retrieve_model(model_id))
+
+
+@router.post("/v1/load_lora_adapter", dependencies=_auth, response_class=PlainTextResponse,
+             responses={400: {"model": p.ErrorResponse}, 403: {"model": p.ErrorResponse}})
+async def load_lora_adapter(body: p.LoadLoRAAdapterRequest, request: Request) -> Any:
+    """Load a LoRA adapter at run time (vLLM's endpoint; only with ``--allow-runtime-lora``)."""
+    return _answer(await _serving(request).models.load_lora_adapter(body))
+
+
+@router.post("/v1/unload_lora_adapter", dependencies=_auth, response_class=PlainTextResponse,
+             responses={404: {"model": p.ErrorResponse}, 403: {"model": p.ErrorResponse}})
+async def unload_lora_adapter(body: p.UnloadLoRAAdapterRequest, request: Request) -> Any:
+    """Unload a LoRA adapter at run time (vLLM's endpoint; only with ``--allow-runtime-lora``)."""
+    return _answer(await _serving(request).models.unload_lora_adapter(body))
 
 
 @router.post("/tokenize", dependencies=_auth, response_model=p.TokenizeResponse, responses=_errors)

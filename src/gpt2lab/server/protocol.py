@@ -519,11 +519,28 @@ class ModelCard(BaseModel):
                                                        "int8 or bf16 (vLLM's names).")
     # the checkpoint's generation_config.json: the defaults of request fields a client does not send
     generation_config: dict[str, Any] = Field(default_factory=dict)
+    root: str | None = Field(None, description="Where the model comes from: its checkpoint, or an adapter's folder.")
+    parent: str | None = Field(None, description="A LoRA adapter's base model (vLLM's field); null for a base model.")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """``POST /v1/load_lora_adapter`` (vLLM's body)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    base_model_name: str | None = Field(None, description="The base model to attach it to (default: the first).")
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """``POST /v1/unload_lora_adapter`` (vLLM's body; ``lora_int_id`` is accepted and unused)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_int_id: int | None = None
 
 
 class TokenizeResponse(BaseModel):

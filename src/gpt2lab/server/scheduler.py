@@ -11,6 +11,11 @@ A beam request is ``n`` rows of the batch like ``n`` samples: it never stalls th
 
 Capacity is counted in sequences (prompts x n): at most ``max_batch`` run, at most ``max_queue``
 more wait; beyond that :meth:`Scheduler.reserve` says no and the handler answers 429.
+
+A server of several models has one scheduler (one engine thread) per model. Their steps take turns
+(:class:`TurnLock`): two models computing at once on the same cores would only slow each other down
+(gpt2lab's kernels use every core for one forward), and the turns go in arrival order, so a busy model
+never starves another.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import SamplingParams
-from .metrics import ServerMetrics
+from .metrics import ModelMetrics, ServerMetrics
 
 log = logging.getLogger("gpt2lab.server")
 
@@ -51,6 +56,29 @@ class _Stream:
     sequences: int  # prompts x n: the capacity it reserved
     unfinished: set[str] = field(default_factory=set)  # its engine requests still going
     released: bool = False  # its reserved capacity went back (finished, aborted or failed)
+
+
+class TurnLock:
+    """A lock handed over in the order it was asked for (``threading.Lock`` lets a thread that releases it
+    take it again at once, so one busy engine thread could keep the others waiting)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> TurnLock:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                self._cond.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
 
 
 class RequestHandle:
@@ -80,17 +108,21 @@ class RequestHandle:
 
 
 class Scheduler:
-    """Owns the model thread. ``load`` builds the Generator on that thread (so /health turns ready
-    only when the weights are in memory)."""
+    """Owns the model thread of one served model. ``load`` builds the Generator on that thread (so /health
+    turns ready only when the weights are in memory); ``metrics``: the server's, labelled with ``name`` (None:
+    the loaded model's own name); ``turns``: the lock the steps of a server's models take turns with (None:
+    this model alone)."""
 
     def __init__(self, load: Callable[[], Any], *, max_batch: int, max_queue: int,
-                 metrics: ServerMetrics, model_is_callers: bool = False) -> None:
-        self._load = load
+                 metrics: ServerMetrics, model_is_callers: bool = False, name: str | None = None,
+                 turns: TurnLock | None = None) -> None:
+        self._load, self.name, self._server_metrics = load, name, metrics
+        self._turns = turns if turns is not None else contextlib.nullcontext()
         # the caller's own Generator (create_app(generator)): other threads may change its model at any time
         # (train it, swap its tensors), so every forward checks the runner against it
         self.model_is_callers = model_is_callers
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.metrics = metrics
+        self.metrics: ModelMetrics | None = None  # once the model is loaded (its label is its name)
         self.generator: Any = None
         self.runner: Any = None  # the generation Runner (errors="return": a failed request is reported)
         self.engine: Any = None  # the runner's Engine (its check_request is the handlers' admission check)
@@ -104,7 +136,8 @@ class Scheduler:
         self.engine_failures = 0  # steps that failed as a whole (not attributable to one request)
         self.last_engine_error: str | None = None  # cleared by the next step that succeeds
         self.request_failures = 0  # requests ended by a fault of their own inside a step
-        self._thread = threading.Thread(target=self._run, name="gpt2lab-engine", daemon=True)
+        self._counted = (0, 0, 0, 0)  # engine counters already added to the metrics (prefill, hits, misses, saved)
+        self._thread = threading.Thread(target=self._run, name=f"gpt2lab-engine-{name or 'model'}", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,18 +158,21 @@ class Scheduler:
             if self._reserved + sequences > self.capacity:
                 return False
             self._reserved += sequences
-            self.metrics.in_flight.set(self._reserved)
+            if self.metrics is not None:
+                self.metrics.in_flight.set(self._reserved)
             return True
 
     def release(self, sequences: int) -> None:
         with self._lock:
             self._reserved -= sequences
-            self.metrics.in_flight.set(self._reserved)
+            if self.metrics is not None:
+                self.metrics.in_flight.set(self._reserved)
 
     # -- commands (event loop side) -------------------------------------------------------------
-    async def submit(self, requests: list[tuple[list[int], SamplingParams, str]]) -> RequestHandle:
-        """Queue engine requests ``(prompt_ids, params, request_id)`` for the next step, all or none;
-        raises the engine's ValueError if it refuses one.
+    async def submit(self, requests: list[tuple[list[int], SamplingParams, str]], *,
+                     adapter: str | None = None) -> RequestHandle:
+        """Queue engine requests ``(prompt_ids, params, request_id)`` for the next step, all or none, with the
+        LoRA ``adapter`` of that name (None: the base model); raises the engine's ValueError if it refuses one.
 
         The caller has reserved ``sum(n)`` sequences. Once this returns, the model thread gives them
         back when the request finishes, is aborted or fails (so a handler that never reads its
@@ -145,7 +181,7 @@ class Scheduler:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request_ids,
                          sum(params.n for _, params, _ in requests), set(request_ids))
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("add", (requests, stream, accepted)))
+        self._inbox.put(("add", (requests, adapter, stream, accepted)))
         try:
             await asyncio.shield(asyncio.wrap_future(accepted))  # the engine's ValueError is raised here
         except asyncio.CancelledError:  # the handler went away: undo whatever the model thread does
@@ -175,10 +211,13 @@ class Scheduler:
     # -- the model thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            from ..generation import Engine, Runner
+            from ..generation import Runner
 
-            self.generator = self._load()
-            engine = Engine(self.generator.model, self.generator.tokenizer, max_batch=self.max_batch)
+            with self._turns:  # loading computes too (quantizing, adapters)
+                generator = self._load()
+            self.metrics = self._server_metrics.for_model(self.name or generator.name)
+            self.generator = generator
+            engine = self.generator.engine(max_batch=self.max_batch)  # its LoRA adapters and prefix cache
             self.runner, self.engine = Runner(engine, errors="return", collect=False), engine
         except BaseException as exc:  # noqa: BLE001 - reported by /health and the CLI
             self.load_error = exc
@@ -222,11 +261,11 @@ class Scheduler:
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
-            requests, stream, accepted = payload
+            requests, adapter, stream, accepted = payload
             added = []
             try:
                 for prompt_ids, params, request_id in requests:
-                    self.runner.add(prompt_ids, params, request_id=request_id)
+                    self.runner.add(prompt_ids, params, request_id=request_id, adapter=adapter)
                     added.append(request_id)
             except Exception as exc:  # noqa: BLE001 - handed to the request's handler
                 for request_id in added:
@@ -248,7 +287,9 @@ class Scheduler:
 
             fn, future = payload
             try:
-                future.set_result(fn(self.generator))
+                with self._turns:
+                    result = fn(self.generator)
+                future.set_result(result)
             except Exception as exc:  # noqa: BLE001
                 future.set_exception(exc)
             finally:
@@ -256,9 +297,10 @@ class Scheduler:
 
     def _step(self) -> None:
         running = self.engine.num_running
-        start = time.perf_counter()
         try:
-            step = self.runner.step()
+            with self._turns:
+                start = time.perf_counter()
+                step = self.runner.step()
         except Exception as exc:  # noqa: BLE001 - a bug, not a client error: fail what is in flight
             log.exception("gpt2lab: engine step failed")
             self.engine_failures += 1
@@ -314,9 +356,20 @@ class Scheduler:
         self._streams.clear()
 
     def _update_gauges(self) -> None:
-        self.metrics.running.set(self.engine.num_running)
+        engine, metrics = self.engine, self.metrics
+        metrics.running.set(engine.num_running)
         with self._lock:
-            self.metrics.queue_depth.set(max(0, self._reserved - self.engine.num_running))
+            metrics.queue_depth.set(max(0, self._reserved - engine.num_running))
+        pool = engine.prefix_cache
+        stats = pool.stats if pool is not None else None
+        now = (engine.prefill_tokens, *((stats.hits, stats.misses, stats.saved_tokens) if stats else (0, 0, 0)))
+        for counter, new, old in zip((metrics.prefill_tokens, metrics.prefix_hits, metrics.prefix_misses,
+                                      metrics.prefix_saved), now, self._counted):
+            if new > old:
+                counter.inc(new - old)
+        self._counted = now
+        metrics.prefix_bytes.set(pool.bytes if pool is not None else 0)
+        metrics.prefix_blocks.set(len(pool) if pool is not None else 0)
 
 
 DISCONNECT_POLL_S = 0.25

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..generation.engine import truncate_prompt_tokens
 from . import limits as lim
@@ -13,6 +13,9 @@ from . import protocol as p
 from .response_builder import ChatCompletionResponseBuilder
 from .serving_engine import Disconnected, OpenAIServing, check_token_ids, sampling_defaults
 from .structured import compile_spec, requested_spec
+
+if TYPE_CHECKING:
+    from .serving_models import Target
 
 DEFAULT_CHAT_MAX_TOKENS = 256  # chat replies: capped so a GPT-2 that never stops does not fill the context
 
@@ -30,7 +33,8 @@ class OpenAIServingChat(OpenAIServing):
         oldest turns dropped to fit), as one response or (``stream``) server-sent events, or the APIError
         (see :class:`OpenAIServing`)."""
         arrival = time.monotonic()
-        gen = self.generator_for(request)
+        target = self.target_for(request)
+        gen = target.generator
         request.check_common()
         request.check_openai_fields()
         if request.top_logprobs is not None and not request.logprobs:
@@ -51,8 +55,8 @@ class OpenAIServingChat(OpenAIServing):
                                                            resolve=sampling_defaults(gen, DEFAULT_CHAT_MAX_TOKENS),
                                                            structured=spec, structured_field=spec_field))
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
-        _check_messages(request.messages, self.limits, self.models.max_prompt_chars, n_pos)
-        chat = await self._render(request, n_pos - (max_tokens if max_tokens is not None else 1), arrival)
+        _check_messages(request.messages, self.limits, target.max_prompt_chars, n_pos)
+        chat = await self._render(target, request, n_pos - (max_tokens if max_tokens is not None else 1), arrival)
         prompt_ids = truncate_prompt_tokens(chat.token_ids, params, n_pos)
         if max_tokens is None:  # default: as much as fits, at most the checkpoint's or DEFAULT_CHAT_MAX_TOKENS
             params = params.with_(max_new_tokens=max(params.min_tokens,
@@ -60,22 +64,24 @@ class OpenAIServingChat(OpenAIServing):
         if spec is None:  # a structured reply ends where its grammar does: a template's stop could cut it open
             params = params.with_(stop=[*params.stop, *chat.stop])
         rid = p.new_id("chatcmpl", request.request_id)
-        handle = await self.start([prompt_ids], params, rid)
+        handle = await self.start(target, [prompt_ids], params, rid)
         last = request.messages[-1]
         echoed = last.text() if request.echo and last.role == "assistant" else ""  # vLLM's chat echo
-        builder = ChatCompletionResponseBuilder(gen, rid, self.models.served_name(gen), params.n, len(prompt_ids),
+        builder = ChatCompletionResponseBuilder(gen, rid, target.name, params.n, len(prompt_ids),
                                                 logprobs, echo=echoed, continuing=bool(request.continue_final_message),
                                                 token_ids=bool(request.return_tokens_as_token_ids))
-        return await self.respond(handle, arrival, builder, request.stream, request.stream_options, disconnected)
+        return await self.respond(target, handle, arrival, builder, request.stream, request.stream_options,
+                                  disconnected)
 
-
-    async def _render(self, request: p.ChatCompletionRequest, max_prompt_tokens: int, arrival: float) -> Any:
-        """The conversation as the model's chat template lays it out, as ``gpt2lab chat`` renders it (oldest
-        turns dropped to fit ``max_prompt_tokens``, system messages kept): a ChatPrompt. The template is code
-        from the checkpoint, so it runs in a render process (never on the event loop or the engine thread)
-        within what is left of the request's time: 400 naming ``messages`` when the template refuses them or
-        they do not fit, 500 ``chat_template_error`` naming the template when it is broken or crosses its
-        bounds, 408 when the render runs past the request timeout (it is stopped)."""
+    async def _render(self, target: Target, request: p.ChatCompletionRequest, max_prompt_tokens: int,
+                      arrival: float) -> Any:
+        """The conversation as ``target``'s chat template lays it out (its base model's render pool renders
+        it), as ``gpt2lab chat`` renders it (oldest turns dropped to fit ``max_prompt_tokens``, system
+        messages kept): a ChatPrompt. The template is code from the checkpoint, so it runs in a render
+        process (never on the event loop or the engine thread) within what is left of the request's time:
+        400 naming ``messages`` when the template refuses them or they do not fit, 500
+        ``chat_template_error`` naming the template when it is broken or crosses its bounds, 408 when the
+        render runs past the request timeout (it is stopped)."""
         from ..generation.chat_worker import RenderFailed, RenderJob
 
         # developer = system (OpenAI's newer name); a tool (or function) result is a line on the user's side
@@ -88,14 +94,14 @@ class OpenAIServingChat(OpenAIServing):
                         continue_final_message=bool(request.continue_final_message))
         remaining = self.request_timeout - (time.monotonic() - arrival)
         try:
-            return await self.models.chat_renderer.render_async(job, remaining)
+            return await target.chat_renderer.render_async(job, remaining)
         except RenderFailed as exc:
             message = str(exc)
             if exc.kind == "messages":
                 raise p.invalid(message, "messages", "context_length_exceeded" if "fit" in message else None) \
                     from None
             if exc.kind == "timeout":
-                self.metrics.aborted.labels("timeout").inc()
+                target.scheduler.metrics.aborted("timeout").inc()
                 raise p.APIError(408, f"the request ran longer than the server's request timeout "
                                  f"({self.request_timeout:g} s) while its conversation was rendered: {message}",
                                  type="timeout_error", code="request_timeout") from None

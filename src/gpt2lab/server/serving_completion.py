@@ -29,7 +29,8 @@ class OpenAIServingCompletion(OpenAIServing):
         """``n`` completions of each prompt of ``request`` (text, texts, token ids or lists of them), as one
         response or (``stream``) server-sent events, or the APIError (see :class:`OpenAIServing`)."""
         arrival = time.monotonic()
-        gen = self.generator_for(request)
+        target = self.target_for(request)
+        gen = target.generator
         request.check_common()
         if request.suffix:  # "" (or null) asks for nothing after the completion
             raise p.invalid("suffix is not supported: GPT-2 only continues text", "suffix")
@@ -44,9 +45,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if best_of is not None:  # generate best_of, keep the n best: ranked by their token logprobs
             params = params.with_(n=best_of, logprobs=params.logprobs or 0)
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
-        self.check_capacity(_count_prompts(request.prompt), params)  # before tokenizing any of them
+        self.check_capacity(target, _count_prompts(request.prompt), params)  # before tokenizing any of them
         # a prompt cut to its last k tokens may be longer than the context: then only the body limit bounds it
-        max_chars = self.models.max_prompt_chars if params.truncate_prompt_tokens is None else None
+        max_chars = target.max_prompt_chars if params.truncate_prompt_tokens is None else None
         prompts, texts = await run_in_threadpool(_encode_prompts, gen, request.prompt, max_chars)
         if params.truncate_prompt_tokens is not None:  # vLLM: the prompt is its last k tokens, echo included
             cut = [truncate_prompt_tokens(ids, params, gen.config.n_positions) for ids in prompts]
@@ -56,19 +57,20 @@ class OpenAIServingCompletion(OpenAIServing):
             check_context_length(len(ids), max_tokens, gen.config.n_positions)
         echo = bool(request.echo)
         rid = p.new_id("cmpl", request.request_id)
-        handle = await self.start(prompts, params, rid)
+        handle = await self.start(target, prompts, params, rid)
         prompt_lp = None
         if echo and request.logprobs is not None:  # prompt logprobs: scored on the model thread between steps
             top = request.logprobs
             try:
-                prompt_lp = [await self.scheduler.call(lambda g, ids=ids: g.score(ids, top_n=top)) for ids in prompts]
+                prompt_lp = [await target.scheduler.call(
+                    lambda g, ids=ids: g.score(ids, top_n=top, adapter=target.adapter)) for ids in prompts]
             except BaseException:
                 handle.abort()
                 raise
-        builder = CompletionResponseBuilder(gen, rid, self.models.served_name(gen), params.n,
-                                            texts if echo else None, prompt_lp, prompts,
-                                            token_ids=bool(request.return_tokens_as_token_ids))
-        result = await self.respond(handle, arrival, builder, request.stream, request.stream_options, disconnected)
+        builder = CompletionResponseBuilder(gen, rid, target.name, params.n, texts if echo else None, prompt_lp,
+                                            prompts, token_ids=bool(request.return_tokens_as_token_ids))
+        result = await self.respond(target, handle, arrival, builder, request.stream, request.stream_options,
+                                    disconnected)
         if best_of is None:
             return result
         skip = [len(ids) if echo and request.logprobs is not None else 0 for ids in prompts]

@@ -5,9 +5,11 @@ A serving class holds the logic of endpoints and never sees HTTP: a method takes
 (``stream=true``), or the :class:`~.protocol.APIError` that answers a client's mistake
 (:func:`~.protocol.returns_errors`). So it runs, and is tested, without a server; :mod:`.app` only routes.
 
-Admission (:meth:`OpenAIServing.start`): the engine's own checks run off the event loop, capacity is
-reserved (429 when full) and every prompt goes to the :class:`~.scheduler.Scheduler` as one engine
-request. :meth:`OpenAIServing.respond` then drives them step by step into a
+A request first finds what it runs on (:meth:`OpenAIServing.target_for`: the model or LoRA adapter its
+``model`` field names, :class:`~.serving_models.Target`). Admission (:meth:`OpenAIServing.start`): the
+engine's own checks run off the event loop, capacity is reserved on that model's engine (429 when full)
+and every prompt goes to its :class:`~.scheduler.Scheduler` as one engine request.
+:meth:`OpenAIServing.respond` then drives them step by step into a
 :class:`~.response_builder.ResponseBuilder`, ending on timeout (408), a failed step (500; 400 when the
 request's own settings left nothing to sample) or a client that left.
 """
@@ -25,86 +27,84 @@ from ..sampling.constraint import GRAMMAR_ERROR
 from ..sampling.pipeline import ALL_MASKED_ERROR
 from . import limits as lim
 from . import protocol as p
-from .metrics import ServerMetrics
+from .metrics import ModelMetrics
 from .response_builder import SSE_DONE, ResponseBuilder, sse_event
-from .scheduler import EngineFailure, RequestFailed, RequestHandle, Scheduler, iterate
-from .serving_models import RETRY_AFTER_S, OpenAIServingModels
+from .scheduler import EngineFailure, RequestFailed, RequestHandle, iterate
+from .serving_models import RETRY_AFTER_S, OpenAIServingModels, Target
 
 Disconnected = Callable[[], Awaitable[bool]]  # async predicate: the client went away (Starlette's is_disconnected)
 
 
 class OpenAIServing:
-    """The base of the serving classes. ``scheduler``: the engine thread; ``models``: the served model;
+    """The base of the serving classes. ``models``: the served models (each with its engine thread);
     ``limits``: the per-request bounds; ``request_timeout``: seconds a request may run.
 
     A generating method (``create_completion(request, disconnected)``, ...) returns the response object,
     or with ``stream`` an async iterator of server-sent events, or the :class:`~.protocol.APIError` that
-    answers the request: 400 naming the field, 429 when full, 503 while loading, 408 past the request
+    answers the request: 400 naming the field, 404 for a ``model`` not served, 429 when full, 503 while
+    loading, 408 past the request
     timeout, 500 when a step fails (400 ``nothing_to_sample`` when the request's own settings banned every
     token). ``disconnected`` (an async predicate, None: never asked) is polled while generating; when it
     says the client left, the request is aborted."""
 
     endpoint = ""  # this endpoint's label in the latency metrics
 
-    def __init__(self, scheduler: Scheduler, models: OpenAIServingModels, *, limits: lim.Limits,
-                 request_timeout: float) -> None:
-        self.scheduler, self.models, self.limits = scheduler, models, limits
+    def __init__(self, models: OpenAIServingModels, *, limits: lim.Limits, request_timeout: float) -> None:
+        self.models, self.limits = models, limits
         self.request_timeout = request_timeout
 
-    @property
-    def metrics(self) -> ServerMetrics:
-        return self.scheduler.metrics
+    def target_for(self, request: Any) -> Target:
+        """The model or adapter ``request.model`` (None: not sent, the first model) names, loaded: 503 while it
+        loads, 404 ``model_not_found`` for a name this server does not serve."""
+        return self.models.target(request.model)
 
-    def generator_for(self, request: Any) -> Any:
-        """The loaded Generator, if ``request.model`` (None: not sent) names it: 503 while loading, 400
-        ``model_not_found`` for another model."""
-        gen = self.models.generator()
-        self.models.check_model(gen, request.model)
-        return gen
-
-    def check_capacity(self, num_prompts: int, params: SamplingParams) -> None:
-        """400 naming ``n`` if ``num_prompts x n`` sequences exceed what the server can ever hold."""
-        sequences = num_prompts * params.n
-        if sequences > self.scheduler.capacity:
+    def check_capacity(self, target: Target, num_prompts: int, params: SamplingParams) -> None:
+        """400 naming ``n`` if ``num_prompts x n`` sequences exceed what the target's engine can ever hold."""
+        sequences, capacity = num_prompts * params.n, target.scheduler.capacity
+        if sequences > capacity:
             raise p.invalid(f"this request needs {sequences} sequences (prompts x n) but the server holds at "
-                            f"most {self.scheduler.capacity} (max_batch + max_queue)", "n")
+                            f"most {capacity} (max_batch + max_queue)", "n")
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
         """``params`` within this server's limits (:func:`~.limits.check_params`: 400 naming the field)."""
         lim.check_params(params, self.limits)
         return params
 
-    async def start(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> RequestHandle:
-        """Check the request against the model (off the loop), reserve capacity and queue every prompt as
-        one engine request (``{request_id}-{i}``); 400 naming the field the engine refuses, 429 when full."""
-        scheduler = self.scheduler
+    async def start(self, target: Target, prompts: list[list[int]], params: SamplingParams,
+                    request_id: str) -> RequestHandle:
+        """Check the request against the target's model (off the loop), reserve capacity and queue every prompt
+        as one engine request (``{request_id}-{i}``, with the target's adapter); 400 naming the field the engine
+        refuses, 429 when full."""
+        scheduler = target.scheduler
         sequences = len(prompts) * params.n
-        self.check_capacity(len(prompts), params)
+        self.check_capacity(target, len(prompts), params)
 
         def admissible() -> None:  # the engine's own admission checks, before any capacity is taken
             for ids in prompts:
-                scheduler.engine.check_request(ids, params)
+                scheduler.engine.check_request(ids, params, adapter=target.adapter)
 
         try:
             await run_in_threadpool(admissible)
         except ValueError as exc:
             raise p.params_error(exc) from None
         if not scheduler.reserve(sequences):
-            self.metrics.rejected.inc()
+            scheduler.metrics.rejected.inc()
             raise p.APIError(429, "the server is at capacity (running batch and queue are full); retry "
                              f"after {RETRY_AFTER_S} s", type="rate_limit_error", code="queue_full",
                              headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
-            return await scheduler.submit([(ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompts)])
+            return await scheduler.submit([(ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompts)],
+                                          adapter=target.adapter)
         except ValueError as exc:  # the engine's own checks (should not happen after ours)
             raise p.params_error(exc) from None
 
-    async def respond(self, handle: RequestHandle, arrival: float, builder: ResponseBuilder, stream: bool | None,
-                      stream_options: p.StreamOptions | None, disconnected: Disconnected | None) -> Any:
-        """Run the admitted request (``arrival``: its ``time.monotonic()``): the whole response object, or
-        (``stream``) an async iterator of server-sent events ending in ``data: [DONE]``. A timeout or failed
-        step raises its :class:`~.protocol.APIError`, or ends the stream with an error event."""
-        ctx = RequestContext(self.metrics, handle, arrival, self.request_timeout, self.endpoint)
+    async def respond(self, target: Target, handle: RequestHandle, arrival: float, builder: ResponseBuilder,
+                      stream: bool | None, stream_options: p.StreamOptions | None,
+                      disconnected: Disconnected | None) -> Any:
+        """Run the admitted request (``arrival``: its ``time.monotonic()``) on ``target``: the whole response
+        object, or (``stream``) an async iterator of server-sent events ending in ``data: [DONE]``. A timeout or
+        failed step raises its :class:`~.protocol.APIError`, or ends the stream with an error event."""
+        ctx = RequestContext(target.scheduler.metrics, handle, arrival, self.request_timeout, self.endpoint)
         if stream:
             include_usage = bool(stream_options and stream_options.include_usage)
             # vLLM's continuous_usage_stats: every chunk carries the usage so far (with include_usage)
@@ -145,7 +145,7 @@ class RequestContext:
     an :class:`~.protocol.APIError` item on timeout or engine failure. Aborts what is left and records
     metrics (time to first token, latency, aborts by reason)."""
 
-    def __init__(self, metrics: ServerMetrics, handle: RequestHandle, arrival: float, timeout: float,
+    def __init__(self, metrics: ModelMetrics, handle: RequestHandle, arrival: float, timeout: float,
                  endpoint: str) -> None:
         self.metrics, self.handle = metrics, handle
         self.arrival, self.timeout, self.endpoint = arrival, timeout, endpoint
@@ -158,11 +158,11 @@ class RequestContext:
             yield None
             async for outs in iterate(self.handle, self.arrival + self.timeout, disconnected):
                 if first:
-                    self.metrics.ttft.labels(self.endpoint).observe(time.monotonic() - self.arrival)
+                    self.metrics.ttft(self.endpoint).observe(time.monotonic() - self.arrival)
                     first = False
                 yield outs
             reason = ""
-            self.metrics.latency.labels(self.endpoint).observe(time.monotonic() - self.arrival)
+            self.metrics.latency(self.endpoint).observe(time.monotonic() - self.arrival)
         except TimeoutError:
             reason = "timeout"
             # 408, not 504: the server stopped the request on purpose, it is not a failing upstream
@@ -184,7 +184,7 @@ class RequestContext:
                 yield p.APIError(500, message, type="server_error", code="generation_failed")
         finally:
             if reason:
-                self.metrics.aborted.labels(reason).inc()
+                self.metrics.aborted(reason).inc()
             self.close()
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ class OpenAIServingTokenization(OpenAIServing):
     async def create_tokenize(self, request: p.TokenizeRequest) -> p.TokenizeResponse:
         """``request.prompt``'s token ids, their count and the context (``max_model_len``, tokens); 400 for
         a text over ``limits.max_tokenize_chars`` characters, 503 while loading."""
-        gen = self.generator_for(request)
+        gen = self.target_for(request).generator
         lim.check_text(request.prompt, self.limits.max_tokenize_chars, "prompt")
         ids = await run_in_threadpool(gen.tokenizer.encode, request.prompt)
         return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=gen.config.n_positions)
@@ -29,7 +29,7 @@ class OpenAIServingTokenization(OpenAIServing):
     async def create_detokenize(self, request: p.DetokenizeRequest) -> p.DetokenizeResponse:
         """The text of ``request.tokens``; 400 naming ``tokens`` for an id outside the vocabulary or more
         than ``limits.max_detokenize_tokens`` ids, 503 while loading."""
-        gen = self.generator_for(request)
+        gen = self.target_for(request).generator
         if len(request.tokens) > self.limits.max_detokenize_tokens:
             raise p.invalid(f"tokens: at most {self.limits.max_detokenize_tokens} token ids per request (this "
                             f"server's limit), got {len(request.tokens)}", "tokens", "limit_exceeded")

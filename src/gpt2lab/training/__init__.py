@@ -1,7 +1,8 @@
 """Fine-tuning and training GPT-2 models: data preparation, the training loop, LoRA adapters.
 
-The names below load on first use: loading a model with a LoRA adapter needs only
-``gpt2lab.training.lora``, and ``gpt2lab generate`` should not pay for importing the training loop.
+The names below load on first use: ``gpt2lab generate`` should not pay for importing the training loop.
+LoRA's module swap is :mod:`gpt2lab.model.lora`, its files :mod:`gpt2lab.checkpoints.adapters`
+(``gpt2lab.training.lora`` re-exports both).
 """
 
 from __future__ import annotations

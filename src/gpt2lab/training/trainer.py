@@ -37,13 +37,14 @@ import torch.nn.functional as F
 
 from ..atomic import clean_stale, crash_point, replace_files, write_dir, write_file
 from ..checkpoints import save_model
+from ..checkpoints.adapters import fill_adapter_dir
 from ..checkpoints.io import load_model, write_model_files
 from ..generation.chat_format import style_for_model
 from ..generation.chat_template import ChatTemplate, read_template_file
 from ..model import GPT2
+from ..model.lora import adapter_state, apply_lora, load_adapter_state, merge_lora
 from ..outputs import check_output_dir
 from ..placement import DTYPES, autocast_dtype, set_threads
-from . import lora as lora_mod
 from .chat_data import (
     IGNORE_INDEX,
     ConversationData,
@@ -143,8 +144,8 @@ class Trainer:
                              f"(n_positions={c.n_positions})")
         self.lora_targets = cfg.lora_targets
         if cfg.lora_rank:
-            lora_mod.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_targets,
-                                cfg.lora_dropout, seed=cfg.seed)
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_targets,
+                       cfg.lora_dropout, seed=cfg.seed)
         self.model = model.to(self.device)
         self.chat_template = self._chat_template()  # None: plain causal LM over documents
         self.default_system: str | None = None
@@ -252,7 +253,7 @@ class Trainer:
             return self.model
         import copy
 
-        return lora_mod.merge_lora(copy.deepcopy(self.model))
+        return merge_lora(copy.deepcopy(self.model))
 
     @property
     def _template_source(self) -> str | None:
@@ -271,7 +272,7 @@ class Trainer:
             # the data position: the next global sample index (the order itself is a function of seed)
             "data": {"next_sample": self.step * self.global_batch, "seed": self.cfg.seed},
             "identity": self._identity(),
-            "adapter": lora_mod.adapter_state(self.model) if self.cfg.lora_rank else None,
+            "adapter": adapter_state(self.model) if self.cfg.lora_rank else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         plain = self._plain_model()
@@ -320,7 +321,7 @@ class Trainer:
             # a local base is recorded as an absolute path, so the adapter folder finds it from anywhere
             base = str(Path(self.base_name).resolve()) if self.base_name and Path(self.base_name).is_dir() \
                 else self.base_name
-            write_dir(self.out / "adapter", lambda tmp: lora_mod.fill_adapter_dir(
+            write_dir(self.out / "adapter", lambda tmp: fill_adapter_dir(
                 self.model, tmp, base, self.lora_targets), scope="adapter")
 
     def load_checkpoint(self) -> bool:
@@ -335,7 +336,7 @@ class Trainer:
             detail = "; ".join(f"{k}: was {saved.get(k)!r}, now {now[k]!r}" for k in diff)
             raise ValueError(f"--resume: the run in {self.out} used different settings ({detail})")
         if self.cfg.lora_rank:
-            lora_mod.load_adapter_state(self.model, {k: v.to(self.device) for k, v in state["adapter"].items()})
+            load_adapter_state(self.model, {k: v.to(self.device) for k, v in state["adapter"].items()})
         else:
             weights = load_model(folder / MODEL_DIR).state_dict()
             self.model.load_state_dict(weights)
