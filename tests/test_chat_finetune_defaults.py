@@ -134,8 +134,8 @@ def test_a_chat_fine_tune_is_asked_as_it_was_trained(tmp_path):
     # gpt2lab review make: the prompts go to the chat model as user messages
     review = tmp_path / "review.jsonl"
     result = CliRunner().invoke(app, ["review", "make", *messages[:4], "--model", str(out),
-                                      "--setting", "temperature=0", "--setting", "temperature=0,max_new_tokens=8", "--mode", "ratings", "-o",
-                                 str(review), "--max-new-tokens", "8"])
+                                      "--setting", "temperature=0", "--setting", "temperature=0,max_new_tokens=8",
+                                      "--mode", "ratings", "-o", str(review), "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     texts = [json.loads(line)["candidates"][0]["text"] for line in review.read_text().splitlines()[1:]]
     assert texts and all(t in expected[:4] for t in texts), (texts, expected[:4])
