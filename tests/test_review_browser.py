@@ -307,6 +307,11 @@ def test_api_bounds_and_4xx(tmp_path):
                  ({"reviewer": "", "item": first, "choice": "A"}, 400, "reviewer"),
                  ({"reviewer": "x" * 65, "item": first, "choice": "A"}, 400, "reviewer"),
                  ({"reviewer": "a\nb", "item": first, "choice": "A"}, 400, "reviewer"),
+                 # invisible and reordering characters: "dan\u200b" would count as a second reviewer
+                 ({"reviewer": "dan\u200b", "item": first, "choice": "A"}, 400, "reviewer"),
+                 ({"reviewer": "\u202edan", "item": first, "choice": "A"}, 400, "reviewer"),
+                 ({"reviewer": "d\u2028an", "item": first, "choice": "A"}, 400, "reviewer"),
+                 ({"reviewer": "dan", "item": first, "choice": "A", "scores": {"fluency": 3}}, 400, "scores"),
                  ({"reviewer": "dan", "item": first, "choice": "A", "comment": "c" * 2001}, 400, "comment"),
                  ({"reviewer": "dan", "item": "nope", "choice": "A"}, 404, "item"),
                  ({"reviewer": "dan", "item": first, "choice": "A", "source": "x"}, 400, "source"),

@@ -14,8 +14,8 @@ order when curating) and resumes at the first one they have not judged. Errors a
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import resources
@@ -35,7 +35,6 @@ from .screening import screen_texts
 
 MAX_COMMENT_CHARS = 2000
 MAX_BODY_BYTES = 256 * 1024
-_NAME = re.compile(r"[^\x00-\x1f\x7f]{1," + str(MAX_NAME_CHARS) + "}")
 
 
 class APIError(Exception):
@@ -67,9 +66,19 @@ def _digest(*parts: str) -> bytes:
     return hashlib.sha256("\0".join(parts).encode("utf-8")).digest()
 
 
+MODE_FIELDS = {"pairwise": ("choice",), "ratings": ("scores",), "curation": ("decision", "text")}
+
+
+def _mode_of(field: str) -> str:
+    return next(mode for mode, fields in MODE_FIELDS.items() if field in fields)
+
+
 def check_reviewer(name: str) -> str:
-    name = name.strip()
-    if not _NAME.fullmatch(name):
+    """The reviewer's name, NFC-normalised: 1 to MAX_NAME_CHARS printable characters (``str.isprintable``: no
+    control, format (zero-width, bidirectional overrides) or line/paragraph separator characters, so one person
+    cannot pass for two, nor a name reorder what a terminal shows). ``APIError`` 400 naming ``reviewer``."""
+    name = unicodedata.normalize("NFC", name.strip())
+    if not (1 <= len(name) <= MAX_NAME_CHARS and name.isprintable()):
         raise APIError(400, f"reviewer: a name of 1 to {MAX_NAME_CHARS} printable characters", "reviewer")
     return name
 
@@ -217,8 +226,10 @@ def create_app(review: str | Path | ReviewSet, log: str | Path, *, blocklist: li
                 record["text"] = body.text
             elif body.text is not None:
                 raise APIError(400, "text: only an edit carries a text", "text")
-        if rs.mode != "curation" and (body.decision or body.text):
-            raise APIError(400, "decision/text: only in curation mode", "decision" if body.decision else "text")
+        own = MODE_FIELDS[rs.mode]  # a field of another mode is a client's mistake, never silently dropped
+        foreign = [f for fields in MODE_FIELDS.values() for f in fields if f not in own and getattr(body, f)]
+        if foreign:
+            raise APIError(400, f"{foreign[0]}: only in {_mode_of(foreign[0])} mode, not {rs.mode}", foreign[0])
         record.update(flags=sorted(set(body.flags)), comment=body.comment)
         with lock:
             mine = done.setdefault(reviewer, set())
