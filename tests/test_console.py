@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 from gpt2lab import console
 from gpt2lab.cli.main import app
 
-# what may not reach a terminal: C0 controls but newline and tab, DEL, C1 controls
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# what may not reach a terminal: C0 controls but newline and tab, DEL, C1 controls, bidi overrides, U+2028/9
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 ATTACKS = ["\x1b[2J\x1b[H", "\x1b]0;owned\x07", "\x1b]52;c;ZWNobyBoaQ==\x07", "\x9b31m", "\x1bP+q\x1b\\", "\r\x1b[K",
-           "\x08\x08\x08", "[/b]", "[bold red]red[/]", "[link=http://x]y[/link]", ":smile:", "\x00", "\x7f", "\u009d"]
+           "\x08\x08\x08", "[/b]", "[bold red]red[/]", "[link=http://x]y[/link]", ":smile:", "\x00", "\x7f", "\u009d",
+           "\u202eevil\u202c", "\u2067x\u2069", "a\u2028b"]
 texts = st.one_of(st.text(max_size=40), st.sampled_from(ATTACKS),
                   st.lists(st.one_of(st.sampled_from(ATTACKS), st.text(max_size=8)), max_size=5).map("".join))
 

@@ -9,6 +9,7 @@ and ``explore``), so one rule holds everywhere:
   DEL and the C1 controls (the 8-bit CSI ``U+009B`` ...) -- are shown as ``\\u001b``-style escapes, so a
   text cannot recolour, rewrite, hide or retitle what the operator sees; ``\\r\\n`` shows as a newline.
   The escapes keep a JSON line valid JSON.
+  So are the bidirectional overrides/isolates and U+2028/U+2029, which reorder or split a shown line.
 * **Where it is a file or a pipe**, text is written exactly as it is: generated text is data
   (``gpt2lab generate "..." > out.txt`` keeps every character the model wrote, control characters
   included), and whatever reads it decides what to do with them.
@@ -30,7 +31,10 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.text import Text
 
-_CONTROL = re.compile(r"\r\n|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0/DEL/C1 controls, plus what reorders or splits a terminal's line without being a control: the bidirectional
+# embeddings, overrides and isolates (U+202A-E, U+2066-9: "Trojan Source" text that reads otherwise than it is)
+# and the line/paragraph separators U+2028/9
+_CONTROL = re.compile("\r\n|[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def escape_controls(text: str) -> str:
