@@ -18,7 +18,7 @@ import pytest
 
 from gpt2lab.generation.chat_template import DEFAULT_CHAT_TEMPLATE
 
-from .server_helpers import _env, get, launch, launch_in_thread
+from .server_helpers import _env, free_port, get, launch, launch_in_thread, wait_healthy
 
 psutil = pytest.importorskip("psutil")
 
@@ -200,3 +200,28 @@ def test_renders_queued_behind_slow_ones_hold_no_threads(hostile_short):
     timed_out, answered, status = asyncio.run(main())
     assert status == 200
     assert answered < min(timed_out), (answered, sorted(timed_out)[:3])
+
+
+def test_the_documented_script_without_a_main_guard_serves_chat(tmp_path):
+    """docs/server.md's Python snippet, saved as a script as users write it (no ``if __name__ == "__main__":``):
+    the chat render workers are spawned without re-running the script (each would build one more server and
+    fail while bootstrapping, and the first server stayed "loading" for ever)."""
+    port = free_port()
+    script = tmp_path / "app.py"
+    script.write_text("import gpt2lab\nfrom gpt2lab.server import create_app\nimport uvicorn\n\n"
+                      "app = create_app(gpt2lab.load('shakespeare-gpt2'), max_batch=4, request_timeout=60)\n"
+                      f"uvicorn.run(app, host='127.0.0.1', port={port})\n", encoding="utf-8")
+    log = (tmp_path / "log").open("w")
+    process = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=_env(), stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_healthy(url, process=process), (tmp_path / "log").read_text()
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                           "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        process.kill()
+        process.wait(10)
+        log.close()
+    assert "bootstrapping phase" not in (tmp_path / "log").read_text()

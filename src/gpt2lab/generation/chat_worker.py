@@ -18,11 +18,13 @@ render itself; :class:`RenderFailed` carries it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import queue
+import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,12 +98,38 @@ def _serve(conn: Connection, tokenizer: Tokenizer, style: ChatStyle) -> None:
             conn.send(("error", _kind(exc), str(exc)))
 
 
+_main_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """While a worker is spawned: hide the parent's ``__main__`` from multiprocessing, which would otherwise
+    re-run that script in the child to find objects pickled from it. A worker needs nothing from it (its
+    target and arguments live in gpt2lab), and a script that builds a server at its top level without an
+    ``if __name__ == "__main__":`` guard (docs/server.md's snippet, as users write it) would build one more
+    server in every worker, whose own pool then fails to start while bootstrapping."""
+    main = sys.modules.get("__main__")
+    with _main_lock:
+        if main is None:
+            yield
+            return
+        saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
 class _Worker:
     def __init__(self, context: Any, tokenizer: Tokenizer, style: ChatStyle) -> None:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, tokenizer, style), name="gpt2lab-chat-render",
                                        daemon=True)
-        self.process.start()
+        with _main_not_rerun():
+            self.process.start()
         child.close()
         self.ready = False
 
