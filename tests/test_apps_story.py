@@ -28,8 +28,8 @@ def test_story_longer_than_window_keeps_premise(short_window):
     def recording_engine(**kw):  # the real engine; we only look at the contexts it is given
         engine = make_engine(**kw)
         add = engine.add_request
-        engine.add_request = lambda ids, params, request_id=None: (contexts.append((list(ids), params.max_new_tokens)),
-                                                                   add(ids, params, request_id))[1]
+        engine.add_request = lambda ids, params, *args, **kwargs: (contexts.append((list(ids), params.max_new_tokens)),
+                                                                   add(ids, params, *args, **kwargs))[1]
         return engine
 
     gen.engine = recording_engine
