@@ -376,3 +376,31 @@ def test_a_request_that_bans_every_token_is_a_400_and_hurts_no_other(byte_server
     assert _post(url, {"prompt": "Hi", "max_tokens": 3, "temperature": 0}).status_code == 200
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["engine_failures"] == 0
+
+
+def test_a_client_request_id_is_logged_on_one_escaped_line(caplog):
+    """vLLM's ``request_id`` is the client's text, and the failure line logged it raw: a newline started a
+    fake log line and an OSC sequence retitled the terminal tailing the log."""
+    import asyncio
+
+    from gpt2lab.server.metrics import ServerMetrics
+    from gpt2lab.server.scheduler import Scheduler, _Stream
+
+    class Runner:
+        def abort(self, request_id: str) -> None:
+            pass
+
+    scheduler = Scheduler(None, max_batch=1, max_queue=1, metrics=ServerMetrics())
+    scheduler.runner = Runner()
+    loop = asyncio.new_event_loop()
+    try:
+        rid = "cmpl-x\n gpt2lab: FAKE\x1b]0;PWNED\x07-0"
+        stream = _Stream(loop, asyncio.Queue(), [rid], 1)
+        scheduler._streams[rid] = stream
+        with caplog.at_level("ERROR", logger="gpt2lab.server"):
+            scheduler._fail_request(stream, "ValueError: bad\nline\x1b[2J")
+    finally:
+        loop.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0] and "\x07" not in lines[0], lines
+    assert "cmpl-x\\u000a gpt2lab: FAKE\\u001b]0;PWNED\\u0007" in lines[0] and "bad\\u000aline" in lines[0]
