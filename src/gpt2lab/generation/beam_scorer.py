@@ -6,11 +6,12 @@ with every other row's, and :meth:`BeamSearch.step` then does what one iteration
 ``GenerationMixin._beam_search`` (transformers >= 4.50, vectorised version) does, so that the same weights
 give the same tokens: keep the ``(1 + #eos) * num_beams`` best continuations (at least ``2 * num_beams``),
 retire those that end in EOS (or reach the length limit) among the top ``num_beams`` into the finished set
-scored ``sum_logprobs / new_len ** length_penalty`` (ranked in log space: see :func:`_rank_keys`), continue with the best ``num_beams`` that did not
-finish, and stop when the finished set cannot improve (``early_stopping=False``: the best running beam at
-its current length cannot beat the worst finished one; ``True``: as soon as ``num_beams`` hypotheses
-finished) or at the length limit. The engine then moves its rows' KV cache as :attr:`BeamSearch.reorder`
-says (new beam ``i`` continues old beam ``reorder[i]``), as transformers' ``_reorder_cache`` does.
+scored ``sum_logprobs / new_len ** length_penalty`` (ranked in log space, :func:`_rank_keys`), continue with
+the best ``num_beams`` that did not finish, and stop when the finished set cannot improve
+(``early_stopping=False``: the best running beam at its current length cannot beat the worst finished one;
+``True``: as soon as ``num_beams`` hypotheses finished) or at the length limit. The engine then moves its
+rows' KV cache as :attr:`BeamSearch.reorder` says (new beam ``i`` continues old beam ``reorder[i]``), as
+transformers' ``_reorder_cache`` does.
 
 Beam search is deterministic: temperature and the sampling filters are ignored; the logits processors
 (logit_bias, bad_words, penalties, no_repeat_ngram, min_tokens) apply to the log-probabilities, as in

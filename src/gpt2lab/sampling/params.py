@@ -12,7 +12,6 @@ from typing import Any
 
 from .structured import StructuredOutputsParams
 
-
 MAX_N = 128  # completions per prompt at most (n; the server's best_of too)
 
 
