@@ -171,3 +171,12 @@ def test_tables_read_no_markup(tmp_path, model, monkeypatch):
     result = CliRunner().invoke(app, ["eval", "perplexity", weird, weird, "--model", model])
     assert result.exit_code == 0, result.output
     assert "[bold]x[red].txt" in result.stdout
+
+
+def test_log_text_is_one_line_without_controls():
+    from gpt2lab.console import log_text
+
+    assert log_text("x\n gpt2lab: FAKE\x1b]0;PWNED\x07\t\u2028\x85") == \
+        "x\\u000a gpt2lab: FAKE\\u001b]0;PWNED\\u0007\\u0009\\u2028\\u0085"
+    assert log_text("a\\u000ab") == "a\\\\u000ab"  # a client's own escape stays told apart
+    assert log_text("plain-id_1") == "plain-id_1"

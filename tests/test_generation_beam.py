@@ -87,6 +87,26 @@ def test_generator_beam(tiny_checkpoint):
     assert cut.text == both[0].text[:both[0].text.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_any_finite_length_penalty_ranks_without_overflow(tiny_checkpoint):
+    """``score / length ** length_penalty`` overflowed a float at length_penalty 1000 (OverflowError from
+    ``2 ** 1000.0``): every finite value now ranks the beams (in log space), and the ranking keeps its
+    meaning: a large positive penalty prefers long hypotheses, a large negative one short ones."""
+    model, tok = load_model(tiny_checkpoint), Tokenizer.gpt2()
+    prompt = tok.encode("ROMEO:")
+    for lp in (1000.0, -1000.0, 1e308, -1e308, 5e-324):
+        got = beam_search(model, tok, prompt, SamplingParams(num_beams=2, n=2, length_penalty=lp, max_new_tokens=3))
+        assert len(got) == 2 and all(c.token_ids for c in got), lp
+    from gpt2lab.generation.beam_scorer import _rank_keys
+
+    scores = torch.tensor([-3.0, -1.0, 0.0, 2.0, -float("inf")])
+    for lp in (1.0, 1000.0, -1e308):
+        keys = _rank_keys(scores, 5, lp)
+        assert keys.argsort().tolist() == [4, 0, 1, 2, 3], lp  # the order of the scores themselves
+    long, short = _rank_keys(torch.tensor([-50.0]), 40, 1000.0), _rank_keys(torch.tensor([-1.0]), 2, 1000.0)
+    assert bool(long > short) and bool(_rank_keys(torch.tensor([-50.0]), 40, -1000.0)
+                                       < _rank_keys(torch.tensor([-1.0]), 2, -1000.0))
+
+
 def test_a_beam_request_that_bans_every_token_fails_instead_of_returning_nothing(tiny_checkpoint):
     """Every token banned (one-token bad words, or two-token ones the prompt starts): an error, like
     greedy and sampled requests, where the beams ended with no tokens and finish_reason "length"."""

@@ -119,3 +119,18 @@ def test_tiny_repetition_penalty_gives_the_limit():
     scores = LogitsPipeline(params, VOCAB)(logits, [[7, 9, 7]], [3])
     assert math.isfinite(float(scores[0, 7])) and scores[0, 7] > scores[0, 9] > scores[0, 11]
     assert float(scores.softmax(-1)[0, 7]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("penalty", [1e-300, TINY, 1e-39])
+def test_tiny_repetition_penalty_keeps_masked_seen_tokens_masked(penalty):
+    """A seen token already at -inf (a bad word, EOS under min_tokens) or at exactly 0 gave NaN with a penalty
+    that rounds to 0 in float32 (-inf * 0, 0 / 0): it stays -inf (and 0 stays the limit), and the step samples."""
+    logits = torch.full((1, VOCAB), -1.0)
+    logits[0, 5] = 0.0  # seen, exactly 0
+    logits[0, 8] = 2.0  # seen, positive: the limit's winner
+    for kwargs in ({"bad_words_ids": [[3]]}, {"min_tokens": 1, "stop_token_ids": [3]}):
+        params = [SamplingParams(temperature=0.0, repetition_penalty=penalty, max_new_tokens=3, **kwargs)]
+        scores = LogitsPipeline(params, VOCAB, eos_token_id=3)(logits, [[3, 5, 8]], [3])
+        assert not bool(scores.isnan().any()), kwargs
+        assert float(scores[0, 3]) == float("-inf") and int(scores.argmax()) == 8, kwargs
+        assert int(sample(scores, params, [torch.Generator().manual_seed(0)])[0]) == 8

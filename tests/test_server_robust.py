@@ -134,6 +134,24 @@ def test_extreme_values_in_range_are_served(server, extreme):
         assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("extreme", [
+    # length ** length_penalty overflowed a float (OverflowError: a 500 generation_failed)
+    {"prompt": "ROMEO:", "use_beam_search": True, "n": 2, "length_penalty": 1000, "max_tokens": 3},
+    {"prompt": "ROMEO:", "use_beam_search": True, "n": 2, "length_penalty": -1e308, "max_tokens": 3},
+    # a tiny penalty rounded to 0 turned a seen banned token's -inf into NaN (a 500)
+    {"prompt": "a", "max_tokens": 3, "temperature": 0, "repetition_penalty": 1e-300, "bad_words": ["a"]},
+    {"prompt": [50256], "max_tokens": 3, "temperature": 0, "repetition_penalty": 1e-300, "min_tokens": 1},
+])
+def test_extreme_beam_and_penalty_values_are_served(server, extreme):
+    prompt = extreme["prompt"]
+    chat = {k: v for k, v in extreme.items() if k != "prompt"}
+    chat["messages"] = [{"role": "user", "content": prompt if isinstance(prompt, str) else "<|endoftext|>"}]
+    for path, body in (("/v1/completions", extreme), ("/v1/chat/completions", chat)):
+        r = _post(server.url, body, path)
+        assert r.status_code == 200, (path, r.text)
+        assert len(r.json()["choices"]) == extreme.get("n", 1)
+
+
 # -- kind 3 (server side): text is Unicode ----------------------------------------------------------
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"prompt": "Hi \ud800 there"}, "prompt"),
@@ -213,6 +231,10 @@ def test_huge_prompts_neither_stall_health_nor_a_running_stream(server, tmp_path
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 1025}, "messages"),
     ("/v1/completions", {"prompt": ["x"] * 81}, "n"),  # prompts x n beyond the server's capacity
     ("/v1/completions", {"prompt": "x", "n": 100}, "n"),
+    # best_of beyond n's range was a ValueError (500) from SamplingParams; beyond the capacity it named n
+    ("/v1/completions", {"prompt": "a", "best_of": 129, "n": 2, "max_tokens": 1}, "best_of"),
+    ("/v1/completions", {"prompt": "a", "best_of": 10**9, "n": 2, "max_tokens": 1}, "best_of"),
+    ("/v1/completions", {"prompt": "a", "best_of": 100, "max_tokens": 1}, "best_of"),
 ])
 def test_limits_are_400_naming_the_field(server, path, body, param):
     r = _post(server.url, body, path)
@@ -354,3 +376,31 @@ def test_a_request_that_bans_every_token_is_a_400_and_hurts_no_other(byte_server
     assert _post(url, {"prompt": "Hi", "max_tokens": 3, "temperature": 0}).status_code == 200
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["engine_failures"] == 0
+
+
+def test_a_client_request_id_is_logged_on_one_escaped_line(caplog):
+    """vLLM's ``request_id`` is the client's text, and the failure line logged it raw: a newline started a
+    fake log line and an OSC sequence retitled the terminal tailing the log."""
+    import asyncio
+
+    from gpt2lab.server.metrics import ServerMetrics
+    from gpt2lab.server.scheduler import Scheduler, _Stream
+
+    class Runner:
+        def abort(self, request_id: str) -> None:
+            pass
+
+    scheduler = Scheduler(None, max_batch=1, max_queue=1, metrics=ServerMetrics())
+    scheduler.runner = Runner()
+    loop = asyncio.new_event_loop()
+    try:
+        rid = "cmpl-x\n gpt2lab: FAKE\x1b]0;PWNED\x07-0"
+        stream = _Stream(loop, asyncio.Queue(), [rid], 1)
+        scheduler._streams[rid] = stream
+        with caplog.at_level("ERROR", logger="gpt2lab.server"):
+            scheduler._fail_request(stream, "ValueError: bad\nline\x1b[2J")
+    finally:
+        loop.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0] and "\x07" not in lines[0], lines
+    assert "cmpl-x\\u000a gpt2lab: FAKE\\u001b]0;PWNED\\u0007" in lines[0] and "bad\\u000aline" in lines[0]

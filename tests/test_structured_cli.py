@@ -56,15 +56,36 @@ def test_generate_with_each_kind_of_constraint(tiny_checkpoint, tmp_path):
     (["--json-schema", "missing.json"], "--json-schema missing.json: cannot read"),
     (["--json-schema", "{schema}"], "--json-schema {schema}: Invalid type"),
     (["--choice", "a", "--num-beams", "2"], "beam search"),
+    # nested 5000 deep: a RecursionError traceback (exit 1) before the bounded reader
+    (["--json-schema", "{deep}"], "--json-schema {deep}: JSON nested deeper than"),
 ])
 def test_bad_constraints_fail_in_one_line_before_any_model_loads(tmp_path, args, message):
     schema = tmp_path / "bad.json"
     schema.write_text('{"type": "objekt"}', encoding="utf-8")
-    args = [a.format(schema=schema) for a in args]
+    deep = _deep_schema(tmp_path)
+    args = [a.format(schema=schema, deep=deep) for a in args]
+    message = message.replace("{deep}", str(deep))
     r = _gpt2lab("generate", "x", "--model", str(tmp_path / "no-such-model"), *args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("gpt2lab: error: ") and message.format(schema=schema) in lines[0], lines
+
+
+def _deep_schema(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"anyOf":[' * 5000 + "{}" + "]}" * 5000, encoding="utf-8")
+    return deep
+
+
+def test_augment_deep_json_schema_fails_in_one_line(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\nI loved this film,pos\n", encoding="utf-8")
+    deep = _deep_schema(tmp_path)
+    r = _gpt2lab("augment", str(data), "--out", str(tmp_path / "o.jsonl"), "--json-schema", str(deep),
+                 "--model", str(tmp_path / "no-such-model"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"gpt2lab: error: --json-schema {deep}: JSON nested deeper than"), lines
 
 
 def test_augment_json_schema_rows_parse_and_keep_their_label(tiny_checkpoint, tmp_path):

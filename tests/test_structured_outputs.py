@@ -247,6 +247,7 @@ def test_stream_logprobs_and_seeds_with_a_constraint(gen):
     ({"regex": "(abc"}, "structured_outputs.regex"),
     ({"json": {"type": "objekt"}}, "structured_outputs.json"),
     ({"json": "{not json"}, "structured_outputs.json"),
+    ({"json": '{"anyOf":[' * 5000 + "{}" + "]}" * 5000}, "structured_outputs.json: JSON nested deeper"),
     ({"json": {"type": "string", "format": "no-such-format-x"}}, "structured_outputs.json"),
     ({"grammar": "start: undefined_rule"}, "structured_outputs.grammar"),
     ({"choice": []}, "structured_outputs.choice"),

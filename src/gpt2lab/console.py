@@ -43,6 +43,17 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: "\n" if m.group() == "\r\n" else f"\\u{ord(m.group()):04x}", text)
 
 
+_LOG_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def log_text(text: object) -> str:
+    """``text`` (a client's request id, a URL path, an error quoting a request) as one line of a log: every
+    control character, newline and tab included, and the Unicode line separators written as a ``\\uXXXX``
+    escape (backslashes doubled first, so an escape a client wrote is not mistaken for one), so that it
+    can neither start a fake log line nor send the terminal tailing the log an escape sequence."""
+    return _LOG_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", str(text).replace("\\", "\\\\"))
+
+
 def is_terminal(stream: IO[str] | None) -> bool:
     """Whether ``stream`` is an interactive terminal (False for files, pipes and closed streams)."""
     try:

@@ -41,6 +41,19 @@ def _read(path: Path, flag: str) -> str:
         fail(f"{flag} {path}: cannot read ({exc})")
 
 
+def _read_schema(path: Path, flag: str) -> Any:
+    """The JSON Schema file, parsed by the project's bounded reader (size and nesting capped: a schema nested
+    thousands deep is one line naming the file, not a RecursionError)."""
+    from ..readers import read_json
+
+    try:
+        return read_json(path)
+    except OSError as exc:
+        fail(f"{flag} {path}: cannot read ({exc})")
+    except ValueError as exc:  # ReadError: names the file and what is wrong
+        fail(f"{flag} {exc}")
+
+
 def structured_outputs(command: str, *, json_schema: Path | None = None, regex: str | None = None,
                        choice: list[str] | None = None, grammar: Path | None = None) -> Any:
     """The :class:`~gpt2lab.sampling.StructuredOutputsParams` the flags ask for (None: none), checked before any
@@ -60,7 +73,7 @@ def structured_outputs(command: str, *, json_schema: Path | None = None, regex: 
     flag = flags[0]
     try:
         if flag == "--json-schema":
-            spec = StructuredOutputsParams(json=_read(json_schema, flag))
+            spec = StructuredOutputsParams(json=_read_schema(json_schema, flag))
         elif flag == "--grammar":
             spec = StructuredOutputsParams(grammar=_read(grammar, flag))
         elif flag == "--choice":

@@ -6,11 +6,12 @@ with every other row's, and :meth:`BeamSearch.step` then does what one iteration
 ``GenerationMixin._beam_search`` (transformers >= 4.50, vectorised version) does, so that the same weights
 give the same tokens: keep the ``(1 + #eos) * num_beams`` best continuations (at least ``2 * num_beams``),
 retire those that end in EOS (or reach the length limit) among the top ``num_beams`` into the finished set
-scored ``sum_logprobs / new_len ** length_penalty``, continue with the best ``num_beams`` that did not
-finish, and stop when the finished set cannot improve (``early_stopping=False``: the best running beam at
-its current length cannot beat the worst finished one; ``True``: as soon as ``num_beams`` hypotheses
-finished) or at the length limit. The engine then moves its rows' KV cache as :attr:`BeamSearch.reorder`
-says (new beam ``i`` continues old beam ``reorder[i]``), as transformers' ``_reorder_cache`` does.
+scored ``sum_logprobs / new_len ** length_penalty`` (ranked in log space, :func:`_rank_keys`), continue with
+the best ``num_beams`` that did not finish, and stop when the finished set cannot improve
+(``early_stopping=False``: the best running beam at its current length cannot beat the worst finished one;
+``True``: as soon as ``num_beams`` hypotheses finished) or at the length limit. The engine then moves its
+rows' KV cache as :attr:`BeamSearch.reorder` says (new beam ``i`` continues old beam ``reorder[i]``), as
+transformers' ``_reorder_cache`` does.
 
 Beam search is deterministic: temperature and the sampling filters are ignored; the logits processors
 (logit_bias, bad_words, penalties, no_repeat_ngram, min_tokens) apply to the log-probabilities, as in
@@ -34,6 +35,21 @@ from .outputs import RequestOutput, TokenLogprob, token_logprobs
 from .stopping import SequenceText
 
 _NEG = -1.0e9  # transformers' "impossible" score
+_LOG_CAP = 1.0e6  # |log| of a length-penalised score beyond which only its sign is kept (ties; never overflow)
+
+
+def _rank_keys(scores: torch.Tensor, length: int, length_penalty: float) -> torch.Tensor:
+    """Float64 keys in the order of ``scores / length ** length_penalty`` (transformers' finished-beam score),
+    computed in log space so that no finite ``length_penalty`` overflows (``2 ** 1000.0`` raises
+    OverflowError) or underflows to a tie between different lengths: ``log |score|`` (clamped to
+    ``+-_LOG_CAP``) placed above ``3 * _LOG_CAP`` for positive scores (logit_bias can make them positive),
+    below ``-3 * _LOG_CAP`` (mirrored) for negative ones, 0 for 0. ``-inf`` scores get ``-inf``."""
+    s = scores.double()
+    log_mag = torch.log(s.abs()) - length_penalty * math.log(length)  # python float: inf, never an error
+    log_mag = torch.nan_to_num(log_mag, nan=0.0).clamp(-_LOG_CAP, _LOG_CAP)
+    keys = torch.where(s > 0, 3 * _LOG_CAP + log_mag, -(3 * _LOG_CAP + log_mag))
+    keys = torch.where(s == 0, torch.zeros_like(keys), keys)
+    return torch.where(torch.isneginf(s), torch.full_like(keys, -math.inf), keys)
 
 
 class BeamSearch:
@@ -67,7 +83,8 @@ class BeamSearch:
         self._running_scores = torch.zeros(num_beams, device=device)
         self._running_scores[1:] = _NEG  # only beam 0 is real at the start: the others would duplicate it
         self._finished = self._running.clone()
-        self._finished_scores = torch.full((num_beams,), _NEG, device=device)
+        # rank keys (see _rank_keys), not the scores themselves: -inf is "no hypothesis"
+        self._finished_scores = torch.full((num_beams,), -math.inf, dtype=torch.float64, device=device)
         self._finished_lens = torch.zeros(num_beams, dtype=torch.long, device=device)
         self._is_finished = torch.zeros(num_beams, dtype=torch.bool, device=device)
         self._improvable = True
@@ -111,22 +128,23 @@ class BeamSearch:
 
         # candidates among the top num_beams that just finished join the finished set if good enough
         just = hits & self._top_mask
-        fin = topk_scores / ((cur_len + 1 - L) ** self.params.length_penalty)
         early = self.params.early_stopping is True
-        fin = fin + float(early and bool(self._is_finished.all())) * _NEG
-        fin = fin + float(not self._improvable) * _NEG
-        fin = fin + (~just) * _NEG
+        eligible = just & torch.isfinite(topk_scores)
+        if (early and bool(self._is_finished.all())) or not self._improvable:
+            eligible = torch.zeros_like(eligible)
+        fin = torch.where(eligible, _rank_keys(topk_scores, cur_len + 1 - L, self.params.length_penalty),
+                          -math.inf)
         merged_scores = torch.cat((self._finished_scores, fin))
         best = torch.topk(merged_scores, k=num_beams)[1]
         self._finished = torch.cat((self._finished, cand))[best]
         self._finished_scores = merged_scores[best]
         self._finished_lens = torch.cat((self._finished_lens,
                                          torch.full((self._keep,), cur_len + 1 - L, device=self.device)))[best]
-        self._is_finished = torch.cat((self._is_finished, just))[best]
+        self._is_finished = torch.cat((self._is_finished, eligible))[best]
 
         self.cur_len = cur_len = cur_len + 1
-        best_running = self._running_scores[:1] / ((cur_len - L) ** self.params.length_penalty)
-        worst_finished = torch.where(self._is_finished, self._finished_scores.min(), _NEG)
+        best_running = _rank_keys(self._running_scores[:1], cur_len - L, self.params.length_penalty)
+        worst_finished = torch.where(self._is_finished, self._finished_scores.min(), -math.inf)
         self._improvable = self._improvable and bool((best_running > worst_finished).any())
         if not self._improvable or (early and bool(self._is_finished.all())) or bool(hits.all()):
             return True

@@ -12,6 +12,8 @@ from typing import Any
 
 from .structured import StructuredOutputsParams
 
+MAX_N = 128  # completions per prompt at most (n; the server's best_of too)
+
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
@@ -149,7 +151,7 @@ class SamplingParams:
                "a list of token ids >= 0", self.stop_token_ids)
         _check(all(s and all(_is_int(t) and t >= 0 for t in s) for s in self.bad_words_ids), "bad_words_ids",
                "a list of non-empty token id lists (ids >= 0)", self.bad_words_ids)
-        _check(_is_int(self.n) and 1 <= self.n <= 128, "n", "an integer in [1, 128]", self.n)
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"an integer in [1, {MAX_N}]", self.n)
         _check(_is_int(self.num_beams) and 1 <= self.num_beams <= 64, "num_beams", "an integer in [1, 64]",
                self.num_beams)
         if self.num_beams > 1:

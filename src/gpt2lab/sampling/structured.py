@@ -107,10 +107,12 @@ class StructuredOutputsParams:
             raise ValueError(f"structured_outputs must give exactly one of {', '.join(KINDS)}, got "
                              f"{', '.join(given) if given else 'none'}")
         if isinstance(self.json, str):
-            try:
-                self.json = json.loads(self.json)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"structured_outputs.json: not valid JSON ({exc})") from None
+            from ..readers import ReadError, parse_json
+
+            try:  # the bounded parser: a schema nested thousands deep is a ValueError, not a RecursionError
+                self.json = parse_json(self.json, "structured_outputs.json")
+            except ReadError as exc:
+                raise ValueError(str(exc).replace("; not a file gpt2lab reads", "")) from None
         if self.json is not None and not (self.json is True or isinstance(self.json, dict)):
             raise ValueError(f"structured_outputs.json must be a JSON Schema object (or true for any JSON object), "
                              f"got {type(self.json).__name__}")

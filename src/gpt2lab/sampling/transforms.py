@@ -282,7 +282,11 @@ class RepetitionPenalty(LogitsTransform):
         ids, lengths = self._ids.update(scores, histories)
         penalties = self.penalty * len(lengths) if len(self.penalty) == 1 else list(self.penalty)
         # an empty history's padding is no seen token: no penalty for that row
-        penalty = _column([p if n else 1.0 for p, n in zip(penalties, lengths)], scores)
+        # A penalty below the dtype's smallest normal number (1e-300 in float32) would round to 0: then a
+        # banned seen token (-inf) times 0 is NaN, and a seen 0 divided by 0 too. The smallest normal
+        # keeps the limit's order (negatives to -0, positives above all else) and -inf at -inf.
+        penalty = _column([p if n else 1.0 for p, n in zip(penalties, lengths)], scores).clamp_(
+            min=torch.finfo(scores.dtype).tiny)
         score = scores.gather(1, ids)
         # A tiny penalty would overflow float32 (score / 1e-40 = inf, and inf - inf = nan later). Divide
         # by no less than what keeps the largest seen score finite: the same value wherever the plain

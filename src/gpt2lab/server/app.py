@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..console import log_text
 from ..http_guard import LOOPBACK_NAMES, HostOriginGuard
 from . import limits as lim
 from . import protocol as p
@@ -264,7 +265,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("gpt2lab: unhandled error on %s", request.url.path)
+        log.exception("gpt2lab: unhandled error on %s", log_text(request.url.path))  # the client's path, decoded
         return JSONResponse(p.error_body(f"internal server error: {type(exc).__name__}", type="server_error"),
                             status_code=500)
 

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..console import log_text
 from ..sampling import SamplingParams
 from .metrics import ModelMetrics, ServerMetrics
 
@@ -342,7 +343,9 @@ class Scheduler:
 
     def _fail_request(self, stream: _Stream, error: str) -> None:
         self.request_failures += 1
-        log.error("gpt2lab: request %s failed inside a step: %s", stream.request_ids[0].rsplit("-", 1)[0], error)
+        # the request id is the client's (vLLM's request_id) and the error may quote the request: one escaped line
+        log.error("gpt2lab: request %s failed inside a step: %s", log_text(stream.request_ids[0].rsplit("-", 1)[0]),
+                  log_text(error))
         for request_id in stream.request_ids:
             if self._streams.pop(request_id, None) is not None:
                 self.runner.abort(request_id)  # its other prompts and samples

@@ -9,6 +9,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from ..generation.engine import truncate_prompt_tokens
+from ..sampling.params import MAX_N
 from . import limits as lim
 from . import protocol as p
 from .response_builder import CompletionResponseBuilder
@@ -45,7 +46,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if best_of is not None:  # generate best_of, keep the n best: ranked by their token logprobs
             params = params.with_(n=best_of, logprobs=params.logprobs or 0)
         check_token_ids(params.stop_token_ids, gen.config.vocab_size, "stop_token_ids")
-        self.check_capacity(target, _count_prompts(request.prompt), params)  # before tokenizing any of them
+        # before tokenizing any of them; best_of candidates count as n
+        self.check_capacity(target, _count_prompts(request.prompt), params, "n" if best_of is None else "best_of")
         # a prompt cut to its last k tokens may be longer than the context: then only the body limit bounds it
         max_chars = target.max_prompt_chars if params.truncate_prompt_tokens is None else None
         prompts, texts = await run_in_threadpool(_encode_prompts, gen, request.prompt, max_chars)
@@ -85,6 +87,8 @@ def _check_best_of(request: p.CompletionRequest, params: Any) -> int | None:
         return None
     if best_of < params.n:
         raise p.invalid(f"best_of ({best_of}) must be at least n ({params.n})", "best_of")
+    if best_of > MAX_N:  # the candidates are n of one request: n's range (a ValueError, a 500, otherwise)
+        raise p.invalid(f"best_of must be an integer in [n, {MAX_N}], got {best_of}", "best_of")
     if request.stream:
         raise p.invalid("best_of greater than n cannot be streamed: the best are known at the end (as OpenAI)",
                         "best_of")

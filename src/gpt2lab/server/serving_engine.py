@@ -58,12 +58,13 @@ class OpenAIServing:
         loads, 404 ``model_not_found`` for a name this server does not serve."""
         return self.models.target(request.model)
 
-    def check_capacity(self, target: Target, num_prompts: int, params: SamplingParams) -> None:
-        """400 naming ``n`` if ``num_prompts x n`` sequences exceed what the target's engine can ever hold."""
+    def check_capacity(self, target: Target, num_prompts: int, params: SamplingParams, field: str = "n") -> None:
+        """400 naming ``field`` (``n``, or ``best_of`` when it set ``params.n``) if ``num_prompts x n`` sequences
+        exceed what the target's engine can ever hold."""
         sequences, capacity = num_prompts * params.n, target.scheduler.capacity
         if sequences > capacity:
-            raise p.invalid(f"this request needs {sequences} sequences (prompts x n) but the server holds at "
-                            f"most {capacity} (max_batch + max_queue)", "n")
+            raise p.invalid(f"this request needs {sequences} sequences (prompts x {field}) but the server holds "
+                            f"at most {capacity} (max_batch + max_queue)", field)
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
         """``params`` within this server's limits (:func:`~.limits.check_params`: 400 naming the field)."""
