@@ -377,7 +377,8 @@ def prepare_data(paths: Sequence[str | os.PathLike[str]], cache_dir: str | os.Pa
     _write_meta(cache, meta)
     if stats.replaced_bytes:
         log(f"gpt2lab: replaced {stats.replaced_bytes} invalid UTF-8 sequence(s) with U+FFFD")
-    log(f"gpt2lab: {n_train:,} training tokens ({n_train_docs} documents), {n_val:,} validation tokens; {note}")
+    documents = f"{n_train_docs} document{'s' if n_train_docs != 1 else ''}"
+    log(f"gpt2lab: {n_train:,} training tokens ({documents}), {n_val:,} validation tokens; {note}")
     return _open(cache, meta, dtype)
 
 
