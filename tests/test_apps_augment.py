@@ -262,6 +262,18 @@ def test_bad_input_errors(aug_model, tmp_path):
     assert result.exit_code == 2 and "is the input file" in result.output
 
 
+def test_a_continuation_that_adds_no_word_is_empty(aug_model, tmp_path):
+    """The opening plus only punctuation (",") was kept as a new example: it adds nothing."""
+    _, gen = aug_model
+    data = write_csv(tmp_path / "d.csv", [(1, "the cat sat on the mat today", "a"), (2, "a dog ran in the park", "a")])
+    comma = gen.tokenizer.encode(",")
+    assert len(comma) == 1
+    params = SamplingParams(seed=1, max_new_tokens=1, logit_bias={comma[0]: 100.0})
+    summary = augment(gen, data, tmp_path / "out.jsonl", label_column="label", per_example=2,
+                      methods=["continuation"], params=params)
+    assert summary.generated == 0 and summary.filtered["empty"] == 4, summary
+
+
 def test_a_candidate_whose_settings_ban_every_token_fails_instead_of_counting_as_empty(aug_model, tmp_path):
     """A candidate the engine ended with an error (every token banned, NaN scores) was filtered as "empty",
     and the run reported success with nothing generated; the CLI now says why in one line, exit 2."""

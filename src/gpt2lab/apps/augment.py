@@ -11,8 +11,9 @@ few-shot list of rows with the same label as JSON objects; the schema's properti
 text column among them) and the label's property is pinned to the source row's label (``const``), so each
 new row parses, validates and keeps its label. A row cut at the length limit is filtered as ``invalid_json``.
 
-Candidates are filtered: empty output, length bounds (words), exact duplicates and near duplicates
-(character 3-gram Jaccard similarity >= a threshold) of the originals and of each other.
+Candidates are filtered: empty output (a continuation that adds no letter or digit is empty), length bounds
+(words), exact duplicates and near duplicates (character 3-gram Jaccard similarity >= a threshold) of the
+originals and of each other.
 
 Output (CSV/TSV or JSONL by its suffix) holds every original row followed by its kept examples, with
 three added columns: ``aug_origin`` (``original`` | ``generated``), ``aug_source_row`` (0-based row of
@@ -382,6 +383,9 @@ class AugmentPrompts:
                     fields = _parse_row(body) if completion.finish_reason == "stop" else None
                     text = None if fields is None else _one_line(str(fields.get(self.text_column) or ""))
                     result[c.row].append((c.method, text, fields))
+                    continue
+                if c.prefix and not any(ch.isalnum() for ch in body):  # adds no word, only punctuation: "empty"
+                    result[c.row].append((c.method, "", None))
                     continue
                 result[c.row].append((c.method, _one_line(c.prefix + body) if c.prefix else _one_line(body), None))
         return result
