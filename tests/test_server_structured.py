@@ -170,3 +170,27 @@ def test_a_compile_over_the_time_limit_is_a_400_and_the_server_goes_on(gen):
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+def test_slow_compiles_wait_on_their_own_pool_and_a_flood_is_429(server):
+    """Distinct slow specs at once (a flood of regexes that each compile for a while): they used the thread
+    pool that tokenizes every request, so a plain /tokenize waited behind them for seconds and valid specs ran
+    out of time. Now they run COMPILE_THREADS at a time on their own pool, at most MAX_COMPILES pending (429
+    past that), and a plain request meanwhile is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpt2lab.server.structured import MAX_COMPILES
+
+    def ask(n: int) -> httpx.Response:
+        body = {"prompt": "x", "max_tokens": 1, "structured_outputs": {"regex": f"(e{{1000}}){{{100 + n}}}"}}
+        return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+
+    with ThreadPoolExecutor(MAX_COMPILES + 8) as pool:
+        flood = [pool.submit(ask, n) for n in range(MAX_COMPILES + 8)]
+        plain = httpx.post(f"{server.url}/tokenize", json={"prompt": "hello"}, timeout=120)
+        answers = [f.result() for f in flood]
+    assert plain.status_code == 200
+    statuses = [r.status_code for r in answers]
+    assert all(s in (200, 400, 429) for s in statuses), [r.text for r in answers if r.status_code >= 500]
+    busy = [r.json()["error"] for r in answers if r.status_code == 429]
+    assert busy and all(e["code"] == "server_busy" for e in busy), statuses

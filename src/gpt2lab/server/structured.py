@@ -10,13 +10,18 @@ way: the output always matches the schema.
 A hostile spec cannot stall the server: its JSON text is bounded (``Limits.max_structured_chars``, checked on
 the loop before anything else), it compiles on a worker thread within ``Limits.structured_compile_s`` seconds
 and llguidance's own parser limits (a 400 naming the field either way), and compiled grammars are cached by
-their text, so the same schema compiles once.
+their text, so the same schema compiles once. Compiles run on their own small thread pool
+(``COMPILE_THREADS``), never on the one that tokenizes and renders every other request, and at most
+``MAX_COMPILES`` are running or waiting at once: more is a 429 ``server_busy`` at once. A compile abandoned at
+its time limit keeps its place until its thread is done, so repeating slow specs cannot pile up work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +29,32 @@ from starlette.concurrency import run_in_threadpool
 from ..sampling.structured import StructuredOutputsParams, compiled_matcher, tokenizer_grammars
 from . import limits as lim
 from . import protocol as p
+
+COMPILE_THREADS = 2  # grammar compiles at once, in every server of this process (each is CPU-bound)
+MAX_COMPILES = 16  # running or waiting; more is a 429
+_compiles = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="gpt2lab-structured-compile")
+_pending = 0  # compiles submitted and not finished (an abandoned one included)
+_pending_lock = threading.Lock()
+
+
+def _finished(_future: Any) -> None:
+    global _pending
+    with _pending_lock:
+        _pending -= 1
+
+
+def _submit_compile(spec: StructuredOutputsParams, tokenizer: Any) -> asyncio.Future:
+    """``compiled_matcher(spec, tokenizer)`` on the compile pool; 429 when ``MAX_COMPILES`` are pending."""
+    global _pending
+    with _pending_lock:
+        if _pending >= MAX_COMPILES:
+            raise p.APIError(429, f"{MAX_COMPILES} structured outputs are compiling on this server; retry after "
+                             "1 s", type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        _pending += 1
+    future = _compiles.submit(compiled_matcher, spec, tokenizer)
+    future.add_done_callback(_finished)
+    return asyncio.wrap_future(future)
+
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -87,7 +118,8 @@ async def compile_spec(spec: StructuredOutputsParams, field: str, tokenizer: Any
     ``limits.structured_compile_s`` seconds: 400 naming ``field`` when it is invalid or too slow to compile."""
     try:
         await run_in_threadpool(tokenizer_grammars, tokenizer)  # once per tokenizer (about a second), not bounded
-        await asyncio.wait_for(run_in_threadpool(compiled_matcher, spec, tokenizer), limits.structured_compile_s)
+        # shield: at the time limit the request stops waiting; the compile finishes on its thread (and is cached)
+        await asyncio.wait_for(asyncio.shield(_submit_compile(spec, tokenizer)), limits.structured_compile_s)
     except asyncio.TimeoutError:
         # the worker finishes on its own: llguidance's parser limits bound its work
         raise p.invalid(f"{field}: compiling this structured output took more than this server's limit of "
