@@ -180,3 +180,4 @@ def test_log_text_is_one_line_without_controls():
         "x\\u000a gpt2lab: FAKE\\u001b]0;PWNED\\u0007\\u0009\\u2028\\u0085"
     assert log_text("a\\u000ab") == "a\\\\u000ab"  # a client's own escape stays told apart
     assert log_text("plain-id_1") == "plain-id_1"
+    assert log_text("id\u202eevil\u2066") == "id\\u202eevil\\u2066"  # what reorders a shown line, as on a terminal

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 # C0/DEL/C1 controls, plus what reorders or splits a terminal's line without being a control: the bidirectional
 # embeddings, overrides and isolates (U+202A-E, U+2066-9: "Trojan Source" text that reads otherwise than it is)
 # and the line/paragraph separators U+2028/9
-_CONTROL = re.compile("\r\n|[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_REORDERING = "\u2028\u2029\u202a-\u202e\u2066-\u2069"  # a character class's body, shared by both patterns
+_CONTROL = re.compile(f"\r\n|[\x00-\x08\x0b-\x1f\x7f-\x9f{_REORDERING}]")
 
 
 def escape_controls(text: str) -> str:
@@ -43,13 +44,14 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: "\n" if m.group() == "\r\n" else f"\\u{ord(m.group()):04x}", text)
 
 
-_LOG_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# a log line: every control character, newline and tab included, and the same reordering characters as above
+_LOG_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_REORDERING}]")
 
 
 def log_text(text: object) -> str:
     """``text`` (a client's request id, a URL path, an error quoting a request) as one line of a log: every
-    control character, newline and tab included, and the Unicode line separators written as a ``\\uXXXX``
-    escape (backslashes doubled first, so an escape a client wrote is not mistaken for one), so that it
+    control character, newline and tab included, the line separators and the bidirectional overrides written
+    as a ``\\uXXXX`` escape (backslashes doubled first, so an escape a client wrote is not mistaken for one), so that it
     can neither start a fake log line nor send the terminal tailing the log an escape sequence."""
     return _LOG_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", str(text).replace("\\", "\\\\"))
 
