@@ -143,12 +143,12 @@ def test_prompt_logprobs_come_from_the_prefill_for_every_kind_of_request(gen):
         finally:
             hook.remove()
         assert engine.prefill_tokens == before and forwards == []  # adding it did no model work
-        runner.add(ids, SamplingParams(max_new_tokens=3, num_beams=2, prompt_logprobs=2), request_id="beams")
+        runner.add(ids, SamplingParams(max_new_tokens=3, num_beams=2, n=2, prompt_logprobs=2), request_id="beams")
         runner.add(ids, SamplingParams(max_new_tokens=3, seed=1), request_id="plain")
         runner.run()
-        for rid, count in (("n2", 2), ("beams", 1)):
+        for rid in ("n2", "beams"):  # every sample and every returned beam carries them
             completions = runner.completions(rid)
-            assert len(completions) >= count
+            assert len(completions) == 2
             for c in completions:
                 assert [e.token_id for e in c.prompt_logprobs] == ids[1:]
                 assert [e.logprob for e in c.prompt_logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-4)
@@ -160,3 +160,45 @@ def test_prompt_logprobs_come_from_the_prefill_for_every_kind_of_request(gen):
         assert plain.token_ids == gen.generate(prompt, max_new_tokens=3, seed=1)[0].token_ids
     finally:
         gen.prefix_cache = saved
+
+
+def test_prompt_logprobs_work_is_admitted_a_budget_per_step_while_streams_decode(gen):
+    """Many prompt_logprobs requests (and max_tokens=0 scoring ones) beside a running stream: each step admits at
+    most a budget of their prompt tokens, so the stream gets a token every step; a scoring request (no room to
+    generate) is scored at admission, not in add_request, and can be aborted while it waits."""
+    from gpt2lab.generation.engine import _PROMPT_LOGPROBS_TOKENS
+
+    runner = gen.runner()
+    engine = runner.engine
+    runner.add(gen.encode_prompt("Once"), SamplingParams(max_new_tokens=12, seed=0, ignore_eos=True),
+               request_id="stream")
+    runner.step()
+    prompts = [gen.tokenizer.encode(f"Request {i}: " + "the quick brown fox jumps over the lazy dog " * 9)
+               for i in range(24)]
+    forwards = []
+    hook = gen.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        for i, ids in enumerate(prompts):
+            budget_zero = i % 3 == 0  # scoring only: max_new_tokens 0
+            runner.add(ids, SamplingParams(max_new_tokens=0 if budget_zero else 1, prompt_logprobs=1),
+                       request_id=f"p{i}")
+    finally:
+        hook.remove()
+    assert forwards == []  # nothing was computed while adding
+    runner.engine.abort("p21")  # waiting: dropped, never scored
+    before, streamed, steps = engine.prefill_tokens, 0, 0
+    while engine.has_unfinished():
+        step = runner.step()
+        steps += 1
+        streamed += any(o.request_id == "stream" for o in step.outputs)
+        assert engine.prefill_tokens - before <= _PROMPT_LOGPROBS_TOKENS + len(prompts[0])
+        before = engine.prefill_tokens
+        if steps == 11:
+            break
+    assert streamed == steps  # the stream decoded in every step while the others were admitted
+    runner.run()
+    for i in (0, 1):  # a scoring request (no tokens) and a generating one (one token)
+        (c,) = runner.completions(f"p{i}")
+        assert [e.token_id for e in c.prompt_logprobs] == prompts[i][1:] and len(c.token_ids) == i
+        expected = gen.score(prompts[i], top_n=1)
+        assert [e.logprob for e in c.prompt_logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-4)

@@ -156,7 +156,7 @@ class BeamSearch:
     def outputs(self, model: GPT2, request_id: str,
                 prompt_logprobs: list[TokenLogprob] | None) -> list[RequestOutput]:
         """The ``params.n`` best finished beams, best first, each as its sequence's one and last output
-        (``prompt_logprobs`` with the first). Logprobs (when asked for) are the raw model distribution's,
+        (each with ``prompt_logprobs``, as a request's samples all carry them). Logprobs (when asked for) are the raw model distribution's,
         from one plain forward of each beam (``model``'s PyTorch code; the KV cache untouched)."""
         params, L = self.params, len(self.prompt_ids)
         results = []
@@ -179,5 +179,5 @@ class BeamSearch:
                 text, logprobs, reason = text + delta, logprobs + released, "length"
             results.append(RequestOutput(request_id, i, ids, text, True, reason,
                                          logprobs if params.logprobs is not None else None,
-                                         prompt_logprobs if i == 0 else None))
+                                         prompt_logprobs))
         return results

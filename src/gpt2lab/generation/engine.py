@@ -55,8 +55,10 @@ from .stopping import SequenceText
 
 _CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
 _PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward (bounds activation and mask memory)
-_PROMPT_LOGPROBS_TOKENS = 1024  # the same for prompts whose every position's logits are kept (4 KB a token per
-# 1000 words of vocabulary: 206 MB for GPT-2's 50257 at 1024 tokens)
+# prompt tokens whose every position's logits one step computes (prompt logprobs): per prefill forward, it bounds
+# memory (4 KB a token per 1000 words of vocabulary: 206 MB for GPT-2's 50257 at 1024 tokens); per step, the
+# time the running streams wait (log-softmax and top-n entries over the vocabulary for every position)
+_PROMPT_LOGPROBS_TOKENS = 1024
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -208,7 +210,20 @@ def _take(logits: torch.Tensor, index: list[int]) -> torch.Tensor:
     return logits[index]
 
 
-_Unit = _Sequence | _BeamGroup  # what is admitted at once: a sampled sequence, or a beam request's rows
+class _Scoring:
+    """A request with no room to generate that asks for its prompt's logprobs (vLLM's ``max_tokens=0`` scoring):
+    it takes no row; its prompt is scored when it is admitted, within the step's prompt-logprobs budget."""
+
+    width = 0  # cache rows it takes
+    group = None
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lora: int) -> None:
+        self.request_id, self.prompt_ids, self.params, self.lora = request_id, prompt_ids, params, lora
+        self.index, self.ended = 0, False
+
+
+_Unit = _Sequence | _BeamGroup | _Scoring  # what is admitted at once: a sampled sequence, a beam request's rows,
+# or a prompt to score
 _Row = _Sequence | _BeamRow  # what holds a row of the running batch
 
 
@@ -253,7 +268,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        """Sampled sequences and beam requests waiting for rows."""
+        """Sampled sequences, beam requests and prompts to score waiting for admission."""
         return len(self._waiting)
 
     def has_unfinished(self) -> bool:
@@ -269,23 +284,24 @@ class Engine:
         prompt_ids, budget = fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         lora = self.lora.slot(adapter) if adapter is not None else -1
-        # prompt logprobs come from the request's own prefill (_forward_prompts), not a forward of its own here
-        # (that ran on the engine thread at once, stalling every stream: 32 prompts of 255 tokens, ~15 s);
-        # only a request with no room to generate, which never reaches a prefill, gets them now
-        prompt_lp = self._prompt_logprobs(prompt_ids, params.prompt_logprobs, lora) \
-            if params.prompt_logprobs is not None and budget == 0 else None
-        if budget == 0:
+        # prompt logprobs come from the request's own prefill (_forward_prompts), or for a request with no room
+        # to generate from a scoring unit, both admitted within a step's budget: never a forward here, on the
+        # engine thread at once (32 prompts of 255 tokens stalled every stream ~15 s)
+        if budget == 0 and params.prompt_logprobs is not None:
+            self._waiting.append(_Scoring(request_id, prompt_ids, params, lora))
+            self._hold(lora, 1)
+        elif budget == 0:
             self._ready += [RequestOutput(request_id, index, [], "", True, "length",
-                                          [] if params.logprobs is not None else None, prompt_lp)
+                                          [] if params.logprobs is not None else None)
                             for index in range(params.n)]
         elif params.num_beams > 1:
             search = BeamSearch(prompt_ids, params, budget, self.tokenizer, self._decodable, self.eos_token_id,
                                 self.device)
-            self._waiting.append(_BeamGroup(request_id, search, budget, prompt_lp, lora))
+            self._waiting.append(_BeamGroup(request_id, search, budget, None, lora))
             self._hold(lora, 1)
         else:
             self._waiting += [_Sequence(request_id, index, prompt_ids, params, budget, self.tokenizer,
-                                        self.device, self.eos_token_id, prompt_lp, lora) for index in range(params.n)]
+                                        self.device, self.eos_token_id, None, lora) for index in range(params.n)]
             self._hold(lora, params.n)
         return request_id
 
@@ -366,12 +382,38 @@ class Engine:
             outputs += self._advance(rows, logits)
         free = self.max_batch - len(self._running)
         if self._waiting and free >= self._waiting[0].width:
-            new = []
+            new: list[_Unit] = []
+            scored, kept = set(), 0  # prompts (by id) whose every position's logits this step computes, tokens
             while self._waiting and self._waiting[0].width <= free:  # first come, first served
-                free -= self._waiting[0].width
+                unit = self._waiting[0]
+                if unit.params.prompt_logprobs is not None and id(unit.prompt_ids) not in scored:
+                    # a step's budget of them: the running streams decode between (bounds the stall, not only
+                    # memory); the first always goes, so every request is admitted in turn
+                    if scored and kept + len(unit.prompt_ids) > _PROMPT_LOGPROBS_TOKENS:
+                        break
+                    scored.add(id(unit.prompt_ids))
+                    kept += len(unit.prompt_ids)
+                free -= unit.width
                 new.append(self._waiting.popleft())
-            outputs += self._admit(new)
+            outputs += [out for unit in new if isinstance(unit, _Scoring) for out in self._score(unit)]
+            new = [unit for unit in new if not isinstance(unit, _Scoring)]
+            if new:
+                outputs += self._admit(new)
         return outputs
+
+    def _score(self, unit: _Scoring) -> list[RequestOutput]:
+        """The outputs of a scoring request: its prompt's logprobs, no tokens (or its error, it alone)."""
+        params, n = unit.params, unit.params.n
+        try:
+            prompt_lp = self._prompt_logprobs(unit.prompt_ids, params.prompt_logprobs, unit.lora)
+        except Exception as exc:  # noqa: BLE001 - this request's own fault
+            return [RequestOutput(unit.request_id, i, [], "", True, "error",
+                                  [] if params.logprobs is not None else None, error=f"{type(exc).__name__}: {exc}")
+                    for i in range(n)]
+        finally:
+            self._end(unit)
+        return [RequestOutput(unit.request_id, i, [], "", True, "length", [] if params.logprobs is not None else None,
+                              prompt_lp) for i in range(n)]
 
     # -- fault isolation ----------------------------------------------------------------------
     def _admit(self, units: list[_Unit]) -> list[RequestOutput]:

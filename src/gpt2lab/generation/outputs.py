@@ -44,7 +44,7 @@ class RequestOutput:
     so one step may carry none or several, and tokens after a stop-string cut have none.
     ``prompt_logprobs`` (``SamplingParams.prompt_logprobs``) comes with a sample's first output:
     the entries of prompt tokens 1.. (the first token has none). A beam request's beams are not streamed:
-    each of its ``n`` best comes whole, in one output, when the search ends (``prompt_logprobs`` with beam 0).
+    each of its ``n`` best comes whole, in one output, when the search ends (each with ``prompt_logprobs``).
     """
 
     request_id: str
