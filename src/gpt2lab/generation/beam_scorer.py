@@ -156,8 +156,9 @@ class BeamSearch:
     def outputs(self, model: GPT2, request_id: str,
                 prompt_logprobs: list[TokenLogprob] | None) -> list[RequestOutput]:
         """The ``params.n`` best finished beams, best first, each as its sequence's one and last output
-        (each with ``prompt_logprobs``, as a request's samples all carry them). Logprobs (when asked for) are the raw model distribution's,
-        from one plain forward of each beam (``model``'s PyTorch code; the KV cache untouched)."""
+        (each with ``prompt_logprobs``, as a request's samples all carry them). Logprobs (when asked for) are
+        the raw model distribution's, from one plain forward of each beam (``model``'s PyTorch code; the KV cache
+        untouched)."""
         params, L = self.params, len(self.prompt_ids)
         results = []
         for i in range(params.n):
