@@ -289,3 +289,23 @@ def test_structured_outputs_and_chat_templates_per_model(multi):
         reply = r.json()["choices"][0]
         if reply["finish_reason"] == "stop":
             assert isinstance(json.loads(reply["message"]["content"])["n"], int)
+
+
+def test_a_broken_adapter_or_name_at_run_time_is_a_400_naming_the_field(multi, late_adapter, tmp_path):
+    """A truncated adapter file was a 500 (CheckpointError escaped the handler); a name with a terminal escape
+    was accepted and then listed and logged."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((late_adapter / "adapter_config.json").read_bytes())
+    weights = next(late_adapter.glob("adapter_model.*"))
+    (broken / weights.name).write_bytes(weights.read_bytes()[:5000])
+    for body, param in (({"lora_name": "broken", "lora_path": str(broken)}, "lora_path"),
+                        ({"lora_name": "\x1b[31mred", "lora_path": str(late_adapter)}, "lora_name"),
+                        ({"lora_name": "", "lora_path": str(late_adapter)}, "lora_name")):
+        r = httpx.post(f"{multi.url}/v1/load_lora_adapter", json={**body, "base_model_name": "base-b"},
+                       headers=multi.headers, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param, r.text
+    assert "broken" in httpx.post(f"{multi.url}/v1/load_lora_adapter", headers=multi.headers, timeout=60, json={
+        "lora_name": "broken", "lora_path": str(broken)}).json()["error"]["message"]
+    assert _complete(multi, "base-b", PROMPTS[0])["text"]  # the server goes on

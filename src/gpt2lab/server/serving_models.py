@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
 from . import limits as lim
 from . import protocol as p
 from .scheduler import Scheduler
@@ -241,12 +242,15 @@ class OpenAIServingModels:
                                 "base_model_name")
             served = target.served
         served.generator()  # 503 while it loads
+        if not request.lora_name or not request.lora_name.isprintable() or len(request.lora_name) > 256:
+            raise p.invalid("lora_name must be 1 to 256 printable characters (no control or formatting characters: "
+                            "the name is listed, logged and shown)", "lora_name")
         if request.lora_name in self.available_names():
             raise p.invalid(f"The lora adapter {request.lora_name!r} has already been loaded (or the name is a "
                             "model's)", "lora_name")
         try:
             await served.scheduler.call(lambda g: self.attach(served, g, request.lora_name, request.lora_path))
-        except (ValueError, OSError) as exc:  # the reader's message names the file and what is wrong
+        except (ValueError, OSError, CheckpointError) as exc:  # the reader's message names the file and what is wrong
             param = "lora_name" if "already" in str(exc) or "taken" in str(exc) else "lora_path"
             raise p.invalid(str(exc), param) from None
         return f"Success: LoRA adapter '{request.lora_name}' added successfully."
