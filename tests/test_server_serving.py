@@ -242,6 +242,12 @@ def test_batch_and_queue_sizes_are_bounded_and_named(gen, field, value):
         ServerState.create(gen, **{field: value})
 
 
+@pytest.mark.parametrize("value", [-1.0, float("inf"), float("nan"), 1e30])
+def test_the_prefix_cache_size_is_bounded_and_named(gen, value):
+    with pytest.raises(ValueError, match=r"prefix_cache_mb must be a number in \[0, 1048576\]"):  # inf: a traceback
+        ServerState.create(gen, prefix_cache_mb=value)
+
+
 def test_serve_names_an_out_of_range_max_batch_in_one_line(tiny_checkpoint):
     import subprocess
     import sys

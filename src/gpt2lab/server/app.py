@@ -103,7 +103,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     event loop: ``/health`` and running streams go on while a big prompt is checked.
 
     Raises ValueError naming ``max_batch`` (an integer >= 1), ``max_queue`` (an integer >= 0),
-    ``request_timeout`` (> 0 seconds), ``max_body_mb`` (in (0, 1024]) or ``prefix_cache_mb`` (>= 0), and
+    ``request_timeout`` (> 0 seconds), ``max_body_mb`` (in (0, 1024]) or ``prefix_cache_mb`` (in [0, 2**20]), and
     naming the models when they would not fit ``max_models_memory``.
     """
     limits = limits or lim.Limits()

@@ -18,6 +18,7 @@ MAX_BODY_MB = 4.0  # --max-body-mb: a 1024-token prompt as token ids is ~7 KB, a
 # an unbounded count lets a burst of clients take all memory; vLLM's max_num_seqs defaults to 256-1024
 MAX_BATCH_LIMIT = 1024
 MAX_QUEUE_LIMIT = 65_536  # --max-queue: each waiting request holds its body (up to --max-body-mb)
+MAX_PREFIX_CACHE_MB = 1 << 20  # --prefix-cache-mb: 1 TiB, more than any machine this runs on holds
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class ServerState:
         nothing runs until :meth:`start`, which loads each model on its engine thread.
 
         Raises ValueError naming ``max_batch`` (an integer in [1, 1024]), ``max_queue`` (in [0, 65536]),
-        ``request_timeout`` (> 0 seconds), ``prefix_cache_mb`` (>= 0) or a model name used twice, or a model's
+        ``request_timeout`` (> 0 seconds), ``prefix_cache_mb`` (in [0, 2**20] megabytes) or a model name used twice, or a model's
         ``device``, ``dtype``, ``quantization`` spelled outside :mod:`gpt2lab.placement`'s vocabulary (checked
         here, before an engine thread loads anything), and the models (with what each needs) when they would not
         fit ``max_models_memory``."""
@@ -93,9 +93,10 @@ class ServerState:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
         if not request_timeout > 0:
             raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
-        if prefix_cache_mb is not None and not (isinstance(prefix_cache_mb, (int, float)) and prefix_cache_mb >= 0):
-            raise ValueError(f"prefix_cache_mb must be a number >= 0 (megabytes; 0 turns prefix reuse off), "
-                             f"got {prefix_cache_mb!r}")
+        if prefix_cache_mb is not None and not (isinstance(prefix_cache_mb, (int, float))
+                                                and 0 <= prefix_cache_mb <= lim.MAX_PREFIX_CACHE_MB):
+            raise ValueError(f"prefix_cache_mb must be a number in [0, {lim.MAX_PREFIX_CACHE_MB}] (megabytes; 0 turns "
+                             f"prefix reuse off), got {prefix_cache_mb!r}")
         limits = limits or lim.Limits()
         configs = _model_configs(generator_or_model_ref, model_name, lora_modules)
         defaults = {"device": device, "dtype": dtype, "quantization": quantization}
