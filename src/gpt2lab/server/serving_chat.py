@@ -71,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
                                                 logprobs, echo=echoed, continuing=bool(request.continue_final_message),
                                                 token_ids=bool(request.return_tokens_as_token_ids))
         return await self.respond(target, handle, arrival, builder, request.stream, request.stream_options,
-                                  disconnected)
+                                  disconnected, spec_field or None)
 
     async def _render(self, target: Target, request: p.ChatCompletionRequest, max_prompt_tokens: int,
                       arrival: float) -> Any:

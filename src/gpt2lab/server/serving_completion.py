@@ -72,7 +72,7 @@ class OpenAIServingCompletion(OpenAIServing):
         builder = CompletionResponseBuilder(gen, rid, target.name, params.n, texts if echo else None, prompt_lp,
                                             prompts, token_ids=bool(request.return_tokens_as_token_ids))
         result = await self.respond(target, handle, arrival, builder, request.stream, request.stream_options,
-                                    disconnected)
+                                    disconnected, spec_field or None)
         if best_of is None:
             return result
         skip = [len(ids) if echo and request.logprobs is not None else 0 for ids in prompts]

@@ -101,11 +101,13 @@ class OpenAIServing:
 
     async def respond(self, target: Target, handle: RequestHandle, arrival: float, builder: ResponseBuilder,
                       stream: bool | None, stream_options: p.StreamOptions | None,
-                      disconnected: Disconnected | None) -> Any:
+                      disconnected: Disconnected | None, structured_field: str | None = None) -> Any:
         """Run the admitted request (``arrival``: its ``time.monotonic()``) on ``target``: the whole response
         object, or (``stream``) an async iterator of server-sent events ending in ``data: [DONE]``. A timeout or
-        failed step raises its :class:`~.protocol.APIError`, or ends the stream with an error event."""
-        ctx = RequestContext(target.scheduler.metrics, handle, arrival, self.request_timeout, self.endpoint)
+        failed step raises its :class:`~.protocol.APIError`, or ends the stream with an error event
+        (``structured_field``: the request field its structured output came from, named by a grammar error)."""
+        ctx = RequestContext(target.scheduler.metrics, handle, arrival, self.request_timeout, self.endpoint,
+                             structured_field)
         if stream:
             include_usage = bool(stream_options and stream_options.include_usage)
             # vLLM's continuous_usage_stats: every chunk carries the usage so far (with include_usage)
@@ -147,9 +149,10 @@ class RequestContext:
     metrics (time to first token, latency, aborts by reason)."""
 
     def __init__(self, metrics: ModelMetrics, handle: RequestHandle, arrival: float, timeout: float,
-                 endpoint: str) -> None:
+                 endpoint: str, structured_field: str | None = None) -> None:
         self.metrics, self.handle = metrics, handle
         self.arrival, self.timeout, self.endpoint = arrival, timeout, endpoint
+        self.structured_field = structured_field
 
     async def run(self, disconnected: Disconnected | None) -> AsyncIterator[Any]:
         """The request's items; ``disconnected`` (None: never asked) ends it early, as an abort."""
@@ -180,7 +183,8 @@ class RequestContext:
                 yield p.APIError(400, message, type="invalid_request_error", code="nothing_to_sample")
             elif isinstance(exc, RequestFailed) and GRAMMAR_ERROR in str(exc):
                 # the request's structured output hit a limit of the grammar engine while generating
-                yield p.APIError(400, message, type="invalid_request_error", code="structured_output_failed")
+                yield p.APIError(400, message, type="invalid_request_error", code="structured_output_failed",
+                                 param=self.structured_field)
             else:
                 yield p.APIError(500, message, type="server_error", code="generation_failed")
         finally:
