@@ -104,6 +104,7 @@ def test_streamed_completion_is_the_whole_one_in_events(state, run):
     ({"prompt": [50257]}, "prompt", None),
     ({"prompt": "x", "max_tokens": 200}, "max_tokens", "context_length_exceeded"),
     ({"prompt": "x", "n": 4}, "n", None),  # more sequences than max_batch + max_queue
+    ({"prompt": ["x", "y", "z", "w"], "n": 1}, "prompt", None),  # as many, from the prompts (it named n)
     ({"prompt": "x", "stop": ["a"] * 17}, "stop", "limit_exceeded"),
 ])
 def test_bad_request_in_error_object_out(state, fields, param, code, run):

@@ -63,8 +63,10 @@ class OpenAIServing:
         exceed what the target's engine can ever hold."""
         sequences, capacity = num_prompts * params.n, target.scheduler.capacity
         if sequences > capacity:
-            raise p.invalid(f"this request needs {sequences} sequences (prompts x {field}) but the server holds "
-                            f"at most {capacity} (max_batch + max_queue)", field)
+            # the field to change: n (or best_of) when one prompt's samples alone do not fit, else the prompts
+            param = field if params.n > capacity else "prompt"
+            raise p.invalid(f"this request needs {sequences} sequences ({num_prompts} prompts x {field} "
+                            f"{params.n}) but the server holds at most {capacity} (max_batch + max_queue)", param)
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
         """``params`` within this server's limits (:func:`~.limits.check_params`: 400 naming the field)."""
