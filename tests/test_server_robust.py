@@ -229,7 +229,7 @@ def test_huge_prompts_neither_stall_health_nor_a_running_stream(server, tmp_path
     ("/v1/completions", {"prompt": "Hi", "stop": "x" * 257}, "stop"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 1025}, "messages"),
-    ("/v1/completions", {"prompt": ["x"] * 81}, "n"),  # prompts x n beyond the server's capacity
+    ("/v1/completions", {"prompt": ["x"] * 81}, "prompt"),  # prompts x n beyond the capacity: the prompts to cut
     ("/v1/completions", {"prompt": "x", "n": 100}, "n"),
     # best_of beyond n's range was a ValueError (500) from SamplingParams; beyond the capacity it named n
     ("/v1/completions", {"prompt": "a", "best_of": 129, "n": 2, "max_tokens": 1}, "best_of"),
