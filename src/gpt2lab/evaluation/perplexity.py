@@ -41,7 +41,7 @@ class PerplexityResult:
     block_size: int
     stride: int
     files: list[DocumentPerplexity] = field(default_factory=list)
-    quantization: str | None = None  # the model's weight quantization ("int8", "bf16"), None as stored
+    quantization: str | None = None  # the model's weight quantization ("int8", "bf16", "int4"), None as stored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
