@@ -44,7 +44,7 @@ ISA_ENV = "GPT2LAB_KERNELS_ISA"
 _ISA_NAMES = {CONSTANTS["ISA_PORTABLE"]: "portable", CONSTANTS["ISA_AVX2"]: "avx2", CONSTANTS["ISA_AVX512"]: "avx512"}
 
 KIND_F32, KIND_INT8, KIND_BF16 = CONSTANTS["KIND_F32"], CONSTANTS["KIND_Q8"], CONSTANTS["KIND_BF16"]
-KIND_INT4 = CONSTANTS["KIND_Q4"]  # packed 4-bit weights (uint8 [out, ceil(in / 32) * 16]), model/quantize.py's int4
+KIND_INT4 = CONSTANTS["KIND_Q4"]  # packed 4-bit weights (uint8 [out, ceil(in / 128) * 64]), model/quantize.py's int4
 INT4_GROUP_SIZE = CONSTANTS["Q4_GROUP"]  # inputs per int4 scale: kernels.c's Q4_GROUP (why that size: quantize.py)
 _KINDS = {torch.float32: KIND_F32, torch.int8: KIND_INT8, torch.bfloat16: KIND_BF16, torch.uint8: KIND_INT4}
 WEIGHT_DTYPES = tuple(_KINDS)  # the weight dtypes the kernels read
@@ -61,7 +61,7 @@ _load_lock = threading.Lock()
 
 def matrix(weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Matrix:
     """The kernels' view of a weight ``[out, in]`` (fp32, bf16, or int8 with fp32 ``scale [out]``, or packed
-    int4, uint8 ``[out, ceil(in / 32) * 16]`` with fp32 ``scale [out, ceil(in / INT4_GROUP_SIZE)]``) and an
+    int4, uint8 ``[out, ceil(in / 128) * 64]`` with fp32 ``scale [out, ceil(in / INT4_GROUP_SIZE)]``) and an
     optional fp32 ``bias [out]``: pointers into contiguous CPU tensors, which the caller keeps alive.
     KeyError for another weight dtype."""
     return Matrix(weight.data_ptr(), None if scale is None else scale.data_ptr(),
@@ -143,7 +143,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n_out, n_in = weight.shape
     if weight.dtype == torch.uint8:
         n_in = in_features if in_features is not None else -1
-        want = ((n_out, -(-n_in // 32) * 16), (n_out, -(-n_in // INT4_GROUP_SIZE)))
+        want = ((n_out, -(-n_in // 128) * 64), (n_out, -(-n_in // INT4_GROUP_SIZE)))
         if n_in < 0 or (tuple(weight.shape), None if scale is None else tuple(scale.shape)) != want:
             raise ValueError(f"packed int4 weights of {in_features} inputs are uint8 {list(want[0])} with fp32 "
                              f"scales {list(want[1])}, got {list(weight.shape)} and "

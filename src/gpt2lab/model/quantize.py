@@ -9,7 +9,7 @@ makes them int8 too). Their products run on integers: each input row is quantize
 ``quantization="int4"``: the block projections hold 4-bit weights, symmetric, with one fp32 scale per group
 of :data:`INT4_GROUP_SIZE` inputs of a row (llama.cpp's Q4_0 rule: the group's largest-magnitude weight maps to
 -8), packed two to a byte (:func:`int4_shapes`); the head as int8's. Their products take the same int16 rows
-and sum exactly per group (:func:`int4_linear`). About 47 MB of block weights per token of GPT-2 124M
+and sum exactly per group (:func:`int4_linear`). About 43 MB of block weights per token of GPT-2 124M
 (int8: 85 MB). ``quantization="bf16"``: the same modules store bfloat16 weights (16-bit storage, fp32
 arithmetic: AVX2 has no bf16 math).
 
@@ -42,16 +42,16 @@ from .gpt2 import GPT2, GPT2Config, InferenceOnlyError, meta_skeleton
 # for GPT-2's 50257 x 768 head.
 LM_HEAD_QUANTIZATION = {"int8": "bf16", "bf16": "bf16", "int4": "bf16"}
 HEAD_QUANTIZATIONS = ("int8", "bf16")  # what the embedding / head can hold (a packed int4 row is no embedding row)
-INT4_GROUP_SIZE = kernels.INT4_GROUP_SIZE  # inputs per int4 scale (kernels.c's Q4_GROUP); measured: see below
-_INT4_UNIT = 32  # inputs per 16 packed bytes (kernels.c's Q4_UNIT)
+INT4_GROUP_SIZE = kernels.INT4_GROUP_SIZE  # inputs per int4 scale: kernels.c's Q4_GROUP (the measurement is there)
+_INT4_UNIT = 128  # inputs per 64 packed bytes (kernels.c's Q4_UNIT)
 _STORAGE = {"int8": torch.int8, "bf16": torch.bfloat16, "int4": torch.uint8}
 _CHUNK_ROWS = 2048  # rows quantized at a time
 
 
 def int4_shapes(n_out: int, n_in: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The shapes of a packed int4 weight of ``[n_out, n_in]``: uint8 ``[n_out, ceil(n_in / 32) * 16]`` (each
-    16 bytes hold 32 inputs, byte j inputs j and j + 16 in its low and high nibble, as kernels.c reads them; an
-    ``n_in`` that is not a multiple of 32 is padded with zeros) and fp32 scales ``[n_out, ceil(n_in / G)]``."""
+    """The shapes of a packed int4 weight of ``[n_out, n_in]``: uint8 ``[n_out, ceil(n_in / 128) * 64]`` (each
+    64 bytes hold 128 inputs, 16-bit word j input 32 s + j in its nibble s, as kernels.c reads them; an ``n_in``
+    that is not a multiple of 128 is padded with zeros) and fp32 scales ``[n_out, ceil(n_in / G)]``."""
     return (n_out, -(-n_in // _INT4_UNIT) * (_INT4_UNIT // 2)), (n_out, -(-n_in // INT4_GROUP_SIZE))
 
 
@@ -96,21 +96,24 @@ def _quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty(n_out, n_groups, dtype=torch.float32, device=weight.device)
     for start in range(0, n_out, _CHUNK_ROWS):
         rows = weight[start:start + _CHUNK_ROWS].to(torch.float32)
-        rows = F.pad(rows, (0, n_groups * INT4_GROUP_SIZE - n_in)).view(rows.shape[0], n_groups, INT4_GROUP_SIZE)
+        r = rows.shape[0]
+        rows = F.pad(rows, (0, n_groups * INT4_GROUP_SIZE - n_in)).view(r, n_groups, INT4_GROUP_SIZE)
         extreme = rows.gather(2, rows.abs().argmax(2, keepdim=True))[..., 0]  # argmax picks a NaN if there is one
         chunk_scales = torch.where(extreme == 0, torch.ones_like(extreme), extreme / -8.0)
         q = torch.round(rows / chunk_scales[..., None]).nan_to_num_(0.0).clamp_(-8, 7).add_(8).to(torch.uint8)
-        units = q.view(q.shape[0], -1)[:, :n_bytes * 2].view(q.shape[0], -1, 2, _INT4_UNIT // 2)
-        packed[start:start + _CHUNK_ROWS] = (units[:, :, 0] | (units[:, :, 1] << 4)).view(q.shape[0], n_bytes)
+        q = F.pad(q.view(r, -1), (0, n_bytes * 2 - q[0].numel()), value=8).view(r, -1, 4, 32)  # [unit, s, j]
+        # byte 2j of a unit: nibbles s = 0, 1 of word j; byte 2j + 1: s = 2, 3 (little-endian words)
+        pairs = torch.stack([q[:, :, 0] | (q[:, :, 1] << 4), q[:, :, 2] | (q[:, :, 3] << 4)], dim=3)
+        packed[start:start + _CHUNK_ROWS] = pairs.view(r, n_bytes)
         scales[start:start + _CHUNK_ROWS] = chunk_scales
     return packed, scales
 
 
 def unpack_int4(packed: torch.Tensor, n_in: int) -> torch.Tensor:
     """The int8 values ``q`` in [-8, 7] of a packed int4 weight (:func:`int4_shapes`), ``[out, n_in]``."""
-    units = packed.view(packed.shape[0], -1, 1, _INT4_UNIT // 2)
-    q = torch.cat([units & 15, units >> 4], dim=2).view(packed.shape[0], -1)[:, :n_in]
-    return q.to(torch.int8) - 8
+    pairs = packed.view(packed.shape[0], -1, 32, 2)  # [unit, j, byte]
+    q = torch.stack([pairs[..., 0] & 15, pairs[..., 0] >> 4, pairs[..., 1] & 15, pairs[..., 1] >> 4], dim=2)
+    return q.view(packed.shape[0], -1)[:, :n_in].to(torch.int8) - 8
 
 
 def _check_head(quantization: str | None) -> str | None:
