@@ -71,37 +71,53 @@ def test_int8_without_the_kernels_gives_the_same_tokens(tiny_checkpoint):
     assert on.stdout == off.stdout
 
 
-@pytest.mark.slow
-def test_int8_quality_on_the_bundled_model():
-    """Issue 18's bars: perplexity within 1% of fp32 on the held-out Hamlet slice, greedy 64-token
-    continuations of 20 prompts identical in at least 90%, and the mean KL(fp32 || int8) of the
-    next-token distributions (printed; bounded here)."""
-    fp32, int8 = gpt2lab.load("shakespeare-gpt2"), gpt2lab.load("shakespeare-gpt2", quantization="int8")
+def quality_report(quantization: str, model: str = "shakespeare-gpt2", **load: object) -> tuple[float, float, int, float]:
+    """``(fp32 perplexity, quantized perplexity, greedy agreement of 20, mean KL)`` on the held-out Hamlet slice:
+    perplexity of ``model`` and its ``quantization`` copy, how many greedy 64-token continuations of 20 of the
+    slice's lines are identical, and the mean KL(fp32 || quantized) of the next-token distributions (nats)."""
+    fp32, quant = gpt2lab.load(model), gpt2lab.load(model, quantization=quantization, **load)
     ppl32 = perplexity(files=[HELDOUT], model=fp32).perplexity
-    ppl8 = perplexity(files=[HELDOUT], model=int8).perplexity
-    assert abs(ppl8 / ppl32 - 1) < 0.01, (ppl32, ppl8)
-
+    pplq = perplexity(files=[HELDOUT], model=quant).perplexity
     lines = [line.strip() for line in HELDOUT.read_text(encoding="utf-8").splitlines() if len(line.strip()) > 20]
     prompts = lines[::max(1, len(lines) // 20)][:20]
     assert len(prompts) == 20
     kw = dict(max_new_tokens=64, temperature=0.0, ignore_eos=True)
     a = [c.token_ids for c in fp32.generate(prompts, **kw)]
-    b = [c.token_ids for c in int8.generate(prompts, **kw)]
+    b = [c.token_ids for c in quant.generate(prompts, **kw)]
     agree = sum(x == y for x, y in zip(a, b))
-    # Measured: 18/20 (int8 blocks, bf16 head); the two that differ part at near-ties. With an int8 head
-    # (quantize_(..., lm_head="int8")) 16/20: that is why the head stays bf16 (LM_HEAD_QUANTIZATION).
-    assert agree >= 18, f"{agree}/20 greedy continuations agree"
-
     ids = torch.tensor(fp32.tokenizer.encode(HELDOUT.read_text(encoding="utf-8")))
-    n = fp32.config.n_positions
+    n = min(fp32.config.n_positions, 256)
     windows = ids[: (len(ids) // n) * n].view(-1, n)
     with torch.no_grad():
         lp32 = torch.log_softmax(fp32.model(windows), dim=-1)
-        lp8 = torch.log_softmax(int8.model(windows), dim=-1)
-    kl = (lp32.exp() * (lp32 - lp8)).sum(-1).mean().item()
-    print(f"int8 vs fp32 on {HELDOUT.name}: perplexity {ppl32:.3f} -> {ppl8:.3f} ({ppl8 / ppl32 - 1:+.3%}); "
-          f"greedy 64-token continuations identical {agree}/20; mean KL(fp32 || int8) {kl:.2e} nats")
+        lpq = torch.log_softmax(quant.model(windows), dim=-1)
+    kl = (lp32.exp() * (lp32 - lpq)).sum(-1).mean().item()
+    print(f"{quantization} vs fp32 on {HELDOUT.name} ({model}): perplexity {ppl32:.3f} -> {pplq:.3f} "
+          f"({pplq / ppl32 - 1:+.3%}); greedy 64-token continuations identical {agree}/20; mean KL(fp32 || "
+          f"{quantization}) {kl:.2e} nats")
+    return ppl32, pplq, agree, kl
+
+
+@pytest.mark.slow
+def test_int8_quality_on_the_bundled_model():
+    """Issue 18's bars: perplexity within 1% of fp32 on the held-out Hamlet slice, greedy 64-token
+    continuations of 20 prompts identical in at least 90%, and the mean KL(fp32 || int8) of the
+    next-token distributions (printed; bounded here)."""
+    ppl32, ppl8, agree, kl = quality_report("int8")
+    assert abs(ppl8 / ppl32 - 1) < 0.01, (ppl32, ppl8)
+    # Measured: 18/20 (int8 blocks, bf16 head); the two that differ part at near-ties. With an int8 head
+    # (quantize_(..., lm_head="int8")) 16/20: that is why the head stays bf16 (LM_HEAD_QUANTIZATION).
+    assert agree >= 18, f"{agree}/20 greedy continuations agree"
     assert kl < 5e-3
+
+
+@pytest.mark.slow
+def test_int4_quality_on_the_bundled_model():
+    """Issue 27's int4 report (docs/performance.md): perplexity within 3% of fp32 (the bar), and the greedy
+    agreement and KL printed beside int8's (bounded here by what was measured, with room)."""
+    ppl32, ppl4, agree, kl = quality_report("int4")
+    assert abs(ppl4 / ppl32 - 1) < 0.03, (ppl32, ppl4)
+    assert agree >= 5 and kl < 1e-2, (agree, kl)
 
 
 def test_int8_loads_the_same_from_safetensors_and_a_torch_pickle(tmp_path):
@@ -172,8 +188,8 @@ def test_a_half_precision_model_object_or_adapter_base_quantizes_to_what_the_ker
 # -- int4 ------------------------------------------------------------------------------------------------------
 def test_int4_weights_are_packed_group_wise_and_save_as_fp32(tmp_path, tiny_checkpoint):
     """Packed uint8 [out, in / 2] (padded to whole 128-input units) with one scale per group of INT4_GROUP_SIZE
-    inputs; every weight within half a step of its group's scale (Q4_0's rule: the largest magnitude is exactly
-    -8 steps); state_dict gives the dequantized fp32 weights, so save_model writes a checkpoint transformers reads
+    inputs; every weight rounded to the nearest of its group's levels (Q4_0's rule: the largest magnitude is
+    exactly -8 steps, so the other sign reaches +7 only); state_dict gives the dequantized fp32 weights, so save_model writes a checkpoint transformers reads
     and an int4 load of it gives back the same packed weights."""
     from transformers import GPT2LMHeadModel
 
@@ -188,7 +204,9 @@ def test_int4_weights_are_packed_group_wise_and_save_as_fp32(tmp_path, tiny_chec
     proj = gen.model.h[0].mlp.c_proj  # [64, 256]: two whole units
     assert proj.weight.shape == (64, 128) and proj.scales.shape == (64, 256 // INT4_GROUP_SIZE)
     scales = q.scales.repeat_interleave(INT4_GROUP_SIZE, 1)[:, :64]
-    assert ((q.dequantized() - w).abs() <= scales.abs() / 2 + 1e-7).all()
+    error, steps = (q.dequantized() - w).abs(), w / scales  # a scale's sign is the opposite of its extreme's
+    assert (error[steps <= 7.5] <= scales.abs()[steps <= 7.5] / 2 + 1e-7).all()  # rounded to the nearest level
+    assert (error <= scales.abs() + 1e-7).all()  # at most a step where +8 steps is clamped to 7
     assert q.dequantized().abs().amax(1).eq(8 * q.scales.abs()[:, 0]).all()
     state = gen.model.state_dict()
     assert set(state) == set(plain.state_dict()) and state["h.0.mlp.c_fc.weight"].dtype == torch.float32
@@ -199,7 +217,7 @@ def test_int4_weights_are_packed_group_wise_and_save_as_fp32(tmp_path, tiny_chec
         assert (hf(ids).logits - gen.model(ids)).abs().max() < 1e-3  # the int16 activations' rounding
     again = load_model(out, quantization="int4")
     for name, module in gen.model.named_modules():
-        if getattr(module, "quantization", None) == "int4":
+        if isinstance(module, QuantizedLinear) and module.quantization == "int4":
             twin = again.get_submodule(name)
             assert torch.equal(module.weight, twin.weight) and torch.equal(module.scales, twin.scales), name
 
@@ -228,7 +246,7 @@ def test_int4_generates_through_the_cli_and_the_same_without_the_kernels(tiny_ch
     code = f"""
         import gpt2lab
         gen = gpt2lab.load({str(tiny_checkpoint)!r}, quantization="int4")
-        print(gen.generate("Hello there", max_new_tokens=8, temperature=0).token_ids)
+        print(gen.generate(["Hello there"], max_new_tokens=8, temperature=0)[0].token_ids)
     """
     on, off = run_python(code), run_python(code, GPT2LAB_CPU_KERNELS="0")
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
