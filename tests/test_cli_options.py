@@ -118,7 +118,8 @@ def _invoke(*args: str):
     (["chat", "--message", "hi", "--threads", "0"], "--threads must be"),
     (["generate", "hi", "--threads", "100000"], "--threads must be an integer in [1, 1024]"),  # was a SIGSEGV
     (["train", "README.md", "--config", "gpt2-tiny", "--out", "{tmp}/x", "--threads", "100000"], "--threads must be"),
-    (["eval", "perplexity", "README.md", "--quantization", "int2"], "--quantization must be one of none, int8, bf16, int4"),
+    (["eval", "perplexity", "README.md", "--quantization", "int2"],
+     "--quantization must be one of none, int8, bf16, int4"),
     (["train", "README.md", "--config", "gpt2-tiny", "--out", "{tmp}/x", "--dtype", "fp8"], "--dtype must be"),
 ])
 def test_bad_runtime_values_exit_2(tmp_path, args, message):

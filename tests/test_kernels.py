@@ -94,7 +94,8 @@ def _weights(kind: str, n_out: int, n_in: int, gen: torch.Generator):
     stored, scales = quantize_weight(w, kind)
     if kind == "int4":  # packed: q * its group's scale
         group = kernels.INT4_GROUP_SIZE
-        return stored, scales, unpack_int4(stored, n_in).double() * scales.double().repeat_interleave(group, 1)[:, :n_in]
+        per_input = scales.double().repeat_interleave(group, 1)[:, :n_in]
+        return stored, scales, unpack_int4(stored, n_in).double() * per_input
     ref = stored.double() * scales.double()[:, None] if scales is not None else stored.double()
     return stored, scales, ref
 
@@ -413,8 +414,8 @@ def test_the_best_path_this_cpu_runs_is_loaded_by_default():
 def test_every_path_this_cpu_runs_gives_the_same_int8_products_and_batch_invariance(isa):
     """Each instruction-set path present here (and the portable one, forced by GPT2LAB_KERNELS_ISA) in a
     process of its own runs the linear and forward tests above: int8 and int4 products bit for bit those of
-    the PyTorch twins int8_linear / int4_linear (so bit-identical across paths), fp32/bf16 within rounding of fp64, every row
-    bit-identical alone or batched, the whole forward equal to torch's."""
+    the PyTorch twins int8_linear / int4_linear (so bit-identical across paths), fp32/bf16 within rounding of
+    fp64, every row bit-identical alone or batched, the whole forward equal to torch's."""
     if os.environ.get(kernels.ISA_ENV):
         pytest.skip("already inside a forced-path run")
     env = {**os.environ, kernels.ISA_ENV: isa}

@@ -71,11 +71,16 @@ def test_int8_without_the_kernels_gives_the_same_tokens(tiny_checkpoint):
     assert on.stdout == off.stdout
 
 
-def quality_report(quantization: str, model: str = "shakespeare-gpt2", **load: object) -> tuple[float, float, int, float]:
+def quality_report(quantization: str, model: str = "shakespeare-gpt2",
+                   lm_head: str | None = None) -> tuple[float, float, int, float]:
     """``(fp32 perplexity, quantized perplexity, greedy agreement of 20, mean KL)`` on the held-out Hamlet slice:
-    perplexity of ``model`` and its ``quantization`` copy, how many greedy 64-token continuations of 20 of the
-    slice's lines are identical, and the mean KL(fp32 || quantized) of the next-token distributions (nats)."""
-    fp32, quant = gpt2lab.load(model), gpt2lab.load(model, quantization=quantization, **load)
+    perplexity of ``model`` and its ``quantization`` copy (``lm_head``: quantize_'s), how many greedy 64-token
+    continuations of 20 of the slice's lines are identical, and the mean KL(fp32 || quantized) of the next-token
+    distributions (nats)."""
+    from gpt2lab.model.quantize import quantize_
+
+    fp32, quant = gpt2lab.load(model), gpt2lab.load(model)
+    quantize_(quant.model, quantization, lm_head=lm_head)
     ppl32 = perplexity(files=[HELDOUT], model=fp32).perplexity
     pplq = perplexity(files=[HELDOUT], model=quant).perplexity
     lines = [line.strip() for line in HELDOUT.read_text(encoding="utf-8").splitlines() if len(line.strip()) > 20]
@@ -189,8 +194,8 @@ def test_a_half_precision_model_object_or_adapter_base_quantizes_to_what_the_ker
 def test_int4_weights_are_packed_group_wise_and_save_as_fp32(tmp_path, tiny_checkpoint):
     """Packed uint8 [out, in / 2] (padded to whole 128-input units) with one scale per group of INT4_GROUP_SIZE
     inputs; every weight rounded to the nearest of its group's levels (Q4_0's rule: the largest magnitude is
-    exactly -8 steps, so the other sign reaches +7 only); state_dict gives the dequantized fp32 weights, so save_model writes a checkpoint transformers reads
-    and an int4 load of it gives back the same packed weights."""
+    exactly -8 steps, so the other sign reaches +7 only); state_dict gives the dequantized fp32 weights, so
+    save_model writes a checkpoint transformers reads and an int4 load of it gives back the same packed weights."""
     from transformers import GPT2LMHeadModel
 
     from gpt2lab.model.quantize import INT4_GROUP_SIZE

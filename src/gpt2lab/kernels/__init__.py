@@ -29,9 +29,8 @@ from . import build
 from .abi import CONSTANTS, Layer, LoRAPair, LoRATable, Matrix, bind
 from .build import SOURCE, cache_dir, compiler
 
-__all__ = ["ACTIVATIONS", "DISABLE_ENV", "INT4_GROUP_SIZE", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT4", "KIND_INT8",
-           "Layer", "LoRAPair",
-           "LoRATable", "Matrix", "SOURCE",
+__all__ = ["ACTIVATIONS", "DISABLE_ENV", "INT4_GROUP_SIZE", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT4",
+           "KIND_INT8", "Layer", "LoRAPair", "LoRATable", "Matrix", "SOURCE",
            "WEIGHT_DTYPES", "available", "build", "cache_dir", "compiler", "has_avx2", "isa", "inverse_cdf", "library",
            "linear", "matrix", "row_totals", "top_k_", "usable"]
 

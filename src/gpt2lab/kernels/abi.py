@@ -71,7 +71,8 @@ FUNCTIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {  # name: (return typ
 
 # enum values that cross as plain numbers: gpt2lab_matrix.kind, int4's group size, gpt2lab_forward's activation
 CONSTANTS: dict[str, int] = {
-    "KIND_F32": 0, "KIND_Q8": 1, "KIND_BF16": 2, "KIND_Q4": 3, "Q4_GROUP": 128, "ISA_PORTABLE": 0, "ISA_AVX2": 1, "ISA_AVX512": 2,
+    "KIND_F32": 0, "KIND_Q8": 1, "KIND_BF16": 2, "KIND_Q4": 3, "Q4_GROUP": 128, "ISA_PORTABLE": 0, "ISA_AVX2": 1,
+    "ISA_AVX512": 2,
     "EPILOGUE_GELU_TANH": 2, "EPILOGUE_GELU": 3, "EPILOGUE_RELU": 4, "EPILOGUE_SILU": 5,
 }
 

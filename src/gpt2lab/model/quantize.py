@@ -15,8 +15,8 @@ arithmetic: AVX2 has no bf16 math).
 
 The quantized modules run through gpt2lab's C kernels (``gpt2lab.kernels.linear``, and the whole cached
 forward through ``gpt2lab.runtime``'s ``KernelRunner``); without the kernels, on CPU, :func:`int8_linear`
-and :func:`int4_linear` compute the same numbers bit for bit with PyTorch (slower), and on other devices they dequantize on the
-fly. A quantized model is inference-only: ``model.train()`` raises :class:`InferenceOnlyError`.
+and :func:`int4_linear` compute the same numbers bit for bit with PyTorch (slower), and on other devices they
+dequantize on the fly. A quantized model is inference-only: ``model.train()`` raises :class:`InferenceOnlyError`.
 
 ``state_dict()`` presents the dequantized fp32 weights under ``nn.Linear``'s names, so
 ``save_model`` writes a Hugging Face checkpoint, and ``load_state_dict`` quantizes fp32 weights as
