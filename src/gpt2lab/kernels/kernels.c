@@ -69,7 +69,8 @@ enum { KIND_F32 = 0, KIND_Q8 = 1, KIND_BF16 = 2, KIND_Q4 = 3 };
  * measurement: each group costs a horizontal reduction of its exact integer sums, which dominated at small
  * groups. GPT-2 124M's 85M block weights at batch 1, one thread, AVX-512 (int8: 4.9 ms): groups of 32 8.0 ms,
  * 64 5.5 ms, 128 3.9 ms; quality on the bundled model (held-out Hamlet slice, fp32 154.17): perplexity +0.12%,
- * +0.24%, +0.27%, mean KL(fp32 || int4) 1.3e-3, 1.5e-3, 1.8e-3 nats; the bar is +3%. Must divide 128. */
+ * +0.24%, +0.27%, mean KL(fp32 || int4) 1.3e-3, 1.5e-3, 1.8e-3 nats; the bar is +3%. A multiple of 128
+ * (Q4_UNIT: q4_1x8 takes a group as whole units). */
 enum { Q4_GROUP = 128 };
 typedef struct {
     const void *w;
@@ -519,26 +520,39 @@ static inline __m256i q4_hsum8(__m256i a0, __m256i a1, __m256i a2, __m256i a3, _
     const __m256i s1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a4, a5), _mm256_hadd_epi32(a6, a7));
     return _mm256_add_epi32(_mm256_permute2x128_si256(s0, s1, 0x20), _mm256_permute2x128_si256(s0, s1, 0x31));
 }
-/* slice t (inputs 32 t..32 t + 31) of output c's row times x's, added to acc; the nibbles are q + 8, and the
- * group's accumulators start at -8 * x's pair sums (once per group for 8 outputs, not a subtraction per weight) */
+/* unit u (inputs 128 u..128 u + 127) of output c's row times x's, added to acc: one load, then a shift and a
+ * mask per slice of 32 (nibble s is inputs 32 s..32 s + 31). The nibbles are q + 8: a group's accumulators
+ * start at -8 * x's pair sums (once per group for 8 outputs, not a subtraction per weight). */
 #if GPT2LAB_VNNI
-#define Q4_NIBBLES(v, s) ((s) == 3 ? _mm512_srli_epi16(v, 12) \
-                          : _mm512_and_si512((s) == 0 ? (v) : _mm512_srli_epi16(v, 4 * (s)), mask))
-#define Q4_MADD(acc, c) acc = _mm512_dpwssd_epi32(acc, Q4_NIBBLES(_mm512_loadu_si512((const void *)( \
-        w + (c) * rb + t / 4 * 64)), t % 4), xv)
+#define Q4_MADD(acc, c) do { \
+        const __m512i v_ = _mm512_loadu_si512((const void *)(w + (c) * rb + u * 64)); \
+        acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(v_, mask), x0); \
+        acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v_, 4), mask), x1); \
+        acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v_, 8), mask), x2); \
+        acc = _mm512_dpwssd_epi32(acc, _mm512_srli_epi16(v_, 12), x3); \
+    } while (0)
 #define Q4_FOLD(v) _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1))
 #else
-#define Q4_NIBBLES(v, s) ((s) == 3 ? _mm256_srli_epi16(v, 12) \
-                          : _mm256_and_si256((s) == 0 ? (v) : _mm256_srli_epi16(v, 4 * (s)), mask))
-#define Q4_HALF(c, h) Q4_NIBBLES(_mm256_loadu_si256((const __m256i *)(w + (c) * rb + t / 4 * 64 + 32 * (h))), t % 4)
-#define Q4_MADD(acc, c) acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(Q4_HALF(c, 0), xlo), \
-                                                                    _mm256_madd_epi16(Q4_HALF(c, 1), xhi)))
+#define Q4_HALF(acc, v, xp) do { /* 16-bit words 16 h..16 h + 15 of the unit: inputs 32 s + 16 h + 0..15 */ \
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_and_si256(v, mask), _mm256_loadu_si256((const __m256i *)(xp)))); \
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), \
+                                                      _mm256_loadu_si256((const __m256i *)((xp) + 32)))); \
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), mask), \
+                                                      _mm256_loadu_si256((const __m256i *)((xp) + 64)))); \
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_srli_epi16(v, 12), \
+                                                      _mm256_loadu_si256((const __m256i *)((xp) + 96)))); \
+    } while (0)
+#define Q4_MADD(acc, c) do { \
+        const uint8_t *p_ = w + (c) * rb + u * 64; \
+        Q4_HALF(acc, _mm256_loadu_si256((const __m256i *)p_), x + 128 * u); \
+        Q4_HALF(acc, _mm256_loadu_si256((const __m256i *)(p_ + 32)), x + 128 * u + 16); \
+    } while (0)
 #define Q4_FOLD(v) (v)
 #endif
 /* 1 row x 8 outputs: acc[c] (double) of y = x . w[c] before the row's scale, in the canonical order above */
 static inline __attribute__((always_inline)) void q4_1x8(const int16_t *x, const uint8_t *w, const float *scale,
                                                          int64_t n_in, double *acc) {
-    const int64_t rb = q4_row_bytes(n_in), ng = q4_groups(n_in), full = n_in / 32; /* whole slices */
+    const int64_t rb = q4_row_bytes(n_in), ng = q4_groups(n_in), full = n_in / Q4_UNIT; /* whole units */
     const __m256i index = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)ng));
     __m256d lo = _mm256_setzero_pd(), hi = lo;
 #if GPT2LAB_VNNI
@@ -551,25 +565,25 @@ static inline __attribute__((always_inline)) void q4_1x8(const int16_t *x, const
 #define Q4_ZERO _mm256_setzero_si256()
 #endif
     for (int64_t g = 0; g < ng; g++) {
-        const int64_t t0 = g * (Q4_GROUP / 32), t1 = t0 + Q4_GROUP / 32 < full ? t0 + Q4_GROUP / 32 : full;
+        const int64_t u0 = g * (Q4_GROUP / Q4_UNIT), u1 = u0 + Q4_GROUP / Q4_UNIT < full ? u0 + Q4_GROUP / Q4_UNIT : full;
         q4acc offset = Q4_ZERO;
-        for (int64_t t = t0; t < t1; t++) {
+        for (int64_t k = 128 * u0; k < 128 * u1; k += 32) {
 #if GPT2LAB_VNNI
-            offset = _mm512_dpwssd_epi32(offset, minus8, _mm512_loadu_si512((const void *)(x + 32 * t)));
+            offset = _mm512_dpwssd_epi32(offset, minus8, _mm512_loadu_si512((const void *)(x + k)));
 #else
             offset = _mm256_add_epi32(offset, _mm256_add_epi32(
-                _mm256_madd_epi16(minus8, _mm256_loadu_si256((const __m256i *)(x + 32 * t))),
-                _mm256_madd_epi16(minus8, _mm256_loadu_si256((const __m256i *)(x + 32 * t + 16)))));
+                _mm256_madd_epi16(minus8, _mm256_loadu_si256((const __m256i *)(x + k))),
+                _mm256_madd_epi16(minus8, _mm256_loadu_si256((const __m256i *)(x + k + 16)))));
 #endif
         }
         q4acc a0 = offset, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        for (int64_t t = t0; t < t1; t++) {
-            if (t % 4 == 0) PREFETCH_NEXT(w, 8 * rb, 8 * t / 4 * 64, 8 * 64);
+        for (int64_t u = u0; u < u1; u++) {
+            PREFETCH_NEXT(w, 8 * rb, 8 * u * 64, 8 * 64);
 #if GPT2LAB_VNNI
-            const __m512i xv = _mm512_loadu_si512((const void *)(x + 32 * t));
-#else
-            const __m256i xlo = _mm256_loadu_si256((const __m256i *)(x + 32 * t));
-            const __m256i xhi = _mm256_loadu_si256((const __m256i *)(x + 32 * t + 16));
+            const __m512i x0 = _mm512_loadu_si512((const void *)(x + 128 * u));
+            const __m512i x1 = _mm512_loadu_si512((const void *)(x + 128 * u + 32));
+            const __m512i x2 = _mm512_loadu_si512((const void *)(x + 128 * u + 64));
+            const __m512i x3 = _mm512_loadu_si512((const void *)(x + 128 * u + 96));
 #endif
             Q4_MADD(a0, 0); Q4_MADD(a1, 1); Q4_MADD(a2, 2); Q4_MADD(a3, 3);
             Q4_MADD(a4, 4); Q4_MADD(a5, 5); Q4_MADD(a6, 6); Q4_MADD(a7, 7);
@@ -577,10 +591,10 @@ static inline __attribute__((always_inline)) void q4_1x8(const int16_t *x, const
         __m256i sums = q4_hsum8(Q4_FOLD(a0), Q4_FOLD(a1), Q4_FOLD(a2), Q4_FOLD(a3), Q4_FOLD(a4), Q4_FOLD(a5),
                                 Q4_FOLD(a6), Q4_FOLD(a7));
         const int64_t k_end = (g + 1) * Q4_GROUP < n_in ? (g + 1) * Q4_GROUP : n_in;
-        if (k_end > 32 * t1) { /* the last group's inputs past the whole slices (n_in % 32 != 0) */
+        if (k_end > Q4_UNIT * u1) { /* the last group's inputs past the whole units (n_in % 128 != 0) */
             int32_t s[8];
             _mm256_storeu_si256((__m256i *)s, sums);
-            for (int c = 0; c < 8; c++) s[c] += (int32_t)q4_dot_scalar(x, w + c * rb, 32 * t1, k_end);
+            for (int c = 0; c < 8; c++) s[c] += (int32_t)q4_dot_scalar(x, w + c * rb, Q4_UNIT * u1, k_end);
             sums = _mm256_loadu_si256((const __m256i *)s);
         }
         const __m256 sc = _mm256_i32gather_ps(scale + g, index, 4);
