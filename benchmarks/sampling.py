@@ -9,6 +9,7 @@ Run: PYTHONPATH=src python benchmarks/sampling.py
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -68,6 +69,7 @@ def bench(batch: int, kwargs: dict) -> tuple[float, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(1)
     print(f"{'setting':34} {'batch':>5} {'gpt2lab cpu ms':>14} {'transformers cpu ms':>20} {'ratio':>6}")
     for name, kwargs in SETTINGS.items():

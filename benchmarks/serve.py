@@ -4,9 +4,9 @@
 each, then the same requests one after another: aggregate tokens/s, time to first token (p50/p95) and the
 speed-up. The bar: continuous batching reaches at least 3x the one-at-a-time throughput.
 
-``--scenario prefix``: a chat of 10 turns whose history reaches ~900 tokens, the whole conversation sent each
+``--scenario prefix``: chats of 10 turns whose history reaches ~900 tokens, the whole conversation sent each
 turn (as chat clients do), against a server with prefix reuse and one with ``--prefix-cache-mb 0``: the
-time to first token of turn 10. The bar: at least 5x faster with prefix reuse.
+median time to first token of turn 10 over ``--repeats`` chats. The bar: at least 5x faster with prefix reuse.
 
 ``--scenario lora``: ``--clients`` concurrent clients spread over 4 LoRA adapters (rank 8, on every
 projection) against the same clients on the base model alone, on one server: aggregate tokens/s. The bar:
@@ -143,47 +143,59 @@ def print_rates(results: dict[str, tuple[float, list[float], int]]) -> list[floa
     return rates
 
 
-def chat_turn10_ttft(url: str, tokens: int) -> tuple[float, list[str]]:
-    """A 10-turn chat through ``/v1/chat/completions``, each user message ~85 tokens, the whole conversation
-    sent each turn; the time to first token of turn 10 (its history ~900 tokens) and the replies."""
+def chat_turn10_ttft(url: str, tokens: int, chat: int = 0) -> tuple[float, list[str], int]:
+    """A 10-turn chat through ``/v1/chat/completions``, each user message ~70 tokens, the whole conversation
+    sent each turn; the time to first token of turn 10, the replies and turn 10's prompt tokens (~900: the
+    history must fit the 1024-token context whole, or the server drops the oldest turns and the conversation
+    no longer starts with what was cached). ``chat`` numbers the conversation: different chats share only
+    the system message."""
     messages = [{"role": "system", "content": "You are a patient assistant who answers questions about stories."}]
-    replies, ttft = [], 0.0
+    replies, ttft, prompt_tokens = [], 0.0, 0
     with httpx.Client(timeout=None) as client:
         for turn in range(10):
-            words = " ".join(f"detail{turn}-{i}" for i in range(20))
-            messages.append({"role": "user", "content": f"Turn {turn}: here are the details: {words}. Go on."})
-            body = {"messages": messages, "max_tokens": tokens, "seed": turn, "stream": True}
+            words = " ".join(f"detail{turn}-{i}" for i in range(14))
+            messages.append({"role": "user", "content": f"Chat {chat} turn {turn}: here are the details: {words}. "
+                                                        f"Go on."})
+            body = {"messages": messages, "max_tokens": tokens, "seed": turn, "stream": True,
+                    "stream_options": {"include_usage": True}}
             start, first, text = time.perf_counter(), None, []
             with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
                 for line in response.iter_lines():
                     if line.startswith("data: {"):
-                        delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                        event = json.loads(line[6:])
+                        if event.get("usage"):
+                            prompt_tokens = event["usage"]["prompt_tokens"]
+                        delta = event["choices"][0]["delta"].get("content") if event.get("choices") else None
                         if delta:
                             first = first or time.perf_counter()
                             text.append(delta)
             ttft = (first or time.perf_counter()) - start
             replies.append("".join(text))
             messages.append({"role": "assistant", "content": replies[-1]})
-    return ttft, replies
+    return ttft, replies, prompt_tokens
 
 
-def scenario_prefix(model: Path, tmp: Path, tokens: int) -> None:
+def scenario_prefix(model: Path, tmp: Path, tokens: int, repeats: int) -> None:
     results = {}
     for name, more in (("prefix reuse", ()), ("no prefix reuse", ("--prefix-cache-mb", "0"))):
         port = free_port()
         server = start_server(model, port, 4, tmp / f"server-{len(results)}.log", *more)
         try:
-            results[name] = chat_turn10_ttft(f"http://127.0.0.1:{port}", tokens)
+            results[name] = [chat_turn10_ttft(f"http://127.0.0.1:{port}", tokens, chat) for chat in range(repeats)]
         finally:
             server.terminate()
             server.wait(30)
-    print(f"gpt2lab serve, random GPT-2 124M, a 10-turn chat (~900-token history at turn 10), {tokens} tokens a "
-          f"reply, cpus={os.cpu_count()}")
-    for name, (ttft, _) in results.items():
-        print(f"  {name:16s} turn-10 time to first token {ttft:7.3f} s")
-    same = results["prefix reuse"][1] == results["no prefix reuse"][1]
-    ratio = results["no prefix reuse"][0] / results["prefix reuse"][0]
+    print(f"gpt2lab serve, random GPT-2 124M, {repeats} chats of 10 turns, {tokens} tokens a reply, "
+          f"cpus={os.cpu_count()}")
+    for name, chats in results.items():
+        times = [c[0] for c in chats]
+        print(f"  {name:16s} turn-10 time to first token: median {statistics.median(times):7.3f} s "
+              f"(each chat: {', '.join(f'{t:.3f}' for t in times)}; turn-10 prompt "
+              f"{', '.join(str(c[2]) for c in chats)} tokens)")
+    same = [c[1] for c in results["prefix reuse"]] == [c[1] for c in results["no prefix reuse"]]
+    ratio = (statistics.median(c[0] for c in results["no prefix reuse"])
+             / statistics.median(c[0] for c in results["prefix reuse"]))
     print(f"  replies identical: {same}; speed-up {ratio:.1f}x (bar: >= {PREFIX_BAR:.0f}x) -> "
           f"{'PASS' if ratio >= PREFIX_BAR and same else 'FAIL'}")
 
@@ -214,12 +226,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model", help="checkpoint directory (default: a random GPT-2 124M)")
+    parser.add_argument("--repeats", type=int, default=3, help="prefix scenario: chats per server (median counts)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else random_gpt2_124m(Path(tmp) / "gpt2-124m-random")
         if args.scenario == "prefix":
-            return scenario_prefix(model, Path(tmp), min(args.tokens, 16))
+            return scenario_prefix(model, Path(tmp), min(args.tokens, 16), args.repeats)
         if args.scenario == "lora":
             return scenario_lora(model, Path(tmp), args.clients, args.tokens)
         port = free_port()

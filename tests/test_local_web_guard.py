@@ -69,6 +69,15 @@ def test_serve_refuses_rebinding_cross_site_and_non_json_requests(server):
         r = httpx.get(url + path, headers={"host": f"evil.example:{port}"}, timeout=30)
         _refused(r, "host_not_allowed")
     assert server.metric("gpt2lab_prompt_tokens_total") == before  # nothing reached the engine
+    # a method no route takes is a 405 (it was a 415 asking for a JSON body a DELETE does not have)
+    for method in ("DELETE", "PUT"):
+        r = httpx.request(method, f"{url}/v1/completions", timeout=30, headers={"content-type": "application/json"})
+        assert r.status_code == 405, (method, r.status_code, r.text)
+    r = httpx.request("DELETE", f"{url}/v1/completions", timeout=30)
+    assert r.status_code == 405, r.text
+    r = httpx.request("DELETE", f"{url}/v1/completions", content=b"x=1", timeout=30,  # a body: still JSON only
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    _refused(r, "unsupported_media_type")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "LOCALHOST", "app.localhost", "[::1]", "127.0.0.2"])

@@ -97,3 +97,18 @@ def test_bad_pool_arguments_name_the_parameter():
         PrefixCache(-1)
     with pytest.raises(ValueError, match="block_size"):
         PrefixCache(10, block_size=0)
+
+
+def test_the_first_forward_moving_the_weights_keeps_what_the_pool_holds(tmp_path_factory):
+    """A fresh model's first forward moves its big tensors onto huge pages (same values, new storage): the pool
+    must not take that for new weights. It did: the second request of a new server found the pool emptied, so a
+    chat's second turn prefilled its whole conversation again."""
+    _, gen = tiny_model(tmp_path_factory, "prefix-fresh", seed=3)  # its wte (50257 x 64) > 1 MB: it moves
+    gen.prefix_cache = PrefixCache(64 << 20)
+    params = SamplingParams(max_new_tokens=4, seed=0)
+    first = gen.generate(PREAMBLE, params)
+    second = gen.generate(PREAMBLE + "And one more thing.", params)
+    stats = gen.prefix_cache.stats
+    assert (stats.hits, stats.misses) == (1, 1), stats
+    assert stats.saved_tokens >= len(gen.tokenizer.encode(PREAMBLE)) - gen.prefix_cache.block_size
+    assert first and second

@@ -329,6 +329,12 @@ def test_half_open_connections_and_slow_bodies_are_closed(local):
                   b"Content-Length: 100\r\n\r\n{\"prompt\":")
         reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408"), reply
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # declares more than the limit, stalls:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 99999999999\r\n\r\n{\"prompt\":")  # too large whatever comes: 413, not 408
+        reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 413"), reply
+        assert b"request_too_large" in reply
     with ThreadPoolExecutor(4) as pool:  # and the server still serves
         codes = list(pool.map(lambda _: _post(url, {"prompt": "x", "max_tokens": 2}).status_code, range(4)))
     assert codes == [200] * 4

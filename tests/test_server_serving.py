@@ -231,3 +231,25 @@ def test_health_and_models_while_loading_then_serving(gen, state, run):
 def test_bad_server_arguments_name_themselves(gen, kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         ServerState.create(gen, **kwargs)
+
+
+@pytest.mark.parametrize("field, value", [("max_batch", 0), ("max_batch", 1025), ("max_batch", 10**8),
+                                          ("max_batch", True), ("max_queue", -1), ("max_queue", 10**9)])
+def test_batch_and_queue_sizes_are_bounded_and_named(gen, field, value):
+    """Every running row holds a full-length KV-cache row: an unbounded --max-batch let a burst of clients take
+    all memory (10**8 was accepted)."""
+    with pytest.raises(ValueError, match=rf"{field} must be an integer in \[\d+, \d+\], got {value!r}"):
+        ServerState.create(gen, **{field: value})
+
+
+def test_serve_names_an_out_of_range_max_batch_in_one_line(tiny_checkpoint):
+    import subprocess
+    import sys
+
+    from .server_helpers import _env
+
+    out = subprocess.run([sys.executable, "-m", "gpt2lab", "serve", "--model", str(tiny_checkpoint), "--max-batch",
+                          "5000"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode != 0
+    assert "--max-batch must be an integer in [1, 1024], got 5000" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

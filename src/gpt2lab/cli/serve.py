@@ -232,14 +232,17 @@ def serve(
                            **_on_ray_loras(more), **load))
         return
     limits = Limits()
-    try:
-        with user_errors():
+    with user_errors():
+        try:
             app = create_app(served, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                              request_timeout=request_timeout, cors_allow_origins=origins, max_body_mb=max_body_mb,
                              limits=limits, allowed_hosts=hosts, **more, **load)
-    except ValueError as exc:
-        fail(str(exc).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
-             .replace("request_timeout", "--request-timeout"))
+        except ValueError as exc:  # the library names its parameters; the user typed options
+            message = str(exc)
+            for name in ("max_batch", "max_queue", "request_timeout", "max_body_mb", "prefix_cache_mb",
+                         "max_models_memory"):
+                message = message.replace(name, "--" + name.replace("_", "-"))
+            raise ValueError(message) from None
     _announce_when_ready(app, sock)
     serve_http(app, sock, log_level=log_level, limits=limits)
 

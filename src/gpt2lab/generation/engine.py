@@ -409,6 +409,10 @@ class Engine:
         lead = set(firsts.values())
         pool = self.prefix_cache
         if pool is not None:
+            # the runtime's first look at a model may move its weights (onto huge pages: the same values, new
+            # storage), which the pool's fingerprint would take for new weights and drop what it holds: let it
+            # look first (a dictionary lookup after the first time)
+            runtime.inference_runner(self.model)
             pool.check_weights(self.model)
         # each prompt's cached prefix (none without a pool); the prefill computes the rest
         cached = {id(seqs[i].prompt_ids): pool.match(seqs[i].prompt_ids, self._cache_key(seqs[i]))

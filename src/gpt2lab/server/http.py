@@ -106,8 +106,11 @@ class LimitBody:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:
-                await self._refuse(send, 408, f"the request body did not arrive within "
-                                   f"{self.limits.body_timeout_s:g} s", "request_timeout")
+                if size > limit or declared > limit:  # too large whatever else arrives: that is the answer
+                    await self._refuse(send, 413, self._too_large(max(size, declared)), "request_too_large")
+                else:
+                    await self._refuse(send, 408, f"the request body did not arrive within "
+                                       f"{self.limits.body_timeout_s:g} s", "request_timeout")
                 return
             if message["type"] == "http.disconnect":
                 return

@@ -14,6 +14,10 @@ from typing import Any
 from . import protocol as p
 
 MAX_BODY_MB = 4.0  # --max-body-mb: a 1024-token prompt as token ids is ~7 KB, as text a few KB
+# --max-batch: every running row holds a KV cache row at its full length (GPT-2 124M: 75 MB at 1024 tokens), so
+# an unbounded count lets a burst of clients take all memory; vLLM's max_num_seqs defaults to 256-1024
+MAX_BATCH_LIMIT = 1024
+MAX_QUEUE_LIMIT = 65_536  # --max-queue: each waiting request holds its body (up to --max-body-mb)
 
 
 @dataclass(frozen=True)

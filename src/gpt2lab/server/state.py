@@ -80,16 +80,17 @@ class ServerState:
         """The state of a server of ``generator_or_model_ref`` (arguments as :func:`~gpt2lab.server.create_app`'s);
         nothing runs until :meth:`start`, which loads each model on its engine thread.
 
-        Raises ValueError naming ``max_batch`` (an integer >= 1), ``max_queue`` (an integer >= 0),
+        Raises ValueError naming ``max_batch`` (an integer in [1, 1024]), ``max_queue`` (in [0, 65536]),
         ``request_timeout`` (> 0 seconds), ``prefix_cache_mb`` (>= 0) or a model name used twice, or a model's
         ``device``, ``dtype``, ``quantization`` spelled outside :mod:`gpt2lab.placement`'s vocabulary (checked
         here, before an engine thread loads anything), and the models (with what each needs) when they would not
         fit ``max_models_memory``."""
         from ..placement import check_quantization, device_name, parse_dtype
 
-        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value, low, high in (("max_batch", max_batch, 1, lim.MAX_BATCH_LIMIT),
+                                       ("max_queue", max_queue, 0, lim.MAX_QUEUE_LIMIT)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
         if not request_timeout > 0:
             raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
         if prefix_cache_mb is not None and not (isinstance(prefix_cache_mb, (int, float)) and prefix_cache_mb >= 0):
