@@ -75,7 +75,7 @@ def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str 
     tokens between window starts (default ``block_size // 2``, as in the guide; ``stride ==
     block_size`` gives disjoint windows, faster but each window starts without context). Every text is
     windowed on its own; windows of all texts run together in batches of about ``batch_tokens`` tokens.
-    Overall figures pool the tokens of all texts. ``quantization`` (``"int8"``, ``"bf16"``) applies
+    Overall figures pool the tokens of all texts. ``quantization`` (``"int8"``, ``"int4"``, ``"bf16"``) applies
     when ``model`` is loaded here (see :func:`gpt2lab.load`).
     """
     gen = as_generator(model, device, quantization)
