@@ -70,7 +70,6 @@ def main() -> None:
 
     import gpt2lab
     from gpt2lab.evaluation import perplexity
-    from gpt2lab.evaluation.common import optimized
     from gpt2lab.tokenizer import gpt2_tokenizer_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="gpt2lab-bench-eval-"))
@@ -82,7 +81,7 @@ def main() -> None:
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(gpt2_tokenizer_dir() / name, tmp / name)
         tok = GPT2TokenizerFast.from_pretrained(tmp)
-        gen = optimized(gpt2lab.load(tmp))  # as `gpt2lab eval perplexity` loads it
+        gen = gpt2lab.load(tmp)  # as `gpt2lab eval perplexity` loads it
         text = corpus(gen.tokenizer, args.tokens)
         input_ids = tok(text, return_tensors="pt").input_ids
         print(f"model: {args.layers} layers, {args.embd} dim, context {args.block}, "

@@ -119,3 +119,44 @@ def test_a_beam_request_joining_the_batch_keeps_running_rows(gen):
     assert texts[("long", 0)] == alone.text
     assert [e.logprob for e in logprobs] == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-5)
     assert [texts[("beam", i)] for i in range(3)] == expected
+
+
+def test_prompt_logprobs_come_from_the_prefill_for_every_kind_of_request(gen):
+    """Prompt logprobs are computed by the request's own prefill (they were a separate forward inside
+    add_request, on the engine thread, stalling every running stream): the same values as ``score``, for each
+    sample of n, for beams, with the prompt's prefix already cached, and beside requests that do not ask."""
+    from gpt2lab.generation.prefix_cache import PrefixCache
+
+    prompt = "It was the best of times, it was the worst of times, it was the age of wisdom"
+    ids = gen.tokenizer.encode(prompt)
+    expected = gen.score(ids, top_n=2)
+    saved = gen.prefix_cache
+    gen.prefix_cache = PrefixCache(16 << 20, block_size=4)
+    try:
+        gen.generate(prompt, max_new_tokens=2, seed=0)  # the prompt's prefix is now cached
+        runner = gen.runner()
+        engine = runner.engine
+        before, forwards = engine.prefill_tokens, []
+        hook = gen.model.register_forward_pre_hook(lambda module, args: forwards.append(1))  # PyTorch forwards
+        try:
+            runner.add(ids, SamplingParams(max_new_tokens=3, seed=1, n=2, prompt_logprobs=2), request_id="n2")
+        finally:
+            hook.remove()
+        assert engine.prefill_tokens == before and forwards == []  # adding it did no model work
+        runner.add(ids, SamplingParams(max_new_tokens=3, num_beams=2, prompt_logprobs=2), request_id="beams")
+        runner.add(ids, SamplingParams(max_new_tokens=3, seed=1), request_id="plain")
+        runner.run()
+        for rid, count in (("n2", 2), ("beams", 1)):
+            completions = runner.completions(rid)
+            assert len(completions) >= count
+            for c in completions:
+                assert [e.token_id for e in c.prompt_logprobs] == ids[1:]
+                assert [e.logprob for e in c.prompt_logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+                assert [e.rank for e in c.prompt_logprobs] == [e.rank for e in expected]
+                assert [[t[0] for t in e.top] for e in c.prompt_logprobs] == [[t[0] for t in e.top] for e in expected]
+        (plain,) = runner.completions("plain")
+        assert plain.prompt_logprobs is None
+        # the plain request's tokens are what it gives alone (the other prefill kept all logits, it did not)
+        assert plain.token_ids == gen.generate(prompt, max_new_tokens=3, seed=1)[0].token_ids
+    finally:
+        gen.prefix_cache = saved

@@ -145,3 +145,19 @@ def test_the_dtype_tables_live_in_one_module():
     table = re.compile(r"\{\s*\"(float32|bfloat16|float16|fp32|bf16|fp16)\"\s*:")
     holders = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if table.search(p.read_text()))
     assert holders == ["placement.py"]
+
+
+def test_torch_threads_sets_the_count_inside_and_puts_it_back():
+    from gpt2lab.placement import torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), torch_threads(1):  # put back when the block raises too
+            raise KeyError("x")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

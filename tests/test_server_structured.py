@@ -100,6 +100,7 @@ def test_vllm_fields_on_completions(server, fields, pattern):
     ({"guided_json": {"type": "array", "items": {"type": "objekt"}}}, "guided_json", "objekt"),
     ({"guided_choice": []}, "guided_choice", "choice"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", "one structured output"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "not guided_regex and guided_choice"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "guided_json"),
     ({"response_format": {"type": "json_object"}, "use_beam_search": True, "n": 2}, "response_format", "beam"),
 ])

@@ -22,8 +22,9 @@ foundation module: it imports torch and the standard library only, and every lay
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -189,6 +190,21 @@ def check_threads(threads: int, name: str = "threads") -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
         raise ValueError(f"{name} must be an integer in [1, {MAX_THREADS}], got {threads!r}")
     return threads
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block and put back after (process-wide, as
+    ``torch.set_num_threads`` is: for short stretches of a loader's own work, not around a caller's)."""
+    before = torch.get_num_threads()
+    if before == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def set_threads(threads: int, name: str = "threads") -> None:

@@ -189,11 +189,11 @@ def _threads_value(threads: int | str | None) -> int | str | None:
 
     if threads is None or (isinstance(threads, str) and threads.strip().lower() == "auto"):
         return None if threads is None else "auto"
+    message = f"--threads must be auto or an integer in [1, {MAX_THREADS}], got {threads!r}"
     try:
-        value = int(threads)
-    except ValueError:
-        raise ValueError(f"--threads must be auto or an integer in [1, {MAX_THREADS}], got {threads!r}") from None
-    return check_threads(value, "--threads")
+        return check_threads(int(threads), "--threads")
+    except ValueError:  # not a number, or out of range: one message for both
+        raise ValueError(message) from None
 
 
 def build_runtime(device: str, dtype: str | None, quantization: str | None,

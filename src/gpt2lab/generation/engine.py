@@ -55,6 +55,8 @@ from .stopping import SequenceText
 
 _CACHE_GRANULE = 256  # cache length grows in steps of this many slots (capped at n_positions)
 _PREFILL_TOKENS = 4096  # padded prompt tokens per prefill forward (bounds activation and mask memory)
+_PROMPT_LOGPROBS_TOKENS = 1024  # the same for prompts whose every position's logits are kept (4 KB a token per
+# 1000 words of vocabulary: 206 MB for GPT-2's 50257 at 1024 tokens)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -210,6 +212,11 @@ _Unit = _Sequence | _BeamGroup  # what is admitted at once: a sampled sequence, 
 _Row = _Sequence | _BeamRow  # what holds a row of the running batch
 
 
+def _prompt_logprobs_wanted(row: _Row) -> int | None:
+    """The ``prompt_logprobs`` a row's request asks for (None: none)."""
+    return (row.params if row.group is None else row.group.params).prompt_logprobs
+
+
 class Engine:
     """Continuous-batching text generation over one model (single-threaded: call from one thread).
 
@@ -262,8 +269,11 @@ class Engine:
         prompt_ids, budget = fit_prompt(list(prompt_ids), params, self.model.config.n_positions)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         lora = self.lora.slot(adapter) if adapter is not None else -1
+        # prompt logprobs come from the request's own prefill (_forward_prompts), not a forward of its own here
+        # (that ran on the engine thread at once, stalling every stream: 32 prompts of 255 tokens, ~15 s);
+        # only a request with no room to generate, which never reaches a prefill, gets them now
         prompt_lp = self._prompt_logprobs(prompt_ids, params.prompt_logprobs, lora) \
-            if params.prompt_logprobs is not None else None
+            if params.prompt_logprobs is not None and budget == 0 else None
         if budget == 0:
             self._ready += [RequestOutput(request_id, index, [], "", True, "length",
                                           [] if params.logprobs is not None else None, prompt_lp)
@@ -414,12 +424,14 @@ class Engine:
             # look first (a dictionary lookup after the first time)
             runtime.inference_runner(self.model)
             pool.check_weights(self.model)
-        # each prompt's cached prefix (none without a pool); the prefill computes the rest
+        # each prompt's cached prefix (none without a pool, nor for prompt logprobs: they need every position's
+        # logits); the prefill computes the rest
         cached = {id(seqs[i].prompt_ids): pool.match(seqs[i].prompt_ids, self._cache_key(seqs[i]))
-                  if pool is not None else [] for i in lead}
+                  if pool is not None and _prompt_logprobs_wanted(seqs[i]) is None else [] for i in lead}
         starts = {key: len(blocks) * (pool.block_size if pool is not None else 0) for key, blocks in cached.items()}
-        # similar lengths left to compute together
-        unique = sorted((seqs[i] for i in lead), key=lambda s: len(s.prompt_ids) - starts[id(s.prompt_ids)])
+        # similar lengths left to compute together, those that want prompt logprobs apart (all their logits)
+        unique = sorted((seqs[i] for i in lead), key=lambda s: (_prompt_logprobs_wanted(s) is not None,
+                                                               len(s.prompt_ids) - starts[id(s.prompt_ids)]))
         seqs = unique + [s for i, s in enumerate(seqs) if i not in lead]
         start = len(self._running)
         self._ensure_cache(start + len(seqs), max(s.max_len for s in seqs + self._running))
@@ -430,21 +442,32 @@ class Engine:
             for seq in unique:
                 pool.load(self.model.caches(), seq.row, cached[id(seq.prompt_ids)])
         parts, i = [], 0
+        prompt_lps: dict[int, list[TokenLogprob]] = {}  # id(a prompt's list) -> its prompt logprobs
         while i < len(unique):  # right-padded groups of at most _PREFILL_TOKENS padded tokens, within the cache
             j, first = i + 1, starts[id(unique[i].prompt_ids)]
+            wants = _prompt_logprobs_wanted(unique[i]) is not None
+            budget = _PROMPT_LOGPROBS_TOKENS if wants else _PREFILL_TOKENS  # all logits: [tokens, V] floats
             while j < len(unique):
                 width = len(unique[j].prompt_ids) - starts[id(unique[j].prompt_ids)]
                 first = max(first, starts[id(unique[j].prompt_ids)])
-                if (j + 1 - i) * width > _PREFILL_TOKENS or first + width > self.model.max_seq:
+                if ((j + 1 - i) * width > budget or first + width > self.model.max_seq
+                        or (_prompt_logprobs_wanted(unique[j]) is not None) != wants):
                     break
                 j += 1
-            parts.append(self._forward_prompts(unique[i:j], start + i, [starts[id(s.prompt_ids)] for s in unique[i:j]]))
+            parts.append(self._forward_prompts(unique[i:j], start + i, [starts[id(s.prompt_ids)] for s in unique[i:j]],
+                                               prompt_lps))
             i = j
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         if pool is not None:
             for seq in unique:
                 pool.store(self.model.caches(), seq.row, seq.prompt_ids, self._cache_key(seq))
         source = {id(s.prompt_ids): j for j, s in enumerate(unique)}
+        for seq in seqs:  # a request's samples (or beams) share its prompt's logprobs, given with their first output
+            if id(seq.prompt_ids) in prompt_lps:
+                if seq.group is None:
+                    seq.prompt_logprobs = prompt_lps[id(seq.prompt_ids)]
+                else:
+                    seq.group.prompt_logprobs = prompt_lps[id(seq.prompt_ids)]
         for seq in seqs[len(unique):]:
             for cache in self.model.caches():
                 cache.copy_row(start + source[id(seq.prompt_ids)], seq.row, len(seq.prompt_ids))
@@ -454,9 +477,11 @@ class Engine:
         """What a row's cached keys and values depend on besides its tokens: its adapter (every load its own)."""
         return self.lora.uid(row.lora) if self.lora is not None else 0
 
-    def _forward_prompts(self, seqs: list[_Row], first_row: int, starts: list[int]) -> torch.Tensor:
+    def _forward_prompts(self, seqs: list[_Row], first_row: int, starts: list[int],
+                         prompt_lps: dict[int, list[TokenLogprob]]) -> torch.Tensor:
         """Prefill prompts into cache rows ``first_row...``, each from position ``starts[i]`` on (the slots
-        before it hold its cached prefix); next-token logits ``[len(seqs), V]``."""
+        before it hold its cached prefix); next-token logits ``[len(seqs), V]``. The prompt logprobs of
+        those that ask for them go into ``prompt_lps`` (by ``id`` of their prompt list)."""
         lens = [len(s.prompt_ids) - first for s, first in zip(seqs, starts)]
         self.prefill_tokens += sum(lens)
         width = max(lens)
@@ -464,10 +489,19 @@ class Engine:
         for i, (s, first) in enumerate(zip(seqs, starts)):
             idx[i, :lens[i]] = torch.tensor(s.prompt_ids[first:])
         pos = torch.arange(width)[None] + torch.tensor(starts)[:, None]
-        return runtime.forward(self.model, idx.to(self.device), input_pos=pos.to(self.device),
-                               rows=slice(first_row, first_row + len(seqs)),
-                               logits_index=torch.tensor(lens, device=self.device) - 1,
-                               lora=LoRAMapping.of(self.lora, [s.lora for s in seqs]))
+        last = torch.tensor(lens, device=self.device) - 1
+        wanted = [_prompt_logprobs_wanted(s) for s in seqs]
+        logits = runtime.forward(self.model, idx.to(self.device), input_pos=pos.to(self.device),
+                                 rows=slice(first_row, first_row + len(seqs)),
+                                 logits_index=None if any(w is not None for w in wanted) else last,
+                                 lora=LoRAMapping.of(self.lora, [s.lora for s in seqs]))
+        if logits.dim() == 2:
+            return logits
+        for i, (seq, top_n) in enumerate(zip(seqs, wanted)):  # their starts are 0: no cached prefix
+            if top_n is not None:  # position t's logits give token t + 1's logprob
+                scores = torch.log_softmax(logits[i, :lens[i] - 1, :self._decodable].float(), dim=-1)
+                prompt_lps[id(seq.prompt_ids)] = token_logprobs(scores, seq.prompt_ids[1:], top_n, self.tokenizer)
+        return logits[torch.arange(len(seqs), device=logits.device), last]
 
     def _ensure_cache(self, rows: int, seq_len: int) -> None:
         """Grow the static cache when needed, keeping the running rows' contents."""

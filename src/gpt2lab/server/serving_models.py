@@ -175,7 +175,7 @@ class OpenAIServingModels:
         """An adapter as ``/v1/models`` lists it (vLLM's layout: ``root`` its folder, ``parent`` its base)."""
         return p.ModelCard(id=name, created=self.created, max_model_len=gen.config.n_positions,
                            generation_config=gen.generation_config, quantization=getattr(gen, "quantization", None),
-                           root=path, parent=served.id)
+                           root=str(Path(path).absolute()), parent=served.id)  # absolute, as a base model's
 
     def _cards(self) -> list[p.ModelCard]:
         cards = []

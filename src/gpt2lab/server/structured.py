@@ -82,6 +82,9 @@ def requested_spec(request: Any, limits: lim.Limits) -> tuple[StructuredOutputsP
     if request.structured_outputs is not None:
         asked.append(("structured_outputs", request.structured_outputs))
     guided = {kind: getattr(request, name) for name, kind in _GUIDED.items() if getattr(request, name) is not None}
+    if len(guided) > 1:  # named as the client wrote them, not as the library's kinds
+        names = [name for name in _GUIDED if getattr(request, name) is not None]
+        raise p.invalid(f"give one structured output, not {' and '.join(names)}", names[1])
     if guided:
         if request.guided_whitespace_pattern is not None:
             guided["whitespace_pattern"] = request.guided_whitespace_pattern
