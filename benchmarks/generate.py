@@ -1,10 +1,12 @@
-"""Generation speed on CPU: gpt2lab (fp32, int8) against transformers, CTranslate2 and llama.cpp (issue 18).
+"""Generation speed on CPU: gpt2lab (fp32, int8, int4) against transformers, CTranslate2 and llama.cpp (issues 18, 27).
 
     PYTHONPATH=src python benchmarks/generate.py                       # everything available, a few minutes
     PYTHONPATH=src python benchmarks/generate.py --contenders gpt2lab gpt2lab-int8 ct2 ct2-int8 --batches 1
     PYTHONPATH=src python benchmarks/generate.py --models 124m --repeats 5 --threads 2
     PYTHONPATH=src python benchmarks/generate.py --models 124m --contenders gpt2lab gpt2lab-int8 \\
         --thread-counts auto 1 2 --contention 1        # auto threads against fixed counts, one core busy
+    PYTHONPATH=src python benchmarks/generate.py --models 124m --batches 1 --repeats 5 \\
+        --contenders gpt2lab-int8 gpt2lab-int4 llama-q8 llama-q4_0 llama-q4_k_m   # issue 27's int4 bars
 
 Models: randomly initialised GPT-2 124M and a GPT-2 medium-shaped 355M (``transformers.GPT2Config``
 defaults / 24 layers x 1024), saved by transformers in Hugging Face layout under
@@ -17,7 +19,8 @@ Runs alternate between the contenders (a burst of load elsewhere hits all alike)
 Contenders (each skipped with a note when its package is missing):
 - ``gpt2lab``, ``gpt2lab-int8``, ``gpt2lab-bf16``: ``gpt2lab.load(dir[, quantization=...])`` then ``generate``;
   ``gpt2lab-int8-head``: int8 with the LM head in int8 too (``quantize_(model, "int8", lm_head="int8")``)
-  (no other call: this is what every user gets);
+  (no other call: this is what every user gets); ``gpt2lab-int4``: 4-bit block weights (bf16 head, as int8),
+  ``gpt2lab-int4-head``: with the LM head in int8;
 - ``transformers``: ``GPT2LMHeadModel.generate`` (124M only: it is the slow reference);
 - ``ct2``, ``ct2-int8``: CTranslate2 ``float32`` / ``int8_float32`` (``pip install ctranslate2``), converted with
   ``TransformersConverter``, ``Generator.generate_batch(..., sampling_topk=50)``;
@@ -25,7 +28,10 @@ Contenders (each skipped with a note when its package is missing):
   an empty context for each run), on GGUF files made by llama.cpp's ``convert_hf_to_gguf.py`` (``--outtype f32`` /
   ``q8_0``): read from ``--gguf-dir DIR`` (default: next to the checkpoints) as ``<model>-f32.gguf`` and
   ``<model>-q8_0.gguf`` (e.g. ``gpt2-124m-random-q8_0.gguf``), or converted there once with ``--convert-script
-  PATH`` (default: ``convert_hf_to_gguf.py`` on PATH). Both come in llama-cpp-python's source distribution;
+  PATH`` (default: ``convert_hf_to_gguf.py`` on PATH); ``llama-q4_0``, ``llama-q4_k_m``: llama.cpp's Q4_0 (blocks
+  of 32, one fp16 scale) and Q4_K_M (super-blocks of 256, 6-bit sub-scales, some tensors in Q6_K) made from the
+  f32 GGUF by ``llama_cpp.llama_model_quantize`` as ``<model>-q4_0.gguf`` / ``<model>-q4_k_m.gguf``. The
+  converter and llama-cpp-python come in llama-cpp-python's source distribution;
   the build takes about 10 minutes on 2 cores, and the converter also needs ``pip install mistral-common``::
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.16 -d /tmp/lcp
@@ -63,8 +69,10 @@ PROMPT_LEN, TOP_K = 16, 50
 # common words that are one GPT-2 token each with a leading space: prompts of exactly PROMPT_LEN tokens
 WORDS = ("the cat dog house river old new city light water people time year world day man woman child "
          "music story night road king book small great long green black white red field tree").split()
-ALL = ("gpt2lab", "gpt2lab-int8", "gpt2lab-int8-head", "gpt2lab-bf16", "transformers", "ct2", "ct2-int8",
-       "llama-f32", "llama-q8")
+ALL = ("gpt2lab", "gpt2lab-int8", "gpt2lab-int8-head", "gpt2lab-int4", "gpt2lab-int4-head", "gpt2lab-bf16",
+       "transformers", "ct2", "ct2-int8", "llama-f32", "llama-q8", "llama-q4_0", "llama-q4_k_m")
+# what each llama.cpp contender's GGUF is: convert_hf_to_gguf.py's --outtype, or a llama_model_quantize file type
+LLAMA_TYPES = {"llama-f32": "f32", "llama-q8": "q8_0", "llama-q4_0": "q4_0", "llama-q4_k_m": "q4_k_m"}
 DEFAULT = ("gpt2lab", "gpt2lab-int8", "transformers", "ct2", "ct2-int8", "llama-f32", "llama-q8")
 
 
@@ -173,11 +181,11 @@ class SkipContender(Exception):
 def gpt2lab_runner(directory: Path, quantization: str | None):
     import gpt2lab
 
-    if quantization == "int8-head":  # the LM head in int8 too (int8 keeps it in bf16 by default)
+    if quantization is not None and quantization.endswith("-head"):  # the LM head in int8 (by default bf16)
         from gpt2lab.model.quantize import quantize_
 
         gen = gpt2lab.load(directory)
-        quantize_(gen.model, "int8", lm_head="int8")
+        quantize_(gen.model, quantization.removesuffix("-head"), lm_head="int8")
     else:
         gen = gpt2lab.load(directory, quantization=quantization)
 
@@ -264,17 +272,39 @@ def convert_to_gguf(directory: Path, outtype: str, script: Path, out: Path) -> N
         os.replace(Path(tmp) / out.name, out)
 
 
+def quantize_gguf(source: Path, out: Path, ftype: str, threads: int) -> None:
+    """Write ``out``, the f32 GGUF ``source`` quantized by llama.cpp's ``llama_model_quantize`` to ``ftype``
+    (``q4_0``, ``q4_k_m``: llama.cpp's own choice of type per tensor, as its ``llama-quantize`` tool makes them).
+    ``out`` appears only once complete; SkipContender if llama.cpp fails."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[ftype]
+    params.nthread = threads
+    tmp = out.with_name(f".{out.name}.tmp")
+    print(f"quantizing {source.name} to {out.name} with llama_model_quantize ...", flush=True)
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        tmp.unlink(missing_ok=True)
+        raise SkipContender(f"llama_model_quantize could not make {out.name}")
+    os.replace(tmp, out)
+
+
 def llama_runner(directory: Path, outtype: str, threads: int, gguf_dir: Path | None, convert: Path | None):
     try:
         import llama_cpp
     except ImportError as exc:
         raise SkipContender("llama-cpp-python is not installed (a source build: see docs/performance.md)") from exc
-    gguf = (gguf_dir or BENCH_DIR) / f"{directory.name}-{outtype}.gguf"
+    folder = gguf_dir or BENCH_DIR
+    gguf = folder / f"{directory.name}-{outtype}.gguf"
     if not gguf.is_file():
-        if convert is None:
-            raise SkipContender(f"no {gguf} (give --gguf-dir, or --convert-script: llama.cpp's "
-                                f"convert_hf_to_gguf.py)")
-        convert_to_gguf(directory, outtype, convert, gguf)
+        source = folder / f"{directory.name}-f32.gguf" if outtype.startswith("q4") else gguf
+        if not source.is_file():
+            if convert is None:
+                raise SkipContender(f"no {source} (give --gguf-dir, or --convert-script: llama.cpp's "
+                                    f"convert_hf_to_gguf.py)")
+            convert_to_gguf(directory, "f32" if source != gguf else outtype, convert, source)
+        if source != gguf:
+            quantize_gguf(source, gguf, outtype, threads)
     # fp32 KV cache like the others (llama.cpp's default is f16); the 16-token prompt is one decode call
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, seed=1234, verbose=False)
@@ -306,8 +336,7 @@ def build(name: str, directory: Path, args) -> Callable:  # noqa: ANN001
         return transformers_runner(directory)
     if name in ("ct2", "ct2-int8"):
         return ct2_runner(directory, "int8_float32" if name == "ct2-int8" else "float32", args.threads)
-    return llama_runner(directory, "q8_0" if name == "llama-q8" else "f32", args.threads, args.gguf_dir,
-                        args.convert_script)
+    return llama_runner(directory, LLAMA_TYPES[name], args.threads, args.gguf_dir, args.convert_script)
 
 
 COOL_DOWN_S = 0.5
@@ -412,13 +441,16 @@ def measure(runners: dict[str, Isolated], prompts: list[list[int]], new: int, re
     return {k: (tokens / min(v), tokens / statistics.median(v)) for k, v in times.items()}
 
 
-# issue 18's bars: (numerator, denominator, batch) -> (at least, goal or None)
+# issue 18's and 27's bars: (numerator, denominator, batch) -> (at least, goal or None)
 BARS = {("gpt2lab-int8", "llama-q8", 1): (1.0, 1.5), ("gpt2lab-int8", "ct2-int8", 1): (1.5, None),
         ("gpt2lab-int8", "ct2-int8", 8): (1.25, None), ("gpt2lab", "llama-f32", 1): (1.0, None),
-        ("gpt2lab", "ct2", 1): (1.0, None), ("gpt2lab", "ct2", 8): (1.2, None)}
+        ("gpt2lab", "ct2", 1): (1.0, None), ("gpt2lab", "ct2", 8): (1.2, None),
+        ("gpt2lab-int4", "llama-q4_0", 1): (1.2, None), ("gpt2lab-int4", "gpt2lab-int8", 1): (1.5, None)}
 RATIOS = (("gpt2lab-int8", "llama-q8"), ("gpt2lab-int8", "ct2-int8"), ("gpt2lab-int8-head", "llama-q8"),
           ("gpt2lab-int8-head", "ct2-int8"), ("gpt2lab", "llama-f32"), ("gpt2lab", "ct2"),
-          ("gpt2lab", "transformers"), ("gpt2lab-int8", "gpt2lab"))
+          ("gpt2lab", "transformers"), ("gpt2lab-int8", "gpt2lab"), ("gpt2lab-int4", "llama-q4_0"),
+          ("gpt2lab-int4", "llama-q4_k_m"), ("gpt2lab-int4", "gpt2lab-int8"), ("gpt2lab-int4-head", "llama-q4_0"),
+          ("gpt2lab-int4-head", "gpt2lab-int8-head"), ("gpt2lab-int4-head", "gpt2lab-int8"))
 
 
 def _ratio(rates: dict, a: str, b: str, batch: int) -> str | None:

@@ -77,7 +77,7 @@ print(gen.model.num_parameters(), resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quantization", default="int8", help="int8, bf16 or none")
+    ap.add_argument("--quantization", default="int8", help="int8, bf16, int4 or none")
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_DIR)
     args = ap.parse_args()
     if not (args.model_dir / "model.safetensors").is_file():

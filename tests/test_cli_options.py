@@ -40,7 +40,7 @@ def test_runtime_options_are_checked():
     assert build_runtime("cpu", None, None, "3").threads == 3
     for args, message in [(("cpu", None, None, "many"), "--threads must be auto or an integer"),
                           (("gpu", "auto", None, None), "--device"), (("cpu", "int4", None, None), "--dtype"),
-                          (("cpu", "auto", "int4", None), "--quantization"), (("cpu", "auto", None, 0), "--threads")]:
+                          (("cpu", "auto", "int2", None), "--quantization"), (("cpu", "auto", None, 0), "--threads")]:
         with pytest.raises(ValueError, match=message):
             build_runtime(*args)
 
@@ -118,7 +118,8 @@ def _invoke(*args: str):
     (["chat", "--message", "hi", "--threads", "0"], "--threads must be"),
     (["generate", "hi", "--threads", "100000"], "--threads must be auto or an integer in [1, 1024]"),  # was a SIGSEGV
     (["train", "README.md", "--config", "gpt2-tiny", "--out", "{tmp}/x", "--threads", "100000"], "--threads must be"),
-    (["eval", "perplexity", "README.md", "--quantization", "int4"], "--quantization must be"),
+    (["eval", "perplexity", "README.md", "--quantization", "int2"],
+     "--quantization must be one of none, int8, bf16, int4"),
     (["train", "README.md", "--config", "gpt2-tiny", "--out", "{tmp}/x", "--dtype", "fp8"], "--dtype must be"),
 ])
 def test_bad_runtime_values_exit_2(tmp_path, args, message):

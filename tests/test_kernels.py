@@ -1,4 +1,4 @@
-"""gpt2lab's C kernels (gpt2lab/kernels/kernels.c): the same numbers as torch (fp32, int8, bf16), each row
+"""gpt2lab's C kernels (gpt2lab/kernels/kernels.c): the same numbers as torch (fp32, int8, int4, bf16), each row
 independent of the others, the C interface against its one definition (kernels/abi.py), the build, and the
 fallback without them."""
 
@@ -16,7 +16,7 @@ import torch
 from gpt2lab import kernels, runtime
 from gpt2lab.checkpoints import load_model
 from gpt2lab.kernels import abi, build
-from gpt2lab.model.quantize import int8_linear, quantize_
+from gpt2lab.model.quantize import int4_linear, int8_linear, quantize_, unpack_int4
 from gpt2lab.runtime import inference_runner
 
 from .conftest import make_hf_checkpoint
@@ -92,41 +92,47 @@ def _weights(kind: str, n_out: int, n_in: int, gen: torch.Generator):
     if kind == "fp32":
         return w, None, w.double()
     stored, scales = quantize_weight(w, kind)
+    if kind == "int4":  # packed: q * its group's scale
+        group = kernels.INT4_GROUP_SIZE
+        per_input = scales.double().repeat_interleave(group, 1)[:, :n_in]
+        return stored, scales, unpack_int4(stored, n_in).double() * per_input
     ref = stored.double() * scales.double()[:, None] if scales is not None else stored.double()
     return stored, scales, ref
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16", "int4"])
 @pytest.mark.parametrize("n_out,n_in", [(1, 1), (7, 13), (5, 768), (1001, 64), (67, 3072), (33, 7), (24, 40),
                                          (9, 4133)])
 def test_linear_matches_a_float_reference_and_every_row_is_independent(kind, n_out, n_in):
     """Awkward shapes (odd sizes, a k % 8 and k % 16 tail, more than one 2048-long integer chunk) at
     1..16 rows and more: fp32/bf16 within fp32 rounding of an fp64 product with the (dequantized) weight;
-    int8 bit for bit what int8_linear (the PyTorch twin) computes and within the bound its int16
-    activations allow; each row bit-identical to the same row computed alone."""
+    int8 and int4 (packed, groups of 32 and a partial last one) bit for bit what int8_linear / int4_linear (the
+    PyTorch twins) compute and within the bound their int16 activations allow; each row bit-identical to the
+    same row computed alone."""
     gen = torch.Generator().manual_seed(n_out * 7 + n_in)
     w, scales, ref_w = _weights(kind, n_out, n_in, gen)
     b = torch.randn(n_out, generator=gen)
     x = torch.randn(37, n_in, generator=gen) * torch.rand(37, 1, generator=gen) * 8  # rows of different scales
-    full = kernels.linear(x, w, b, scales)  # 37 rows: the many-row tiles
+    full = kernels.linear(x, w, b, scales, n_in)  # 37 rows: the many-row tiles
     want = (x.double() @ ref_w.T + b.double())
-    if kind == "int8":
-        assert torch.equal(full, int8_linear(x, w, scales, b))
+    if kind in ("int8", "int4"):
+        twin = int8_linear(x, w, scales, b) if kind == "int8" else int4_linear(x, w, scales, n_in, b)
+        assert torch.equal(full, twin)
         # |x - q * s| <= s / 2 per element (s = max|x| / 32767), so the product moves by at most
         # s / 2 * sum|w_row|; plus fp32 rounding of the result
         bound = x.abs().amax(1, keepdim=True).double() / 32767 / 2 * ref_w.abs().sum(1) + 1e-5 * want.abs() + 1e-6
         assert ((full.double() - want).abs() <= bound).all()
     else:
         torch.testing.assert_close(full, want.float(), rtol=1e-5, atol=1e-5)
-    alone = [kernels.linear(x[i:i + 1], w, b, scales) for i in range(16)]
+    alone = [kernels.linear(x[i:i + 1], w, b, scales, n_in) for i in range(16)]
     for rows in (1, 2, 3, 5, 8, 16):
-        got = kernels.linear(x[:rows, None], w, None if rows == 3 else b, scales)  # any leading shape
+        got = kernels.linear(x[:rows, None], w, None if rows == 3 else b, scales, n_in)  # any leading shape
         assert got.shape == (rows, 1, n_out)
         want = torch.cat(alone[:rows]) if rows != 3 else torch.cat(alone[:3]) - b
         if rows == 3:  # no bias: compare with the reference instead
             torch.testing.assert_close(got[:, 0], (x[:3].double() @ ref_w.T).float(), rtol=1e-5,
-                                       atol=1e-5 if kind != "int8" else 2e-3)
+                                       atol=1e-5 if kind not in ("int8", "int4") else 2e-3)
         else:
             assert torch.equal(got[:, 0], want)  # bit for bit, whatever the number of rows
     assert torch.equal(full[:16], torch.cat(alone))
@@ -158,11 +164,11 @@ DECODER_SHAPES = {
 
 
 @needs_kernels
-@pytest.mark.parametrize("quantization", [None, "int8", "bf16", "int8-head"])
+@pytest.mark.parametrize("quantization", [None, "int8", "bf16", "int8-head", "int4"])
 @pytest.mark.parametrize("shape", list(DECODER_SHAPES))
 def test_the_kernel_forward_matches_the_torch_forward(shape, quantization, tmp_path):
     """Ragged prefills into different cache rows, then ragged decode steps: the one-call forward equals
-    the model's own PyTorch code (uncached) for fp32, int8 and bf16 weights, and with an int8 embedding
+    the model's own PyTorch code (uncached) for fp32, int8, int4 and bf16 weights, and with an int8 embedding
     and LM head too."""
     ckpt = make_hf_checkpoint(tmp_path, seed=3, **DECODER_SHAPES[shape])
     if quantization == "int8-head":
@@ -375,15 +381,19 @@ def test_the_inverse_cdf_kernel_equals_cumsum_and_searchsorted(vocab):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16", "int4"])
 def test_linear_refuses_a_wrong_input_width_and_takes_zero_rows(kind):
     """A mismatched x once made the C code see zero rows and die of SIGFPE, taking the process with it."""
     gen = torch.Generator().manual_seed(0)
     weight, scales, _ = _weights(kind, 768, 3072, gen)
     with pytest.raises(ValueError, match="x has 768 features"):
-        kernels.linear(torch.randn(1, 768), weight, torch.zeros(768), scales)
-    assert kernels.linear(torch.randn(0, 3072), weight, torch.zeros(768), scales).shape == (0, 768)
-    assert kernels.linear(torch.randn(2, 0, 3072), weight, None, scales).shape == (2, 0, 768)
+        kernels.linear(torch.randn(1, 768), weight, torch.zeros(768), scales, 3072)
+    assert kernels.linear(torch.randn(0, 3072), weight, torch.zeros(768), scales, 3072).shape == (0, 768)
+    assert kernels.linear(torch.randn(2, 0, 3072), weight, None, scales, 3072).shape == (2, 0, 768)
+    if kind == "int4":  # packed bytes do not say their width: a wrong one, or no scales, would read out of bounds
+        for in_features, s in ((2944, scales), (None, scales), (3072, None), (3072, scales[:, :-1])):
+            with pytest.raises(ValueError, match="packed int4 weights"):
+                kernels.linear(torch.randn(1, 3072), weight, None, s, in_features)
 
 
 _PATHS = [isa for isa in build.cpu_isas() if isa != "native"]
@@ -403,9 +413,9 @@ def test_the_best_path_this_cpu_runs_is_loaded_by_default():
 @pytest.mark.parametrize("isa", _PATHS)
 def test_every_path_this_cpu_runs_gives_the_same_int8_products_and_batch_invariance(isa):
     """Each instruction-set path present here (and the portable one, forced by GPT2LAB_KERNELS_ISA) in a
-    process of its own runs the linear and forward tests above: int8 products bit for bit those of the
-    PyTorch twin int8_linear (so bit-identical across paths), fp32/bf16 within rounding of fp64, every row
-    bit-identical alone or batched, the whole forward equal to torch's."""
+    process of its own runs the linear and forward tests above: int8 and int4 products bit for bit those of
+    the PyTorch twins int8_linear / int4_linear (so bit-identical across paths), fp32/bf16 within rounding of
+    fp64, every row bit-identical alone or batched, the whole forward equal to torch's."""
     if os.environ.get(kernels.ISA_ENV):
         pytest.skip("already inside a forced-path run")
     env = {**os.environ, kernels.ISA_ENV: isa}

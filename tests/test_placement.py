@@ -102,7 +102,7 @@ def test_every_front_end_refuses_a_wrong_name_naming_its_own_parameter(tiny_chec
     # the library
     raises(r"^dtype must be one of auto, float32", gpt2lab.load, tiny_checkpoint, device="cpu", dtype="int4")
     raises(r"^device must be one of auto, cpu, cuda", gpt2lab.load, tiny_checkpoint, device="gpu")
-    raises(r"^quantization must be None or one of 'int8', 'bf16'", gpt2lab.load, tiny_checkpoint,
+    raises(r"^quantization must be None or one of 'int8', 'bf16', 'int4'", gpt2lab.load, tiny_checkpoint,
            quantization="int3")
     raises(r"^dtype must be one of auto, float32", load_model, tiny_checkpoint, dtype="int4")
     raises(r"^quantization must be None or one of", load_model, tiny_checkpoint, quantization="fp8")

@@ -14,10 +14,10 @@ foundation module: it imports torch and the standard library only, and every lay
   scaling), float32 everywhere else (CPUs and older GPUs, where bfloat16 is emulated and slower than
   float32); ``"auto"`` with a stored dtype keeps a half-precision checkpoint's own.
 - ``quantization`` (weight-only, vLLM's option name): ``None`` (weights as stored), ``"int8"`` (int8 weights,
-  per-output-channel scales) or ``"bf16"`` (16-bit weight storage, float32 arithmetic). ``"bf16"`` is
-  also a dtype alias: as a *dtype* it makes every tensor and all arithmetic bfloat16; as a *quantization*
-  only the linear weights are stored in bfloat16. To add a quantization, add its name to
-  :data:`QUANTIZATIONS` (and its modules to ``gpt2lab.model.quantize``).
+  per-output-channel scales), ``"int4"`` (4-bit weights, one scale per group of 128 inputs) or ``"bf16"``
+  (16-bit weight storage, float32 arithmetic). ``"bf16"`` is also a dtype alias: as a *dtype* it makes every
+  tensor and all arithmetic bfloat16; as a *quantization* only the linear weights are stored in bfloat16. To
+  add a quantization, add its name to :data:`QUANTIZATIONS` (and its modules to ``gpt2lab.model.quantize``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 STORED_DTYPES: dict[str, torch.dtype] = {**DTYPES, "float64": torch.float64}
 
 # -- quantizations -------------------------------------------------------------------------------
-QUANTIZATIONS = ("int8", "bf16")
+QUANTIZATIONS = ("int8", "bf16", "int4")
 
 # -- devices and threads -------------------------------------------------------------------------
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -141,8 +141,8 @@ def autocast_dtype(dtype: str | None, device: torch.device, name: str = "--dtype
 
 
 def check_quantization(quantization: str | None, name: str = "quantization") -> str | None:
-    """``quantization`` normalised (``None``, ``"int8"`` or ``"bf16"``); ``ValueError`` naming ``name`` and the
-    choices for anything else."""
+    """``quantization`` normalised (``None``, ``"int8"``, ``"bf16"`` or ``"int4"``); ``ValueError`` naming ``name``
+    and the choices for anything else."""
     if quantization is None:
         return None
     if not isinstance(quantization, str) or quantization.strip().lower() not in QUANTIZATIONS:

@@ -212,7 +212,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu",
 
     ``dtype``: the dtype to hold the weights in; ``None`` is float32 (an fp16-stored checkpoint is
     upcast), ``"auto"`` keeps the checkpoint's own (:func:`checkpoint_dtype`).
-    ``quantization``: ``"int8"`` or ``"bf16"`` quantizes the weights while loading, one tensor at a
+    ``quantization``: ``"int8"``, ``"int4"`` or ``"bf16"`` quantizes the weights while loading, one tensor at a
     time (:func:`gpt2lab.checkpoints.quantized.load_quantized`; ``dtype`` is then unused); ValueError
     for other values.
     """

@@ -109,7 +109,7 @@ DTYPE_HELP = ("auto (a checkpoint stored in float16/bfloat16 keeps its dtype; el
 LOAD_DTYPE_HELP = ("float32, bfloat16, float16, or auto (a checkpoint stored in float16/bfloat16 keeps its "
                    "dtype). Default: bfloat16 on a GPU that supports it, else float32.")
 QUANTIZATION_NONE = "none"  # the CLI's word for the library's quantization=None
-QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8 or bf16."
+QUANTIZATION_HELP = "Weight-only quantization of the linear layers: none, int8, bf16 or int4."
 THREADS_HELP = "CPU threads for torch's operators (default: torch's choice; on a busy machine fewer can be faster)."
 RUNTIME_THREADS_HELP = ("CPU threads: auto (default: gpt2lab's kernels time each kind of forward and keep the "
                         "fastest count, which follows other processes' load) or N to pin N (torch's too).")

@@ -15,7 +15,7 @@ ModelLike = Union["Generator", str, Path, None]
 def as_generator(model: ModelLike, device: str = "auto", quantization: str | None = None) -> Generator:
     """A loaded :class:`Generator` for a Generator (used as is), a model reference, or None (the default model).
 
-    ``quantization`` (``None``, ``"int8"``, ``"bf16"``) applies to a model loaded here; a Generator
+    ``quantization`` (``None``, ``"int8"``, ``"int4"``, ``"bf16"``) applies to a model loaded here; a Generator
     passed in keeps its own (ValueError if it asks for another).
     """
     from ..generation import Generator, load

@@ -41,7 +41,7 @@ class PerplexityResult:
     block_size: int
     stride: int
     files: list[DocumentPerplexity] = field(default_factory=list)
-    quantization: str | None = None  # the model's weight quantization ("int8", "bf16"), None as stored
+    quantization: str | None = None  # the model's weight quantization ("int8", "bf16", "int4"), None as stored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +75,7 @@ def perplexity(texts: str | Sequence[str] | None = None, *, files: Sequence[str 
     tokens between window starts (default ``block_size // 2``, as in the guide; ``stride ==
     block_size`` gives disjoint windows, faster but each window starts without context). Every text is
     windowed on its own; windows of all texts run together in batches of about ``batch_tokens`` tokens.
-    Overall figures pool the tokens of all texts. ``quantization`` (``"int8"``, ``"bf16"``) applies
+    Overall figures pool the tokens of all texts. ``quantization`` (``"int8"``, ``"int4"``, ``"bf16"``) applies
     when ``model`` is loaded here (see :func:`gpt2lab.load`).
     """
     gen = as_generator(model, device, quantization)

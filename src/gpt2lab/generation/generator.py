@@ -73,7 +73,7 @@ class Generator:
 
     @property
     def quantization(self) -> str | None:
-        """The model's weight quantization: ``None`` (as stored), ``"int8"`` or ``"bf16"`` (vLLM's name)."""
+        """The model's weight quantization: ``None`` (as stored), ``"int8"``, ``"int4"`` or ``"bf16"`` (vLLM's name)."""
         return self.model.quantization
 
     @property
@@ -350,13 +350,12 @@ def load(model: Any = None, *, tokenizer: Any = None, adapter: str | Path | None
     ``dtype``: ``None``, the device's default (bfloat16 on a GPU with native bf16, float32 elsewhere);
     ``"auto"``, the checkpoint's own dtype when it is stored in float16/bfloat16 (as in transformers),
     else the device's default; or a name (``"float32"``, ``"bfloat16"``, ``"float16"``).
-    ``quantization``: ``None`` (weights as stored, trainable), ``"int8"`` (weight-only int8 with
-    per-output-channel scales, about 4x fewer bytes per decoded token) or ``"bf16"`` (16-bit weights,
-    fp32 arithmetic), vLLM's option name; quantized while loading, tensor by tensor, and
+    ``quantization``: ``None`` (weights as stored, trainable), ``"int8"`` (weight-only int8 with per-output-channel
+    scales, about 4x fewer bytes per decoded token), ``"int4"`` (4-bit block weights, a scale per 128 inputs) or
+    ``"bf16"`` (16-bit weights, fp32 arithmetic), vLLM's option name; quantized while loading, tensor by tensor, and
     inference-only; ``dtype`` is then unused (what is not quantized, LayerNorms, biases and positions, stays
-    float32, as the kernels read it). ValueError for any
-    other value. No call is needed to make generation fast: the model picks gpt2lab's kernels
-    whenever it runs inference (``gpt2lab.runtime.inference_runner``).
+    float32, as the kernels read it). ValueError for any other value. No call is needed to make generation fast: the
+    model picks gpt2lab's kernels whenever it runs inference (``gpt2lab.runtime.inference_runner``).
     """
     quantization = check_quantization(quantization)  # before any file is read
     device = resolve_device(device)

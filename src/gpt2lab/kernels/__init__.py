@@ -29,8 +29,8 @@ from . import build
 from .abi import CONSTANTS, Layer, LoRAPair, LoRATable, Matrix, bind
 from .build import SOURCE, cache_dir, compiler
 
-__all__ = ["ACTIVATIONS", "DISABLE_ENV", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT8", "Layer", "LoRAPair",
-           "LoRATable", "Matrix", "SOURCE",
+__all__ = ["ACTIVATIONS", "DISABLE_ENV", "INT4_GROUP_SIZE", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT4",
+           "KIND_INT8", "Layer", "LoRAPair", "LoRATable", "Matrix", "SOURCE",
            "WEIGHT_DTYPES", "available", "build", "cache_dir", "compiler", "has_avx2", "isa", "inverse_cdf", "library",
            "linear", "matrix", "row_totals", "top_k_", "usable"]
 
@@ -43,7 +43,9 @@ ISA_ENV = "GPT2LAB_KERNELS_ISA"
 _ISA_NAMES = {CONSTANTS["ISA_PORTABLE"]: "portable", CONSTANTS["ISA_AVX2"]: "avx2", CONSTANTS["ISA_AVX512"]: "avx512"}
 
 KIND_F32, KIND_INT8, KIND_BF16 = CONSTANTS["KIND_F32"], CONSTANTS["KIND_Q8"], CONSTANTS["KIND_BF16"]
-_KINDS = {torch.float32: KIND_F32, torch.int8: KIND_INT8, torch.bfloat16: KIND_BF16}
+KIND_INT4 = CONSTANTS["KIND_Q4"]  # packed 4-bit weights (uint8 [out, ceil(in / 128) * 64]), model/quantize.py's int4
+INT4_GROUP_SIZE = CONSTANTS["Q4_GROUP"]  # inputs per int4 scale: kernels.c's Q4_GROUP (why that size: quantize.py)
+_KINDS = {torch.float32: KIND_F32, torch.int8: KIND_INT8, torch.bfloat16: KIND_BF16, torch.uint8: KIND_INT4}
 WEIGHT_DTYPES = tuple(_KINDS)  # the weight dtypes the kernels read
 # GPT2Config.activation_function -> the kernels' epilogue (kernels.c), for every activation gpt2.py knows
 ACTIVATIONS = {"gelu_new": CONSTANTS["EPILOGUE_GELU_TANH"], "gelu_pytorch_tanh": CONSTANTS["EPILOGUE_GELU_TANH"],
@@ -57,7 +59,8 @@ _load_lock = threading.Lock()
 
 
 def matrix(weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Matrix:
-    """The kernels' view of a weight ``[out, in]`` (fp32, bf16, or int8 with fp32 ``scale [out]``) and an
+    """The kernels' view of a weight ``[out, in]`` (fp32, bf16, or int8 with fp32 ``scale [out]``, or packed
+    int4, uint8 ``[out, ceil(in / 128) * 64]`` with fp32 ``scale [out, ceil(in / INT4_GROUP_SIZE)]``) and an
     optional fp32 ``bias [out]``: pointers into contiguous CPU tensors, which the caller keeps alive.
     KeyError for another weight dtype."""
     return Matrix(weight.data_ptr(), None if scale is None else scale.data_ptr(),
@@ -127,15 +130,23 @@ def usable(t: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, in_features: int | None = None) -> torch.Tensor:
     """``F.linear(x, weight * scale[:, None], bias)`` for any number of rows of ``x`` (any leading shape).
 
     ``weight [out, in]``: contiguous CPU fp32 or bf16, or int8 with ``scale [out]`` (fp32, one per
-    output row). ``x`` and ``bias`` fp32. Check :func:`usable` first. Each output element is reduced in the
-    same order whatever the number of rows (see kernels.c), so a row's result never depends on the
-    others.
+    output row), or packed int4 (uint8, see :func:`matrix`; ``in_features`` gives ``in``, and ``scale`` is
+    checked against it). ``x`` and ``bias`` fp32. Check :func:`usable` first. Each output element is reduced
+    in the same order whatever the number of rows (see kernels.c), so a row's result never depends on the
+    others. ValueError for an input width or int4 shapes that do not match.
     """
     n_out, n_in = weight.shape
+    if weight.dtype == torch.uint8:
+        n_in = in_features if in_features is not None else -1
+        want = ((n_out, -(-n_in // 128) * 64), (n_out, -(-n_in // INT4_GROUP_SIZE)))
+        if n_in < 0 or (tuple(weight.shape), None if scale is None else tuple(scale.shape)) != want:
+            raise ValueError(f"packed int4 weights of {in_features} inputs are uint8 {list(want[0])} with fp32 "
+                             f"scales {list(want[1])}, got {list(weight.shape)} and "
+                             f"{None if scale is None else list(scale.shape)}")
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} features, the weight [{n_out}, {n_in}] takes {n_in}")
     x = x.contiguous()
@@ -144,7 +155,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if n_rows == 0:
         return y
     view = matrix(weight, bias, scale)
-    # int8 weights: the kernel quantizes x's rows to int16 here (see kernels.c)
+    # int8 and int4 weights: the kernel quantizes x's rows to int16 here (see kernels.c)
     xq, xs = (torch.empty(n_rows, n_in, dtype=torch.int16), torch.empty(n_rows)) if scale is not None else (None, None)
     _library.gpt2lab_linear(x.data_ptr(), ctypes.byref(view), y.data_ptr(), n_rows, n_out, n_in,
                             None if xq is None else xq.data_ptr(), None if xs is None else xs.data_ptr(),

@@ -26,7 +26,8 @@ from typing import Any
 
 # -- the tables: C types are written as C writes them, tokens separated by single spaces ("const float *")
 STRUCTS: dict[str, list[tuple[str, str]]] = {
-    # a weight [n_out, n_in] of one kind (KIND_*), int8's fp32 scale per output row, an optional bias
+    # a weight [n_out, n_in] of one kind (KIND_*), int8's fp32 scale per output row (int4's per group of
+    # Q4_GROUP inputs of a row), an optional bias
     "gpt2lab_matrix": [("w", "const void *"), ("scale", "const float *"), ("bias", "const float *"),
                        ("kind", "int64_t")],
     # one block's weights and its KV cache
@@ -68,9 +69,10 @@ FUNCTIONS: dict[str, tuple[str, list[tuple[str, str]]]] = {  # name: (return typ
         ("picked", "int64_t *")]),
 }
 
-# enum values that cross as plain numbers: gpt2lab_matrix.kind, and gpt2lab_forward's activation
+# enum values that cross as plain numbers: gpt2lab_matrix.kind, int4's group size, gpt2lab_forward's activation
 CONSTANTS: dict[str, int] = {
-    "KIND_F32": 0, "KIND_Q8": 1, "KIND_BF16": 2, "ISA_PORTABLE": 0, "ISA_AVX2": 1, "ISA_AVX512": 2,
+    "KIND_F32": 0, "KIND_Q8": 1, "KIND_BF16": 2, "KIND_Q4": 3, "Q4_GROUP": 128, "ISA_PORTABLE": 0, "ISA_AVX2": 1,
+    "ISA_AVX512": 2,
     "EPILOGUE_GELU_TANH": 2, "EPILOGUE_GELU": 3, "EPILOGUE_RELU": 4, "EPILOGUE_SILU": 5,
 }
 

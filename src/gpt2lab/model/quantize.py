@@ -6,13 +6,17 @@ and LM head (tied or not) bf16 (:data:`LM_HEAD_QUANTIZATION` says why; ``quantiz
 makes them int8 too). Their products run on integers: each input row is quantized to int16 with one scale
 (``max|x| / 32767``) and the int8 x int16 products are summed exactly (:func:`int8_linear`; why in
 ``kernels.c``). A decode step of GPT-2 124M reads about 165 MB instead of 500 MB (125 MB with an int8 head).
-``quantization="bf16"``: the same modules store bfloat16 weights (16-bit storage, fp32 arithmetic: AVX2 has no
-bf16 math).
+``quantization="int4"``: the block projections hold 4-bit weights, symmetric, with one fp32 scale per group
+of :data:`INT4_GROUP_SIZE` inputs of a row (llama.cpp's Q4_0 rule: the group's largest-magnitude weight maps to
+-8), packed two to a byte (:func:`int4_shapes`); the head as int8's. Their products take the same int16 rows
+and sum exactly per group (:func:`int4_linear`). About 43 MB of block weights per token of GPT-2 124M
+(int8: 85 MB). ``quantization="bf16"``: the same modules store bfloat16 weights (16-bit storage, fp32
+arithmetic: AVX2 has no bf16 math).
 
 The quantized modules run through gpt2lab's C kernels (``gpt2lab.kernels.linear``, and the whole cached
 forward through ``gpt2lab.runtime``'s ``KernelRunner``); without the kernels, on CPU, :func:`int8_linear`
-computes the same numbers bit for bit with PyTorch (slower), and on other devices they dequantize on the
-fly. A quantized model is inference-only: ``model.train()`` raises :class:`InferenceOnlyError`.
+and :func:`int4_linear` compute the same numbers bit for bit with PyTorch (slower), and on other devices they
+dequantize on the fly. A quantized model is inference-only: ``model.train()`` raises :class:`InferenceOnlyError`.
 
 ``state_dict()`` presents the dequantized fp32 weights under ``nn.Linear``'s names, so
 ``save_model`` writes a Hugging Face checkpoint, and ``load_state_dict`` quantizes fp32 weights as
@@ -36,24 +40,41 @@ from .gpt2 import GPT2, GPT2Config, InferenceOnlyError, meta_skeleton
 # head 19/20; the head's rms weight error is 3.3x smaller in bf16; group-wise int8 scales (64) barely
 # reduce it (1.15e-3 -> 1.05e-3), the embedding rows having no outliers. Cost: 38.6 MB more per token
 # for GPT-2's 50257 x 768 head.
-LM_HEAD_QUANTIZATION = {"int8": "bf16", "bf16": "bf16"}
+LM_HEAD_QUANTIZATION = {"int8": "bf16", "bf16": "bf16", "int4": "bf16"}
+HEAD_QUANTIZATIONS = ("int8", "bf16")  # what the embedding / head can hold (a packed int4 row is no embedding row)
+INT4_GROUP_SIZE = kernels.INT4_GROUP_SIZE  # inputs per int4 scale: kernels.c's Q4_GROUP (the measurement is there)
+_INT4_UNIT = 128  # inputs per 64 packed bytes (kernels.c's Q4_UNIT)
+_STORAGE = {"int8": torch.int8, "bf16": torch.bfloat16, "int4": torch.uint8}
 _CHUNK_ROWS = 2048  # rows quantized at a time
+
+
+def int4_shapes(n_out: int, n_in: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of a packed int4 weight of ``[n_out, n_in]``: uint8 ``[n_out, ceil(n_in / 128) * 64]`` (each
+    64 bytes hold 128 inputs, 16-bit word j input 32 s + j in its nibble s, as kernels.c reads them; an ``n_in``
+    that is not a multiple of 128 is padded with zeros) and fp32 scales ``[n_out, ceil(n_in / G)]``."""
+    return (n_out, -(-n_in // _INT4_UNIT) * (_INT4_UNIT // 2)), (n_out, -(-n_in // INT4_GROUP_SIZE))
 
 
 def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(stored, scales)`` for a float ``weight [out, in]``: int8 with fp32 ``scales [out]`` (symmetric,
-    per output row, rounded to nearest, so ``|w - q * scale| <= scale / 2``), or bf16 and None."""
+    per output row, rounded to nearest, so ``|w - q * scale| <= scale / 2``), packed int4 with fp32
+    ``scales [out, groups]`` (:func:`int4_shapes`; symmetric per group, ``q`` in [-8, 7]), or bf16 and None."""
     weight = weight.detach()
+    n_out, n_in = weight.shape
     if weight.is_meta:  # a skeleton's (load_quantized): shapes only. PyTorch's meta kernels for the arithmetic
         # below are Python references whose first use imports torch._dynamo, 1.5 s of every quantized load
-        return (torch.empty(weight.shape, dtype=torch.int8 if quantization == "int8" else torch.bfloat16,
-                            device="meta"),
-                torch.empty(weight.shape[0], device="meta") if quantization == "int8" else None)
+        if quantization == "int4":
+            packed, groups = int4_shapes(n_out, n_in)
+            return torch.empty(packed, dtype=torch.uint8, device="meta"), torch.empty(groups, device="meta")
+        return (torch.empty(weight.shape, dtype=_STORAGE[quantization], device="meta"),
+                torch.empty(n_out, device="meta") if quantization == "int8" else None)
     if quantization == "bf16":
         return weight.to(torch.bfloat16).contiguous(), None
+    if quantization == "int4":
+        return _quantize_int4(weight)
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for start in range(0, weight.shape[0], _CHUNK_ROWS):  # chunks: temporaries stay small (peak memory at load)
+    scales = torch.empty(n_out, dtype=torch.float32, device=weight.device)
+    for start in range(0, n_out, _CHUNK_ROWS):  # chunks: temporaries stay small (peak memory at load)
         rows = weight[start:start + _CHUNK_ROWS].to(torch.float32)
         amax = rows.abs().amax(dim=1)
         # an all-zero row keeps 1; a row holding NaN gets a NaN scale (inf: an inf one), so its outputs are
@@ -64,8 +85,48 @@ def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tens
     return q, scales
 
 
+def _quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_0 rule per group of :data:`INT4_GROUP_SIZE` inputs: ``scale = m / -8`` for the group's
+    weight ``m`` of largest magnitude (so ``m`` is exactly -8 steps and all 16 levels are used), ``q =
+    clamp(round(w / scale), -8, 7)``. A group holding NaN gets a NaN scale (its outputs NaN, as int8's rows);
+    an all-zero group the scale 1."""
+    n_out, n_in = weight.shape
+    (_, n_bytes), (_, n_groups) = int4_shapes(n_out, n_in)
+    packed = torch.empty(n_out, n_bytes, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n_out, n_groups, dtype=torch.float32, device=weight.device)
+    for start in range(0, n_out, _CHUNK_ROWS):
+        rows = weight[start:start + _CHUNK_ROWS].to(torch.float32)
+        r = rows.shape[0]
+        rows = F.pad(rows, (0, n_groups * INT4_GROUP_SIZE - n_in)).view(r, n_groups, INT4_GROUP_SIZE)
+        extreme = rows.gather(2, rows.abs().argmax(2, keepdim=True))[..., 0]  # argmax picks a NaN if there is one
+        chunk_scales = torch.where(extreme == 0, torch.ones_like(extreme), extreme / -8.0)
+        q = torch.round(rows / chunk_scales[..., None]).nan_to_num_(0.0).clamp_(-8, 7).add_(8).to(torch.uint8)
+        q = F.pad(q.view(r, -1), (0, n_bytes * 2 - q[0].numel()), value=8).view(r, -1, 4, 32)  # [unit, s, j]
+        # byte 2j of a unit: nibbles s = 0, 1 of word j; byte 2j + 1: s = 2, 3 (little-endian words)
+        pairs = torch.stack([q[:, :, 0] | (q[:, :, 1] << 4), q[:, :, 2] | (q[:, :, 3] << 4)], dim=3)
+        packed[start:start + _CHUNK_ROWS] = pairs.view(r, n_bytes)
+        scales[start:start + _CHUNK_ROWS] = chunk_scales
+    return packed, scales
+
+
+def unpack_int4(packed: torch.Tensor, n_in: int) -> torch.Tensor:
+    """The int8 values ``q`` in [-8, 7] of a packed int4 weight (:func:`int4_shapes`), ``[out, n_in]``."""
+    pairs = packed.view(packed.shape[0], -1, 32, 2)  # [unit, j, byte]
+    q = torch.stack([pairs[..., 0] & 15, pairs[..., 0] >> 4, pairs[..., 1] & 15, pairs[..., 1] >> 4], dim=2)
+    return q.view(packed.shape[0], -1)[:, :n_in].to(torch.int8) - 8
+
+
+def _check_head(quantization: str | None) -> str | None:
+    """``lm_head`` normalised; ValueError naming it for a quantization the embedding and head cannot hold."""
+    name = check_quantization(quantization, "lm_head")
+    if name is not None and name not in HEAD_QUANTIZATIONS:
+        raise ValueError(f"lm_head (the token embedding and LM head) must be None or one of "
+                         f"{', '.join(map(repr, HEAD_QUANTIZATIONS))}, got {quantization!r}")
+    return name
+
+
 class _Quantized(nn.Module):
-    """Shared by the quantized modules: int8/bf16 ``weight`` buffer, fp32 ``scales`` (int8 only)."""
+    """Shared by the quantized modules: int8/int4/bf16 ``weight`` buffer, fp32 ``scales`` (int8, int4)."""
 
     is_quantized = True
 
@@ -75,9 +136,13 @@ class _Quantized(nn.Module):
         self.register_buffer("scales", scales)
 
     def dequantized(self) -> torch.Tensor:
-        """The fp32 weight the quantized one stands for (``q * scale``, or bf16 widened)."""
+        """The fp32 weight the quantized one stands for (``q * scale``, or bf16 widened), ``[out, in]``."""
         if self.weight.is_meta:  # a skeleton's: shapes only (no Python meta kernels, see quantize_weight)
-            return torch.empty(self.weight.shape, device="meta")
+            return torch.empty(tuple(self._expected_shapes()["weight"]), device="meta")
+        if self.quantization == "int4":
+            n_in = self.in_features
+            scales = self.scales.repeat_interleave(INT4_GROUP_SIZE, dim=1)[:, :n_in]
+            return unpack_int4(self.weight, n_in).to(torch.float32) * scales
         weight = self.weight.to(torch.float32)
         return weight * self.scales[:, None] if self.scales is not None else weight
 
@@ -126,9 +191,9 @@ class QuantizedLinear(_Quantized):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quantization = check_quantization(quantization)
-        self.register_buffer("weight", torch.zeros(out_features, in_features,
-                                                   dtype=torch.int8 if quantization == "int8" else torch.bfloat16))
-        self.register_buffer("scales", torch.ones(out_features) if quantization == "int8" else None)
+        stored, scales = quantize_weight(torch.empty(out_features, in_features, device="meta"), self.quantization)
+        self.register_buffer("weight", torch.zeros(stored.shape, dtype=stored.dtype))
+        self.register_buffer("scales", None if scales is None else torch.ones(scales.shape))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.training = False
 
@@ -150,8 +215,10 @@ class QuantizedLinear(_Quantized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernels_read(x):
-            return kernels.linear(x, self.weight, self.bias, self.scales)
+            return kernels.linear(x, self.weight, self.bias, self.scales, self.in_features)
         if self.scales is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            if self.quantization == "int4":
+                return int4_linear(x, self.weight, self.scales, self.in_features, self.bias)
             return int8_linear(x, self.weight, self.scales, self.bias)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -167,7 +234,7 @@ class QuantizedEmbedding(_Quantized):
     def __init__(self, num_embeddings: int, embedding_dim: int, quantization: str) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.quantization = check_quantization(quantization)
+        self.quantization = _check_head(quantization)
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim,
                                                    dtype=torch.int8 if quantization == "int8" else torch.bfloat16))
         self.register_buffer("scales", torch.ones(num_embeddings) if quantization == "int8" else None)
@@ -210,6 +277,15 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     ``x [..., n_in]`` fp32, ``weight [n_out, n_in]`` int8, ``scales [n_out]`` and ``bias [n_out]`` fp32, on the
     CPU; returns ``[..., n_out]`` fp32. The kernels' PyTorch twin, used where they are unavailable.
     """
+    q, x_scale = _int16_rows(x)
+    sums = q.double() @ weight.double().T
+    y = (sums * (x_scale.double() * scales.double())).float()
+    return y + bias if bias is not None else y
+
+
+def _int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' int16 copy of each row of ``x`` as float (``q``, exact integers) and its scale ``[..., 1]``
+    (NaN for a row holding NaN or infinity)."""
     amax = x.abs().amax(-1, keepdim=True)
     finite = torch.isfinite(x).all(-1, keepdim=True)
     # fp32 divisions of two tensors, as the C code's (a Python number on the left would take a reciprocal)
@@ -217,8 +293,25 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))  # max|x| < ~1e-34: a zero row
     q = torch.round(torch.where(finite, x, torch.zeros_like(x)) * inv)  # exactly the kernel's int16 values
     x_scale = torch.where(finite, amax / torch.full_like(amax, 32767.0), torch.full_like(amax, float("nan")))
-    sums = q.double() @ weight.double().T
-    y = (sums * (x_scale.double() * scales.double())).float()
+    return q, x_scale
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x W^T + b`` for packed int4 ``W`` (:func:`int4_shapes`), computed as gpt2lab's C kernel does, bit
+    for bit: each row of ``x`` quantized to int16 as in :func:`int8_linear`, per group of
+    :data:`INT4_GROUP_SIZE` inputs the exact integer sum of products (float64 holds it exactly), ``acc = acc +
+    sum * scale`` in float64 group by group in order, then ``acc * x_scale`` rounded once to fp32, plus the bias.
+
+    ``x [..., in_features]`` fp32, ``packed`` uint8 and ``scales [n_out, groups]`` fp32, ``bias [n_out]``, on the
+    CPU; returns ``[..., n_out]`` fp32. The kernels' PyTorch twin, used where they are unavailable."""
+    q, x_scale = _int16_rows(x)
+    q, w = q.double(), unpack_int4(packed, in_features).double()
+    acc = torch.zeros(*x.shape[:-1], packed.shape[0], dtype=torch.float64)
+    for g in range(scales.shape[1]):  # in group order, as the kernel adds them
+        k = slice(g * INT4_GROUP_SIZE, (g + 1) * INT4_GROUP_SIZE)
+        acc = acc + (q[..., k] @ w[:, k].T) * scales[:, g].double()
+    y = (acc * x_scale.double()).float()
     return y + bias if bias is not None else y
 
 
@@ -242,7 +335,7 @@ def quantize_(model: GPT2, quantization: str, lm_head: str | None = None) -> GPT
     :data:`LM_HEAD_QUANTIZATION`'s for ``quantization``. Raises ValueError for an unknown ``quantization``
     or ``lm_head``, or a model already quantized differently."""
     quantization = check_quantization(quantization)
-    head_quantization = check_quantization(lm_head) or LM_HEAD_QUANTIZATION.get(quantization)
+    head_quantization = _check_head(lm_head) if lm_head is not None else LM_HEAD_QUANTIZATION.get(quantization)
     if quantization is None:
         return model
     if model.quantization is not None:

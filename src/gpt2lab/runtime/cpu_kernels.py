@@ -3,7 +3,7 @@
 :class:`KernelRunner` runs every cached forward of a model, prefill and decode alike: embedding, per layer
 LayerNorm, QKV product, KV-cache write, attention, output projection, LayerNorm, MLP, and the LM head for
 the positions that need logits. :meth:`KernelRunner.supports` says which models it can run (CPU weights
-it reads: fp32, or int8/bf16 after :mod:`gpt2lab.model.quantize`; the plain modules, no forward hooks).
+it reads: fp32, or int8/int4/bf16 after :mod:`gpt2lab.model.quantize`; the plain modules, no forward hooks).
 :class:`WeightsWatch` tells, in tens of microseconds, whether the tensors a runner points to are still the
 model's. Whether a forward runs here at all is decided in :mod:`gpt2lab.runtime`, which keeps the runner
 and its watch (outside the model).
@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..model import GPT2, KVCache, QuantizedEmbedding, QuantizedLinear
+from ..model.quantize import int4_shapes
 from .threads import ThreadTuner
 
 if TYPE_CHECKING:
@@ -67,9 +68,11 @@ def _expected_shapes(model: GPT2) -> list[tuple[torch.Tensor | None, tuple[int, 
         pairs += [(block.ln_1.weight, (C,)), (block.ln_1.bias, (C,)), (block.ln_2.weight, (C,)),
                   (block.ln_2.bias, (C,))]
         for module, (out, inp) in zip(_block_linears(block), ((3 * C, C), (C, C), (F, C), (C, F))):
-            pairs += [(module.weight, (out, inp)), (getattr(module, "bias", None), (out,))]
+            packed = module.weight.dtype == torch.uint8  # int4: packed bytes, a scale per group (int4_shapes)
+            weight_shape, scales_shape = int4_shapes(out, inp) if packed else ((out, inp), (out,))
+            pairs += [(module.weight, weight_shape), (getattr(module, "bias", None), (out,))]
             if getattr(module, "scales", None) is not None:
-                pairs.append((module.scales, (out,)))
+                pairs.append((module.scales, scales_shape))
     return pairs
 
 
@@ -111,7 +114,7 @@ class KernelRunner:
                 self.tensors += held
             layer.attn_scale = block.attn.scale
         self.caches: list | None = None
-        self.quantized = any(t.dtype == torch.int8 for t in self.tensors)
+        self.quantized = any(t.dtype in (torch.int8, torch.uint8) for t in self.tensors)  # int16 rows needed
         self.wte_ref, self.head_ref = ctypes.byref(self.wte), ctypes.byref(self.head)
         self.wpe, self.ln_f_w, self.ln_f_b = (t.data_ptr() for t in (model.wpe.weight, model.ln_f.weight,
                                                                       model.ln_f.bias))
@@ -121,8 +124,8 @@ class KernelRunner:
 
     @staticmethod
     def supports(model: GPT2) -> bool:
-        """Whether the kernels can run this model: CPU weights they read (fp32, int8 with scales,
-        bf16), fp32 LayerNorms and embeddings of positions, biases on every block linear."""
+        """Whether the kernels can run this model: CPU weights they read (fp32, int8 or int4 with scales,
+        bf16; int4 in the blocks only), fp32 LayerNorms and embeddings of positions, biases on every block linear."""
         linears = [m for block in model.h for m in _block_linears(block)]
         head = model.wte if model.lm_head is None else model.lm_head
         # the kernels compute what these modules' own forward does; any other module in their place (a
@@ -142,8 +145,9 @@ class KernelRunner:
         return (model.config.activation_function in kernels.ACTIVATIONS and kernels.available()
                 and _shapes_match(model)
                 and all(getattr(m, "bias", None) is not None for m in linears)
+                and all(m.weight.dtype != torch.uint8 for m in (model.wte, head))  # packed int4: blocks only
                 and all(_readable(w) for w in weights)
-                and all(w.dtype != torch.int8 or getattr(m, "scales", None) is not None
+                and all(w.dtype not in (torch.int8, torch.uint8) or getattr(m, "scales", None) is not None
                         for m, w in zip([*linears, model.wte, head], weights))
                 and all(_readable(t) and t.dtype == torch.float32 for t in floats))
 

@@ -516,7 +516,7 @@ class ModelCard(BaseModel):
     owned_by: str = "gpt2lab"
     max_model_len: int
     quantization: str | None = Field(None, description="Weight quantization the model runs with: null (as stored), "
-                                                       "int8 or bf16 (vLLM's names).")
+                                                       "int8, bf16 or int4 (vLLM's names).")
     # the checkpoint's generation_config.json: the defaults of request fields a client does not send
     generation_config: dict[str, Any] = Field(default_factory=dict)
     root: str | None = Field(None, description="Where the model comes from: its checkpoint, or an adapter's folder.")
