@@ -441,9 +441,10 @@ def measure(runners: dict[str, Isolated], prompts: list[list[int]], new: int, re
     return {k: (tokens / min(v), tokens / statistics.median(v)) for k, v in times.items()}
 
 
-# issue 18's and 27's bars: (numerator, denominator, batch) -> (at least, goal or None)
-BARS = {("gpt2lab-int8", "llama-q8", 1): (1.0, 1.5), ("gpt2lab-int8", "ct2-int8", 1): (1.5, None),
-        ("gpt2lab-int8", "ct2-int8", 8): (1.25, None), ("gpt2lab", "llama-f32", 1): (1.0, None),
+# issue 18's and 27's bars: (numerator, denominator, batch) -> (at least, goal or None); where both set one for
+# the same pair, issue 27's (the later, on the AVX-512 machine)
+BARS = {("gpt2lab-int8", "llama-q8", 1): (1.2, None), ("gpt2lab-int8", "ct2-int8", 1): (1.5, None),
+        ("gpt2lab-int8", "ct2-int8", 8): (1.5, None), ("gpt2lab", "llama-f32", 1): (1.0, None),
         ("gpt2lab", "ct2", 1): (1.0, None), ("gpt2lab", "ct2", 8): (1.2, None),
         ("gpt2lab-int4", "llama-q4_0", 1): (1.2, None), ("gpt2lab-int4", "gpt2lab-int8", 1): (1.5, None)}
 RATIOS = (("gpt2lab-int8", "llama-q8"), ("gpt2lab-int8", "ct2-int8"), ("gpt2lab-int8-head", "llama-q8"),
