@@ -29,10 +29,10 @@ from . import build
 from .abi import CONSTANTS, Layer, LoRAPair, LoRATable, Matrix, bind
 from .build import SOURCE, cache_dir, compiler
 
-__all__ = ["ACTIVATIONS", "DISABLE_ENV", "INT4_GROUP_SIZE", "ISA_ENV", "KIND_BF16", "KIND_F32", "KIND_INT4",
-           "KIND_INT8", "Layer", "LoRAPair", "LoRATable", "Matrix", "SOURCE",
-           "WEIGHT_DTYPES", "available", "build", "cache_dir", "compiler", "has_avx2", "isa", "inverse_cdf", "library",
-           "linear", "matrix", "row_totals", "top_k_", "usable"]
+__all__ = ["ACTIVATIONS", "DISABLE_ENV", "INT4_GROUP_SIZE", "INT4_UNIT", "ISA_ENV", "KIND_BF16", "KIND_F32",
+           "KIND_INT4", "KIND_INT8", "Layer", "LoRAPair", "LoRATable", "Matrix", "SOURCE", "WEIGHT_DTYPES", "available",
+           "build", "cache_dir", "compiler", "has_avx2", "int4_shapes", "inverse_cdf", "isa", "library", "linear",
+           "matrix", "row_totals", "top_k_", "usable"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ _ISA_NAMES = {CONSTANTS["ISA_PORTABLE"]: "portable", CONSTANTS["ISA_AVX2"]: "avx
 KIND_F32, KIND_INT8, KIND_BF16 = CONSTANTS["KIND_F32"], CONSTANTS["KIND_Q8"], CONSTANTS["KIND_BF16"]
 KIND_INT4 = CONSTANTS["KIND_Q4"]  # packed 4-bit weights (uint8 [out, ceil(in / 128) * 64]), model/quantize.py's int4
 INT4_GROUP_SIZE = CONSTANTS["Q4_GROUP"]  # inputs per int4 scale: kernels.c's Q4_GROUP (why that size: quantize.py)
+INT4_UNIT = 128  # inputs per 64 packed bytes: kernels.c's Q4_UNIT
 _KINDS = {torch.float32: KIND_F32, torch.int8: KIND_INT8, torch.bfloat16: KIND_BF16, torch.uint8: KIND_INT4}
 WEIGHT_DTYPES = tuple(_KINDS)  # the weight dtypes the kernels read
 # GPT2Config.activation_function -> the kernels' epilogue (kernels.c), for every activation gpt2.py knows
@@ -56,6 +57,13 @@ ACTIVATIONS = {"gelu_new": CONSTANTS["EPILOGUE_GELU_TANH"], "gelu_pytorch_tanh":
 _library: ctypes.CDLL | None = None
 _loaded = False
 _load_lock = threading.Lock()
+
+
+def int4_shapes(n_out: int, n_in: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of a packed int4 weight of ``[n_out, n_in]``: uint8 ``[n_out, ceil(n_in / 128) * 64]`` (each
+    64 bytes hold 128 inputs, 16-bit word j input 32 s + j in its nibble s, as kernels.c reads them; an ``n_in``
+    that is not a multiple of 128 is padded with zeros) and fp32 scales ``[n_out, ceil(n_in / INT4_GROUP_SIZE)]``."""
+    return (n_out, -(-n_in // INT4_UNIT) * (INT4_UNIT // 2)), (n_out, -(-n_in // INT4_GROUP_SIZE))
 
 
 def matrix(weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Matrix:
@@ -142,7 +150,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n_out, n_in = weight.shape
     if weight.dtype == torch.uint8:
         n_in = in_features if in_features is not None else -1
-        want = ((n_out, -(-n_in // 128) * 64), (n_out, -(-n_in // INT4_GROUP_SIZE)))
+        want = int4_shapes(n_out, n_in)
         if n_in < 0 or (tuple(weight.shape), None if scale is None else tuple(scale.shape)) != want:
             raise ValueError(f"packed int4 weights of {in_features} inputs are uint8 {list(want[0])} with fp32 "
                              f"scales {list(want[1])}, got {list(weight.shape)} and "

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels import int4_shapes
 from ..placement import check_quantization
 from .gpt2 import GPT2, GPT2Config, InferenceOnlyError, meta_skeleton
 
@@ -43,16 +44,8 @@ from .gpt2 import GPT2, GPT2Config, InferenceOnlyError, meta_skeleton
 LM_HEAD_QUANTIZATION = {"int8": "bf16", "bf16": "bf16", "int4": "bf16"}
 HEAD_QUANTIZATIONS = ("int8", "bf16")  # what the embedding / head can hold (a packed int4 row is no embedding row)
 INT4_GROUP_SIZE = kernels.INT4_GROUP_SIZE  # inputs per int4 scale: kernels.c's Q4_GROUP (the measurement is there)
-_INT4_UNIT = 128  # inputs per 64 packed bytes (kernels.c's Q4_UNIT)
 _STORAGE = {"int8": torch.int8, "bf16": torch.bfloat16, "int4": torch.uint8}
 _CHUNK_ROWS = 2048  # rows quantized at a time
-
-
-def int4_shapes(n_out: int, n_in: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The shapes of a packed int4 weight of ``[n_out, n_in]``: uint8 ``[n_out, ceil(n_in / 128) * 64]`` (each
-    64 bytes hold 128 inputs, 16-bit word j input 32 s + j in its nibble s, as kernels.c reads them; an ``n_in``
-    that is not a multiple of 128 is padded with zeros) and fp32 scales ``[n_out, ceil(n_in / G)]``."""
-    return (n_out, -(-n_in // _INT4_UNIT) * (_INT4_UNIT // 2)), (n_out, -(-n_in // INT4_GROUP_SIZE))
 
 
 def quantize_weight(weight: torch.Tensor, quantization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
