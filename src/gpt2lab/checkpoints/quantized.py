@@ -58,29 +58,22 @@ def load_quantized(config: GPT2Config, files: list[Path], quantization: str, *, 
     # slowest thread, so a core kept busy by another process stalls every pass (GPT-2 124M in int8 on the
     # shared 2-core machine: 5.8 s on 2 threads, 1.9 s on 1)
     with torch_threads(1):
-        _stream(model, config, files, expected, seen, unexpected, source, config_source)
+        for name, tensor in (item for path in files for item in read_tensors(path, mmap=True)):
+            for key, value in hf_to_gpt2lab({name: tensor}).items():
+                if key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # tied: the same tensor as wte
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                if value.is_floating_point():
+                    value = value.to(torch.float32)
+                try:
+                    model.load_state_dict({key: value}, strict=False, assign=True)
+                except RuntimeError as exc:  # a size mismatch
+                    raise CheckpointError(f"{source}: tensor {key} does not match {config_source}: {exc}") from exc
+                seen.add(key)
+            tensor = value = None  # freed before the heap is trimmed
+            _trim_heap()
     missing = sorted(expected - seen)
     check_tensor_names(source, config_source, missing, unexpected)
     return model.to(device).eval()
-
-
-def _stream(model: GPT2, config: GPT2Config, files: list[Path], expected: set[str], seen: set[str],
-            unexpected: list[str], source: str | Path, config_source: str | Path) -> None:
-    """Read ``files`` tensor by tensor into ``model`` (see :func:`load_quantized`), noting the names seen and
-    those the model does not have."""
-    for name, tensor in (item for path in files for item in read_tensors(path, mmap=True)):
-        for key, value in hf_to_gpt2lab({name: tensor}).items():
-            if key == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # tied: the same tensor as wte
-            if key not in expected:
-                unexpected.append(key)
-                continue
-            if value.is_floating_point():
-                value = value.to(torch.float32)
-            try:
-                model.load_state_dict({key: value}, strict=False, assign=True)
-            except RuntimeError as exc:  # a size mismatch
-                raise CheckpointError(f"{source}: tensor {key} does not match {config_source}: {exc}") from exc
-            seen.add(key)
-        tensor = value = None  # freed before the heap is trimmed
-        _trim_heap()

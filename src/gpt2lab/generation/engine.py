@@ -227,6 +227,15 @@ _Unit = _Sequence | _BeamGroup | _Scoring  # what is admitted at once: a sampled
 _Row = _Sequence | _BeamRow  # what holds a row of the running batch
 
 
+def _no_tokens(request_id: str, params: SamplingParams, prompt_logprobs: list[TokenLogprob] | None = None,
+               error: str | None = None) -> list[RequestOutput]:
+    """The last outputs of a request that generates nothing (no room in the context, or scored only): one per
+    sample, finished by ``length`` (``error``: by its error)."""
+    return [RequestOutput(request_id, index, [], "", True, "length" if error is None else "error",
+                          [] if params.logprobs is not None else None, prompt_logprobs, error)
+            for index in range(params.n)]
+
+
 def _prompt_logprobs_wanted(row: _Row) -> int | None:
     """The ``prompt_logprobs`` a row's request asks for (None: none)."""
     return (row.params if row.group is None else row.group.params).prompt_logprobs
@@ -291,9 +300,7 @@ class Engine:
             self._waiting.append(_Scoring(request_id, prompt_ids, params, lora))
             self._hold(lora, 1)
         elif budget == 0:
-            self._ready += [RequestOutput(request_id, index, [], "", True, "length",
-                                          [] if params.logprobs is not None else None)
-                            for index in range(params.n)]
+            self._ready += _no_tokens(request_id, params)
         elif params.num_beams > 1:
             search = BeamSearch(prompt_ids, params, budget, self.tokenizer, self._decodable, self.eos_token_id,
                                 self.device)
@@ -403,17 +410,13 @@ class Engine:
 
     def _score(self, unit: _Scoring) -> list[RequestOutput]:
         """The outputs of a scoring request: its prompt's logprobs, no tokens (or its error, it alone)."""
-        params, n = unit.params, unit.params.n
         try:
-            prompt_lp = self._prompt_logprobs(unit.prompt_ids, params.prompt_logprobs, unit.lora)
+            prompt_lp = self._prompt_logprobs(unit.prompt_ids, unit.params.prompt_logprobs, unit.lora)
         except Exception as exc:  # noqa: BLE001 - this request's own fault
-            return [RequestOutput(unit.request_id, i, [], "", True, "error",
-                                  [] if params.logprobs is not None else None, error=f"{type(exc).__name__}: {exc}")
-                    for i in range(n)]
+            return _no_tokens(unit.request_id, unit.params, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._end(unit)
-        return [RequestOutput(unit.request_id, i, [], "", True, "length", [] if params.logprobs is not None else None,
-                              prompt_lp) for i in range(n)]
+        return _no_tokens(unit.request_id, unit.params, prompt_lp)
 
     # -- fault isolation ----------------------------------------------------------------------
     def _admit(self, units: list[_Unit]) -> list[RequestOutput]:
@@ -533,11 +536,11 @@ class Engine:
         pos = torch.arange(width)[None] + torch.tensor(starts)[:, None]
         last = torch.tensor(lens, device=self.device) - 1
         wanted = [_prompt_logprobs_wanted(s) for s in seqs]
+        keep_all = any(w is not None for w in wanted)  # every position's logits, not only the last
         logits = runtime.forward(self.model, idx.to(self.device), input_pos=pos.to(self.device),
-                                 rows=slice(first_row, first_row + len(seqs)),
-                                 logits_index=None if any(w is not None for w in wanted) else last,
+                                 rows=slice(first_row, first_row + len(seqs)), logits_index=None if keep_all else last,
                                  lora=LoRAMapping.of(self.lora, [s.lora for s in seqs]))
-        if logits.dim() == 2:
+        if not keep_all:
             return logits
         for i, (seq, top_n) in enumerate(zip(seqs, wanted)):  # their starts are 0: no cached prefix
             if top_n is not None:  # position t's logits give token t + 1's logprob

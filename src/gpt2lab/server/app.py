@@ -102,7 +102,7 @@ def create_app(generator_or_model_ref: Any = None, *, api_key: str | None = None
     Every client-controlled size is bounded, and tokenizing runs on worker threads, never on the
     event loop: ``/health`` and running streams go on while a big prompt is checked.
 
-    Raises ValueError naming ``max_batch`` (an integer >= 1), ``max_queue`` (an integer >= 0),
+    Raises ValueError naming ``max_batch`` (an integer in [1, 1024]), ``max_queue`` (in [0, 65536]),
     ``request_timeout`` (> 0 seconds), ``max_body_mb`` (in (0, 1024]) or ``prefix_cache_mb`` (in [0, 2**20]), and
     naming the models when they would not fit ``max_models_memory``.
     """

@@ -82,10 +82,9 @@ class ServerState:
 
         Raises ValueError naming ``max_batch`` (an integer in [1, 1024]), ``max_queue`` (in [0, 65536]),
         ``request_timeout`` (> 0 seconds), ``prefix_cache_mb`` (in [0, 2**20] megabytes) or a model name used
-        twice, or a model's
-        ``device``, ``dtype``, ``quantization`` spelled outside :mod:`gpt2lab.placement`'s vocabulary (checked
-        here, before an engine thread loads anything), and the models (with what each needs) when they would not
-        fit ``max_models_memory``."""
+        twice, or a model's ``device``, ``dtype``, ``quantization`` spelled outside :mod:`gpt2lab.placement`'s
+        vocabulary (checked here, before an engine thread loads anything), and the models (with what each needs)
+        when they would not fit ``max_models_memory``."""
         from ..placement import check_quantization, device_name, parse_dtype
 
         for name, value, low, high in (("max_batch", max_batch, 1, lim.MAX_BATCH_LIMIT),

@@ -81,14 +81,14 @@ def requested_spec(request: Any, limits: lim.Limits) -> tuple[StructuredOutputsP
                             "response_format")
     if request.structured_outputs is not None:
         asked.append(("structured_outputs", request.structured_outputs))
-    guided = {kind: getattr(request, name) for name, kind in _GUIDED.items() if getattr(request, name) is not None}
-    if len(guided) > 1:  # named as the client wrote them, not as the library's kinds
-        names = [name for name in _GUIDED if getattr(request, name) is not None]
-        raise p.invalid(f"give one structured output, not {' and '.join(names)}", names[1])
-    if guided:
+    named = [name for name in _GUIDED if getattr(request, name) is not None]
+    if len(named) > 1:  # named as the client wrote them, not as the library's kinds
+        raise p.invalid(f"give one structured output, not {' and '.join(named)}", named[1])
+    if named:
+        guided = {_GUIDED[named[0]]: getattr(request, named[0])}
         if request.guided_whitespace_pattern is not None:
             guided["whitespace_pattern"] = request.guided_whitespace_pattern
-        asked.append((next(name for name in _GUIDED if getattr(request, name) is not None), guided))
+        asked.append((named[0], guided))
     elif request.guided_whitespace_pattern is not None:
         raise p.invalid("guided_whitespace_pattern goes with guided_json", "guided_whitespace_pattern")
     if not asked:
